@@ -1,0 +1,97 @@
+"""The `refqsr-engine` command line. This file only parses options; the work is in plain functions."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from .. import __version__
+from ..errors import RefQSRError
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn errors a user can cause into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (RefQSRError, ValueError) as err:
+            click.echo(f"refqsr-engine: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("refqsr-engine: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="refqsr-engine")
+def main() -> None:
+    """RefQSR: reference-based quantized x4 super-resolution."""
+
+
+@main.command()
+@click.option("--arch", default="srresnet", show_default=True, help="Network architecture.")
+@click.option("--hr-size", required=True, help="HR output size WIDTHxHEIGHT, e.g. 1280x720 (LR = HR/4).")
+@click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels; 0 = whole image.")
+@click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
+@click.option("--bits", default="8", show_default=True, help="32 (full precision), 8, 4, ... or RefQSR b_high-b_low, e.g. 8-4.")
+@click.option("--ref-fraction", type=float, default=None, help="RefQSR: share of patches that are references (0..1).")
+@click.option("--grid", type=click.Choice(["both", "paper", "engine"]), default="both", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@user_errors
+def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str, as_json: bool) -> None:
+    """BitOPs and FQR of the quantized feature extraction (paper Tables II and VII)."""
+    from .bitops_cli import bitops_rows, format_bitops
+
+    rows = bitops_rows(arch, hr_size, patch, overlap, bits, ref_fraction, grid)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_bitops(rows))
+
+
+@main.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
+@click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
+@click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
+@click.option("--batch", type=click.IntRange(1, 1024), default=16, show_default=True, help="Patches per batch.")
+@click.option("--tau", type=float, default=None, help="RefQSR cosine-similarity threshold (default: the model's).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads.")
+@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
+            threads: int | None, max_pixels: int, as_json: bool, quiet: bool) -> None:
+    """Super-resolve SRC x4 into DST (format from DST's extension)."""
+    from tqdm import tqdm
+
+    from .upscale import UpscaleOptions, upscale_file
+
+    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads)
+    bar = None
+
+    def progress(n: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="patch", desc="upscale", file=sys.stderr, disable=quiet)
+        bar.update(n)
+
+    try:
+        report = upscale_file(src, dst, opts, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""One file format for every trained model: a torch file with the config to rebuild the module,
+its weights (floats stored as fp16 to keep bundled models small) and a model card."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RefQSRError
+from .clustblock import ClustBlock
+from .refqsr import RefQSR
+from .registry import build_refqsr, build_sr
+from .srresnet import SRResNet
+
+FORMAT = "refqsr-engine/model-1"
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """What is needed to rebuild ``model`` before loading its weights."""
+    if isinstance(model, RefQSR):
+        net = model.backbone
+        clust = model.clustblock.num_classes if model.clustblock is not None else None
+        return {"kind": "refqsr", "arch": "srresnet", "scheme": net.scheme, "b_high": model.b_high,
+                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust}
+    if isinstance(model, SRResNet):
+        bits = sorted({b for blk in model.blocks for b in blk.conv1.act_bits})
+        return {"kind": "sr", "arch": "srresnet", "scheme": model.scheme, "act_bits": bits}
+    if isinstance(model, ClustBlock):
+        return {"kind": "clustblock", "classes": model.num_classes}
+    raise TypeError(f"cannot save a {type(model).__name__}")
+
+
+def build_from_config(cfg: dict[str, Any]) -> nn.Module:
+    kind = cfg["kind"]
+    if kind == "sr":
+        return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]))
+    if kind == "refqsr":
+        clust = ClustBlock(cfg["clust_classes"]) if cfg.get("clust_classes") else None
+        return build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"])
+    if kind == "clustblock":
+        return ClustBlock(cfg["classes"])
+    raise RefQSRError(f"unknown model kind {kind!r}")
+
+
+def save_model(path: str | Path, model: nn.Module, card: dict[str, Any] | None = None, half: bool = True) -> None:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "config": model_config(model), "state_dict": state, "card": card or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` (eval mode, float32) and return it with its card."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefQSRError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise RefQSRError(f"{path} is not a readable model file ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RefQSRError(f"{path} is not a refqsr-engine model (expected format {FORMAT})")
+    model = build_from_config(payload["config"])
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise RefQSRError(f"{path}: weights do not match the model config ({str(err).splitlines()[0]})") from None
+    return model.eval(), dict(payload.get("card", {}))

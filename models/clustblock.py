@@ -1,0 +1,103 @@
+"""ClustBlock (paper Sec. III-C-2, Table I, eqs. (2)-(3)): an 8-bit texture feature extractor and
+the clustering of patches into references and queries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .qconv import FP, BitSpec, QuantConv2d
+
+CLUST_BITS = BitSpec.uniform(8)
+DEFAULT_TAU = 0.5
+
+
+class ClustBlock(nn.Module):
+    """Table I: QConv 3x3 3->64 stride 3, QConv 3x3 64->64, QConv 3x3 64->32 (ReLU each, no padding),
+    global average pooling, QFC 32->C. The FC is a 1x1 conv on the pooled vector so that every layer
+    is the same quantized conv. All layers 8-bit min/max (calibrated after training)."""
+
+    def __init__(self, num_classes: int = 47) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.convs = nn.ModuleList(
+            [
+                QuantConv2d(3, 64, 3, "minmax", (8,), stride=3, padding=0),
+                QuantConv2d(64, 64, 3, "minmax", (8,), padding=0),
+                QuantConv2d(64, 32, 3, "minmax", (8,), padding=0),
+            ]
+        )
+        self.fc = QuantConv2d(32, num_classes, 1, "minmax", (8,), padding=0)
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def forward(self, patches: torch.Tensor, quantized: bool | None = None) -> torch.Tensor:
+        """Class logits V (N x C) of LR patches in [0, 1]. Quantized once calibrated, unless told."""
+        quantized = bool(self.calibrated) if quantized is None else quantized
+        return self._run(patches, CLUST_BITS if quantized else FP, observe=False)
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor] | torch.Tensor) -> None:
+        """Set every 8-bit activation range to the min/max seen over ``batches`` (full-precision pass)."""
+        for batch in [batches] if isinstance(batches, torch.Tensor) else batches:
+            self._run(batch, FP, observe=True)
+        self.calibrated.fill_(True)
+
+    def _run(self, x: torch.Tensor, bits: BitSpec, observe: bool) -> torch.Tensor:
+        if x.shape[-1] < 15 or x.shape[-2] < 15:
+            raise ValueError("ClustBlock needs patches of at least 15x15 pixels")
+        h = x
+        for conv in self.convs:
+            if observe:
+                conv.act_quant["8"].observe(h)
+            h = F.relu(conv(h, bits))
+        h = h.mean(dim=(2, 3), keepdim=True)
+        if observe:
+            self.fc.act_quant["8"].observe(h)
+        return self.fc(h, bits).flatten(1)
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Result of clustering N patches.
+
+    ``reference_of[i]``: the patch whose features patch i uses (i itself for references).
+    ``is_reference[i]``: True for patches run at b_high (cluster references and isolated ones).
+    ``similarity[i]``: cosine similarity between V_i and V of its argmax reference.
+    """
+
+    reference_of: torch.Tensor
+    is_reference: torch.Tensor
+    similarity: torch.Tensor
+
+    @property
+    def num_references(self) -> int:
+        return int(self.is_reference.sum())
+
+    @property
+    def num_queries(self) -> int:
+        return int((~self.is_reference).sum())
+
+
+def affinity(v: torch.Tensor) -> torch.Tensor:
+    """M = softmax_rows(V) . softmax_rows(V^T)   (eqs. (2), (3)); M[i, j] = sum_c A[i, c] A'[c, j]."""
+    a = torch.softmax(v, dim=1)
+    a_t = torch.softmax(v.t(), dim=1)
+    return a @ a_t
+
+
+def cluster_patches(v: torch.Tensor, tau: float = DEFAULT_TAU) -> Clustering:
+    """Reference of patch i = argmax_j M[i, j]; every patch some row points at is a reference;
+    a query whose cosine similarity to its reference is below ``tau`` becomes an isolated reference."""
+    v = v.detach().float()
+    n = v.shape[0]
+    argmax = affinity(v).argmax(dim=1)
+    is_reference = torch.zeros(n, dtype=torch.bool)
+    is_reference[argmax] = True
+    similarity = F.cosine_similarity(v, v[argmax], dim=1)
+    isolated = ~is_reference & (similarity < tau)
+    is_reference |= isolated
+    idx = torch.arange(n)
+    reference_of = torch.where(is_reference, idx, argmax)
+    return Clustering(reference_of, is_reference, similarity)

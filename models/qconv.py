@@ -1,0 +1,81 @@
+"""A conv whose input and weights are fake-quantized at bit widths chosen per call.
+
+One set of weights serves every path (RefQSR's reference and query paths share weights); each
+activation bit width the conv may run at has its own learnable range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant_base import FULL_PRECISION, check_bits
+from .quantizers import make_activation_quantizer, make_weight_quantizer
+
+
+@dataclass(frozen=True)
+class BitSpec:
+    """Bit widths of one conv call: activations (the conv input) and weights."""
+
+    act: int
+    weight: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.act)
+        check_bits(self.weight)
+
+    @classmethod
+    def uniform(cls, bits: int) -> "BitSpec":
+        return cls(bits, bits)
+
+
+FP = BitSpec(FULL_PRECISION, FULL_PRECISION)
+
+
+class QuantConv2d(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        scheme: str | None,
+        act_bits: Iterable[int] = (),
+        stride: int = 1,
+        padding: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        self.scheme = scheme
+        wanted = sorted({check_bits(b) for b in act_bits} - {FULL_PRECISION}) if scheme else []
+        self.act_quant = nn.ModuleDict(
+            {str(b): make_activation_quantizer(scheme, b, in_channels) for b in wanted}  # type: ignore[arg-type]
+        )
+        self.weight_quant = make_weight_quantizer(scheme) if scheme else None
+
+    @property
+    def act_bits(self) -> list[int]:
+        return sorted(int(b) for b in self.act_quant)
+
+    def quantize_input(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        if bits == FULL_PRECISION:
+            return x
+        try:
+            return self.act_quant[str(bits)](x)
+        except KeyError:
+            raise ValueError(f"this conv has no {bits}-bit activation quantizer (has {self.act_bits})") from None
+
+    def quantized_weight(self, bits: int) -> torch.Tensor:
+        if self.weight_quant is None or bits == FULL_PRECISION:
+            return self.conv.weight
+        return self.weight_quant(self.conv.weight, bits)
+
+    def forward(self, x: torch.Tensor, bits: BitSpec = FP) -> torch.Tensor:
+        if self.scheme is None or bits == FP:
+            return self.conv(x)
+        c = self.conv
+        return F.conv2d(self.quantize_input(x, bits.act), self.quantized_weight(bits.weight), c.bias, c.stride, c.padding)

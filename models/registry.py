@@ -1,0 +1,41 @@
+"""Model presets keyed by name (plain dicts, BasicSR style) and builders."""
+from __future__ import annotations
+
+from typing import Any
+
+from .clustblock import ClustBlock
+from .quantizers import SR_QUANTIZERS
+from .refqsr import RefQSR
+from .srresnet import SRResNet
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "srresnet": {"cls": SRResNet, "n_blocks": 16, "n_feats": 64, "scale": 4, "n_refer": 2},
+}
+
+
+def arch_names() -> list[str]:
+    return sorted(ARCHS)
+
+
+def arch_config(arch: str) -> dict[str, Any]:
+    try:
+        return dict(ARCHS[arch])
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(arch_names())}") from None
+
+
+def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = ()) -> SRResNet:
+    """Full-precision (scheme None) or fixed-precision quantized SR network."""
+    if scheme is not None and scheme not in SR_QUANTIZERS:
+        raise ValueError(f"unknown quantizer {scheme!r}; choose from {', '.join(SR_QUANTIZERS)}")
+    cfg = arch_config(arch)
+    cls = cfg.pop("cls")
+    cfg.pop("n_refer")
+    return cls(scheme=scheme, act_bits=act_bits, **cfg)
+
+
+def build_refqsr(
+    arch: str, scheme: str, b_high: int, b_low: int, clustblock: ClustBlock | None = None, tau: float = 0.5
+) -> RefQSR:
+    backbone = build_sr(arch, scheme, (b_high, b_low))
+    return RefQSR(backbone, b_high, b_low, arch_config(arch)["n_refer"], clustblock, tau)

@@ -1,0 +1,75 @@
+"""SRResNet x4 as the SR-quantization literature (PAMS, DDTB, CADyQ) uses it, without BatchNorm.
+
+head: conv9x9 3->64 + PReLU | body: 16 ResBlocks (conv3x3-PReLU-conv3x3 + skip) -> conv3x3, plus the
+global skip from the head | upsampler: 2 x [conv3x3 64->256, PixelShuffle(2), PReLU] | tail: conv9x9
+64->3. Only the ResBlock convs are quantized; head, body-end conv, upsampler and tail stay full
+precision (as in every method the paper compares with). Images are RGB in [0, 1].
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .qconv import FP, BitSpec, QuantConv2d
+
+
+class ResBlock(nn.Module):
+    """conv-PReLU-conv + identity. Both conv inputs are quantized; the identity carries the
+    unquantized block input, as DDTB's SRResNet does (quantizing it adds error at every block)."""
+
+    def __init__(self, channels: int, scheme: str | None, act_bits: Iterable[int]) -> None:
+        super().__init__()
+        bits = tuple(act_bits)
+        self.conv1 = QuantConv2d(channels, channels, 3, scheme, bits)
+        self.act = nn.PReLU()
+        self.conv2 = QuantConv2d(channels, channels, 3, scheme, bits)
+
+    def forward(self, x: torch.Tensor, bits: BitSpec = FP) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(x, bits)), bits)
+
+
+class SRResNet(nn.Module):
+    def __init__(
+        self,
+        n_blocks: int = 16,
+        n_feats: int = 64,
+        scale: int = 4,
+        scheme: str | None = None,
+        act_bits: Iterable[int] = (),
+    ) -> None:
+        super().__init__()
+        if scale not in (2, 4):
+            raise ValueError("SRResNet supports x2 and x4")
+        self.scale = scale
+        self.n_feats = n_feats
+        self.scheme = scheme
+        bits = tuple(act_bits)
+        self.head = nn.Sequential(nn.Conv2d(3, n_feats, 9, padding=4), nn.PReLU())
+        self.blocks = nn.ModuleList(ResBlock(n_feats, scheme, bits) for _ in range(n_blocks))
+        self.body_end = nn.Conv2d(n_feats, n_feats, 3, padding=1)
+        stages: list[nn.Module] = []
+        for _ in range({2: 1, 4: 2}[scale]):
+            stages += [nn.Conv2d(n_feats, 4 * n_feats, 3, padding=1), nn.PixelShuffle(2), nn.PReLU()]
+        self.upsampler = nn.Sequential(*stages)
+        self.tail = nn.Conv2d(n_feats, 3, 9, padding=4)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def reconstruct(self, body_out: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+        """Everything after the ResBlocks: body-end conv, global skip, upsampler, tail."""
+        return self.tail(self.upsampler(self.body_end(body_out) + head_out))
+
+    def forward(self, x: torch.Tensor, bits: BitSpec | Sequence[BitSpec] = FP) -> torch.Tensor:
+        """``bits``: one BitSpec for every block, or one per block."""
+        per_block = [bits] * self.n_blocks if isinstance(bits, BitSpec) else list(bits)
+        if len(per_block) != self.n_blocks:
+            raise ValueError(f"expected {self.n_blocks} BitSpecs, got {len(per_block)}")
+        head = self.head(x)
+        feat = head
+        for block, spec in zip(self.blocks, per_block):
+            feat = block(feat, spec)
+        return self.reconstruct(feat, head)
