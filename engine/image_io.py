@@ -56,15 +56,24 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
     return LoadedImage(rgb, alpha, mode, info)
 
 
+def output_format(path: str | Path) -> str:
+    """Pillow format for ``path``'s extension; checked before any work so a bad OUT fails fast."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RefQSRError(f"output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise RefQSRError(f"output is a folder: {path}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise RefQSRError(f"unknown output format for {path.name}: use .png, .jpg, .webp, .tif or .bmp")
+    return fmt
+
+
 def write_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, gray: bool = False, info: dict | None = None) -> None:
     """Write uint8 RGB (+ alpha) to ``path``, format from the extension; the file appears complete
     or not at all, and an existing file is only replaced on success."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise RefQSRError(f"output folder does not exist: {path.parent}")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise RefQSRError(f"unknown output format for {path.name}: use .png, .jpg, .webp, .tif or .bmp")
+    fmt = output_format(path)
     im = Image.fromarray(rgb, "RGB")
     if gray:
         im = im.convert("L")

@@ -17,8 +17,9 @@ from ..models.checkpoint import load_model
 from ..models.patchwise import upscale_patchwise
 from ..models.qconv import FP, BitSpec
 from ..models.refqsr import RefQSR
-from .image_io import DEFAULT_MAX_PIXELS, read_image, write_image
+from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, write_image
 from .models_store import DEFAULT_MODEL, resolve_model
+from .tiling import make_grid
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -49,6 +50,7 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
     if opts.threads:
         torch.set_num_threads(opts.threads)
     t0 = time.perf_counter()
+    output_format(dst)
     image = read_image(src, opts.max_pixels)
     model, card = load_model(resolve_model(opts.model))
     if opts.tau is not None:
@@ -59,11 +61,7 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
     lr = image.rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
     bits = model_bits(model)
     h, w = image.rgb.shape[:2]
-    total = None
-    if progress is not None:
-        from ..engine.tiling import make_grid
-
-        total = make_grid(h, w, opts.patch, opts.overlap).num_patches
+    total = make_grid(h, w, opts.patch, opts.overlap).num_patches
     result = upscale_patchwise(
         model, lr, opts.patch, opts.overlap, opts.batch, bits,
         progress=(lambda n: progress(n, total)) if progress is not None else None,  # type: ignore[misc]
