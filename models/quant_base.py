@@ -49,7 +49,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     The clamp gives zero gradient to x outside the range and a gradient of +-1 to the bounds there,
     the same as clipping to learnable bounds first.
     """
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    # Clamp before rounding: values beyond the range get zero gradient (and the bound gets +-1),
+    # exactly as clipping to the bounds first; the forward value equals round-then-clamp.
+    q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
     return (q - zero_point) * scale
 
 

@@ -25,8 +25,13 @@ GATE_HIDDEN = 32
 
 
 def _asymmetric_params(lower: torch.Tensor, upper: torch.Tensor, bits: int) -> QuantParams:
-    """Scale and integer zero point of the grid that spans [lower, upper] with 2^bits levels."""
+    """Scale and integer zero point of the grid that spans [lower, upper] with 2^bits levels.
+
+    The range is widened to contain 0 first: zero must be exactly representable (conv zero
+    padding, and an integer zero point inside [0, 2^bits - 1])."""
     levels = 2**bits - 1
+    lower = torch.clamp(lower, max=0.0)
+    upper = torch.clamp(upper, min=0.0)
     span = (upper - lower).clamp_min(1e-6)
     scale = span / levels
     zero = torch.clamp(round_ste(-lower / scale), 0, levels)

@@ -31,11 +31,10 @@ class MinMaxActivation(ActivationQuantizer):
         self.upper.copy_(torch.maximum(self.upper, x.max()))
 
     def qparams(self, x: torch.Tensor | None = None) -> QuantParams:
-        # The grid must contain 0 (zero padding of the conv input has to be exact).
-        return _asymmetric_params(self.lower.clamp_max(0.0), self.upper.clamp_min(0.0), self.bits)
+        return _asymmetric_params(self.lower, self.upper, self.bits)
 
 
 class MinMaxWeight(WeightQuantizer):
     def qparams(self, weight: torch.Tensor, bits: int) -> QuantParams:
         w = weight.detach()
-        return _asymmetric_params(w.min().clamp_max(0.0), w.max().clamp_min(0.0), check_bits(bits))
+        return _asymmetric_params(w.min(), w.max(), check_bits(bits))
