@@ -1,1 +1,1 @@
-"""export"""
+"""Trained PyTorch models -> ONNX (QDQ) graphs with per-conv bit metadata."""

@@ -25,10 +25,12 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         net = model.backbone
         clust = model.clustblock.num_classes if model.clustblock is not None else None
         return {"kind": "refqsr", "arch": "srresnet", "scheme": net.scheme, "b_high": model.b_high,
-                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust}
+                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": len(model.refers),
+                "n_blocks": net.n_blocks, "n_feats": net.n_feats}
     if isinstance(model, SRResNet):
         bits = sorted({b for blk in model.blocks for b in blk.conv1.act_bits})
-        return {"kind": "sr", "arch": "srresnet", "scheme": model.scheme, "act_bits": bits}
+        return {"kind": "sr", "arch": "srresnet", "scheme": model.scheme, "act_bits": bits,
+                "n_blocks": model.n_blocks, "n_feats": model.n_feats}
     if isinstance(model, ClustBlock):
         return {"kind": "clustblock", "classes": model.num_classes}
     raise TypeError(f"cannot save a {type(model).__name__}")
@@ -36,11 +38,14 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 def build_from_config(cfg: dict[str, Any]) -> nn.Module:
     kind = cfg["kind"]
+    sizes = {k: cfg[k] for k in ("n_blocks", "n_feats") if k in cfg}
     if kind == "sr":
-        return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]))
+        return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
     if kind == "refqsr":
         clust = ClustBlock(cfg["clust_classes"]) if cfg.get("clust_classes") else None
-        return build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"])
+        if "n_refer" in cfg:
+            sizes["n_refer"] = cfg["n_refer"]
+        return build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"], **sizes)
     if kind == "clustblock":
         return ClustBlock(cfg["classes"])
     raise RefQSRError(f"unknown model kind {kind!r}")

@@ -24,6 +24,8 @@ def normalize_and_pool(feat: torch.Tensor, pool: int = POOL) -> torch.Tensor:
     ceil(H/pool) x ceil(W/pool) (3x3 windows with stride 3 when H, W are multiples of 3)."""
     unit = F.normalize(feat, p=2, dim=1, eps=1e-12)
     h, w = feat.shape[-2:]
+    if h % pool == 0 and w % pool == 0:  # the same windows; plain pooling exports to ONNX cleanly
+        return F.avg_pool2d(unit, pool)
     return F.adaptive_avg_pool2d(unit, (pooled_size(h, pool), pooled_size(w, pool)))
 
 

@@ -45,14 +45,71 @@ class QuantParams:
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """(clamp(round(x/s) + z, qmin, qmax) - z) * s with straight-through rounding.
 
-    ``scale``/``zero_point`` broadcast against ``x`` (callers reshape per-sample ones to [N,1,1,1]).
-    The clamp gives zero gradient to x outside the range and a gradient of +-1 to the bounds there,
-    the same as clipping to learnable bounds first.
+    ``scale``/``zero_point`` are scalars, or per-sample [N] tensors (broadcast over C, H, W).
+    During ONNX export this becomes Clip -> QuantizeLinear -> DequantizeLinear (see QuantDequant).
     """
+    if torch.onnx.is_in_onnx_export():
+        return QuantDequant.apply(x, scale, zero_point, qmin, qmax)
+    if scale.dim() == 1:
+        scale, zero_point = scale.view(-1, 1, 1, 1), zero_point.view(-1, 1, 1, 1)
     # Clamp before rounding: values beyond the range get zero gradient (and the bound gets +-1),
     # exactly as clipping to the bounds first; the forward value equals round-then-clamp.
     q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
     return (q - zero_point) * scale
+
+
+def _onnx_int_type(qmin: int) -> int:
+    return 2 if qmin >= 0 else 3  # onnx.TensorProto.UINT8 / INT8: the 8-bit container of the grid
+
+
+class QuantDequant(torch.autograd.Function):
+    """Export form of fake_quantize: standard ONNX QDQ in an 8-bit container. Grids narrower than
+    the container (b < 8 bits) are expressed by a Clip to the b-bit range before QuantizeLinear;
+    per-sample scales become per-axis (axis 0) quantization."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):  # type: ignore[override]
+        if scale.dim() == 1:
+            scale, zero_point = scale.view(-1, 1, 1, 1), zero_point.view(-1, 1, 1, 1)
+        return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin: int, qmax: int):  # type: ignore[no-untyped-def]
+        per_sample = scale.type().dim() == 1
+        bscale, bzero = scale, zero_point
+        if per_sample:
+            axes = g.op("Constant", value_t=torch.tensor([1, 2, 3]))
+            bscale, bzero = g.op("Unsqueeze", scale, axes), g.op("Unsqueeze", zero_point, axes)
+        lo = g.op("Mul", g.op("Sub", g.op("Constant", value_t=torch.tensor(float(qmin))), bzero), bscale)
+        hi = g.op("Mul", g.op("Sub", g.op("Constant", value_t=torch.tensor(float(qmax))), bzero), bscale)
+        clipped = g.op("Min", g.op("Max", x, lo), hi)
+        zp = g.op("Cast", zero_point, to_i=_onnx_int_type(qmin))
+        kw = {"axis_i": 0} if per_sample else {}
+        q = g.op("QuantizeLinear", clipped, scale, zp, **kw)
+        return g.op("DequantizeLinear", q, scale, zp, **kw)
+
+
+class DequantizeConstant(torch.autograd.Function):
+    """Export form of a quantized weight: an int8/uint8 initializer and one DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zero_point):  # type: ignore[override]
+        return (q.float() - zero_point) * scale
+
+    @staticmethod
+    def symbolic(g, q, scale, zero_point):  # type: ignore[no-untyped-def]
+        return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+def export_weight(weight: torch.Tensor, p: QuantParams) -> torch.Tensor:
+    """The quantized weight as constants (int8 grid values, scale, zero point) + DequantizeLinear,
+    computed outside the trace so that the ONNX graph stores integers, not float math on floats."""
+    scale = float(p.scale)
+    zero = int(round(float(p.zero_point)))
+    dtype = torch.uint8 if p.qmin >= 0 else torch.int8
+    w = torch.from_numpy(weight.detach().cpu().numpy().copy())
+    q = torch.clamp(torch.round(w / scale) + zero, p.qmin, p.qmax).to(dtype)
+    return DequantizeConstant.apply(q, torch.tensor(scale), torch.tensor(zero, dtype=dtype))
 
 
 class ActivationQuantizer(nn.Module, ABC):
@@ -79,10 +136,7 @@ class ActivationQuantizer(nn.Module, ABC):
                 self.init_range(x)
             self.initialized.fill_(True)
         p = self.qparams(x)
-        scale, zero = p.scale, p.zero_point
-        if scale.dim() == 1:  # per-sample ranges broadcast over C, H, W
-            scale, zero = scale.view(-1, 1, 1, 1), zero.view(-1, 1, 1, 1)
-        return fake_quantize(x, scale, zero, p.qmin, p.qmax)
+        return fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax)
 
     @property
     def is_dynamic(self) -> bool:
@@ -100,6 +154,9 @@ class WeightQuantizer(nn.Module, ABC):
     def forward(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         if check_bits(bits) == FULL_PRECISION:
             return weight
+        if torch.onnx.is_in_onnx_export():
+            with torch.no_grad():
+                return export_weight(weight, self.qparams(weight.detach(), bits))
         p = self.qparams(weight, bits)
         return fake_quantize(weight, p.scale, p.zero_point, p.qmin, p.qmax)
 

@@ -34,6 +34,14 @@ class RefER(nn.Module):
         """Full-resolution displacement [N, 2, H, W] from query pixels into the reference feature."""
         q = self.match_quant(normalize_and_pool(query))
         r = self.match_quant(normalize_and_pool(reference))
+        if hard:
+            # Arg-max on the integer grid values: dot products of small integers are exact in
+            # float32, so ties (frequent at b_low bits) break the same way (first index) in
+            # PyTorch, ONNX Runtime and the compiled integer kernel. The positive scale does not
+            # change the arg-max.
+            # Dequantized values are (int - zero_point) * scale, so value / scale is an integer.
+            scale = self.match_quant.qparams().scale
+            q, r = torch.round(q / scale), torch.round(r / scale)
         size = (query.shape[-2], query.shape[-1])
         return upsample_flow(pooled_flow(q, r, size, hard, self.temperature), size)
 

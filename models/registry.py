@@ -24,18 +24,21 @@ def arch_config(arch: str) -> dict[str, Any]:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(arch_names())}") from None
 
 
-def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = ()) -> SRResNet:
-    """Full-precision (scheme None) or fixed-precision quantized SR network."""
+def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (), **overrides: Any) -> SRResNet:
+    """Full-precision (scheme None) or fixed-precision quantized SR network. ``overrides`` change
+    preset sizes (n_blocks, n_feats), e.g. for small test models."""
     if scheme is not None and scheme not in SR_QUANTIZERS:
         raise ValueError(f"unknown quantizer {scheme!r}; choose from {', '.join(SR_QUANTIZERS)}")
-    cfg = arch_config(arch)
+    cfg = {**arch_config(arch), **overrides}
     cls = cfg.pop("cls")
     cfg.pop("n_refer")
     return cls(scheme=scheme, act_bits=act_bits, **cfg)
 
 
 def build_refqsr(
-    arch: str, scheme: str, b_high: int, b_low: int, clustblock: ClustBlock | None = None, tau: float = 0.5
+    arch: str, scheme: str, b_high: int, b_low: int, clustblock: ClustBlock | None = None, tau: float = 0.5,
+    **overrides: Any,
 ) -> RefQSR:
-    backbone = build_sr(arch, scheme, (b_high, b_low))
-    return RefQSR(backbone, b_high, b_low, arch_config(arch)["n_refer"], clustblock, tau)
+    n_refer = overrides.pop("n_refer", arch_config(arch)["n_refer"])
+    backbone = build_sr(arch, scheme, (b_high, b_low), **overrides)
+    return RefQSR(backbone, b_high, b_low, n_refer, clustblock, tau)

@@ -272,10 +272,12 @@ def test_refer_eval_uses_hard_matching(monkeypatch) -> None:
         m(query, ref)
     (q, r, hard, pooled), flow = calls[-1], warps[-1]
     assert hard is True
-    # the matching inputs are the b_low-quantized pooled features (eq. (4))
+    # the matching inputs are the b_low-quantized pooled features (eq. (4)), as their integer grid
+    # values (value / scale) so that the arg-max sees exact integer dot products
     alpha = m.match_quant.alpha.item()
-    np.testing.assert_allclose(q.numpy(), np_pams(np_normalize_and_pool(query.numpy()), alpha, 4), atol=1e-6)
-    np.testing.assert_allclose(r.numpy(), np_pams(np_normalize_and_pool(ref.numpy()), alpha, 4), atol=1e-6)
+    step = alpha / (2 ** (4 - 1) - 1)
+    np.testing.assert_allclose(q.numpy(), np.round(np_pams(np_normalize_and_pool(query.numpy()), alpha, 4) / step), atol=1e-6)
+    np.testing.assert_allclose(r.numpy(), np.round(np_pams(np_normalize_and_pool(ref.numpy()), alpha, 4) / step), atol=1e-6)
     # hard flow: one displacement per pooled cell, a difference of cell centres (multiples of 3)
     hard_flow = pooled_flow(q, r, (24, 24), hard=True)
     torch.testing.assert_close(pooled, hard_flow, rtol=0, atol=0)
