@@ -73,3 +73,45 @@ class SRResNet(nn.Module):
         for block, spec in zip(self.blocks, per_block):
             feat = block(feat, spec)
         return self.reconstruct(feat, head)
+
+
+@torch.no_grad()
+def interpolation_init(net: SRResNet, tail_scale: float = 1e-3) -> SRResNet:
+    """Initialise ``net`` so that, before any training, it upscales like x2-x2 bilinear interpolation.
+
+    The architecture is unchanged; only the starting point differs: the first 3 head channels
+    carry RGB, every ResBlock's second conv and the body-end conv start at zero (each residual
+    branch starts as the identity), PReLU slopes start at 1, each upsampling stage maps RGB to the
+    4 sub-pixel phases of a x2 bilinear filter, and the tail reads the RGB channels. All other
+    weights keep their random initialisation, except the tail's weights on the non-RGB channels,
+    scaled by ``tail_scale`` so they barely perturb the output yet still pass gradients. Training
+    then spends its steps on detail instead of on learning to interpolate, which matters on a CPU.
+    """
+    def rgb_passthrough(conv: nn.Conv2d) -> None:
+        k = conv.kernel_size[0] // 2
+        conv.weight[:3, :3] = 0.0
+        conv.bias[:3] = 0.0
+        for c in range(3):
+            conv.weight[c, c, k, k] = 1.0
+
+    rgb_passthrough(net.head[0])
+    for block in net.blocks:
+        block.conv2.conv.weight.zero_()
+        block.conv2.conv.bias.zero_()
+    net.body_end.weight.zero_()
+    net.body_end.bias.zero_()
+    for module in net.modules():
+        if isinstance(module, nn.PReLU):
+            module.weight.fill_(1.0)
+    phases = (torch.tensor([0.25, 0.75, 0.0]), torch.tensor([0.0, 0.75, 0.25]))  # x2 bilinear taps
+    for conv in (m for m in net.upsampler if isinstance(m, nn.Conv2d)):
+        for c in range(3):
+            for dy in range(2):
+                for dx in range(2):
+                    out = 4 * c + 2 * dy + dx  # PixelShuffle's channel order
+                    conv.weight[out] = 0.0
+                    conv.weight[out, c] = torch.outer(phases[dy], phases[dx])
+                    conv.bias[out] = 0.0
+    net.tail.weight[:, 3:] *= tail_scale
+    rgb_passthrough(net.tail)
+    return net

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y
 from refqsr_engine.models.registry import arch_config, arch_names, build_sr
+from refqsr_engine.models.srresnet import interpolation_init
 from refqsr_engine.training.datasets import (
     HRFolderDataset,
     PairedFolder,
@@ -73,6 +74,7 @@ class TrainConfig:
     lr_patch: int = 48
     lr: float = 1e-4
     halve_every: int = 200_000
+    init: str = "interp"  # "interp": start as a bilinear upscaler (models.srresnet.interpolation_init); "random"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     val: str | None = None  # HR folder; default: <data>/val or DIV2K_valid_HR
@@ -290,6 +292,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     model = build_sr(cfg.arch)
+    if cfg.init == "interp":
+        interpolation_init(model)
+    elif cfg.init != "random":
+        raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
@@ -337,7 +343,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "val_images": validator.names if validator else [], "metric": f"PSNR on Y, shave {scale}, SR rounded to 8 bit",
             "loss": "L1", "optimizer": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps,
                                         "halve_every": cfg.halve_every},
-            "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed,
+            "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed, "init": cfg.init,
             "data": _data_card(cfg, dataset.n_images), "torch": torch.__version__,
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -415,6 +421,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr-patch", type=click.IntRange(min=4), default=48, show_default=True, help="LR crop size.")
 @click.option("--lr", "lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--init", type=click.Choice(["interp", "random"]), default="interp", show_default=True,
+              help="Start from a bilinear-upscaling network (interp) or plain random weights.")
 @click.option("--halve-every", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Halve the learning rate every N steps.")
 @click.option("--val", type=click.Path(exists=True, file_okay=False), default=None,
