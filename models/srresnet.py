@@ -76,15 +76,16 @@ class SRResNet(nn.Module):
 
 
 @torch.no_grad()
-def interpolation_init(net: SRResNet, tail_scale: float = 1e-3) -> SRResNet:
+def interpolation_init(net: SRResNet, small_scale: float = 1e-3) -> SRResNet:
     """Initialise ``net`` so that, before any training, it upscales like x2-x2 bilinear interpolation.
 
     The architecture is unchanged; only the starting point differs: the first 3 head channels
-    carry RGB, every ResBlock's second conv and the body-end conv start at zero (each residual
+    carry RGB, every ResBlock's second conv starts at zero (each residual
     branch starts as the identity), PReLU slopes start at 1, each upsampling stage maps RGB to the
     4 sub-pixel phases of a x2 bilinear filter, and the tail reads the RGB channels. All other
-    weights keep their random initialisation, except the tail's weights on the non-RGB channels,
-    scaled by ``tail_scale`` so they barely perturb the output yet still pass gradients. Training
+    weights keep their random initialisation, except the body-end conv and the tail's weights on
+    the non-RGB channels, scaled by ``small_scale`` so they barely perturb the output yet pass
+    gradients from the first step. Training
     then spends its steps on detail instead of on learning to interpolate, which matters on a CPU.
     """
     def rgb_passthrough(conv: nn.Conv2d) -> None:
@@ -98,7 +99,9 @@ def interpolation_init(net: SRResNet, tail_scale: float = 1e-3) -> SRResNet:
     for block in net.blocks:
         block.conv2.conv.weight.zero_()
         block.conv2.conv.bias.zero_()
-    net.body_end.weight.zero_()
+    # Not zero: the blocks must receive gradient from the first step (Adam's step size does not
+    # depend on the gradient's scale, so a small weight costs no speed).
+    net.body_end.weight *= small_scale
     net.body_end.bias.zero_()
     for module in net.modules():
         if isinstance(module, nn.PReLU):
@@ -112,6 +115,6 @@ def interpolation_init(net: SRResNet, tail_scale: float = 1e-3) -> SRResNet:
                     conv.weight[out] = 0.0
                     conv.weight[out, c] = torch.outer(phases[dy], phases[dx])
                     conv.bias[out] = 0.0
-    net.tail.weight[:, 3:] *= tail_scale
+    net.tail.weight[:, 3:] *= small_scale
     rgb_passthrough(net.tail)
     return net
