@@ -2,6 +2,7 @@
 its weights (floats stored as fp16 to keep bundled models small) and a model card."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -54,7 +55,9 @@ def build_from_config(cfg: dict[str, Any]) -> nn.Module:
 def save_model(path: str | Path, model: nn.Module, card: dict[str, Any] | None = None, half: bool = True) -> None:
     """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "config": model_config(model), "state_dict": state, "card": card or {}}
+    # The card goes through JSON so it holds plain types only (weights_only loading accepts no others).
+    plain_card = json.loads(json.dumps(card or {}, default=str))
+    payload = {"format": FORMAT, "config": model_config(model), "state_dict": state, "card": plain_card}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)

@@ -373,12 +373,13 @@ def test_trainer_resumes_exactly(train_data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     train(_cfg(train_data, straight, 4), log=lambda s: None)
     assert _losses(straight) == _losses(run)
-    # best.pt is an fp16 state_dict that loads into the model; the card says what it is
-    from refqsr_engine.models.registry import build_sr
+    # best.pt is a model file (fp16 weights) that load_model rebuilds; the card says what it is
+    from refqsr_engine.models.checkpoint import load_model
 
-    sd = torch.load(run / "best.pt", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
-    build_sr("srresnet").load_state_dict({k: v.float() for k, v in sd.items()})
+    payload = torch.load(run / "best.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
+    model, card_in_file = load_model(run / "best.pt")
+    assert model.n_blocks == 16 and card_in_file["steps"] in (2, 4)
     import json
 
     card = json.loads((run / "best.json").read_text())

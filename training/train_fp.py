@@ -12,7 +12,7 @@ Recipe (the paper's baselines / EDSR code): L1 loss, Adam (0.9, 0.999, 1e-8), lr
 * ``log.csv``   -- ``step,loss,val_psnr,bicubic_psnr,seconds,lr``: one row every ``--log-every``
   steps (loss = mean over those steps; val columns filled on validation steps; seconds =
   cumulative wall time over all sessions). Rows past the checkpoint are dropped on resume.
-* ``best.pt`` + ``best.json`` -- fp16 weights (``state_dict``) of the best validation PSNR-Y and a
+* ``best.pt`` + ``best.json`` -- the best validation PSNR-Y model (``models.checkpoint`` format, fp16) and a
   model card (steps, val PSNR, bicubic PSNR, data used).
 
 Validation: whole val images (centre crops of at most ``--val-crop`` HR px), LR by MATLAB-style
@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y
+from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.registry import arch_config, arch_names, build_sr
 from refqsr_engine.models.srresnet import interpolation_init
 from refqsr_engine.training.datasets import (
@@ -336,7 +337,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         }, last_path)
 
     def save_best(val_psnr: float | None) -> None:
-        atomic_torch_save({k: v.detach().half() for k, v in model.state_dict().items()}, best_path)
         card = {
             "arch": cfg.arch, "scale": scale, "precision": "fp32 trained, stored fp16", "steps": step,
             "val_psnr_y": val_psnr, "bicubic_psnr_y": validator.bicubic_psnr if validator else None,
@@ -347,6 +347,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "data": _data_card(cfg, dataset.n_images), "torch": torch.__version__,
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        save_model(best_path, model, card)  # the project's one model format (fp16 weights + config + card)
         atomic_write_text(json.dumps(card, indent=2) + "\n", out / "best.json")
 
     t0 = time.time()
