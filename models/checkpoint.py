@@ -53,17 +53,25 @@ def build_from_config(cfg: dict[str, Any]) -> nn.Module:
 
 
 def save_model(path: str | Path, model: nn.Module, card: dict[str, Any] | None = None, half: bool = True) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    """Write ``model`` (fp16 floats by default), its rebuild config and ``card`` atomically."""
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     # The card goes through JSON so it holds plain types only (weights_only loading accepts no others).
     plain_card = json.loads(json.dumps(card or {}, default=str))
     payload = {"format": FORMAT, "config": model_config(model), "state_dict": state, "card": plain_card}
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash never leaves a
+    truncated file, and an existing file is replaced only by a complete one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

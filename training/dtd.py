@@ -16,10 +16,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
+from refqsr_engine.training.labelled import LabelledImageSet
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.training.datasets import IMAGE_EXTENSIONS, load_rgb
 
@@ -73,7 +72,7 @@ def random_crop(
     return np.ascontiguousarray(img[top : top + size, left : left + size])
 
 
-class DTDDataset(Dataset):
+class DTDDataset(LabelledImageSet):
     """Random crops of DTD images with their class label; ``ds[i] -> (3 x size x size in [0, 1], label)``.
 
     ``cache`` keeps decoded images in memory (DTD decoded is about 3 GB: leave it off for the full set).
@@ -148,16 +147,3 @@ class DTDDataset(Dataset):
         size = self.size if size is None else int(size)
         rng = np.random.default_rng((self.seed, int(index), size))
         return random_crop(self.image(int(index) % self.n_images), size, rng, self.scale_range)
-
-    def batch(self, indices, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N x 3 x S x S float tensor in [0, 1], N labels)`` of ``indices``."""
-        imgs = np.stack([self.render(int(i), size) for i in indices])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
-        y = torch.tensor([self.label(int(i)) for i in indices], dtype=torch.long)
-        return x, y
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        img = self.render(index)
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), self.label(index)

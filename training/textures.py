@@ -22,9 +22,8 @@ from functools import lru_cache
 from typing import Callable
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from refqsr_engine.training.labelled import LabelledImageSet
 from refqsr_engine.errors import RefQSRError
 
 Field = np.ndarray  # HxW (grey field in [0, 1], colourised later) or HxWx3 (RGB in [0, 1])
@@ -679,7 +678,7 @@ def class_names(num_classes: int) -> list[str]:
     return names
 
 
-class TextureDataset(Dataset):
+class TextureDataset(LabelledImageSet):
     """``num_classes * samples_per_class`` procedural texture samples.
 
     Sample ``i`` has class ``i % num_classes`` (so every prefix is class-balanced) and is a pure
@@ -716,15 +715,3 @@ class TextureDataset(Dataset):
         rng = np.random.default_rng((self.seed, int(index)))
         return render_texture(fam, rng, self.size if size is None else int(size), band, n_bands)
 
-    def batch(self, indices, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N x 3 x S x S float tensor in [0, 1], N labels)`` of ``indices``."""
-        imgs = np.stack([self.render(int(i), size) for i in indices])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
-        y = torch.tensor([self.label(int(i)) for i in indices], dtype=torch.long)
-        return x, y
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        img = self.render(index)
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), self.label(index)

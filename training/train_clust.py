@@ -26,13 +26,10 @@ uninterrupted run would have.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import random
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from refqsr_engine.errors import RefQSRError
-from refqsr_engine.models.checkpoint import save_model
+from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.training.dtd import DTDDataset
+from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
 from refqsr_engine.training.textures import TextureDataset
 
 CKPT_FORMAT = "refqsr-engine/train-clust-1"
@@ -246,18 +244,6 @@ def calibration_batches(train: Source, cfg: ClustTrainConfig) -> list[torch.Tens
 # --------------------------------------------------------------------------- checkpoints and log
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _config_dict(cfg: ClustTrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["sizes"] = list(cfg.sizes)
@@ -266,7 +252,7 @@ def _config_dict(cfg: ClustTrainConfig) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, elapsed: float, cfg: ClustTrainConfig, num_classes: int) -> None:
-    _atomic_torch_save(
+    atomic_torch_save(
         {
             "format": CKPT_FORMAT,
             "step": int(step),
@@ -306,32 +292,6 @@ def _check_resume(ck: dict[str, Any], cfg: ClustTrainConfig, num_classes: int, p
         if "classes" in diffs:
             detail = f"classes: {ck['num_classes']} -> {num_classes}" + (f", {detail}" if detail else "")
         raise RefQSRError(f"{path} was made with different settings ({detail}); use --restart or another --out")
-
-
-def _read_log(path: Path, up_to_step: int) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
 
 
 # --------------------------------------------------------------------------- the run
@@ -385,9 +345,9 @@ def train_clust(cfg: ClustTrainConfig) -> dict[str, Any]:
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
-        _write_log(log_path, _read_log(log_path, step))  # drop rows written after the checkpoint
+        rewrite_log(log_path, LOG_FIELDS, read_log(log_path, step))  # drop rows written after the checkpoint
     else:
-        _write_log(log_path, [])
+        rewrite_log(log_path, LOG_FIELDS, [])
     resumed_from = step
 
     val_set = validation_set(val, cfg)
@@ -433,7 +393,7 @@ def train_clust(cfg: ClustTrainConfig) -> dict[str, Any]:
                     last_val, by_size = _evaluate(model, val_set, False, device)
                     row["val_acc"] = f"{last_val:.4f}"
                     row["val_acc_by_size"] = " ".join(f"{s}:{a:.3f}" for s, a in by_size.items())
-                _append_log(log_path, row)
+                append_log(log_path, LOG_FIELDS, row)
                 if bar is not None:
                     bar.set_postfix(loss=row["loss"], acc=row["train_acc"], val=f"{last_val:.3f}")
                 run_loss, run_acc = [], []
@@ -484,9 +444,7 @@ def train_clust(cfg: ClustTrainConfig) -> dict[str, Any]:
         "threads": cfg.threads,
     }
     save_model(out / "clustblock.pt", model.cpu(), card)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    atomic_write_text(json.dumps(card, indent=2) + "\n", out / "report.json")
     return card
 
 

@@ -25,12 +25,9 @@ plain folder of HR images (then pass ``--val``).
 """
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import io
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -47,7 +44,8 @@ from tqdm import tqdm
 
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y
-from refqsr_engine.models.checkpoint import save_model
+from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
+from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
 from refqsr_engine.models.registry import arch_config, arch_names, build_sr
 from refqsr_engine.models.srresnet import interpolation_init
 from refqsr_engine.training.datasets import (
@@ -176,51 +174,6 @@ class Validator:
 # --------------------------------------------------------------------------- files
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (never a torn file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_log(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _rewrite_log(path: Path, rows: list[dict[str, str]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(buf.getvalue(), path)
-
-
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n").writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fmt(x: float | None, digits: int) -> str:
     return "" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -319,11 +272,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         best_psnr = float(ckpt.get("best_psnr", -math.inf))
         best_step = int(ckpt.get("best_step", -1))
         _set_rng_state(ckpt["rng"])
-        rows = [r for r in read_log(log_path) if r.get("step", "").isdigit() and int(r["step"]) <= step]
-        _rewrite_log(log_path, rows)
+        rewrite_log(log_path, LOG_FIELDS, read_log(log_path, step))
         log(f"resuming {out} from step {step} (best val PSNR-Y {_fmt(best_psnr, 3) or '-'} dB)")
     else:
-        _rewrite_log(log_path, [])
+        rewrite_log(log_path, LOG_FIELDS, [])
         log(f"starting {out}: {cfg.arch} x{scale}, {dataset.n_images} train images, "
             f"{len(validator.pairs) if validator else 0} val images")
     if validator is not None:
@@ -389,7 +341,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                     bar.write(f"step {step}: val PSNR-Y {val_psnr:.3f} dB (bicubic {validator.bicubic_psnr:.3f}, "
                               f"best {best_psnr:.3f} @ {best_step})")
             if step % cfg.log_every == 0 or val_psnr is not None or step == cfg.steps or stop.signum:
-                _append_log(log_path, {
+                append_log(log_path, LOG_FIELDS, {
                     "step": step, "loss": _fmt(loss_sum / loss_n, 6), "val_psnr": _fmt(val_psnr, 4),
                     "bicubic_psnr": _fmt(validator.bicubic_psnr, 4) if val_psnr is not None else "",
                     "seconds": _fmt(elapsed_before + time.time() - t0, 1), "lr": f"{lr_now:.3g}",

@@ -1,0 +1,79 @@
+"""Ship a trained model inside the package: evaluate it on a validation folder and write
+``core/data/models/NAME.pt`` (fp16, the project's model format) with ``NAME.json``, its model card
+(training facts from the run plus validation PSNR/SSIM on Y, bicubic for comparison, and BitOPs).
+
+Run: ``python -m refqsr_engine.training.bundle RUN/best.pt NAME --val DIR``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from refqsr_engine.engine.models_store import bundled_dir
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.metrics import imresize, psnr_y, ssim_y
+from refqsr_engine.models.bitops import count_bitops
+from refqsr_engine.models.checkpoint import load_model, save_model
+from refqsr_engine.models.patchwise import upscale_patchwise
+from refqsr_engine.training.datasets import PairedFolder
+
+URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
+
+
+def _to_uint8(chw: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(chw * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
+    """Mean PSNR/SSIM (Y, shave 4) of the model, patch-wise as the engine runs it, and of bicubic."""
+    rows = []
+    for i in range(len(folder)):
+        pair = folder[i]
+        lr = pair.lr.transpose(2, 0, 1).astype(np.float32) / 255.0
+        sr = _to_uint8(upscale_patchwise(model, lr, patch, overlap).image)
+        bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
+        rows.append({
+            "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
+            "bicubic_psnr_y": psnr_y(bic, pair.hr, 4), "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
+        })
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
+    return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
+
+
+def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None) -> Path:
+    model, card = load_model(model_path)
+    folder = PairedFolder(val, 4, None, val_crop)
+    quality = evaluate(model, folder)
+    bits = "32" if getattr(model, "scheme", None) is None else str(model.blocks[0].conv1.act_bits[0])
+    bitops = count_bitops("srresnet", URBAN100_LR, bits, 72, 6, "paper").as_dict()
+    card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
+    out = bundled_dir() / f"{name}.pt"
+    save_model(out, model, card)
+    (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
+    return out
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("name")
+@click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR validation images.")
+@click.option("--val-crop", type=int, default=None, help="Centre-crop validation images to this HR size.")
+def main(model_path: str, name: str, val: str, val_crop: int | None) -> None:
+    try:
+        out = bundle(model_path, name, val, val_crop)
+    except RefQSRError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    card = json.loads(out.with_suffix(".json").read_text())
+    m = card["validation"]["mean"]
+    click.echo(f"wrote {out}: PSNR-Y {m['psnr_y']:.3f} dB (bicubic {m['bicubic_psnr_y']:.3f}), SSIM-Y {m['ssim_y']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
