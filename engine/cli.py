@@ -93,5 +93,29 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
         click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
 
 
+def _training_group() -> click.Group:
+    """`refqsr-engine train fp|qat|refqsr|clust`: the training commands (imported lazily: torch
+    training code stays off the start-up path of upscale)."""
+    from ..training.loop import make_command
+    from ..training.train_clust import main as clust
+
+    group = click.Group("train", help="Train models: fp, qat (fixed bits), refqsr (b_high-b_low), clust (ClustBlock).")
+    for task in ("fp", "qat", "refqsr"):
+        group.add_command(make_command(task))
+    group.add_command(clust, name="clust")
+    return group
+
+
+class _LazyTrain(click.Group):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _training_group().get_command(ctx, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return ["fp", "qat", "refqsr", "clust"]
+
+
+main.add_command(_LazyTrain("train", help="Train models: fp, qat (fixed bits), refqsr (b_high-b_low), clust (ClustBlock)."))
+
+
 if __name__ == "__main__":
     main()

@@ -48,19 +48,21 @@ def upscale_patchwise(
     merger = PatchMerger(grid, backbone.scale, lr.shape[0])
     done = progress or (lambda n: None)
 
+    device = next(model.parameters()).device
+
     def patches(idx: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(extract_patches(lr, grid, idx)))
+        return torch.from_numpy(np.ascontiguousarray(extract_patches(lr, grid, idx))).to(device)
 
     if not isinstance(model, RefQSR):
         for idx in _batches(range(grid.num_patches), batch):
-            merger.add(idx, model(patches(idx), bits).numpy())
+            merger.add(idx, model(patches(idx), bits).cpu().numpy())
             done(len(idx))
         return PatchwiseResult(merger.result(), grid, None)
 
     if model.clustblock is None:
         raise ValueError("this RefQSR model has no ClustBlock to assign references")
     all_idx = list(range(grid.num_patches))
-    v = torch.cat([model.clustblock(patches(idx)) for idx in _batches(all_idx, batch)])
+    v = torch.cat([model.clustblock(patches(idx)).cpu() for idx in _batches(all_idx, batch)])
     clustering = cluster_patches(v, model.tau)
     refs = [i for i in all_idx if clustering.is_reference[i]]
     queries = [i for i in all_idx if not clustering.is_reference[i]]
@@ -68,13 +70,13 @@ def upscale_patchwise(
     kept: dict[int, list[torch.Tensor]] = {}
     for idx in _batches(refs, batch):
         sr, features = model.reference_forward(patches(idx))
-        merger.add(idx, sr.numpy())
+        merger.add(idx, sr.cpu().numpy())
         for row, i in enumerate(idx):
             if i in needed:  # keep only the features some query will read
                 kept[i] = [f[row] for f in features]
         done(len(idx))
     for idx in _batches(queries, batch):
         gathered = [torch.stack([kept[int(clustering.reference_of[i])][k] for i in idx]) for k in range(len(model.refers))]
-        merger.add(idx, model.query_forward(patches(idx), gathered).numpy())
+        merger.add(idx, model.query_forward(patches(idx), gathered).cpu().numpy())
         done(len(idx))
     return PatchwiseResult(merger.result(), grid, clustering)

@@ -33,7 +33,8 @@ from refqsr_engine.training.datasets import (
     find_images,
     load_rgb,
 )
-from refqsr_engine.training.train_fp import TrainConfig, read_log, train
+from refqsr_engine.training.loop import TrainConfig, train
+from refqsr_engine.training.runlog import read_log
 
 SCALE = 4
 # MATLAB bicubic x1/4 with antialiasing: kernel width 4 * 4 = 16 HR px, i.e. +-2 LR px plus one

@@ -1,0 +1,105 @@
+"""Quantization-aware training tasks: fixed-precision QAT and RefQSR (loss (9) on Algorithm-1 pairs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.models.checkpoint import load_model, save_model
+from refqsr_engine.models.clustblock import ClustBlock
+from refqsr_engine.models.refqsr import RefQSR
+from refqsr_engine.models.registry import build_sr
+from refqsr_engine.models.srresnet import interpolation_init
+from refqsr_engine.training.loop import TrainConfig, train
+from refqsr_engine.training.runlog import read_log
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("qat")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(data, name)()[:200, :240]).save(root / "train" / f"{name}.png")
+    Image.fromarray(data.rocket()[100:228, 100:228]).save(root / "val" / "rocket.png")
+    torch.manual_seed(0)
+    teacher = interpolation_init(build_sr("srresnet"))
+    save_model(root / "teacher.pt", teacher)
+    clust = ClustBlock(8)
+    clust.calibrate(torch.rand(8, 3, 24, 24))
+    save_model(root / "clust.pt", clust)
+    return {"root": root, "teacher": root / "teacher.pt", "clust": root / "clust.pt"}
+
+
+def _cfg(setup, out: Path, task: str, bits: str, steps: int, **kw) -> TrainConfig:
+    return TrainConfig(data=str(setup["root"]), out=str(out), steps=steps, task=task, bits=bits, batch=2, lr_patch=24,
+                       teacher=str(setup["teacher"]), val_every=steps, val_crop=64, ckpt_every=1, quiet=True,
+                       clustblock=str(setup["clust"]) if task == "refqsr" else None, tau=-1.0, **kw)
+
+
+def test_qat_trains_resumes_and_saves_a_quantized_model(setup, tmp_path):
+    run = tmp_path / "ddtb4"
+    train(_cfg(setup, run, "qat", "4", 2), log=lambda s: None)
+    train(_cfg(setup, run, "qat", "4", 3), log=lambda s: None)  # resumes at step 2
+    rows = read_log(run / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    model, card = load_model(run / "best.pt")
+    assert model.scheme == "ddtb" and model.blocks[0].conv1.act_bits == [4]
+    assert card["task"] == "qat" and card["bits"] == "4" and card["val_psnr_y"] > 20
+    # the quantizer ranges were initialised from data, and the student started from the teacher
+    assert bool(model.blocks[3].conv1.act_quant["4"].initialized)
+    teacher, _ = load_model(setup["teacher"])
+    assert torch.allclose(model.head[0].weight, teacher.head[0].weight, atol=0.05)
+
+
+@pytest.mark.parametrize("scheme", ["pams", "ddtb"])
+def test_qat_step_lowers_loss_on_a_fixed_batch(setup, tmp_path, scheme):
+    """One plain gradient step on the QAT loss (STE through the 4-bit quantizers) lowers it.
+    The teacher here is a random network, so that quantization actually changes the output
+    (the interpolating initialisation has all-zero residual branches)."""
+    from refqsr_engine.training.datasets import HRFolderDataset, collate
+    from refqsr_engine.training.tasks import make_task
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "random_teacher.pt", build_sr("srresnet"))
+    cfg = _cfg(setup, tmp_path / "unused", "qat", "4", 1, scheme=scheme)
+    cfg.teacher = str(tmp_path / "random_teacher.pt")
+    task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
+    batch = collate([task.dataset[i] for i in range(2)])
+    task.model.train()
+    before = float(task.loss(batch).detach())  # the first call initialises the quantizer ranges
+    opt = torch.optim.SGD(task.model.parameters(), lr=1e-2)
+    opt.zero_grad()
+    task.loss(batch).backward()
+    opt.step()
+    assert float(task.loss(batch).detach()) < before - 1e-4
+    lrs = sorted(g["base_lr"] for g in task.param_groups())
+    assert lrs == [1e-4, 1e-2]  # quantizer bounds train with their own, larger step
+
+
+def test_refqsr_task_trains_on_pairs(setup, tmp_path):
+    run = tmp_path / "refqsr"
+    train(_cfg(setup, run, "refqsr", "8-4", 2), log=lambda s: None)
+    model, card = load_model(run / "best.pt")
+    assert isinstance(model, RefQSR) and (model.b_high, model.b_low, model.b_medium) == (8, 4, 6)
+    assert model.clustblock is not None and card["task"] == "refqsr" and np.isfinite(card["val_psnr_y"])
+    # the ClustBlock is frozen: identical to the file it came from
+    clust, _ = load_model(setup["clust"])
+    for a, b in zip(model.clustblock.state_dict().values(), clust.state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+
+
+def test_bad_task_settings(setup, tmp_path):
+    with pytest.raises(RefQSRError, match="one bit width"):
+        train(_cfg(setup, tmp_path / "a", "qat", "8-4", 1), log=lambda s: None)
+    with pytest.raises(RefQSRError, match="b_high-b_low"):
+        train(_cfg(setup, tmp_path / "b", "refqsr", "8", 1), log=lambda s: None)
+    train(_cfg(setup, tmp_path / "c", "qat", "8", 1), log=lambda s: None)
+    with pytest.raises(RefQSRError, match="bits=8 run"):
+        train(_cfg(setup, tmp_path / "c", "qat", "4", 2), log=lambda s: None)

@@ -1,0 +1,222 @@
+"""What a training run optimises: full precision, fixed-precision QAT, or RefQSR QAT.
+
+The loop (training/loop.py) owns resuming, checkpoints, logging and validation; a task owns the
+model, its optimiser parameter groups, the batch stream (a pure function of the step, so resumed
+runs see the batches an uninterrupted run would) and the loss.
+
+* ``fp``      -- SRResNet, L1 (the teacher of the others).
+* ``qat``     -- PAMS/DDTB SRResNet at fixed bits, from the FP weights, L1 + KD from the FP teacher
+                 (paper eq. (8)).
+* ``refqsr``  -- the RefQSR wrapper on Algorithm-1 (query, reference) pairs, from the FP (or a
+                 fixed-precision) model, loss (9): L1 and KD for the query and the reference outputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.models.bitops import Precision
+from refqsr_engine.models.checkpoint import load_model
+from refqsr_engine.models.clustblock import ClustBlock
+from refqsr_engine.models.patchwise import upscale_patchwise
+from refqsr_engine.models.qconv import FP, BitSpec
+from refqsr_engine.models.refqsr import RefQSR
+from refqsr_engine.models.registry import build_refqsr, build_sr
+from refqsr_engine.models.srresnet import SRResNet, interpolation_init
+from refqsr_engine.training.datasets import HRFolderDataset, StepBatchSampler, collate
+from refqsr_engine.training.pairs import ImagePairs, sample_pairs
+
+QUANT_PARAM_SUFFIXES = (".alpha", ".lower", ".upper")  # learnable quantizer bounds (own learning rate)
+VAL_PATCH = 48  # RefQSR validation runs patch-wise, as the engine does
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 flips/rotations of an N x C x H x W batch (k in 0..7)."""
+    if k & 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k & 3, dims=(-2, -1))
+
+
+def _load_sr(path: str, what: str) -> SRResNet:
+    model, _ = load_model(path)
+    if not isinstance(model, SRResNet):
+        raise RefQSRError(f"{what} {path} is not an SR network")
+    return model
+
+
+class Task:
+    """Base: subclasses set ``self.model`` and implement ``loss`` and ``batches``."""
+
+    name = "base"
+    model: nn.Module
+
+    def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Network weights at the base learning rate; quantizer bounds at ``lr_quant`` (DDTB/PAMS
+        train their bounds with a larger step)."""
+        quant = [p for n, p in self.model.named_parameters() if n.endswith(QUANT_PARAM_SUFFIXES)]
+        ids = {id(p) for p in quant}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        groups = [{"params": rest, "base_lr": self.cfg.lr}]
+        if quant:
+            groups.append({"params": quant, "base_lr": self.cfg.lr_quant})
+        return groups
+
+    def batches(self, start_step: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        sampler = StepBatchSampler(len(self.dataset), self.cfg.batch, self.cfg.seed, start_step=start_step, steps=steps)
+        return iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate))
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise RefQSRError(f"task {self.name} has no loss")  # every concrete task overrides this
+
+    def sr(self, lr: torch.Tensor) -> torch.Tensor:
+        """Validation forward of one LR image (1 x 3 x h x w)."""
+        return self.model(lr)
+
+    def card(self) -> dict[str, Any]:
+        return {"task": self.name}
+
+    def to(self, device: torch.device) -> "Task":
+        for module in self.__dict__.values():
+            if isinstance(module, nn.Module):
+                module.to(device)
+        return self
+
+
+class FPTask(Task):
+    name = "fp"
+
+    def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
+        super().__init__(cfg, dataset)
+        self.model = build_sr(cfg.arch)
+        if cfg.init == "interp":
+            interpolation_init(self.model)
+        elif cfg.init != "random":
+            raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.l1_loss(self.model(batch["lr"]), batch["hr"])
+
+    def card(self) -> dict[str, Any]:
+        return {"task": self.name, "loss": "L1", "init": self.cfg.init}
+
+
+class _Distilled(Task):
+    """Shared by the quantized tasks: a frozen full-precision teacher for the KD term."""
+
+    def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
+        super().__init__(cfg, dataset)
+        if not cfg.teacher:
+            raise RefQSRError("quantization-aware training needs --teacher (the full-precision model file)")
+        self.teacher = _load_sr(cfg.teacher, "teacher").eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def distill(self, student: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        """lambda_1 L1(student, HR) + lambda_kd L1(student, teacher)  (paper eq. (8))."""
+        with torch.no_grad():
+            target = self.teacher(lr)
+        l1 = torch.nn.functional.l1_loss
+        return l1(student, hr) + self.cfg.kd_weight * l1(student, target)
+
+    def _init_backbone(self, net: SRResNet) -> None:
+        """Start from the weights of ``--init-from`` (default: the teacher); quantizer ranges are
+        then set from the first batch (PAMS/DDTB initialisation)."""
+        source = _load_sr(self.cfg.init_from, "--init-from") if self.cfg.init_from else self.teacher
+        missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any(not k.split(".")[-1] in ("alpha", "lower", "upper", "initialized") and ".gate." not in k for k in missing):
+            raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+class QATTask(_Distilled):
+    name = "qat"
+
+    def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
+        super().__init__(cfg, dataset)
+        p = Precision.parse(cfg.bits)
+        if p.is_refqsr or p.b_high == 32:
+            raise RefQSRError("task qat takes one bit width, e.g. --bits 8 (use --task refqsr for 8-4)")
+        self.bits = BitSpec.uniform(p.b_high)
+        self.model = build_sr(cfg.arch, cfg.scheme, (p.b_high,))
+        self._init_backbone(self.model)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.distill(self.model(batch["lr"], self.bits), batch["lr"], batch["hr"])
+
+    def sr(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.model(lr, self.bits)
+
+    def card(self) -> dict[str, Any]:
+        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "loss": "L1 + KD (eq. 8)",
+                "kd_weight": self.cfg.kd_weight, "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher}
+
+
+class RefQSRTask(_Distilled):
+    name = "refqsr"
+
+    def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
+        super().__init__(cfg, dataset)
+        p = Precision.parse(cfg.bits)
+        if not p.is_refqsr:
+            raise RefQSRError("task refqsr takes b_high-b_low bits, e.g. --bits 8-4")
+        if not cfg.clustblock:
+            raise RefQSRError("task refqsr needs --clustblock (a trained ClustBlock file)")
+        clust, _ = load_model(cfg.clustblock)
+        if not isinstance(clust, ClustBlock):
+            raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
+        self.model: RefQSR = build_refqsr(cfg.arch, cfg.scheme, p.b_high, p.b_low, clust.eval(), cfg.tau)
+        self._init_backbone(self.model.backbone)
+        for q in self.model.clustblock.parameters():  # ClustBlock is pre-trained and frozen
+            q.requires_grad_(False)
+        self.images = ImagePairs(dataset, dataset.scale)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
+        for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
+        return groups
+
+    def batches(self, start_step: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(start_step, start_step + steps):
+            rng = np.random.default_rng((self.cfg.seed, 0xA1, step))  # Algorithm 1, a pure function of the step
+            pairs = sample_pairs(self.images, self.model.clustblock, batch=self.cfg.batch, lr_patch=self.cfg.lr_patch,
+                                 scale=self.dataset.scale, tau=self.cfg.tau, rng=rng)
+            kq, kr = (int(k) for k in rng.integers(0, 8, size=2))
+            yield {"query_lr": _dihedral(pairs.query_lr, kq), "query_hr": _dihedral(pairs.query_hr, kq),
+                   "ref_lr": _dihedral(pairs.ref_lr, kr), "ref_hr": _dihedral(pairs.ref_hr, kr)}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Paper eq. (9): L1 and KD on both the query and the reference outputs."""
+        sr_q, sr_r = self.model(batch["query_lr"], batch["ref_lr"])
+        return self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
+
+    def sr(self, lr: torch.Tensor) -> torch.Tensor:
+        out = upscale_patchwise(self.model, lr[0].numpy(), patch=VAL_PATCH, overlap=6, batch=16)
+        return torch.from_numpy(out.image).unsqueeze(0)
+
+    def card(self) -> dict[str, Any]:
+        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau,
+                "loss": "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
+                "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
+                "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)"}
+
+
+TASKS: dict[str, Callable[[Any, HRFolderDataset], Task]] = {"fp": FPTask, "qat": QATTask, "refqsr": RefQSRTask}
+
+
+def make_task(cfg: Any, dataset: HRFolderDataset) -> Task:
+    try:
+        return TASKS[cfg.task](cfg, dataset)
+    except KeyError:
+        raise RefQSRError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}") from None
+
+
+__all__ = ["FP", "Task", "TASKS", "make_task"]
