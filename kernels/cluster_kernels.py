@@ -21,15 +21,16 @@ is a reference; a query whose similarity is below ``tau`` becomes an isolated re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import torch
 
 import numpy as np
 import tvm
 from tvm import te, tirx
 
+from ..models.clustblock import Clustering, assign_references
 from .tir_build import TirKernel, build_kernel
 
-__all__ = ["ClusterAssignment", "assign", "build_affinity_kernel", "build_cluster_kernel", "cluster",
+__all__ = ["assign", "build_affinity_kernel", "build_cluster_kernel", "cluster",
            "cluster_compute", "schedule_cluster"]
 
 COS_EPS = 1e-8
@@ -159,42 +160,13 @@ def build_affinity_kernel(num_patches: int, num_classes: int = 47, target=None) 
     return build_kernel("clust_affinity", sch, 1, target, {"num_patches": num_patches, "num_classes": num_classes})
 
 
-@dataclass(frozen=True)
-class ClusterAssignment:
-    """numpy mirror of ``models.clustblock.Clustering`` (plus the raw arg-max)."""
-
-    reference_of: np.ndarray  # int64 [N]: i itself for references
-    is_reference: np.ndarray  # bool [N]
-    similarity: np.ndarray  # float32 [N]: cosine(V_i, V_argmax(i))
-    argmax: np.ndarray  # int64 [N]
-
-    @property
-    def num_references(self) -> int:
-        return int(self.is_reference.sum())
-
-    @property
-    def num_queries(self) -> int:
-        return int((~self.is_reference).sum())
+def assign(ref: np.ndarray, cos: np.ndarray, tau: float = 0.5) -> Clustering:
+    """The O(N) bookkeeping of ``cluster_patches`` on the kernel's outputs (one implementation:
+    ``models.clustblock.assign_references``)."""
+    return assign_references(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(cos, dtype=np.float32)), tau)
 
 
-def assign(ref: np.ndarray, cos: np.ndarray, tau: float = 0.5) -> ClusterAssignment:
-    """The O(N) bookkeeping of ``cluster_patches`` on the kernel's outputs."""
-    ref = np.asarray(ref).astype(np.int64).reshape(-1)
-    cos = np.asarray(cos, dtype=np.float32).reshape(-1)
-    n = ref.shape[0]
-    if cos.shape[0] != n:
-        raise ValueError(f"ref and cos must have the same length, got {n} and {cos.shape[0]}")
-    if n and (ref.min() < 0 or ref.max() >= n):
-        raise ValueError("ref holds indices outside [0, N)")
-    is_reference = np.zeros(n, dtype=bool)
-    is_reference[ref] = True
-    isolated = ~is_reference & (cos < tau)
-    is_reference |= isolated
-    reference_of = np.where(is_reference, np.arange(n), ref)
-    return ClusterAssignment(reference_of, is_reference, cos, ref)
-
-
-def cluster(kernel: TirKernel, v, tau: float = 0.5) -> ClusterAssignment:
+def cluster(kernel: TirKernel, v, tau: float = 0.5) -> Clustering:
     """Run the compiled clustering kernel on logits ``v`` ([N, C]) and assign references."""
     ref, cos = kernel(np.asarray(v, dtype=np.float32))
     return assign(ref, cos, tau)

@@ -70,6 +70,7 @@ class Clustering:
     reference_of: torch.Tensor
     is_reference: torch.Tensor
     similarity: torch.Tensor
+    argmax: torch.Tensor  # the raw row arg-max of M (before isolated references are split off)
 
     @property
     def num_references(self) -> int:
@@ -91,13 +92,21 @@ def cluster_patches(v: torch.Tensor, tau: float = DEFAULT_TAU) -> Clustering:
     """Reference of patch i = argmax_j M[i, j]; every patch some row points at is a reference;
     a query whose cosine similarity to its reference is below ``tau`` becomes an isolated reference."""
     v = v.detach().float()
-    n = v.shape[0]
     argmax = affinity(v).argmax(dim=1)
+    return assign_references(argmax, F.cosine_similarity(v, v[argmax], dim=1), tau)
+
+
+def assign_references(argmax: torch.Tensor, similarity: torch.Tensor, tau: float = DEFAULT_TAU) -> Clustering:
+    """The O(N) bookkeeping after the arg-max (shared by the PyTorch path and the compiled kernel)."""
+    argmax = torch.as_tensor(argmax).long().reshape(-1)
+    similarity = torch.as_tensor(similarity).float().reshape(-1)
+    n = argmax.shape[0]
+    if similarity.shape[0] != n:
+        raise ValueError(f"argmax and similarity must have the same length, got {n} and {similarity.shape[0]}")
+    if n and (int(argmax.min()) < 0 or int(argmax.max()) >= n):
+        raise ValueError("argmax holds indices outside [0, N)")
     is_reference = torch.zeros(n, dtype=torch.bool)
     is_reference[argmax] = True
-    similarity = F.cosine_similarity(v, v[argmax], dim=1)
-    isolated = ~is_reference & (similarity < tau)
-    is_reference |= isolated
-    idx = torch.arange(n)
-    reference_of = torch.where(is_reference, idx, argmax)
-    return Clustering(reference_of, is_reference, similarity)
+    is_reference |= ~is_reference & (similarity < tau)  # isolated references
+    reference_of = torch.where(is_reference, torch.arange(n), argmax)
+    return Clustering(reference_of, is_reference, similarity, argmax)
