@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import RefQSRError
+from ..files import publish
 
 DEFAULT_MAX_PIXELS = 64_000_000  # LR pixels; ~8K x 8K, far above any sensible SR input
 
@@ -87,7 +88,7 @@ def write_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = No
     try:
         extra = {"icc_profile": info["icc_profile"]} if info and "icc_profile" in info and fmt in ("PNG", "JPEG", "WEBP", "TIFF") else {}
         im.save(tmp, format=fmt, **extra)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as err:
         raise RefQSRError(f"cannot write {path}: {err}") from None
     finally:

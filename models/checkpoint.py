@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import RefQSRError
+from ..files import publish
 from .clustblock import ClustBlock
 from .refqsr import RefQSR
 from .registry import build_refqsr, build_sr
@@ -72,7 +73,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
