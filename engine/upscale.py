@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from ..errors import RefQSRError
-from ..models.bitops import count_bitops
+from ..models.bitops import BitOpsReport, count_bitops
 from ..models.checkpoint import load_model
+from ..models.clustblock import Clustering
 from ..models.patchwise import upscale_patchwise
 from ..models.qconv import FP, BitSpec
 from ..models.refqsr import RefQSR
 from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, write_image
 from .models_store import DEFAULT_MODEL, resolve_model
-from .tiling import make_grid
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
@@ -45,6 +45,20 @@ def model_bits(model: torch.nn.Module) -> BitSpec:
     return BitSpec.uniform(bits[0])
 
 
+def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
+                 clustering: Clustering | None = None, grid: str = "engine") -> BitOpsReport:
+    """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering."""
+    if isinstance(model, RefQSR):
+        if clustering is None:
+            raise ValueError("RefQSR BitOPs need the image's reference assignment")
+        net = model.backbone
+        return count_bitops("srresnet", lr_size, f"{model.b_high}-{model.b_low}", patch, overlap, grid,
+                            clustering.is_reference.tolist(), clustering.reference_of.tolist(),
+                            n_blocks=net.n_blocks, n_feats=net.n_feats, n_refer=len(model.refers))
+    return count_bitops("srresnet", lr_size, str(model_bits(model).act), patch, overlap, grid,
+                        n_blocks=model.n_blocks, n_feats=model.n_feats)
+
+
 def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs)."""
     if opts.threads:
@@ -61,11 +75,7 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
     lr = image.rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
     bits = model_bits(model)
     h, w = image.rgb.shape[:2]
-    total = make_grid(h, w, opts.patch, opts.overlap).num_patches
-    result = upscale_patchwise(
-        model, lr, opts.patch, opts.overlap, opts.batch, bits,
-        progress=(lambda n: progress(n, total)) if progress is not None else None,  # type: ignore[misc]
-    )
+    result = upscale_patchwise(model, lr, opts.patch, opts.overlap, opts.batch, bits, progress)
     t_run = time.perf_counter()
     sr = np.clip(np.round(result.image * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     alpha = None
@@ -74,13 +84,7 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
     write_image(dst, sr, alpha, gray=image.mode in GRAY_MODES, info=image.info)
     t_end = time.perf_counter()
     clustering = result.clustering
-    if clustering is not None:
-        assert isinstance(model, RefQSR)
-        label = f"{model.b_high}-{model.b_low}"
-        refs = clustering.is_reference.tolist()
-        bitops = count_bitops("srresnet", (h, w), label, opts.patch, opts.overlap, "engine", refs, clustering.reference_of.tolist())
-    else:
-        bitops = count_bitops("srresnet", (h, w), str(bits.act), opts.patch, opts.overlap, "engine")
+    bitops = model_bitops(model, (h, w), opts.patch, opts.overlap, clustering)
     return {
         "input": str(src),
         "output": str(dst),

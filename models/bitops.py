@@ -143,8 +143,9 @@ def clustblock_macs(h: int, w: int, num_classes: int = 47) -> float:
 class ArchCost:
     """Per-patch BitOPs of one architecture (SRResNet-style: n_blocks x 2 convs, n_refer RefERs)."""
 
-    def __init__(self, arch: str) -> None:
-        cfg = arch_config(arch)
+    def __init__(self, arch: str, **sizes: int) -> None:
+        """``sizes`` override the preset (n_blocks, n_feats, n_refer), for non-default networks."""
+        cfg = {**arch_config(arch), **sizes}
         self.n_blocks, self.feats, self.n_refer = cfg["n_blocks"], cfg["n_feats"], cfg["n_refer"]
         self.conv_macs_per_px = self.feats * self.feats * 9
 
@@ -221,6 +222,7 @@ def count_bitops(
     is_reference: Sequence[bool] | None = None,
     reference_of: Sequence[int] | None = None,
     ref_fraction: float | None = None,
+    **sizes: int,
 ) -> BitOpsReport:
     """BitOPs/FQR of one LR image (height, width).
 
@@ -233,7 +235,7 @@ def count_bitops(
     if grid == "full" or patch is None:
         grid, patch = "full", None
     boxes = grid_boxes(h, w, patch or 0, overlap, grid)
-    cost = ArchCost(arch)
+    cost = ArchCost(arch, **sizes)
     total = Tally()
     n_refs: float = len(boxes)
     if not p.is_refqsr:

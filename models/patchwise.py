@@ -15,7 +15,7 @@ from .qconv import FP, BitSpec
 from .refqsr import RefQSR
 from .srresnet import SRResNet
 
-Progress = Callable[[int], None]  # called with the number of patches just finished
+Progress = Callable[[int, int], None]  # (patches just finished, patches in the image)
 
 
 @dataclass
@@ -46,7 +46,7 @@ def upscale_patchwise(
     grid = make_grid(lr.shape[1], lr.shape[2], patch, overlap)
     backbone = model.backbone if isinstance(model, RefQSR) else model
     merger = PatchMerger(grid, backbone.scale, lr.shape[0])
-    done = progress or (lambda n: None)
+    done = (lambda n: progress(n, grid.num_patches)) if progress is not None else (lambda n: None)
 
     device = next(model.parameters()).device
 

@@ -1,7 +1,10 @@
 """The bundled default model loads and upscales a held-out photo better than bicubic."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import torch
 import pytest
 
 from refqsr_engine.engine.models_store import DEFAULT_MODEL, resolve_model
@@ -29,3 +32,50 @@ def test_default_model_beats_bicubic(photo):
 
 
 MARGIN_DB = 0.05
+
+
+def _init_ranges(model, *inputs) -> None:
+    model.train()
+    with torch.no_grad():
+        model(*inputs)
+    model.eval()
+
+
+def test_bundle_runs_models_at_their_own_bits(tmp_path):
+    """The model card's quality and BitOPs come from running the model as it runs: a DDTB-4 model
+    at 4 bits (not at full precision), a RefQSR model with its ClustBlock's assignment."""
+    from PIL import Image
+    from skimage import data
+
+    from refqsr_engine.models.checkpoint import save_model
+    from refqsr_engine.models.clustblock import ClustBlock
+    from refqsr_engine.models.qconv import BitSpec
+    from refqsr_engine.models.registry import build_refqsr, build_sr
+    from refqsr_engine.training.bundle import bundle
+
+    val = tmp_path / "val"
+    val.mkdir()
+    hr = data.astronaut()[100:196, 200:296].copy()
+    Image.fromarray(hr).save(val / "a.png")
+    torch.manual_seed(0)
+    sr4 = build_sr("srresnet", "ddtb", (4,), n_blocks=4)
+    _init_ranges(sr4, torch.rand(2, 3, 24, 24), BitSpec(4, 4))
+    save_model(tmp_path / "d4.pt", sr4, half=False)
+    card = json.loads(bundle(tmp_path / "d4.pt", "d4", val, out_dir=tmp_path).with_suffix(".json").read_text())
+    lr = bicubic_degrade(hr, 4).transpose(2, 0, 1).astype(np.float32) / 255.0
+    at4 = upscale_patchwise(sr4, lr, 96, 6, bits=BitSpec(4, 4)).image
+    sr8 = np.clip(np.round(at4 * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    assert card["validation"]["mean"]["psnr_y"] == pytest.approx(psnr_y(sr8, hr, 4), abs=1e-9)
+    assert card["validation"]["images"][0]["fqr"] == 4.0
+    # 4 blocks, not the preset's 16: a quarter of the paper's 2.3176 G for 4-bit SRResNet
+    assert card["bitops_urban100_setting"]["bitops_g"] == pytest.approx(2.3176 / 4, abs=1e-4)
+
+    clust = ClustBlock(8)
+    clust.calibrate(torch.rand(4, 3, 48, 48))
+    refqsr = build_refqsr("srresnet", "pams", 8, 4, clust, tau=-1.0, n_blocks=4)
+    _init_ranges(refqsr, torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))
+    save_model(tmp_path / "r.pt", refqsr, half=False)
+    card = json.loads(bundle(tmp_path / "r.pt", "r", val, out_dir=tmp_path).with_suffix(".json").read_text())
+    row = card["validation"]["images"][0]
+    assert card["bitops_urban100_setting"]["bits"] == "8-4"
+    assert 0 < row["reference_share"] <= 1 and 4.0 <= row["fqr"] <= 8.0

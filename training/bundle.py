@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from refqsr_engine.engine.models_store import bundled_dir
+from refqsr_engine.engine.upscale import model_bits, model_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, ssim_y
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import upscale_patchwise
+from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.datasets import PairedFolder
 
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
@@ -31,29 +33,41 @@ def _to_uint8(chw: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
-    """Mean PSNR/SSIM (Y, shave 4) of the model, patch-wise as the engine runs it, and of bicubic."""
+    """Mean PSNR/SSIM (Y, shave 4) of the model, run patch-wise at its own bits as the engine runs
+    it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic."""
     rows = []
     for i in range(len(folder)):
         pair = folder[i]
         lr = pair.lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-        sr = _to_uint8(upscale_patchwise(model, lr, patch, overlap).image)
+        result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model))
+        sr = _to_uint8(result.image)
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
+        ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering)
         rows.append({
             "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
             "bicubic_psnr_y": psnr_y(bic, pair.hr, 4), "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
+            "bitops_g": ops.gbitops, "fqr": ops.total.fqr, "reference_share": ops.num_references / ops.num_patches,
         })
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
 
 
-def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None) -> Path:
+def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
+           out_dir: str | Path | None = None) -> Path:
+    """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models)."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
-    bits = "32" if getattr(model, "scheme", None) is None else str(model.blocks[0].conv1.act_bits[0])
-    bitops = count_bitops("srresnet", URBAN100_LR, bits, 72, 6, "paper").as_dict()
+    if isinstance(model, RefQSR):  # the paper's setting, at the reference share measured on validation
+        net = model.backbone
+        setting, share = f"{model.b_high}-{model.b_low}", quality["mean"]["reference_share"]
+        sizes = {"n_blocks": net.n_blocks, "n_feats": net.n_feats, "n_refer": len(model.refers)}
+    else:
+        setting, share = str(model_bits(model).act), None
+        sizes = {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
+    bitops = count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes).as_dict()
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
-    out = bundled_dir() / f"{name}.pt"
+    out = Path(out_dir or bundled_dir()) / f"{name}.pt"
     save_model(out, model, card)
     (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
     return out
