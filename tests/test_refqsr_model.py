@@ -41,6 +41,18 @@ def np_pams(x: np.ndarray, alpha: float, bits: int) -> np.ndarray:
     return np.round(np.clip(x.astype(np.float64), -alpha, alpha) * levels / alpha) * alpha / levels
 
 
+def _pams_conv_twin(conv, x: torch.Tensor, act_bits: int, weight_bits: int) -> torch.Tensor:
+    """float64 conv of the numpy-twin-quantized input and weights (PAMS formulas)."""
+    alpha = conv.act_quant[str(act_bits)].alpha.item()
+    w = conv.conv.weight.detach().double().numpy()
+    return F.conv2d(
+        torch.from_numpy(np_pams(x.numpy(), alpha, act_bits)),
+        torch.from_numpy(np_pams(w, float(np.abs(w).max()), weight_bits)),
+        conv.conv.bias.detach().double(),
+        padding=1,
+    )
+
+
 # --------------------------------------------------------------------------- SRResNet structure
 
 
@@ -153,15 +165,7 @@ def test_quantized_conv_in_network_matches_numpy_twin() -> None:
     with torch.no_grad():
         net(x, BitSpec(4, 6))
     h.remove()
-    alpha = conv.act_quant["4"].alpha.item()
-    w = conv.conv.weight.detach().double().numpy()
-    expected = F.conv2d(
-        torch.from_numpy(np_pams(seen["x"].numpy(), alpha, 4)),
-        torch.from_numpy(np_pams(w, float(np.abs(w).max()), 6)),
-        conv.conv.bias.detach().double(),
-        padding=1,
-    )
-    err = (seen["y"].double() - expected).abs()
+    err = (seen["y"].double() - _pams_conv_twin(conv, seen["x"], 4, 6)).abs()
     # float32 vs float64 might round a value sitting on a .5 tie differently: allow a rare outlier
     assert float((err > 1e-5).double().mean()) < 1e-3
 
@@ -280,15 +284,7 @@ def test_refqsr_query_path_uses_4bit_activations_and_6bit_weights(refqsr_model: 
         assert calls == {"4": 1, "8": 1}
     for h in hooks:
         h.remove()
-    alpha = conv.act_quant["4"].alpha.item()
-    w = conv.conv.weight.detach().double().numpy()
-    expected = F.conv2d(
-        torch.from_numpy(np_pams(seen["x"].numpy(), alpha, 4)),
-        torch.from_numpy(np_pams(w, float(np.abs(w).max()), 6)),
-        conv.conv.bias.detach().double(),
-        padding=1,
-    )
-    err = (seen["y"].double() - expected).abs()
+    err = (seen["y"].double() - _pams_conv_twin(conv, seen["x"], 4, 6)).abs()
     assert float((err > 1e-5).double().mean()) < 1e-3
 
 
