@@ -93,6 +93,37 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
         click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
 
 
+@main.command("compile")
+@click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
+@click.option("--mcpu", default="core-avx2", show_default=True, help="llvm: CPU the code may assume (needs AVX2).")
+@click.option("--arch", type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90"]), default="sm_80", show_default=True,
+              help="cuda: GPU architecture.")
+@click.option("--bits", default=None, help="Check the model's bits (e.g. 8-4 for RefQSR, 8, 32).")
+@click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels (multiple of 3).")
+@click.option("--batch", type=int, default=16, show_default=True, help="Patches per compiled batch.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="llvm: cores to parallelise for.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Artifact directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the compile report (times per stage).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
+@user_errors
+def compile_cmd(model: str, target: str, mcpu: str, arch: str, bits: str | None, patch: int, batch: int,
+                threads: int | None, out: str, as_json: bool, quiet: bool) -> None:
+    """Compile a model into a self-describing artifact (libraries + manifest)."""
+    from .compiler.compile_model import CompileOptions, compile_model
+
+    def say(msg: str) -> None:
+        if not quiet and not as_json:
+            click.echo(f"[compile] {msg}", err=True)
+
+    opts = CompileOptions(model, target, mcpu, arch, bits, patch, batch, threads)
+    report = compile_model(opts, out, say)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(f"wrote {out} in {report['seconds']['total']:.1f} s")
+
+
 def _training_group() -> click.Group:
     """`refqsr-engine train fp|qat|refqsr|clust`: the training commands (imported lazily: torch
     training code stays off the start-up path of upscale)."""

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import RefQSRError
 from ..models.bitops import BitOpsReport, count_bitops
@@ -18,10 +17,8 @@ from ..models.clustblock import Clustering
 from ..models.patchwise import upscale_patchwise
 from ..models.qconv import FP, BitSpec
 from ..models.refqsr import RefQSR
-from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, write_image
+from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, upscale_alpha, write_image
 from .models_store import DEFAULT_MODEL, resolve_model
-
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 @dataclass
@@ -72,16 +69,14 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
             raise RefQSRError("--tau applies to RefQSR models only")
         model.tau = opts.tau
     t_load = time.perf_counter()
-    lr = image.rgb.transpose(2, 0, 1).astype(np.float32) / 255.0
+    lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
     bits = model_bits(model)
     h, w = image.rgb.shape[:2]
     result = upscale_patchwise(model, lr, opts.patch, opts.overlap, opts.batch, bits, progress)
     t_run = time.perf_counter()
-    sr = np.clip(np.round(result.image * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    alpha = None
-    if image.alpha is not None:  # alpha is not an image to super-resolve: plain bicubic
-        alpha = np.asarray(Image.fromarray(image.alpha).resize((sr.shape[1], sr.shape[0]), Image.BICUBIC))
-    write_image(dst, sr, alpha, gray=image.mode in GRAY_MODES, info=image.info)
+    sr = result.image.transpose(1, 2, 0)  # float; write_image clips and quantizes to the output depth
+    alpha = upscale_alpha(image.alpha, sr.shape[:2]) if image.alpha is not None else None
+    write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
     t_end = time.perf_counter()
     clustering = result.clustering
     bitops = model_bitops(model, (h, w), opts.patch, opts.overlap, clustering)

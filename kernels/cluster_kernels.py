@@ -30,7 +30,7 @@ from tvm import te, tirx
 from ..models.clustblock import Clustering, assign_references
 from .tir_build import TirKernel, build_kernel
 
-__all__ = ["assign", "build_affinity_kernel", "build_cluster_kernel", "cluster",
+__all__ = ["assign", "build_affinity_kernel", "build_cluster_kernel", "cluster", "cluster_primfunc",
            "cluster_compute", "schedule_cluster"]
 
 COS_EPS = 1e-8
@@ -144,6 +144,11 @@ def schedule_cluster(func: tvm.tirx.PrimFunc, *, affinity_only: bool = False) ->
         blk = sch.get_sblock(name)
         sch.parallel(sch.get_loops(blk)[0])
     return sch
+
+
+def cluster_primfunc(num_patches: int, num_classes: int) -> tvm.tirx.PrimFunc:
+    """The scheduled ``main(V, ref, cos)`` of :func:`build_cluster_kernel`, for ``R.call_tir``."""
+    return schedule_cluster(cluster_compute(num_patches, num_classes)).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def build_cluster_kernel(num_patches: int, num_classes: int = 47, target=None) -> TirKernel:

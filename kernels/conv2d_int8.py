@@ -83,13 +83,18 @@ class Conv2dShape:
     height: int
     width: int
     kernel: int = 3
+    stride: int = 1
+    #: zero padding on each side; None: "same" (kernel // 2)
+    padding: int | None = None
 
     def __post_init__(self):
-        for name in ("batch", "in_ch", "out_ch", "height", "width"):
+        for name in ("batch", "in_ch", "out_ch", "height", "width", "stride"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
+        if self.pad < 0 or self.out_height < 1 or self.out_width < 1:
+            raise ValueError(f"padding {self.padding} leaves no output for a {self.height}x{self.width} input")
 
     @property
     def c8(self) -> int:
@@ -101,7 +106,15 @@ class Conv2dShape:
 
     @property
     def pad(self) -> int:
-        return self.kernel // 2
+        return self.kernel // 2 if self.padding is None else int(self.padding)
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + 2 * self.pad - self.kernel) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + 2 * self.pad - self.kernel) // self.stride + 1
 
     def act_shape(self) -> tuple[int, ...]:
         return (self.batch, self.c8, self.height + 2 * self.pad, self.width + 2 * self.pad, 8)
@@ -110,12 +123,12 @@ class Conv2dShape:
         return (self.o8, self.c8, self.kernel, self.kernel, 8 // group, 8, group)
 
     def out_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.o8, self.height, self.width, 8)
+        return (self.batch, self.o8, self.out_height, self.out_width, 8)
 
     @property
     def ops(self) -> int:
         """2 x MACs of the unpadded problem (the GOP/s numerator)."""
-        return 2 * self.batch * self.out_ch * self.in_ch * self.kernel**2 * self.height * self.width
+        return 2 * self.batch * self.out_ch * self.in_ch * self.kernel**2 * self.out_height * self.out_width
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +136,15 @@ class Conv2dShape:
 
 
 def conv2d_compute(shape: Conv2dShape, variant: str = "int8", chunk_groups: int | None = None) -> tvm.tirx.PrimFunc:
-    """Schedulable PrimFunc ``main(A, W, conv)`` of the packed conv, in two stages.
+    """Schedulable PrimFunc ``main(A, W, conv)`` of the packed conv (see :func:`conv2d_stages`)."""
+    A = te.placeholder(shape.act_shape(), _ACT_DTYPE[variant], name="A")
+    Wt = te.placeholder(shape.weight_shape(layouts.GROUP[variant]), _W_DTYPE[variant], name="W")
+    return te.create_prim_func([A, Wt, conv2d_stages(A, Wt, shape, variant, chunk_groups)])
+
+
+def conv2d_stages(A: te.Tensor, Wt: te.Tensor, shape: Conv2dShape, variant: str = "int8",
+                  chunk_groups: int | None = None) -> te.Tensor:
+    """The packed conv of packed activations ``A`` and weights ``Wt`` as two TE stages.
 
     Block "partial" sums ``chunk_groups`` input-channel groups (of 8) of the window: int32 for
     "int8"/"int16", int16 for "lowbit" (the lane (oi, pr) of its ``[8][2]`` tile is
@@ -138,8 +159,7 @@ def conv2d_compute(shape: Conv2dShape, variant: str = "int8", chunk_groups: int 
     if s.c8 % icb:
         raise ValueError(f"chunk_groups={icb} must divide the {s.c8} input-channel groups")
     ncb = s.c8 // icb
-    A = te.placeholder(s.act_shape(), _ACT_DTYPE[variant], name="A")
-    Wt = te.placeholder(s.weight_shape(g), _W_DTYPE[variant], name="W")
+    st = s.stride
     ici = te.reduce_axis((0, icb), "ici")
     kh = te.reduce_axis((0, K), "kh")
     kw = te.reduce_axis((0, K), "kw")
@@ -148,36 +168,34 @@ def conv2d_compute(shape: Conv2dShape, variant: str = "int8", chunk_groups: int 
     if variant != "lowbit":
         ii = te.reduce_axis((0, g), "ii")
         partial = te.compute(
-            (s.batch, s.o8, s.height, s.width, ncb, 8),
+            (s.batch, s.o8, s.out_height, s.out_width, ncb, 8),
             lambda n, og, h, w, c, oi: te.sum(
-                A[n, c * icb + ici, h + kh, w + kw, hf * g + ii].astype("int32")
+                A[n, c * icb + ici, h * st + kh, w * st + kw, hf * g + ii].astype("int32")
                 * Wt[og, c * icb + ici, kh, kw, hf, oi, ii].astype("int32"),
                 axis=[ici, kh, kw, hf, ii],
             ),
             name="partial",
         )
-        out = te.compute(
+        return te.compute(
             s.out_shape(), lambda n, og, h, w, oi: te.sum(partial[n, og, h, w, cb, oi], axis=[cb]), name="conv"
         )
-        return te.create_prim_func([A, Wt, out])
 
     q = te.reduce_axis((0, 2), "q")
     partial = te.compute(
-        (s.batch, s.o8, s.height, s.width, ncb, 8, 2),
+        (s.batch, s.o8, s.out_height, s.out_width, ncb, 8, 2),
         lambda n, og, h, w, c, oi, pr: te.sum(
-            A[n, c * icb + ici, h + kh, w + kw, hf * 4 + pr * 2 + q].astype("int16")
+            A[n, c * icb + ici, h * st + kh, w * st + kw, hf * 4 + pr * 2 + q].astype("int16")
             * Wt[og, c * icb + ici, kh, kw, hf, oi, pr * 2 + q].astype("int16"),
             axis=[ici, kh, kw, hf, q],
         ),
         name="partial",
     )
     pr = te.reduce_axis((0, 2), "pr")
-    out = te.compute(
+    return te.compute(
         s.out_shape(),
         lambda n, og, h, w, oi: te.sum(partial[n, og, h, w, cb, oi, pr].astype("int32"), axis=[cb, pr]),
         name="conv",
     )
-    return te.create_prim_func([A, Wt, out])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +219,7 @@ def choose_tile(shape: Conv2dShape, accumulators: int = 8, prefer: str = "channe
     if prefer not in ("channels", "pixels"):
         raise ValueError(f"prefer must be 'channels' or 'pixels', got {prefer!r}")
     best = None
-    for px in _divisors(shape.width, accumulators):
+    for px in _divisors(shape.out_width, accumulators):
         for og in _divisors(shape.o8, accumulators):
             if px * og > accumulators:
                 continue
@@ -250,8 +268,8 @@ def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, variant: str = 
     cfg = config or DEFAULT_CONFIGS[variant]
     px, og = choose_tile(shape, prefer=cfg.tile_prefer)
     px, og = cfg.px or px, cfg.og or og
-    if shape.width % px or shape.o8 % og:
-        raise ValueError(f"tile {px} px x {og} groups must divide width {shape.width} and O/8 {shape.o8}")
+    if shape.out_width % px or shape.o8 % og:
+        raise ValueError(f"tile {px} px x {og} groups must divide width {shape.out_width} and O/8 {shape.o8}")
     lowbit = variant == "lowbit"
     g = layouts.GROUP[variant]
     sch = tvm.s_tir.Schedule(func)

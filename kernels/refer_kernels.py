@@ -64,7 +64,7 @@ from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, no_c
 __all__ = [
     "POOL", "RefERShape", "build_backward_warp", "build_match", "build_normalize_pool", "build_pooled_flow",
     "build_quantize", "build_refer_pipeline", "build_upsample_flow", "benchmark_pipeline", "refer_compute",
-    "schedule_refer", "torch_upsample_order",
+    "refer_pipeline_primfunc", "schedule_refer", "torch_upsample_order",
 ]
 
 POOL = 3
@@ -588,6 +588,17 @@ def _build(stage: str, shape: RefERShape, target, variant: str | None = None, **
     sch = schedule_refer(func, shape, stage, var)
     info = {"shape": shape, "stage": stage, "variant": var, **kw}
     return build_kernel(f"refer_{stage}", sch, n_in, tgt, info)
+
+
+def refer_pipeline_primfunc(batch: int, channels: int, height: int, width: int, qmin: int, qmax: int,
+                            target=None) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of :func:`build_refer_pipeline` (for ``R.call_tir`` in a graph):
+    ``main(fq, fr, scale[1], zero_point[1], warped, flow)``."""
+    shape = RefERShape(batch, channels, height, width)
+    tgt = as_target(target)
+    func, _ = refer_compute("pipeline", shape, qmin=qmin, qmax=qmax)
+    sch = schedule_refer(func, shape, "pipeline", _variant(None, tgt))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def build_normalize_pool(batch: int, channels: int, height: int, width: int, target=None) -> TirKernel:

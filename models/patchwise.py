@@ -4,7 +4,7 @@ features) -> blend-merge."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,58 @@ def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
-@torch.no_grad()
+class PatchRunner(Protocol):
+    """What the patch-wise algorithm needs from an engine (the PyTorch models or a compiled artifact)."""
+
+    refqsr: bool  # RefQSR (cluster, references, queries) or one SR network for every patch
+    scale: int
+
+    def sr(self, x: np.ndarray) -> np.ndarray: ...  # patches [B,3,P,P] -> HR [B,3,sP,sP]
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...  # ClustBlock class logits [B, C]
+
+    def cluster(self, v: np.ndarray) -> Clustering: ...  # all logits of the image -> assignment
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]: ...  # HR, RefER features
+
+    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray: ...  # HR of queries
+
+
+class TorchRunner:
+    """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
+
+    def __init__(self, model: SRResNet | RefQSR, bits: BitSpec = FP) -> None:
+        self.model, self.bits = model, bits
+        self.refqsr = isinstance(model, RefQSR)
+        self.scale = (model.backbone if self.refqsr else model).scale
+        self.device = next(model.parameters()).device
+        if self.refqsr and model.clustblock is None:
+            raise ValueError("this RefQSR model has no ClustBlock to assign references")
+
+    def _t(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    @torch.no_grad()
+    def sr(self, x: np.ndarray) -> np.ndarray:
+        return self.model(self._t(x), self.bits).cpu().numpy()
+
+    @torch.no_grad()
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.model.clustblock(self._t(x)).cpu().numpy()
+
+    def cluster(self, v: np.ndarray) -> Clustering:
+        return cluster_patches(torch.from_numpy(v), self.model.tau)
+
+    @torch.no_grad()
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        hr, feats = self.model.reference_forward(self._t(x))
+        return hr.cpu().numpy(), [f.cpu().numpy() for f in feats]
+
+    @torch.no_grad()
+    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        return self.model.query_forward(self._t(x), [self._t(f) for f in features]).cpu().numpy()
+
+
 def upscale_patchwise(
     model: SRResNet | RefQSR,
     lr: np.ndarray,
@@ -39,44 +90,54 @@ def upscale_patchwise(
     bits: BitSpec = FP,
     progress: Progress | None = None,
 ) -> PatchwiseResult:
-    """Super-resolve an LR image (3 x H x W float32 in [0, 1]) patch by patch.
+    """Super-resolve an LR image (3 x H x W float32 in [0, 1]) patch by patch with a PyTorch model.
 
     SRResNet runs every patch at ``bits``; RefQSR clusters the patches with its ClustBlock, runs
     the references at b_high and the queries at b_low with RefER."""
+    return run_patchwise(TorchRunner(model, bits), lr, patch, overlap, batch, progress)
+
+
+def run_patchwise(
+    runner: PatchRunner,
+    lr: np.ndarray,
+    patch: int = 96,
+    overlap: int = 6,
+    batch: int = 16,
+    progress: Progress | None = None,
+) -> PatchwiseResult:
+    """The patch-wise algorithm on any :class:`PatchRunner`: tile -> (RefQSR: cluster -> references
+    first, keeping only the features some query needs -> queries with their gathered reference
+    features) -> blend-merge."""
     grid = make_grid(lr.shape[1], lr.shape[2], patch, overlap)
-    backbone = model.backbone if isinstance(model, RefQSR) else model
-    merger = PatchMerger(grid, backbone.scale, lr.shape[0])
+    merger = PatchMerger(grid, runner.scale, lr.shape[0])
     done = (lambda n: progress(n, grid.num_patches)) if progress is not None else (lambda n: None)
 
-    device = next(model.parameters()).device
+    def patches(idx: Sequence[int]) -> np.ndarray:
+        return np.ascontiguousarray(extract_patches(lr, grid, idx), dtype=np.float32)
 
-    def patches(idx: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(extract_patches(lr, grid, idx))).to(device)
-
-    if not isinstance(model, RefQSR):
+    if not runner.refqsr:
         for idx in _batches(range(grid.num_patches), batch):
-            merger.add(idx, model(patches(idx), bits).cpu().numpy())
+            merger.add(idx, runner.sr(patches(idx)))
             done(len(idx))
         return PatchwiseResult(merger.result(), grid, None)
 
-    if model.clustblock is None:
-        raise ValueError("this RefQSR model has no ClustBlock to assign references")
     all_idx = list(range(grid.num_patches))
-    v = torch.cat([model.clustblock(patches(idx)).cpu() for idx in _batches(all_idx, batch)])
-    clustering = cluster_patches(v, model.tau)
+    v = np.concatenate([runner.logits(patches(idx)) for idx in _batches(all_idx, batch)])
+    clustering = runner.cluster(v)
     refs = [i for i in all_idx if clustering.is_reference[i]]
     queries = [i for i in all_idx if not clustering.is_reference[i]]
     needed = {int(clustering.reference_of[i]) for i in queries}
-    kept: dict[int, list[torch.Tensor]] = {}
+    kept: dict[int, list[np.ndarray]] = {}
     for idx in _batches(refs, batch):
-        sr, features = model.reference_forward(patches(idx))
-        merger.add(idx, sr.cpu().numpy())
+        sr, features = runner.reference(patches(idx))
+        merger.add(idx, sr)
         for row, i in enumerate(idx):
             if i in needed:  # keep only the features some query will read
-                kept[i] = [f[row] for f in features]
+                kept[i] = [f[row].copy() for f in features]
         done(len(idx))
     for idx in _batches(queries, batch):
-        gathered = [torch.stack([kept[int(clustering.reference_of[i])][k] for i in idx]) for k in range(len(model.refers))]
-        merger.add(idx, model.query_forward(patches(idx), gathered).cpu().numpy())
+        n_feat = len(kept[int(clustering.reference_of[idx[0]])])
+        gathered = [np.stack([kept[int(clustering.reference_of[i])][k] for i in idx]) for k in range(n_feat)]
+        merger.add(idx, runner.query(patches(idx), gathered))
         done(len(idx))
     return PatchwiseResult(merger.result(), grid, clustering)

@@ -152,3 +152,19 @@ def test_pixel_limit(tmp_path, fp_model_file):
     Image.fromarray(_photo(30, 30)).save(tmp_path / "in.png")
     result = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--max-pixels", "100", "-q")
     assert result.exit_code == 2 and "exceeds the limit" in result.output
+
+
+def test_16bit_and_exif_orientation_through_the_cli(tmp_path, fp_model_file):
+    from refqsr_engine.engine.image_io import read_image, write_image
+
+    write_image(tmp_path / "in16.png", _photo(20, 24).astype(np.float32) / 255, bit_depth=16)
+    assert run("upscale", str(tmp_path / "in16.png"), str(tmp_path / "o16.png"), "--model", str(fp_model_file), "-q").exit_code == 0
+    assert (tmp_path / "o16.png").read_bytes()[24] == 16  # IHDR bit depth
+    out = read_image(tmp_path / "o16.png")
+    assert out.bit_depth == 16 and out.rgb.shape == (80, 96, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: 20 x 24 on disk, 24 x 20 upright
+    Image.fromarray(_photo(20, 24)).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert run("upscale", str(tmp_path / "r.jpg"), str(tmp_path / "r4.jpg"), "--model", str(fp_model_file), "-q").exit_code == 0
+    with Image.open(tmp_path / "r4.jpg") as im:
+        assert im.size == (80, 96) and im.getexif()[0x0112] == 1

@@ -1,0 +1,1 @@
+"""ONNX -> Relax -> integer kernels -> TVM executables: the compile pipeline behind `refqsr-engine compile`."""

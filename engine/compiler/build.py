@@ -1,0 +1,95 @@
+"""Compile one exported graph to a TVM Relax VM executable (LLVM CPU).
+
+    ONNX --prepare (fixed batch, folded constants)--> --fuse RefER warps--> Relax (from_onnx)
+         --QDQ convs -> integer kernels--> legalize + fuse --> schedule the rest --> VM executable
+
+The Relax pipeline is spelled out (the CPU default would leave every legalized op serial).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import tvm
+from tvm import relax
+
+from ...kernels.tir_build import as_target
+from .cpu_schedule import cpu_schedule_pass
+from .qdq_conv import ConvReport, rewrite_qdq_convs
+from .relax_import import graph_metadata, import_graph, static_input_shapes
+
+
+@dataclass
+class GraphBuild:
+    """A compiled graph and what went into it."""
+
+    name: str
+    executable: Any  # tvm.relax.VMExecutable
+    inputs: dict[str, list[int]]
+    outputs: list[str]
+    convs: list[ConvReport]
+    refer_warps: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "integer_convs": sum(c.variant is not None for c in self.convs),
+            "float_convs": sum(c.variant is None for c in self.convs),
+            "variants": [c.variant for c in self.convs],
+            "act_bits": [c.act_bits for c in self.convs],
+            "refer_warps": self.refer_warps,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    num_cores = int(target.attrs.get("num-cores", 1) or 1)
+
+    @tvm.transform.module_pass(opt_level=0, name="RefQSRCpuPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [cpu_schedule_pass(num_cores)]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None) -> GraphBuild:
+    """Compile ``model`` for ``batch`` patches per call on an LLVM ``target``."""
+    tgt = as_target(target)
+    from tvm.target import codegen
+
+    vnni = bool(codegen.target_has_features("avxvnni", tgt) or codegen.target_has_features("avx512vnni", tgt))
+    times = {}
+    t0 = time.perf_counter()
+    meta = graph_metadata(model)
+    shapes = static_input_shapes(model, batch)
+    mod, warps = import_graph(model, shapes, tgt)
+    t1 = time.perf_counter()
+    mod, result = rewrite_qdq_convs(mod, meta["convs"], vnni=vnni)
+    t2 = time.perf_counter()
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    t3 = time.perf_counter()
+    times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
+    outputs = [o.name for o in model.graph.output]
+    return GraphBuild(name, exe, shapes, outputs, result.convs, warps, times)
+
+
+def load_vm(path_or_exe, device=None) -> relax.VirtualMachine:
+    """A VM over a built executable or an exported library file."""
+    dev = device or tvm.cpu()
+    if isinstance(path_or_exe, (str, bytes)) or hasattr(path_or_exe, "__fspath__"):
+        path_or_exe = tvm.runtime.load_module(str(path_or_exe))
+    return relax.VirtualMachine(path_or_exe, dev)

@@ -1,0 +1,159 @@
+"""`refqsr-engine compile`: a trained model -> ONNX graphs -> compiled libraries -> one artifact.
+
+A RefQSR model gives three graphs (``clustblock``, ``reference``, ``query``) plus the clustering
+kernel compiled for a few patch-count buckets (an image's patches are padded up to the next
+bucket, see :mod:`refqsr_engine.engine.runtime`); a fixed- or full-precision network gives ``sr``.
+Every graph is compiled for a fixed batch of ``batch`` patches of ``patch`` LR pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import torch
+import tvm
+
+from ...errors import RefQSRError
+from ...export.onnx_export import export_refqsr, export_sr
+from ...kernels.cluster_kernels import cluster_primfunc
+from ...models.checkpoint import load_model, model_config
+from ...models.refqsr import RefQSR
+from ..artifact import sha256_file, write_artifact
+from ..models_store import resolve_model
+from .build import build_graph
+
+#: patch-count buckets of the compiled clustering kernel; images with more patches than the
+#: largest are clustered in the PyTorch twin's way, chunk by chunk, which the runtime refuses
+CLUSTER_BUCKETS = (64, 256, 1024, 4096, 16384)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileOptions:
+    model: str = "default"
+    target: str = "llvm"  # "llvm" | "cuda"
+    mcpu: str = "core-avx2"  # llvm: the CPU the code may assume (AVX2 is required)
+    arch: str = "sm_80"  # cuda
+    bits: str | None = None  # "8-4", "8", "32": checked against the model's trained bits
+    patch: int = 96
+    batch: int = 16
+    threads: int | None = None  # llvm: cores the parallel loops are sized for
+
+    def target_dict(self) -> dict[str, Any]:
+        if self.target == "llvm":
+            return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": int(self.threads or os.cpu_count() or 1)}
+        if self.target == "cuda":
+            return {"kind": "cuda", "arch": self.arch}
+        raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
+
+
+def model_bits_label(model: torch.nn.Module) -> str:
+    cfg = model_config(model)
+    if cfg["kind"] == "refqsr":
+        return f"{cfg['b_high']}-{cfg['b_low']}"
+    bits = cfg.get("act_bits") or []
+    return str(bits[0]) if cfg.get("scheme") and bits else "32"
+
+
+def _check_bits(model: torch.nn.Module, requested: str | None) -> str:
+    have = model_bits_label(model)
+    if requested is not None and requested.replace("fp", "32") != have:
+        raise RefQSRError(f"this model was trained for {have} bits, not {requested}; pick a model trained at those bits")
+    return have
+
+
+def _check_patch(patch: int, batch: int) -> None:
+    if patch < 15 or patch % 3:
+        raise RefQSRError(f"--patch must be a multiple of 3 and >= 15 (got {patch})")
+    if not 1 <= batch <= 256:
+        raise RefQSRError(f"--batch must be in 1..256 (got {batch})")
+
+
+def _build_cluster_library(classes: int, target: tvm.target.Target, path: Path) -> list[int]:
+    funcs = {f"cluster_{n}": cluster_primfunc(n, classes).with_attr("global_symbol", f"cluster_{n}")
+             for n in CLUSTER_BUCKETS}
+    tvm.compile(tvm.IRModule(funcs), target=target).export_library(str(path))
+    return list(CLUSTER_BUCKETS)
+
+
+def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report."""
+    say = progress or (lambda msg: None)
+    _check_patch(opts.patch, opts.batch)
+    target_dict = opts.target_dict()
+    if opts.target != "llvm":
+        from .cuda_build import compile_model_cuda  # noqa: F401  (raises a clear error if unavailable)
+
+        return compile_model_cuda(opts, out, progress)
+    target = tvm.target.Target(target_dict)
+    t0 = time.perf_counter()
+    model_path = resolve_model(opts.model)
+    model, card = load_model(model_path)
+    model.eval()
+    bits = _check_bits(model, opts.bits)
+    report: dict[str, Any] = {"graphs": {}, "seconds": {}}
+    with tempfile.TemporaryDirectory(prefix="refqsr-compile-") as tmp_name:
+        tmp = Path(tmp_name)
+        say("exporting ONNX graphs")
+        t = time.perf_counter()
+        if isinstance(model, RefQSR):
+            graphs = export_refqsr(model, tmp / "onnx", opts.patch)
+        else:
+            from ..upscale import model_bits
+
+            graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
+        report["seconds"]["export"] = time.perf_counter() - t
+        files: dict[str, Path] = {}
+        for name, onnx_path in graphs.items():
+            say(f"compiling {name} (batch {opts.batch}, {opts.patch}x{opts.patch})")
+            built = build_graph(onnx.load(str(onnx_path)), name, opts.batch, target)
+            lib = tmp / f"{name}.so"
+            built.executable.export_library(str(lib))
+            files[f"{name}.so"] = lib
+            files[f"{name}.onnx"] = onnx_path  # the exact graph compiled: lets users run it in ORT too
+            report["graphs"][name] = built.report()
+        cluster = None
+        if isinstance(model, RefQSR):
+            say("compiling the clustering kernel")
+            t = time.perf_counter()
+            buckets = _build_cluster_library(model.clustblock.num_classes, target, tmp / "cluster.so")
+            files["cluster.so"] = tmp / "cluster.so"
+            cluster = {"buckets": buckets, "classes": model.clustblock.num_classes}
+            report["seconds"]["cluster"] = time.perf_counter() - t
+        report["seconds"]["total"] = time.perf_counter() - t0
+        manifest = {
+            "target": target_dict,
+            "model": {"name": opts.model, "file": model_path.name, "sha256": sha256_file(model_path),
+                      "config": model_config(model), "card": card},
+            "kind": "refqsr" if isinstance(model, RefQSR) else "sr",
+            "bits": bits,
+            "patch": opts.patch,
+            "batch": opts.batch,
+            "scale": 4,
+            "tau": float(model.tau) if isinstance(model, RefQSR) else None,
+            "n_refer": len(model.refers) if isinstance(model, RefQSR) else 0,
+            "cluster": cluster,
+            "graphs": report["graphs"],
+            "compile_seconds": round(report["seconds"]["total"], 2),
+            "options": asdict(opts),
+        }
+        say("writing the artifact")
+        write_artifact(out, files, manifest)
+    report["artifact"] = str(out)
+    report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
+    return report
+
+
+def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
+    """What identifies a compiled default model in the cache (model bytes, target, shapes)."""
+    model_path = resolve_model(opts.model)
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
+            "tvm": tvm.__version__}

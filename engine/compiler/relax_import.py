@@ -1,0 +1,111 @@
+"""An exported ONNX graph -> a Relax module with fixed shapes, plus the graph's refqsr metadata."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+import tvm
+from tvm import relax
+
+from ...errors import RefQSRError
+from ...kernels.refer_kernels import refer_pipeline_primfunc
+from ...kernels.tir_build import as_target
+from .onnx_prep import prepare_onnx
+from .refer_fuse import OP, fuse_refer_warps
+
+
+def graph_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """The ``refqsr.*`` metadata the exporter wrote (JSON values), keys without the prefix."""
+    meta = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith("refqsr."):
+            meta[prop.key[len("refqsr."):]] = json.loads(prop.value)
+    if "convs" not in meta:
+        raise RefQSRError("the ONNX graph carries no refqsr.convs metadata; export it with refqsr-engine")
+    return meta
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError:
+        raise RefQSRError(f"ONNX graph not found: {path}") from None
+    except Exception as err:  # protobuf decode errors have no common type
+        raise RefQSRError(f"{path}: not a readable ONNX graph ({type(err).__name__})") from None
+
+
+def input_names(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def static_input_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
+    """Every graph input's shape with the (symbolic) batch axis set to ``batch``."""
+    shapes = {}
+    for inp in model.graph.input:
+        if inp.name not in input_names(model):
+            continue
+        dims = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and not (i == 0 and d.dim_value != batch and d.dim_param):
+                dims.append(d.dim_value if i else batch)
+            else:
+                dims.append(batch if i == 0 else 0)
+        if any(v <= 0 for v in dims):
+            raise RefQSRError(f"input {inp.name} has an unknown non-batch dimension: {dims}")
+        shapes[inp.name] = dims
+    return shapes
+
+
+def _refer_warp_converter(target: tvm.target.Target):
+    """Importer converter of ``refqsr.RefERWarp``: our RefER kernel through ``R.call_tir``."""
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class RefERWarp(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            fq, fr, scale, zp = inputs
+            n, c, h, w = (int(v) for v in fq.ty.shape)
+            prim = refer_pipeline_primfunc(n, c, h, w, int(attr["qmin"]), int(attr["qmax"]), target)
+            name = f"refer_warp_{len([g for g in bb.get().functions if g.name_hint.startswith('refer_warp')])}"
+            gv = bb.add_func(prim.with_attr("global_symbol", name), name)
+            out = bb.emit(relax.call_tir(gv, [fq, fr, scale, zp], [relax.TensorType((n, c, h, w), "float32"),
+                                                                  relax.TensorType((n, 2, h, w), "float32")]))
+            return bb.emit(relax.TupleGetItem(out, 0))
+
+    return RefERWarp
+
+
+@contextlib.contextmanager
+def _extra_converters(extra: Mapping[str, Any]):
+    """The importer looks its converters up in ``_get_convert_map()`` per node: add ours for a while."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+
+    def patched():
+        return {**original(), **extra}
+
+    onnx_frontend._get_convert_map = patched
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def import_graph(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
+                 target: tvm.target.Target | None = None) -> tuple[tvm.IRModule, int]:
+    """Relax module of ``model`` at the given input shapes (parameters embedded as constants),
+    with each RefER warp subgraph replaced by our kernel; returns (module, RefER warps fused)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    prepared = prepare_onnx(model, shapes)
+    warps = fuse_refer_warps(prepared)
+    with _extra_converters({OP: _refer_warp_converter(as_target(target))}):
+        # No FoldConstant here: it would turn the dequantized integer weights into float constants
+        # (and compile a kernel per constant expression, ~15 s); the build pipeline folds later.
+        mod = from_onnx(prepared, keep_params_in_input=False)
+    return mod, warps

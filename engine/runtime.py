@@ -1,0 +1,94 @@
+"""Run a compiled artifact: the compiled graphs behind the patch-wise algorithm's runner interface.
+
+Every graph was compiled for a fixed batch B; a short last batch is padded with zero patches whose
+outputs are dropped (quantizer ranges are per tensor or per sample, so padding never changes
+the real patches' results). The clustering kernel exists for a few patch-count buckets; an image's
+logits are padded to the next bucket with very negative rows, which the softmax over patches turns
+into exact zeros, so a padded patch is never anyone's reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import RefQSRError
+from ..models.clustblock import Clustering, assign_references
+from .artifact import Artifact, load_artifact
+
+PAD_LOGIT = -1.0e30
+
+
+class CompiledModel:
+    """A loaded artifact; implements ``models.patchwise.PatchRunner``."""
+
+    def __init__(self, artifact: Artifact, tau: float | None = None) -> None:
+        import tvm
+        from tvm import relax
+
+        self.artifact = artifact
+        m = artifact.manifest
+        self.manifest = m
+        self.kind = m["kind"]
+        self.refqsr = self.kind == "refqsr"
+        self.scale = int(m.get("scale", 4))
+        self.patch = int(m["patch"])
+        self.batch = int(m["batch"])
+        self.tau = float(m["tau"] if tau is None else tau)
+        dev = tvm.cpu() if m["target"]["kind"] == "llvm" else tvm.cuda()
+        self._tvm = tvm
+        self.device = dev
+        names = ("clustblock", "reference", "query") if self.refqsr else ("sr",)
+        self.vms = {n: relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}.so"))), dev) for n in names}
+        self.cluster_lib = tvm.runtime.load_module(str(artifact.file("cluster.so"))) if self.refqsr else None
+        self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
+
+    @classmethod
+    def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> "CompiledModel":
+        return cls(load_artifact(path, target=target), tau)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _run(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        n = inputs[0].shape[0]
+        if n > self.batch:
+            raise ValueError(f"{graph}: {n} patches exceed the compiled batch of {self.batch}")
+        args = []
+        for x in inputs:
+            if n < self.batch:  # pad the short last batch
+                x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
+            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
+        out = self.vms[graph]["main"](*args)
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return [o.numpy()[:n] for o in outs]
+
+    # -- PatchRunner ------------------------------------------------------------------------------
+    def sr(self, x: np.ndarray) -> np.ndarray:
+        return self._run("sr", x)[0]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self._run("clustblock", x)[0]
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        hr, *feats = self._run("reference", x)
+        return hr, feats
+
+    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        return self._run("query", x, *features)[0]
+
+    def cluster(self, v: np.ndarray) -> Clustering:
+        n, c = v.shape
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None:
+            raise RefQSRError(f"{n} patches exceed the largest compiled clustering size ({self.buckets[-1]}); "
+                              "use a larger --patch")
+        padded = np.full((bucket, c), PAD_LOGIT, dtype=np.float32)
+        padded[:n] = v
+        tvm = self._tvm
+        ref = tvm.runtime.empty((bucket,), "int32", self.device)
+        cos = tvm.runtime.empty((bucket,), "float32", self.device)
+        self.cluster_lib[f"cluster_{bucket}"](tvm.runtime.tensor(padded, self.device), ref, cos)
+        import torch
+
+        return assign_references(torch.from_numpy(ref.numpy()[:n].copy()), torch.from_numpy(cos.numpy()[:n].copy()),
+                                 self.tau)

@@ -1,0 +1,698 @@
+"""CUDA integer 3x3 ("same", stride 1) convolutions for ``--target cuda``: dp4a (int8) and int4
+tensor cores (``mma.sync`` on packed s4/u4), plus an LLVM "twin" of each that runs on the CPU.
+
+Both compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
+(int32) over activations **pre-padded** by the caller (the pad value is the zero point; the
+zero-point term is removed outside, as for the CPU kernels in :mod:`.layouts`).
+
+Variant ``"dp4a"`` (int8; ``C % 4 == 0``)::
+
+    activations  [N][C/4][H+2P][W+2P][4]   uint8 (u8 activations) or int8 (s8)   "NCHW4c"
+    weights      [O][C/4][K][K][4]         int8                                    "OIHW4i"
+    output       [N][O][H][W]              int32                                   NCHW
+
+  Four consecutive input channels are one 32-bit word, the operand of one ``dp4a`` (4 MACs).
+  u8 x s8 is ``dp4a.u32.s32`` -- exact for the full ranges, no offset trick (CUDA C's
+  ``__dp4a`` has no mixed-sign overload, so the instruction is emitted through ``T.ptx.dp4a``).
+  Schedule: a block computes 2 rows x up to 32 pixels x up to 32 output channels; thread
+  (ty, tx) holds 2 rows x 4 channels in registers; per chunk of 16 input channels the window
+  of activations and the weights of the block are staged in shared memory.
+
+Variant ``"s4mma"`` (int4 tensor cores; ``C % 32 == 0``, ``O % 8 == 0``, ``N*H*W % 16 == 0``)::
+
+    activations  [N][H+2P][W+2P][C/8]      uint32, 8 channels per word   NHWC, nibble-packed
+    weights      [O][K*K][C/8]             uint32, 8 channels per word   O(kh kw)I, nibble-packed
+    output       [N][H][W][O]              int32                         NHWC
+
+  Channel ``c`` is nibble ``c % 8`` (bits ``4*(c%8)``..) of word ``c // 8``; two's complement for
+  signed values. TVM's own ``int4`` buffers are not used (they give wrong results), so the
+  words are packed here (:func:`pack_nibbles`) and handed to ``mma`` as ``.b32`` registers.
+  Implicit GEMM: M = output pixels (n, h, w flattened), N = output channels, K = (kh, kw, c)
+  split into 32-channel chunks ``j -> (tap = j // (C/32), channel block = j % (C/32))``. One
+  ``mma.sync.aligned.m16n8k64`` consumes two chunks (when the chunk count ``9*C/32`` is even,
+  i.e. ``C % 64 == 0``), otherwise ``m16n8k32`` one. With NHWC words, the 8 consecutive K
+  elements a lane holds in one register (PTX ISA fragment layout: lane ``4*g + t`` holds row
+  ``g`` (+8), columns ``8t..8t+7`` of each 32-column half) are exactly one word: every fragment
+  register is one aligned 32-bit load, no shuffles. A warp computes 16*MT pixels x 8*NT channels.
+
+  Activations are u4 (0..15, default) or s4 (-8..7, ``act_signed=True``); weights s4. PTX has
+  the mixed ``.u4.s4`` form (``mma...s32.u4.s4.s32``), so u4 x s4 needs no offset/correction
+  term (the alternative, s4 x s4 with activations shifted by -8 and ``8 * sum(w[o])`` added back,
+  is not used).
+
+Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
+:mod:`.cuda_toolchain` and checked by their PTX, while the twins (the same packed layouts, plain
+TIR, built for LLVM) and :func:`emulate_s4mma` (the s4 kernel's own fragment index math replayed
+in numpy against the PTX ISA fragment layouts) are tested bit-exact on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.script import tirx as T
+
+from . import cuda_toolchain
+from .tir_build import TirKernel, build_kernel, divisor_at_most
+
+__all__ = ["VARIANTS", "Conv2dCudaShape", "CudaConvKernel", "build_conv2d_cuda", "build_conv2d_twin",
+           "conv2d_dp4a_compute", "conv2d_dp4a_primfunc", "conv2d_s4_compute", "conv2d_s4mma_primfunc",
+           "emulate_s4mma", "pack_activations_dp4a", "pack_activations_s4", "pack_nibbles",
+           "pack_weights_dp4a", "pack_weights_s4", "reference_conv", "s4mma_config",
+           "unpack_activations_dp4a", "unpack_activations_s4", "unpack_nibbles", "unpack_output",
+           "unpack_weights_dp4a", "unpack_weights_s4"]
+
+VARIANTS = ("dp4a", "s4mma")
+
+
+@dataclass(frozen=True)
+class Conv2dCudaShape:
+    """A stride-1, "same"-padded conv problem and its packed buffer shapes per variant."""
+
+    batch: int
+    in_ch: int
+    out_ch: int
+    height: int
+    width: int
+    kernel: int = 3
+
+    def __post_init__(self):
+        for name in ("batch", "in_ch", "out_ch", "height", "width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
+
+    @property
+    def pad(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        return self.height + 2 * self.pad, self.width + 2 * self.pad
+
+    @property
+    def pixels(self) -> int:
+        return self.batch * self.height * self.width
+
+    def check(self, variant: str) -> None:
+        """Raise ``ValueError`` unless the variant's layout fits this shape."""
+        _check_variant(variant)
+        if variant == "dp4a":
+            if self.in_ch % 4 or self.out_ch % 4:
+                raise ValueError(f"dp4a needs in_ch and out_ch multiples of 4, got {self.in_ch}, {self.out_ch}")
+        else:
+            if self.in_ch % 32 or self.out_ch % 8:
+                raise ValueError(f"s4mma needs in_ch % 32 == 0 and out_ch % 8 == 0, got {self.in_ch}, {self.out_ch}")
+            if self.pixels % 16:
+                raise ValueError(f"s4mma needs N*H*W % 16 == 0 (16-pixel MMA rows), got {self.pixels}")
+
+    def act_shape(self, variant: str) -> tuple[int, ...]:
+        hp, wp = self.padded_hw
+        if _check_variant(variant) == "dp4a":
+            return (self.batch, self.in_ch // 4, hp, wp, 4)
+        return (self.batch, hp, wp, self.in_ch // 8)
+
+    def weight_shape(self, variant: str) -> tuple[int, ...]:
+        k = self.kernel
+        if _check_variant(variant) == "dp4a":
+            return (self.out_ch, self.in_ch // 4, k, k, 4)
+        return (self.out_ch, k * k, self.in_ch // 8)
+
+    def out_shape(self, variant: str) -> tuple[int, ...]:
+        if _check_variant(variant) == "dp4a":
+            return (self.batch, self.out_ch, self.height, self.width)
+        return (self.batch, self.height, self.width, self.out_ch)
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy packing
+
+
+def _as_int(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        if x.dtype.kind == "f" and np.all(np.isfinite(x)) and np.array_equal(x, np.round(x)):
+            return x.astype(np.int64)
+        raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x.astype(np.int64)
+
+
+def _check_range(x: np.ndarray, lo: int, hi: int, what: str) -> None:
+    if x.size and (x.min() < lo or x.max() > hi):
+        raise ValueError(f"{what} must be in {lo}..{hi}, got [{x.min()}, {x.max()}]")
+
+
+def _act_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _pad_nchw(x: np.ndarray, pad_value: int, kernel: int) -> np.ndarray:
+    n, c, h, w = x.shape
+    p = kernel // 2
+    buf = np.full((n, c, h + 2 * p, w + 2 * p), int(pad_value), dtype=np.int64)
+    buf[:, :, p : p + h, p : p + w] = x
+    return buf
+
+
+def pack_activations_dp4a(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """NCHW u8 (or s8 with ``signed``) activations -> ``[N][C/4][H+2P][W+2P][4]``, border = ``pad_value``."""
+    x = _as_int(x, "x")
+    if x.ndim != 4 or x.shape[1] % 4:
+        raise ValueError(f"activations must be NCHW with C % 4 == 0, got shape {x.shape}")
+    lo, hi = _act_range(8, signed)
+    _check_range(x, lo, hi, "activations")
+    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
+    buf = _pad_nchw(x, pad_value, kernel)
+    n, c, hp, wp = buf.shape
+    buf = buf.reshape(n, c // 4, 4, hp, wp).transpose(0, 1, 3, 4, 2)
+    return np.ascontiguousarray(buf.astype(np.int8 if signed else np.uint8))
+
+
+def unpack_activations_dp4a(a: np.ndarray, kernel: int = 3) -> np.ndarray:
+    """Inverse of :func:`pack_activations_dp4a` (drops the border), int64 NCHW."""
+    n, c4, hp, wp, _ = a.shape
+    p = kernel // 2
+    x = a.astype(np.int64).transpose(0, 1, 4, 2, 3).reshape(n, c4 * 4, hp, wp)
+    return np.ascontiguousarray(x[:, :, p : hp - p, p : wp - p])
+
+
+def pack_weights_dp4a(w) -> np.ndarray:
+    """OIHW s8 weights -> ``[O][C/4][K][K][4]`` int8."""
+    w = _as_int(w, "w")
+    if w.ndim != 4 or w.shape[1] % 4:
+        raise ValueError(f"weights must be OIHW with I % 4 == 0, got shape {w.shape}")
+    _check_range(w, -128, 127, "weights")
+    o, i, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(o, i // 4, 4, kh, kw).transpose(0, 1, 3, 4, 2).astype(np.int8))
+
+
+def unpack_weights_dp4a(wp: np.ndarray) -> np.ndarray:
+    o, i4, kh, kw, _ = wp.shape
+    return np.ascontiguousarray(wp.astype(np.int64).transpose(0, 1, 4, 2, 3).reshape(o, i4 * 4, kh, kw))
+
+
+def pack_nibbles(v, signed: bool) -> np.ndarray:
+    """Pack the last axis (a multiple of 8) of 4-bit integers into uint32 words: element ``i`` of a
+    group of 8 in bits ``4i..4i+3`` (two's complement when ``signed``)."""
+    v = _as_int(v, "values")
+    if v.shape[-1] % 8:
+        raise ValueError(f"the packed axis must be a multiple of 8, got {v.shape[-1]}")
+    lo, hi = _act_range(4, signed)
+    _check_range(v, lo, hi, "4-bit values")
+    nib = (v & 0xF).astype(np.uint32).reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
+    shifts = (4 * np.arange(8, dtype=np.uint32))
+    return np.ascontiguousarray(np.bitwise_or.reduce(nib << shifts, axis=-1).astype(np.uint32))
+
+
+def unpack_nibbles(words: np.ndarray, signed: bool) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: uint32 words -> int64 values, 8 per word along the last axis."""
+    words = np.asarray(words).astype(np.uint32)
+    nib = (words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    v = nib.astype(np.int64)
+    if signed:
+        v = v - ((v & 8) << 1)
+    return v.reshape(*words.shape[:-1], words.shape[-1] * 8)
+
+
+def pack_activations_s4(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """NCHW u4 (0..15, or s4 -8..7 with ``signed``) activations -> ``[N][H+2P][W+2P][C/8]`` uint32."""
+    x = _as_int(x, "x")
+    if x.ndim != 4 or x.shape[1] % 8:
+        raise ValueError(f"activations must be NCHW with C % 8 == 0, got shape {x.shape}")
+    lo, hi = _act_range(4, signed)
+    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
+    return pack_nibbles(_pad_nchw(x, pad_value, kernel).transpose(0, 2, 3, 1), signed)
+
+
+def unpack_activations_s4(a: np.ndarray, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """Inverse of :func:`pack_activations_s4` (drops the border), int64 NCHW."""
+    p = kernel // 2
+    x = unpack_nibbles(a, signed).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x[:, :, p : x.shape[2] - p, p : x.shape[3] - p])
+
+
+def pack_weights_s4(w) -> np.ndarray:
+    """OIHW s4 weights (-8..7) -> ``[O][K*K][I/8]`` uint32."""
+    w = _as_int(w, "w")
+    if w.ndim != 4 or w.shape[1] % 8:
+        raise ValueError(f"weights must be OIHW with I % 8 == 0, got shape {w.shape}")
+    o, i, kh, kw = w.shape
+    return pack_nibbles(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i), signed=True)
+
+
+def unpack_weights_s4(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
+    o, taps, _ = wp.shape
+    v = unpack_nibbles(wp, signed=True)
+    return np.ascontiguousarray(v.reshape(o, kernel, kernel, -1).transpose(0, 3, 1, 2))
+
+
+def unpack_output(y, variant: str) -> np.ndarray:
+    """Kernel output -> NCHW int32 (``dp4a`` is NCHW already, ``s4mma`` is NHWC)."""
+    y = np.asarray(y.numpy() if hasattr(y, "numpy") else y)
+    if _check_variant(variant) == "s4mma":
+        y = y.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(y)
+
+
+def reference_conv(x, w, pad_value: int = 0) -> np.ndarray:
+    """What the kernels compute, NCHW int64: ``sum x * w`` over the window, the border = ``pad_value``
+    (float64 torch conv of the padded tensor: exact below 2**53)."""
+    import torch
+
+    x, w = _as_int(x, "x"), _as_int(w, "w")
+    xp = torch.from_numpy(_pad_nchw(x, pad_value, w.shape[-1]).astype(np.float64))
+    out = torch.nn.functional.conv2d(xp, torch.from_numpy(w.astype(np.float64)))
+    return out.numpy().astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# dp4a: compute (the LLVM twin) and CUDA schedule
+
+
+def conv2d_dp4a_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """Unscheduled ``main(A, W, conv)`` on the dp4a layouts: the twin (builds for LLVM) and the
+    input of :func:`conv2d_dp4a_primfunc`."""
+    s = shape
+    s.check("dp4a")
+    A = te.placeholder(s.act_shape("dp4a"), "int8" if act_signed else "uint8", name="A")
+    Wt = te.placeholder(s.weight_shape("dp4a"), "int8", name="W")
+    c4 = te.reduce_axis((0, s.in_ch // 4), "c4")
+    kh = te.reduce_axis((0, s.kernel), "kh")
+    kw = te.reduce_axis((0, s.kernel), "kw")
+    ci = te.reduce_axis((0, 4), "ci")
+    out = te.compute(
+        s.out_shape("dp4a"),
+        lambda n, o, h, w: te.sum(
+            A[n, c4, h + kh, w + kw, ci].astype("int32") * Wt[o, c4, kh, kw, ci].astype("int32"),
+            axis=[c4, kh, kw, ci],
+        ),
+        name="conv",
+    )
+    return te.create_prim_func([A, Wt, out])
+
+
+def _dp4a_intrin(act_dtype: str):
+    """(desc, impl) of one ``dp4a`` on 4-byte shared-memory operands into an int32 register."""
+    op = "dp4a.u32.s32" if act_dtype == "uint8" else "dp4a.s32.s32"
+    a_word = "uint32" if act_dtype == "uint8" else "int32"
+    a_vec = "uint8x4" if act_dtype == "uint8" else "int8x4"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
+             B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+             C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            for i in range(4):
+                with T.sblock("update"):
+                    vi = T.axis.remap("R", [i])
+                    C[0] = C[0] + T.cast(A[vi], "int32") * T.cast(B[vi], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
+             B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+             C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            T.ptx[op](C[0], T.reinterpret(a_word, A.vload([0], a_vec)),
+                      T.reinterpret("int32", B.vload([0], "int8x4")), C[0])
+
+    return desc, impl
+
+
+_DP4A_INTRINS = {"uint8": "refqsr_dp4a_u8s8s32", "int8": "refqsr_dp4a_s8s8s32"}
+_REGISTERED: set[str] = set()
+
+
+def _register_dp4a(act_dtype: str) -> str:
+    name = _DP4A_INTRINS[act_dtype]
+    if name not in _REGISTERED:
+        tvm.s_tir.TensorIntrin.register(name, *_dp4a_intrin(act_dtype), override=True)
+        _REGISTERED.add(name)
+    return name
+
+
+@dataclass(frozen=True)
+class Dp4aConfig:
+    """Tiles of the dp4a schedule (see the module docstring)."""
+
+    tx: int  # threads along the width (pixels)
+    ty: int  # threads along output channels
+    ot: int  # output channels per thread
+    th: int  # rows per thread (and per block)
+    cc: int  # 4-channel groups per shared-memory stage
+
+
+def dp4a_config(shape: Conv2dCudaShape) -> Dp4aConfig:
+    """Divisor-based tiles: <= 32 px x <= 8 x 4 channels x <= 2 rows per 256-thread block."""
+    tx = divisor_at_most(shape.width, 32)
+    ot = divisor_at_most(shape.out_ch, 4)
+    ty = divisor_at_most(shape.out_ch // ot, max(1, min(8, 256 // tx)))
+    return Dp4aConfig(tx, ty, ot, divisor_at_most(shape.height, 2), divisor_at_most(shape.in_ch // 4, 4))
+
+
+def _cooperative_fetch(sch: tvm.s_tir.Schedule, block, depth: int, ty: int, tx: int) -> None:
+    """Spread a shared-memory copy (its loops start at ``depth``) over the block's threads, one
+    4-byte word per thread and step."""
+    inner = sch.get_loops(block)[depth:]
+    fused = sch.fuse(*inner[:-1])
+    _, ly, lx = sch.split(fused, [None, ty, tx])
+    sch.bind(ly, "threadIdx.y")
+    sch.bind(lx, "threadIdx.x")
+    sch.vectorize(inner[-1])
+
+
+def conv2d_dp4a_primfunc(shape: Conv2dCudaShape, act_signed: bool = False,
+                         config: Dp4aConfig | None = None) -> tvm.tirx.PrimFunc:
+    """The CUDA-scheduled dp4a conv ``main(A, W, conv)`` (thread-bound, dp4a-tensorized)."""
+    act_dtype = "int8" if act_signed else "uint8"
+    intrin = _register_dp4a(act_dtype)
+    cfg = config or dp4a_config(shape)
+    sch = tvm.s_tir.Schedule(conv2d_dp4a_compute(shape, act_signed))
+    blk = sch.get_sblock("conv")
+    n, o, h, w, c4, kh, kw, ci = sch.get_loops(blk)
+    o_b, o_t, o_i = sch.split(o, [None, cfg.ty, cfg.ot])
+    h_b, h_i = sch.split(h, [None, cfg.th])
+    w_b, w_t = sch.split(w, [None, cfg.tx])
+    c_o, c_i = sch.split(c4, [None, cfg.cc])
+    sch.reorder(n, o_b, h_b, w_b, o_t, w_t, c_o, c_i, kh, kw, h_i, o_i, ci)
+    sch.bind(sch.fuse(n, o_b, h_b, w_b), "blockIdx.x")
+    sch.bind(o_t, "threadIdx.y")
+    sch.bind(w_t, "threadIdx.x")
+    store = sch.cache_write(blk, 0, "local")  # th x ot int32 accumulators per thread
+    sch.reverse_compute_at(store, w_t)
+    for index in (0, 1):  # the activation window and the weights of one channel chunk
+        shared = sch.cache_read(blk, index, "shared")
+        sch.compute_at(shared, c_o)
+        _cooperative_fetch(sch, shared, 4, cfg.ty, cfg.tx)  # below bx, ty, tx, c_o
+    sch.decompose_reduction(blk, c_o)
+    sch.tensorize(ci, intrin)
+    for loop in (kw, h_i, o_i):  # registers, not local memory, for the accumulator tile
+        sch.unroll(loop)
+    return sch.mod["main"]
+
+
+# ----------------------------------------------------------------------------------------------
+# s4 tensor cores: fragment index math (shared by the TIR kernel and the numpy emulation)
+
+
+@dataclass(frozen=True)
+class S4MmaConfig:
+    """Geometry of the s4 kernel for one shape."""
+
+    mma_shape: str  # "m16n8k64" (two 32-channel chunks per mma) or "m16n8k32" (one)
+    chunks_per_mma: int
+    ksteps: int  # mma steps along K = 9 * C / (32 * chunks_per_mma)
+    mt: int  # 16-pixel tiles per warp
+    nt: int  # 8-channel tiles per warp
+    warps: int  # warps per block (threadIdx.y)
+
+    @property
+    def a_regs(self) -> int:  # .b32 registers of one A fragment
+        return 2 * self.chunks_per_mma
+
+    @property
+    def b_regs(self) -> int:
+        return self.chunks_per_mma
+
+
+def s4mma_config(shape: Conv2dCudaShape) -> S4MmaConfig:
+    shape.check("s4mma")
+    chunks = shape.kernel**2 * shape.in_ch // 32
+    cpm = 2 if chunks % 2 == 0 else 1
+    mt = divisor_at_most(shape.pixels // 16, 2)
+    nt = divisor_at_most(shape.out_ch // 8, 4)
+    tiles = (shape.pixels // (16 * mt)) * (shape.out_ch // (8 * nt))
+    return S4MmaConfig("m16n8k64" if cpm == 2 else "m16n8k32", cpm, chunks // cpm, mt, nt,
+                       divisor_at_most(tiles, 4))
+
+
+def _chunk(shape: Conv2dCudaShape, cfg: S4MmaConfig, ks, half):
+    """K chunk ``half`` (0..chunks_per_mma-1) of mma step ``ks`` -> (kh, kw, 32-channel block)."""
+    per_tap = shape.in_ch // 32
+    j = ks * cfg.chunks_per_mma + half
+    tap = j // per_tap
+    return tap // shape.kernel, tap % shape.kernel, j % per_tap
+
+
+def _pixel(shape: Conv2dCudaShape, p):
+    hw = shape.height * shape.width
+    return p // hw, (p // shape.width) % shape.height, p % shape.width
+
+
+def _a_word(shape, cfg, m0, ks, lane, reg):
+    """Index into the activation words of A-fragment register ``reg`` of ``lane`` (PTX: row
+    ``lane//4`` (+8 for odd ``reg``), K columns ``8*(lane%4)``.. of 32-column half ``reg//2``)."""
+    n, h, w = _pixel(shape, m0 + lane // 4 + 8 * (reg % 2))
+    kh, kw, cb = _chunk(shape, cfg, ks, reg // 2)
+    return n, h + kh, w + kw, cb * 4 + lane % 4
+
+
+def _b_word(shape, cfg, o0, ks, lane, reg):
+    """Index into the weight words of B-fragment register ``reg`` (column ``lane//4``, K rows
+    ``8*(lane%4)``.. of 32-row half ``reg``)."""
+    kh, kw, cb = _chunk(shape, cfg, ks, reg)
+    return o0 + lane // 4, kh * shape.kernel + kw, cb * 4 + lane % 4
+
+
+def _c_index(shape, m0, o0, lane, reg):
+    """Output element of accumulator register ``reg`` (row ``lane//4`` (+8 for reg >= 2), column
+    ``2*(lane%4) + reg%2``)."""
+    n, h, w = _pixel(shape, m0 + lane // 4 + 8 * (reg // 2))
+    return n, h, w, o0 + 2 * (lane % 4) + reg % 2
+
+
+def _warp_m0(shape, cfg, warp):
+    """First pixel of a warp's 16*mt x 8*nt tile; warps next to each other share pixels (their
+    activation loads hit the same cache lines) and differ in output channels."""
+    return (warp // (shape.out_ch // (8 * cfg.nt))) * 16 * cfg.mt
+
+
+def _warp_o0(shape, cfg, warp):
+    """First output channel of a warp's tile."""
+    return (warp % (shape.out_ch // (8 * cfg.nt))) * 8 * cfg.nt
+
+
+def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The s4 twin ``main(A, W, conv)``: the same packed words, nibbles unpacked with shifts."""
+    s = shape
+    s.check("s4mma")
+    A = te.placeholder(s.act_shape("s4mma"), "uint32", name="A")
+    Wt = te.placeholder(s.weight_shape("s4mma"), "uint32", name="W")
+    kh = te.reduce_axis((0, s.kernel), "kh")
+    kw = te.reduce_axis((0, s.kernel), "kw")
+    cw = te.reduce_axis((0, s.in_ch // 8), "cw")
+    ci = te.reduce_axis((0, 8), "ci")
+
+    def nibble(word, i, signed):
+        v = ((word >> (i * 4).astype("uint32")) & tvm.tirx.const(15, "uint32")).astype("int32")
+        return v - ((v & 8) << 1) if signed else v
+
+    out = te.compute(
+        s.out_shape("s4mma"),
+        lambda n, h, w, o: te.sum(
+            nibble(A[n, h + kh, w + kw, cw], ci, act_signed) * nibble(Wt[o, kh * s.kernel + kw, cw], ci, True),
+            axis=[kh, kw, cw, ci],
+        ),
+        name="conv",
+    )
+    return te.create_prim_func([A, Wt, out])
+
+
+def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The CUDA s4 implicit-GEMM conv ``main(A, W, conv)``: one warp per 16*mt x 8*nt output
+    tile, fragments loaded straight from global memory (one word per register), ``mma.sync``."""
+    s, cfg = shape, s4mma_config(shape)
+    mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
+    tiles = (s.pixels // (16 * mt)) * (s.out_ch // (8 * nt))
+    blocks, warps = tiles // cfg.warps, cfg.warps
+    a_ty = "int4" if act_signed else "uint4"
+    mma_shape = cfg.mma_shape
+    a_shape, w_shape, o_shape = s.act_shape("s4mma"), s.weight_shape("s4mma"), s.out_shape("s4mma")
+
+    @T.prim_func(s_tir=True)
+    def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, "int32")):
+        T.func_attr({"tirx.noalias": True})
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    with T.sblock("warp_tile"):
+                        T.reads(A[:, :, :, :], W[:, :, :])
+                        T.writes(conv[:, :, :, :])
+                        acc = T.sblock_alloc_buffer((mt * nt * 4,), "int32", scope="local")
+                        af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
+                        bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
+                        m0 = _warp_m0(s, cfg, bx * warps + ty)
+                        o0 = _warp_o0(s, cfg, bx * warps + ty)
+                        for i in T.unroll(mt * nt * 4):
+                            acc[i] = 0
+                        for ks in range(ksteps):
+                            for ar in T.unroll(mt * ra):  # fragments: one aligned word per register
+                                af[ar] = A[_a_word(s, cfg, m0 + 16 * (ar // ra), ks, lane, ar % ra)]
+                            for br in T.unroll(nt * rb):
+                                bf[br] = W[_b_word(s, cfg, o0 + 8 * (br // rb), ks, lane, br % rb)]
+                            for mi in T.unroll(mt):
+                                for ni in T.unroll(nt):
+                                    T.evaluate(T.ptx_legacy.mma(
+                                        mma_shape, "row", "col", a_ty, "int4", "int32",
+                                        af.data, mi * ra, bf.data, ni * rb, acc.data, (mi * nt + ni) * 4,
+                                        False, dtype="int32"))
+                        for cr in T.unroll(mt * nt * 4):
+                            conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[cr]
+
+    return main
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy emulation of the s4 kernel: its own index functions + the PTX ISA fragment layouts
+
+
+def _mma_s4_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_signed: bool) -> np.ndarray:
+    """One warp-wide ``mma.m16n8k{32*chunks}`` on per-lane registers ``a_regs[2*chunks][32]``,
+    ``b_regs[chunks][32]`` (uint32), per the PTX ISA fragment layouts of .u4/.s4 operands:
+    A register r of lane 4g+t holds row g + 8*(r%2), columns 32*(r//2) + 8t .. +7; B register r
+    holds rows 32*r + 8t .. +7 of column g; accumulator r is row g + 8*(r//2), column 2t + r%2.
+    Element i of a register is its nibble i (bits 4i..4i+3). Returns ``[32][4]`` int64."""
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    a_mat = np.zeros((16, 32 * chunks), np.int64)
+    b_mat = np.zeros((32 * chunks, 8), np.int64)
+    e = np.arange(8)
+    for r in range(2 * chunks):
+        a_mat[(g + 8 * (r % 2))[:, None], (32 * (r // 2) + 8 * t)[:, None] + e] = \
+            unpack_nibbles(a_regs[r][:, None], act_signed)
+    for r in range(chunks):
+        b_mat[(32 * r + 8 * t)[:, None] + e, g[:, None]] = unpack_nibbles(b_regs[r][:, None], True)
+    d = a_mat @ b_mat
+    return np.stack([d[g + 8 * (r // 2), 2 * t + r % 2] for r in range(4)], axis=1)
+
+
+def emulate_s4mma(shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray,
+                  act_signed: bool = False) -> np.ndarray:
+    """Replay :func:`conv2d_s4mma_primfunc` in numpy: the same warp tiling and fragment index
+    functions (``_a_word``, ``_b_word``, ``_c_index``), the mma itself per the PTX ISA
+    (:func:`_mma_s4_reference`). Returns the NHWC int64 output. This checks the kernel's address
+    math on a CPU; what it cannot check is the hardware's agreement with our reading of the ISA."""
+    cfg = s4mma_config(shape)
+    lane = np.arange(32)
+    a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
+    out = np.zeros(shape.out_shape("s4mma"), np.int64)
+    tiles = (shape.pixels // (16 * cfg.mt)) * (shape.out_ch // (8 * cfg.nt))
+    for warp in range(tiles):
+        m0, o0 = _warp_m0(shape, cfg, warp), _warp_o0(shape, cfg, warp)
+        acc = np.zeros((cfg.mt, cfg.nt, 32, 4), np.int64)
+        for ks in range(cfg.ksteps):
+            af = [np.stack([a_words[_a_word(shape, cfg, m0 + 16 * mi, ks, lane, r)] for r in range(cfg.a_regs)])
+                  for mi in range(cfg.mt)]
+            bf = [np.stack([w_words[_b_word(shape, cfg, o0 + 8 * ni, ks, lane, r)] for r in range(cfg.b_regs)])
+                  for ni in range(cfg.nt)]
+            for mi in range(cfg.mt):
+                for ni in range(cfg.nt):
+                    acc[mi, ni] += _mma_s4_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed)
+        for mi in range(cfg.mt):
+            for ni in range(cfg.nt):
+                for r in range(4):
+                    out[_c_index(shape, m0 + 16 * mi, o0 + 8 * ni, lane, r)] = acc[mi, ni, :, r]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# build
+
+
+_TWIN_TARGET = {"kind": "llvm"}
+
+
+def build_conv2d_twin(shape: Conv2dCudaShape, variant: str = "dp4a", act_signed: bool = False) -> TirKernel:
+    """The unscheduled compute of ``variant`` on the same packed layouts, built for LLVM (runs here):
+    ``twin(a_packed, w_packed) -> out`` (numpy in, numpy out)."""
+    func = (conv2d_dp4a_compute if _check_variant(variant) == "dp4a" else conv2d_s4_compute)(shape, act_signed)
+    return build_kernel(f"conv2d_{variant}_twin", func, 2, target=_TWIN_TARGET,
+                        info={"variant": variant, "act_signed": act_signed})
+
+
+class CudaConvKernel:
+    """A conv built for CUDA: the scheduled ``prim_func`` (for ``R.call_tir``), the executable,
+    its CUDA source / PTX (``device_code``) and, on a machine with a GPU, ``kernel(a, w) -> out``
+    on packed numpy arrays."""
+
+    def __init__(self, shape: Conv2dCudaShape, variant: str, arch: str, act_signed: bool,
+                 prim_func: tvm.tirx.PrimFunc, executable):
+        self.shape, self.variant, self.arch, self.act_signed = shape, variant, arch, act_signed
+        self.prim_func = prim_func
+        self.executable = executable
+        self._device_code: str | None = None
+
+    @property
+    def build_seconds(self) -> float:
+        return cuda_toolchain.build_info(self.executable).seconds
+
+    @property
+    def source(self) -> str:
+        """The CUDA C that TVM generated (and nvcc compiled)."""
+        return cuda_toolchain.build_info(self.executable).source
+
+    @property
+    def device_code(self) -> str:
+        """PTX (and SASS where ``cuobjdump`` exists) of the built kernel."""
+        if self._device_code is None:
+            self._device_code = cuda_toolchain.device_code(self.executable)
+        return self._device_code
+
+    @property
+    def act_dtype(self) -> str:
+        if self.variant == "s4mma":
+            return "uint32"
+        return "int8" if self.act_signed else "uint8"
+
+    def pack_activations(self, x, pad_value: int = 0) -> np.ndarray:
+        pack = pack_activations_dp4a if self.variant == "dp4a" else pack_activations_s4
+        return pack(x, pad_value, self.shape.kernel, self.act_signed)
+
+    def pack_weights(self, w) -> np.ndarray:
+        return pack_weights_dp4a(w) if self.variant == "dp4a" else pack_weights_s4(w)
+
+    def unpack_output(self, y) -> np.ndarray:
+        return unpack_output(y, self.variant)
+
+    def __call__(self, a, w) -> np.ndarray:
+        """Run on ``tvm.cuda(0)`` (needs a GPU): packed numpy operands in, packed int32 output out."""
+        if not cuda_toolchain.has_cuda_device():
+            raise RuntimeError("no CUDA device: this kernel can be built and inspected here, not run")
+        s, dev = self.shape, tvm.cuda(0)
+        w_dtype = "uint32" if self.variant == "s4mma" else "int8"
+        a_t = tvm.runtime.tensor(np.ascontiguousarray(a, dtype=self.act_dtype), dev)
+        w_t = tvm.runtime.tensor(np.ascontiguousarray(w, dtype=w_dtype), dev)
+        out = tvm.runtime.empty(s.out_shape(self.variant), "int32", dev)
+        self.executable.mod["main"](a_t, w_t, out)
+        dev.sync()
+        return out.numpy()
+
+    def __repr__(self) -> str:
+        s = self.shape
+        return (f"CudaConvKernel({self.variant}, {self.arch}, N={s.batch}, {s.in_ch}->{s.out_ch}, "
+                f"{s.height}x{s.width}, act={'signed' if self.act_signed else 'unsigned'})")
+
+
+def build_conv2d_cuda(shape: Conv2dCudaShape, variant: str = "dp4a", arch: str = "sm_80",
+                      act_signed: bool = False) -> CudaConvKernel:
+    """Schedule and compile ``variant`` ("dp4a": u8/s8 x s8, "s4mma": u4/s4 x s4) for ``arch``
+    with nvcc (see :mod:`.cuda_toolchain`; works without a GPU)."""
+    _check_variant(variant)
+    shape.check(variant)
+    make = conv2d_dp4a_primfunc if variant == "dp4a" else conv2d_s4mma_primfunc
+    func = make(shape, act_signed)
+    exe = cuda_toolchain.build_cuda(func, arch)
+    return CudaConvKernel(shape, variant, arch, act_signed, func, exe)
