@@ -63,17 +63,20 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--tau", type=float, default=None, help="RefQSR cosine-similarity threshold (default: the model's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
+@click.option("--engine", type=click.Choice(["torch", "tvm"]), default="torch", show_default=True,
+              help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).")
+@click.option("--recompile", is_flag=True, help="tvm: compile again even if a cached artifact exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
-            threads: int | None, max_pixels: int, as_json: bool, quiet: bool) -> None:
+            threads: int | None, max_pixels: int, engine: str, recompile: bool, as_json: bool, quiet: bool) -> None:
     """Super-resolve SRC x4 into DST (format from DST's extension)."""
     from tqdm import tqdm
 
     from .upscale import UpscaleOptions, upscale_file
 
-    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads)
+    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile)
     bar = None
 
     def progress(n: int, total: int) -> None:

@@ -35,7 +35,7 @@ class CompiledModel:
         self.scale = int(m.get("scale", 4))
         self.patch = int(m["patch"])
         self.batch = int(m["batch"])
-        self.tau = float(m["tau"] if tau is None else tau)
+        self.tau = float(m["tau"] if tau is None else tau) if self.refqsr else None
         dev = tvm.cpu() if m["target"]["kind"] == "llvm" else tvm.cuda()
         self._tvm = tvm
         self.device = dev

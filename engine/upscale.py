@@ -1,7 +1,11 @@
-"""`refqsr-engine upscale` with the PyTorch reference models (the compiled engine replaces the
-model call in a later step; reading, tiling, merging and writing stay as they are)."""
+"""`refqsr-engine upscale`: read, tile, run the patches on an engine, merge, write.
+
+Engines: ``torch`` (the PyTorch reference models) or ``tvm`` (the compiled artifact of the same
+model, compiled for this host on first use and cached, see :func:`compiled_engine`). Both go
+through the one patch-wise algorithm of :mod:`refqsr_engine.models.patchwise`."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +18,7 @@ from ..errors import RefQSRError
 from ..models.bitops import BitOpsReport, count_bitops
 from ..models.checkpoint import load_model
 from ..models.clustblock import Clustering
-from ..models.patchwise import upscale_patchwise
+from ..models.patchwise import run_patchwise, upscale_patchwise
 from ..models.qconv import FP, BitSpec
 from ..models.refqsr import RefQSR
 from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, upscale_alpha, write_image
@@ -30,6 +34,24 @@ class UpscaleOptions:
     tau: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
+    engine: str = "torch"  # "torch" | "tvm"
+    recompile: bool = False  # tvm: compile again even when a cached artifact exists
+
+
+def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> tuple[Any, bool]:
+    """The cached compiled artifact of ``opts.model`` for this host (compiled now if missing or
+    ``opts.recompile``), loaded; returns (CompiledModel, compiled_now)."""
+    from .artifact import cache_key, cache_lock
+    from .compiler.compile_model import CompileOptions, artifact_cache_parts, compile_model
+    from .runtime import CompiledModel
+
+    copts = CompileOptions(model=opts.model, patch=opts.patch, batch=opts.batch, threads=opts.threads)
+    key = cache_key(**artifact_cache_parts(copts))
+    with cache_lock(key) as entry:
+        fresh = opts.recompile or not (entry / "manifest.json").is_file()
+        if fresh:
+            compile_model(copts, entry, say)
+        return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
 
 
 def model_bits(model: torch.nn.Module) -> BitSpec:
@@ -58,8 +80,11 @@ def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, o
 
 def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs)."""
+    if opts.engine not in ("torch", "tvm"):
+        raise RefQSRError(f"unknown engine {opts.engine!r}: choose torch or tvm")
     if opts.threads:
         torch.set_num_threads(opts.threads)
+        os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
     t0 = time.perf_counter()
     output_format(dst)
     image = read_image(src, opts.max_pixels)
@@ -72,7 +97,13 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
     lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
     bits = model_bits(model)
     h, w = image.rgb.shape[:2]
-    result = upscale_patchwise(model, lr, opts.patch, opts.overlap, opts.batch, bits, progress)
+    compiled_now = False
+    if opts.engine == "tvm":
+        engine, compiled_now = compiled_engine(opts)
+        t_load = time.perf_counter()
+        result = run_patchwise(engine, lr, opts.patch, opts.overlap, opts.batch, progress)
+    else:
+        result = upscale_patchwise(model, lr, opts.patch, opts.overlap, opts.batch, bits, progress)
     t_run = time.perf_counter()
     sr = result.image.transpose(1, 2, 0)  # float; write_image clips and quantizes to the output depth
     alpha = upscale_alpha(image.alpha, sr.shape[:2]) if image.alpha is not None else None
@@ -85,7 +116,8 @@ def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progres
         "output": str(dst),
         "model": opts.model,
         "model_card": card,
-        "engine": "torch",
+        "engine": opts.engine,
+        "compiled_now": compiled_now,
         "lr_size": [h, w],
         "hr_size": [int(sr.shape[0]), int(sr.shape[1])],
         "patches": result.grid.num_patches,

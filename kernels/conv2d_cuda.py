@@ -33,7 +33,9 @@ Variant ``"s4mma"`` (int4 tensor cores; ``C % 32 == 0``, ``O % 8 == 0``, ``N*H*W
   i.e. ``C % 64 == 0``), otherwise ``m16n8k32`` one. With NHWC words, the 8 consecutive K
   elements a lane holds in one register (PTX ISA fragment layout: lane ``4*g + t`` holds row
   ``g`` (+8), columns ``8t..8t+7`` of each 32-column half) are exactly one word: every fragment
-  register is one aligned 32-bit load, no shuffles. A warp computes 16*MT pixels x 8*NT channels.
+  register is one aligned 32-bit load, no shuffles. A warp computes 16*MT pixels x 8*NT channels
+  (MT <= 2, NT <= 4, up to 4 warps a block); fragments come straight from global memory (L1),
+  no shared-memory staging or software pipelining yet.
 
   Activations are u4 (0..15, default) or s4 (-8..7, ``act_signed=True``); weights s4. PTX has
   the mixed ``.u4.s4`` form (``mma...s32.u4.s4.s32``), so u4 x s4 needs no offset/correction
@@ -376,7 +378,8 @@ def _cooperative_fetch(sch: tvm.s_tir.Schedule, block, depth: int, ty: int, tx: 
 
 def conv2d_dp4a_primfunc(shape: Conv2dCudaShape, act_signed: bool = False,
                          config: Dp4aConfig | None = None) -> tvm.tirx.PrimFunc:
-    """The CUDA-scheduled dp4a conv ``main(A, W, conv)`` (thread-bound, dp4a-tensorized)."""
+    """The CUDA-scheduled dp4a conv ``conv2d_dp4a(A, W, conv)`` (thread-bound, dp4a-tensorized,
+    destination-passing: ``R.call_tir(gv, [a, w], out_sinfo)``)."""
     act_dtype = "int8" if act_signed else "uint8"
     intrin = _register_dp4a(act_dtype)
     cfg = config or dp4a_config(shape)
@@ -401,7 +404,8 @@ def conv2d_dp4a_primfunc(shape: Conv2dCudaShape, act_signed: bool = False,
     sch.tensorize(ci, intrin)
     for loop in (kw, h_i, o_i):  # registers, not local memory, for the accumulator tile
         sch.unroll(loop)
-    return sch.mod["main"]
+    # a symbol of its own: bb.add_func next to a Relax "main" must not clash
+    return sch.mod["main"].with_attr("global_symbol", "conv2d_dp4a")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,8 +516,9 @@ def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.t
 
 
 def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
-    """The CUDA s4 implicit-GEMM conv ``main(A, W, conv)``: one warp per 16*mt x 8*nt output
-    tile, fragments loaded straight from global memory (one word per register), ``mma.sync``."""
+    """The CUDA s4 implicit-GEMM conv ``conv2d_s4mma(A, W, conv)``: one warp per 16*mt x 8*nt
+    output tile, fragments loaded straight from global memory (one word per register), then
+    ``mma.sync``; the index math is :func:`_a_word` / :func:`_b_word` / :func:`_c_index`."""
     s, cfg = shape, s4mma_config(shape)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
     tiles = (s.pixels // (16 * mt)) * (s.out_ch // (8 * nt))
@@ -552,7 +557,7 @@ def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
                         for cr in T.unroll(mt * nt * 4):
                             conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[cr]
 
-    return main
+    return main.with_attr("global_symbol", "conv2d_s4mma")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,7 +681,7 @@ class CudaConvKernel:
         a_t = tvm.runtime.tensor(np.ascontiguousarray(a, dtype=self.act_dtype), dev)
         w_t = tvm.runtime.tensor(np.ascontiguousarray(w, dtype=w_dtype), dev)
         out = tvm.runtime.empty(s.out_shape(self.variant), "int32", dev)
-        self.executable.mod["main"](a_t, w_t, out)
+        self.executable["main"](a_t, w_t, out)
         dev.sync()
         return out.numpy()
 

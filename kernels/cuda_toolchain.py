@@ -40,6 +40,10 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # tvm is imported lazily: the driver stub must be loadable before it matters
+    import tvm
 
 __all__ = ["SUPPORTED_ARCHS", "CudaBuildInfo", "CudaToolchainError", "build_cuda", "build_info",
            "cuda_target", "device_code", "ensure_cuda_build_env", "has_cuda_device", "nvcc_available"]
@@ -195,7 +199,7 @@ def ensure_cuda_build_env() -> None:
 # target, build, inspection
 
 
-def cuda_target(arch: str = "sm_80"):
+def cuda_target(arch: str = "sm_80") -> "tvm.target.Target":
     """``tvm.target.Target`` for CUDA ``arch`` (one of :data:`SUPPORTED_ARCHS`), LLVM host."""
     import tvm
 
@@ -238,7 +242,7 @@ def _capture_cuda_compile(sink: list):
         tvm_ffi.register_global_func(name, original, override=True)
 
 
-def build_cuda(mod_or_sch, arch: str = "sm_80"):
+def build_cuda(mod_or_sch, arch: str = "sm_80") -> "tvm.runtime.Executable":
     """Compile a scheduled ``PrimFunc``, ``IRModule`` or ``tvm.s_tir.Schedule`` for CUDA ``arch``.
 
     Returns the ``tvm.runtime.Executable``; :func:`build_info` / :func:`device_code` give its
@@ -266,7 +270,7 @@ def build_cuda(mod_or_sch, arch: str = "sm_80"):
     return exe
 
 
-def build_info(executable) -> CudaBuildInfo:
+def build_info(executable: "tvm.runtime.Executable") -> CudaBuildInfo:
     """The :class:`CudaBuildInfo` of an executable made by :func:`build_cuda`."""
     try:
         return _BUILD_INFO[executable]
@@ -294,7 +298,7 @@ def _sass(binary: bytes) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def device_code(executable, sass: bool = True) -> str:
+def device_code(executable: "tvm.runtime.Executable", sass: bool = True) -> str:
     """PTX of the kernel(s) in ``executable`` (nvcc ``--ptx`` of the exact CUDA source TVM built),
     followed by the SASS of the built binary when ``cuobjdump`` is available and ``sass``."""
     info = build_info(executable)

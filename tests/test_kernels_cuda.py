@@ -190,6 +190,30 @@ def test_cuda_build_emits_integer_instructions(cuda_kernels, name):
     assert "threadIdx.x" in k.prim_func.script()  # the scheduled PrimFunc for R.call_tir
 
 
+@needs_nvcc
+def test_scheduled_prim_funcs_build_inside_relax_call_tir():
+    import tvm
+    from tvm import relax
+
+    s = SMALL[32]
+    bb = relax.BlockBuilder()
+    a8 = relax.Var("a8", relax.TensorType(s.act_shape("dp4a"), "uint8"))
+    w8 = relax.Var("w8", relax.TensorType(s.weight_shape("dp4a"), "int8"))
+    a4 = relax.Var("a4", relax.TensorType(s.act_shape("s4mma"), "uint32"))
+    w4 = relax.Var("w4", relax.TensorType(s.weight_shape("s4mma"), "uint32"))
+    with bb.function("main", [a8, w8, a4, w4]):
+        outs = []
+        for variant, make, args in (("dp4a", cc.conv2d_dp4a_primfunc, [a8, w8]),
+                                    ("s4mma", cc.conv2d_s4mma_primfunc, [a4, w4])):
+            gv = bb.add_func(make(s), f"conv2d_{variant}")
+            outs.append(bb.emit(relax.call_tir(gv, args, relax.TensorType(s.out_shape(variant), "int32"))))
+        bb.emit_func_output(relax.Tuple(outs))
+    exe = cuda_toolchain.build_cuda(bb.get(), "sm_80")
+    ptx = cuda_toolchain.device_code(exe, sass=False)
+    assert "dp4a.u32.s32" in ptx and "mma.sync.aligned.m16n8k32.row.col.s32.u4.s4.s32" in ptx
+    assert isinstance(exe, tvm.runtime.Executable)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: the kernels themselves
 

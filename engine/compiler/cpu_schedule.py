@@ -27,27 +27,59 @@ def _iter_kinds(sch: tvm.s_tir.Schedule, block) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
 def _schedule_conv(sch: tvm.s_tir.Schedule, block) -> bool:
-    """conv2d_nchw: [n, oc, oh, ow] spatial, [ic, kh, kw] reduction."""
+    """conv2d_nchw ([n, oc, oh, ow] spatial, [ic, kh, kw] reduction) with a register tile of at
+    most 12 ymm accumulators, the reduction outside it.
+
+    With >= 8 output channels the vector runs over 8 (or 16) output channels and the tile over up
+    to 12 (6) pixels of a row: per reduction step one or two weight vectors (weights re-packed as
+    [O/8][I][kh][kw][8] once per call, so the vector load is contiguous) and one broadcast input per
+    pixel. With fewer channels (the 64 -> 3 tail) the vector runs over 8 pixels of a row instead.
+    """
     loops = sch.get_loops(block)
     if len(loops) != 7:
         return False
     n, oc, oh, ow, ic, kh, kw = loops
-    extents = [int(sch.get(lp).extent) for lp in loops]
-    oc_tile = 8 if extents[1] % 8 == 0 else 1
-    ow_tile = _LANES if extents[3] % _LANES == 0 else 1
+    n_oc, n_ow = int(sch.get(oc).extent), int(sch.get(ow).extent)
+    if n_oc % _LANES == 0:
+        vec = 2 if n_oc % (2 * _LANES) == 0 else 1
+        oc_tile, ow_tile = vec * _LANES, _largest_divisor(n_ow, 12 // vec)
+        # weights re-packed so that 8 output channels are contiguous
+        wbuf = sch.cache_read(block, 1, "global")
+        sch.transform_layout(wbuf, ("write", 0), lambda o, i, h, w: (o // _LANES, i, h, w, o % _LANES))
+        oco, oci = sch.split(oc, [None, oc_tile])
+        owo, owi = sch.split(ow, [None, ow_tile])
+        sch.reorder(n, oco, oh, owo, ic, kh, kw, owi, oci)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, owo)
+        sch.parallel(sch.fuse(n, oco, oh))
+        sch.unroll(owi)
+        ocv_o, ocv_i = sch.split(oci, [None, _LANES])
+        sch.unroll(ocv_o)
+        sch.vectorize(ocv_i)
+        sch.decompose_reduction(block, ic)
+        wl = sch.get_loops(wbuf)
+        sch.parallel(wl[0])
+        return True
+    if n_ow % _LANES:
+        return False
+    vec = 3 if n_ow % (3 * _LANES) == 0 else 1
+    oc_tile = _largest_divisor(n_oc, 4)
     oco, oci = sch.split(oc, [None, oc_tile])
-    owo, owi = sch.split(ow, [None, ow_tile])
+    owo, owi = sch.split(ow, [None, vec * _LANES])
     sch.reorder(n, oco, oh, owo, ic, kh, kw, oci, owi)
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, owo)
     sch.parallel(sch.fuse(n, oco, oh))
-    if oc_tile > 1:
-        sch.unroll(oci)
-    if ow_tile > 1:
-        sch.vectorize(owi)
+    sch.unroll(oci)
+    owv_o, owv_i = sch.split(owi, [None, _LANES])
+    sch.unroll(owv_o)
+    sch.vectorize(owv_i)
     sch.decompose_reduction(block, ic)
-    sch.vectorize(sch.get_loops(acc)[-1]) if ow_tile > 1 else None
     return True
 
 

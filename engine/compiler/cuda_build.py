@@ -1,0 +1,513 @@
+"""``--target cuda``: exported graphs -> Relax -> integer convs on dp4a / int4 tensor cores -> CUDA.
+
+How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
+
+* **No RefER collapse.** The LLVM importer replaces each RefER warp subgraph by our AVX2 kernel;
+  here the graph is imported as is (:func:`import_graph_cuda`), so the warp stays standard Relax
+  ops (ReduceL2, ArgMax, GatherElements, Resize, ...) that dlight schedules for the GPU.
+* **The integer conv is three pieces, not one fused kernel.** Each quantized conv
+  ``conv2d(dequantize(quantize(x, s, z)), dequantize(Wq, ws, wz))`` becomes
+
+  1. Relax ops that quantize and lay out the activations: ``x`` is padded with 0.0 in float
+     (0.0 quantizes exactly to the zero point, so the border gets ``u0 = z + offset``), then
+     ``u = clamp(round(x / s) + z, qlo, qhi) + offset`` on the conv's b-bit grid (``R.round``
+     lowers to ``nearbyint`` on LLVM and ``nearbyintf`` in CUDA C, round-half-even like ONNX
+     QuantizeLinear), cast and permuted into the kernel's layout -- for the int4 kernel 8
+     nibbles are shifted into one uint32 word with ``left_shift`` and a ``sum``;
+  2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
+     ``dp4a`` (u8 activations x s8 weights, ``dp4a.u32.s32``) or ``s4mma`` (u4 x s4,
+     ``mma.sync ... .u4.s4``), giving the raw int32 sums;
+  3. Relax ops for the epilogue ``y = float(acc - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
+
+  FuseOps merges the injective ops of 1 and 3 into one kernel each; the conv kernel itself is
+  marked opaque so nothing is fused into its hand-written schedule.
+* **Variant choice** (:func:`choose_cuda_variant`) is by exact operand ranges: ``s4mma`` when the
+  activations have <= 4 bits, the integer weights (zero point removed) lie in -8..7 and the shape
+  fits the tensor-core tiling; else ``dp4a`` when the weights lie in -128..127. Anything else stays
+  the graph's float QDQ conv (exact fake-quantized math, just not integer): DDTB-style asymmetric
+  8-bit weights minus their zero point can reach +-255, strided convs (ClustBlock's first) and
+  channel counts that are not multiples of 4 have no kernel here.
+* The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
+  the host (``cluster.so``, ``"device": "host"`` in the manifest).
+* The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
+  in ONNX already, and the folder compiles a kernel per constant expression); nvcc runs without
+  ``--use_fast_math`` so divisions and square roots are IEEE, as in ONNX Runtime and PyTorch.
+
+The same rewrite with ``twin=True`` calls the kernels' plain-TIR LLVM twins (same packed layouts),
+so the whole rewritten graph can be built for the CPU and checked against ONNX Runtime on a
+machine without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ...errors import RefQSRError
+from ...kernels import conv2d_cuda as cc
+from ...kernels import cuda_toolchain
+from .qdq_conv import FULL_PRECISION, ConvReport, QDQConvResult, _const, _op_name
+from .relax_import import graph_metadata, static_input_shapes
+
+#: the host the clustering kernel of a CUDA artifact is built for
+HOST_TARGET = {"kind": "llvm", "mcpu": "core-avx2"}
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
+_S4_RANGE, _S8_RANGE = (-8, 7), (-128, 127)
+
+
+# ----------------------------------------------------------------------------------------------
+# import and variant choice
+
+
+def import_graph_cuda(model: onnx.ModelProto, batch: int) -> tuple[tvm.IRModule, dict[str, list[int]]]:
+    """Relax module of ``model`` at ``batch`` patches, RefER warps left as standard Relax ops."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from .onnx_prep import prepare_onnx
+
+    shapes = static_input_shapes(model, batch)
+    return from_onnx(prepare_onnx(model, shapes), keep_params_in_input=False), shapes
+
+
+def choose_cuda_variant(act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape) -> str | None:
+    """The integer kernel that is exact for these operands and fits ``shape`` ("s4mma", "dp4a"),
+    or None: the conv stays float."""
+    def fits(variant: str) -> bool:
+        try:
+            shape.check(variant)
+            return True
+        except ValueError:
+            return False
+
+    if act_bits <= 4 and _S4_RANGE[0] <= w_min and w_max <= _S4_RANGE[1] and fits("s4mma"):
+        return "s4mma"
+    if act_bits <= 8 and _S8_RANGE[0] <= w_min and w_max <= _S8_RANGE[1] and fits("dp4a"):
+        return "dp4a"
+    return None
+
+
+@dataclass(frozen=True)
+class _ConvPlan:
+    """One quantized conv as the rewrite sees it."""
+
+    shape: cc.Conv2dCudaShape  # the kernel's problem: output size, channels, kernel
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    act_bits: int
+    signed_container: bool
+    w_int: np.ndarray  # OIHW integer weights, zero point removed
+    w_scale: np.ndarray  # [O] float32
+
+    @property
+    def offset(self) -> int:
+        """Added to q so the grid starts at 0 (both kernels take unsigned activations)."""
+        return 2 ** (self.act_bits - 1) if self.signed_container else 0
+
+    @property
+    def q_range(self) -> tuple[int, int]:
+        if self.signed_container:
+            half = 2 ** (self.act_bits - 1)
+            return -half, half - 1
+        return 0, 2**self.act_bits - 1
+
+
+def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
+    make = cc.conv2d_dp4a_primfunc if variant == "dp4a" else cc.conv2d_s4mma_primfunc
+    return make(shape, False).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
+
+
+def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
+    make = cc.conv2d_dp4a_compute if variant == "dp4a" else cc.conv2d_s4_compute
+    return make(shape, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the rewrite
+
+
+@mutator
+class _CudaRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: QDQConvResult):
+        super().__init__(mod)
+        self.table = list(table)
+        self.make_kernel = _twin_kernel if twin else _cuda_kernel
+        self.result = result
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        self.float_reasons: dict[int, str] = {}
+
+    def _binding(self, expr):
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+
+    def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
+        call = super().visit_call_(call)
+        if _op_name(call) != "relax.nn.conv2d":
+            return call
+        index = len(self.result.convs)
+        if index >= len(self.table):
+            raise RefQSRError(f"the graph has more convs than its refqsr.convs metadata ({len(self.table)})")
+        entry = self.table[index]
+        report = ConvReport(index, entry.get("module", "?"), int(entry["act_bits"]))
+        self.result.convs.append(report)
+        matched = self._match(call)
+        if report.act_bits >= FULL_PRECISION:
+            if matched is not None:
+                raise RefQSRError(f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata")
+            return call
+        if matched is None:
+            raise RefQSRError(f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern")
+        plan = self._plan(call, matched, report)
+        variant = None if isinstance(plan, str) else choose_cuda_variant(
+            report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
+        if variant is None:
+            self.float_reasons[index] = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
+            return call  # the graph's own float QDQ conv: exact fake-quantized math
+        return self._integer_conv(matched[0], plan, variant, report, call.ty)
+
+    def _match(self, call: relax.Call):
+        data, weight = call.args
+        deq, wdeq = self._binding(data), self._binding(weight)
+        if _op_name(deq) != "relax.dequantize" or _op_name(wdeq) != "relax.dequantize":
+            return None
+        quant = self._binding(deq.args[0])
+        if _op_name(quant) != "relax.quantize":
+            return None
+        return quant, wdeq
+
+    def _plan(self, call: relax.Call, matched, report: ConvReport) -> _ConvPlan | str:
+        """The conv's integer problem, or why it has none (a string)."""
+        quant, wdeq = matched
+        wq = _const(wdeq.args[0], "weight").astype(np.int64)
+        wscale = _const(wdeq.args[1], "weight scale").astype(np.float32).reshape(-1)
+        wzero = _const(wdeq.args[2], "weight zero point").astype(np.int64).reshape(-1)
+        if wzero.size != 1 or wscale.size not in (1, wq.shape[0]):
+            raise RefQSRError(f"conv {report.index}: weights must be per-tensor (or per-output-channel scale) quantized")
+        w_int = wq - int(wzero[0])
+        report.weight_range = (int(w_int.min()), int(w_int.max()))
+        w_scale = np.broadcast_to(wscale, (wq.shape[0],)).astype(np.float32)
+        if sum(report.weight_range) > 0:
+            # two's complement grids reach one further below 0: asymmetric 8-bit weights that span
+            # -127..128 fit s8 negated, and w * ws == (-w) * (-ws) exactly
+            w_int, w_scale = -w_int, -w_scale
+        a = call.attrs
+        if [int(v) for v in a.dilation] != [1, 1] or int(a.groups) != 1 or [int(v) for v in a.strides] != [1, 1]:
+            return "stride, dilation or groups other than 1"
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+            return f"layout {a.data_layout}/{a.kernel_layout}"
+        o, ci, kh, kw = w_int.shape
+        if kh != kw or kh % 2 == 0:
+            return f"kernel {kh}x{kw} (the kernels take odd square ones)"
+        n, _, oh, ow = (int(v) for v in call.ty.shape)
+        shape = cc.Conv2dCudaShape(n, ci, o, oh, ow, kh)
+        # stride 1: the padded input is exactly the kernel's (OH+K-1) x (OW+K-1) window buffer
+        pads = tuple(int(v) for v in a.padding)
+        return _ConvPlan(shape, pads, report.act_bits, quant.attrs.out_dtype == "int8", w_int, w_scale)
+
+    # -- the three pieces ---------------------------------------------------------------------
+    def _integer_conv(self, quant: relax.Call, plan: _ConvPlan, variant: str, report: ConvReport, out_ty) -> relax.Expr:
+        x, s, z = quant.args
+        n = plan.shape.batch
+        s4 = self._per_sample(s, n, "float32", quant.attrs.axis)
+        z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
+        packed = self._pack_activations(x, s4, z4, plan, variant)
+        acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant)],
+                                                relax.TensorType(plan.shape.out_shape(variant), "int32")))
+        report.variant = variant
+        report.shape = (n, plan.shape.in_ch, plan.shape.out_ch, plan.shape.height, plan.shape.width,
+                        plan.shape.kernel, 1, *plan.pads)
+        return self._epilogue(acc, s4, z4, plan, variant)
+
+    def _kernel(self, shape: cc.Conv2dCudaShape, variant: str) -> tvm.ir.GlobalVar:
+        key = (shape, variant)  # convs that differ only in their weights share code
+        if key not in self.kernels:
+            name = f"qconv_{variant}_{len(self.kernels)}"
+            prim = self.make_kernel(shape, variant).with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
+            self.kernels[key] = self.builder_.add_func(prim, name)
+        return self.kernels[key]
+
+    def _pack_activations(self, x, s4, z4, plan: _ConvPlan, variant: str) -> relax.Expr:
+        op, emit = relax.op, self.builder_.emit
+        top, left, bottom, right = plan.pads
+        if any(plan.pads):  # 0.0 quantizes to the zero point: the border holds u0, as the kernels expect
+            x = emit(op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], "constant", 0.0))
+        qlo, qhi = plan.q_range
+        q = emit(op.add(op.round(op.divide(x, s4)), z4))
+        q = emit(op.minimum(op.maximum(q, relax.const(float(qlo), "float32")), relax.const(float(qhi), "float32")))
+        u = op.add(q, relax.const(float(plan.offset), "float32"))
+        s = plan.shape
+        hp, wp = s.padded_hw
+        if variant == "dp4a":  # [N][C/4][Hp][Wp][4] u8
+            u = op.reshape(emit(op.astype(u, "uint8")), [s.batch, s.in_ch // 4, 4, hp, wp])
+            return emit(op.permute_dims(u, [0, 1, 3, 4, 2]))
+        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8
+        u = op.reshape(op.permute_dims(emit(op.astype(u, "uint32")), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // 8, 8])
+        shifts = relax.const(4 * np.arange(8, dtype=np.uint32))
+        return emit(op.sum(op.left_shift(u, shifts), axis=[-1]))  # disjoint nibbles: sum == or
+
+    def _weights(self, plan: _ConvPlan, variant: str) -> relax.Expr:
+        pack = cc.pack_weights_dp4a if variant == "dp4a" else cc.pack_weights_s4
+        return relax.const(pack(plan.w_int))
+
+    def _epilogue(self, acc, s4, z4, plan: _ConvPlan, variant: str) -> relax.Expr:
+        op, emit = relax.op, self.builder_.emit
+        o = plan.shape.out_ch
+        if variant == "s4mma":  # NHWC -> NCHW
+            acc = op.permute_dims(acc, [0, 3, 1, 2])
+        sum_w = plan.w_int.reshape(o, -1).sum(axis=1).astype(np.int32).reshape(1, o, 1, 1)
+        u0 = op.astype(op.add(z4, relax.const(float(plan.offset), "float32")), "int32")
+        total = op.subtract(acc, op.multiply(u0, relax.const(sum_w)))
+        scale = op.multiply(s4, relax.const(plan.w_scale.reshape(1, o, 1, 1)))
+        return emit(op.multiply(op.astype(total, "float32"), scale))
+
+    def _per_sample(self, value: relax.Expr, n: int, dtype: str, axis: int) -> relax.Expr:
+        """A scalar or per-sample ([N], quantize axis 0) scale / zero point, broadcastable over NCHW."""
+        ty = value.ty
+        if not isinstance(ty, relax.TensorType) or ty.ndim not in (0, 1):
+            raise RefQSRError("quantized conv: activation scales must be per tensor or per sample")
+        size = int(ty.shape[0]) if ty.ndim == 1 else 1
+        if size != 1 and (size != n or int(axis) != 0):
+            raise RefQSRError("quantized conv: activation scales must be per tensor or per sample")
+        if ty.dtype != dtype:
+            value = self.builder_.emit(relax.op.astype(value, dtype))
+        return self.builder_.emit(relax.op.reshape(value, [size, 1, 1, 1]))
+
+
+@dataclass
+class CudaConvResult(QDQConvResult):
+    """The per-conv report plus why quantized convs stayed float (conv index -> reason)."""
+
+    float_reasons: dict[int, str] = field(default_factory=dict)
+
+
+def rewrite_qdq_convs_cuda(mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False,
+                           func_name: str = "main") -> tuple[tvm.IRModule, CudaConvResult]:
+    """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
+    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue."""
+    result = CudaConvResult()
+    rewriter = _CudaRewriter(mod, conv_table, twin, result)
+    new_func = rewriter.visit_expr(mod[func_name])
+    out = rewriter.builder_.get()
+    out[func_name] = new_func
+    if len(result.convs) != len(conv_table):
+        raise RefQSRError(f"the graph has {len(result.convs)} convs, its refqsr.convs metadata {len(conv_table)}")
+    result.float_reasons = dict(rewriter.float_reasons)
+    return relax.transform.DeadCodeElimination([func_name])(out), result
+
+
+# ----------------------------------------------------------------------------------------------
+# build
+
+
+def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The CUDA default pipeline's pieces, minus FoldConstant (see the module docstring)."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="RefQSRCudaPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            legalize = [p for p in cuda.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
+            assert any(isinstance(p, dl.ApplyDefaultSchedule) for p in legalize)
+            seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
+                                           + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+@contextlib.contextmanager
+def _ieee_nvcc():
+    """nvcc without --use_fast_math (TVM's default) while building: IEEE division/sqrt."""
+    old = os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")
+    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_CUDA_NVCC_NO_FAST_MATH", None)
+        else:
+            os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = old
+
+
+_DP4A_RE = re.compile(r"\bdp4a\.[us]32\.[us]32\b")
+_MMA_S4_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:32|64)\.row\.col\.s32\.[us]4\.s4\.s32\b")
+
+
+def count_integer_instructions(ptx: str) -> dict[str, int]:
+    """``{"dp4a": n, "mma_s4": n}``: integer dot-product / int4 tensor-core instructions in ``ptx``."""
+    return {"dp4a": len(_DP4A_RE.findall(ptx)), "mma_s4": len(_MMA_S4_RE.findall(ptx))}
+
+
+@dataclass
+class CudaGraphBuild:
+    """A graph compiled for CUDA and what went into it."""
+
+    name: str
+    executable: Any  # tvm.relax.VMExecutable
+    inputs: dict[str, list[int]]
+    outputs: list[str]
+    result: CudaConvResult
+    device_code: dict[str, int]
+    binary: bytes  # the fatbin nvcc made (the proof that device code exists)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        convs = self.result.convs
+        return {
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "integer_convs": sum(c.variant is not None for c in convs),
+            "float_convs": sum(c.variant is None for c in convs),
+            "variants": [c.variant for c in convs],
+            "act_bits": [c.act_bits for c in convs],
+            "weight_ranges": [list(c.weight_range) if c.weight_range else None for c in convs],
+            "float_quantized": {str(i): why for i, why in self.result.float_reasons.items()},
+            "refer_warps": 0,  # left as Relax ops (no fused RefER kernel on CUDA)
+            "device_code": self.device_code,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = "sm_80") -> CudaGraphBuild:
+    """Compile ``model`` for ``batch`` patches per call for CUDA ``arch`` (nvcc; no GPU needed)."""
+    cuda_toolchain.ensure_cuda_build_env()
+    target = cuda_toolchain.cuda_target(arch)
+    times = {}
+    t0 = time.perf_counter()
+    meta = graph_metadata(model)
+    mod, shapes = import_graph_cuda(model, batch)
+    t1 = time.perf_counter()
+    mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"])
+    t2 = time.perf_counter()
+    compiled: list = []
+    # the toolchain's hook records what nvcc was given and returned (TVM silently keeps source
+    # only when its CUDA runtime is missing; an empty record means no device code)
+    with target, _ieee_nvcc(), cuda_toolchain._capture_cuda_compile(compiled):
+        exe = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+    t3 = time.perf_counter()
+    if not compiled or not all(binary for _, binary in compiled):
+        raise RefQSRError(f"{name}: TVM kept CUDA source only; no device binary was built")
+    source = "\n".join(src for src, _ in compiled)
+    binary = b"".join(bin_ for _, bin_ in compiled)
+    info = cuda_toolchain.CudaBuildInfo(arch, source, binary, t3 - t2)
+    cuda_toolchain._BUILD_INFO[exe] = info  # so cuda_toolchain.device_code(exe) works
+    with _ieee_nvcc():
+        ptx = cuda_toolchain.device_code(exe, sass=False)
+    times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2,
+                  "ptx": time.perf_counter() - t3})
+    outputs = [o.name for o in model.graph.output]
+    return CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times)
+
+
+def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None):
+    """The CUDA rewrite of ``model`` with the kernels' LLVM twins, built for the CPU with the
+    default LLVM pipeline: the CUDA graph's math, runnable without a GPU. Returns
+    ``(executable, CudaConvResult)``."""
+    tgt = tvm.target.Target(target or {"kind": "llvm"})
+    mod, _ = import_graph_cuda(model, batch)
+    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True)
+    return tvm.compile(mod, target=tgt), result
+
+
+def library_has_binary(lib: str | Path, binary: bytes) -> bool:
+    """Whether the exported library embeds the device binary nvcc produced."""
+    data = Path(lib).read_bytes()
+    return len(binary) > 0 and binary in data
+
+
+# ----------------------------------------------------------------------------------------------
+# the artifact
+
+
+def compile_model_cuda(opts, out: str | Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`.compile_model.compile_model` for ``opts.target == "cuda"``: the graphs for CUDA
+    ``opts.arch``, the clustering kernel for the host; returns the compile report."""
+    from ...export.onnx_export import export_refqsr, export_sr
+    from ...models.checkpoint import load_model, model_config
+    from ...models.refqsr import RefQSR
+    from ..artifact import sha256_file, write_artifact
+    from ..models_store import resolve_model
+    from .compile_model import _build_cluster_library, _check_bits, _check_patch
+
+    say = progress or (lambda msg: None)
+    _check_patch(opts.patch, opts.batch)
+    target_dict = opts.target_dict()
+    try:
+        cuda_toolchain.cuda_target(opts.arch)
+        cuda_toolchain.ensure_cuda_build_env()
+    except (ValueError, cuda_toolchain.CudaToolchainError) as err:
+        raise RefQSRError(f"cannot compile for CUDA: {err}") from None
+    t0 = time.perf_counter()
+    model_path = resolve_model(opts.model)
+    model, card = load_model(model_path)
+    model.eval()
+    bits = _check_bits(model, opts.bits)
+    is_refqsr = isinstance(model, RefQSR)
+    report: dict[str, Any] = {"graphs": {}, "seconds": {}}
+    device_code: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="refqsr-compile-") as tmp_name:
+        tmp = Path(tmp_name)
+        say("exporting ONNX graphs")
+        t = time.perf_counter()
+        if is_refqsr:
+            graphs = export_refqsr(model, tmp / "onnx", opts.patch)
+        else:
+            from ..upscale import model_bits
+
+            graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
+        report["seconds"]["export"] = time.perf_counter() - t
+        files: dict[str, Path] = {}
+        for name, onnx_path in graphs.items():
+            say(f"compiling {name} for CUDA {opts.arch} (batch {opts.batch}, {opts.patch}x{opts.patch})")
+            built = build_graph_cuda(onnx.load(str(onnx_path)), name, opts.batch, opts.arch)
+            lib = tmp / f"{name}.so"
+            built.executable.export_library(str(lib))
+            if not library_has_binary(lib, built.binary):
+                raise RefQSRError(f"{name}.so does not embed the CUDA device binary")
+            files[f"{name}.so"] = lib
+            files[f"{name}.onnx"] = onnx_path
+            report["graphs"][name] = built.report()
+            device_code[name] = built.device_code
+        cluster = None
+        if is_refqsr:
+            say("compiling the clustering kernel (host CPU)")
+            t = time.perf_counter()
+            buckets = _build_cluster_library(model.clustblock.num_classes, tvm.target.Target(HOST_TARGET),
+                                             tmp / "cluster.so")
+            files["cluster.so"] = tmp / "cluster.so"
+            cluster = {"buckets": buckets, "classes": model.clustblock.num_classes, "device": "host",
+                       "target": HOST_TARGET}
+            report["seconds"]["cluster"] = time.perf_counter() - t
+        report["seconds"]["total"] = time.perf_counter() - t0
+        manifest = {
+            "target": target_dict,
+            "model": {"name": opts.model, "file": model_path.name, "sha256": sha256_file(model_path),
+                      "config": model_config(model), "card": card},
+            "kind": "refqsr" if is_refqsr else "sr",
+            "bits": bits,
+            "patch": opts.patch,
+            "batch": opts.batch,
+            "scale": 4,
+            "tau": float(model.tau) if is_refqsr else None,
+            "n_refer": len(model.refers) if is_refqsr else 0,
+            "cluster": cluster,
+            "graphs": report["graphs"],
+            "device_code": device_code,
+            "compile_seconds": round(report["seconds"]["total"], 2),
+            "options": asdict(opts),
+        }
+        say("writing the artifact")
+        write_artifact(out, files, manifest)
+    report["artifact"] = str(out)
+    report["device_code"] = device_code
+    report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
+    return report

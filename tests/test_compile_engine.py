@@ -1,0 +1,168 @@
+"""The compiled engine end to end: a RefQSR model -> `compile` -> artifact -> compiled runtime,
+checked against the PyTorch reference (same patches, same clustering), plus what the compiler must
+guarantee: integer convs in the built code, our RefER kernel in place of the ONNX subgraph, the
+clustering kernel's bucket padding, and artifacts that refuse the wrong target."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from skimage import data
+
+from compile_helpers import PATCH, small_refqsr
+from refqsr_engine.engine.cli import main
+from refqsr_engine.engine.compiler.compile_model import CompileOptions, compile_model
+from refqsr_engine.engine.compiler.onnx_prep import prepare_onnx
+from refqsr_engine.engine.compiler.refer_fuse import OP, fuse_refer_warps
+from refqsr_engine.engine.compiler.relax_import import static_input_shapes
+from refqsr_engine.engine.runtime import CompiledModel
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.models.checkpoint import save_model
+from refqsr_engine.models.clustblock import cluster_patches
+from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module", params=["ddtb", "pams"])
+def compiled(request, tmp_path_factory):
+    model = small_refqsr(request.param)
+    root = tmp_path_factory.mktemp(f"compiled_{request.param}")
+    save_model(root / "model.pt", model, {"note": "test model"}, half=False)
+    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
+                           root / "artifact")
+    return request.param, model, root / "artifact", report
+
+
+def _lr_image() -> np.ndarray:
+    return data.astronaut()[100:160, 180:250].astype(np.float32).transpose(2, 0, 1) / 255.0
+
+
+def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
+    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+    assert 10 * np.log10(1.0 / max(mse, 1e-30)) >= 50.0
+    g8 = np.clip(np.round(got * 255), 0, 255)
+    w8 = np.clip(np.round(want * 255), 0, 255)
+    assert np.mean(np.abs(g8 - w8) <= 1) >= 0.999
+
+
+def test_compiled_image_equals_pytorch(compiled):
+    _, model, artifact, _ = compiled
+    engine = CompiledModel.load(artifact)
+    lr = _lr_image()
+    got = run_patchwise(engine, lr, PATCH, 6, BATCH)
+    want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
+    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
+    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
+    _assert_images_match(got.image, want.image)
+
+
+def test_reference_and_query_paths_each_match(compiled):
+    _, model, artifact, _ = compiled
+    engine = CompiledModel.load(artifact)
+    rng = np.random.default_rng(1)
+    refs = rng.random((BATCH, 3, PATCH, PATCH), dtype=np.float32)
+    queries = np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
+    hr, feats = engine.reference(refs)
+    with torch.no_grad():
+        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
+        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
+    _assert_images_match(hr, want_hr.numpy())
+    for f, wf in zip(feats, want_feats):  # a rounding tie may move a value by one quantization step
+        close = np.abs(f - wf.numpy()) <= 1e-2 * float(wf.abs().max())
+        assert close.mean() >= 0.999
+    _assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    # a short batch is padded inside the runtime and gives the same rows
+    _assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
+
+
+def test_quantized_convs_are_integer_in_the_built_code(compiled):
+    scheme, _, artifact, report = compiled
+    for name, graph in report["graphs"].items():
+        for bits, variant in zip(graph["act_bits"], graph["variants"]):
+            assert (variant is None) == (bits == 32), (name, bits, variant)
+    query = report["graphs"]["query"]
+    assert query["refer_warps"] == 2
+    assert "lowbit" in query["variants"] or "int8pair" in query["variants"]  # the 4-bit blocks
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump not available")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(artifact / "query.so")],
+                         capture_output=True, text=True, check=True).stdout
+    bodies = re.split(r"\n(?=[0-9a-f]+ <)", asm)
+    qconv = "\n".join(b for b in bodies if re.match(r"[0-9a-f]+ <qconv_", b))
+    assert qconv, "no qconv kernels in the library"
+    assert "vpmaddwd" in qconv  # int32 accumulation of integer products
+    assert "vpmaddubsw" in qconv  # u8 x s8 products of the low-bit kernels
+    refer = "\n".join(b for b in bodies if re.match(r"[0-9a-f]+ <refer_warp", b))
+    assert "vpmaddwd" in refer  # the cost volume on the integer grid
+
+
+def test_refer_subgraph_becomes_our_kernel(compiled):
+    _, _, artifact, _ = compiled
+    model = onnx.load(str(artifact / "query.onnx"))
+    prepared = prepare_onnx(model, static_input_shapes(model, BATCH))
+    assert fuse_refer_warps(prepared) == 2
+    ops = [n.op_type for n in prepared.graph.node]
+    assert ops.count(OP) == 2
+    for gone in ("ArgMax", "GatherElements", "ReduceL2", "AveragePool", "Resize"):
+        assert gone not in ops
+
+
+@pytest.mark.parametrize("n", [1, 37, 64, 65])
+def test_cluster_kernel_bucket_padding_matches_pytorch(compiled, n):
+    _, _, artifact, _ = compiled
+    engine = CompiledModel.load(artifact)
+    v = torch.randn(n, 16) * 3
+    got = engine.cluster(v.numpy())
+    want = cluster_patches(v, engine.tau)
+    assert torch.equal(got.reference_of, want.reference_of)
+    assert torch.equal(got.is_reference, want.is_reference)
+
+
+def test_artifact_refuses_other_target(compiled):
+    _, _, artifact, _ = compiled
+    with pytest.raises(RefQSRError, match="target"):
+        CompiledModel.load(artifact, target={"kind": "cuda", "arch": "sm_80"})
+
+
+def test_compile_cli_rejects_bad_options(tmp_path):
+    runner = CliRunner()
+    for args, message in (
+        (["--patch", "20"], "multiple of 3"),
+        (["--model", str(tmp_path / "missing.pt")], "neither a bundled model"),
+        (["--bits", "4"], "trained for 32 bits"),
+    ):
+        result = runner.invoke(main, ["compile", *args, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("REFQSR_ENGINE_CACHE", str(tmp_path / "cache"))
+    model = small_refqsr("pams", seed=5)
+    save_model(tmp_path / "m.pt", model, {}, half=False)
+    lr = (_lr_image().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    Image.fromarray(lr).save(tmp_path / "in.png")
+    common = ["--model", str(tmp_path / "m.pt"), "--patch", str(PATCH), "--batch", str(BATCH), "--threads", "2",
+              "--json", "--quiet"]
+    runner = CliRunner()
+    reports = []
+    for engine, out in (("tvm", "tvm1.png"), ("tvm", "tvm2.png"), ("torch", "torch.png")):
+        result = runner.invoke(main, ["upscale", str(tmp_path / "in.png"), str(tmp_path / out), "--engine", engine, *common])
+        assert result.exit_code == 0, result.output
+        reports.append(__import__("json").loads(result.output))
+    assert reports[0]["compiled_now"] and not reports[1]["compiled_now"]  # cached after the first run
+    assert reports[0]["references"] == reports[2]["references"]
+    got = np.asarray(Image.open(tmp_path / "tvm2.png"), dtype=np.int16)
+    want = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
+    assert got.shape == want.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
+    assert np.mean(np.abs(got - want) <= 1) >= 0.999
