@@ -54,8 +54,8 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 
 
 @main.command()
-@click.argument("src", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("dst", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
 @click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
@@ -66,25 +66,58 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--engine", type=click.Choice(["torch", "tvm"]), default="torch", show_default=True,
               help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).")
 @click.option("--recompile", is_flag=True, help="tvm: compile again even if a cached artifact exists.")
+@click.option("--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
-            threads: int | None, max_pixels: int, engine: str, recompile: bool, as_json: bool, quiet: bool) -> None:
-    """Super-resolve SRC x4 into DST (format from DST's extension)."""
+            threads: int | None, max_pixels: int, engine: str, recompile: bool, ext: str | None, as_json: bool,
+            quiet: bool) -> None:
+    """Super-resolve SRC x4 into DST (format from DST's extension). With a folder as SRC, every
+    image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed)."""
+    from pathlib import Path
+
     from tqdm import tqdm
 
-    from .upscale import UpscaleOptions, upscale_file
+    from .upscale import UpscaleOptions, upscale_file, upscale_folder
 
     opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile)
     bar = None
 
     def progress(n: int, total: int) -> None:
         nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="patch", desc="upscale", file=sys.stderr, disable=quiet)
+        if bar is None or bar.total != total or bar.n >= bar.total:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=total, unit="patch", desc="patches", file=sys.stderr, disable=quiet, leave=False)
         bar.update(n)
 
+    if Path(src).is_dir():
+        from .image_io import list_images
+
+        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr,
+                      disable=quiet)
+
+        def on_image(path, report, error) -> None:
+            images.update(1)
+            if error is not None and not as_json:
+                tqdm.write(f"refqsr-engine: skipped {path.name}: {error}", file=sys.stderr)
+
+        try:
+            report = upscale_folder(src, dst, opts, ext, on_image, progress)
+        finally:
+            images.close()
+            if bar is not None:
+                bar.close()
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            click.echo(f"wrote {len(report['images'])} images to {dst}; skipped {len(report['skipped'])}")
+        if report["skipped"]:
+            sys.exit(1)
+        return
+    if ext is not None:
+        raise RefQSRError("--ext applies to folder mode (SRC a folder); for one file, DST's extension decides")
     try:
         report = upscale_file(src, dst, opts, progress)
     finally:

@@ -18,10 +18,12 @@ from ..errors import RefQSRError
 from ..models.bitops import BitOpsReport, count_bitops
 from ..models.checkpoint import load_model
 from ..models.clustblock import Clustering
-from ..models.patchwise import run_patchwise, upscale_patchwise
+from ..models.patchwise import PatchRunner, TorchRunner, run_patchwise
 from ..models.qconv import FP, BitSpec
 from ..models.refqsr import RefQSR
-from .image_io import DEFAULT_MAX_PIXELS, output_format, read_image, upscale_alpha, write_image
+from .image_io import (DEFAULT_MAX_PIXELS, list_images, output_format, output_path_for, read_image,
+                       upscale_alpha, write_image)
+from .tiling import make_grid
 from .models_store import DEFAULT_MODEL, resolve_model
 
 
@@ -78,51 +80,102 @@ def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, o
                         n_blocks=model.n_blocks, n_feats=model.n_feats)
 
 
+class Upscaler:
+    """One model on one engine, loaded (and for ``tvm`` compiled or taken from the cache) once,
+    then used for any number of images."""
+
+    def __init__(self, opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> None:
+        if opts.engine not in ("torch", "tvm"):
+            raise RefQSRError(f"unknown engine {opts.engine!r}: choose torch or tvm")
+        make_grid(1, 1, opts.patch, opts.overlap)  # bad patch/overlap fail here, not once per image
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+            os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
+        t0 = time.perf_counter()
+        self.opts = opts
+        self.model, self.card = load_model(resolve_model(opts.model))
+        if opts.tau is not None:
+            if not isinstance(self.model, RefQSR):
+                raise RefQSRError("--tau applies to RefQSR models only")
+            self.model.tau = opts.tau
+        self.bits = model_bits(self.model)
+        self.compiled_now = False
+        self.runner: PatchRunner
+        if opts.engine == "tvm":
+            self.runner, self.compiled_now = compiled_engine(opts, say)
+        else:
+            self.runner = TorchRunner(self.model, self.bits)
+        self.setup_seconds = time.perf_counter() - t0
+
+    def upscale_file(self, src: str | Path, dst: str | Path,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Upscale one image file x4 and write it atomically; returns a report."""
+        opts = self.opts
+        t0 = time.perf_counter()
+        output_format(dst)
+        image = read_image(src, opts.max_pixels)
+        t_read = time.perf_counter()
+        lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
+        h, w = image.rgb.shape[:2]
+        result = run_patchwise(self.runner, lr, opts.patch, opts.overlap, opts.batch, progress)
+        t_run = time.perf_counter()
+        sr = result.image.transpose(1, 2, 0)  # float; write_image clips and quantizes to the output depth
+        alpha = upscale_alpha(image.alpha, sr.shape[:2]) if image.alpha is not None else None
+        write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
+        t_end = time.perf_counter()
+        clustering = result.clustering
+        bitops = model_bitops(self.model, (h, w), opts.patch, opts.overlap, clustering)
+        net = self.model.backbone if isinstance(self.model, RefQSR) else self.model
+        bitops_8 = count_bitops("srresnet", (h, w), "8", opts.patch, opts.overlap, "engine",
+                                n_blocks=net.n_blocks, n_feats=net.n_feats)
+        return {
+            "input": str(src),
+            "output": str(dst),
+            "model": opts.model,
+            "model_card": self.card,
+            "engine": opts.engine,
+            "compiled_now": self.compiled_now,
+            "lr_size": [h, w],
+            "hr_size": [int(sr.shape[0]), int(sr.shape[1])],
+            "patches": result.grid.num_patches,
+            "references": clustering.num_references if clustering is not None else result.grid.num_patches,
+            "isolated_references": clustering.num_isolated if clustering is not None else 0,
+            "queries": clustering.num_queries if clustering is not None else 0,
+            "seconds": {"setup": round(self.setup_seconds, 4), "read": round(t_read - t0, 4),
+                        **{k: round(v, 4) for k, v in result.seconds.items()},
+                        "write": round(t_end - t_run, 4), "total": round(t_end - t0, 4)},
+            "bitops": bitops.as_dict(),
+            "bitops_8bit_only": bitops_8.as_dict(),
+            "bitops_saving": round(1.0 - bitops.gbitops / bitops_8.gbitops, 4) if bitops_8.gbitops else 0.0,
+        }
+
+
 def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs)."""
-    if opts.engine not in ("torch", "tvm"):
-        raise RefQSRError(f"unknown engine {opts.engine!r}: choose torch or tvm")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-        os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
-    t0 = time.perf_counter()
-    output_format(dst)
-    image = read_image(src, opts.max_pixels)
-    model, card = load_model(resolve_model(opts.model))
-    if opts.tau is not None:
-        if not isinstance(model, RefQSR):
-            raise RefQSRError("--tau applies to RefQSR models only")
-        model.tau = opts.tau
-    t_load = time.perf_counter()
-    lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
-    bits = model_bits(model)
-    h, w = image.rgb.shape[:2]
-    compiled_now = False
-    if opts.engine == "tvm":
-        engine, compiled_now = compiled_engine(opts)
-        t_load = time.perf_counter()
-        result = run_patchwise(engine, lr, opts.patch, opts.overlap, opts.batch, progress)
-    else:
-        result = upscale_patchwise(model, lr, opts.patch, opts.overlap, opts.batch, bits, progress)
-    t_run = time.perf_counter()
-    sr = result.image.transpose(1, 2, 0)  # float; write_image clips and quantizes to the output depth
-    alpha = upscale_alpha(image.alpha, sr.shape[:2]) if image.alpha is not None else None
-    write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
-    t_end = time.perf_counter()
-    clustering = result.clustering
-    bitops = model_bitops(model, (h, w), opts.patch, opts.overlap, clustering)
-    return {
-        "input": str(src),
-        "output": str(dst),
-        "model": opts.model,
-        "model_card": card,
-        "engine": opts.engine,
-        "compiled_now": compiled_now,
-        "lr_size": [h, w],
-        "hr_size": [int(sr.shape[0]), int(sr.shape[1])],
-        "patches": result.grid.num_patches,
-        "references": clustering.num_references if clustering is not None else result.grid.num_patches,
-        "queries": clustering.num_queries if clustering is not None else 0,
-        "seconds": {"load": t_load - t0, "run": t_run - t_load, "write": t_end - t_run, "total": t_end - t0},
-        "bitops": bitops.as_dict(),
-    }
+    return Upscaler(opts).upscale_file(src, dst, progress)
+
+
+def upscale_folder(src_dir: str | Path, dst_dir: str | Path, opts: UpscaleOptions, ext: str | None = None,
+                   on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Upscale every image in ``src_dir`` into ``dst_dir`` with one engine (compiled once). Files
+    that cannot be read or written are skipped and reported, not fatal."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    images = list_images(src_dir)
+    if not images:
+        raise RefQSRError(f"no images in {src_dir}")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    upscaler = Upscaler(opts)
+    done, skipped = [], []
+    for src in images:
+        try:
+            report = upscaler.upscale_file(src, output_path_for(src, dst_dir, ext), progress)
+        except RefQSRError as err:
+            skipped.append({"input": str(src), "error": str(err)})
+            if on_image is not None:
+                on_image(src, None, str(err))
+            continue
+        done.append(report)
+        if on_image is not None:
+            on_image(src, report, None)
+    return {"images": done, "skipped": skipped, "engine": opts.engine, "compiled_now": upscaler.compiled_now}

@@ -80,6 +80,13 @@ class Clustering:
     def num_queries(self) -> int:
         return int((~self.is_reference).sum())
 
+    @property
+    def num_isolated(self) -> int:
+        """References that no patch chose (their similarity fell below tau): run alone at b_high."""
+        targeted = torch.zeros_like(self.is_reference)
+        targeted[self.argmax] = True
+        return int((self.is_reference & ~targeted).sum())
+
 
 def affinity(v: torch.Tensor) -> torch.Tensor:
     """M = softmax_rows(V) . softmax_rows(V^T)   (eqs. (2), (3)); M[i, j] = sum_c A[i, c] A'[c, j]."""

@@ -3,7 +3,8 @@ against. tile -> (RefQSR: ClustBlock -> references first, then queries with thei
 features) -> blend-merge."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -23,6 +24,9 @@ class PatchwiseResult:
     image: np.ndarray  # C x sH x sW float32, RGB in [0, 1] (not clipped)
     grid: PatchGrid
     clustering: Clustering | None
+    #: seconds per stage: "cluster" (ClustBlock + clustering), "reference", "query" or "sr"
+    #: (network batches), "merge" (patch extraction, feature gathering and blending)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
@@ -111,25 +115,40 @@ def run_patchwise(
     grid = make_grid(lr.shape[1], lr.shape[2], patch, overlap)
     merger = PatchMerger(grid, runner.scale, lr.shape[0])
     done = (lambda n: progress(n, grid.num_patches)) if progress is not None else (lambda n: None)
+    seconds = {"cluster": 0.0, "reference": 0.0, "query": 0.0, "sr": 0.0}
+    t_start = time.perf_counter()
 
     def patches(idx: Sequence[int]) -> np.ndarray:
         return np.ascontiguousarray(extract_patches(lr, grid, idx), dtype=np.float32)
 
+    def timed(stage: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        seconds[stage] += time.perf_counter() - t
+        return out
+
+    def finish(clustering: Clustering | None) -> PatchwiseResult:
+        image = merger.result()
+        seconds["merge"] = time.perf_counter() - t_start - sum(seconds.values())
+        return PatchwiseResult(image, grid, clustering, {k: v for k, v in seconds.items() if v or k == "merge"})
+
     if not runner.refqsr:
         for idx in _batches(range(grid.num_patches), batch):
-            merger.add(idx, runner.sr(patches(idx)))
+            merger.add(idx, timed("sr", runner.sr, patches(idx)))
             done(len(idx))
-        return PatchwiseResult(merger.result(), grid, None)
+        return finish(None)
 
     all_idx = list(range(grid.num_patches))
+    t = time.perf_counter()
     v = np.concatenate([runner.logits(patches(idx)) for idx in _batches(all_idx, batch)])
     clustering = runner.cluster(v)
+    seconds["cluster"] = time.perf_counter() - t
     refs = [i for i in all_idx if clustering.is_reference[i]]
     queries = [i for i in all_idx if not clustering.is_reference[i]]
     needed = {int(clustering.reference_of[i]) for i in queries}
     kept: dict[int, list[np.ndarray]] = {}
     for idx in _batches(refs, batch):
-        sr, features = runner.reference(patches(idx))
+        sr, features = timed("reference", runner.reference, patches(idx))
         merger.add(idx, sr)
         for row, i in enumerate(idx):
             if i in needed:  # keep only the features some query will read
@@ -138,6 +157,6 @@ def run_patchwise(
     for idx in _batches(queries, batch):
         n_feat = len(kept[int(clustering.reference_of[idx[0]])])
         gathered = [np.stack([kept[int(clustering.reference_of[i])][k] for i in idx]) for k in range(n_feat)]
-        merger.add(idx, runner.query(patches(idx), gathered))
+        merger.add(idx, timed("query", runner.query, patches(idx), gathered))
         done(len(idx))
-    return PatchwiseResult(merger.result(), grid, clustering)
+    return finish(clustering)

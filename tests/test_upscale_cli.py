@@ -168,3 +168,23 @@ def test_16bit_and_exif_orientation_through_the_cli(tmp_path, fp_model_file):
     assert run("upscale", str(tmp_path / "r.jpg"), str(tmp_path / "r4.jpg"), "--model", str(fp_model_file), "-q").exit_code == 0
     with Image.open(tmp_path / "r4.jpg") as im:
         assert im.size == (80, 96) and im.getexif()[0x0112] == 1
+
+
+def test_folder_mode_upscales_all_and_skips_unreadable(fp_model_file, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_photo(20, 24)).save(src / "a.png")
+    Image.fromarray(_photo(16, 16)).convert("L").save(src / "b.jpg")
+    (src / "broken.png").write_bytes(b"not a png")
+    (src / "notes.txt").write_text("ignored: not an image extension")
+    result = run("upscale", str(src), str(tmp_path / "out"), "--model", str(fp_model_file), "--patch", "12",
+                 "--overlap", "2", "--ext", "png", "--json", "--quiet")
+    assert result.exit_code == 1  # something was skipped
+    report = __import__("json").loads(result.output)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
+    assert [s["input"].rsplit("/", 1)[-1] for s in report["skipped"]] == ["broken.png"]
+    assert Image.open(tmp_path / "out" / "a.png").size == (96, 80)
+    assert Image.open(tmp_path / "out" / "b.png").mode == "L"
+    for r in report["images"]:
+        assert {"read", "sr", "merge", "write", "total"} <= set(r["seconds"])
+        assert r["bitops"]["bitops_g"] >= 0 and "bitops_8bit_only" in r

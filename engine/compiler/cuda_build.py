@@ -30,8 +30,10 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 * The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
   the host (``cluster.so``, ``"device": "host"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
-  in ONNX already, and the folder compiles a kernel per constant expression); nvcc runs without
-  ``--use_fast_math`` so divisions and square roots are IEEE, as in ONNX Runtime and PyTorch.
+  in ONNX already, and the folder compiles a kernel per constant expression). nvcc runs without
+  ``--use_fast_math`` (IEEE division and sqrt, as in ONNX Runtime and PyTorch), in two steps --
+  CUDA C -> PTX -> fatbin -- so the PTX the device-code check scans costs no second front-end
+  run (:func:`_compile_cuda_source`).
 
 The same rewrite with ``twin=True`` calls the kernels' plain-TIR LLVM twins (same packed layouts),
 so the whole rewritten graph can be built for the CPU and checked against ONNX Runtime on a
@@ -42,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -310,13 +313,12 @@ def rewrite_qdq_convs_cuda(mod: tvm.IRModule, conv_table: Sequence[dict], twin: 
 def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """The CUDA default pipeline's pieces, minus FoldConstant (see the module docstring)."""
     from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0, name="RefQSRCudaPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            legalize = [p for p in cuda.legalize_passes(target) if "FoldConstant" not in str(p.info.name)]
-            assert any(isinstance(p, dl.ApplyDefaultSchedule) for p in legalize)
+            # LegalizeOps, AnnotateTIROpPattern, FuseOps, FuseTIR, dlight's default GPU rules
+            legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "FoldConstant"]
             seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
                                            + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return seq(mod)
@@ -324,18 +326,57 @@ def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
+def _nvcc(args: list[str]) -> None:
+    proc = subprocess.run(["nvcc", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RefQSRError(f"nvcc {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+
+
+def _compile_cuda_source(code: str, arch: str) -> tuple[str, bytes]:
+    """CUDA C -> (PTX, fatbin), with nvcc's front end run once.
+
+    TVM's own hook compiles straight to a fatbin, whose embedded PTX is compressed, so looking at
+    the device code took a second front-end run (as long as the build). Here the source goes to
+    PTX with TVM's flags minus ``--use_fast_math`` (IEEE division and sqrt, as in ONNX Runtime
+    and PyTorch), and the PTX to a fatbin (ptxas + fatbinary: SASS for ``arch`` plus the PTX).
+    """
+    from tvm.support import nvcc
+
+    with tempfile.TemporaryDirectory(prefix="refqsr-nvcc-") as tmp:
+        src, ptx_path, fatbin = (os.path.join(tmp, f) for f in ("k.cu", "k.ptx", "k.fatbin"))
+        with open(src, "w") as f:
+            f.write(code)
+        _nvcc(["--ptx", "-O3", "-arch", arch, "--expt-relaxed-constexpr", "--expt-extended-lambda",
+               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+               "-diag-suppress=177", "-o", ptx_path, src])
+        ptxas = getattr(nvcc, "_ptxas_option_flags", lambda: [])()  # TVM's register-usage settings
+        _nvcc(["--fatbin", "-arch", arch, *([f"--ptxas-options={','.join(ptxas)}"] if ptxas else []),
+               "-o", fatbin, ptx_path])
+        with open(ptx_path) as f_ptx, open(fatbin, "rb") as f_bin:
+            return f_ptx.read(), f_bin.read()
+
+
 @contextlib.contextmanager
-def _ieee_nvcc():
-    """nvcc without --use_fast_math (TVM's default) while building: IEEE division/sqrt."""
-    old = os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH")
-    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"
+def _cuda_compile_hook(arch: str, sink: list):
+    """While building, TVM's ``tvm_callback_cuda_compile`` is :func:`_compile_cuda_source`;
+    every (source, PTX, fatbin) it makes is appended to ``sink``."""
+    import tvm_ffi
+
+    name = "tvm_callback_cuda_compile"
+    original = tvm_ffi.get_global_func(name)
+
+    def hook(code, *_rest):
+        ptx, binary = _compile_cuda_source(str(code), arch)
+        sink.append((str(code), ptx, binary))
+        return bytearray(binary)
+
+    tvm_ffi.register_global_func(name, hook, override=True)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TVM_CUDA_NVCC_NO_FAST_MATH", None)
-        else:
-            os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = old
+        tvm_ffi.register_global_func(name, original, override=True)
 
 
 _DP4A_RE = re.compile(r"\bdp4a\.[us]32\.[us]32\b")
@@ -389,33 +430,33 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"])
     t2 = time.perf_counter()
     compiled: list = []
-    # the toolchain's hook records what nvcc was given and returned (TVM silently keeps source
-    # only when its CUDA runtime is missing; an empty record means no device code)
-    with target, _ieee_nvcc(), cuda_toolchain._capture_cuda_compile(compiled):
+    with target, _cuda_compile_hook(arch, compiled):
         exe = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
     t3 = time.perf_counter()
-    if not compiled or not all(binary for _, binary in compiled):
+    # TVM silently keeps a source-only module when its CUDA runtime is missing: then the hook
+    # never ran and there is no device code
+    if not compiled or not all(binary for _, _, binary in compiled):
         raise RefQSRError(f"{name}: TVM kept CUDA source only; no device binary was built")
-    source = "\n".join(src for src, _ in compiled)
-    binary = b"".join(bin_ for _, bin_ in compiled)
-    info = cuda_toolchain.CudaBuildInfo(arch, source, binary, t3 - t2)
-    cuda_toolchain._BUILD_INFO[exe] = info  # so cuda_toolchain.device_code(exe) works
-    with _ieee_nvcc():
-        ptx = cuda_toolchain.device_code(exe, sass=False)
-    times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2,
-                  "ptx": time.perf_counter() - t3})
+    source = "\n".join(src for src, _, _ in compiled)
+    ptx = "\n".join(p for _, p, _ in compiled)
+    binary = b"".join(b for _, _, b in compiled)
+    # registered with the toolchain, so cuda_toolchain.device_code(exe) gives this PTX
+    cuda_toolchain._BUILD_INFO[exe] = cuda_toolchain.CudaBuildInfo(arch, source, binary, t3 - t2, ptx)
+    times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
     outputs = [o.name for o in model.graph.output]
     return CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times)
 
 
 def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None):
-    """The CUDA rewrite of ``model`` with the kernels' LLVM twins, built for the CPU with the
-    default LLVM pipeline: the CUDA graph's math, runnable without a GPU. Returns
-    ``(executable, CudaConvResult)``."""
-    tgt = tvm.target.Target(target or {"kind": "llvm"})
+    """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
+    built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
+    graph's math, runnable without a GPU. Returns ``(executable, CudaConvResult)``."""
+    from .build import cpu_pipeline
+
+    tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _ = import_graph_cuda(model, batch)
     mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True)
-    return tvm.compile(mod, target=tgt), result
+    return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
 
 def library_has_binary(lib: str | Path, binary: bytes) -> bool:
