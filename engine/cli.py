@@ -66,13 +66,16 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--engine", type=click.Choice(["torch", "tvm"]), default="torch", show_default=True,
               help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).")
 @click.option("--recompile", is_flag=True, help="tvm: compile again even if a cached artifact exists.")
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
+              help="tvm: where the compiled engine runs.")
+@click.option("--bits", default=None, help="Bundled model with these bits (8-4, 8, 32), or check --model's.")
 @click.option("--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
-            threads: int | None, max_pixels: int, engine: str, recompile: bool, ext: str | None, as_json: bool,
-            quiet: bool) -> None:
+            threads: int | None, max_pixels: int, engine: str, recompile: bool, target: str, bits: str | None,
+            ext: str | None, as_json: bool, quiet: bool) -> None:
     """Super-resolve SRC x4 into DST (format from DST's extension). With a folder as SRC, every
     image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed)."""
     from pathlib import Path
@@ -81,7 +84,9 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 
     from .upscale import UpscaleOptions, upscale_file, upscale_folder
 
-    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile)
+    if target != "llvm" and engine != "tvm":
+        raise RefQSRError("--target applies to --engine tvm")
+    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile, bits, target)
     bar = None
 
     def progress(n: int, total: int) -> None:

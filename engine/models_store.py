@@ -31,3 +31,20 @@ def resolve_model(name_or_path: str) -> Path:
         return path
     known = ", ".join([DEFAULT_MODEL] + bundled_models()) or "none bundled"
     raise RefQSRError(f"model {name_or_path!r} is neither a bundled model ({known}) nor a file")
+
+
+def bundled_with_bits(bits: str) -> str:
+    """The bundled model that runs at ``bits`` ("8-4", "8", "32" or "fp"); the default one if it does."""
+    from ..models.checkpoint import bits_label, read_config
+
+    want = "32" if bits == "fp" else bits
+    names = [DEFAULT_ALIAS] + [n for n in bundled_models() if n != DEFAULT_ALIAS]
+    have = {}
+    for name in names:
+        path = bundled_dir() / f"{name}.pt"
+        if path.is_file():
+            have[name] = bits_label(read_config(path))
+            if have[name] == want:
+                return name
+    listing = ", ".join(f"{n} ({b})" for n, b in have.items()) or "none"
+    raise RefQSRError(f"no bundled model runs at {bits} bits; bundled: {listing}")

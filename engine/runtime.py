@@ -1,8 +1,9 @@
 """Run a compiled artifact: the compiled graphs behind the patch-wise algorithm's runner interface.
 
-Every graph was compiled for a fixed batch B; a short last batch is padded with zero patches whose
-outputs are dropped (quantizer ranges are per tensor or per sample, so padding never changes
-the real patches' results). The clustering kernel exists for a few patch-count buckets; an image's
+Every graph was compiled for a few fixed batch sizes (B and B/4); a call with n patches runs as the
+sub-batches that waste the fewest slots, the last one padded with zero patches whose outputs are
+dropped (quantizer ranges are per tensor or per sample, so padding never changes the real
+patches' results). The clustering kernel exists for a few patch-count buckets; an image's
 logits are padded to the next bucket with very negative rows, which the softmax over patches turns
 into exact zeros, so a padded patch is never anyone's reference.
 """
@@ -35,12 +36,14 @@ class CompiledModel:
         self.scale = int(m.get("scale", 4))
         self.patch = int(m["patch"])
         self.batch = int(m["batch"])
+        self.batches = [int(b) for b in m.get("batches", [self.batch])]
         self.tau = float(m["tau"] if tau is None else tau) if self.refqsr else None
         dev = tvm.cpu() if m["target"]["kind"] == "llvm" else tvm.cuda()
         self._tvm = tvm
         self.device = dev
         names = ("clustblock", "reference", "query") if self.refqsr else ("sr",)
-        self.vms = {n: relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}.so"))), dev) for n in names}
+        self.vms = {(n, b): relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}_b{b}.so"))), dev)
+                    for n in names for b in self.batches}
         self.cluster_lib = tvm.runtime.load_module(str(artifact.file("cluster.so"))) if self.refqsr else None
         self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
 
@@ -49,18 +52,33 @@ class CompiledModel:
         return cls(load_artifact(path, target=target), tau)
 
     # -- plumbing --------------------------------------------------------------------------------
+    def plan(self, n: int) -> list[int]:
+        """Compiled batch sizes to run n patches with: full large batches, then the cheaper of one
+        padded large batch or small ones for the rest (fewest padded slots; ties to fewer calls)."""
+        big, small = self.batches[0], self.batches[-1]
+        plan = [big] * (n // big)
+        rest = n - big * len(plan)
+        if rest:
+            smalls = -(-rest // small)
+            plan += [big] if big <= smalls * small else [small] * smalls
+        return plan
+
     def _run(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
         n = inputs[0].shape[0]
-        if n > self.batch:
-            raise ValueError(f"{graph}: {n} patches exceed the compiled batch of {self.batch}")
-        args = []
-        for x in inputs:
-            if n < self.batch:  # pad the short last batch
-                x = np.concatenate([x, np.zeros((self.batch - n, *x.shape[1:]), x.dtype)])
-            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
-        out = self.vms[graph]["main"](*args)
-        outs = [out] if hasattr(out, "numpy") else list(out)
-        return [o.numpy()[:n] for o in outs]
+        results: list[list[np.ndarray]] = []
+        start = 0
+        for b in self.plan(n):
+            m = min(b, n - start)
+            args = []
+            for x in inputs:
+                x = x[start:start + m]
+                if m < b:  # pad the short last batch
+                    x = np.concatenate([x, np.zeros((b - m, *x.shape[1:]), x.dtype)])
+                args.append(self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
+            out = self.vms[(graph, b)]["main"](*args)
+            results.append([o.numpy()[:m] for o in ([out] if hasattr(out, "numpy") else list(out))])
+            start += m
+        return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
 
     # -- PatchRunner ------------------------------------------------------------------------------
     def sr(self, x: np.ndarray) -> np.ndarray:

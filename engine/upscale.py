@@ -5,6 +5,7 @@ model, compiled for this host on first use and cached, see :func:`compiled_engin
 through the one patch-wise algorithm of :mod:`refqsr_engine.models.patchwise`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import RefQSRError
 from ..models.bitops import BitOpsReport, count_bitops
-from ..models.checkpoint import load_model
+from ..models.checkpoint import bits_label, load_model, model_config
 from ..models.clustblock import Clustering
 from ..models.patchwise import PatchRunner, TorchRunner, run_patchwise
 from ..models.qconv import FP, BitSpec
@@ -24,7 +25,7 @@ from ..models.refqsr import RefQSR
 from .image_io import (DEFAULT_MAX_PIXELS, list_images, output_format, output_path_for, read_image,
                        upscale_alpha, write_image)
 from .tiling import make_grid
-from .models_store import DEFAULT_MODEL, resolve_model
+from .models_store import DEFAULT_MODEL, bundled_with_bits, resolve_model
 
 
 @dataclass
@@ -38,6 +39,8 @@ class UpscaleOptions:
     threads: int | None = None
     engine: str = "torch"  # "torch" | "tvm"
     recompile: bool = False  # tvm: compile again even when a cached artifact exists
+    bits: str | None = None  # "8-4", "8", "32": pick the bundled model with these bits / check the model's
+    target: str = "llvm"  # tvm: "llvm" (this CPU) or "cuda"
 
 
 def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> tuple[Any, bool]:
@@ -47,7 +50,13 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
     from .compiler.compile_model import CompileOptions, artifact_cache_parts, compile_model
     from .runtime import CompiledModel
 
-    copts = CompileOptions(model=opts.model, patch=opts.patch, batch=opts.batch, threads=opts.threads)
+    if opts.target == "cuda":
+        import tvm
+
+        if not tvm.cuda().exist:
+            raise RefQSRError("--target cuda: no CUDA GPU is visible to TVM on this machine")
+    copts = CompileOptions(model=opts.model, target=opts.target, bits=opts.bits, patch=opts.patch, batch=opts.batch,
+                           threads=opts.threads)
     key = cache_key(**artifact_cache_parts(copts))
     with cache_lock(key) as entry:
         fresh = opts.recompile or not (entry / "manifest.json").is_file()
@@ -92,8 +101,12 @@ class Upscaler:
             torch.set_num_threads(opts.threads)
             os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
         t0 = time.perf_counter()
+        if opts.bits is not None and opts.model == DEFAULT_MODEL:  # the bundled model with those bits
+            opts = dataclasses.replace(opts, model=bundled_with_bits(opts.bits))
         self.opts = opts
         self.model, self.card = load_model(resolve_model(opts.model))
+        if opts.bits is not None and bits_label(model_config(self.model)) != opts.bits.replace("fp", "32"):
+            raise RefQSRError(f"{opts.model} runs at {bits_label(model_config(self.model))} bits, not {opts.bits}")
         if opts.tau is not None:
             if not isinstance(self.model, RefQSR):
                 raise RefQSRError("--tau applies to RefQSR models only")

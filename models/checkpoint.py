@@ -79,6 +79,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def bits_label(cfg: dict[str, Any]) -> str:
+    """The bits a saved model runs at, as users write them: "8-4" (RefQSR), "8", "32" (full precision)."""
+    if cfg["kind"] == "refqsr":
+        return f"{cfg['b_high']}-{cfg['b_low']}"
+    bits = cfg.get("act_bits") or []
+    return str(bits[0]) if cfg.get("scheme") and bits else "32"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The rebuild config of a model file without building the model."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return dict(payload["config"])
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved at ``path`` (eval mode, float32) and return it with its card."""
     path = Path(path)

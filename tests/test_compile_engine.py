@@ -92,7 +92,7 @@ def test_quantized_convs_are_integer_in_the_built_code(compiled):
     assert "lowbit" in query["variants"] or "int8pair" in query["variants"]  # the 4-bit blocks
     if shutil.which("objdump") is None:
         pytest.skip("objdump not available")
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(artifact / "query.so")],
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(artifact / f"query_b{BATCH}.so")],
                          capture_output=True, text=True, check=True).stdout
     bodies = re.split(r"\n(?=[0-9a-f]+ <)", asm)
     qconv = "\n".join(b for b in bodies if re.match(r"[0-9a-f]+ <qconv_", b))
@@ -166,3 +166,10 @@ def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkey
     want = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
     assert got.shape == want.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
     assert np.mean(np.abs(got - want) <= 1) >= 0.999
+
+
+@pytest.mark.parametrize("n, plan", [(16, [16]), (3, [4]), (5, [4, 4]), (13, [16]), (20, [16, 4]), (33, [16, 16, 4])])
+def test_batch_plan_wastes_the_fewest_slots(n, plan):
+    engine = CompiledModel.__new__(CompiledModel)  # the plan needs only the compiled sizes
+    engine.batches = [16, 4]
+    assert engine.plan(n) == plan

@@ -188,3 +188,16 @@ def test_folder_mode_upscales_all_and_skips_unreadable(fp_model_file, tmp_path):
     for r in report["images"]:
         assert {"read", "sr", "merge", "write", "total"} <= set(r["seconds"])
         assert r["bitops"]["bitops_g"] >= 0 and "bitops_8bit_only" in r
+
+
+def test_bits_option_picks_or_checks_the_model(fp_model_file, tmp_path):
+    Image.fromarray(_photo(16, 16)).save(tmp_path / "in.png")
+    bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "8-4")
+    assert bad.exit_code == 2 and "no bundled model runs at 8-4 bits" in bad.output
+    wrong = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "8")
+    assert wrong.exit_code == 2 and "runs at 32 bits, not 8" in wrong.output
+    ok = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "32",
+             "--patch", "12", "--overlap", "2", "--quiet")
+    assert ok.exit_code == 0 and not (tmp_path / "x.png").exists()
+    gpu = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "g.png"), "--target", "cuda")
+    assert gpu.exit_code == 2 and "--engine tvm" in gpu.output

@@ -3,7 +3,10 @@
 A RefQSR model gives three graphs (``clustblock``, ``reference``, ``query``) plus the clustering
 kernel compiled for a few patch-count buckets (an image's patches are padded up to the next
 bucket, see :mod:`refqsr_engine.engine.runtime`); a fixed- or full-precision network gives ``sr``.
-Every graph is compiled for a fixed batch of ``batch`` patches of ``patch`` LR pixels.
+Every graph is compiled for fixed batches of ``patch`` LR pixels: ``batch`` patches and a quarter
+of that (:func:`batch_sizes`), so that an image's last, short batch of references or queries does
+not pay for a full batch of padding (a 720p output has 8 patches of 96 px: 3 references and 5
+queries ran as 2 x 16 slots with one size, 2 x 4 + 1 x 4 with two).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import tvm
 from ...errors import RefQSRError
 from ...export.onnx_export import export_refqsr, export_sr
 from ...kernels.cluster_kernels import cluster_primfunc
-from ...models.checkpoint import load_model, model_config
+from ...models.checkpoint import bits_label, load_model, model_config
 from ...models.refqsr import RefQSR
 from ..artifact import sha256_file, write_artifact
 from ..models_store import resolve_model
@@ -54,19 +57,20 @@ class CompileOptions:
         raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
 
 
-def model_bits_label(model: torch.nn.Module) -> str:
-    cfg = model_config(model)
-    if cfg["kind"] == "refqsr":
-        return f"{cfg['b_high']}-{cfg['b_low']}"
-    bits = cfg.get("act_bits") or []
-    return str(bits[0]) if cfg.get("scheme") and bits else "32"
-
-
 def _check_bits(model: torch.nn.Module, requested: str | None) -> str:
-    have = model_bits_label(model)
+    have = bits_label(model_config(model))
     if requested is not None and requested.replace("fp", "32") != have:
         raise RefQSRError(f"this model was trained for {have} bits, not {requested}; pick a model trained at those bits")
     return have
+
+
+def batch_sizes(batch: int) -> list[int]:
+    """The batch sizes compiled for ``--batch``: itself and a quarter of it (at least 1)."""
+    return sorted({batch, max(1, batch // 4)}, reverse=True)
+
+
+def graph_file(name: str, batch: int) -> str:
+    return f"{name}_b{batch}.so"
 
 
 def _check_patch(patch: int, batch: int) -> None:
@@ -112,13 +116,16 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         report["seconds"]["export"] = time.perf_counter() - t
         files: dict[str, Path] = {}
         for name, onnx_path in graphs.items():
-            say(f"compiling {name} (batch {opts.batch}, {opts.patch}x{opts.patch})")
-            built = build_graph(onnx.load(str(onnx_path)), name, opts.batch, target)
-            lib = tmp / f"{name}.so"
-            built.executable.export_library(str(lib))
-            files[f"{name}.so"] = lib
+            graph = onnx.load(str(onnx_path))
+            for b in batch_sizes(opts.batch):
+                say(f"compiling {name} (batch {b}, {opts.patch}x{opts.patch})")
+                built = build_graph(graph, name, b, target)
+                lib = tmp / graph_file(name, b)
+                built.executable.export_library(str(lib))
+                files[lib.name] = lib
+                report["graphs"].setdefault(name, built.report())
+                report["seconds"][f"{name}_b{b}"] = sum(built.seconds.values())
             files[f"{name}.onnx"] = onnx_path  # the exact graph compiled: lets users run it in ORT too
-            report["graphs"][name] = built.report()
         cluster = None
         if isinstance(model, RefQSR):
             say("compiling the clustering kernel")
@@ -136,6 +143,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "bits": bits,
             "patch": opts.patch,
             "batch": opts.batch,
+            "batches": batch_sizes(opts.batch),
             "scale": 4,
             "tau": float(model.tau) if isinstance(model, RefQSR) else None,
             "n_refer": len(model.refers) if isinstance(model, RefQSR) else 0,

@@ -13,7 +13,7 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
      ``u = clamp(round(x / s) + z, qlo, qhi) + offset`` on the conv's b-bit grid (``R.round``
      lowers to ``nearbyint`` on LLVM and ``nearbyintf`` in CUDA C, round-half-even like ONNX
      QuantizeLinear), cast and permuted into the kernel's layout -- for the int4 kernel 8
-     nibbles are shifted into one uint32 word with ``left_shift`` and a ``sum``;
+     nibbles are shifted into one uint32 word (``take``, ``left_shift``, ``add``);
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
      ``dp4a`` (u8 activations x s8 weights, ``dp4a.u32.s32``) or ``s4mma`` (u4 x s4,
      ``mma.sync ... .u4.s4``), giving the raw int32 sums;
@@ -23,10 +23,12 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   marked opaque so nothing is fused into its hand-written schedule.
 * **Variant choice** (:func:`choose_cuda_variant`) is by exact operand ranges: ``s4mma`` when the
   activations have <= 4 bits, the integer weights (zero point removed) lie in -8..7 and the shape
-  fits the tensor-core tiling; else ``dp4a`` when the weights lie in -128..127. Anything else stays
-  the graph's float QDQ conv (exact fake-quantized math, just not integer): DDTB-style asymmetric
-  8-bit weights minus their zero point can reach +-255, strided convs (ClustBlock's first) and
-  channel counts that are not multiples of 4 have no kernel here.
+  fits the tensor-core tiling; else ``dp4a`` when the weights lie in -128..127. Weights are
+  negated (with their scale) when that fits better: asymmetric 8-bit weights minus their zero
+  point often span -127..128. Anything else stays the graph's float QDQ conv (exact
+  fake-quantized math, just not integer): asymmetric weights that reach beyond -128..128 (up to
+  +-255 in principle), strided convs (ClustBlock's first) and channel counts that are not
+  multiples of 4.
 * The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
   the host (``cluster.so``, ``"device": "host"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
@@ -140,13 +142,12 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 
 @mutator
 class _CudaRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: QDQConvResult):
+    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: "CudaConvResult"):
         super().__init__(mod)
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
-        self.float_reasons: dict[int, str] = {}
 
     def _binding(self, expr):
         return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
@@ -172,9 +173,9 @@ class _CudaRewriter(PyExprMutator):
         variant = None if isinstance(plan, str) else choose_cuda_variant(
             report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
         if variant is None:
-            self.float_reasons[index] = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
+            self.result.float_reasons[index] = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
             return call  # the graph's own float QDQ conv: exact fake-quantized math
-        return self._integer_conv(matched[0], plan, variant, report, call.ty)
+        return self._integer_conv(matched[0], plan, variant, report)
 
     def _match(self, call: relax.Call):
         data, weight = call.args
@@ -216,7 +217,7 @@ class _CudaRewriter(PyExprMutator):
         return _ConvPlan(shape, pads, report.act_bits, quant.attrs.out_dtype == "int8", w_int, w_scale)
 
     # -- the three pieces ---------------------------------------------------------------------
-    def _integer_conv(self, quant: relax.Call, plan: _ConvPlan, variant: str, report: ConvReport, out_ty) -> relax.Expr:
+    def _integer_conv(self, quant: relax.Call, plan: _ConvPlan, variant: str, report: ConvReport) -> relax.Expr:
         x, s, z = quant.args
         n = plan.shape.batch
         s4 = self._per_sample(s, n, "float32", quant.attrs.axis)
@@ -251,10 +252,16 @@ class _CudaRewriter(PyExprMutator):
         if variant == "dp4a":  # [N][C/4][Hp][Wp][4] u8
             u = op.reshape(emit(op.astype(u, "uint8")), [s.batch, s.in_ch // 4, 4, hp, wp])
             return emit(op.permute_dims(u, [0, 1, 3, 4, 2]))
-        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8
-        u = op.reshape(op.permute_dims(emit(op.astype(u, "uint32")), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // 8, 8])
-        shifts = relax.const(4 * np.arange(8, dtype=np.uint32))
-        return emit(op.sum(op.left_shift(u, shifts), axis=[-1]))  # disjoint nibbles: sum == or
+        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8; eight takes, shifts and adds
+        # (disjoint nibbles: add == or) are injective, so FuseOps makes the whole pack one kernel
+        u = op.reshape(op.permute_dims(op.astype(u, "uint32"), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // 8, 8])
+        u = emit(u)
+        word = None
+        for i in range(8):
+            nibble = op.take(u, relax.const(i, "int64"), axis=4)
+            nibble = op.left_shift(nibble, relax.const(4 * i, "uint32")) if i else nibble
+            word = nibble if word is None else op.add(word, nibble)
+        return emit(word)
 
     def _weights(self, plan: _ConvPlan, variant: str) -> relax.Expr:
         pack = cc.pack_weights_dp4a if variant == "dp4a" else cc.pack_weights_s4
@@ -302,7 +309,6 @@ def rewrite_qdq_convs_cuda(mod: tvm.IRModule, conv_table: Sequence[dict], twin: 
     out[func_name] = new_func
     if len(result.convs) != len(conv_table):
         raise RefQSRError(f"the graph has {len(result.convs)} convs, its refqsr.convs metadata {len(conv_table)}")
-    result.float_reasons = dict(rewriter.float_reasons)
     return relax.transform.DeadCodeElimination([func_name])(out), result
 
 
