@@ -45,6 +45,9 @@ class CompiledModel:
         self.vms = {(n, b): relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}_b{b}.so"))), dev)
                     for n in names for b in self.batches}
         self.cluster_lib = tvm.runtime.load_module(str(artifact.file("cluster.so"))) if self.refqsr else None
+        # CUDA artifacts run the (CPU-scheduled) clustering kernel on the host
+        host = self.refqsr and m["cluster"].get("device") == "host"
+        self.cluster_device = tvm.cpu() if host else dev
         self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
 
     @classmethod
@@ -103,9 +106,10 @@ class CompiledModel:
         padded = np.full((bucket, c), PAD_LOGIT, dtype=np.float32)
         padded[:n] = v
         tvm = self._tvm
-        ref = tvm.runtime.empty((bucket,), "int32", self.device)
-        cos = tvm.runtime.empty((bucket,), "float32", self.device)
-        self.cluster_lib[f"cluster_{bucket}"](tvm.runtime.tensor(padded, self.device), ref, cos)
+        dev = self.cluster_device
+        ref = tvm.runtime.empty((bucket,), "int32", dev)
+        cos = tvm.runtime.empty((bucket,), "float32", dev)
+        self.cluster_lib[f"cluster_{bucket}"](tvm.runtime.tensor(padded, dev), ref, cos)
         import torch
 
         return assign_references(torch.from_numpy(ref.numpy()[:n].copy()), torch.from_numpy(cos.numpy()[:n].copy()),

@@ -98,7 +98,7 @@ def test_artifact_manifest(compiled):
     man = art.manifest
     assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}"
     assert man["cluster"]["device"] == "host" and man["cluster"]["classes"] == model.clustblock.num_classes
-    assert {"clustblock.so", "reference.so", "query.so", "cluster.so", "query.onnx"} <= set(art.files)
+    assert {"clustblock_b4.so", "reference_b4.so", "query_b4.so", "cluster.so", "query.onnx"} <= set(art.files)
     assert set(man["device_code"]) == {"clustblock", "reference", "query"}
     with pytest.raises(RefQSRError, match="target"):
         load_artifact(artifact, target={"kind": "llvm", "mcpu": "core-avx2"})

@@ -64,8 +64,12 @@ def _check_bits(model: torch.nn.Module, requested: str | None) -> str:
     return have
 
 
-def batch_sizes(batch: int) -> list[int]:
-    """The batch sizes compiled for ``--batch``: itself and a quarter of it (at least 1)."""
+def batch_sizes(batch: int, target: str = "llvm") -> list[int]:
+    """The batch sizes compiled for ``--batch``: itself and a quarter of it (at least 1) on CPUs,
+    where a padded slot costs as much as a real one; only itself on GPUs, where a short batch
+    leaves the device idle rather than doing more work."""
+    if target == "cuda":
+        return [batch]
     return sorted({batch, max(1, batch // 4)}, reverse=True)
 
 
@@ -87,16 +91,52 @@ def _build_cluster_library(classes: int, target: tvm.target.Target, path: Path) 
     return list(CLUSTER_BUCKETS)
 
 
+class _GraphBuilder:
+    """How one target compiles a graph at one batch size; the rest of compile_model is shared."""
+
+    def __init__(self, opts: CompileOptions) -> None:
+        self.opts = opts
+        self.cuda = opts.target == "cuda"
+        self.device_code: dict[str, dict[str, int]] = {}
+        if self.cuda:
+            from ...kernels import cuda_toolchain
+
+            try:
+                cuda_toolchain.cuda_target(opts.arch)
+                cuda_toolchain.ensure_cuda_build_env()
+            except (ValueError, cuda_toolchain.CudaToolchainError) as err:
+                raise RefQSRError(f"cannot compile for CUDA: {err}") from None
+            from .cuda_build import HOST_TARGET
+
+            # the clustering kernel is CPU-scheduled: CUDA artifacts run it on the host
+            self.cluster_target = tvm.target.Target(HOST_TARGET)
+            self.cluster_extra = {"device": "host", "target": HOST_TARGET}
+        else:
+            self.target = tvm.target.Target(opts.target_dict())
+            self.cluster_target, self.cluster_extra = self.target, {"device": "same"}
+
+    def build(self, graph: onnx.ModelProto, name: str, batch: int, lib: Path) -> dict[str, Any]:
+        """Compile and export ``graph`` to ``lib``; returns the graph's report."""
+        if not self.cuda:
+            built = build_graph(graph, name, batch, self.target)
+            built.executable.export_library(str(lib))
+            return {**built.report(), "build_seconds": sum(built.seconds.values())}
+        from .cuda_build import build_graph_cuda, library_has_binary
+
+        built = build_graph_cuda(graph, name, batch, self.opts.arch)
+        built.executable.export_library(str(lib))
+        if not library_has_binary(lib, built.binary):
+            raise RefQSRError(f"{lib.name} does not embed the CUDA device binary")
+        self.device_code[name] = built.device_code
+        return {**built.report(), "build_seconds": sum(built.seconds.values())}
+
+
 def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
     """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report."""
     say = progress or (lambda msg: None)
     _check_patch(opts.patch, opts.batch)
     target_dict = opts.target_dict()
-    if opts.target != "llvm":
-        from .cuda_build import compile_model_cuda  # noqa: F401  (raises a clear error if unavailable)
-
-        return compile_model_cuda(opts, out, progress)
-    target = tvm.target.Target(target_dict)
+    builder = _GraphBuilder(opts)
     t0 = time.perf_counter()
     model_path = resolve_model(opts.model)
     model, card = load_model(model_path)
@@ -117,22 +157,21 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         files: dict[str, Path] = {}
         for name, onnx_path in graphs.items():
             graph = onnx.load(str(onnx_path))
-            for b in batch_sizes(opts.batch):
-                say(f"compiling {name} (batch {b}, {opts.patch}x{opts.patch})")
-                built = build_graph(graph, name, b, target)
+            for b in batch_sizes(opts.batch, opts.target):
+                say(f"compiling {name} for {opts.target} (batch {b}, {opts.patch}x{opts.patch})")
                 lib = tmp / graph_file(name, b)
-                built.executable.export_library(str(lib))
+                graph_report = builder.build(graph, name, b, lib)
                 files[lib.name] = lib
-                report["graphs"].setdefault(name, built.report())
-                report["seconds"][f"{name}_b{b}"] = sum(built.seconds.values())
+                report["seconds"][f"{name}_b{b}"] = graph_report.pop("build_seconds")
+                report["graphs"].setdefault(name, graph_report)
             files[f"{name}.onnx"] = onnx_path  # the exact graph compiled: lets users run it in ORT too
         cluster = None
         if isinstance(model, RefQSR):
             say("compiling the clustering kernel")
             t = time.perf_counter()
-            buckets = _build_cluster_library(model.clustblock.num_classes, target, tmp / "cluster.so")
+            buckets = _build_cluster_library(model.clustblock.num_classes, builder.cluster_target, tmp / "cluster.so")
             files["cluster.so"] = tmp / "cluster.so"
-            cluster = {"buckets": buckets, "classes": model.clustblock.num_classes}
+            cluster = {"buckets": buckets, "classes": model.clustblock.num_classes, **builder.cluster_extra}
             report["seconds"]["cluster"] = time.perf_counter() - t
         report["seconds"]["total"] = time.perf_counter() - t0
         manifest = {
@@ -143,7 +182,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "bits": bits,
             "patch": opts.patch,
             "batch": opts.batch,
-            "batches": batch_sizes(opts.batch),
+            "batches": batch_sizes(opts.batch, opts.target),
             "scale": 4,
             "tau": float(model.tau) if isinstance(model, RefQSR) else None,
             "n_refer": len(model.refers) if isinstance(model, RefQSR) else 0,
@@ -152,6 +191,8 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "compile_seconds": round(report["seconds"]["total"], 2),
             "options": asdict(opts),
         }
+        if builder.device_code:
+            manifest["device_code"] = report["device_code"] = builder.device_code
         say("writing the artifact")
         write_artifact(out, files, manifest)
     report["artifact"] = str(out)

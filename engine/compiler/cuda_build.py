@@ -13,7 +13,7 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
      ``u = clamp(round(x / s) + z, qlo, qhi) + offset`` on the conv's b-bit grid (``R.round``
      lowers to ``nearbyint`` on LLVM and ``nearbyintf`` in CUDA C, round-half-even like ONNX
      QuantizeLinear), cast and permuted into the kernel's layout -- for the int4 kernel 8
-     nibbles are shifted into one uint32 word (``take``, ``left_shift``, ``add``);
+     nibbles are shifted into one uint32 word (``strided_slice``, ``left_shift``, ``add``);
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
      ``dp4a`` (u8 activations x s8 weights, ``dp4a.u32.s32``) or ``s4mma`` (u4 x s4,
      ``mma.sync ... .u4.s4``), giving the raw int32 sums;
@@ -49,9 +49,9 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -173,7 +173,8 @@ class _CudaRewriter(PyExprMutator):
         variant = None if isinstance(plan, str) else choose_cuda_variant(
             report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
         if variant is None:
-            self.result.float_reasons[index] = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
+            why = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
+            self.result.float_reasons[index] = why
             return call  # the graph's own float QDQ conv: exact fake-quantized math
         return self._integer_conv(matched[0], plan, variant, report)
 
@@ -223,8 +224,9 @@ class _CudaRewriter(PyExprMutator):
         s4 = self._per_sample(s, n, "float32", quant.attrs.axis)
         z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
         packed = self._pack_activations(x, s4, z4, plan, variant)
-        acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant)],
-                                                relax.TensorType(plan.shape.out_shape(variant), "int32")))
+        out = relax.TensorType(plan.shape.out_shape(variant), "int32")
+        acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant),
+                                                [packed, self._weights(plan, variant)], out))
         report.variant = variant
         report.shape = (n, plan.shape.in_ch, plan.shape.out_ch, plan.shape.height, plan.shape.width,
                         plan.shape.kernel, 1, *plan.pads)
@@ -252,16 +254,17 @@ class _CudaRewriter(PyExprMutator):
         if variant == "dp4a":  # [N][C/4][Hp][Wp][4] u8
             u = op.reshape(emit(op.astype(u, "uint8")), [s.batch, s.in_ch // 4, 4, hp, wp])
             return emit(op.permute_dims(u, [0, 1, 3, 4, 2]))
-        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8; eight takes, shifts and adds
+        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8. Slices, shifts and adds
         # (disjoint nibbles: add == or) are injective, so FuseOps makes the whole pack one kernel
+        # (a sum over the nibble axis, or take, would start a second one)
         u = op.reshape(op.permute_dims(op.astype(u, "uint32"), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // 8, 8])
         u = emit(u)
         word = None
         for i in range(8):
-            nibble = op.take(u, relax.const(i, "int64"), axis=4)
+            nibble = op.strided_slice(u, axes=[4], begin=[i], end=[i + 1])
             nibble = op.left_shift(nibble, relax.const(4 * i, "uint32")) if i else nibble
             word = nibble if word is None else op.add(word, nibble)
-        return emit(word)
+        return emit(op.reshape(word, s.act_shape("s4mma")))
 
     def _weights(self, plan: _ConvPlan, variant: str) -> relax.Expr:
         pack = cc.pack_weights_dp4a if variant == "dp4a" else cc.pack_weights_s4
@@ -469,92 +472,3 @@ def library_has_binary(lib: str | Path, binary: bytes) -> bool:
     """Whether the exported library embeds the device binary nvcc produced."""
     data = Path(lib).read_bytes()
     return len(binary) > 0 and binary in data
-
-
-# ----------------------------------------------------------------------------------------------
-# the artifact
-
-
-def compile_model_cuda(opts, out: str | Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """:func:`.compile_model.compile_model` for ``opts.target == "cuda"``: the graphs for CUDA
-    ``opts.arch``, the clustering kernel for the host; returns the compile report."""
-    from ...export.onnx_export import export_refqsr, export_sr
-    from ...models.checkpoint import load_model, model_config
-    from ...models.refqsr import RefQSR
-    from ..artifact import sha256_file, write_artifact
-    from ..models_store import resolve_model
-    from .compile_model import _build_cluster_library, _check_bits, _check_patch
-
-    say = progress or (lambda msg: None)
-    _check_patch(opts.patch, opts.batch)
-    target_dict = opts.target_dict()
-    try:
-        cuda_toolchain.cuda_target(opts.arch)
-        cuda_toolchain.ensure_cuda_build_env()
-    except (ValueError, cuda_toolchain.CudaToolchainError) as err:
-        raise RefQSRError(f"cannot compile for CUDA: {err}") from None
-    t0 = time.perf_counter()
-    model_path = resolve_model(opts.model)
-    model, card = load_model(model_path)
-    model.eval()
-    bits = _check_bits(model, opts.bits)
-    is_refqsr = isinstance(model, RefQSR)
-    report: dict[str, Any] = {"graphs": {}, "seconds": {}}
-    device_code: dict[str, dict[str, int]] = {}
-    with tempfile.TemporaryDirectory(prefix="refqsr-compile-") as tmp_name:
-        tmp = Path(tmp_name)
-        say("exporting ONNX graphs")
-        t = time.perf_counter()
-        if is_refqsr:
-            graphs = export_refqsr(model, tmp / "onnx", opts.patch)
-        else:
-            from ..upscale import model_bits
-
-            graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
-        report["seconds"]["export"] = time.perf_counter() - t
-        files: dict[str, Path] = {}
-        for name, onnx_path in graphs.items():
-            say(f"compiling {name} for CUDA {opts.arch} (batch {opts.batch}, {opts.patch}x{opts.patch})")
-            built = build_graph_cuda(onnx.load(str(onnx_path)), name, opts.batch, opts.arch)
-            lib = tmp / f"{name}.so"
-            built.executable.export_library(str(lib))
-            if not library_has_binary(lib, built.binary):
-                raise RefQSRError(f"{name}.so does not embed the CUDA device binary")
-            files[f"{name}.so"] = lib
-            files[f"{name}.onnx"] = onnx_path
-            report["graphs"][name] = built.report()
-            device_code[name] = built.device_code
-        cluster = None
-        if is_refqsr:
-            say("compiling the clustering kernel (host CPU)")
-            t = time.perf_counter()
-            buckets = _build_cluster_library(model.clustblock.num_classes, tvm.target.Target(HOST_TARGET),
-                                             tmp / "cluster.so")
-            files["cluster.so"] = tmp / "cluster.so"
-            cluster = {"buckets": buckets, "classes": model.clustblock.num_classes, "device": "host",
-                       "target": HOST_TARGET}
-            report["seconds"]["cluster"] = time.perf_counter() - t
-        report["seconds"]["total"] = time.perf_counter() - t0
-        manifest = {
-            "target": target_dict,
-            "model": {"name": opts.model, "file": model_path.name, "sha256": sha256_file(model_path),
-                      "config": model_config(model), "card": card},
-            "kind": "refqsr" if is_refqsr else "sr",
-            "bits": bits,
-            "patch": opts.patch,
-            "batch": opts.batch,
-            "scale": 4,
-            "tau": float(model.tau) if is_refqsr else None,
-            "n_refer": len(model.refers) if is_refqsr else 0,
-            "cluster": cluster,
-            "graphs": report["graphs"],
-            "device_code": device_code,
-            "compile_seconds": round(report["seconds"]["total"], 2),
-            "options": asdict(opts),
-        }
-        say("writing the artifact")
-        write_artifact(out, files, manifest)
-    report["artifact"] = str(out)
-    report["device_code"] = device_code
-    report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
-    return report
