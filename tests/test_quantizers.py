@@ -487,3 +487,20 @@ def test_quantconv_pams_matches_numpy_twin() -> None:
     # no 5-bit activation quantizer was asked for
     with pytest.raises(ValueError):
         conv(_t(x), BitSpec(5, 5))
+
+
+def test_weight_qparams_are_cached_in_eval_and_follow_weight_updates():
+    from refqsr_engine.models.quant_ddtb import DdtbWeight
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8, 3, 3))
+    quant = DdtbWeight().eval()
+    first = quant(w, 4)
+    assert torch.equal(first, quant(w, 4))
+    with torch.no_grad():
+        w.mul_(3.0)  # in-place update: the cached range must not be reused
+    expected = quant.qparams(w.detach(), 4)
+    got = quant.cached_qparams(w, 4)
+    assert torch.equal(got.scale, expected.scale) and torch.equal(got.zero_point, expected.zero_point)
+    quant.train()
+    assert quant(w, 4).requires_grad  # training still differentiates through the weights
