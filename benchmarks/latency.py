@@ -1,0 +1,226 @@
+"""Latency and peak-memory benchmark of the compiled engine against its peers.
+
+    python -m refqsr_engine.benchmarks.latency [--sizes 320x180 512x270 1024x540] [--threads 2]
+        [--repeats N] [--quick] [--out benchmarks/results] [--configs NAME ...] [--check smallest|all|none]
+
+The same LR image (a crop/resize of a scikit-image photo) and the same patch grid go through every
+configuration of :mod:`.configs`. This process stays small (no torch/TVM import): one child
+process prepares every model (compiled artifacts and ONNX graphs are cached under
+``cache_dir()/bench``; the first run compiles five 16-block artifacts, minutes each), then every
+configuration is timed in its own child (:mod:`.run_one`), so that its peak memory is its own.
+What a run times is described in :mod:`.run_one`; results go to ``<out>/latency.json`` and
+``latency.md`` (``latency-quick.*`` for ``--quick``) via :mod:`.report`.
+
+Repeats per size (unless ``--repeats``): 3 up to 320x180 LR pixels, 2 up to 512x270, 1 above;
+the warm-up is the whole image up to 512x270 and a 2 x 4-patch crop above (``--warmup``), which
+keeps the default three sizes within ~20 minutes on a 2-core CPU once the artifacts are cached.
+``--quick`` (the test's smoke run): one 160x96 image, 4-block models, patch 48, batch 4, 1 repeat.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import configs as C
+from . import report
+
+DEFAULT_SIZES = ["320x180", "512x270", "1024x540"]
+QUICK = {"sizes": ["160x96"], "n_blocks": 4, "repeats": 1, "patch": 48, "overlap": 6, "batch": 4}
+FULL = {"n_blocks": 16, "patch": 96, "overlap": 6, "batch": 16}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return w, h
+
+
+def default_repeats(width: int, height: int) -> int:
+    pixels = width * height
+    return 3 if pixels <= 320 * 180 else 2 if pixels <= 512 * 270 else 1
+
+
+def plan_sizes(sizes: list[str], repeats: int | None, warmup: str, check: str) -> list[dict[str, Any]]:
+    """Sizes in ascending pixel count (peak memory is read after each), with repeats, warm-up
+    kind and whether the outputs are checked against the PyTorch twins."""
+    parsed = sorted({parse_size(s) for s in sizes}, key=lambda wh: (wh[0] * wh[1], wh))
+    plan = []
+    for i, (w, h) in enumerate(parsed):
+        auto = "full" if w * h <= 512 * 270 else "crop"
+        plan.append({"size": f"{w}x{h}", "width": w, "height": h, "repeats": repeats or default_repeats(w, h),
+                     "warmup": auto if warmup == "auto" else warmup,
+                     "check": check == "all" or (check == "smallest" and i == 0)})
+    return plan
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model and flags (/proc/cpuinfo), CPUs, memory, load and library versions (no imports)."""
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("unknown", "x86_64", ""):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        mem_gb = round(kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "memory_gb": mem_gb,
+        "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("refqsr-engine", "torch", "apache-tvm", "onnxruntime", "onnx", "numpy")},
+    }
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "TVM_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+def run_child(args: list[str], threads: int, timeout: float, log: Path) -> tuple[dict[str, Any] | None, str]:
+    """Run ``run_one`` with ``args``; (its JSON answer, "") or (None, the tail of its stderr)."""
+    cmd = [sys.executable, "-m", "refqsr_engine.benchmarks.run_one", *args]
+    with open(log, "w") as err:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout,
+                                  env=_child_env(threads))
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout:.0f} s"
+    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+    if proc.returncode != 0:
+        return None, f"exit {proc.returncode}: {tail}"
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+    except (json.JSONDecodeError, IndexError):
+        return None, f"no JSON answer: {tail}"
+
+
+def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    """Prepare, measure every configuration in its own process, and assemble the results dict."""
+    t0 = time.perf_counter()
+    base = QUICK if args.quick else FULL
+    settings = {
+        "quick": bool(args.quick), "threads": args.threads, "photo": C.PHOTO,
+        "n_blocks": args.n_blocks or base["n_blocks"], "patch": args.patch or base["patch"],
+        "overlap": base["overlap"] if args.overlap is None else args.overlap, "batch": args.batch or base["batch"],
+        "check": args.check,
+    }
+    plan = plan_sizes(args.sizes or (QUICK["sizes"] if args.quick else DEFAULT_SIZES),
+                      args.repeats or (QUICK["repeats"] if args.quick else None), args.warmup, args.check)
+    settings.update(sizes=[p["size"] for p in plan], plan=plan)
+    configs = C.select_configs(args.configs)
+    results: dict[str, Any] = {
+        "benchmark": "latency", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m refqsr_engine.benchmarks.latency " + shlex.join(args.argv),
+        "machine": machine_info(), "settings": settings, "configs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="refqsr-bench-") as work_name:
+        work = Path(work_name)
+        spec = {**settings, "sizes": plan, "configs": configs, "work": str(work)}
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        say(f"preparing {len(configs)} configurations (models, compiled artifacts, ONNX graphs; cached under "
+            f"{C.bench_cache()})")
+        prep, err = run_child(["prepare", str(spec_path)], args.threads, args.timeout, work / "prepare.log")
+        if prep is None:
+            raise RuntimeError(f"preparing the configurations failed: {err}")
+        t_prep = time.perf_counter() - t0
+        spec.update(images=prep["images"], prepared=prep["prepared"])
+        spec_path.write_text(json.dumps(spec))
+        for i, cfg in enumerate(configs, 1):
+            t = time.perf_counter()
+            rec, err = run_child(["measure", str(spec_path), cfg["name"]], args.threads, args.timeout,
+                                 work / f"{cfg['name']}.log")
+            entry = {**cfg, **{k: v for k, v in prep["prepared"][cfg["name"]].items() if k != "model_path"}}
+            entry["model_file"] = Path(prep["prepared"][cfg["name"]]["model_path"]).name
+            entry.update(rec if rec is not None else {"ok": False, "error": err})
+            results["configs"][cfg["name"]] = entry
+            summary = ", ".join(f"{s} {entry['sizes'][s]['median']:.3f} s" for s in settings["sizes"]) if rec else err
+            say(f"[{i}/{len(configs)}] {cfg['label']}: {summary} ({time.perf_counter() - t:.0f} s)")
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    total = time.perf_counter() - t0
+    results["timing"] = {"prepare_seconds": round(t_prep, 1), "measure_seconds": round(total - t_prep, 1),
+                         "total_seconds": round(total, 1)}
+    return report.finalize(results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.latency",
+                                description="Latency and peak memory of the compiled engine and its peers.")
+    p.add_argument("--sizes", nargs="+", metavar="WxH", help=f"LR sizes (default {' '.join(DEFAULT_SIZES)})")
+    p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
+    p.add_argument("--repeats", type=int, help="timed runs per size (default: 3 / 2 / 1 by size)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 160x96, 4-block models, patch 48, 1 repeat")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for latency.json / latency.md")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {' '.join(C.config_names())}")
+    p.add_argument("--check", choices=("smallest", "all", "none"), default="smallest",
+                   help="sizes whose outputs are compared with the PyTorch twins (default: the smallest)")
+    p.add_argument("--warmup", choices=("auto", "full", "crop"), default="auto")
+    p.add_argument("--n-blocks", type=int, help="SRResNet blocks (default 16; --quick 4)")
+    p.add_argument("--patch", type=int, help="LR patch size (default 96; --quick 48)")
+    p.add_argument("--overlap", type=int, help="patch overlap (default 6)")
+    p.add_argument("--batch", type=int, help="patches per network batch (default 16; --quick 4)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each child process")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
+        print("--threads and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        C.select_configs(args.configs)
+        for s in args.sizes or []:
+            parse_size(s)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    results = run_benchmark(args)
+    json_path, md_path = report.write(results, args.out, "latency-quick" if args.quick else "latency")
+    for line in report.ratio_lines(results):
+        print(line)
+    for flag in results["flags"]:
+        print(f"FLAG: {flag}")
+    print(f"wrote {json_path} and {md_path}")
+    return 1 if any(not r.get("ok") for r in results["configs"].values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

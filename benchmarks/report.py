@@ -1,0 +1,153 @@
+"""The latency benchmark's results as JSON and a Markdown table: per size, every configuration's
+times, stages, memory and agreement with its PyTorch twin, then the engine-over-peer speed-ups.
+
+A speed-up is ``peer median / engine median`` on the same image (> 1: the engine is faster);
+``time_ratio`` (engine / peer) is its inverse. Only configurations that ran are compared.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _ok(rec: dict[str, Any]) -> bool:
+    return bool(rec.get("ok"))
+
+
+def ratios(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per size: one entry per (engine configuration, peer) pair that both ran on that size."""
+    configs = results["configs"]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for size in results["settings"]["sizes"]:
+        rows = []
+        for e_name, e in configs.items():
+            if e["role"] != "engine" or not _ok(e) or size not in e["sizes"]:
+                continue
+            for p_name, p in configs.items():
+                if p["role"] != "peer" or not _ok(p) or size not in p["sizes"]:
+                    continue
+                te, tp = e["sizes"][size]["median"], p["sizes"][size]["median"]
+                rows.append({"engine": e_name, "peer": p_name, "speedup": round(tp / te, 3),
+                             "time_ratio": round(te / tp, 3)})
+        out[size] = rows
+    return out
+
+
+def flags(results: dict[str, Any]) -> list[str]:
+    """Failed configurations and outputs that disagree with their PyTorch twin (more than 0.1 % of
+    8-bit pixels off by more than 1, or a different clustering)."""
+    found = []
+    for name, rec in results["configs"].items():
+        if not _ok(rec):
+            found.append(f"{name}: failed ({rec.get('error', 'no result')})")
+            continue
+        for size, r in rec["sizes"].items():
+            check = r.get("check")
+            if check is None:
+                continue
+            if not check["within_1lsb"]:
+                found.append(f"{name} @ {size}: output differs from its PyTorch twin by more than 1 LSB on "
+                             f"{100 * check['frac_over_1lsb']:.2f} % of pixels (max {check['max_abs_diff_8bit']})")
+            if check.get("same_clustering") is False:
+                found.append(f"{name} @ {size}: clustering differs from its PyTorch twin")
+    return found
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _check_cell(r: dict[str, Any]) -> str:
+    check = r.get("check")
+    if check is None:
+        return "-"
+    mark = "yes" if check["within_1lsb"] and check.get("same_clustering", True) else "**NO**"
+    return f"{mark} (max {check['max_abs_diff_8bit']})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report: machine, settings, one table per size, speed-ups, flags."""
+    m, s = results["machine"], results["settings"]
+    configs = results["configs"]
+    lines = ["# Latency and peak memory", ""]
+    lines.append(f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), "
+                 f"{m['memory_gb']} GB; load average {m['loadavg_start']} at start, {m.get('loadavg_end', '?')} at end.")
+    lines.append(f"Software: Python {m['python']}, torch {m['versions']['torch']}, TVM {m['versions']['apache-tvm']}, "
+                 f"ONNX Runtime {m['versions']['onnxruntime']}, refqsr-engine {m['versions']['refqsr-engine']}.")
+    lines.append(f"Threads: {s['threads']} everywhere (torch.set_num_threads, ORT intra_op_num_threads, "
+                 "TVM_NUM_THREADS, OMP_NUM_THREADS).")
+    lines.append(f"Grid: patch {s['patch']}, overlap {s['overlap']}, batch {s['batch']}; {s['n_blocks']}-block SRResNet x4 "
+                 f"models; LR images: the scikit-image '{s['photo']}' photo, centre-cropped to each aspect ratio "
+                 "and resized (bicubic).")
+    lines.append("Times: wall time of the whole pipeline per image (tiling, network batches, merge; RefQSR also "
+                 "clusters), after a warm-up run; median / p90 / min over the repeats. `per batch` = median / "
+                 "network batches (RefQSR: reference + query batches). Peak RSS: VmHWM of the configuration's own "
+                 "process (imports included; `+model` = above the post-import baseline). On disk: what the runner "
+                 "loads (compiled libraries, ONNX graph or model file).")
+    if s.get("quick"):
+        lines.append("**Quick run**: tiny models and one small image; a smoke test, not a measurement.")
+    lines.append("")
+    for size in s["sizes"]:
+        plan = next(p for p in s["plan"] if p["size"] == size)
+        lines += [f"## {size} LR -> x4 ({plan['repeats']} repeat(s), warm-up: {plan['warmup']})", "",
+                  "| configuration | weights | median s | p90 s | min s | per batch ms | stages (median s) | "
+                  "peak RSS MB (+model) | on disk MB | = PyTorch twin |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+        for name, rec in configs.items():
+            if not _ok(rec) or size not in rec["sizes"]:
+                lines.append(f"| {rec['label']} | - | failed | | | | | | | |")
+                continue
+            r = rec["sizes"][size]
+            stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items() if v)
+            per_batch = "-" if r["per_batch"] is None else f"{1000 * r['per_batch']:.1f}"
+            lines.append(f"| {rec['label']} | {rec['weights']} | {r['median']:.3f} | {r['p90']:.3f} | {r['min']:.3f} | "
+                         f"{per_batch} | {stages} | {r['peak_rss_mb_so_far']:.0f} "
+                         f"(+{r['peak_rss_mb_so_far'] - rec['baseline_rss_mb']:.0f}) | {_mb(rec.get('disk_bytes'))} | "
+                         f"{_check_cell(r)} |")
+        rows = results["ratios"].get(size, [])
+        peers = [n for n in configs if configs[n]["role"] == "peer" and any(x["peer"] == n for x in rows)]
+        engines = [n for n in configs if configs[n]["role"] == "engine" and any(x["engine"] == n for x in rows)]
+        if rows:
+            lines += ["", "Speed-up of the engine (peer median / engine median; > 1 = engine faster):", "",
+                      "| engine \\ peer | " + " | ".join(configs[p]["label"] for p in peers) + " |",
+                      "| --- |" + " ---: |" * len(peers)]
+            for e in engines:
+                cells = [next((f"{x['speedup']:.2f}x" for x in rows if x["engine"] == e and x["peer"] == p), "-")
+                         for p in peers]
+                lines.append(f"| {configs[e]['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ort = {n: r["ort_optimized_ops"] for n, r in configs.items() if _ok(r) and r.get("ort_optimized_ops")}
+    if ort:
+        lines += ["ONNX Runtime's optimised graphs (op counts): " + "; ".join(
+            f"{configs[n]['label']}: " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6]) for n, ops in ort.items()), ""]
+    if results.get("flags"):
+        lines += ["## Flags", ""] + [f"- {f}" for f in results["flags"]] + [""]
+    lines.append(f"Command: `{results['command']}`; {results['timing']['total_seconds']:.0f} s in all "
+                 f"({results['timing']['prepare_seconds']:.0f} s preparing models/artifacts, "
+                 f"{results['timing']['measure_seconds']:.0f} s measuring).")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_lines(results: dict[str, Any]) -> list[str]:
+    """One line per (size, engine, peer): 'RefQSR 8-4 vs PyTorch eager fp32: 3.1x'."""
+    configs = results["configs"]
+    return [f"{size}: {configs[x['engine']]['label']} vs {configs[x['peer']]['label']}: {x['speedup']:.2f}x"
+            for size, rows in results["ratios"].items() for x in rows]
+
+
+def finalize(results: dict[str, Any]) -> dict[str, Any]:
+    """Add the speed-ups and flags to a results dict (in place) and return it."""
+    results["ratios"] = ratios(results)
+    results["flags"] = flags(results)
+    return results
+
+
+def write(results: dict[str, Any], out_dir: str | Path, stem: str = "latency") -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    md_path.write_text(markdown(results))
+    return json_path, md_path
