@@ -144,12 +144,14 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels (multiple of 3).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Patches per compiled batch.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llvm: cores to parallelise for.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Graph builds run at once in worker processes (each build is single-threaded).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Artifact directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report (times per stage).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
 def compile_cmd(model: str, target: str, mcpu: str, arch: str, bits: str | None, patch: int, batch: int,
-                threads: int | None, out: str, as_json: bool, quiet: bool) -> None:
+                threads: int | None, jobs: int, out: str, as_json: bool, quiet: bool) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
     from .compiler.compile_model import CompileOptions, compile_model
 
@@ -157,7 +159,7 @@ def compile_cmd(model: str, target: str, mcpu: str, arch: str, bits: str | None,
         if not quiet and not as_json:
             click.echo(f"[compile] {msg}", err=True)
 
-    opts = CompileOptions(model, target, mcpu, arch, bits, patch, batch, threads)
+    opts = CompileOptions(model, target, mcpu, arch, bits, patch, batch, threads, jobs)
     report = compile_model(opts, out, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
