@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -51,6 +51,8 @@ CONFIGS: list[dict[str, str]] = [
 
 #: runners whose output is compared with the PyTorch model they were built from (same file)
 TWIN_CHECKED = ("tvm", "ort")
+#: ONNX Runtime ops that compute on integers (what QDQ fusion turns convs into)
+INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "NhwcQLinearConv")
 SEED = 0
 PHOTO = "astronaut"  # scikit-image photo every LR test image is cut from
 CALIBRATION_PHOTO = "coffee"  # a different photo for the fresh models' quantizer ranges
@@ -242,7 +244,8 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
             "disk_bytes": path.stat().st_size}
 
 
-def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch: int, threads: int) -> dict[str, Any]:
+def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch: int, threads: int,
+                say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Models, artifacts and graphs of every configuration (each model/artifact/graph once)."""
     models: dict[str, dict[str, Any]] = {}
     done: dict[tuple[str, str], dict[str, Any]] = {}
@@ -251,13 +254,18 @@ def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch:
         key = cfg["model"]
         if key not in models:
             models[key] = prepare_model(key, n_blocks)
+            say(f"model {key}: {models[key]['weights']} ({Path(models[key]['path']).name})")
         model = models[key]
         entry = {"model_path": model["path"], "weights": model["weights"], "bits": model["bits"],
                  "n_blocks": n_blocks, "model_bytes": dir_bytes(model["path"])}
         if cfg["runner"] in ("tvm", "ort") and (cfg["runner"], key) not in done:
+            what = "compiled artifact" if cfg["runner"] == "tvm" else "ONNX graph"
+            say(f"{cfg['name']}: {what} of {key} (from the cache, else built now: a 16-block compile takes minutes)")
             made = (prepare_artifact(model["path"], patch, batch, threads) if cfg["runner"] == "tvm"
                     else prepare_onnx(model["path"], patch))
             done[(cfg["runner"], key)] = made
+            built = made.get("compiled_now") or made.get("exported_now")
+            say(f"{cfg['name']}: " + (f"built in {made['prepare_seconds']:.0f} s" if built else "from the cache"))
         if cfg["runner"] in ("tvm", "ort"):
             entry.update(done[(cfg["runner"], key)])
         else:
@@ -275,7 +283,8 @@ class OrtRunner:
 
     ORT's graph optimisations are all on (``ORT_ENABLE_ALL``), so on a QDQ graph it may fuse
     DequantizeLinear -> Conv -> QuantizeLinear into its integer kernels; the op types of the
-    optimised graph are kept in ``optimized_ops``."""
+    optimised graph are kept in ``optimized_ops`` and the number of integer kernels among them
+    (:data:`INTEGER_OPS`) in ``integer_ops``."""
 
     refqsr = False
     scale = 4
@@ -293,6 +302,7 @@ class OrtRunner:
         self.session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.optimized_ops: dict[str, int] = {}
+        self.integer_ops: int | None = None
         if optimized_path and Path(optimized_path).is_file():
             import onnx
 
@@ -300,6 +310,7 @@ class OrtRunner:
             for node in onnx.load(optimized_path, load_external_data=False).graph.node:
                 counts[node.op_type] = counts.get(node.op_type, 0) + 1
             self.optimized_ops = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+            self.integer_ops = sum(counts.get(op, 0) for op in INTEGER_OPS)
 
     def sr(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -11,10 +11,13 @@ configuration is timed in its own child (:mod:`.run_one`), so that its peak memo
 What a run times is described in :mod:`.run_one`; results go to ``<out>/latency.json`` and
 ``latency.md`` (``latency-quick.*`` for ``--quick``) via :mod:`.report`.
 
-Repeats per size (unless ``--repeats``): 3 up to 320x180 LR pixels, 2 up to 512x270, 1 above;
-the warm-up is the whole image up to 512x270 and a 2 x 4-patch crop above (``--warmup``), which
-keeps the default three sizes within ~20 minutes on a 2-core CPU once the artifacts are cached.
-``--quick`` (the test's smoke run): one 160x96 image, 4-block models, patch 48, batch 4, 1 repeat.
+Repeats per size (unless ``--repeats``): 3 up to 320x180 LR pixels, 1 above; one warm-up run per
+process, on the smallest size (``--warmup full|crop`` warms up before every size). Once the
+artifacts are cached, the default three sizes take ~25 minutes on this project's loaded 2-core
+CPU (~2.5-3 minutes per configuration, most of it the single 1024x540 run); compiling the five
+16-block artifacts the first time takes another ~20 minutes.
+``--quick`` (the test's smoke run): one 96x64 image (20 patches), 4-block models, patch 24, batch 1
+(one compiled batch size per graph keeps compiling short), 1 repeat.
 """
 from __future__ import annotations
 
@@ -27,16 +30,18 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import configs as C
 from . import report
+from .run_one import PROGRESS
 
 DEFAULT_SIZES = ["320x180", "512x270", "1024x540"]
-QUICK = {"sizes": ["160x96"], "n_blocks": 4, "repeats": 1, "patch": 48, "overlap": 6, "batch": 4}
+QUICK = {"sizes": ["96x64"], "n_blocks": 4, "repeats": 1, "patch": 24, "overlap": 6, "batch": 1}
 FULL = {"n_blocks": 16, "patch": 96, "overlap": 6, "batch": 16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -53,17 +58,22 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def default_repeats(width: int, height: int) -> int:
-    pixels = width * height
-    return 3 if pixels <= 320 * 180 else 2 if pixels <= 512 * 270 else 1
+    """3 timed runs up to 320x180 LR pixels, 1 above (a 1024x540 run of one 16-block
+    configuration takes over a minute on a 2-core CPU)."""
+    return 3 if width * height <= 320 * 180 else 1
 
 
 def plan_sizes(sizes: list[str], repeats: int | None, warmup: str, check: str) -> list[dict[str, Any]]:
     """Sizes in ascending pixel count (peak memory is read after each), with repeats, warm-up
-    kind and whether the outputs are checked against the PyTorch twins."""
+    kind and whether the outputs are checked against the PyTorch twins.
+
+    Warm-up ``auto``: one per process, before the first (smallest) size: the whole image up to
+    512x270, else a crop of 2 x 4 patches; later sizes run in the same, already warm process
+    (``"none"``). ``full`` / ``crop``: that warm-up before every size."""
     parsed = sorted({parse_size(s) for s in sizes}, key=lambda wh: (wh[0] * wh[1], wh))
     plan = []
     for i, (w, h) in enumerate(parsed):
-        auto = "full" if w * h <= 512 * 270 else "crop"
+        auto = ("full" if w * h <= 512 * 270 else "crop") if i == 0 else "none"
         plan.append({"size": f"{w}x{h}", "width": w, "height": h, "repeats": repeats or default_repeats(w, h),
                      "warmup": auto if warmup == "auto" else warmup,
                      "check": check == "all" or (check == "smallest" and i == 0)})
@@ -111,20 +121,32 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], threads: int, timeout: float, log: Path) -> tuple[dict[str, Any] | None, str]:
-    """Run ``run_one`` with ``args``; (its JSON answer, "") or (None, the tail of its stderr)."""
+def run_child(args: list[str], threads: int, timeout: float, log: Path,
+              say: Callable[[str], None] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Run ``run_one`` with ``args``; (its JSON answer, "") or (None, the tail of its stderr).
+    Its stderr goes to ``log``; lines starting with ``PROGRESS`` are also passed to ``say``."""
     cmd = [sys.executable, "-m", "refqsr_engine.benchmarks.run_one", *args]
-    with open(log, "w") as err:
+    with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=_child_env(threads))
+        killed = threading.Event()
+        timer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
+        timer.start()
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout,
-                                  env=_child_env(threads))
-        except subprocess.TimeoutExpired:
-            return None, f"timed out after {timeout:.0f} s"
-    tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            for line in proc.stderr:
+                err.write(line)
+                if say is not None and line.startswith(PROGRESS):
+                    say(line[len(PROGRESS):].strip())
+            proc.wait()
+        finally:
+            timer.cancel()
+        out.seek(0)
+        answer = out.read()
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and "Warning:" not in ln]
+    tail = " | ".join(lines[-3:])
     if proc.returncode != 0:
-        return None, f"exit {proc.returncode}: {tail}"
+        return None, f"timed out after {timeout:.0f} s" if killed.is_set() else f"exit {proc.returncode}: {tail}"
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+        return json.loads(answer.strip().splitlines()[-1]), ""
     except (json.JSONDecodeError, IndexError):
         return None, f"no JSON answer: {tail}"
 
@@ -155,7 +177,7 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
         spec_path.write_text(json.dumps(spec))
         say(f"preparing {len(configs)} configurations (models, compiled artifacts, ONNX graphs; cached under "
             f"{C.bench_cache()})")
-        prep, err = run_child(["prepare", str(spec_path)], args.threads, args.timeout, work / "prepare.log")
+        prep, err = run_child(["prepare", str(spec_path)], args.threads, args.timeout, work / "prepare.log", say)
         if prep is None:
             raise RuntimeError(f"preparing the configurations failed: {err}")
         t_prep = time.perf_counter() - t0
@@ -183,17 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Latency and peak memory of the compiled engine and its peers.")
     p.add_argument("--sizes", nargs="+", metavar="WxH", help=f"LR sizes (default {' '.join(DEFAULT_SIZES)})")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument("--repeats", type=int, help="timed runs per size (default: 3 / 2 / 1 by size)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 160x96, 4-block models, patch 48, 1 repeat")
+    p.add_argument("--repeats", type=int, help="timed runs per size (default: 3 up to 320x180, else 1)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 96x64, 4-block models, patch 24, batch 1, 1 repeat")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for latency.json / latency.md")
     p.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {' '.join(C.config_names())}")
     p.add_argument("--check", choices=("smallest", "all", "none"), default="smallest",
                    help="sizes whose outputs are compared with the PyTorch twins (default: the smallest)")
     p.add_argument("--warmup", choices=("auto", "full", "crop"), default="auto")
     p.add_argument("--n-blocks", type=int, help="SRResNet blocks (default 16; --quick 4)")
-    p.add_argument("--patch", type=int, help="LR patch size (default 96; --quick 48)")
+    p.add_argument("--patch", type=int, help="LR patch size (default 96; --quick 24)")
     p.add_argument("--overlap", type=int, help="patch overlap (default 6)")
-    p.add_argument("--batch", type=int, help="patches per network batch (default 16; --quick 4)")
+    p.add_argument("--batch", type=int, help="patches per network batch (default 16; --quick 1)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each child process")
     return p
 

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
+WARMUP = {"full": "one run on this image", "crop": "one run on its first 2 x 4 patches",
+          "none": "none, the process is warm from the smaller size"}
+
+
 def _ok(rec: dict[str, Any]) -> bool:
     return bool(rec.get("ok"))
 
@@ -35,8 +39,9 @@ def ratios(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def flags(results: dict[str, Any]) -> list[str]:
-    """Failed configurations and outputs that disagree with their PyTorch twin (more than 0.1 % of
-    8-bit pixels off by more than 1, or a different clustering)."""
+    """Failed configurations, outputs that disagree with their PyTorch twin (more than 0.1 % of
+    8-bit pixels off by more than 1, or a different clustering), and quantized ONNX Runtime
+    graphs that ORT ran without integer kernels."""
     found = []
     for name, rec in results["configs"].items():
         if not _ok(rec):
@@ -51,6 +56,9 @@ def flags(results: dict[str, Any]) -> list[str]:
                              f"{100 * check['frac_over_1lsb']:.2f} % of pixels (max {check['max_abs_diff_8bit']})")
             if check.get("same_clustering") is False:
                 found.append(f"{name} @ {size}: clustering differs from its PyTorch twin")
+        if rec.get("ort_integer_ops") == 0 and rec.get("bits") != "32":
+            found.append(f"{name}: ONNX Runtime fused no QDQ node into an integer kernel; it ran the "
+                         f"{rec.get('bits')}-bit graph's convs in float")
     return found
 
 
@@ -81,7 +89,7 @@ def markdown(results: dict[str, Any]) -> str:
                  f"models; LR images: the scikit-image '{s['photo']}' photo, centre-cropped to each aspect ratio "
                  "and resized (bicubic).")
     lines.append("Times: wall time of the whole pipeline per image (tiling, network batches, merge; RefQSR also "
-                 "clusters), after a warm-up run; median / p90 / min over the repeats. `per batch` = median / "
+                 "clusters), in a process warmed up by one run on the smallest image; median / p90 / min over the repeats. `per batch` = median / "
                  "network batches (RefQSR: reference + query batches). Peak RSS: VmHWM of the configuration's own "
                  "process (imports included; `+model` = above the post-import baseline). On disk: what the runner "
                  "loads (compiled libraries, ONNX graph or model file).")
@@ -90,7 +98,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("")
     for size in s["sizes"]:
         plan = next(p for p in s["plan"] if p["size"] == size)
-        lines += [f"## {size} LR -> x4 ({plan['repeats']} repeat(s), warm-up: {plan['warmup']})", "",
+        lines += [f"## {size} LR -> x4 ({plan['repeats']} repeat(s); warm-up: {WARMUP[plan['warmup']]})", "",
                   "| configuration | weights | median s | p90 s | min s | per batch ms | stages (median s) | "
                   "peak RSS MB (+model) | on disk MB | = PyTorch twin |",
                   "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
@@ -117,10 +125,12 @@ def markdown(results: dict[str, Any]) -> str:
                          for p in peers]
                 lines.append(f"| {configs[e]['label']} | " + " | ".join(cells) + " |")
         lines.append("")
-    ort = {n: r["ort_optimized_ops"] for n, r in configs.items() if _ok(r) and r.get("ort_optimized_ops")}
+    ort = [n for n, r in configs.items() if _ok(r) and r.get("ort_optimized_ops")]
     if ort:
-        lines += ["ONNX Runtime's optimised graphs (op counts): " + "; ".join(
-            f"{configs[n]['label']}: " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6]) for n, ops in ort.items()), ""]
+        lines += ["ONNX Runtime's optimised graphs: " + "; ".join(
+            f"{configs[n]['label']}: {configs[n]['ort_integer_ops']} integer kernels (QLinearConv, ConvInteger, ...); "
+            "top ops " + ", ".join(f"{k} {v}" for k, v in list(configs[n]["ort_optimized_ops"].items())[:6])
+            for n in ort), ""]
     if results.get("flags"):
         lines += ["## Flags", ""] + [f"- {f}" for f in results["flags"]] + [""]
     lines.append(f"Command: `{results['command']}`; {results['timing']['total_seconds']:.0f} s in all "

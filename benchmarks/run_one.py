@@ -8,9 +8,9 @@ stderr).
 ``python -m refqsr_engine.benchmarks.run_one measure SPEC NAME``
     times configuration NAME on every LR image of SPEC.
 
-What ``measure`` times, per image size: one warm-up run (the whole image, or for large images a
-crop of 2 x 4 patches to save time), then ``repeats`` runs of the whole pipeline on the same
-image. A run is the wall time (``time.perf_counter``) of ``run_patchwise`` (tile, network batches,
+What ``measure`` times, per image size (ascending): the warm-up the plan asks for (``full``: the
+whole image, ``crop``: its first 2 x 4 patches, ``none``: the process is already warm from the
+smaller sizes), then ``repeats`` runs of the whole pipeline on the same image. A run is the wall time (``time.perf_counter``) of ``run_patchwise`` (tile, network batches,
 blend-merge; RefQSR also clusters), or for the whole-image PyTorch peer of one ``model(x)``
 forward including the numpy/tensor conversions. Per-stage times come from
 ``PatchwiseResult.seconds``. Loading the runner (model files, compiled libraries, ORT session) is
@@ -36,6 +36,12 @@ from typing import Any
 import numpy as np
 
 from . import configs as C
+
+PROGRESS = "[bench] "  # stderr lines the parent passes on to its user
+
+
+def progress(msg: str) -> None:
+    print(PROGRESS + msg, file=sys.stderr, flush=True)
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -74,6 +80,13 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.int16)
 
 
+def compare_8bit(got: np.ndarray, want: np.ndarray, max_fraction: float = 1e-3) -> dict[str, Any]:
+    """Two 8-bit images agree when at most ``max_fraction`` of their values differ by more than 1."""
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    frac = float(np.mean(diff > 1))
+    return {"max_abs_diff_8bit": int(diff.max()), "frac_over_1lsb": frac, "within_1lsb": frac <= max_fraction}
+
+
 def run_once(runner: Any, lr: np.ndarray, patch: int, overlap: int, batch: int) -> dict[str, Any]:
     """Time one run of a runner on one LR image; returns seconds, stage seconds, the HR image and
     the patch/clustering counts."""
@@ -105,10 +118,7 @@ def twin_check(prepared: dict[str, Any], lr: np.ndarray, got: dict[str, Any], pa
     t = time.perf_counter()
     want = run_patchwise(TorchRunner(model, bits), lr, patch, overlap, batch)
     twin_seconds = time.perf_counter() - t
-    diff = np.abs(np.load(got["hr"]) - to_8bit(want.image))
-    frac = float(np.mean(diff > 1))
-    out = {"max_abs_diff_8bit": int(diff.max()), "frac_over_1lsb": frac, "within_1lsb": frac <= 1e-3,
-           "twin_seconds": round(twin_seconds, 4)}
+    out = {**compare_8bit(np.load(got["hr"]), to_8bit(want.image)), "twin_seconds": round(twin_seconds, 4)}
     if got["reference_of"] is not None:
         out["same_clustering"] = bool(np.array_equal(got["reference_of"], want.clustering.reference_of.numpy()))
     return out
@@ -143,11 +153,13 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
                               "baseline_rss_mb": baseline["peak_rss_mb"], "sizes": {}}
     if isinstance(runner, C.OrtRunner):
         record["ort_optimized_ops"] = runner.optimized_ops
+        record["ort_integer_ops"] = runner.integer_ops
     checks: dict[str, dict[str, Any]] = {}
     for size in spec["sizes"]:
         key = size["size"]
         lr = np.load(spec["images"][key])
-        run_once(runner, _warmup_image(lr, size["warmup"], patch), patch, overlap, batch)
+        if size["warmup"] != "none":
+            run_once(runner, _warmup_image(lr, size["warmup"], patch), patch, overlap, batch)
         runs = []
         for _ in range(size["repeats"]):
             run = run_once(runner, lr, patch, overlap, batch)
@@ -188,7 +200,8 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
         path = work / f"lr_{size['size']}.npy"
         np.save(path, C.make_lr(size["width"], size["height"]))
         images[size["size"]] = str(path)
-    prepared = C.prepare_all(spec["configs"], spec["n_blocks"], spec["patch"], spec["batch"], spec["threads"])
+    prepared = C.prepare_all(spec["configs"], spec["n_blocks"], spec["patch"], spec["batch"], spec["threads"],
+                             progress)
     return {"images": images, "prepared": prepared, "seconds": round(time.perf_counter() - t, 2)}
 
 
