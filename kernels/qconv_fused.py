@@ -35,6 +35,20 @@ from .conv2d_int8 import (
 )
 
 
+def grid_offset(bits: int, signed_container: bool) -> int:
+    """Added to q so a b-bit grid starts at 0 (the integer kernels take unsigned activations):
+    2^(b-1) for the symmetric grids of int8 containers, 0 for uint8 ones."""
+    return 2 ** (bits - 1) if signed_container else 0
+
+
+def grid_range(bits: int, signed_container: bool) -> tuple[int, int]:
+    """The b-bit grid inside its 8-bit container (before the offset)."""
+    if signed_container:
+        half = 2 ** (bits - 1)
+        return -half, half - 1
+    return 0, 2**bits - 1
+
+
 @dataclass(frozen=True)
 class QConvSpec:
     """A quantized conv of the graph: its problem shape, activation grid and operand ranges."""
@@ -47,16 +61,11 @@ class QConvSpec:
 
     @property
     def act_offset(self) -> int:
-        """Added to q so the grid starts at 0 (vpmaddubsw wants unsigned activations)."""
-        return 2 ** (self.act_bits - 1) if self.signed_container else 0
+        return grid_offset(self.act_bits, self.signed_container)
 
     @property
     def q_range(self) -> tuple[int, int]:
-        """The b-bit grid inside the container (before the offset)."""
-        if self.signed_container:
-            half = 2 ** (self.act_bits - 1)
-            return -half, half - 1
-        return 0, 2**self.act_bits - 1
+        return grid_range(self.act_bits, self.signed_container)
 
     @property
     def act_max(self) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from compile_helpers import small_refqsr
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.clustblock import ClustBlock
@@ -30,20 +31,8 @@ def _session(path, optimize: bool) -> ort.InferenceSession:
 
 
 def _model(scheme: str):
-    torch.manual_seed(3)
-    clust = ClustBlock(16)
-    clust.calibrate(torch.rand(6, 3, PATCH, PATCH))
     # A 4-block network keeps the export quick; the slow test exports the full 16-block one.
-    model = build_refqsr("srresnet", scheme, 8, 4, clust, n_blocks=N_BLOCKS)
-    model.train()
-    model(torch.rand(4, 3, PATCH, PATCH), torch.rand(4, 3, PATCH, PATCH))  # initialise quantizer ranges
-    if scheme == "ddtb":  # make the dynamic gate actually vary per sample
-        with torch.no_grad():
-            for m in model.modules():
-                if hasattr(m, "gate") and m.gate is not None:
-                    m.gate.fc2.weight.normal_(0, 0.5)
-                    m.gate.fc2.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    return small_refqsr(scheme, patch=PATCH)
 
 
 @pytest.fixture(scope="module", params=["pams", "ddtb"])

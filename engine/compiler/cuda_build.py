@@ -62,7 +62,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
-from .qdq_conv import FULL_PRECISION, ConvReport, QDQConvResult, _const, _op_name
+from ...kernels.qconv_fused import grid_offset, grid_range
+from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
 #: the host the clustering kernel of a CUDA artifact is built for
@@ -115,15 +116,11 @@ class _ConvPlan:
 
     @property
     def offset(self) -> int:
-        """Added to q so the grid starts at 0 (both kernels take unsigned activations)."""
-        return 2 ** (self.act_bits - 1) if self.signed_container else 0
+        return grid_offset(self.act_bits, self.signed_container)
 
     @property
     def q_range(self) -> tuple[int, int]:
-        if self.signed_container:
-            half = 2 ** (self.act_bits - 1)
-            return -half, half - 1
-        return 0, 2**self.act_bits - 1
+        return grid_range(self.act_bits, self.signed_container)
 
 
 def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
@@ -149,26 +146,14 @@ class _CudaRewriter(PyExprMutator):
         self.result = result
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
-    def _binding(self, expr):
-        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         call = super().visit_call_(call)
         if _op_name(call) != "relax.nn.conv2d":
             return call
-        index = len(self.result.convs)
-        if index >= len(self.table):
-            raise RefQSRError(f"the graph has more convs than its refqsr.convs metadata ({len(self.table)})")
-        entry = self.table[index]
-        report = ConvReport(index, entry.get("module", "?"), int(entry["act_bits"]))
-        self.result.convs.append(report)
-        matched = self._match(call)
-        if report.act_bits >= FULL_PRECISION:
-            if matched is not None:
-                raise RefQSRError(f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata")
-            return call
+        report, matched = classify_conv(call, self.table, self.result, self.lookup_binding)
         if matched is None:
-            raise RefQSRError(f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern")
+            return call
+        index = report.index
         plan = self._plan(call, matched, report)
         variant = None if isinstance(plan, str) else choose_cuda_variant(
             report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
@@ -177,16 +162,6 @@ class _CudaRewriter(PyExprMutator):
             self.result.float_reasons[index] = why
             return call  # the graph's own float QDQ conv: exact fake-quantized math
         return self._integer_conv(matched[0], plan, variant, report)
-
-    def _match(self, call: relax.Call):
-        data, weight = call.args
-        deq, wdeq = self._binding(data), self._binding(weight)
-        if _op_name(deq) != "relax.dequantize" or _op_name(wdeq) != "relax.dequantize":
-            return None
-        quant = self._binding(deq.args[0])
-        if _op_name(quant) != "relax.quantize":
-            return None
-        return quant, wdeq
 
     def _plan(self, call: relax.Call, matched, report: ConvReport) -> _ConvPlan | str:
         """The conv's integer problem, or why it has none (a string)."""

@@ -66,6 +66,42 @@ def _const(expr, what: str) -> np.ndarray:
     return expr.value.numpy()
 
 
+def match_qdq_conv(call: relax.Call, lookup) -> tuple[relax.Call, relax.Call] | None:
+    """(quantize, weight dequantize) of ``conv2d(dequantize(quantize(x)), dequantize(Wq))``, or None;
+    ``lookup`` is the mutator's ``lookup_binding``."""
+
+    def bound(expr):
+        return lookup(expr) if isinstance(expr, relax.Var) else None
+
+    data, weight = call.args
+    deq, wdeq = bound(data), bound(weight)
+    if _op_name(deq) != "relax.dequantize" or _op_name(wdeq) != "relax.dequantize":
+        return None
+    quant = bound(deq.args[0])
+    if _op_name(quant) != "relax.quantize":
+        return None
+    return quant, wdeq
+
+
+def classify_conv(call: relax.Call, table: Sequence[dict], result: QDQConvResult, lookup):
+    """Match the next conv of the graph to its metadata entry (by position) and to the QDQ pattern;
+    returns (report, matched or None for a full-precision conv). Disagreements are errors."""
+    index = len(result.convs)
+    if index >= len(table):
+        raise RefQSRError(f"the graph has more convs than its refqsr.convs metadata ({len(table)})")
+    entry = table[index]
+    report = ConvReport(index, entry.get("module", "?"), int(entry["act_bits"]))
+    result.convs.append(report)
+    matched = match_qdq_conv(call, lookup)
+    if report.act_bits >= FULL_PRECISION:
+        if matched is not None:
+            raise RefQSRError(f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata")
+        return report, None
+    if matched is None:
+        raise RefQSRError(f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern")
+    return report, matched
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, table: Sequence[dict], vnni: bool, result: QDQConvResult):
@@ -75,40 +111,12 @@ class _Rewriter(PyExprMutator):
         self.result = result
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
-    def _binding(self, expr):
-        if isinstance(expr, relax.Var):
-            return self.lookup_binding(expr)
-        return None
-
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         call = super().visit_call_(call)
         if _op_name(call) != "relax.nn.conv2d":
             return call
-        index = len(self.result.convs)
-        if index >= len(self.table):
-            raise RefQSRError(f"the graph has more convs than its refqsr.convs metadata ({len(self.table)})")
-        entry = self.table[index]
-        report = ConvReport(index, entry.get("module", "?"), int(entry["act_bits"]))
-        self.result.convs.append(report)
-        matched = self._match(call)
-        if report.act_bits >= FULL_PRECISION:
-            if matched is not None:
-                raise RefQSRError(f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata")
-            return call
-        if matched is None:
-            raise RefQSRError(f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern")
-        return self._integer_conv(call, matched, report)
-
-    def _match(self, call: relax.Call):
-        data, weight = call.args
-        deq = self._binding(data)
-        wdeq = self._binding(weight)
-        if _op_name(deq) != "relax.dequantize" or _op_name(wdeq) != "relax.dequantize":
-            return None
-        quant = self._binding(deq.args[0])
-        if _op_name(quant) != "relax.quantize":
-            return None
-        return quant, wdeq
+        report, matched = classify_conv(call, self.table, self.result, self.lookup_binding)
+        return call if matched is None else self._integer_conv(call, matched, report)
 
     def _integer_conv(self, call: relax.Call, matched, report: ConvReport) -> relax.Expr:
         quant, wdeq = matched
