@@ -1,4 +1,5 @@
 """``python -m refqsr_engine.benchmarks``: the latency benchmark (see :mod:`.latency`)."""
-from .latency import main
+from .latency import _exit_on_sigterm, main
 
+_exit_on_sigterm()
 raise SystemExit(main())

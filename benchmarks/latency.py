@@ -137,6 +137,10 @@ def run_child(args: list[str], threads: int, timeout: float, log: Path,
                 if say is not None and line.startswith(PROGRESS):
                     say(line[len(PROGRESS):].strip())
             proc.wait()
+        except BaseException:  # interrupted: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             timer.cancel()
         out.seek(0)
@@ -244,5 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(not r.get("ok") for r in results["configs"].values()) else 0
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that the running child is killed and the work folder removed."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 if __name__ == "__main__":
+    _exit_on_sigterm()
     raise SystemExit(main())

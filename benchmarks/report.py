@@ -90,7 +90,8 @@ def markdown(results: dict[str, Any]) -> str:
                  "and resized (bicubic).")
     lines.append("Times: wall time of the whole pipeline per image (tiling, network batches, merge; RefQSR also "
                  "clusters), in a process warmed up by one run on the smallest image; median / p90 / min over the repeats. `per batch` = median / "
-                 "network batches (RefQSR: reference + query batches). Peak RSS: VmHWM of the configuration's own "
+                 "network batches (RefQSR: reference + query batches). CPU/wall: the process's CPU time over its wall time "
+                 "(about the thread count when it had its cores to itself; less when other work shared the CPU). Peak RSS: VmHWM of the configuration's own "
                  "process (imports included; `+model` = above the post-import baseline). On disk: what the runner "
                  "loads (compiled libraries, ONNX graph or model file).")
     if s.get("quick"):
@@ -99,18 +100,19 @@ def markdown(results: dict[str, Any]) -> str:
     for size in s["sizes"]:
         plan = next(p for p in s["plan"] if p["size"] == size)
         lines += [f"## {size} LR -> x4 ({plan['repeats']} repeat(s); warm-up: {WARMUP[plan['warmup']]})", "",
-                  "| configuration | weights | median s | p90 s | min s | per batch ms | stages (median s) | "
+                  "| configuration | weights | median s | p90 s | min s | per batch ms | CPU/wall | stages (median s) | "
                   "peak RSS MB (+model) | on disk MB | = PyTorch twin |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
         for name, rec in configs.items():
             if not _ok(rec) or size not in rec["sizes"]:
-                lines.append(f"| {rec['label']} | - | failed | | | | | | | |")
+                lines.append(f"| {rec['label']} | - | failed | | | | | | | | |")
                 continue
             r = rec["sizes"][size]
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items() if v)
             per_batch = "-" if r["per_batch"] is None else f"{1000 * r['per_batch']:.1f}"
+            cpu = f"{r['cpu_seconds_median'] / r['median']:.2f}" if r.get("cpu_seconds_median") else "-"
             lines.append(f"| {rec['label']} | {rec['weights']} | {r['median']:.3f} | {r['p90']:.3f} | {r['min']:.3f} | "
-                         f"{per_batch} | {stages} | {r['peak_rss_mb_so_far']:.0f} "
+                         f"{per_batch} | {cpu} | {stages} | {r['peak_rss_mb_so_far']:.0f} "
                          f"(+{r['peak_rss_mb_so_far'] - rec['baseline_rss_mb']:.0f}) | {_mb(rec.get('disk_bytes'))} | "
                          f"{_check_cell(r)} |")
         rows = results["ratios"].get(size, [])

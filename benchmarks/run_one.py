@@ -13,7 +13,9 @@ whole image, ``crop``: its first 2 x 4 patches, ``none``: the process is already
 smaller sizes), then ``repeats`` runs of the whole pipeline on the same image. A run is the wall time (``time.perf_counter``) of ``run_patchwise`` (tile, network batches,
 blend-merge; RefQSR also clusters), or for the whole-image PyTorch peer of one ``model(x)``
 forward including the numpy/tensor conversions. Per-stage times come from
-``PatchwiseResult.seconds``. Loading the runner (model files, compiled libraries, ORT session) is
+``PatchwiseResult.seconds``; the CPU time of the process during a run (``time.process_time``, all
+threads) is kept too: CPU / wall near the thread count means the run had its cores to itself.
+Loading the runner (model files, compiled libraries, ORT session) is
 timed separately and not part of a run.
 
 Peak memory: ``VmHWM`` of /proc/self/status (the process's resident high-water mark) after every
@@ -91,18 +93,18 @@ def run_once(runner: Any, lr: np.ndarray, patch: int, overlap: int, batch: int) 
     """Time one run of a runner on one LR image; returns seconds, stage seconds, the HR image and
     the patch/clustering counts."""
     if isinstance(runner, C.WholeImage):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         image = runner(lr)
-        seconds = time.perf_counter() - t
-        return {"seconds": seconds, "stages": {"forward": seconds}, "image": image, "patches": None,
-                "references": None, "clustering": None}
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+        return {"seconds": seconds, "cpu_seconds": cpu, "stages": {"forward": seconds}, "image": image,
+                "patches": None, "references": None, "clustering": None}
     from ..models.patchwise import run_patchwise
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = run_patchwise(runner, lr, patch, overlap, batch)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     cl = result.clustering
-    return {"seconds": seconds, "stages": dict(result.seconds), "image": result.image,
+    return {"seconds": seconds, "cpu_seconds": cpu, "stages": dict(result.seconds), "image": result.image,
             "patches": result.grid.num_patches, "references": None if cl is None else cl.num_references,
             "clustering": cl}
 
@@ -150,6 +152,7 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
     runner = C.build_runner(cfg, prepared, threads, spec["work"])
     load_seconds = time.perf_counter() - t
     record: dict[str, Any] = {"name": name, "ok": True, "load_seconds": round(load_seconds, 4),
+                              "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                               "baseline_rss_mb": baseline["peak_rss_mb"], "sizes": {}}
     if isinstance(runner, C.OrtRunner):
         record["ort_optimized_ops"] = runner.optimized_ops
@@ -180,8 +183,10 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
             "stages": {k: round(float(np.median([r["stages"].get(k, 0.0) for r in runs])), 5) for k in stages},
             "patches": last["patches"], "references": last["references"], "network_batches": n_batches,
             "per_batch": None if n_batches is None else round(stats["median"] / n_batches, 5),
+            "cpu_seconds_median": round(float(np.median([r["cpu_seconds"] for r in runs])), 5),
             "peak_rss_mb_so_far": memory_mb()["peak_rss_mb"],
         }
+    record["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     record.update(memory_mb())
     record["peak_rss_delta_mb"] = round(record["peak_rss_mb"] - baseline["peak_rss_mb"], 1)
     del runner
