@@ -1,5 +1,9 @@
-"""``python -m refqsr_engine.benchmarks``: the latency benchmark (see :mod:`.latency`)."""
-from .latency import _exit_on_sigterm, main
+"""``python -m refqsr_engine.benchmarks [all|latency|quality] [options]``: the whole suite
+(:mod:`.suite`, the default), or one of its steps."""
+import sys
+
+from .latency import _exit_on_sigterm
+from .dispatch import run
 
 _exit_on_sigterm()
-raise SystemExit(main())
+raise SystemExit(run(sys.argv[1:]))

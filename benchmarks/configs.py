@@ -9,10 +9,13 @@ A configuration is ``{"name", "label", "role", "runner", "model"}``:
   (PyTorch, one forward over the whole image) or ``"ort"`` (ONNX Runtime, patch-wise);
 * ``model``: a key of :data:`MODELS`.
 
-Models come from the bundled ones when one matches (architecture, quantizer, bits, blocks); else a
-freshly initialised model of that architecture is built once, its quantizer ranges calibrated by
-one train-mode forward on photo patches, and cached (``"weights": "fresh"`` in the results).
-Compiled artifacts and exported graphs are cached under ``cache_dir()/bench``.
+Models (see :func:`prepare_model`): a bundled trained model when one runs at the configuration's
+bits with its quantizer and block count (``models_store.bundled_with_bits``); otherwise the
+quantized model is made from the bundled full-precision SRResNet by post-training quantization:
+its weights copied in, RefER blocks started as the identity (refinement conv zeroed; they are
+untrained), the quantizer ranges calibrated by one train-mode forward on patches of a photo that is
+in no validation set (``"weights": "ptq"``, labelled "PTQ from FP (not QAT)" in every table). Made
+once and cached. Compiled artifacts and exported graphs are cached under ``cache_dir()/bench``.
 
 Nothing here imports torch, TVM or ONNX Runtime at module level: the benchmark's parent process
 imports this module and must stay small (its children's ``ru_maxrss`` starts from its peak).
@@ -32,9 +35,16 @@ MODELS: dict[str, dict[str, Any]] = {
     "fp32": {"kind": "sr", "scheme": None, "bits": "32"},
     "ddtb-8": {"kind": "sr", "scheme": "ddtb", "bits": "8", "act_bits": 8},
     "ddtb-4": {"kind": "sr", "scheme": "ddtb", "bits": "4", "act_bits": 4},
+    "refqsr-8-5": {"kind": "refqsr", "scheme": "ddtb", "bits": "8-5", "b_high": 8, "b_low": 5},
     "refqsr-8-4": {"kind": "refqsr", "scheme": "ddtb", "bits": "8-4", "b_high": 8, "b_low": 4},
+    "refqsr-8-3": {"kind": "refqsr", "scheme": "ddtb", "bits": "8-3", "b_high": 8, "b_low": 3},
     "refqsr-4-3": {"kind": "refqsr", "scheme": "ddtb", "bits": "4-3", "b_high": 4, "b_low": 3},
+    "refqsr-4-2": {"kind": "refqsr", "scheme": "ddtb", "bits": "4-2", "b_high": 4, "b_low": 2},
 }
+
+#: how each kind of weights is named in every table
+WEIGHTS_LABELS = {"trained": "trained (bundled)", "ptq": "PTQ from FP (not QAT)",
+                  "fp-truncated": "FP, first blocks only (smoke test)"}
 
 CONFIGS: list[dict[str, str]] = [
     {"name": "engine-refqsr-8-4", "label": "engine RefQSR 8-4", "role": "engine", "runner": "tvm", "model": "refqsr-8-4"},
@@ -46,7 +56,13 @@ CONFIGS: list[dict[str, str]] = [
      "model": "fp32"},
     {"name": "torch-patches-fp32", "label": "PyTorch fp32 (patches)", "role": "peer", "runner": "torch", "model": "fp32"},
     {"name": "ort-fp32", "label": "ONNX Runtime fp32", "role": "peer", "runner": "ort", "model": "fp32"},
-    {"name": "ort-int8", "label": "ONNX Runtime int8 (DDTB-8 QDQ)", "role": "peer", "runner": "ort", "model": "ddtb-8"},
+    # What a user would reach for: ORT's own static int8 quantization of the FP graph (QDQ, per-channel
+    # weights, min/max calibration), every conv quantized, which ORT fuses into QLinearConv.
+    {"name": "ort-int8", "label": "ONNX Runtime int8 (static QDQ of the whole FP network)", "role": "peer",
+     "runner": "ort", "model": "fp32", "ort_quant": "static"},
+    # Our exported DDTB-8 graph as ORT sees it (dynamic per-sample scales: ORT cannot fuse them).
+    {"name": "ort-qdq-ddtb8", "label": "ONNX Runtime on the exported DDTB-8 QDQ graph", "role": "peer",
+     "runner": "ort", "model": "ddtb-8"},
 ]
 
 #: runners whose output is compared with the PyTorch model they were built from (same file)
@@ -55,7 +71,8 @@ TWIN_CHECKED = ("tvm", "ort")
 INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "NhwcQLinearConv")
 SEED = 0
 PHOTO = "astronaut"  # scikit-image photo every LR test image is cut from
-CALIBRATION_PHOTO = "coffee"  # a different photo for the fresh models' quantizer ranges
+CALIBRATION_PHOTO = "chelsea"  # PTQ ranges: a photo in no validation set (astronaut, coffee are)
+PTQ_VERSION = 2  # bump when the PTQ recipe changes: cached PTQ models are rebuilt
 
 
 def config_names() -> list[str]:
@@ -100,7 +117,7 @@ def make_lr(width: int, height: int, photo: str = PHOTO) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0)
 
 
-def _calibration_patches(n: int = 8, patch: int = 48, seed: int = SEED):
+def _calibration_patches(n: int = 16, patch: int = 48, seed: int = SEED):
     import torch
 
     img = _photo(CALIBRATION_PHOTO).astype(np.float32) / 255.0
@@ -116,7 +133,7 @@ def _calibration_patches(n: int = 8, patch: int = 48, seed: int = SEED):
 
 
 def bench_cache() -> Path:
-    """``cache_dir()/bench``: fresh models, compiled artifacts and exported graphs of the benchmark."""
+    """``cache_dir()/bench``: PTQ models, compiled artifacts and exported graphs of the benchmark."""
     from ..engine.artifact import cache_dir
 
     return cache_dir() / "bench"
@@ -128,6 +145,10 @@ def clustblock_path() -> Path:
     return bundled_dir().parent / "clustblock" / "textures47.pt"
 
 
+def weights_label(weights: str) -> str:
+    return WEIGHTS_LABELS.get(weights, weights)
+
+
 def _matches(cfg: dict[str, Any], spec: dict[str, Any], n_blocks: int) -> bool:
     from ..models.checkpoint import bits_label
 
@@ -136,20 +157,45 @@ def _matches(cfg: dict[str, Any], spec: dict[str, Any], n_blocks: int) -> bool:
 
 
 def bundled_model(key: str, n_blocks: int) -> Path | None:
-    """The bundled model file that is exactly ``MODELS[key]`` with ``n_blocks`` blocks, if any."""
-    from ..engine.models_store import bundled_dir, bundled_models
+    """The bundled trained model that is exactly ``MODELS[key]`` with ``n_blocks`` blocks, if any:
+    ``bundled_with_bits`` first (the name users get with ``--bits``), then any other bundled one."""
+    from ..engine.models_store import bundled_dir, bundled_models, bundled_with_bits
+    from ..errors import RefQSRError
     from ..models.checkpoint import read_config
 
-    for name in bundled_models():
+    try:
+        first = [bundled_with_bits(MODELS[key]["bits"])]
+    except RefQSRError:
+        first = []
+    for name in first + [n for n in bundled_models() if n not in first]:
         path = bundled_dir() / f"{name}.pt"
         if _matches(read_config(path), MODELS[key], n_blocks):
             return path
     return None
 
 
-def build_fresh(key: str, n_blocks: int, seed: int = SEED):
-    """A freshly initialised ``MODELS[key]`` model (eval mode) whose quantizer ranges were set by
-    one train-mode forward on photo patches (RefQSR: with the bundled 8-bit ClustBlock)."""
+def fp_source() -> Path:
+    """The trained full-precision SRResNet every PTQ model starts from."""
+    from ..engine.models_store import bundled_with_bits, resolve_model
+
+    return resolve_model(bundled_with_bits("32"))
+
+
+def _copy_fp_weights(net, fp_state: dict[str, Any]) -> None:
+    """Copy every FP tensor whose name and shape exist in ``net`` (a shorter net takes the first
+    blocks); quantizer state and RefER blocks are not in the FP model and stay as built."""
+    own = net.state_dict()
+    fitting = {k: v for k, v in fp_state.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(fitting, strict=False)
+
+
+def build_ptq(key: str, n_blocks: int, seed: int = SEED):
+    """``MODELS[key]`` by post-training quantization of the bundled FP SRResNet (eval mode).
+
+    RefER blocks are new layers no FP model has; their refinement conv starts at zero so each
+    RefER passes the query feature through unchanged (the warped reference only matters once
+    QAT trains it). Quantizer ranges come from one train-mode forward on calibration patches
+    (RefQSR: both paths, with the bundled 8-bit ClustBlock)."""
     import torch
 
     from ..models.checkpoint import load_model
@@ -158,17 +204,26 @@ def build_fresh(key: str, n_blocks: int, seed: int = SEED):
 
     spec = MODELS[key]
     torch.manual_seed(seed)
+    fp, _ = load_model(fp_source())
+    fp_state = fp.state_dict()
     x = _calibration_patches(seed=seed)
     if spec["kind"] == "refqsr":
         clust, _ = load_model(clustblock_path())
         model = build_refqsr("srresnet", spec["scheme"], spec["b_high"], spec["b_low"], clust, n_blocks=n_blocks)
+        _copy_fp_weights(model.backbone, fp_state)
+        with torch.no_grad():
+            for refer in model.refers:
+                refer.conv2.conv.weight.zero_()
+                refer.conv2.conv.bias.zero_()
         model.train()
         with torch.no_grad():
             model(x.flip(-1), x)  # (queries, references): both paths' ranges
     elif spec["scheme"] is None:
         model = build_sr("srresnet", None, (), n_blocks=n_blocks)
+        _copy_fp_weights(model, fp_state)
     else:
         model = build_sr("srresnet", spec["scheme"], (spec["act_bits"],), n_blocks=n_blocks)
+        _copy_fp_weights(model, fp_state)
         model.train()
         with torch.no_grad():
             model(x, BitSpec.uniform(spec["act_bits"]))
@@ -176,18 +231,26 @@ def build_fresh(key: str, n_blocks: int, seed: int = SEED):
 
 
 def prepare_model(key: str, n_blocks: int) -> dict[str, Any]:
-    """The model file of ``MODELS[key]``: bundled if one matches, else fresh (built once, cached)."""
+    """The model file of ``MODELS[key]``: a bundled trained one if it exists, else made by PTQ from
+    the bundled FP model (built once, cached; keyed by the FP file's hash and the recipe version).
+    ``weights``: "trained", "ptq", or "fp-truncated" (a full-precision model cut to ``n_blocks``)."""
     path = bundled_model(key, n_blocks)
     if path is not None:
-        return {"path": str(path), "weights": "bundled", "bits": MODELS[key]["bits"], "n_blocks": n_blocks}
+        return {"path": str(path), "weights": "trained", "bits": MODELS[key]["bits"], "n_blocks": n_blocks,
+                "source": path.stem}
+    from ..engine.artifact import sha256_file
     from ..models.checkpoint import save_model
 
-    path = bench_cache() / "models" / f"{key}-{n_blocks}blocks-seed{SEED}.pt"
+    fp = fp_source()
+    weights = "fp-truncated" if MODELS[key]["scheme"] is None else "ptq"
+    path = bench_cache() / "models" / f"{key}-{n_blocks}blocks-{weights}{PTQ_VERSION}-{sha256_file(fp)[:12]}.pt"
     if not path.is_file():
-        card = {"weights": "fresh", "purpose": "latency benchmark only: untrained weights, quantizer ranges "
-                f"calibrated by one train-mode forward on {CALIBRATION_PHOTO} patches"}
-        save_model(path, build_fresh(key, n_blocks), card, half=False)
-    return {"path": str(path), "weights": "fresh", "bits": MODELS[key]["bits"], "n_blocks": n_blocks}
+        card = {"weights": weights, "label": weights_label(weights), "fp_source": str(fp),
+                "purpose": "benchmark only: weights of the bundled FP SRResNet, quantizer ranges calibrated by one "
+                f"train-mode forward on {CALIBRATION_PHOTO} patches, RefER blocks identity-initialised; no QAT"}
+        save_model(path, build_ptq(key, n_blocks), card, half=False)
+    return {"path": str(path), "weights": weights, "bits": MODELS[key]["bits"], "n_blocks": n_blocks,
+            "source": fp.stem}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +265,8 @@ def dir_bytes(path: str | Path) -> int:
 def prepare_artifact(model_path: str, patch: int, batch: int, threads: int) -> dict[str, Any]:
     """The compiled artifact of a model file for this host (compiled now unless cached)."""
     from ..engine.artifact import cache_key, package_version, sha256_file, tvm_version
-    from ..engine.compiler.compile_model import CompileOptions, compile_model
+    from ..engine.compiler.compile_model import compile_model
+    from ..engine.compiler.options import CompileOptions
 
     opts = CompileOptions(model=model_path, target="llvm", patch=patch, batch=batch, threads=threads)
     key = cache_key(model_sha256=sha256_file(model_path), target=opts.target_dict(), patch=patch, batch=batch,
@@ -244,6 +308,47 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
             "disk_bytes": path.stat().st_size}
 
 
+def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
+    """ONNX Runtime's static int8 quantization of an FP ``sr.onnx`` (QDQ format, u8 activations,
+    per-channel s8 weights, min/max ranges from patches of the calibration photo); cached."""
+    from importlib import metadata
+
+    from ..engine.artifact import cache_key, sha256_file
+
+    key = cache_key(fp_onnx_sha256=sha256_file(fp_onnx), patch=patch, ort=metadata.version("onnxruntime"), recipe=1)
+    path = bench_cache() / "onnx-int8" / key / "sr_int8.onnx"
+    exported_now = not path.is_file()
+    t = time.perf_counter()
+    if exported_now:
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        import onnx
+
+        patches = _calibration_patches(n=8, patch=patch).numpy()
+        input_name = onnx.load(fp_onnx, load_external_data=False).graph.input[0].name
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter([{input_name: patches[i : i + 1]} for i in range(len(patches))])
+
+            def get_next(self):
+                return next(self.items, None)
+
+        tmp = path.parent.with_name(path.parent.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        pre = tmp / "pre.onnx"
+        quant_pre_process(fp_onnx, str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(tmp / path.name), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / path.name).replace(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"onnx": str(path), "exported_now": exported_now, "prepare_seconds": round(time.perf_counter() - t, 2),
+            "disk_bytes": path.stat().st_size}
+
+
 def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch: int, threads: int,
                 say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Models, artifacts and graphs of every configuration (each model/artifact/graph once)."""
@@ -256,18 +361,21 @@ def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch:
             models[key] = prepare_model(key, n_blocks)
             say(f"model {key}: {models[key]['weights']} ({Path(models[key]['path']).name})")
         model = models[key]
-        entry = {"model_path": model["path"], "weights": model["weights"], "bits": model["bits"],
-                 "n_blocks": n_blocks, "model_bytes": dir_bytes(model["path"])}
-        if cfg["runner"] in ("tvm", "ort") and (cfg["runner"], key) not in done:
+        entry = {"model_path": model["path"], "weights": model["weights"], "source": model["source"],
+                 "bits": model["bits"], "n_blocks": n_blocks, "model_bytes": dir_bytes(model["path"])}
+        graph = (cfg["runner"], key, cfg.get("ort_quant"))
+        if cfg["runner"] in ("tvm", "ort") and graph not in done:
             what = "compiled artifact" if cfg["runner"] == "tvm" else "ONNX graph"
             say(f"{cfg['name']}: {what} of {key} (from the cache, else built now: a 16-block compile takes minutes)")
             made = (prepare_artifact(model["path"], patch, batch, threads) if cfg["runner"] == "tvm"
                     else prepare_onnx(model["path"], patch))
-            done[(cfg["runner"], key)] = made
+            if cfg.get("ort_quant") == "static":
+                made = prepare_ort_static(made["onnx"], patch)
+            done[graph] = made
             built = made.get("compiled_now") or made.get("exported_now")
             say(f"{cfg['name']}: " + (f"built in {made['prepare_seconds']:.0f} s" if built else "from the cache"))
         if cfg["runner"] in ("tvm", "ort"):
-            entry.update(done[(cfg["runner"], key)])
+            entry.update(done[graph])
         else:
             entry["disk_bytes"] = entry["model_bytes"]
         out[cfg["name"]] = entry

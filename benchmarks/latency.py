@@ -1,7 +1,7 @@
 """Latency and peak-memory benchmark of the compiled engine against its peers.
 
-    python -m refqsr_engine.benchmarks.latency [--sizes 320x180 512x270 1024x540] [--threads 2]
-        [--repeats N] [--quick] [--out benchmarks/results] [--configs NAME ...] [--check smallest|all|none]
+    python -m refqsr_engine.benchmarks.latency [--quick] [--threads 2] [--out benchmarks/results]
+        [--sizes WxH ...] [--repeats N] [--budget S] [--configs NAME ...] [--check crop|smallest|all|none]
 
 The same LR image (a crop/resize of a scikit-image photo) and the same patch grid go through every
 configuration of :mod:`.configs`. This process stays small (no torch/TVM import): one child
@@ -11,13 +11,17 @@ configuration is timed in its own child (:mod:`.run_one`), so that its peak memo
 What a run times is described in :mod:`.run_one`; results go to ``<out>/latency.json`` and
 ``latency.md`` (``latency-quick.*`` for ``--quick``) via :mod:`.report`.
 
-Repeats per size (unless ``--repeats``): 3 up to 320x180 LR pixels, 1 above; one warm-up run per
-process, on the smallest size (``--warmup full|crop`` warms up before every size). Once the
-artifacts are cached, the default three sizes take ~25 minutes on this project's loaded 2-core
-CPU (~2.5-3 minutes per configuration, most of it the single 1024x540 run); compiling the five
-16-block artifacts the first time takes another ~20 minutes.
-``--quick`` (the test's smoke run): one 96x64 image (20 patches), 4-block models, patch 24, batch 1
-(one compiled batch size per graph keeps compiling short), 1 repeat.
+The default plan (:data:`PLAN`) is sized for the 20-minute suite on an idle 2-core CPU, where one
+96 x 96 batch of 16 patches through a 16-block network takes ~9-14 s (2 threads): every
+configuration at 320x180 (warm-up on a 2 x 2-patch crop, then up to 3 runs within a 20 s
+budget; ~4 min in all); the engine's RefQSR 8-4, DDTB-8 and fp32, PyTorch eager and ONNX Runtime
+int8 at 512x270 (one run; ~1 min); the engine's RefQSR 8-4 and DDTB-8 and PyTorch eager at
+1024x540 (one run each, 72 patches; ~2.5 min). Per-batch medians/p90/min come from the
+network calls inside the runs (a 1024x540 run gives 4 full reference/query batches and more).
+``--sizes`` replaces the plan by every configuration at every size given. Outputs of the engine
+and ONNX Runtime are compared with their PyTorch twin on a 2 x 2-patch crop of the smallest image
+(``--check``). ``--quick`` (the test's smoke run): one 96x64 image (20 patches), 4-block models,
+patch 24, batch 1 (one compiled batch size per graph keeps compiling short), 1 run.
 """
 from __future__ import annotations
 
@@ -41,6 +45,15 @@ from . import report
 from .run_one import PROGRESS
 
 DEFAULT_SIZES = ["320x180", "512x270", "1024x540"]
+#: The default plan: per LR size, the configurations timed there (None: all), the most runs and
+#: the seconds of runs allowed per configuration (a run that would end past it is not started).
+PLAN: list[dict[str, Any]] = [
+    {"size": "320x180", "configs": None, "repeats": 3, "budget_s": 20.0},
+    {"size": "512x270", "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "engine-fp32", "torch-whole-fp32",
+                                    "ort-int8"], "repeats": 1, "budget_s": None},
+    {"size": "1024x540", "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "torch-whole-fp32"], "repeats": 1,
+     "budget_s": None},
+]
 QUICK = {"sizes": ["96x64"], "n_blocks": 4, "repeats": 1, "patch": 24, "overlap": 6, "batch": 1}
 FULL = {"n_blocks": 16, "patch": 96, "overlap": 6, "batch": 16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -63,20 +76,38 @@ def default_repeats(width: int, height: int) -> int:
     return 3 if width * height <= 320 * 180 else 1
 
 
-def plan_sizes(sizes: list[str], repeats: int | None, warmup: str, check: str) -> list[dict[str, Any]]:
-    """Sizes in ascending pixel count (peak memory is read after each), with repeats, warm-up
-    kind and whether the outputs are checked against the PyTorch twins.
+def plan_sizes(sizes: list[str] | None, repeats: int | None, warmup: str, check: str,
+               budget: float | None = None, configs: list[str] | None = None) -> list[dict[str, Any]]:
+    """Sizes in ascending pixel count (peak memory is read after each), each with the
+    configurations timed there, most runs, time budget, warm-up kind and twin check.
 
-    Warm-up ``auto``: one per process, before the first (smallest) size: the whole image up to
-    512x270, else a crop of 2 x 4 patches; later sizes run in the same, already warm process
-    (``"none"``). ``full`` / ``crop``: that warm-up before every size."""
-    parsed = sorted({parse_size(s) for s in sizes}, key=lambda wh: (wh[0] * wh[1], wh))
+    ``sizes`` None: :data:`PLAN` (restricted to ``configs`` when given); else every configuration
+    at every size with ``repeats`` (default: :func:`default_repeats`) and ``budget``.
+    Warm-up ``auto``: one per process, on a crop of 2 x 2 patches of the first size the process
+    times; later sizes run in the already warm process (``"none"``). ``full`` / ``crop``: that
+    warm-up before every size. Check ``crop``/``smallest``: the twin check on the smallest size
+    (on its 2 x 2-patch crop / on the whole image); ``all``: the whole image at every size."""
+    names = configs or C.config_names()
+    if sizes is None:
+        rows = [{**row, "configs": [n for n in names if row["configs"] is None or n in row["configs"]]} for row in PLAN]
+        rows = [r for r in rows if r["configs"]]
+        if repeats:
+            rows = [{**r, "repeats": repeats} for r in rows]
+        if budget is not None:
+            rows = [{**r, "budget_s": budget} for r in rows]
+    else:
+        rows = [{"size": s, "configs": list(names), "repeats": repeats, "budget_s": budget} for s in sizes]
+    parsed = sorted(((parse_size(r["size"]), r) for r in rows), key=lambda t: (t[0][0] * t[0][1], t[0]))
     plan = []
-    for i, (w, h) in enumerate(parsed):
-        auto = ("full" if w * h <= 512 * 270 else "crop") if i == 0 else "none"
-        plan.append({"size": f"{w}x{h}", "width": w, "height": h, "repeats": repeats or default_repeats(w, h),
-                     "warmup": auto if warmup == "auto" else warmup,
-                     "check": check == "all" or (check == "smallest" and i == 0)})
+    for i, ((w, h), row) in enumerate(parsed):
+        checked: str | bool = False
+        if check == "all":
+            checked = "image"
+        elif check in ("crop", "smallest") and i == 0:
+            checked = "crop" if check == "crop" else "image"
+        plan.append({"size": f"{w}x{h}", "width": w, "height": h, "configs": row["configs"],
+                     "repeats": row["repeats"] or default_repeats(w, h), "budget_s": row["budget_s"],
+                     "warmup": ("crop" if i == 0 else "none") if warmup == "auto" else warmup, "check": checked})
     return plan
 
 
@@ -110,7 +141,8 @@ def machine_info() -> dict[str, Any]:
         "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("refqsr-engine", "torch", "apache-tvm", "onnxruntime", "onnx", "numpy")},
+        "versions": {d: _version(d) for d in ("refqsr-engine", "torch", "apache-tvm", "onnxruntime", "onnx", "numpy",
+                                                   "pillow", "matplotlib", "scikit-image")},
     }
 
 
@@ -165,8 +197,9 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
         "overlap": base["overlap"] if args.overlap is None else args.overlap, "batch": args.batch or base["batch"],
         "check": args.check,
     }
-    plan = plan_sizes(args.sizes or (QUICK["sizes"] if args.quick else DEFAULT_SIZES),
-                      args.repeats or (QUICK["repeats"] if args.quick else None), args.warmup, args.check)
+    plan = plan_sizes(args.sizes or (QUICK["sizes"] if args.quick else None),
+                      args.repeats or (QUICK["repeats"] if args.quick else None), args.warmup, args.check,
+                      args.budget, args.configs)
     settings.update(sizes=[p["size"] for p in plan], plan=plan)
     configs = C.select_configs(args.configs)
     results: dict[str, Any] = {
@@ -176,7 +209,7 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
     }
     with tempfile.TemporaryDirectory(prefix="refqsr-bench-") as work_name:
         work = Path(work_name)
-        spec = {**settings, "sizes": plan, "configs": configs, "work": str(work)}
+        spec = {**settings, "sizes": plan, "configs": configs, "work": str(work), "deadline": None}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
         say(f"preparing {len(configs)} configurations (models, compiled artifacts, ONNX graphs; cached under "
@@ -185,7 +218,12 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
         if prep is None:
             raise RuntimeError(f"preparing the configurations failed: {err}")
         t_prep = time.perf_counter() - t0
+        if getattr(args, "prepare_only", False):  # the cache is warm now; nothing is timed
+            return {"benchmark": "prepare", "prepared": prep["prepared"], "seconds": round(t_prep, 1)}
         spec.update(images=prep["images"], prepared=prep["prepared"])
+        if getattr(args, "deadline_s", None):  # seconds for measuring; building artifacts does not count
+            built = any(c.get("compiled_now") or c.get("exported_now") for c in prep["prepared"].values())
+            spec["deadline"] = time.time() + args.deadline_s - (0.0 if built else t_prep)
         spec_path.write_text(json.dumps(spec))
         for i, cfg in enumerate(configs, 1):
             t = time.perf_counter()
@@ -195,7 +233,8 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
             entry["model_file"] = Path(prep["prepared"][cfg["name"]]["model_path"]).name
             entry.update(rec if rec is not None else {"ok": False, "error": err})
             results["configs"][cfg["name"]] = entry
-            summary = ", ".join(f"{s} {entry['sizes'][s]['median']:.3f} s" for s in settings["sizes"]) if rec else err
+            summary = ", ".join(f"{s} " + ("skipped" if "skipped" in r else f"{r['median']:.3f} s")
+                                for s, r in entry["sizes"].items()) if rec else err
             say(f"[{i}/{len(configs)}] {cfg['label']}: {summary} ({time.perf_counter() - t:.0f} s)")
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     total = time.perf_counter() - t0
@@ -207,14 +246,17 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.latency",
                                 description="Latency and peak memory of the compiled engine and its peers.")
-    p.add_argument("--sizes", nargs="+", metavar="WxH", help=f"LR sizes (default {' '.join(DEFAULT_SIZES)})")
+    p.add_argument("--sizes", nargs="+", metavar="WxH",
+                   help=f"LR sizes, every configuration at each (default: the plan over {' '.join(DEFAULT_SIZES)})")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument("--repeats", type=int, help="timed runs per size (default: 3 up to 320x180, else 1)")
+    p.add_argument("--repeats", type=int, help="most timed runs per size (default: 3 up to 320x180, else 1)")
+    p.add_argument("--budget", type=float, help="seconds of timed runs per configuration and size (default: the plan's)")
     p.add_argument("--quick", action="store_true", help="smoke run: 96x64, 4-block models, patch 24, batch 1, 1 repeat")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for latency.json / latency.md")
     p.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {' '.join(C.config_names())}")
-    p.add_argument("--check", choices=("smallest", "all", "none"), default="smallest",
-                   help="sizes whose outputs are compared with the PyTorch twins (default: the smallest)")
+    p.add_argument("--check", choices=("crop", "smallest", "all", "none"), default="crop",
+                   help="compare outputs with the PyTorch twins: on a 2x2-patch crop of the smallest image (default), "
+                   "the whole smallest image, every image, or not at all")
     p.add_argument("--warmup", choices=("auto", "full", "crop"), default="auto")
     p.add_argument("--n-blocks", type=int, help="SRResNet blocks (default 16; --quick 4)")
     p.add_argument("--patch", type=int, help="LR patch size (default 96; --quick 24)")

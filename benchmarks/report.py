@@ -10,13 +10,40 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .textio import write_text_atomic
 
-WARMUP = {"full": "one run on this image", "crop": "one run on its first 2 x 4 patches",
+
+WARMUP = {"full": "one run on this image", "crop": "one run on its top-left 2 x 2 patches",
           "none": "none, the process is warm from the smaller size"}
+
+
+def weights_cell(rec: dict[str, Any]) -> str:
+    from .configs import weights_label  # no heavy import: configs imports torch lazily
+
+    label = weights_label(str(rec.get("weights", "?")))
+    return f"{label}: {rec['source']}" if rec.get("weights") == "trained" and rec.get("source") else label
+
+
+def batch_cell(r: dict[str, Any]) -> str:
+    """Per-batch times of one size: 'reference 1234 / 1300 / 1200 (4)' per stage, ms, (full batches)."""
+    batches = r.get("batches")
+    if not batches:
+        return "-"
+    def ms(v: float) -> str:
+        return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+    return "; ".join(f"{stage} {ms(b['median_ms'])} / {ms(b['p90_ms'])} / {ms(b['min_ms'])} "
+                     f"({b['full_batches'] or str(b['short_batches']) + ' short'})" for stage, b in batches.items())
 
 
 def _ok(rec: dict[str, Any]) -> bool:
     return bool(rec.get("ok"))
+
+
+def timed(rec: dict[str, Any], size: str) -> dict[str, Any] | None:
+    """The configuration's result at ``size`` if it ran there (not failed, not skipped)."""
+    r = rec.get("sizes", {}).get(size) if _ok(rec) else None
+    return None if r is None or "skipped" in r else r
 
 
 def ratios(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -26,10 +53,10 @@ def ratios(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     for size in results["settings"]["sizes"]:
         rows = []
         for e_name, e in configs.items():
-            if e["role"] != "engine" or not _ok(e) or size not in e["sizes"]:
+            if e["role"] != "engine" or timed(e, size) is None:
                 continue
             for p_name, p in configs.items():
-                if p["role"] != "peer" or not _ok(p) or size not in p["sizes"]:
+                if p["role"] != "peer" or timed(p, size) is None:
                     continue
                 te, tp = e["sizes"][size]["median"], p["sizes"][size]["median"]
                 rows.append({"engine": e_name, "peer": p_name, "speedup": round(tp / te, 3),
@@ -48,6 +75,9 @@ def flags(results: dict[str, Any]) -> list[str]:
             found.append(f"{name}: failed ({rec.get('error', 'no result')})")
             continue
         for size, r in rec["sizes"].items():
+            if "skipped" in r:
+                found.append(f"{name} @ {size}: skipped ({r['skipped']})")
+                continue
             check = r.get("check")
             if check is None:
                 continue
@@ -71,7 +101,8 @@ def _check_cell(r: dict[str, Any]) -> str:
     if check is None:
         return "-"
     mark = "yes" if check["within_1lsb"] and check.get("same_clustering", True) else "**NO**"
-    return f"{mark} (max {check['max_abs_diff_8bit']})"
+    on = " on 2x2 patches" if check.get("on") == "crop" else ""
+    return f"{mark} (max {check['max_abs_diff_8bit']}{on})"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -89,8 +120,9 @@ def markdown(results: dict[str, Any]) -> str:
                  f"models; LR images: the scikit-image '{s['photo']}' photo, centre-cropped to each aspect ratio "
                  "and resized (bicubic).")
     lines.append("Times: wall time of the whole pipeline per image (tiling, network batches, merge; RefQSR also "
-                 "clusters), in a process warmed up by one run on the smallest image; median / p90 / min over the repeats. `per batch` = median / "
-                 "network batches (RefQSR: reference + query batches). CPU/wall: the process's CPU time over its wall time "
+                 "clusters), in a process warmed up by one run on a crop; median / p90 / min over the runs. Per batch: "
+                 "every network call inside those runs timed on its own, statistics over the full batches of each stage "
+                 "(`cluster` = ClustBlock batches; `reference`/`query` = RefQSR's; `sr` = everything else). CPU/wall: the process's CPU time over its wall time "
                  "(about the thread count when it had its cores to itself; less when other work shared the CPU). Peak RSS: VmHWM of the configuration's own "
                  "process (imports included; `+model` = above the post-import baseline). On disk: what the runner "
                  "loads (compiled libraries, ONNX graph or model file).")
@@ -99,20 +131,26 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("")
     for size in s["sizes"]:
         plan = next(p for p in s["plan"] if p["size"] == size)
-        lines += [f"## {size} LR -> x4 ({plan['repeats']} repeat(s); warm-up: {WARMUP[plan['warmup']]})", "",
-                  "| configuration | weights | median s | p90 s | min s | per batch ms | CPU/wall | stages (median s) | "
-                  "peak RSS MB (+model) | on disk MB | = PyTorch twin |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+        lines += [f"## {size} LR -> x4 (at most {plan['repeats']} run(s)"
+                  + (f" within {plan['budget_s']:.0f} s" if plan.get("budget_s") else "")
+                  + f"; warm-up: {WARMUP[plan['warmup']]})", "",
+                  "| configuration | weights | runs | median s | p90 s | min s | per batch ms: median / p90 / min "
+                  "(full batches) | CPU/wall | stages (median s) | peak RSS MB (+model) | on disk MB | = PyTorch twin |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | --- |"]
         for name, rec in configs.items():
+            if name not in plan.get("configs", [name]):
+                continue
+            if _ok(rec) and "skipped" in rec["sizes"].get(size, {}):
+                lines.append(f"| {rec['label']} | - | skipped: {rec['sizes'][size]['skipped']} | | | | | | | | | |")
+                continue
             if not _ok(rec) or size not in rec["sizes"]:
-                lines.append(f"| {rec['label']} | - | failed | | | | | | | | |")
+                lines.append(f"| {rec['label']} | - | failed | | | | | | | | | |")
                 continue
             r = rec["sizes"][size]
             stages = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items() if v)
-            per_batch = "-" if r["per_batch"] is None else f"{1000 * r['per_batch']:.1f}"
             cpu = f"{r['cpu_seconds_median'] / r['median']:.2f}" if r.get("cpu_seconds_median") else "-"
-            lines.append(f"| {rec['label']} | {rec['weights']} | {r['median']:.3f} | {r['p90']:.3f} | {r['min']:.3f} | "
-                         f"{per_batch} | {cpu} | {stages} | {r['peak_rss_mb_so_far']:.0f} "
+            lines.append(f"| {rec['label']} | {weights_cell(rec)} | {r['repeats']} | {r['median']:.3f} | {r['p90']:.3f} | "
+                         f"{r['min']:.3f} | {batch_cell(r)} | {cpu} | {stages} | {r['peak_rss_mb_so_far']:.0f} "
                          f"(+{r['peak_rss_mb_so_far'] - rec['baseline_rss_mb']:.0f}) | {_mb(rec.get('disk_bytes'))} | "
                          f"{_check_cell(r)} |")
         rows = results["ratios"].get(size, [])
@@ -160,6 +198,6 @@ def write(results: dict[str, Any], out_dir: str | Path, stem: str = "latency") -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(markdown(results))
+    write_text_atomic(json_path, json.dumps(results, indent=1) + "\n")
+    write_text_atomic(md_path, markdown(results))
     return json_path, md_path

@@ -8,11 +8,15 @@ stderr).
 ``python -m refqsr_engine.benchmarks.run_one measure SPEC NAME``
     times configuration NAME on every LR image of SPEC.
 
-What ``measure`` times, per image size (ascending): the warm-up the plan asks for (``full``: the
-whole image, ``crop``: its first 2 x 4 patches, ``none``: the process is already warm from the
-smaller sizes), then ``repeats`` runs of the whole pipeline on the same image. A run is the wall time (``time.perf_counter``) of ``run_patchwise`` (tile, network batches,
-blend-merge; RefQSR also clusters), or for the whole-image PyTorch peer of one ``model(x)``
-forward including the numpy/tensor conversions. Per-stage times come from
+What ``measure`` times, per image size of the plan that lists the configuration (ascending): the
+warm-up the plan asks for (``full``: the whole image, ``crop``: its top-left 2 x 2 patches,
+``none``: the process is already warm from the smaller sizes), then runs of the whole pipeline on
+the same image: at least one, at most ``repeats``, and no new one once ``budget_s`` seconds of
+runs have passed (a time budget per configuration and size). A run is the wall time
+(``time.perf_counter``) of ``run_patchwise`` (tile, network batches, blend-merge; RefQSR also
+clusters), or for the whole-image PyTorch peer of one ``model(x)`` forward including the
+numpy/tensor conversions. Every network call inside the runs is timed as well
+(:class:`BatchTimer`), so one run of a large image gives many per-batch samples. Per-stage times come from
 ``PatchwiseResult.seconds``; the CPU time of the process during a run (``time.process_time``, all
 threads) is kept too: CPU / wall near the thread count means the run had its cores to itself.
 Loading the runner (model files, compiled libraries, ORT session) is
@@ -89,6 +93,55 @@ def compare_8bit(got: np.ndarray, want: np.ndarray, max_fraction: float = 1e-3) 
     return {"max_abs_diff_8bit": int(diff.max()), "frac_over_1lsb": frac, "within_1lsb": frac <= max_fraction}
 
 
+class BatchTimer:
+    """A ``PatchRunner`` that forwards every call to ``runner`` and records (stage, patches,
+    seconds) of each network call: the per-batch samples of the latency table."""
+
+    STAGES = {"sr": "sr", "logits": "cluster", "reference": "reference", "query": "query"}
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.refqsr = runner.refqsr
+        self.scale = runner.scale
+        self.calls: list[tuple[str, int, float]] = []
+
+    def _timed(self, name: str, *args: Any) -> Any:
+        t = time.perf_counter()
+        out = getattr(self.runner, name)(*args)
+        self.calls.append((self.STAGES[name], int(args[0].shape[0]), time.perf_counter() - t))
+        return out
+
+    def sr(self, x: np.ndarray) -> np.ndarray:
+        return self._timed("sr", x)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self._timed("logits", x)
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self._timed("reference", x)
+
+    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        return self._timed("query", x, features)
+
+    def cluster(self, v: np.ndarray) -> Any:
+        return self.runner.cluster(v)
+
+
+def batch_stats(calls: list[tuple[str, int, float]], batch: int) -> dict[str, dict[str, Any]]:
+    """Per stage: median / p90 / min ms over the full batches (``batch`` patches), and how many
+    full and short (last, partial) batches there were; stages with no full batch use all calls."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in sorted({c[0] for c in calls}):
+        mine = [c for c in calls if c[0] == stage]
+        full = [c[2] for c in mine if c[1] == batch]
+        samples = full or [c[2] for c in mine]
+        stats = summarize(samples)
+        out[stage] = {"full_batches": len(full), "short_batches": len(mine) - len(full),
+                      "patches_per_sample": batch if full else round(float(np.mean([c[1] for c in mine])), 2),
+                      **{f"{k}_ms": round(1000 * v, 3) for k, v in stats.items() if k != "mean"}}
+    return out
+
+
 def run_once(runner: Any, lr: np.ndarray, patch: int, overlap: int, batch: int) -> dict[str, Any]:
     """Time one run of a runner on one LR image; returns seconds, stage seconds, the HR image and
     the patch/clustering counts."""
@@ -126,9 +179,10 @@ def twin_check(prepared: dict[str, Any], lr: np.ndarray, got: dict[str, Any], pa
     return out
 
 
-def _warmup_image(lr: np.ndarray, mode: str, patch: int) -> np.ndarray:
-    if mode == "crop":
-        return np.ascontiguousarray(lr[:, : min(lr.shape[1], 2 * patch), : min(lr.shape[2], 4 * patch)])
+def _warmup_image(lr: np.ndarray, mode: str, patch: int, overlap: int) -> np.ndarray:
+    if mode == "crop":  # 2 x 2 patches: every stage runs once, at a fraction of the image's cost
+        side = 2 * patch - overlap
+        return np.ascontiguousarray(lr[:, : min(lr.shape[1], side), : min(lr.shape[2], side)])
     return lr
 
 
@@ -158,27 +212,55 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
         record["ort_optimized_ops"] = runner.optimized_ops
         record["ort_integer_ops"] = runner.integer_ops
     checks: dict[str, dict[str, Any]] = {}
+    timer = None if isinstance(runner, C.WholeImage) else BatchTimer(runner)
+    warm = False
+    rate = None  # seconds per LR pixel of the last size timed: predicts the next size's run
     for size in spec["sizes"]:
+        if name not in size.get("configs", [name]):
+            continue
         key = size["size"]
+        deadline = spec.get("deadline")
+        if deadline and rate is not None:
+            predicted = rate * size["width"] * size["height"]
+            if time.time() + predicted > deadline:  # the suite's time budget: a later size would overrun it
+                record["sizes"][key] = {"skipped": f"one run predicted at {predicted:.0f} s would end past the "
+                                        "suite's time budget"}
+                continue
         lr = np.load(spec["images"][key])
-        if size["warmup"] != "none":
-            run_once(runner, _warmup_image(lr, size["warmup"], patch), patch, overlap, batch)
-        runs = []
-        for _ in range(size["repeats"]):
-            run = run_once(runner, lr, patch, overlap, batch)
+        warmup = size["warmup"] if size["warmup"] != "none" or warm else "crop"  # first size of this config
+        if warmup != "none":
+            run_once(timer or runner, _warmup_image(lr, warmup, patch, overlap), patch, overlap, batch)
+        warm = True
+        if timer is not None:
+            timer.calls.clear()
+        runs: list[dict[str, Any]] = []
+        budget = math.inf if size.get("budget_s") is None else float(size["budget_s"])
+        started = time.perf_counter()
+        # another run only if it is expected to end within the budget (runs of one image take alike)
+        while not runs or (len(runs) < size["repeats"]
+                           and time.perf_counter() - started + runs[-1]["seconds"] <= budget):
+            run = run_once(timer or runner, lr, patch, overlap, batch)
             image, clustering = run.pop("image"), run.pop("clustering")  # keep one HR image at a time
             runs.append(run)
         last = runs[-1]
-        if size.get("check") and cfg["runner"] in C.TWIN_CHECKED:  # parked on disk, compared at the end
+        check = size.get("check")
+        # parked on disk, compared at the end; ORT's own quantization has no PyTorch twin
+        if check and cfg["runner"] in C.TWIN_CHECKED and not cfg.get("ort_quant"):
+            if check == "crop":  # the twin on 2 x 2 patches only: the full image's twin run costs a run
+                crop = run_once(runner, _warmup_image(lr, "crop", patch, overlap), patch, overlap, batch)
+                image, clustering = crop["image"], crop["clustering"]
             hr_path = Path(spec["work"]) / f"hr_{name}_{key}.npy"
             np.save(hr_path, to_8bit(image))
-            checks[key] = {"hr": hr_path, "reference_of": None if clustering is None else clustering.reference_of.numpy()}
+            checks[key] = {"hr": hr_path, "on": "image" if check is True or check == "image" else "crop",
+                           "reference_of": None if clustering is None else clustering.reference_of.numpy()}
         del image, clustering
         stats = summarize([r["seconds"] for r in runs])
         n_batches = None if last["patches"] is None else network_batches(last["patches"], last["references"], batch)
         stages = sorted({k for r in runs for k in r["stages"]})
         record["sizes"][key] = {
-            "repeats": size["repeats"], "warmup": size["warmup"], "times": [round(r["seconds"], 5) for r in runs],
+            "repeats": len(runs), "max_repeats": size["repeats"], "budget_s": size.get("budget_s"), "warmup": warmup,
+            "times": [round(r["seconds"], 5) for r in runs],
+            "batches": None if timer is None else batch_stats(timer.calls, batch),
             **{k: round(v, 5) for k, v in stats.items()},
             "stages": {k: round(float(np.median([r["stages"].get(k, 0.0) for r in runs])), 5) for k in stages},
             "patches": last["patches"], "references": last["references"], "network_batches": n_batches,
@@ -186,13 +268,16 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
             "cpu_seconds_median": round(float(np.median([r["cpu_seconds"] for r in runs])), 5),
             "peak_rss_mb_so_far": memory_mb()["peak_rss_mb"],
         }
+        rate = stats["median"] / (size["width"] * size["height"])
     record["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     record.update(memory_mb())
     record["peak_rss_delta_mb"] = round(record["peak_rss_mb"] - baseline["peak_rss_mb"], 1)
     del runner
     for key, got in checks.items():  # after the memory figures: the twin is not part of this configuration
         lr = np.load(spec["images"][key])
-        record["sizes"][key]["check"] = twin_check(prepared, lr, got, patch, overlap, batch)
+        if got["on"] == "crop":
+            lr = _warmup_image(lr, "crop", patch, overlap)
+        record["sizes"][key]["check"] = {**twin_check(prepared, lr, got, patch, overlap, batch), "on": got["on"]}
     return record
 
 

@@ -63,7 +63,7 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--tau", type=float, default=None, help="RefQSR cosine-similarity threshold (default: the model's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
-@click.option("--engine", type=click.Choice(["torch", "tvm"]), default="torch", show_default=True,
+@click.option("--engine", type=click.Choice(["torch", "tvm"]), default="tvm", show_default=True,
               help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).")
 @click.option("--recompile", is_flag=True, help="tvm: compile again even if a cached artifact exists.")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
@@ -137,7 +137,8 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @main.command("compile")
 @click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
-@click.option("--mcpu", default="core-avx2", show_default=True, help="llvm: CPU the code may assume (needs AVX2).")
+@click.option("--mcpu", default=None, help="llvm: CPU the code may assume (needs AVX2); default: this machine's "
+              "CPU as LLVM names it; core-avx2 builds for any AVX2 CPU.")
 @click.option("--arch", type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90"]), default="sm_80", show_default=True,
               help="cuda: GPU architecture.")
 @click.option("--bits", default=None, help="Check the model's bits (e.g. 8-4 for RefQSR, 8, 32).")
@@ -150,21 +151,61 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report (times per stage).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def compile_cmd(model: str, target: str, mcpu: str, arch: str, bits: str | None, patch: int, batch: int,
+def compile_cmd(model: str, target: str, mcpu: str | None, arch: str, bits: str | None, patch: int, batch: int,
                 threads: int | None, jobs: int, out: str, as_json: bool, quiet: bool) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
-    from .compiler.compile_model import CompileOptions, compile_model
+    from .compiler.compile_model import compile_model
+    from .compiler.options import CompileOptions, host_mcpu
 
     def say(msg: str) -> None:
         if not quiet and not as_json:
             click.echo(f"[compile] {msg}", err=True)
 
-    opts = CompileOptions(model, target, mcpu, arch, bits, patch, batch, threads, jobs)
+    opts = CompileOptions(model, target, mcpu or host_mcpu(), arch, bits, patch, batch, threads, jobs)
     report = compile_model(opts, out, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
         click.echo(f"wrote {out} in {report['seconds']['total']:.1f} s")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmarks: bench [all|latency|quality] [OPTIONS]. `all` (the default) writes latency, peak
+    memory, BitOPs/quality tables, plots and the assignment picture into benchmarks/results;
+    `refqsr-engine bench STEP --help` lists a step's options."""
+    from ..benchmarks.dispatch import run
+    from ..benchmarks.latency import _exit_on_sigterm
+
+    _exit_on_sigterm()  # a killed run still stops its measuring child and removes its work folder
+    sys.exit(run(list(args)))
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--model", default="default", show_default=True,
+              help="RefQSR model or ClustBlock file (its ClustBlock and tau); default: the bundled ClustBlock.")
+@click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
+@click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
+@click.option("--tau", type=float, default=None, help="Cosine-similarity threshold (default: the model's, else 0.5).")
+@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the assignment summary as JSON.")
+@user_errors
+def explain(src: str, dst: str, model: str, patch: int, overlap: int, tau: float | None, max_pixels: int,
+            as_json: bool) -> None:
+    """Draw how SRC's patches are clustered (paper Fig. 5): colour per reference group,
+    references marked R, isolated references grey and marked I; written atomically to DST."""
+    from .explain import explain_file
+
+    info = explain_file(src, dst, model, patch, overlap, tau, max_pixels)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in info.items() if k != "cells"}, indent=2))
+    else:
+        click.echo(f"wrote {dst} ({info['picture_size'][0]}x{info['picture_size'][1]}): {info['patches']} patches, "
+                   f"{info['references']} references ({info['isolated_references']} isolated), {info['queries']} queries, "
+                   f"{info['groups']} groups, tau {info['tau']:g}")
 
 
 def _training_group() -> click.Group:

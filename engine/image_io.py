@@ -133,19 +133,7 @@ def write_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = No
     fmt = output_format(path)
     info = info or {}
     depth = 16 if bit_depth == 16 and fmt in ("PNG", "TIFF") else 8
-    rgb = np.clip(rgb, 0.0, 1.0)
-    if alpha is not None:
-        alpha = np.clip(alpha, 0.0, 1.0)[..., None]
-        if fmt in ("JPEG", "BMP"):  # what a viewer shows on a white page; dropping alpha would expose hidden colours
-            rgb, alpha = rgb * alpha + (1.0 - alpha), None
-    if gray:
-        rgb = rgb @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as Pillow's convert("L")
-        rgb = rgb[..., None] if fmt != "WEBP" else np.repeat(rgb[..., None], 3, axis=2)  # WebP has no gray
-    planes = rgb if alpha is None else np.concatenate([rgb, alpha], axis=2)
-    if depth == 16 and fmt == "TIFF" and planes.shape[2] == 2:
-        planes = planes[..., [0, 0, 0, 1]]  # Pillow cannot read 16-bit gray+alpha TIFF back: store RGBA
-    maxval = 65535 if depth == 16 else 255
-    samples = np.ascontiguousarray(np.round(planes * maxval), np.uint16 if depth == 16 else np.uint8)
+    samples = _quantize_rows(rgb, alpha, gray, fmt, depth)
     space = b"GRAY" if samples.shape[2] <= 2 else b"RGB "
     icc = info.get("icc_profile") if fmt != "BMP" else None
     if icc is not None and icc[16:20] != space:  # a profile for another colour model would mislabel the pixels
@@ -170,6 +158,40 @@ def write_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = No
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_ROWS_PER_CHUNK = 256  # float temporaries of one chunk only: an 8K output never exists as float64/rounded copies
+
+
+def _quantize_rows(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: str, depth: int) -> np.ndarray:
+    """Float RGB (+ alpha) in [0, 1] -> the integer samples Pillow writes (H x W x planes), a band of
+    rows at a time so that peak memory is the output plus one band."""
+    maxval = 65535 if depth == 16 else 255
+    luma = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's convert("L")
+
+    def band(rows: slice) -> np.ndarray:
+        c = np.clip(rgb[rows], 0.0, 1.0)
+        a = None
+        if alpha is not None:
+            a = np.clip(alpha[rows], 0.0, 1.0)[..., None]
+            if fmt in ("JPEG", "BMP"):  # what a viewer shows on a white page; dropping alpha would expose hidden colours
+                c, a = c * a + (1.0 - a), None
+        if gray:
+            c = c @ luma
+            c = c[..., None] if fmt != "WEBP" else np.repeat(c[..., None], 3, axis=2)  # WebP has no gray
+        planes = c if a is None else np.concatenate([c, a], axis=2)
+        if depth == 16 and fmt == "TIFF" and planes.shape[2] == 2:
+            planes = planes[..., [0, 0, 0, 1]]  # Pillow cannot read 16-bit gray+alpha TIFF back: store RGBA
+        planes *= maxval
+        return np.round(planes, out=planes)
+
+    height = rgb.shape[0]
+    first = band(slice(0, min(height, _ROWS_PER_CHUNK)))
+    samples = np.empty((height, *first.shape[1:]), np.uint16 if depth == 16 else np.uint8)
+    samples[: len(first)] = first
+    for r0 in range(_ROWS_PER_CHUNK, height, _ROWS_PER_CHUNK):
+        samples[r0 : r0 + _ROWS_PER_CHUNK] = band(slice(r0, r0 + _ROWS_PER_CHUNK))
+    return samples
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -149,12 +149,9 @@ def _axis_weights(origins: tuple[int, ...], patch: int, scale: int) -> list[np.n
     for i, start in enumerate(starts):
         w = np.ones(size, dtype=np.float64)
         pos = np.arange(size) + 0.5  # pixel centres relative to the patch start
-        if i > 0:  # ramp up across the overlap with the previous patch
-            ramp = starts[i - 1] + size - start
+        if i > 0 and (ramp := starts[i - 1] + size - start) > 0:  # ramp up across the overlap with the previous patch
             w *= np.clip(pos / ramp, 0.0, 1.0)
-        if i + 1 < len(starts):  # ramp down across the overlap with the next patch
-            begin = starts[i + 1] - start
-            ramp = size - begin
+        if i + 1 < len(starts) and (ramp := size - (starts[i + 1] - start)) > 0:  # ramp down across the overlap with the next
             w *= np.clip((size - pos) / ramp, 0.0, 1.0)
         raw.append(w)
     # normalise so the covering patches' weights sum to 1 at each coordinate

@@ -37,7 +37,7 @@ class UpscaleOptions:
     tau: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
-    engine: str = "torch"  # "torch" | "tvm"
+    engine: str = "tvm"  # "tvm" (the compiled engine) | "torch" (the PyTorch reference)
     recompile: bool = False  # tvm: compile again even when a cached artifact exists
     bits: str | None = None  # "8-4", "8", "32": pick the bundled model with these bits / check the model's
     target: str = "llvm"  # tvm: "llvm" (this CPU) or "cuda"
@@ -47,7 +47,7 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
     """The cached compiled artifact of ``opts.model`` for this host (compiled now if missing or
     ``opts.recompile``), loaded; returns (CompiledModel, compiled_now)."""
     from .artifact import cache_key, cache_lock
-    from .compiler.compile_model import CompileOptions, artifact_cache_parts, compile_model
+    from .compiler.options import CompileOptions, artifact_cache_parts
     from .runtime import CompiledModel
 
     if opts.target == "cuda":
@@ -61,6 +61,8 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
     with cache_lock(key) as entry:
         fresh = opts.recompile or not (entry / "manifest.json").is_file()
         if fresh:
+            from .compiler.compile_model import compile_model  # the kernel generators: only when compiling
+
             compile_model(copts, entry, say)
         return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
 

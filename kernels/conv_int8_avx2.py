@@ -17,6 +17,9 @@ the kernels are exact by construction of the operand ranges, which are checked -
 * "int16" full u8 x s8 through ``vpmaddwd`` on widened operands, ~0.65-0.8x "int8".
 * "lowbit" u4 x s4 (up to s6 weights): int16 accumulation over whole channel chunks, ~1.3-1.8x.
 * "vnni" (not AVX2) full u8 x s8 with ``vpdpbusd`` on CPUs that have it.
+* "vnni512" / "lowbit512" (AVX-512 F+BW+VNNI targets, e.g. ``default_target(host_mcpu())``):
+  16 output channels per zmm; output ``[N][O/16][H][W][16]``, weights from
+  ``kernel.pack_weights`` (or :func:`pack_weights_for`), sums via :func:`unpack_output_lanes`.
 
 See :mod:`.layouts` (packed layouts, bounds), :mod:`.x86_intrin` (tensor intrinsics),
 :mod:`.conv2d_int8` (TIR compute, schedule, build); speed: ``python -m
@@ -24,6 +27,7 @@ refqsr_engine.kernels.bench_conv_int8``.
 """
 
 from .conv2d_int8 import (
+    AVX512_VARIANTS,
     VARIANTS,
     Conv2dInt8Kernel,
     Conv2dShape,
@@ -33,9 +37,14 @@ from .conv2d_int8 import (
     choose_tile,
     conv2d_compute,
     default_target,
+    host_mcpu,
+    lanes_of,
     lowbit_chunk_groups,
     schedule_conv2d,
+    target_has_avx512_vnni,
 )
+from .conv2d_int8 import pack_weights as pack_weights_for
+from .conv2d_int8 import unpack_output as unpack_output_lanes
 from .layouts import (
     check_int8_ranges,
     check_int8pair_ranges,
@@ -56,16 +65,21 @@ from .x86_intrin import (
     LOWBIT_DOT_8x4_I16,
     PAIRSUM_8,
     PAIRSUM_8_GLOBAL,
+    VNNI512_DOT_16x4,
     VNNI_DOT_8x4,
+    LOWBIT512_DOT_16x4_I16,
+    host_has_avx512_vnni,
     host_has_vnni,
     register_avx2_intrinsics,
 )
 
 __all__ = [
-    "VARIANTS", "Conv2dInt8Kernel", "Conv2dShape", "ScheduleConfig", "build_conv2d_int8", "build_conv2d_lowbit",
-    "choose_tile", "conv2d_compute", "default_target", "lowbit_chunk_groups", "schedule_conv2d",
+    "AVX512_VARIANTS", "VARIANTS", "Conv2dInt8Kernel", "Conv2dShape", "ScheduleConfig", "build_conv2d_int8", "build_conv2d_lowbit",
+    "choose_tile", "conv2d_compute", "default_target", "host_mcpu", "lanes_of", "lowbit_chunk_groups",
+    "schedule_conv2d", "target_has_avx512_vnni", "pack_weights_for", "unpack_output_lanes",
     "check_int8_ranges", "check_int8pair_ranges", "int8_is_exact", "lowbit_chunk_steps", "madd_pair_range", "pack_activations",
     "pack_weights", "unpack_activations", "unpack_output", "unpack_weights", "zero_point_correction",
     "INT8_DOT_8x4", "INT8_DOT_8x8_PAIR", "INT16_DOT_8x2", "LOWBIT_DOT_8x4_I16", "PAIRSUM_8", "PAIRSUM_8_GLOBAL",
-    "VNNI_DOT_8x4", "host_has_vnni", "register_avx2_intrinsics",
+    "VNNI_DOT_8x4", "VNNI512_DOT_16x4", "LOWBIT512_DOT_16x4_I16", "host_has_avx512_vnni", "host_has_vnni",
+    "register_avx2_intrinsics",
 ]

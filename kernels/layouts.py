@@ -1,4 +1,5 @@
-"""Packed tensor layouts of the AVX2 integer conv kernels, and the exactness bounds (numpy only).
+"""Packed tensor layouts of the AVX2 integer conv kernels, and the exactness bounds (numpy only);
+also the weight layout of the scheduled float conv (:func:`pack_conv_weights_oc`).
 
 Layouts (``C8 = ceil(C / 8)``, ``O8 = ceil(O / 8)``, ``P = kernel // 2``)::
 
@@ -110,6 +111,24 @@ def unpack_weights(wp: np.ndarray, out_channels: int | None = None, in_channels:
     o8, i8, kh, kw, halves, _, group = wp.shape
     w = wp.transpose(0, 5, 1, 4, 6, 2, 3).reshape(o8 * 8, i8 * 8, kh, kw)
     return np.ascontiguousarray(w[: out_channels or o8 * 8, : in_channels or i8 * 8])
+
+
+def pack_conv_weights_oc(w, oc_tile: int) -> np.ndarray:
+    """OIHW float weights -> ``[O/oc_tile][I][kh][kw][oc_tile]`` (the float conv's register tile
+    broadcasts ``oc_tile`` adjacent weights per reduction step); ``oc_tile`` must divide O."""
+    w = np.asarray(w)
+    if w.ndim != 4:
+        raise ValueError(f"weights must be OIHW, got shape {w.shape}")
+    o, i, kh, kw = w.shape
+    if oc_tile < 1 or o % oc_tile:
+        raise ValueError(f"oc_tile {oc_tile} does not divide {o} output channels")
+    return np.ascontiguousarray(w.reshape(o // oc_tile, oc_tile, i, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+def unpack_conv_weights_oc(wp: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_conv_weights_oc`."""
+    og, i, kh, kw, t = wp.shape
+    return np.ascontiguousarray(wp.transpose(0, 4, 1, 2, 3).reshape(og * t, i, kh, kw))
 
 
 def unpack_output(y, out_channels: int | None = None) -> np.ndarray:

@@ -35,6 +35,19 @@ Registered under these names by :func:`register_avx2_intrinsics` (idempotent; im
 ``VNNI_DOT_8x4``  (``refqsr_avxvnni_u8s8s32_dot_8x4``), optional, not AVX2
     Same description as ``INT8_DOT_8x4`` with one ``vpdpbusd ymm`` (no int16 step, so exact for
     the full u8 x s8 range). Needs AVX-VNNI or AVX512-VNNI + VL; for CPUs that have it.
+
+512-bit (AVX-512 BW + VNNI) versions, 16 output channels per zmm (weight tile ``[16][4]`` = 64 bytes):
+
+``VNNI512_DOT_16x4``  (``refqsr_avx512vnni_u8s8s32_dot_16x4``)
+    ``C[16] += sum_k A[k] * B[16, k]``, k < 4: 4 activations broadcast to 16 lanes, one
+    ``vpdpbusd zmm`` (64 MACs, exact int32 sums of u8 x s8 products, no int16 step).
+
+``LOWBIT512_DOT_16x4_I16``  (``refqsr_avx512bw_u8s8s16_dot_16x4``)
+    ``C[16, 2] += A[2p] * B[16, 2p] + A[2p+1] * B[16, 2p+1]`` in int16: ``vpmaddubsw zmm`` +
+    ``vpaddw zmm``; lane (o, p) is output lane 2*o + p. Same bound as ``LOWBIT_DOT_8x4_I16``.
+
+``PAIRSUM_16`` / ``PAIRSUM_16_GLOBAL``
+    ``C[16] += P[16, 0] + P[16, 1]``: one ``vpmaddwd zmm`` by ones + ``vpaddd``.
 """
 
 from __future__ import annotations
@@ -49,11 +62,18 @@ PAIRSUM_8 = "refqsr_avx2_s16s32_pairsum_8"
 VNNI_DOT_8x4 = "refqsr_avxvnni_u8s8s32_dot_8x4"
 INT8_DOT_8x8_PAIR = "refqsr_avx2_u8s8s32_dot_8x8_i16pair"
 PAIRSUM_8_GLOBAL = "refqsr_avx2_s16s32_pairsum_8_global"
+VNNI512_DOT_16x4 = "refqsr_avx512vnni_u8s8s32_dot_16x4"
+LOWBIT512_DOT_16x4_I16 = "refqsr_avx512bw_u8s8s16_dot_16x4"
+PAIRSUM_16 = "refqsr_avx512bw_s16s32_pairsum_16"
+PAIRSUM_16_GLOBAL = "refqsr_avx512bw_s16s32_pairsum_16_global"
 
 _PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"  # <32 x i8> u8, <32 x i8> s8 -> <16 x i16> (saturating)
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"  # <16 x i16>, <16 x i16> -> <8 x i32>
 # acc <8 x i32> += u8x4 . s8x4 per lane (AVX-VNNI / AVX512-VNNI+VL); this LLVM takes <32 x i8> operands
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"
+_VPDPBUSD_512 = "llvm.x86.avx512.vpdpbusd.512"  # <16 x i32> += <64 x i8> u8 . <64 x i8> s8
+_PMADDUBSW_512 = "llvm.x86.avx512.pmaddubs.w.512"  # <64 x i8>, <64 x i8> -> <32 x i16> (saturating)
+_PMADDWD_512 = "llvm.x86.avx512.pmaddw.d.512"  # <32 x i16>, <32 x i16> -> <16 x i32>
 
 
 # --- u8 x s8 -> s32 ------------------------------------------------------------------------
@@ -246,6 +266,103 @@ def _pairsum(c_scope: str):
     return desc, impl
 
 
+# --- 512-bit: 16 output channels per zmm --------------------------------------------------------
+
+
+@T.prim_func(s_tir=True)
+def _dot16_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _vnni512_dot_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_s8 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            "int32x16", _VPDPBUSD_512, C[T.ramp(T.int32(0), 1, 16)], a_u8, b_s8
+        )
+
+
+@T.prim_func(s_tir=True)
+def _lowbit16_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16, 0:2], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16, 0:2])
+        for i, p, q in T.grid(16, 2, 2):
+            with T.sblock("update"):
+                vi, vp, vq = T.axis.remap("SSR", [i, p, q])
+                C[vi, vp] = C[vi, vp] + T.Cast("int16", A[vp * 2 + vq]) * T.Cast("int16", B[vi, vp * 2 + vq])
+
+
+@T.prim_func(s_tir=True)
+def _lowbit16_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16, 0:2], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16, 0:2])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_s8 = B.vload([0, 0], dtype="int8x64")
+        C[0, T.ramp(T.int32(0), 1, 32)] = C[0, T.ramp(T.int32(0), 1, 32)] + T.call_llvm_pure_intrin(
+            "int16x32", _PMADDUBSW_512, a_u8, b_s8
+        )
+
+
+def _pairsum16(c_scope: str):
+    @T.prim_func(s_tir=True)
+    def desc(
+        P: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:2])
+            T.writes(C[0:16])
+            for i, p in T.grid(16, 2):
+                with T.sblock("update"):
+                    vi, vp = T.axis.remap("SR", [i, p])
+                    C[vi] = C[vi] + T.Cast("int32", P[vi, vp])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        P: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], P[0:16, 0:2])
+            T.writes(C[0:16])
+            p_s16 = P.vload([0, 0], dtype="int16x32")
+            C[T.ramp(T.int32(0), 1, 16)] = C[T.ramp(T.int32(0), 1, 16)] + T.call_llvm_pure_intrin(
+                "int32x16", _PMADDWD_512, p_s16, T.broadcast(T.int16(1), 32)
+            )
+
+    return desc, impl
+
+
 _INTRINSICS = {
     INT8_DOT_8x4: (_int8_dot_desc, _int8_dot_impl),
     INT16_DOT_8x2: (_int16_dot_desc, _int16_dot_impl),
@@ -254,17 +371,31 @@ _INTRINSICS = {
     INT8_DOT_8x8_PAIR: (_int8_pair_desc, _int8_pair_impl),
     PAIRSUM_8: _pairsum("local"),
     PAIRSUM_8_GLOBAL: _pairsum("global"),
+    VNNI512_DOT_16x4: (_dot16_desc, _vnni512_dot_impl),
+    LOWBIT512_DOT_16x4_I16: (_lowbit16_desc, _lowbit16_impl),
+    PAIRSUM_16: _pairsum16("local"),
+    PAIRSUM_16_GLOBAL: _pairsum16("global"),
 }
+
+
+def host_cpu_flags() -> frozenset[str]:
+    """The ``flags`` of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
 
 
 def host_has_vnni() -> bool:
     """Whether this (Linux) CPU runs ``vpdpbusd ymm`` (AVX-VNNI, or AVX512-VNNI + VL)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = host_cpu_flags()
     return "avx_vnni" in flags or ("avx512_vnni" in flags and "avx512vl" in flags)
+
+
+def host_has_avx512_vnni() -> bool:
+    """Whether this (Linux) CPU runs the 512-bit kernels (AVX-512 F + BW + VNNI)."""
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= host_cpu_flags()
 
 
 def register_avx2_intrinsics() -> tuple[str, ...]:
@@ -276,3 +407,56 @@ def register_avx2_intrinsics() -> tuple[str, ...]:
 
 
 register_avx2_intrinsics()
+
+
+# --- dequantize a 16 x 16 tile of [pixel][channel] int32 sums into 16 channel rows -------------
+
+
+def _deq16_script(off: float, impl: bool) -> str:
+    """TVMScript of the dequantize tile (desc or impl) for activation grid offset ``off``."""
+    zp = "Z[0]" if off == 0 else f"Z[0] + T.float32({off!r})"
+    head = f'''
+@T.prim_func(s_tir=True)
+def main(a: T.handle, y: T.handle, sw: T.handle, ws: T.handle, s: T.handle, z: T.handle):
+    ys = T.int32()
+    yh = T.int32()
+    A = T.match_buffer(a, (16, 16), "int32", offset_factor=1)
+    # [channel][row][pixel]: the unit row dim keeps the tile's region matchable in [N][O][H][W]
+    Y = T.match_buffer(y, (16, 1, 16), "float32", strides=(ys, yh, 1), offset_factor=1)
+    SW = T.match_buffer(sw, (16,), "int32", offset_factor=1)
+    WS = T.match_buffer(ws, (16,), "float32", offset_factor=1)
+    S = T.match_buffer(s, (1,), "float32", offset_factor=1)
+    Z = T.match_buffer(z, (1,), "float32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(A[0:16, 0:16], Z[0:1], SW[0:16], S[0:1], WS[0:16])
+        T.writes(Y[0:16, 0:1, 0:16])
+'''
+    if not impl:
+        return head + f'''        for i, j in T.grid(16, 16):
+            with T.sblock("update"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                Y[vi, 0, vj] = T.Cast("float32", A[vj, vi] - T.Cast("int32", {zp}) * SW[vi]) * (S[0] * WS[vi])
+'''
+    lanes = "T.Ramp(0, 1, 16)"
+    body = [f"        corr = T.Broadcast(T.Cast(\"int32\", {zp}), 16) * SW[{lanes}]",
+            f"        scale = T.Broadcast(S[0], 16) * WS[{lanes}]"]
+    # one vector per pixel (16 channels), converted in registers, then transposed with shuffles
+    body += [f"        t{j} = T.Cast(\"float32x16\", A[{j}, {lanes}] - corr) * scale" for j in range(16)]
+    vecs = ", ".join(f"t{j}" for j in range(16))
+    body += [f"        Y[{i}, 0, {lanes}] = T.Shuffle([{vecs}], [{', '.join(str(i + 16 * j) for j in range(16))}])"
+             for i in range(16)]
+    return head + "\n".join(body) + "\n"
+
+
+def deq16_intrinsic(off: float) -> str:
+    """Register (once) and name the tensor intrinsic that dequantizes a 16-pixel x 16-channel tile
+    ``Y[c, p] = float(A[p, c] - int(Z + off) * SW[c]) * (S * WS[c])``: 16 contiguous int32 loads,
+    vector math per pixel, a 16 x 16 transpose in registers, 16 contiguous row stores -- instead of
+    16 strided scalar loads per output vector."""
+    from tvm.script import from_source
+
+    name = f"refqsr_avx512_deq16x16_off{float(off):g}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, from_source(_deq16_script(float(off), False)),
+                              from_source(_deq16_script(float(off), True)))
+    return name

@@ -33,6 +33,46 @@ def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
     return [list(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
+@dataclass
+class QuerySchedule:
+    """Reference batches, each followed by the query batches that become runnable once it has run.
+
+    Queries are sorted by their reference's position, so after reference batch k every query whose
+    reference is in batches 0..k can run; only full query batches run early (the last one takes the
+    rest). Features of a reference are dropped after its last query, so at most about two batches'
+    worth of reference features are alive at any time, whatever the image size."""
+
+    steps: list[tuple[list[int], list[list[int]]]]
+    readers: dict[int, int]  # reference -> queries that still need its features
+
+    def __iter__(self):
+        return iter(self.steps)
+
+
+def query_schedule(clustering: Clustering, batch: int) -> QuerySchedule:
+    """The streaming order of :func:`run_patchwise` for one image's reference assignment."""
+    n = len(clustering.is_reference)
+    refs = [i for i in range(n) if clustering.is_reference[i]]
+    rank = {r: k for k, r in enumerate(refs)}
+    queries = sorted((i for i in range(n) if not clustering.is_reference[i]),
+                     key=lambda i: (rank[int(clustering.reference_of[i])], i))
+    readers: dict[int, int] = {}
+    for i in queries:
+        r = int(clustering.reference_of[i])
+        readers[r] = readers.get(r, 0) + 1
+    steps: list[tuple[list[int], list[list[int]]]] = []
+    q = 0
+    ref_batches = _batches(refs, batch)
+    for b, ref_idx in enumerate(ref_batches):
+        ready_end = len(queries) if b == len(ref_batches) - 1 else q
+        while ready_end < len(queries) and rank[int(clustering.reference_of[queries[ready_end]])] < (b + 1) * batch:
+            ready_end += 1
+        full = q + (ready_end - q) // batch * batch if b < len(ref_batches) - 1 else ready_end
+        steps.append((ref_idx, _batches(queries[q:full], batch)))
+        q = full
+    return QuerySchedule(steps, readers)
+
+
 class PatchRunner(Protocol):
     """What the patch-wise algorithm needs from an engine (the PyTorch models or a compiled artifact)."""
 
@@ -143,20 +183,22 @@ def run_patchwise(
     v = np.concatenate([runner.logits(patches(idx)) for idx in _batches(all_idx, batch)])
     clustering = runner.cluster(v)
     seconds["cluster"] = time.perf_counter() - t
-    refs = [i for i in all_idx if clustering.is_reference[i]]
-    queries = [i for i in all_idx if not clustering.is_reference[i]]
-    needed = {int(clustering.reference_of[i]) for i in queries}
+    order = query_schedule(clustering, batch)
     kept: dict[int, list[np.ndarray]] = {}
-    for idx in _batches(refs, batch):
-        sr, features = timed("reference", runner.reference, patches(idx))
-        merger.add(idx, sr)
-        for row, i in enumerate(idx):
-            if i in needed:  # keep only the features some query will read
+    for ref_idx, query_batches in order:
+        sr, features = timed("reference", runner.reference, patches(ref_idx))
+        merger.add(ref_idx, sr)
+        for row, i in enumerate(ref_idx):
+            if i in order.readers:  # keep only the features some query will read
                 kept[i] = [f[row].copy() for f in features]
-        done(len(idx))
-    for idx in _batches(queries, batch):
-        n_feat = len(kept[int(clustering.reference_of[idx[0]])])
-        gathered = [np.stack([kept[int(clustering.reference_of[i])][k] for i in idx]) for k in range(n_feat)]
-        merger.add(idx, timed("query", runner.query, patches(idx), gathered))
-        done(len(idx))
+        done(len(ref_idx))
+        for idx in query_batches:
+            refs_of = [int(clustering.reference_of[i]) for i in idx]
+            gathered = [np.stack([kept[r][k] for r in refs_of]) for k in range(len(kept[refs_of[0]]))]
+            merger.add(idx, timed("query", runner.query, patches(idx), gathered))
+            done(len(idx))
+            for r in refs_of:  # a reference's features go once its last query has run
+                order.readers[r] -= 1
+                if order.readers[r] == 0:
+                    del kept[r], order.readers[r]
     return finish(clustering)

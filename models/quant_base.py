@@ -131,6 +131,7 @@ class ActivationQuantizer(nn.Module, ABC):
         """Set the range from a batch of data (called once, on the first training forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # under bf16 autocast, round to the b-bit grid in fp32 (bf16 has only 8 mantissa bits)
         if self.training and not bool(self.initialized):
             with torch.no_grad():
                 self.init_range(x)

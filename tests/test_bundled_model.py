@@ -84,7 +84,8 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
 def test_default_model_compiled_for_this_cpu_beats_bicubic_and_equals_pytorch(photo, tmp_path):
     """The user's main job end to end on the compiled llvm engine: the bundled default model,
     compiled, on a real held-out photo -- size, quality above bicubic, and PyTorch's output."""
-    from refqsr_engine.engine.compiler.compile_model import CompileOptions, compile_model
+    from refqsr_engine.engine.compiler.compile_model import compile_model
+    from refqsr_engine.engine.compiler.options import CompileOptions
     from refqsr_engine.engine.runtime import CompiledModel
     from refqsr_engine.models.patchwise import run_patchwise
 

@@ -18,7 +18,8 @@ import torch
 from compile_helpers import PATCH, small_refqsr
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
-from refqsr_engine.engine.compiler.compile_model import CompileOptions, compile_model
+from refqsr_engine.engine.compiler.compile_model import compile_model
+from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.kernels import conv2d_cuda as cc
 from refqsr_engine.kernels import cuda_toolchain

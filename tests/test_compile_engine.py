@@ -17,7 +17,8 @@ from skimage import data
 
 from compile_helpers import PATCH, small_refqsr
 from refqsr_engine.engine.cli import main
-from refqsr_engine.engine.compiler.compile_model import CompileOptions, compile_model
+from refqsr_engine.engine.compiler.compile_model import compile_model
+from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.compiler.onnx_prep import prepare_onnx
 from refqsr_engine.engine.compiler.refer_fuse import OP, fuse_refer_warps
 from refqsr_engine.engine.compiler.relax_import import static_input_shapes
@@ -166,6 +167,14 @@ def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkey
     want = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
     assert got.shape == want.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
     assert np.mean(np.abs(got - want) <= 1) >= 0.999
+    # the cached engine on a 16-bit grayscale PNG: written back as 16-bit gray
+    gray16 = (lr[..., 1].astype(np.uint16) * 257)
+    la = Image.fromarray(gray16).convert("I;16")
+    la.save(tmp_path / "g16.png")
+    result = runner.invoke(main, ["upscale", str(tmp_path / "g16.png"), str(tmp_path / "g16_x4.png"), *common])
+    assert result.exit_code == 0 and not __import__("json").loads(result.output)["compiled_now"], result.output
+    out = Image.open(tmp_path / "g16_x4.png")
+    assert out.mode.startswith("I;16") and out.size == (lr.shape[1] * 4, lr.shape[0] * 4)
 
 
 @pytest.mark.parametrize("n, plan", [(16, [16]), (3, [4]), (5, [4, 4]), (13, [16]), (20, [16, 4]), (33, [16, 16, 4])])
@@ -193,3 +202,56 @@ def test_parallel_graph_builds_give_the_same_artifact(tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
     with torch.no_grad():
         np.testing.assert_allclose(outs[0], net(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def _rss_probe(model: str, src, dst, *extra: str) -> dict:
+    import json
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).with_name("rss_probe.py")
+    out = subprocess.run([sys.executable, str(probe), model, str(src), str(dst), *extra],
+                         capture_output=True, text=True, timeout=3000)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _photo_lr(width: int, height: int):
+    from PIL import Image
+
+    return Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
+
+
+# Float32 merge accumulator (12 B), 8-bit samples (3 B) and Pillow's 4-byte RGB copy per output pixel.
+BYTES_PER_OUTPUT_PIXEL = 24
+
+
+def test_peak_memory_grows_with_the_output_not_the_patch_count(compiled, tmp_path):
+    """Upscale a small and a large image with the same compiled engine in fresh processes: beyond
+    the output's own buffers, the large one (1000+ patches) needs no more memory than the small one
+    (streamed batches, reference features dropped after their last query)."""
+    scheme, _, artifact, _ = compiled
+    if scheme != "ddtb":
+        pytest.skip("one quantizer is enough for the memory bound")
+    model = str(artifact.parent / "model.pt")
+    runs = {}
+    for name, size in (("small", (72, 48)), ("large", (640, 360))):
+        _photo_lr(*size).save(tmp_path / f"{name}.png")
+        runs[name] = _rss_probe(model, tmp_path / f"{name}.png", tmp_path / f"{name}_x4.png", "--artifact",
+                                str(artifact), "--patch", str(PATCH), "--batch", str(BATCH))
+    small, large = runs["small"], runs["large"]
+    assert large["patches"] > 500 and large["hr_size"] == [1440, 2560]
+    extra_small = small["peak_mib"] - small["rss_before_mib"]
+    extra_large = large["peak_mib"] - large["rss_before_mib"]
+    out_pixels = 1440 * 2560
+    assert extra_large <= extra_small + BYTES_PER_OUTPUT_PIXEL * out_pixels / 2**20, runs
+
+
+@pytest.mark.slow
+def test_8k_output_peak_memory_under_2gib_beyond_the_output(tmp_path):
+    """The issue's bound: a 1920x1080 photo -> 7680x4320 with the bundled default model on the
+    compiled engine stays under 2 GiB of resident memory beyond the output image itself."""
+    _photo_lr(1920, 1080).save(tmp_path / "in.png")
+    run = _rss_probe("default", tmp_path / "in.png", tmp_path / "out.png")
+    assert run["hr_size"] == [4320, 7680]
+    assert run["peak_mib"] - run["rss_before_mib"] - run["output_mib"] < 2048, run

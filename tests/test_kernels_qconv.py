@@ -69,3 +69,29 @@ def test_fused_qconv_matches_float64_conv(case):
 ])
 def test_variant_choice_is_exact_and_fastest(ranges, vnni, expected):
     assert choose_variant(*ranges, vnni=vnni) == expected
+    assert choose_variant(*ranges, vnni=vnni, avx512=False) == expected  # AVX2 targets unchanged
+
+
+@pytest.mark.parametrize("ranges, channel_groups, expected", [
+    ((255, -200, 55), 8, "vnni512"),   # DDTB 8-bit: 256 weight values beyond s8, shifted into s8
+    ((255, 0, 255), 8, "vnni512"),
+    ((255, -255, 0), 8, "vnni512"),
+    ((255, -255, 255), 8, "int16"),    # 511 values: no s8 shift
+    ((255, -128, 127), 8, "vnni512"),
+    ((15, -31, 32), 8, "vnni512"),     # low-bit: vpdpbusd zmm beat the int16-chunk lowbit512
+    ((15, -8, 7), 8, "vnni512"),
+    ((255, -128, 127), 4096, "vnni"),  # 294912 taps: 255 * (128 + 128) * taps overflows int32
+])
+def test_variant_choice_avx512(ranges, channel_groups, expected):
+    assert choose_variant(*ranges, vnni=True, channel_groups=channel_groups, avx512=True) == expected
+
+
+def test_weight_shift_bounds():
+    from refqsr_engine.kernels.qconv_fused import vnni512_is_exact, weight_shift
+
+    assert weight_shift(-128, 127) == 0 and weight_shift(-5, 5) == 0
+    for lo, hi in ((-255, 0), (0, 255), (-200, 55), (-130, 0)):
+        c = weight_shift(lo, hi)
+        assert -128 <= lo - c and hi - c <= 127
+    assert weight_shift(-255, 1) is None
+    assert vnni512_is_exact(255, -255, 0, 64 * 9) and not vnni512_is_exact(255, -255, 1, 9)

@@ -103,3 +103,27 @@ def test_bad_task_settings(setup, tmp_path):
     train(_cfg(setup, tmp_path / "c", "qat", "8", 1), log=lambda s: None)
     with pytest.raises(RefQSRError, match="bits=8 run"):
         train(_cfg(setup, tmp_path / "c", "qat", "4", 2), log=lambda s: None)
+
+
+@pytest.mark.parametrize("task_name,bits", [("fp", "8"), ("qat", "4"), ("refqsr", "8-4")])
+def test_bf16_autocast_loss_close_to_fp32(setup, tmp_path, task_name, bits):
+    """--amp bf16 changes only the arithmetic of the forward pass: the loss (and so the training
+    signal) stays within bf16 rounding of the fp32 loss, and the gradients are finite."""
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import make_task
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "random_teacher.pt", build_sr("srresnet"))
+    cfg = _cfg(setup, tmp_path / "unused", task_name, bits, 1)
+    cfg.teacher = str(tmp_path / "random_teacher.pt")
+    task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
+    batch = next(iter(task.batches(0, 1)))
+    task.model.train()
+    fp32 = float(task.loss(batch).detach())  # also initialises the quantizer ranges
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task.loss(batch)
+    assert loss.dtype == torch.float32
+    assert abs(float(loss.detach()) - fp32) <= 0.03 * fp32
+    loss.backward()
+    grads = [p.grad for p in task.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -96,6 +96,9 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None
     device: str = "cpu"  # "cuda" runs the same recipe on a GPU
+    # "bf16": autocast the forward pass to bfloat16 (weights, optimizer and loss stay fp32). ~3x faster
+    # steps on CPUs with AMX/AVX512-BF16 and on GPUs; "none" is plain fp32.
+    amp: str = "none"
     quiet: bool = False
     # filled in by resolve_data
     train_hr: str = ""
@@ -308,7 +311,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "val_images": validator.names if validator else [], "metric": f"PSNR on Y, shave {scale}, SR rounded to 8 bit",
             "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_quant": cfg.lr_quant, "betas": list(cfg.betas),
                           "eps": cfg.eps, "halve_every": cfg.halve_every},
-            "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed,
+            "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed, "amp": cfg.amp,
             "wall_seconds": round(elapsed_before + time.time() - t0, 1),
             "data": _data_card(cfg, dataset.n_images), "torch": torch.__version__,
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -330,7 +333,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             lr_now = lr_at(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, g.get("base_lr"))
-            loss = task.loss({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                loss = task.loss({k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -407,6 +411,8 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for a GPU."),
+        click.option("--amp", type=click.Choice(["none", "bf16"]), default="none", show_default=True,
+                     help="Mixed precision: bf16 forward (fp32 weights/optimizer); fast with AMX or a GPU."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     if task == "fp":

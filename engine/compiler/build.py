@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from ...kernels.tir_build import as_target
-from .cpu_schedule import cpu_schedule_pass
+from .cpu_schedule import cpu_schedule_pass, vector_lanes
 from .qdq_conv import ConvReport, rewrite_qdq_convs
 from .relax_import import graph_metadata, import_graph, static_input_shapes
 
@@ -61,7 +61,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                 # expression (12 of 18 s of a 4-block graph's build)
                 + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                    relax.transform.FuseOps(), relax.transform.FuseTIR()]
-                + [cpu_schedule_pass(num_cores)]
+                + [cpu_schedule_pass(num_cores, vector_lanes(target))]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
             )
@@ -82,7 +82,7 @@ def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None) -> G
     shapes = static_input_shapes(model, batch)
     mod, warps = import_graph(model, shapes, tgt)
     t1 = time.perf_counter()
-    mod, result = rewrite_qdq_convs(mod, meta["convs"], vnni=vnni)
+    mod, result = rewrite_qdq_convs(mod, meta["convs"], vnni=vnni, target=tgt)
     t2 = time.perf_counter()
     exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
     t3 = time.perf_counter()

@@ -14,7 +14,8 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     import onnx
 
-    from .compile_model import CompileOptions, _GraphBuilder
+    from .compile_model import _GraphBuilder
+    from .options import CompileOptions
 
     spec = json.loads(argv[0])
     opts = CompileOptions(**spec["options"])

@@ -11,11 +11,9 @@ queries ran as 2 x 16 slots with one size, 2 x 4 + 1 x 4 with two).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,32 +29,13 @@ from ...models.refqsr import RefQSR
 from ..artifact import sha256_file, write_artifact
 from ..models_store import resolve_model
 from .build import build_graph
+from .options import CompileOptions
 
 #: patch-count buckets of the compiled clustering kernel; images with more patches than the
 #: largest are clustered in the PyTorch twin's way, chunk by chunk, which the runtime refuses
 CLUSTER_BUCKETS = (64, 256, 1024, 4096, 16384)
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class CompileOptions:
-    model: str = "default"
-    target: str = "llvm"  # "llvm" | "cuda"
-    mcpu: str = "core-avx2"  # llvm: the CPU the code may assume (AVX2 is required)
-    arch: str = "sm_80"  # cuda
-    bits: str | None = None  # "8-4", "8", "32": checked against the model's trained bits
-    patch: int = 96
-    batch: int = 16
-    threads: int | None = None  # llvm: cores the parallel loops are sized for
-    jobs: int = 1  # graph builds at once (worker processes): worth it with more cores than this 2-core box
-
-    def target_dict(self) -> dict[str, Any]:
-        if self.target == "llvm":
-            return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": int(self.threads or os.cpu_count() or 1)}
-        if self.target == "cuda":
-            return {"kind": "cuda", "arch": self.arch}
-        raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
 
 
 def _check_bits(model: torch.nn.Module, requested: str | None) -> str:
@@ -238,11 +217,3 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
     report["artifact"] = str(out)
     report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
     return report
-
-
-def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
-    """What identifies a compiled default model in the cache (model bytes, target, shapes)."""
-    model_path = resolve_model(opts.model)
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
-            "tvm": tvm.__version__}

@@ -2,21 +2,47 @@
 
 Legalized TIR is a plain loop nest: one thread, no vectors. Our own kernels (integer convs,
 RefER, clustering) arrive scheduled and marked ``tirx.is_scheduled``; everything else -- the
-full-precision convs (head, upsampler, tail), PReLU/residual adds fused by FuseOps, the DDTB gate --
-gets a schedule here:
+full-precision convs (head, body, upsampler, tail) with the bias / residual adds FuseOps put
+after them, PReLU, the DDTB gate -- gets a schedule here:
 
-* float ``conv2d_nchw``: output channels tiled by 8 and rows by ``ow`` vector lanes, the
-  (ic, kh, kw) reduction outside a register tile of accumulators, padded input computed per
-  output row, parallel over (batch, channel tile, row);
+* float ``conv2d_nchw`` (stride 1 along the row): the vector runs over ``lanes`` consecutive
+  output pixels of one row (``lanes`` = 16 fp32 on AVX-512 targets, 8 on AVX2), so loads of the
+  padded input and stores of the NCHW output are contiguous. A register tile of ``oc`` output
+  channels x ``vecs`` vectors of accumulators (:func:`conv_tile`, sized to the register file)
+  sits inside the (ic, kh, kw) reduction; per reduction step it loads ``vecs`` input vectors and
+  broadcasts ``oc`` weights. The weights are read as ``[O/oc][I][kh][kw][oc]``, so a step's
+  broadcasts are adjacent: when the weight is a Relax constant at every call site the PrimFunc's
+  parameter takes that layout and :func:`cpu_schedule_pass` hands it the constant already packed
+  (:func:`refqsr_engine.kernels.layouts.pack_conv_weights_oc`), else it is packed once per call.
+  The fused epilogue (bias add, residual add) is computed on the accumulators before the store.
+  Work is split over (batch, output row) across the cores. The zero-padded input is written
+  per row as a vector zero fill plus a vector copy of the interior (no per-element branch);
+* other float convs (strided rows, rows without a whole vector): the older tile with the vector
+  over 8 / 16 output channels, the weight packed per call;
 * everything else: the leading spatial loops fused and parallel, the innermost spatial loop
   vectorized when it is the last loop of an injective block.
 """
 from __future__ import annotations
 
-import tvm
-from tvm import tirx
+from dataclasses import dataclass
+from typing import Callable
 
-_LANES = 8  # fp32 x 8 = one ymm register
+import tvm
+from tvm import relax, tirx
+
+from ...kernels.layouts import pack_conv_weights_oc
+
+_LANES = 8  # fp32 x 8 = one ymm register: the vector of the generic (non-conv) schedule
+
+#: packed weight of a PrimFunc: (index of the weight parameter, output channels per tile)
+PackInfo = tuple[int, int]
+
+
+def vector_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the widest vector register ``target`` has: 16 with AVX-512F, else 8."""
+    from tvm.target import codegen
+
+    return 16 if codegen.target_has_features("avx512f", target) else 8
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -31,26 +57,162 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _schedule_conv(sch: tvm.s_tir.Schedule, block) -> bool:
-    """conv2d_nchw ([n, oc, oh, ow] spatial, [ic, kh, kw] reduction) with a register tile of at
-    most 12 ymm accumulators, the reduction outside it.
+@dataclass(frozen=True)
+class ConvTile:
+    """Register tile of the row-vector conv: ``oc`` channels x ``vecs`` vectors of ``lanes`` pixels."""
 
-    With >= 8 output channels the vector runs over 8 (or 16) output channels and the tile over up
-    to 12 (6) pixels of a row: per reduction step one or two weight vectors (weights re-packed as
-    [O/8][I][kh][kw][8] once per call, so the vector load is contiguous) and one broadcast input per
-    pixel. With fewer channels (the 64 -> 3 tail) the vector runs over 8 pixels of a row instead.
+    oc: int
+    vecs: int
+    lanes: int
+
+    @property
+    def pixels(self) -> int:
+        return self.vecs * self.lanes
+
+
+def conv_tile(n_oc: int, n_ow: int, lanes: int) -> ConvTile | None:
+    """The register tile for ``n_oc`` output channels and rows of ``n_ow`` pixels, or None when a
+    row holds no whole number of vectors.
+
+    ``lanes`` is the widest vector (16 on AVX-512: 32 zmm registers, 8 on AVX2: 16 ymm); rows that
+    are not a multiple of 16 use 8-lane vectors (AVX-512VL still gives 32 of them). The tile keeps
+    its accumulators, one operand per step of the shorter side and the broadcast in registers; among
+    the tiles that fit it takes the most accumulators, then the fewest loads per FMA.
     """
+    regs = 32 if lanes == 16 else 16
+    if n_ow % lanes and lanes == 16:
+        lanes = 8
+    if n_ow % lanes:
+        return None
+    best, best_key = None, None
+    for oc in (d for d in range(1, min(n_oc, 16) + 1) if n_oc % d == 0):
+        for vecs in (d for d in range(1, min(n_ow // lanes, 8) + 1) if (n_ow // lanes) % d == 0):
+            acc = oc * vecs
+            if acc + min(oc, vecs) + 1 > regs:
+                continue
+            key = (acc, -(oc + 2 * vecs) / acc)  # an unaligned input vector load splits a cache line
+            if best_key is None or key > best_key:
+                best, best_key = ConvTile(oc, vecs, lanes), key
+    return best
+
+
+def _row_stride_one(sch: tvm.s_tir.Schedule, block) -> bool:
+    """Whether the conv reads its input at ``x[..., ow + kw]`` (stride 1, dilation 1 along rows)."""
+    stmt = sch.get(block)
+    ivars = [iv.var for iv in stmt.iter_vars]
+    row = stmt.reads[0].region[-1]
+    ana = tvm.sym.Analyzer()
+    return ana.can_prove_equal(row.extent, 1) and ana.can_prove_equal(row.min, ivars[3] + ivars[6])
+
+
+def _weight_param(func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block) -> int | None:
+    """Index of the PrimFunc parameter the conv reads its weight from (``w[oc, ic, kh, kw]``)."""
+    stmt = sch.get(block)
+    if len(stmt.reads) < 2:
+        return None
+    weight = stmt.reads[1].source
+    for i, param in enumerate(func.params):
+        if param.same_as(weight):
+            return i
+    return None
+
+
+def _inline_epilogue(sch: tvm.s_tir.Schedule, writeback) -> None:
+    """Fold the elementwise blocks after the conv (bias, residual adds) into its store."""
+    while True:
+        consumers = sch.get_consumers(writeback)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except tvm.s_tir.ScheduleError:
+            return
+
+
+def _vectorize_tail(sch: tvm.s_tir.Schedule, block, lanes: int) -> None:
+    """Unroll a tile's loops and vectorize its innermost (pixel) loop by ``lanes``."""
     loops = sch.get_loops(block)
-    if len(loops) != 7:
-        return False
-    n, oc, oh, ow, ic, kh, kw = loops
+    inner = loops[-1]
+    if int(sch.get(inner).extent) > lanes:
+        outer, inner = sch.split(inner, [None, lanes])
+        sch.unroll(outer)
+    sch.vectorize(inner)
+
+
+def _vectorize_row(sch: tvm.s_tir.Schedule, loop, lanes: int) -> None:
+    extent = int(sch.get(loop).extent)
+    for width in (lanes, _LANES):
+        if extent % width == 0:
+            sch.vectorize(sch.split(loop, [None, width])[1] if extent > width else loop)
+            return
+
+
+def _schedule_pad(sch: tvm.s_tir.Schedule, conv, lanes: int) -> None:
+    """The conv's zero-padded input, parallel over (batch, channel): per row, a vector fill of
+    zeros and a vector copy of the interior (decompose_padding), instead of a per-element branch."""
+    pads = [p for p in sch.get_producers(conv) if sch.get(p).name_hint.startswith("pad_temp")]
+    if len(pads) != 1 or len(sch.get_loops(pads[0])) != 4:
+        return
+    pad = pads[0]
+    fill = sch.decompose_padding(pad, sch.get_loops(pad)[3])
+    n, c, _, _ = sch.get_loops(pad)
+    sch.parallel(sch.fuse(n, c))
+    for block in (fill, pad):
+        _vectorize_row(sch, sch.get_loops(block)[-1], lanes)
+
+
+def _schedule_conv_rows(sch: tvm.s_tir.Schedule, block, tile: ConvTile, w_param: int | None,
+                        const_params: frozenset[int]) -> PackInfo | None:
+    """The row-vector conv (see the module docstring); returns the packed weight, if any."""
+    _schedule_pad(sch, block, tile.lanes)
+    n, oc, oh, ow, ic, kh, kw = sch.get_loops(block)
+    weight = sch.get(block).reads[1].source
+    oco, oci = sch.split(oc, [None, tile.oc])
+    owo, owi = sch.split(ow, [None, tile.pixels])
+    sch.reorder(n, oh, oco, owo, ic, kh, kw, oci, owi)
+    writeback = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(writeback, owo)
+    _inline_epilogue(sch, writeback)
+    sch.parallel(sch.fuse(n, oh))
+    sch.unroll(oci)
+    owv, lane = sch.split(owi, [None, tile.lanes])
+    sch.unroll(owv)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, ic)
+    for b in (init, writeback):
+        for loop in sch.get_loops(b)[3:-1]:
+            sch.unroll(loop)
+        _vectorize_tail(sch, b, tile.lanes)
+    return _pack_weight(sch, block, weight, tile.oc, w_param, const_params)
+
+
+def _pack_weight(sch: tvm.s_tir.Schedule, block, weight, oc_tile: int, w_param: int | None,
+                 const_params: frozenset[int]) -> PackInfo | None:
+    """Read the conv weight as ``[O/oc][I][kh][kw][oc]``: the parameter itself when every caller
+    passes a constant (packed at compile time; returns (parameter index, oc)), else a copy per call."""
+    pack = (lambda o, i, h, w: (o // oc_tile, i, h, w, o % oc_tile))
+    index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(weight))
+    if w_param is not None and w_param in const_params:
+        sch.transform_layout(block, ("read", index), pack)
+        return w_param, oc_tile
+    wbuf = sch.cache_read(block, index, "global")
+    sch.transform_layout(wbuf, ("write", 0), pack)
+    sch.parallel(sch.get_loops(wbuf)[0])
+    return None
+
+
+def _schedule_conv_channels(sch: tvm.s_tir.Schedule, block, lanes: int) -> bool:
+    """conv2d_nchw with the vector over ``lanes`` output channels and a tile of pixels of a row
+    (any stride; rows that hold no whole vector), or over pixels for < ``lanes`` channels."""
+    _schedule_pad(sch, block, lanes)
+    n, oc, oh, ow, ic, kh, kw = sch.get_loops(block)
     n_oc, n_ow = int(sch.get(oc).extent), int(sch.get(ow).extent)
-    if n_oc % _LANES == 0:
-        vec = 2 if n_oc % (2 * _LANES) == 0 else 1
-        oc_tile, ow_tile = vec * _LANES, _largest_divisor(n_ow, 12 // vec)
-        # weights re-packed so that 8 output channels are contiguous
+    regs = 32 if lanes == 16 else 16
+    if n_oc % lanes == 0:
+        vec = 2 if n_oc % (2 * lanes) == 0 else 1
+        oc_tile, ow_tile = vec * lanes, _largest_divisor(n_ow, (regs - 4) // vec)
         wbuf = sch.cache_read(block, 1, "global")
-        sch.transform_layout(wbuf, ("write", 0), lambda o, i, h, w: (o // _LANES, i, h, w, o % _LANES))
+        sch.transform_layout(wbuf, ("write", 0), lambda o, i, h, w: (o // lanes, i, h, w, o % lanes))
         oco, oci = sch.split(oc, [None, oc_tile])
         owo, owi = sch.split(ow, [None, ow_tile])
         sch.reorder(n, oco, oh, owo, ic, kh, kw, owi, oci)
@@ -58,12 +220,11 @@ def _schedule_conv(sch: tvm.s_tir.Schedule, block) -> bool:
         sch.reverse_compute_at(acc, owo)
         sch.parallel(sch.fuse(n, oco, oh))
         sch.unroll(owi)
-        ocv_o, ocv_i = sch.split(oci, [None, _LANES])
+        ocv_o, ocv_i = sch.split(oci, [None, lanes])
         sch.unroll(ocv_o)
         sch.vectorize(ocv_i)
         sch.decompose_reduction(block, ic)
-        wl = sch.get_loops(wbuf)
-        sch.parallel(wl[0])
+        sch.parallel(sch.get_loops(wbuf)[0])
         return True
     if n_ow % _LANES:
         return False
@@ -81,6 +242,19 @@ def _schedule_conv(sch: tvm.s_tir.Schedule, block) -> bool:
     sch.vectorize(owv_i)
     sch.decompose_reduction(block, ic)
     return True
+
+
+def _schedule_conv(func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block, lanes: int,
+                   const_params: frozenset[int]) -> tuple[bool, PackInfo | None]:
+    """Schedule one float conv2d_nchw block; returns (scheduled, packed weight)."""
+    loops = sch.get_loops(block)
+    if len(loops) != 7 or str(sch.get(block).reads[0].source.dtype) != "float32":
+        return False, None
+    n_oc, n_ow = int(sch.get(loops[1]).extent), int(sch.get(loops[3]).extent)
+    tile = conv_tile(n_oc, n_ow, lanes)
+    if tile is not None and _row_stride_one(sch, block):
+        return True, _schedule_conv_rows(sch, block, tile, _weight_param(func, sch, block), const_params)
+    return _schedule_conv_channels(sch, block, lanes), None
 
 
 def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
@@ -114,19 +288,43 @@ def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
             sch.vectorize(inner)
 
 
-def schedule_func(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc:
+def schedule_func_packed(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANES,
+                         const_params: frozenset[int] = frozenset()) -> tuple[tirx.PrimFunc, PackInfo | None]:
+    """Schedule ``func``; parameters in ``const_params`` are constants the caller can re-lay out.
+    Returns the scheduled function and, when a conv weight parameter now takes the packed layout
+    ``[O/oc][I][kh][kw][oc]``, (its index, oc)."""
     sch = tvm.s_tir.Schedule(func)
     root = sch.get_sblock("root") if _has_root(sch) else None
     blocks = sch.get_child_blocks(root) if root is not None else []
-    for block in blocks:
-        name = sch.get(block).name_hint
+    packed = None
+    names = [sch.get(b).name_hint for b in blocks]
+    # convs first: they take their padding and epilogue blocks along
+    for name in sorted(names, key=lambda n: not n.startswith("conv2d_nchw")):
         try:
-            if name.startswith("conv2d_nchw") and _schedule_conv(sch, block):
-                continue
+            block = sch.get_sblock(name)
+        except (tvm.s_tir.ScheduleError, ValueError):
+            continue  # inlined into a conv's store by an earlier step
+        try:
+            if name.startswith("conv2d_nchw"):  # a second conv of one PrimFunc keeps its weight layout
+                done, pack = _schedule_conv(func, sch, block, lanes, const_params if packed is None else frozenset())
+                packed = packed or pack
+                if done:
+                    continue
+            if _is_parallel(sch, block):
+                continue  # scheduled with its conv (the padding)
             _schedule_generic(sch, block, num_cores)
         except tvm.s_tir.ScheduleError:
             continue  # a nest this simple scheduler does not understand stays serial (still correct)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), packed
+
+
+def schedule_func(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANES) -> tirx.PrimFunc:
+    """Schedule ``func`` without changing its signature (weights packed per call)."""
+    return schedule_func_packed(func, num_cores, lanes)[0]
+
+
+def _is_parallel(sch: tvm.s_tir.Schedule, block) -> bool:
+    return any(int(sch.get(loop).kind) == int(tirx.ForKind.PARALLEL) for loop in sch.get_loops(block))
 
 
 def _has_root(sch: tvm.s_tir.Schedule) -> bool:
@@ -137,19 +335,96 @@ def _has_root(sch: tvm.s_tir.Schedule) -> bool:
         return False
 
 
-def cpu_schedule_pass(num_cores: int) -> tvm.transform.Pass:
-    """Module pass: schedule every PrimFunc that is not yet scheduled."""
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _relax_uses(mod: tvm.IRModule) -> tuple[list[relax.Call], dict[str, int]]:
+    """Every ``call_tir`` in the Relax functions, and how often each GlobalVar is referenced at all."""
+    calls: list[relax.Call] = []
+    refs: dict[str, int] = {}
+
+    def visit(e) -> None:
+        if isinstance(e, relax.Call) and e.op.same_as(_CALL_TIR):
+            calls.append(e)
+        elif isinstance(e, tvm.ir.GlobalVar):
+            refs[e.name_hint] = refs.get(e.name_hint, 0) + 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return calls, refs
+
+
+def _constant_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
+    """Per PrimFunc (by name): the parameters that get a Relax constant at every call site. A
+    PrimFunc referenced other than as a ``call_tir`` callee gets none (its signature must stay)."""
+    calls, refs = _relax_uses(mod)
+    seen: dict[str, set[int]] = {}
+    count: dict[str, int] = {}
+    for call in calls:
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else None
+        name = call.args[0].name_hint
+        const = {i for i, a in enumerate(args or []) if isinstance(a, tvm.ir.expr.Constant)}
+        seen[name] = seen[name] & const if name in seen else const
+        count[name] = count.get(name, 0) + 1
+    return {k: frozenset(v) for k, v in seen.items() if refs.get(k, 0) == count[k]}
+
+
+@relax.expr_functor.mutator
+class _PackConstants(relax.PyExprMutator):
+    """Point every call of a packed PrimFunc at its new GlobalVar (whose type carries the new
+    signature) and give it its weight constant in the packed layout."""
+
+    def __init__(self, mod: tvm.IRModule, packs: dict[str, tuple[tvm.ir.GlobalVar, PackInfo]], pack: Callable) -> None:
+        super().__init__(mod)
+        self.packs, self.pack, self.memo = packs, pack, {}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (call.op.same_as(_CALL_TIR) and call.args[0].name_hint in self.packs):
+            return call
+        gv, (index, oc) = self.packs[call.args[0].name_hint]
+        args = list(call.args[1].fields)
+        key = (args[index], oc)
+        if key not in self.memo:  # a weight shared by several calls is packed (and stored) once
+            self.memo[key] = relax.const(self.pack(args[index].value.numpy(), oc))
+        args[index] = self.memo[key]
+        return relax.Call(call.op, [gv, relax.Tuple(args)], call.attrs, call.ty_args, call.span)
+
+
+def _with_packed_weights(mod: tvm.IRModule, packs: dict[str, PackInfo]) -> tvm.IRModule:
+    """``mod`` with the packed PrimFuncs under fresh GlobalVars (typed with the new signature) and
+    their callers' weight constants packed."""
+    base = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint not in packs},
+                        attrs=mod.attrs, global_infos=mod.global_infos)
+    bb = relax.BlockBuilder(base)
+    fresh = {name: (bb.add_func(mod[name], name), info) for name, info in packs.items()}
+    out = bb.get()
+    mutator = _PackConstants(out, fresh, pack_conv_weights_oc)
+    for gv, func in list(out.functions.items()):
+        if isinstance(func, relax.Function):
+            out[gv] = mutator.visit_expr(func)
+    return out
+
+
+def cpu_schedule_pass(num_cores: int, lanes: int = _LANES) -> tvm.transform.Pass:
+    """Module pass: schedule every PrimFunc that is not yet scheduled, with float conv vectors of
+    ``lanes`` fp32 (:func:`vector_lanes`), and pre-pack the constant conv weights they read."""
 
     @tvm.transform.module_pass(opt_level=0, name="RefQSRCpuSchedule")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
+        consts = _constant_params(mod)
+        updates, packs = {}, {}
         for gv, func in mod.functions.items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
                 symbol = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else gv.name_hint
-                scheduled = schedule_func(func.with_attr("global_symbol", "main"), num_cores)
+                scheduled, packed = schedule_func_packed(func.with_attr("global_symbol", "main"), num_cores, lanes,
+                                                         consts.get(gv.name_hint, frozenset()))
                 updates[gv] = scheduled.with_attr("global_symbol", symbol)
+                if packed is not None:
+                    packs[gv.name_hint] = packed
         for gv, func in updates.items():
             mod[gv] = func
-        return mod
+        return _with_packed_weights(mod, packs) if packs else mod
 
     return _pass

@@ -27,7 +27,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ...errors import RefQSRError
-from ...kernels.conv2d_int8 import Conv2dShape
+from ...kernels.conv2d_int8 import Conv2dShape, target_has_avx512_vnni
 from ...kernels.qconv_fused import QConvSpec, choose_variant, chunk_groups_for, pack_qconv_weights, qconv_primfunc
 
 FULL_PRECISION = 32
@@ -104,10 +104,12 @@ def classify_conv(call: relax.Call, table: Sequence[dict], result: QDQConvResult
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], vnni: bool, result: QDQConvResult):
+    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], vnni: bool, result: QDQConvResult,
+                 avx512: bool = False):
         super().__init__(mod)
         self.table = list(table)
         self.vnni = vnni
+        self.avx512 = avx512
         self.result = result
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
@@ -146,14 +148,16 @@ class _Rewriter(PyExprMutator):
         spec = QConvSpec(shape, report.act_bits, container == "int8", int(w_int.min()), int(w_int.max()))
         # one kernel per (problem, grid, variant, int16 chunking): convs that differ only in
         # their weights share code
-        variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8)
-        key = (shape, spec.act_bits, spec.signed_container, variant, chunk_groups_for(spec, variant))
+        variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8, self.avx512)
+        # "vnni512" bakes its weight shift into the code
+        shift = spec.weight_shift if variant == "vnni512" else 0
+        key = (shape, spec.act_bits, spec.signed_container, variant, chunk_groups_for(spec, variant), shift)
         if key not in self.kernels:
             prim = qconv_primfunc(spec, variant)
             name = f"qconv_{variant}_{len(self.kernels)}"
             self.kernels[key] = self.builder_.add_func(prim.with_attr("global_symbol", name), name)
         gv = self.kernels[key]
-        packed, sums = pack_qconv_weights(w_int, variant)
+        packed, sums = pack_qconv_weights(w_int, variant, shift)
         ws = np.zeros(sums.shape[0], dtype=np.float32)
         ws[:o] = np.broadcast_to(wscale.reshape(-1), (o,))
         report.weight_range = (spec.w_min, spec.w_max)
@@ -177,11 +181,18 @@ class _Rewriter(PyExprMutator):
 
 
 def rewrite_qdq_convs(mod: tvm.IRModule, conv_table: Sequence[dict], vnni: bool = False,
-                      func_name: str = "main") -> tuple[tvm.IRModule, QDQConvResult]:
+                      func_name: str = "main", target=None) -> tuple[tvm.IRModule, QDQConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` by the fused integer kernel; returns the new
-    module (dead quantize/dequantize bindings removed) and a per-conv report."""
+    module (dead quantize/dequantize bindings removed) and a per-conv report.
+
+    ``target`` (the LLVM target the module is built for; default: the current target context,
+    if any) enables the 512-bit kernels when it has AVX-512 F+BW+VNNI; without one, only
+    ``vnni`` (AVX-VNNI ymm) is known and the AVX2-width kernels are used."""
+    if target is None:
+        target = tvm.target.Target.current(allow_none=True)
+    avx512 = target is not None and target_has_avx512_vnni(target)
     result = QDQConvResult()
-    rewriter = _Rewriter(mod, conv_table, vnni, result)
+    rewriter = _Rewriter(mod, conv_table, vnni, result, avx512)
     new_func = rewriter.visit_expr(mod[func_name])
     builder_mod = rewriter.builder_.get()
     builder_mod[func_name] = new_func

@@ -1,0 +1,28 @@
+"""Atomic writes of the benchmark's result files (a reader never sees half a table)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``."""
+    from ..files import publish
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))

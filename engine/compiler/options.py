@@ -1,0 +1,59 @@
+"""What a compile is asked for (:class:`CompileOptions`) and what names a cached artifact.
+
+Kept apart from :mod:`.compile_model` on purpose: loading a cached artifact needs these and nothing
+else, and must not import the kernel generators (parsing their TVMScript takes seconds)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import RefQSRError
+from ..models_store import resolve_model
+
+
+def host_mcpu() -> str:
+    """The LLVM name of this machine's CPU (what ``-mcpu=native`` means to LLVM), so that the
+    default build uses every vector extension the host has (AVX-512 where present); falls back to
+    the documented AVX2 baseline when LLVM cannot tell or names a CPU without AVX2."""
+    import tvm
+    from tvm.target import codegen
+
+    try:
+        cpu = str(codegen.llvm_get_system_cpu())
+        ok = bool(codegen.target_has_features("avx2", tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+    except Exception:  # no LLVM in this TVM build, or a CPU name this LLVM does not know
+        return "core-avx2"
+    return cpu if ok and cpu != "generic" else "core-avx2"
+
+
+@dataclass
+class CompileOptions:
+    model: str = "default"
+    target: str = "llvm"  # "llvm" | "cuda"
+    # llvm: the CPU the code may assume (AVX2 is required); "core-avx2" is the portable baseline
+    mcpu: str = field(default_factory=host_mcpu)
+    arch: str = "sm_80"  # cuda
+    bits: str | None = None  # "8-4", "8", "32": checked against the model's trained bits
+    patch: int = 96
+    batch: int = 16
+    threads: int | None = None  # llvm: cores the parallel loops are sized for
+    jobs: int = 1  # graph builds at once (worker processes): worth it with more cores than this 2-core box
+
+    def target_dict(self) -> dict[str, Any]:
+        if self.target == "llvm":
+            return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": int(self.threads or os.cpu_count() or 1)}
+        if self.target == "cuda":
+            return {"kind": "cuda", "arch": self.arch}
+        raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
+
+
+def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
+    """What identifies a compiled default model in the cache (model bytes, target, shapes)."""
+    import tvm
+
+    model_path = resolve_model(opts.model)
+    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
+            "tvm": tvm.__version__}
