@@ -59,7 +59,8 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
-@click.option("--batch", type=click.IntRange(1, 1024), default=16, show_default=True, help="Patches per batch.")
+@click.option("--batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Patches per batch: 16 is ~10% faster on a CPU but needs ~1.7 GB more memory.")
 @click.option("--tau", type=float, default=None, help="RefQSR cosine-similarity threshold (default: the model's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")

@@ -79,19 +79,47 @@ _PMADDWD_512 = "llvm.x86.avx512.pmaddw.d.512"  # <32 x i16>, <32 x i16> -> <16 x
 # --- u8 x s8 -> s32 ------------------------------------------------------------------------
 
 
-@T.prim_func(s_tir=True)
-def _int8_dot_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+def _dot_desc(lanes: int, k: int, a_dtype: str, b_dtype: str):
+    """``C[lanes] += sum_k A[k] * B[lanes, k]`` in int32: the description every dot intrinsic matches."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((k,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, k), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
+            T.writes(C[0:lanes])
+            for i, j in T.grid(lanes, k):
+                with T.sblock("update"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    C[vi] = C[vi] + T.Cast("int32", A[vj]) * T.Cast("int32", B[vi, vj])
+
+    return desc
+
+
+def _vnni_dot_impl(lanes: int, vpdpbusd: str):
+    """One ``vpdpbusd`` (ymm for 8 lanes, zmm for 16): exact int32 sums of u8 x s8 quads."""
+    u8, s8, s32 = f"uint8x{4 * lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, lanes), dtype=u8)
+            b_s8 = B.vload([0, 0], dtype=s8)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                s32, vpdpbusd, C[T.ramp(T.int32(0), 1, lanes)], a_u8, b_s8
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -109,23 +137,6 @@ def _int8_dot_impl(
         pairs = T.call_llvm_pure_intrin("int16x16", _PMADDUBSW, a_u8, b_s8)
         quads = T.call_llvm_pure_intrin("int32x8", _PMADDWD, pairs, T.broadcast(T.int16(1), 16))
         C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + quads
-
-
-@T.prim_func(s_tir=True)
-def _vnni_dot_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-        b_s8 = B.vload([0, 0], dtype="int8x32")
-        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-            "int32x8", _VPDPBUSD, C[T.ramp(T.int32(0), 1, 8)], a_u8, b_s8
-        )
 
 
 # --- u8 x s8 -> s32, two vpmaddubsw summed in int16 before one vpmaddwd -----------------------
@@ -170,21 +181,6 @@ def _int8_pair_impl(
 
 
 @T.prim_func(s_tir=True)
-def _int16_dot_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
-
-
-@T.prim_func(s_tir=True)
 def _int16_dot_impl(
     A: T.Buffer((2,), "int16", offset_factor=1),
     B: T.Buffer((8, 2), "int16", offset_factor=1),
@@ -204,177 +200,89 @@ def _int16_dot_impl(
 # --- low-bit: u8 x s8 pair sums accumulated in int16, flushed with one vpmaddwd ---------------
 
 
-@T.prim_func(s_tir=True)
-def _lowbit_dot_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8, 2), "int16", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8, 0:2])
-        for i, p, q in T.grid(8, 2, 2):
-            with T.sblock("update"):
-                vi, vp, vq = T.axis.remap("SSR", [i, p, q])
-                C[vi, vp] = C[vi, vp] + T.Cast("int16", A[vp * 2 + vq]) * T.Cast("int16", B[vi, vp * 2 + vq])
+def _lowbit_dot(lanes: int, pmaddubsw: str):
+    """u8 x s8 pair sums into an int16 [lanes, 2] accumulator: ``vpmaddubsw`` + ``vpaddw`` on
+    ``lanes`` output channels (8: ymm, 16: zmm)."""
+    u8, s8, s16, halves = f"uint8x{4 * lanes}", f"int8x{4 * lanes}", f"int16x{2 * lanes}", 2 * lanes
 
-
-@T.prim_func(s_tir=True)
-def _lowbit_dot_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8, 2), "int16", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8, 0:2])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
-        b_s8 = B.vload([0, 0], dtype="int8x32")
-        C[0, T.ramp(T.int32(0), 1, 16)] = C[0, T.ramp(T.int32(0), 1, 16)] + T.call_llvm_pure_intrin(
-            "int16x16", _PMADDUBSW, a_u8, b_s8
-        )
-
-
-def _pairsum(c_scope: str):
     @T.prim_func(s_tir=True)
     def desc(
-        P: T.Buffer((8, 2), "int16", offset_factor=1, scope="local"),
-        C: T.Buffer((8,), "int32", offset_factor=1, scope=c_scope),
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], P[0:8, 0:2])
-            T.writes(C[0:8])
-            for i, p in T.grid(8, 2):
+            T.reads(C[0:lanes, 0:2], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes, 0:2])
+            for i, p, q in T.grid(lanes, 2, 2):
                 with T.sblock("update"):
-                    vi, vp = T.axis.remap("SR", [i, p])
-                    C[vi] = C[vi] + T.Cast("int32", P[vi, vp])
+                    vi, vp, vq = T.axis.remap("SSR", [i, p, q])
+                    C[vi, vp] = C[vi, vp] + T.Cast("int16", A[vp * 2 + vq]) * T.Cast("int16", B[vi, vp * 2 + vq])
 
     @T.prim_func(s_tir=True)
     def impl(
-        P: T.Buffer((8, 2), "int16", offset_factor=1, scope="local"),
-        C: T.Buffer((8,), "int32", offset_factor=1, scope=c_scope),
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], P[0:8, 0:2])
-            T.writes(C[0:8])
-            p_s16 = P.vload([0, 0], dtype="int16x16")
-            C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
-                "int32x8", _PMADDWD, p_s16, T.broadcast(T.int16(1), 16)
+            T.reads(C[0:lanes, 0:2], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes, 0:2])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, lanes), dtype=u8)
+            b_s8 = B.vload([0, 0], dtype=s8)
+            C[0, T.ramp(T.int32(0), 1, halves)] = C[0, T.ramp(T.int32(0), 1, halves)] + T.call_llvm_pure_intrin(
+                s16, pmaddubsw, a_u8, b_s8
             )
 
     return desc, impl
 
 
-# --- 512-bit: 16 output channels per zmm --------------------------------------------------------
+def _pairsum(lanes: int, pmaddwd: str, c_scope: str):
+    """Flush an int16 [lanes, 2] accumulator into int32: one ``vpmaddwd`` by ones + ``vpaddd``."""
+    s16, s32, halves = f"int16x{2 * lanes}", f"int32x{lanes}", 2 * lanes
 
-
-@T.prim_func(s_tir=True)
-def _dot16_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i, k in T.grid(16, 4):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
-
-
-@T.prim_func(s_tir=True)
-def _vnni512_dot_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-        b_s8 = B.vload([0, 0], dtype="int8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            "int32x16", _VPDPBUSD_512, C[T.ramp(T.int32(0), 1, 16)], a_u8, b_s8
-        )
-
-
-@T.prim_func(s_tir=True)
-def _lowbit16_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16, 0:2], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16, 0:2])
-        for i, p, q in T.grid(16, 2, 2):
-            with T.sblock("update"):
-                vi, vp, vq = T.axis.remap("SSR", [i, p, q])
-                C[vi, vp] = C[vi, vp] + T.Cast("int16", A[vp * 2 + vq]) * T.Cast("int16", B[vi, vp * 2 + vq])
-
-
-@T.prim_func(s_tir=True)
-def _lowbit16_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16, 0:2], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16, 0:2])
-        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-        b_s8 = B.vload([0, 0], dtype="int8x64")
-        C[0, T.ramp(T.int32(0), 1, 32)] = C[0, T.ramp(T.int32(0), 1, 32)] + T.call_llvm_pure_intrin(
-            "int16x32", _PMADDUBSW_512, a_u8, b_s8
-        )
-
-
-def _pairsum16(c_scope: str):
     @T.prim_func(s_tir=True)
     def desc(
-        P: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
+        P: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], P[0:16, 0:2])
-            T.writes(C[0:16])
-            for i, p in T.grid(16, 2):
+            T.reads(C[0:lanes], P[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for i, p in T.grid(lanes, 2):
                 with T.sblock("update"):
                     vi, vp = T.axis.remap("SR", [i, p])
                     C[vi] = C[vi] + T.Cast("int32", P[vi, vp])
 
     @T.prim_func(s_tir=True)
     def impl(
-        P: T.Buffer((16, 2), "int16", offset_factor=1, scope="local"),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope),
+        P: T.Buffer((lanes, 2), "int16", offset_factor=1, scope="local"),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], P[0:16, 0:2])
-            T.writes(C[0:16])
-            p_s16 = P.vload([0, 0], dtype="int16x32")
-            C[T.ramp(T.int32(0), 1, 16)] = C[T.ramp(T.int32(0), 1, 16)] + T.call_llvm_pure_intrin(
-                "int32x16", _PMADDWD_512, p_s16, T.broadcast(T.int16(1), 32)
+            T.reads(C[0:lanes], P[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            p_s16 = P.vload([0, 0], dtype=s16)
+            C[T.ramp(T.int32(0), 1, lanes)] = C[T.ramp(T.int32(0), 1, lanes)] + T.call_llvm_pure_intrin(
+                s32, pmaddwd, p_s16, T.broadcast(T.int16(1), halves)
             )
 
     return desc, impl
 
 
 _INTRINSICS = {
-    INT8_DOT_8x4: (_int8_dot_desc, _int8_dot_impl),
-    INT16_DOT_8x2: (_int16_dot_desc, _int16_dot_impl),
-    LOWBIT_DOT_8x4_I16: (_lowbit_dot_desc, _lowbit_dot_impl),
-    VNNI_DOT_8x4: (_int8_dot_desc, _vnni_dot_impl),
+    INT8_DOT_8x4: (_dot_desc(8, 4, "uint8", "int8"), _int8_dot_impl),
+    INT16_DOT_8x2: (_dot_desc(8, 2, "int16", "int16"), _int16_dot_impl),
+    LOWBIT_DOT_8x4_I16: _lowbit_dot(8, _PMADDUBSW),
+    VNNI_DOT_8x4: (_dot_desc(8, 4, "uint8", "int8"), _vnni_dot_impl(8, _VPDPBUSD)),
     INT8_DOT_8x8_PAIR: (_int8_pair_desc, _int8_pair_impl),
-    PAIRSUM_8: _pairsum("local"),
-    PAIRSUM_8_GLOBAL: _pairsum("global"),
-    VNNI512_DOT_16x4: (_dot16_desc, _vnni512_dot_impl),
-    LOWBIT512_DOT_16x4_I16: (_lowbit16_desc, _lowbit16_impl),
-    PAIRSUM_16: _pairsum16("local"),
-    PAIRSUM_16_GLOBAL: _pairsum16("global"),
+    PAIRSUM_8: _pairsum(8, _PMADDWD, "local"),
+    PAIRSUM_8_GLOBAL: _pairsum(8, _PMADDWD, "global"),
+    VNNI512_DOT_16x4: (_dot_desc(16, 4, "uint8", "int8"), _vnni_dot_impl(16, _VPDPBUSD_512)),
+    LOWBIT512_DOT_16x4_I16: _lowbit_dot(16, _PMADDUBSW_512),
+    PAIRSUM_16: _pairsum(16, _PMADDWD_512, "local"),
+    PAIRSUM_16_GLOBAL: _pairsum(16, _PMADDWD_512, "global"),
 }
 
 

@@ -25,11 +25,14 @@ def main() -> None:
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--artifact", default=None)
-    ap.add_argument("--patch", type=int, default=96)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=None, help="default: upscale's")
+    ap.add_argument("--batch", type=int, default=None, help="default: upscale's")
     args = ap.parse_args()
 
     from refqsr_engine.engine.upscale import UpscaleOptions, Upscaler
+
+    args.patch = args.patch or UpscaleOptions.patch
+    args.batch = args.batch or UpscaleOptions.batch
 
     if args.artifact:  # a prebuilt artifact: the torch model only supplies the BitOPs report
         from refqsr_engine.engine.runtime import CompiledModel
