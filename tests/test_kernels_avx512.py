@@ -25,7 +25,7 @@ from refqsr_engine.kernels.qconv_fused import QConvSpec, choose_variant, pack_qc
 from refqsr_engine.kernels.x86_intrin import host_has_avx512_vnni
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kernels_qconv import CASES, _reference  # noqa: E402
+from test_kernels_qconv import CASES, _reference, case_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not host_has_avx512_vnni(), reason="CPU without AVX-512 F+BW+VNNI")
 
@@ -165,21 +165,10 @@ def test_fused_vnni512_weight_shift_worst_case_bit_exact(w_range):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}->{c[2]}k{c[5]}s{c[6]}b{c[8]}{'s' if c[9] else 'u'}")
 def test_fused_host_choice_matches_float64_conv(case):
     """Every case of test_kernels_qconv on the host target, with the AVX-512 variant choice."""
-    n, c, o, h, w_, k, stride, pad, bits, signed, (wlo, whi) = case
-    rng = np.random.default_rng(sum(case[:9]))
-    shape = Conv2dShape(n, c, o, h, w_, k, stride, pad)
-    w = rng.integers(wlo, whi + 1, (o, c, k, k))
-    w.flat[0], w.flat[1] = wlo, whi
-    spec = QConvSpec(shape, bits, signed, int(w.min()), int(w.max()))
-    variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, True, k, shape.c8, avx512=True)
+    spec, x, s, z, w, ws, want = case_problem(case)
+    wlo, whi = case[-1]
+    variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, True, spec.shape.kernel, spec.shape.c8, avx512=True)
     assert variant == ("int16" if whi - wlo > 255 else "vnni512")
-    lo, hi = spec.q_range
-    s = rng.uniform(0.01, 0.05, n).astype(np.float32)
-    z = (np.zeros(n) if signed else rng.integers(0, 2**bits, n)).astype(np.float32)
-    x = rng.normal(0, 1, (n, c, h, w_)).astype(np.float32)
-    x.flat[0], x.flat[-1] = 1e3, -1e3
-    ws = rng.uniform(0.001, 0.01, o).astype(np.float32)
-    want = _reference(x, s, z, w, ws, lo, hi, stride, pad)
     y = _run_fused(spec, variant, x, s, z, w, ws)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 

@@ -32,29 +32,36 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}->{c[2]}k{c[5]}s{c[6]}b{c[8]}{'s' if c[9] else 'u'}")
-def test_fused_qconv_matches_float64_conv(case):
+def case_problem(case: tuple) -> tuple:
+    """One CASES entry as a conv problem: (spec, x, s, z, w, ws, want), with weights at both ends of
+    their range, activations saturating at both ends of the grid, and the float64 reference."""
     n, c, o, h, w_, k, stride, pad, bits, signed, (wlo, whi) = case
     rng = np.random.default_rng(sum(case[:9]))
     shape = Conv2dShape(n, c, o, h, w_, k, stride, pad)
     w = rng.integers(wlo, whi + 1, (o, c, k, k))
     w.flat[0], w.flat[1] = wlo, whi  # the extremes occur
     spec = QConvSpec(shape, bits, signed, int(w.min()), int(w.max()))
-    variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, False, k, shape.c8)
-    exe = tvm.compile(tvm.IRModule({"main": qconv_primfunc(spec, variant)}), target=default_target(num_cores=2))
-    lo, hi = spec.q_range
     s = rng.uniform(0.01, 0.05, n).astype(np.float32)
     z = (np.zeros(n) if signed else rng.integers(0, 2**bits, n)).astype(np.float32)
     x = rng.normal(0, 1, (n, c, h, w_)).astype(np.float32)
     x.flat[0], x.flat[-1] = 1e3, -1e3  # saturates at both ends of the grid
     ws = rng.uniform(0.001, 0.01, o).astype(np.float32)
+    lo, hi = spec.q_range
+    return spec, x, s, z, w, ws, _reference(x, s, z, w, ws, lo, hi, stride, pad)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}->{c[2]}k{c[5]}s{c[6]}b{c[8]}{'s' if c[9] else 'u'}")
+def test_fused_qconv_matches_float64_conv(case):
+    spec, x, s, z, w, ws, want = case_problem(case)
+    shape = spec.shape
+    variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, False, shape.kernel, shape.c8)
+    exe = tvm.compile(tvm.IRModule({"main": qconv_primfunc(spec, variant)}), target=default_target(num_cores=2))
     packed, sums = pack_qconv_weights(w, variant)
     wsp = np.zeros(sums.shape[0], np.float32)
-    wsp[:o] = ws
+    wsp[: len(ws)] = ws
     dev = tvm.cpu()
-    y = tvm.runtime.empty((n, o, shape.out_height, shape.out_width), "float32", dev)
+    y = tvm.runtime.empty(want.shape, "float32", dev)
     exe["main"](*[tvm.runtime.tensor(a, dev) for a in (x, s, z, packed, sums, wsp)], y)
-    want = _reference(x, s, z, w, ws, lo, hi, stride, pad)
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
