@@ -3,6 +3,8 @@ against. tile -> (RefQSR: ClustBlock -> references first, then queries with thei
 features) -> blend-merge."""
 from __future__ import annotations
 
+import bisect
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -56,21 +58,20 @@ def query_schedule(clustering: Clustering, batch: int) -> QuerySchedule:
     rank = {r: k for k, r in enumerate(refs)}
     queries = sorted((i for i in range(n) if not clustering.is_reference[i]),
                      key=lambda i: (rank[int(clustering.reference_of[i])], i))
-    readers: dict[int, int] = {}
-    for i in queries:
-        r = int(clustering.reference_of[i])
-        readers[r] = readers.get(r, 0) + 1
+    refs_of = [int(clustering.reference_of[i]) for i in queries]
+    ranks = [rank[r] for r in refs_of]  # ascending
     steps: list[tuple[list[int], list[list[int]]]] = []
     q = 0
     ref_batches = _batches(refs, batch)
     for b, ref_idx in enumerate(ref_batches):
-        ready_end = len(queries) if b == len(ref_batches) - 1 else q
-        while ready_end < len(queries) and rank[int(clustering.reference_of[queries[ready_end]])] < (b + 1) * batch:
-            ready_end += 1
-        full = q + (ready_end - q) // batch * batch if b < len(ref_batches) - 1 else ready_end
-        steps.append((ref_idx, _batches(queries[q:full], batch)))
-        q = full
-    return QuerySchedule(steps, readers)
+        if b == len(ref_batches) - 1:
+            end = len(queries)  # every reference has run: the rest, a short batch included
+        else:  # only full batches of queries whose references have run go early
+            ready = bisect.bisect_left(ranks, (b + 1) * batch)
+            end = q + (ready - q) // batch * batch
+        steps.append((ref_idx, _batches(queries[q:end], batch)))
+        q = end
+    return QuerySchedule(steps, dict(collections.Counter(refs_of)))
 
 
 class PatchRunner(Protocol):
