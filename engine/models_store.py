@@ -7,8 +7,8 @@ from pathlib import Path
 from ..errors import RefQSRError
 
 DEFAULT_MODEL = "default"
-# The name `default` points at the best bundled model; later issues ship RefQSR ones.
-DEFAULT_ALIAS = "srresnet_fp"
+# The name `default` points at the bundled DDTB-RefQSR (8-4) SRResNet: the method this engine exists for.
+DEFAULT_ALIAS = "srresnet_ddtb_refqsr84"
 
 
 def bundled_dir() -> Path:

@@ -9,6 +9,7 @@ into exact zeros, so a padded patch is never anyone's reference.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,10 +22,25 @@ from .artifact import Artifact, load_artifact
 PAD_LOGIT = -1.0e30
 
 
+def use_all_cpus_by_default() -> None:
+    """Size TVM's thread pool to the CPUs this process may use, unless the user chose a number.
+
+    Left alone, TVM sizes it to what it takes for physical cores, which on a 2-vCPU VM is one
+    thread: every compiled kernel then runs at half speed. Must run before the pool starts (the
+    first parallel kernel call)."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(n)
+
+
 class CompiledModel:
     """A loaded artifact; implements ``models.patchwise.PatchRunner``."""
 
     def __init__(self, artifact: Artifact, tau: float | None = None) -> None:
+        use_all_cpus_by_default()
         import tvm
         from tvm import relax
 

@@ -85,10 +85,9 @@ def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, o
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        net = model.backbone
         return count_bitops("srresnet", lr_size, f"{model.b_high}-{model.b_low}", patch, overlap, grid,
                             clustering.is_reference.tolist(), clustering.reference_of.tolist(),
-                            n_blocks=net.n_blocks, n_feats=net.n_feats, n_refer=len(model.refers))
+                            **model.cost_sizes())
     return count_bitops("srresnet", lr_size, str(model_bits(model).act), patch, overlap, grid,
                         n_blocks=model.n_blocks, n_feats=model.n_feats)
 

@@ -142,6 +142,8 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
     _check_patch(patch)
     if model.clustblock is None or not bool(model.clustblock.calibrated):
         raise RefQSRError("the RefQSR model needs a calibrated ClustBlock to be exported")
+    if model.tail != "refer":
+        raise RefQSRError(f"the {model.tail!r}-tail RefQSR variant is a training ablation; it is not exported")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -143,10 +143,11 @@ def clustblock_macs(h: int, w: int, num_classes: int = 47) -> float:
 class ArchCost:
     """Per-patch BitOPs of one architecture (SRResNet-style: n_blocks x 2 convs, n_refer RefERs)."""
 
-    def __init__(self, arch: str, **sizes: int) -> None:
+    def __init__(self, arch: str, **sizes: int | str) -> None:
         """``sizes`` override the preset (n_blocks, n_feats, n_refer), for non-default networks."""
         cfg = {**arch_config(arch), **sizes}
         self.n_blocks, self.feats, self.n_refer = cfg["n_blocks"], cfg["n_feats"], cfg["n_refer"]
+        self.tail = cfg.get("tail", "refer")  # "highbit": Table V's w/o-RefER query path
         self.conv_macs_per_px = self.feats * self.feats * 9
 
     def uniform(self, box: Box, bits: BitSpec) -> Tally:
@@ -164,6 +165,10 @@ class ArchCost:
         for block in range(first_refer):
             for _ in range(2):
                 t.add_conv(macs, high if block == 0 else low, "resblocks")
+        if self.tail == "highbit":  # the replaced blocks stay ResBlocks, at b_high
+            for _ in range(2 * self.n_refer):
+                t.add_conv(macs, high, "resblocks")
+            return t
         positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
         positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
         for _ in range(self.n_refer):

@@ -27,7 +27,8 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         net = model.backbone
         clust = model.clustblock.num_classes if model.clustblock is not None else None
         return {"kind": "refqsr", "arch": "srresnet", "scheme": net.scheme, "b_high": model.b_high,
-                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": len(model.refers),
+                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": model.n_refer,
+                "tail": model.tail,
                 "n_blocks": net.n_blocks, "n_feats": net.n_feats}
     if isinstance(model, SRResNet):
         bits = sorted({b for blk in model.blocks for b in blk.conv1.act_bits})
@@ -45,8 +46,9 @@ def build_from_config(cfg: dict[str, Any]) -> nn.Module:
         return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
     if kind == "refqsr":
         clust = ClustBlock(cfg["clust_classes"]) if cfg.get("clust_classes") else None
-        if "n_refer" in cfg:
-            sizes["n_refer"] = cfg["n_refer"]
+        for key in ("n_refer", "tail"):  # absent from files written before they existed
+            if key in cfg:
+                sizes[key] = cfg[key]
         return build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"], **sizes)
     if kind == "clustblock":
         return ClustBlock(cfg["classes"])

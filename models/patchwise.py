@@ -94,8 +94,9 @@ class PatchRunner(Protocol):
 class TorchRunner:
     """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
 
-    def __init__(self, model: SRResNet | RefQSR, bits: BitSpec = FP) -> None:
-        self.model, self.bits = model, bits
+    def __init__(self, model: SRResNet | RefQSR, bits: BitSpec = FP, self_reference: bool = False) -> None:
+        """``self_reference``: each query's RefER gets the query's own features (Table V ablation)."""
+        self.model, self.bits, self.self_reference = model, bits, self_reference
         self.refqsr = isinstance(model, RefQSR)
         self.scale = (model.backbone if self.refqsr else model).scale
         self.device = next(model.parameters()).device
@@ -123,7 +124,8 @@ class TorchRunner:
 
     @torch.no_grad()
     def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
-        return self.model.query_forward(self._t(x), [self._t(f) for f in features]).cpu().numpy()
+        feats = None if self.self_reference else [self._t(f) for f in features]
+        return self.model.query_forward(self._t(x), feats).cpu().numpy()
 
 
 def upscale_patchwise(
@@ -134,12 +136,14 @@ def upscale_patchwise(
     batch: int = 16,
     bits: BitSpec = FP,
     progress: Progress | None = None,
+    self_reference: bool = False,
 ) -> PatchwiseResult:
     """Super-resolve an LR image (3 x H x W float32 in [0, 1]) patch by patch with a PyTorch model.
 
     SRResNet runs every patch at ``bits``; RefQSR clusters the patches with its ClustBlock, runs
-    the references at b_high and the queries at b_low with RefER."""
-    return run_patchwise(TorchRunner(model, bits), lr, patch, overlap, batch, progress)
+    the references at b_high and the queries at b_low with RefER (``self_reference``: RefER fed
+    the query's own features, the Table V ablation)."""
+    return run_patchwise(TorchRunner(model, bits, self_reference), lr, patch, overlap, batch, progress)
 
 
 def run_patchwise(

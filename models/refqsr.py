@@ -3,6 +3,9 @@
 reference path: every ResBlock at (act b_high, weight b_high).
 query path: first ResBlock at b_high, the following ones at (act b_low, weight b_medium), and the
 last ``n_refer`` ResBlocks replaced by RefER blocks fed with the reference path's features.
+
+``tail="highbit"`` is the paper's Table V "w/o RefER" ablation: the query path's last ``n_refer``
+blocks stay ResBlocks, run at b_high, and no reference feature is used.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ def medium_bits(b_high: int, b_low: int) -> int:
     return round((b_high + b_low) / 2)
 
 
+TAILS = ("refer", "highbit")
+
+
 class RefQSR(nn.Module):
     def __init__(
         self,
@@ -31,8 +37,11 @@ class RefQSR(nn.Module):
         n_refer: int = 2,
         clustblock: ClustBlock | None = None,
         tau: float = DEFAULT_TAU,
+        tail: str = "refer",
     ) -> None:
         super().__init__()
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
         if backbone.scheme is None:
             raise ValueError("RefQSR needs a quantized backbone (scheme 'pams' or 'ddtb')")
         if not 0 < n_refer < backbone.n_blocks - 1:
@@ -42,11 +51,18 @@ class RefQSR(nn.Module):
         self.backbone = backbone
         self.b_high, self.b_low = b_high, b_low
         self.b_medium = medium_bits(b_high, b_low)
+        self.tail = tail
+        self.n_refer = n_refer
         self.refers = nn.ModuleList(
-            RefER(backbone.n_feats, backbone.scheme, b_high, b_low) for _ in range(n_refer)
+            RefER(backbone.n_feats, backbone.scheme, b_high, b_low) for _ in range(n_refer if tail == "refer" else 0)
         )
         self.clustblock = clustblock
         self.tau = tau
+
+    def cost_sizes(self) -> dict[str, int | str]:
+        """What BitOPs accounting (models.bitops.count_bitops) needs to know of this network."""
+        net = self.backbone
+        return {"n_blocks": net.n_blocks, "n_feats": net.n_feats, "n_refer": self.n_refer, "tail": self.tail}
 
     @property
     def high(self) -> BitSpec:
@@ -59,7 +75,7 @@ class RefQSR(nn.Module):
     @property
     def first_refer(self) -> int:
         """Index of the first ResBlock that RefER replaces on the query path."""
-        return self.backbone.n_blocks - len(self.refers)
+        return self.backbone.n_blocks - self.n_refer
 
     def query_block_bits(self) -> list[BitSpec]:
         """Bits of the query path's ResBlocks that stay ResBlocks (block 0 high, the rest low)."""
@@ -77,17 +93,26 @@ class RefQSR(nn.Module):
             feat = block(feat, self.high)
         return net.reconstruct(feat, head), kept
 
-    def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor], hard: bool | None = None) -> torch.Tensor:
-        """HR output of query patches, given the reference features gathered per query."""
-        if len(reference_features) != len(self.refers):
+    def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
+                      hard: bool | None = None) -> torch.Tensor:
+        """HR output of query patches, given the reference features gathered per query.
+
+        ``reference_features=None`` feeds each RefER the query's own feature at its input: the
+        paper's Table V "self-reference" ablation."""
+        if reference_features is None:
+            reference_features = [None] * len(self.refers)
+        if self.tail == "refer" and len(reference_features) != len(self.refers):
             raise ValueError(f"expected {len(self.refers)} reference features, got {len(reference_features)}")
         net = self.backbone
         head = net.head(x)
         feat = head
         for block, bits in zip(net.blocks[: self.first_refer], self.query_block_bits()):
             feat = block(feat, bits)
+        if self.tail == "highbit":
+            for block in net.blocks[self.first_refer :]:
+                feat = block(feat, self.high)
         for refer, ref_feat in zip(self.refers, reference_features):
-            feat = refer(feat, ref_feat, hard)
+            feat = refer(feat, feat if ref_feat is None else ref_feat, hard)
         return net.reconstruct(feat, head)
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,5 +40,6 @@ def build_refqsr(
     **overrides: Any,
 ) -> RefQSR:
     n_refer = overrides.pop("n_refer", arch_config(arch)["n_refer"])
+    tail = overrides.pop("tail", "refer")
     backbone = build_sr(arch, scheme, (b_high, b_low), **overrides)
-    return RefQSR(backbone, b_high, b_low, n_refer, clustblock, tau)
+    return RefQSR(backbone, b_high, b_low, n_refer, clustblock, tau, tail)

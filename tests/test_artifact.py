@@ -301,3 +301,18 @@ def test_cache_lock_excludes_second_holder(monkeypatch, tmp_path):
     t.join(5)
     assert order == ["first", "second"]
     assert (tmp_path / "artifacts" / f"{key}.lock").exists()
+
+
+def test_tvm_thread_pool_defaults_to_the_usable_cpus(monkeypatch):
+    """TVM alone sizes its pool by physical cores (one thread on a 2-vCPU VM); the runtime asks
+    for every CPU the process may use unless the user set TVM_NUM_THREADS."""
+    import os
+
+    from refqsr_engine.engine.runtime import use_all_cpus_by_default
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    use_all_cpus_by_default()
+    assert os.environ["TVM_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    use_all_cpus_by_default()
+    assert os.environ["TVM_NUM_THREADS"] == "1"

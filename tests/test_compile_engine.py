@@ -149,7 +149,7 @@ def test_compile_cli_rejects_bad_options(tmp_path):
     for args, message in (
         (["--patch", "20"], "multiple of 3"),
         (["--model", str(tmp_path / "missing.pt")], "neither a bundled model"),
-        (["--bits", "4"], "trained for 32 bits"),
+        (["--bits", "4"], "trained for 8-4 bits"),  # the default model is DDTB-RefQSR 8-4
     ):
         result = runner.invoke(main, ["compile", *args, "-o", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
@@ -267,3 +267,18 @@ def test_8k_output_peak_memory_under_2gib_beyond_the_output(tmp_path):
     run = _rss_probe("default", tmp_path / "in.png", tmp_path / "out.png")
     assert run["hr_size"] == [4320, 7680]
     assert run["peak_mib"] - run["rss_before_mib"] - run["output_mib"] < 2048, run
+
+
+def test_profile_graphs_times_every_kernel_of_a_graph(compiled):
+    """The per-kernel profiler (benchmarks/profile_graphs.py) on a compiled RefQSR artifact."""
+    from refqsr_engine.benchmarks.profile_graphs import format_profile, profile_graph
+
+    _, _, artifact, _ = compiled
+    prof = profile_graph(artifact, "query", repeats=1)
+    names = [k["name"] for k in prof["kernels"]]
+    assert any(n.startswith("qconv") for n in names) and any(n.startswith("refer_warp") for n in names)
+    assert prof["total_ms"] > 0 and prof["wall_ms"] > 0
+    assert sum(k["share"] for k in prof["kernels"]) == pytest.approx(1.0)
+    assert "query graph" in format_profile(prof, 5)
+    with pytest.raises(RefQSRError, match="not in this artifact"):
+        profile_graph(artifact, "sr")

@@ -322,3 +322,61 @@ def test_refqsr_training_forward_and_backward(scheme: str) -> None:
     # blocks 14, 15 never see b_low activations: their 3-bit quantizers stay untouched
     for b in bounds:
         assert params[f"backbone.blocks.15.conv1.act_quant.3.{b}"].grad is None
+
+
+def _small_refqsr(tail: str = "refer"):
+    from refqsr_engine.models.registry import build_refqsr
+
+    torch.manual_seed(1)
+    model = build_refqsr("srresnet", "ddtb", 8, 4, None, n_blocks=4, tail=tail)
+    model.train()
+    x = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        model(x, x.flip(-1))  # initialise the quantizer ranges
+    return model.eval(), x
+
+
+def test_highbit_tail_is_the_backbone_with_its_last_blocks_at_b_high():
+    model, x = _small_refqsr("highbit")
+    net = model.backbone
+    with torch.no_grad():
+        head = net.head(x)
+        feat = head
+        bits = [model.high, model.low, model.high, model.high]  # block 0 high, 1 low, last n_refer=2 high
+        for block, b in zip(net.blocks, bits):
+            feat = block(feat, b)
+        expected = net.reconstruct(feat, head)
+        got = model.query_forward(x, None)
+    torch.testing.assert_close(got, expected)
+
+
+def test_self_reference_feeds_each_refer_the_query_features_at_its_input():
+    model, x = _small_refqsr()
+    net = model.backbone
+    with torch.no_grad():
+        head = net.head(x)
+        feat = head
+        for block, b in zip(net.blocks[: model.first_refer], model.query_block_bits()):
+            feat = block(feat, b)
+        for refer in model.refers:
+            feat = refer(feat, feat.clone())
+        expected = net.reconstruct(feat, head)
+        got = model.query_forward(x, None)
+        with_other = model.query_forward(x, [torch.rand_like(f) for f in model.reference_forward(x.flip(-1))[1]])
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, with_other)
+
+
+def test_highbit_tail_bitops_count_the_tail_at_high_bits():
+    from refqsr_engine.models.bitops import count_bitops
+
+    # one 96x96 patch, a query (its own reference index points elsewhere): 2 blocks' convs at 8/8,
+    # 14 blocks' at 4/6 for refer; highbit: block 0 + last 2 blocks at 8/8, 13 blocks at act 4 / weight 6
+    macs = 64 * 64 * 9 * 96 * 96
+    high = 2 * macs * (8 / 32) * (8 / 32)
+    low = 2 * macs * (4 / 32) * (6 / 32)
+    rep = count_bitops("srresnet", (96, 186), "8-4", 96, 6, "engine", [True, False], [0, 0], tail="highbit")
+    ref_ops = 32 * high
+    query_ops = 2 * (1 + 2) * high + 2 * 13 * low
+    assert rep.total.network == pytest.approx(ref_ops + query_ops, rel=1e-9)
+    assert rep.total.refer_convs == 0 and rep.total.cost_volume == 0

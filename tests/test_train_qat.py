@@ -127,3 +127,24 @@ def test_bf16_autocast_loss_close_to_fp32(setup, tmp_path, task_name, bits):
     loss.backward()
     grads = [p.grad for p in task.model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(setup, tmp_path):
+    run = tmp_path / "limited"
+    messages: list[str] = []
+    out = train(_cfg(setup, run, "qat", "8", 50, time_limit=1e-6), log=messages.append)
+    assert out["stopped"] and out["step"] == 1  # one step, then the limit
+    assert any("time limit" in m for m in messages)
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 1
+    assert train(_cfg(setup, run, "qat", "8", 2), log=lambda s: None)["step"] == 2  # resumes
+
+
+def test_highbit_tail_ablation_trains_and_round_trips(setup, tmp_path):
+    """Table V's w/o-RefER model: no RefER modules; the query path's last blocks run at b_high."""
+    run = tmp_path / "norefer"
+    train(_cfg(setup, run, "refqsr", "8-4", 1, tail="highbit"), log=lambda s: None)
+    model, card = load_model(run / "best.pt")
+    assert isinstance(model, RefQSR) and model.tail == "highbit" and len(model.refers) == 0
+    assert card["tail"] == "highbit"
+    with pytest.raises(RefQSRError, match="tail=highbit run"):  # a resume must not switch variants
+        train(_cfg(setup, run, "refqsr", "8-4", 2), log=lambda s: None)

@@ -1,6 +1,8 @@
 """`refqsr-engine upscale` with the PyTorch reference: output, patch-wise equivalence, bad input."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -196,8 +198,12 @@ def test_folder_mode_upscales_all_and_skips_unreadable(fp_model_file, tmp_path):
 
 def test_bits_option_picks_or_checks_the_model(fp_model_file, tmp_path):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "in.png")
-    bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "8-4")
-    assert bad.exit_code == 2 and "no bundled model runs at 8-4 bits" in bad.output
+    bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "4-3")
+    assert bad.exit_code == 2 and "no bundled model runs at 4-3 bits" in bad.output
+    picked = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "p.png"), "--bits", "4", "--engine", "torch",
+                 "--patch", "12", "--overlap", "2", "--json", "--quiet")
+    assert picked.exit_code == 0, picked.output
+    assert json.loads(picked.output)["bitops"]["bits"] == "4"  # the bundled DDTB-4 model ran
     wrong = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "8")
     assert wrong.exit_code == 2 and "runs at 32 bits, not 8" in wrong.output
     ok = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "32",

@@ -32,14 +32,16 @@ def _to_uint8(chw: np.ndarray) -> np.ndarray:
     return np.clip(np.round(chw * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
-def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6,
+             self_reference: bool = False) -> dict[str, Any]:
     """Mean PSNR/SSIM (Y, shave 4) of the model, run patch-wise at its own bits as the engine runs
-    it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic."""
+    it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic.
+    ``self_reference`` (RefQSR): RefER gets each query's own features (Table V ablation)."""
     rows = []
     for i in range(len(folder)):
         pair = folder[i]
         lr = pair.lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-        result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model))
+        result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model), self_reference=self_reference)
         sr = _to_uint8(result.image)
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
         ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering)
@@ -53,20 +55,21 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
 
 
 def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
-           out_dir: str | Path | None = None) -> Path:
+           out_dir: str | Path | None = None, note: str | None = None) -> Path:
     """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models)."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
     if isinstance(model, RefQSR):  # the paper's setting, at the reference share measured on validation
-        net = model.backbone
         setting, share = f"{model.b_high}-{model.b_low}", quality["mean"]["reference_share"]
-        sizes = {"n_blocks": net.n_blocks, "n_feats": net.n_feats, "n_refer": len(model.refers)}
+        sizes = model.cost_sizes()
     else:
         setting, share = str(model_bits(model).act), None
         sizes = {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
     bitops = count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes).as_dict()
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
+    if note:
+        card["note"] = note
     out = Path(out_dir or bundled_dir()) / f"{name}.pt"
     save_model(out, model, card)
     (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
@@ -78,9 +81,10 @@ def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | N
 @click.argument("name")
 @click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR validation images.")
 @click.option("--val-crop", type=int, default=None, help="Centre-crop validation images to this HR size.")
-def main(model_path: str, name: str, val: str, val_crop: int | None) -> None:
+@click.option("--note", default=None, help="A line for the model card (where and how it was trained).")
+def main(model_path: str, name: str, val: str, val_crop: int | None, note: str | None) -> None:
     try:
-        out = bundle(model_path, name, val, val_crop)
+        out = bundle(model_path, name, val, val_crop, note=note)
     except RefQSRError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

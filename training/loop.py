@@ -82,6 +82,7 @@ class TrainConfig:
     lr_quant: float = 1e-2  # learning rate of the quantizer bounds
     clustblock: str | None = None  # refqsr: the trained ClustBlock file
     tau: float = 0.5
+    tail: str = "refer"  # refqsr: "highbit" trains Table V's w/o-RefER ablation
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     val: str | None = None  # HR folder; default: <data>/val or DIV2K_valid_HR
@@ -100,6 +101,9 @@ class TrainConfig:
     # steps on CPUs with AMX/AVX512-BF16 and on GPUs; "none" is plain fp32.
     amp: str = "none"
     quiet: bool = False
+    # Stop (checkpointed, resumable) once this session has trained this many seconds: for leases
+    # of fixed length (a borrowed GPU, a CI slot). None: no limit.
+    time_limit: float | None = None
     # filled in by resolve_data
     train_hr: str = ""
     train_lr: str | None = None
@@ -262,6 +266,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RefQSRError("--device cuda: no CUDA device is available here")
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
     task = make_task(cfg, dataset).to(device)
     model = task.model
     model.train()
@@ -274,7 +280,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         except Exception as exc:
             raise RefQSRError(f"cannot read checkpoint {last_path}: {exc}") from exc
         old = ckpt.get("config", {})
-        for key in ("arch", "task", "scheme", "bits"):
+        for key in ("arch", "task", "scheme", "bits", "tail"):
             if old.get(key, getattr(cfg, key)) != getattr(cfg, key) and (key in ("arch", "task") or cfg.task != "fp"):
                 raise RefQSRError(f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}")
         changed = [k for k in _STREAM_KEYS if k in old and old[k] != getattr(cfg, k)]
@@ -363,11 +369,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 })
                 loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{loss_v:.4f}", psnr=_fmt(last_val, 2) or "-")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum:
+            out_of_time = cfg.time_limit is not None and time.time() - t0 >= cfg.time_limit
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum or out_of_time:
                 save_last()
-            if stop.signum:
+            if stop.signum or out_of_time:
                 stopped = True
-                log(f"signal {stop.signum}: stopped at step {step}; checkpoint {last_path}")
+                why = f"signal {stop.signum}" if stop.signum else f"time limit ({cfg.time_limit:g} s)"
+                log(f"{why}: stopped at step {step}; checkpoint {last_path}")
                 break
     bar.close()
     if validator is None and not stopped:
@@ -414,6 +422,8 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
         click.option("--amp", type=click.Choice(["none", "bf16"]), default="none", show_default=True,
                      help="Mixed precision: bf16 forward (fp32 weights/optimizer); fast with AMX or a GPU."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Stop (checkpointed; run again to resume) after this many seconds of training."),
     ]
     if task == "fp":
         return common + [click.option("--init", type=click.Choice(["interp", "random"]), default="interp", show_default=True,
@@ -435,6 +445,8 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
             click.option("--clustblock", required=True, type=click.Path(exists=True, dir_okay=False),
                          help="Trained ClustBlock file (train clust)."),
             click.option("--tau", type=click.FloatRange(-1, 1), default=0.5, show_default=True),
+            click.option("--tail", type=click.Choice(["refer", "highbit"]), default="refer", show_default=True,
+                         help="highbit: Table V's 'w/o RefER' ablation (query path's last blocks at b_high, no RefER)."),
         ]
     return common + quant
 

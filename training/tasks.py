@@ -172,7 +172,7 @@ class RefQSRTask(_Distilled):
         clust, _ = load_model(cfg.clustblock)
         if not isinstance(clust, ClustBlock):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
-        self.model: RefQSR = build_refqsr(cfg.arch, cfg.scheme, p.b_high, p.b_low, clust.eval(), cfg.tau)
+        self.model: RefQSR = build_refqsr(cfg.arch, cfg.scheme, p.b_high, p.b_low, clust.eval(), cfg.tau, tail=cfg.tail)
         self._init_backbone(self.model.backbone)
         for q in self.model.clustblock.parameters():  # ClustBlock is pre-trained and frozen
             q.requires_grad_(False)
@@ -199,11 +199,11 @@ class RefQSRTask(_Distilled):
         return self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
 
     def sr(self, lr: torch.Tensor) -> torch.Tensor:
-        out = upscale_patchwise(self.model, lr[0].numpy(), patch=VAL_PATCH, overlap=6, batch=16)
+        out = upscale_patchwise(self.model, lr[0].cpu().numpy(), patch=VAL_PATCH, overlap=6, batch=16)
         return torch.from_numpy(out.image).unsqueeze(0)
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau,
+        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
                 "loss": "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
                 "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
                 "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)"}

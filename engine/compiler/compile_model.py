@@ -204,7 +204,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "batches": batch_sizes(opts.batch, opts.target),
             "scale": 4,
             "tau": float(model.tau) if isinstance(model, RefQSR) else None,
-            "n_refer": len(model.refers) if isinstance(model, RefQSR) else 0,
+            "n_refer": model.n_refer if isinstance(model, RefQSR) else 0,
             "cluster": cluster,
             "graphs": report["graphs"],
             "compile_seconds": round(report["seconds"]["total"], 2),

@@ -79,6 +79,29 @@ def _refer_warp_converter(target: tvm.target.Target):
     return RefERWarp
 
 
+def _pairwise_converter(name: str):
+    """ONNX Max/Min as Relax's binary maximum/minimum.
+
+    TVM's importer broadcasts every input to the full shape, stacks them and reduces over the
+    new axis: for the quantizers' per-sample clip ``Min(Max(x, lo[N,1,1,1]), hi)`` that is two
+    full-size copies and a serial reduction per clip -- a quarter of the quantized graphs' time in
+    the profile (``benchmarks/profile_graphs.py``). The pairwise form is an injective op that
+    fuses with its neighbours."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = getattr(onnx_frontend, name)
+
+    class Pairwise(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+                return super()._impl_v1(bb, inputs, attr, params)  # folded at import
+            return cls._impl_dynamic(bb, inputs)
+
+    Pairwise.__name__ = name
+    return Pairwise
+
+
 @contextlib.contextmanager
 def _extra_converters(extra: Mapping[str, Any]):
     """The importer looks its converters up in ``_get_convert_map()`` per node: add ours for a while."""
@@ -104,7 +127,9 @@ def import_graph(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
 
     prepared = prepare_onnx(model, shapes)
     warps = fuse_refer_warps(prepared)
-    with _extra_converters({OP: _refer_warp_converter(as_target(target))}):
+    converters = {OP: _refer_warp_converter(as_target(target)), "Max": _pairwise_converter("Max"),
+                  "Min": _pairwise_converter("Min")}
+    with _extra_converters(converters):
         # No FoldConstant here: it would turn the dequantized integer weights into float constants
         # (and compile a kernel per constant expression, ~15 s); the build pipeline folds later.
         mod = from_onnx(prepared, keep_params_in_input=False)
