@@ -316,3 +316,22 @@ def test_tvm_thread_pool_defaults_to_the_usable_cpus(monkeypatch):
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     use_all_cpus_by_default()
     assert os.environ["TVM_NUM_THREADS"] == "1"
+
+
+def test_artifact_cache_key_follows_the_compiler_sources(monkeypatch):
+    """An edited kernel or compiler pass must not reuse an artifact built by the old code."""
+    from pathlib import Path
+
+    from refqsr_engine.engine.compiler.options import CompileOptions, artifact_cache_parts, compiler_digest
+
+    before = compiler_digest()
+    assert len(before) == 64 and compiler_digest() == before
+    assert artifact_cache_parts(CompileOptions())["compiler"] == before
+    real = Path.read_bytes
+
+    def edited(self: Path) -> bytes:
+        data = real(self)
+        return data + b"# edited\n" if self.name == "qconv_fused.py" else data
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert compiler_digest() != before

@@ -134,3 +134,61 @@ def test_default_mcpu_is_the_host_and_the_baseline_stays():
     assert CompileOptions().target_dict()["mcpu"] == host
     assert codegen.target_has_features("avx2", tvm.target.Target({"kind": "llvm", "mcpu": host}))
     assert CompileOptions(mcpu="core-avx2").target_dict()["mcpu"] == "core-avx2"
+
+
+def test_elementwise_chains_become_one_pass_and_match_torch():
+    """bias add + PReLU and a per-sample clip, as the quantized graphs fuse them: after scheduling
+    one block writes the output (no full-size intermediates) and the values are torch's."""
+    shape = (2, 8, 6, 16)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    lo = relax.Var("lo", relax.TensorType((2, 1, 1, 1), "float32"))
+    rng = np.random.default_rng(3)
+    bias = rng.standard_normal(8).astype(np.float32)
+    with bb.function("main", [x, lo]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(x, relax.const(bias.reshape(1, -1, 1, 1))))
+            y = bb.emit(relax.op.nn.prelu(y, relax.const(np.array([0.25], np.float32)), axis=1))
+            y = bb.emit(relax.op.minimum(relax.op.maximum(y, lo), relax.op.negative(lo)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    tgt = tvm.target.Target(AVX2)
+    with tgt:
+        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        scheduled = cpu_schedule_pass(2, 8)(fused)
+    prims = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(prims) == 1  # the three ops are one fused kernel ...
+    sch = tvm.s_tir.Schedule(prims[0])
+    assert len(sch.get_child_blocks(sch.get_sblock("root"))) == 1  # ... and one pass over the data
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), tvm.cpu())
+    xv = rng.standard_normal(shape).astype(np.float32)
+    lov = np.array([-0.5, -1.5], np.float32).reshape(2, 1, 1, 1)
+    got = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(lov)).numpy()
+    t = torch.nn.functional.prelu(torch.from_numpy(xv) + torch.from_numpy(bias).view(1, -1, 1, 1), torch.tensor([0.25]))
+    want = torch.minimum(torch.maximum(t, torch.from_numpy(lov)), -torch.from_numpy(lov)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_spatial_mean_is_vectorized_and_matches_torch():
+    """DDTB's gate input, the per-channel mean over H x W: rfactored into vector partial sums."""
+    shape = (2, 8, 12, 32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3])))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    tgt = tvm.target.Target(AVX2)
+    with tgt:
+        lowered = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        scheduled = cpu_schedule_pass(2, 8)(lowered)
+    text = "\n".join(f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    assert "_rf" in text and "T.vectorized" in text
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), tvm.cpu())
+    xv = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+    np.testing.assert_allclose(got, torch.from_numpy(xv).mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)

@@ -129,6 +129,27 @@ def _inline_epilogue(sch: tvm.s_tir.Schedule, writeback) -> None:
             return
 
 
+def _inline_intermediates(sch: tvm.s_tir.Schedule, root) -> None:
+    """Inline every elementwise block of a conv-free PrimFunc into its consumers.
+
+    FuseOps fuses e.g. bias add + PReLU, or a quantizer's per-sample clip with its bound
+    arithmetic, into one PrimFunc, but the legalized blocks still each write a full-size
+    intermediate: three passes over an 8x64x96x96 tensor where one does. Blocks that write a
+    function output, and reductions, stay (compute_inline refuses them)."""
+    progress = True
+    while progress:
+        progress = False
+        for block in sch.get_child_blocks(root):
+            if any(k != 0 for k in _iter_kinds(sch, block)):
+                continue  # a reduction: not inlined
+            try:
+                sch.compute_inline(block)
+            except tvm.s_tir.ScheduleError:
+                continue
+            progress = True
+            break
+
+
 def _vectorize_tail(sch: tvm.s_tir.Schedule, block, lanes: int) -> None:
     """Unroll a tile's loops and vectorize its innermost (pixel) loop by ``lanes``."""
     loops = sch.get_loops(block)
@@ -257,6 +278,27 @@ def _schedule_conv(func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block, lanes: i
     return _schedule_conv_channels(sch, block, lanes), None
 
 
+def _vector_reduction(sch: tvm.s_tir.Schedule, block, spatial: int) -> bool:
+    """A sum/max over trailing reduction loops (DDTB's channel means over H x W): the innermost
+    reduction loop split by ``_LANES`` and rfactored, so ``_LANES`` partial results accumulate
+    as one vector; the spatial loops in parallel. False when the nest does not fit (left as is)."""
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    if int(sch.get(inner).extent) % _LANES or int(sch.get(inner).extent) < 2 * _LANES:
+        return False
+    try:
+        _, lane = sch.split(inner, [None, _LANES])
+        rf = sch.rfactor(lane, factor_axis=spatial)
+        rf_loops = sch.get_loops(rf)
+        sch.parallel(sch.fuse(*rf_loops[:spatial]) if spatial > 1 else rf_loops[0])
+        sch.vectorize(sch.get_loops(rf)[-1])
+        final = sch.get_loops(block)
+        sch.parallel(sch.fuse(*final[:spatial]) if spatial > 1 else final[0])
+    except tvm.s_tir.ScheduleError:
+        return False
+    return True
+
+
 def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
@@ -269,6 +311,10 @@ def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
     while spatial < len(loops) and kinds[spatial] == 0:
         spatial += 1
     if spatial == 0:
+        return
+    # reductions over trailing spatial axes (>= 2 of them: H x W): their innermost loop runs along
+    # memory; a single reduced axis (channels of [N, C, H, W]) would become a strided gather
+    if len(loops) - spatial >= 2 and _vector_reduction(sch, block, spatial):
         return
     # fuse leading spatial loops until there is enough parallel work, keep the last for vectors
     lead = 1
@@ -298,6 +344,9 @@ def schedule_func_packed(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANE
     blocks = sch.get_child_blocks(root) if root is not None else []
     packed = None
     names = [sch.get(b).name_hint for b in blocks]
+    if root is not None and not any(n.startswith("conv2d_nchw") for n in names):
+        _inline_intermediates(sch, root)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     # convs first: they take their padding and epilogue blocks along
     for name in sorted(names, key=lambda n: not n.startswith("conv2d_nchw")):
         try:

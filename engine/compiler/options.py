@@ -49,11 +49,35 @@ class CompileOptions:
         raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
 
 
+# The sources whose code ends up in an artifact: the exporter, the models it traces, the compiler
+# passes and schedules, the kernels. A change to any of them must not reuse an older build.
+_COMPILED_SOURCES = ("engine/compiler", "kernels", "export", "models")
+
+
+def compiler_digest() -> str:
+    """SHA-256 over the source files that decide what a compile produces (see _COMPILED_SOURCES)."""
+    from pathlib import Path
+
+    import refqsr_engine.engine as engine_pkg
+
+    h = hashlib.sha256()
+    mods = {"engine/compiler": Path(engine_pkg.__file__).parent / "compiler"}
+    for name in ("kernels", "export", "models"):
+        mod = __import__(f"refqsr_engine.{name}", fromlist=["__file__"])
+        mods[name] = Path(mod.__file__).parent
+    for key in _COMPILED_SOURCES:
+        for path in sorted(mods[key].glob("*.py")):
+            h.update(f"{key}/{path.name}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
-    """What identifies a compiled default model in the cache (model bytes, target, shapes)."""
+    """What identifies a compiled default model in the cache (model bytes, target, shapes, the
+    compiler's own sources)."""
     import tvm
 
     model_path = resolve_model(opts.model)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
-            "tvm": tvm.__version__}
+            "tvm": tvm.__version__, "compiler": compiler_digest()}
