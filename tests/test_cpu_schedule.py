@@ -136,6 +136,15 @@ def test_default_mcpu_is_the_host_and_the_baseline_stays():
     assert CompileOptions(mcpu="core-avx2").target_dict()["mcpu"] == "core-avx2"
 
 
+def _scheduled_primfuncs(mod: tvm.IRModule, tgt: tvm.target.Target) -> list:
+    """The PrimFuncs of ``mod`` after the pipeline's legalize + fuse steps and our CPU schedule."""
+    with tgt:
+        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        scheduled = cpu_schedule_pass(2, 8)(fused)
+    return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
 def test_elementwise_chains_become_one_pass_and_match_torch():
     """bias add + PReLU and a per-sample clip, as the quantized graphs fuse them: after scheduling
     one block writes the output (no full-size intermediates) and the values are torch's."""
@@ -154,11 +163,7 @@ def test_elementwise_chains_become_one_pass_and_match_torch():
         bb.emit_func_output(out)
     mod = bb.get()
     tgt = tvm.target.Target(AVX2)
-    with tgt:
-        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-        scheduled = cpu_schedule_pass(2, 8)(fused)
-    prims = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    prims = _scheduled_primfuncs(mod, tgt)
     assert len(prims) == 1  # the three ops are one fused kernel ...
     sch = tvm.s_tir.Schedule(prims[0])
     assert len(sch.get_child_blocks(sch.get_sblock("root"))) == 1  # ... and one pass over the data
@@ -182,11 +187,7 @@ def test_spatial_mean_is_vectorized_and_matches_torch():
         bb.emit_func_output(out)
     mod = bb.get()
     tgt = tvm.target.Target(AVX2)
-    with tgt:
-        lowered = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-        scheduled = cpu_schedule_pass(2, 8)(lowered)
-    text = "\n".join(f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    text = "\n".join(f.script() for f in _scheduled_primfuncs(mod, tgt))
     assert "_rf" in text and "T.vectorized" in text
     vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), tvm.cpu())
     xv = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
