@@ -35,3 +35,20 @@ def test_per_sample_clip_imports_as_pairwise_ops_and_matches_numpy():
     hi = np.array([0.25, 2.0], np.float32).reshape(2, 1, 1, 1)
     got = vm["main"](*(tvm.runtime.tensor(a, tvm.cpu()) for a in (x, lo, hi))).numpy()
     np.testing.assert_array_equal(got, np.minimum(np.maximum(x, lo), hi))
+
+
+def test_constant_scalar_gathers_become_slices_and_match_numpy():
+    """DDTB's gate reads factors[:, 0] and factors[:, -1]: no take(mode="fast") (and its warning)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])
+    inits = [helper.make_tensor("k0", TensorProto.INT64, [], [0]), helper.make_tensor("km1", TensorProto.INT64, [], [-1])]
+    nodes = [helper.make_node("Gather", ["x", "k0"], ["a"], axis=1), helper.make_node("Gather", ["x", "km1"], ["b"], axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [a, b], inits), opset_imports=[helper.make_opsetid("", 17)])
+    mod, _ = import_graph(model, {"x": [3, 2]})
+    assert "R.take" not in mod.script()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    xv = np.arange(6, dtype=np.float32).reshape(3, 2)
+    got_a, got_b = vm["main"](tvm.runtime.tensor(xv, tvm.cpu()))
+    np.testing.assert_array_equal(got_a.numpy(), xv[:, 0])
+    np.testing.assert_array_equal(got_b.numpy(), xv[:, -1])

@@ -2,7 +2,8 @@
 
 The importer of TVM 0.27 trips over three things PyTorch's exporter emits: ``Clip`` with an
 omitted bound (it reads the empty input as ``None``), scalar bounds that come out of shape
-arithmetic (imported as ``PrimValue`` where a tensor is expected), and ``Constant`` nodes. The
+arithmetic (imported as ``PrimValue`` where a tensor is expected), and ``Constant`` nodes; and it
+warns about a fourth, Gathers with a constant index (rewritten as slices). The
 engine compiles fixed batch shapes anyway, so the graph is first pinned to those shapes and
 everything that no longer depends on the data is folded into initializers. Quantize/dequantize
 pairs are never folded: they are the pattern the integer-conv pass looks for.
@@ -75,6 +76,32 @@ def _split_clip(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
+def _scalar_gather_to_slice(graph: onnx.GraphProto) -> None:
+    """Gather(x, k) with a constant scalar k -> Squeeze(Slice(x, k, k + 1)).
+
+    The DDTB gate reads its two factors as ``factors[:, 0]`` / ``factors[:, 1]``: Gathers with a
+    constant index, which TVM lowers to ``take(mode="fast")`` and warns about once per use
+    (hundreds of "Fast mode segfaults ..." lines on a user's first compile). A slice says the
+    same without an index to check."""
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        k = consts.get(node.input[1]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        if k is None or k.ndim != 0:
+            nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        k = int(k)
+        stem = node.output[0] + "__slice"
+        for name, value in (("starts", k), ("ends", k + 1 if k != -1 else np.iinfo(np.int64).max), ("axes", axis)):
+            graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), f"{stem}_{name}"))
+        nodes.append(helper.make_node("Slice", [node.input[0], f"{stem}_starts", f"{stem}_ends", f"{stem}_axes"],
+                                      [stem], name=node.name + "__slice"))
+        nodes.append(helper.make_node("Squeeze", [stem, f"{stem}_axes"], [node.output[0]], name=node.name + "__squeeze"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     inferred = shape_inference.infer_shapes(model, data_prop=True)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -139,6 +166,7 @@ def prepare_onnx(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) ->
     pin_input_shapes(out, shapes)
     _constants_to_initializers(out.graph)
     _split_clip(out.graph)
+    _scalar_gather_to_slice(out.graph)
     while _fold_constants(out):  # shapes become known as their producers fold
         pass
     _drop_unused_initializers(out.graph)
