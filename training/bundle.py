@@ -19,7 +19,7 @@ from refqsr_engine.engine.models_store import bundled_dir
 from refqsr_engine.engine.upscale import model_bits, model_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, ssim_y
-from refqsr_engine.models.bitops import count_bitops
+from refqsr_engine.models.bitops import BitOpsReport, count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.refqsr import RefQSR
@@ -54,19 +54,23 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
 
 
+def urban100_bitops(model: torch.nn.Module, reference_share: float) -> BitOpsReport:
+    """BitOPs/FQR at the paper's Urban100 setting (1280x720 output, 72 px patches); RefQSR at the
+    share of reference patches measured on validation."""
+    if isinstance(model, RefQSR):
+        setting, share, sizes = f"{model.b_high}-{model.b_low}", reference_share, model.cost_sizes()
+    else:
+        setting, share, sizes = str(model_bits(model).act), None, {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
+    return count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
+
+
 def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
            out_dir: str | Path | None = None, note: str | None = None) -> Path:
     """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models)."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
-    if isinstance(model, RefQSR):  # the paper's setting, at the reference share measured on validation
-        setting, share = f"{model.b_high}-{model.b_low}", quality["mean"]["reference_share"]
-        sizes = model.cost_sizes()
-    else:
-        setting, share = str(model_bits(model).act), None
-        sizes = {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
-    bitops = count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes).as_dict()
+    bitops = urban100_bitops(model, quality["mean"]["reference_share"]).as_dict()
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
     if note:
         card["note"] = note

@@ -21,12 +21,10 @@ from typing import Any
 import click
 
 from refqsr_engine.engine.models_store import resolve_model
-from refqsr_engine.engine.upscale import model_bits
 from refqsr_engine.errors import RefQSRError
-from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.refqsr import RefQSR
-from refqsr_engine.training.bundle import URBAN100_LR, evaluate
+from refqsr_engine.training.bundle import evaluate, urban100_bitops
 from refqsr_engine.training.datasets import PairedFolder
 
 SELF_SUFFIX = "@self"
@@ -48,13 +46,9 @@ def compare_row(label: str, path: str, self_reference: bool, folder: PairedFolde
         raise RefQSRError(f"{path}: {SELF_SUFFIX} needs a RefQSR model with RefER blocks")
     quality = evaluate(model, folder, self_reference=self_reference)
     mean = quality["mean"]
-    if isinstance(model, RefQSR):
-        setting, share, sizes = f"{model.b_high}-{model.b_low}", mean["reference_share"], model.cost_sizes()
-    else:
-        setting, share, sizes = str(model_bits(model).act), None, {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
-    paper = count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
+    paper = urban100_bitops(model, mean["reference_share"])
     return {
-        "label": label, "model": path, "self_reference": self_reference, "bits": setting,
+        "label": label, "model": path, "self_reference": self_reference, "bits": paper.precision,
         "steps": card.get("steps"), "bitops_g": mean["bitops_g"], "fqr": mean["fqr"],
         "bitops_urban100_g": paper.gbitops, "fqr_urban100": paper.total.fqr,
         "reference_share": mean["reference_share"], "psnr_y": mean["psnr_y"], "ssim_y": mean["ssim_y"],
