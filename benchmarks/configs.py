@@ -264,13 +264,12 @@ def dir_bytes(path: str | Path) -> int:
 
 def prepare_artifact(model_path: str, patch: int, batch: int, threads: int) -> dict[str, Any]:
     """The compiled artifact of a model file for this host (compiled now unless cached)."""
-    from ..engine.artifact import cache_key, package_version, sha256_file, tvm_version
+    from ..engine.artifact import cache_key, package_version
     from ..engine.compiler.compile_model import compile_model
-    from ..engine.compiler.options import CompileOptions, compiler_digest
+    from ..engine.compiler.options import CompileOptions, artifact_cache_parts
 
     opts = CompileOptions(model=model_path, target="llvm", patch=patch, batch=batch, threads=threads)
-    key = cache_key(model_sha256=sha256_file(model_path), target=opts.target_dict(), patch=patch, batch=batch,
-                    tvm=tvm_version(), engine=package_version(), compiler=compiler_digest())
+    key = cache_key(**artifact_cache_parts(opts), engine=package_version())
     out = bench_cache() / "artifacts" / key
     compiled_now = not (out / "manifest.json").is_file()
     t = time.perf_counter()

@@ -79,17 +79,23 @@ def model_bits(model: torch.nn.Module) -> BitSpec:
     return BitSpec.uniform(bits[0])
 
 
+def bitops_setting(model: torch.nn.Module) -> tuple[str, dict[str, int | str]]:
+    """What ``count_bitops`` needs of a model: its bits ("8-4", "8", "32") and network sizes."""
+    if isinstance(model, RefQSR):
+        return f"{model.b_high}-{model.b_low}", model.cost_sizes()
+    return str(model_bits(model).act), {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
+
+
 def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
                  clustering: Clustering | None = None, grid: str = "engine") -> BitOpsReport:
     """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering."""
+    setting, sizes = bitops_setting(model)
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        return count_bitops("srresnet", lr_size, f"{model.b_high}-{model.b_low}", patch, overlap, grid,
-                            clustering.is_reference.tolist(), clustering.reference_of.tolist(),
-                            **model.cost_sizes())
-    return count_bitops("srresnet", lr_size, str(model_bits(model).act), patch, overlap, grid,
-                        n_blocks=model.n_blocks, n_feats=model.n_feats)
+        return count_bitops("srresnet", lr_size, setting, patch, overlap, grid,
+                            clustering.is_reference.tolist(), clustering.reference_of.tolist(), **sizes)
+    return count_bitops("srresnet", lr_size, setting, patch, overlap, grid, **sizes)
 
 
 class Upscaler:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from refqsr_engine.engine.models_store import bundled_dir
-from refqsr_engine.engine.upscale import model_bits, model_bitops
+from refqsr_engine.engine.upscale import bitops_setting, model_bits, model_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, ssim_y
 from refqsr_engine.models.bitops import BitOpsReport, count_bitops
@@ -57,10 +57,8 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
 def urban100_bitops(model: torch.nn.Module, reference_share: float) -> BitOpsReport:
     """BitOPs/FQR at the paper's Urban100 setting (1280x720 output, 72 px patches); RefQSR at the
     share of reference patches measured on validation."""
-    if isinstance(model, RefQSR):
-        setting, share, sizes = f"{model.b_high}-{model.b_low}", reference_share, model.cost_sizes()
-    else:
-        setting, share, sizes = str(model_bits(model).act), None, {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
+    setting, sizes = bitops_setting(model)
+    share = reference_share if isinstance(model, RefQSR) else None
     return count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
 
 

@@ -282,9 +282,9 @@ def _vector_reduction(sch: tvm.s_tir.Schedule, block, spatial: int) -> bool:
     """A sum/max over trailing reduction loops (DDTB's channel means over H x W): the innermost
     reduction loop split by ``_LANES`` and rfactored, so ``_LANES`` partial results accumulate
     as one vector; the spatial loops in parallel. False when the nest does not fit (left as is)."""
-    loops = sch.get_loops(block)
-    inner = loops[-1]
-    if int(sch.get(inner).extent) % _LANES or int(sch.get(inner).extent) < 2 * _LANES:
+    inner = sch.get_loops(block)[-1]
+    extent = int(sch.get(inner).extent)
+    if extent % _LANES or extent < 2 * _LANES:
         return False
     try:
         _, lane = sch.split(inner, [None, _LANES])

@@ -49,25 +49,21 @@ class CompileOptions:
         raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
 
 
-# The sources whose code ends up in an artifact: the exporter, the models it traces, the compiler
-# passes and schedules, the kernels. A change to any of them must not reuse an older build.
-_COMPILED_SOURCES = ("engine/compiler", "kernels", "export", "models")
+# The packages whose code ends up in an artifact: the compiler passes and schedules, the kernels,
+# the exporter and the models it traces. A change to any of them must not reuse an older build.
+_COMPILED_PACKAGES = ("refqsr_engine.engine.compiler", "refqsr_engine.kernels", "refqsr_engine.export",
+                      "refqsr_engine.models")
 
 
 def compiler_digest() -> str:
-    """SHA-256 over the source files that decide what a compile produces (see _COMPILED_SOURCES)."""
+    """SHA-256 over the source files that decide what a compile produces (_COMPILED_PACKAGES)."""
+    import importlib
     from pathlib import Path
 
-    import refqsr_engine.engine as engine_pkg
-
     h = hashlib.sha256()
-    mods = {"engine/compiler": Path(engine_pkg.__file__).parent / "compiler"}
-    for name in ("kernels", "export", "models"):
-        mod = __import__(f"refqsr_engine.{name}", fromlist=["__file__"])
-        mods[name] = Path(mod.__file__).parent
-    for key in _COMPILED_SOURCES:
-        for path in sorted(mods[key].glob("*.py")):
-            h.update(f"{key}/{path.name}\0".encode())
+    for name in _COMPILED_PACKAGES:
+        for path in sorted(Path(importlib.import_module(name).__file__).parent.glob("*.py")):
+            h.update(f"{name}/{path.name}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 
