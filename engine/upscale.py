@@ -73,7 +73,7 @@ def model_bits(model: torch.nn.Module) -> BitSpec:
     """The bit widths a fixed-precision model runs at (its single trained activation width)."""
     if isinstance(model, RefQSR) or getattr(model, "scheme", None) is None:
         return FP
-    bits = model.blocks[0].conv1.act_bits
+    bits = model.act_bits()
     if len(bits) != 1:
         raise RefQSRError(f"model has several activation bit widths {bits}; it is not a fixed-precision model")
     return BitSpec.uniform(bits[0])
@@ -83,19 +83,20 @@ def bitops_setting(model: torch.nn.Module) -> tuple[str, dict[str, int | str]]:
     """What ``count_bitops`` needs of a model: its bits ("8-4", "8", "32") and network sizes."""
     if isinstance(model, RefQSR):
         return f"{model.b_high}-{model.b_low}", model.cost_sizes()
-    return str(model_bits(model).act), {"n_blocks": model.n_blocks, "n_feats": model.n_feats}
+    return str(model_bits(model).act), model.sizes()
 
 
 def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
                  clustering: Clustering | None = None, grid: str = "engine") -> BitOpsReport:
     """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering."""
     setting, sizes = bitops_setting(model)
+    arch = (model.backbone if isinstance(model, RefQSR) else model).arch
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        return count_bitops("srresnet", lr_size, setting, patch, overlap, grid,
+        return count_bitops(arch, lr_size, setting, patch, overlap, grid,
                             clustering.is_reference.tolist(), clustering.reference_of.tolist(), **sizes)
-    return count_bitops("srresnet", lr_size, setting, patch, overlap, grid, **sizes)
+    return count_bitops(arch, lr_size, setting, patch, overlap, grid, **sizes)
 
 
 class Upscaler:
@@ -148,8 +149,7 @@ class Upscaler:
         clustering = result.clustering
         bitops = model_bitops(self.model, (h, w), opts.patch, opts.overlap, clustering)
         net = self.model.backbone if isinstance(self.model, RefQSR) else self.model
-        bitops_8 = count_bitops("srresnet", (h, w), "8", opts.patch, opts.overlap, "engine",
-                                n_blocks=net.n_blocks, n_feats=net.n_feats)
+        bitops_8 = count_bitops(net.arch, (h, w), "8", opts.patch, opts.overlap, "engine", **net.sizes())
         return {
             "input": str(src),
             "output": str(dst),

@@ -29,7 +29,7 @@ from ..models.clustblock import CLUST_BITS, ClustBlock
 from ..models.matching import POOL
 from ..models.qconv import FP, BitSpec, QuantConv2d
 from ..models.refqsr import RefQSR
-from ..models.srresnet import SRResNet
+from ..models.backbone import SRBackbone
 
 OPSET = 17
 
@@ -56,7 +56,7 @@ class QueryPath(nn.Module):
 class FixedBits(nn.Module):
     """An SR network called at one BitSpec (its trained bits, or full precision)."""
 
-    def __init__(self, net: SRResNet, bits: BitSpec) -> None:
+    def __init__(self, net: SRBackbone, bits: BitSpec) -> None:
         super().__init__()
         self.net, self.bits = net, bits
 
@@ -163,7 +163,7 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
     return paths
 
 
-def export_sr(net: SRResNet, bits: BitSpec, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
+def export_sr(net: SRBackbone, bits: BitSpec, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
     """Write sr.onnx for a full- or fixed-precision SR network run at ``bits``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ counted too; ClustBlock is reported on its own line, as the paper's Table III do
 the full-precision head, body-end conv, upsampler and tail (no method quantizes them), L2
 normalisation, pooling, arg-max, flow upsampling and warping (no weight multiplies, O(HWC) each).
 FQR = mean activation bit width over the quantized convs, weighted by their MACs (all SRResNet
-body convs have equal MACs, so within a patch this is the plain mean over layers).
+and CARN block convs have equal MACs, so within a patch this is the plain mean over layers).
 
 Grids: 'paper' is CADyQ's (patch origins every P - overlap LR px, floor((L - P) / step) + 1 patches
 per axis, the last row/column stretched to the image edge), 'engine' is the runtime's fixed-size
@@ -141,39 +141,43 @@ def clustblock_macs(h: int, w: int, num_classes: int = 47) -> float:
 
 
 class ArchCost:
-    """Per-patch BitOPs of one architecture (SRResNet-style: n_blocks x 2 convs, n_refer RefERs)."""
+    """Per-patch BitOPs of one architecture: n_blocks blocks of quantized convs (their MACs per
+    pixel from the architecture's ``block_conv_macs``), n_refer RefERs on the query path."""
 
     def __init__(self, arch: str, **sizes: int | str) -> None:
         """``sizes`` override the preset (n_blocks, n_feats, n_refer), for non-default networks."""
         cfg = {**arch_config(arch), **sizes}
         self.n_blocks, self.feats, self.n_refer = cfg["n_blocks"], cfg["n_feats"], cfg["n_refer"]
         self.tail = cfg.get("tail", "refer")  # "highbit": Table V's w/o-RefER query path
-        self.conv_macs_per_px = self.feats * self.feats * 9
+        self.block_macs_per_px = cfg["cls"].block_conv_macs(self.feats)
+        self.refer_conv_macs_per_px = self.feats * self.feats * 9  # RefER's two 3x3 refinement convs
+
+    def _block(self, t: Tally, pixels: int, bits: BitSpec) -> None:
+        for macs in self.block_macs_per_px:
+            t.add_conv(macs * pixels, bits, "resblocks")
 
     def uniform(self, box: Box, bits: BitSpec) -> Tally:
         t = Tally()
-        for _ in range(2 * self.n_blocks):
-            t.add_conv(self.conv_macs_per_px * box.pixels, bits, "resblocks")
+        for _ in range(self.n_blocks):
+            self._block(t, box.pixels, bits)
         return t
 
     def query(self, box: Box, ref_box: Box, p: Precision) -> Tally:
         high = BitSpec.uniform(p.b_high)
         low = BitSpec(p.b_low, medium_bits(p.b_high, p.b_low))  # type: ignore[arg-type]
-        macs = self.conv_macs_per_px * box.pixels
         t = Tally()
         first_refer = self.n_blocks - self.n_refer
         for block in range(first_refer):
-            for _ in range(2):
-                t.add_conv(macs, high if block == 0 else low, "resblocks")
-        if self.tail == "highbit":  # the replaced blocks stay ResBlocks, at b_high
-            for _ in range(2 * self.n_refer):
-                t.add_conv(macs, high, "resblocks")
+            self._block(t, box.pixels, high if block == 0 else low)
+        if self.tail == "highbit":  # the replaced blocks stay blocks, at b_high
+            for _ in range(self.n_refer):
+                self._block(t, box.pixels, high)
             return t
         positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
         positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
         for _ in range(self.n_refer):
-            t.add_conv(macs, high, "refer_convs")
-            t.add_conv(macs, high, "refer_convs")
+            t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
+            t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
             t.cost_volume += conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(p.b_low))  # type: ignore[arg-type]
         return t
 

@@ -15,8 +15,8 @@ from ..errors import RefQSRError
 from ..files import publish
 from .clustblock import ClustBlock
 from .refqsr import RefQSR
-from .registry import build_refqsr, build_sr
-from .srresnet import SRResNet
+from .backbone import SRBackbone
+from .registry import build_refqsr, build_sr, size_keys
 
 FORMAT = "refqsr-engine/model-1"
 
@@ -26,14 +26,11 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, RefQSR):
         net = model.backbone
         clust = model.clustblock.num_classes if model.clustblock is not None else None
-        return {"kind": "refqsr", "arch": "srresnet", "scheme": net.scheme, "b_high": model.b_high,
+        return {"kind": "refqsr", "arch": net.arch, "scheme": net.scheme, "b_high": model.b_high,
                 "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": model.n_refer,
-                "tail": model.tail,
-                "n_blocks": net.n_blocks, "n_feats": net.n_feats}
-    if isinstance(model, SRResNet):
-        bits = sorted({b for blk in model.blocks for b in blk.conv1.act_bits})
-        return {"kind": "sr", "arch": "srresnet", "scheme": model.scheme, "act_bits": bits,
-                "n_blocks": model.n_blocks, "n_feats": model.n_feats}
+                "tail": model.tail, **net.sizes()}
+    if isinstance(model, SRBackbone):
+        return {"kind": "sr", "arch": model.arch, "scheme": model.scheme, "act_bits": model.act_bits(), **model.sizes()}
     if isinstance(model, ClustBlock):
         return {"kind": "clustblock", "classes": model.num_classes}
     raise TypeError(f"cannot save a {type(model).__name__}")
@@ -41,7 +38,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 def build_from_config(cfg: dict[str, Any]) -> nn.Module:
     kind = cfg["kind"]
-    sizes = {k: cfg[k] for k in ("n_blocks", "n_feats") if k in cfg}
+    sizes = {k: cfg[k] for k in size_keys(cfg["arch"]) if k in cfg} if "arch" in cfg else {}
     if kind == "sr":
         return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
     if kind == "refqsr":

@@ -16,7 +16,7 @@ from ..engine.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
 from .clustblock import Clustering, cluster_patches
 from .qconv import FP, BitSpec
 from .refqsr import RefQSR
-from .srresnet import SRResNet
+from .backbone import SRBackbone
 
 Progress = Callable[[int, int], None]  # (patches just finished, patches in the image)
 
@@ -94,7 +94,7 @@ class PatchRunner(Protocol):
 class TorchRunner:
     """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
 
-    def __init__(self, model: SRResNet | RefQSR, bits: BitSpec = FP, self_reference: bool = False) -> None:
+    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec = FP, self_reference: bool = False) -> None:
         """``self_reference``: each query's RefER gets the query's own features (Table V ablation)."""
         self.model, self.bits, self.self_reference = model, bits, self_reference
         self.refqsr = isinstance(model, RefQSR)
@@ -129,7 +129,7 @@ class TorchRunner:
 
 
 def upscale_patchwise(
-    model: SRResNet | RefQSR,
+    model: SRBackbone | RefQSR,
     lr: np.ndarray,
     patch: int = 96,
     overlap: int = 6,
@@ -140,7 +140,7 @@ def upscale_patchwise(
 ) -> PatchwiseResult:
     """Super-resolve an LR image (3 x H x W float32 in [0, 1]) patch by patch with a PyTorch model.
 
-    SRResNet runs every patch at ``bits``; RefQSR clusters the patches with its ClustBlock, runs
+    An SR network runs every patch at ``bits``; RefQSR clusters the patches with its ClustBlock, runs
     the references at b_high and the queries at b_low with RefER (``self_reference``: RefER fed
     the query's own features, the Table V ablation)."""
     return run_patchwise(TorchRunner(model, bits, self_reference), lr, patch, overlap, batch, progress)

@@ -15,7 +15,7 @@ from torch import nn
 from .clustblock import DEFAULT_TAU, ClustBlock
 from .qconv import BitSpec
 from .refer import RefER
-from .srresnet import SRResNet
+from .backbone import SRBackbone
 
 
 def medium_bits(b_high: int, b_low: int) -> int:
@@ -31,7 +31,7 @@ TAILS = ("refer", "highbit")
 class RefQSR(nn.Module):
     def __init__(
         self,
-        backbone: SRResNet,
+        backbone: SRBackbone,
         b_high: int,
         b_low: int,
         n_refer: int = 2,
@@ -62,7 +62,7 @@ class RefQSR(nn.Module):
     def cost_sizes(self) -> dict[str, int | str]:
         """What BitOPs accounting (models.bitops.count_bitops) needs to know of this network."""
         net = self.backbone
-        return {"n_blocks": net.n_blocks, "n_feats": net.n_feats, "n_refer": self.n_refer, "tail": self.tail}
+        return {**net.sizes(), "n_refer": self.n_refer, "tail": self.tail}
 
     @property
     def high(self) -> BitSpec:
@@ -84,14 +84,14 @@ class RefQSR(nn.Module):
     def reference_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """HR output of reference patches and the features RefER needs: the input of each
         reference-path ResBlock that a RefER replaces on the query path (see refer.py)."""
-        net = self.backbone
-        head = net.head(x)
-        feat, kept = head, []
-        for k, block in enumerate(net.blocks):
+        net, kept = self.backbone, []
+
+        def step(k: int, feat: torch.Tensor) -> torch.Tensor:
             if k >= self.first_refer:
                 kept.append(feat)
-            feat = block(feat, self.high)
-        return net.reconstruct(feat, head), kept
+            return net.blocks[k](feat, self.high)
+
+        return net.run(x, step), kept
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
                       hard: bool | None = None) -> torch.Tensor:
@@ -103,17 +103,17 @@ class RefQSR(nn.Module):
             reference_features = [None] * len(self.refers)
         if self.tail == "refer" and len(reference_features) != len(self.refers):
             raise ValueError(f"expected {len(self.refers)} reference features, got {len(reference_features)}")
-        net = self.backbone
-        head = net.head(x)
-        feat = head
-        for block, bits in zip(net.blocks[: self.first_refer], self.query_block_bits()):
-            feat = block(feat, bits)
-        if self.tail == "highbit":
-            for block in net.blocks[self.first_refer :]:
-                feat = block(feat, self.high)
-        for refer, ref_feat in zip(self.refers, reference_features):
-            feat = refer(feat, feat if ref_feat is None else ref_feat, hard)
-        return net.reconstruct(feat, head)
+        net, bits = self.backbone, self.query_block_bits()
+
+        def step(k: int, feat: torch.Tensor) -> torch.Tensor:
+            if k < self.first_refer:
+                return net.blocks[k](feat, bits[k])
+            if self.tail == "highbit":
+                return net.blocks[k](feat, self.high)
+            ref_feat = reference_features[k - self.first_refer]
+            return self.refers[k - self.first_refer](feat, feat if ref_feat is None else ref_feat, hard)
+
+        return net.run(x, step)
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward on (query, reference) patch pairs: (SR of queries, SR of references)."""

@@ -6,6 +6,7 @@ from typing import Any
 from .clustblock import ClustBlock
 from .quantizers import SR_QUANTIZERS
 from .refqsr import RefQSR
+from .backbone import SRBackbone
 from .srresnet import SRResNet
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -24,7 +25,12 @@ def arch_config(arch: str) -> dict[str, Any]:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(arch_names())}") from None
 
 
-def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (), **overrides: Any) -> SRResNet:
+def size_keys(arch: str) -> list[str]:
+    """The preset entries a model file may override (network sizes; not the class or scale)."""
+    return [k for k in arch_config(arch) if k not in ("cls", "scale", "n_refer")]
+
+
+def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (), **overrides: Any) -> SRBackbone:
     """Full-precision (scheme None) or fixed-precision quantized SR network. ``overrides`` change
     preset sizes (n_blocks, n_feats), e.g. for small test models."""
     if scheme is not None and scheme not in SR_QUANTIZERS:

@@ -7,11 +7,12 @@ precision (as in every method the paper compares with). Images are RGB in [0, 1]
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from .backbone import SRBackbone, Step
 from .qconv import FP, BitSpec, QuantConv2d
 
 
@@ -30,7 +31,9 @@ class ResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(x, bits)), bits)
 
 
-class SRResNet(nn.Module):
+class SRResNet(SRBackbone):
+    arch = "srresnet"
+
     def __init__(
         self,
         n_blocks: int = 16,
@@ -55,24 +58,19 @@ class SRResNet(nn.Module):
         self.upsampler = nn.Sequential(*stages)
         self.tail = nn.Conv2d(n_feats, 3, 9, padding=4)
 
-    @property
-    def n_blocks(self) -> int:
-        return len(self.blocks)
+    @staticmethod
+    def block_conv_macs(n_feats: int) -> list[int]:
+        return [n_feats * n_feats * 9] * 2
 
-    def reconstruct(self, body_out: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
-        """Everything after the ResBlocks: body-end conv, global skip, upsampler, tail."""
-        return self.tail(self.upsampler(self.body_end(body_out) + head_out))
-
-    def forward(self, x: torch.Tensor, bits: BitSpec | Sequence[BitSpec] = FP) -> torch.Tensor:
-        """``bits``: one BitSpec for every block, or one per block."""
-        per_block = [bits] * self.n_blocks if isinstance(bits, BitSpec) else list(bits)
-        if len(per_block) != self.n_blocks:
-            raise ValueError(f"expected {self.n_blocks} BitSpecs, got {len(per_block)}")
+    def run(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         head = self.head(x)
         feat = head
-        for block, spec in zip(self.blocks, per_block):
-            feat = block(feat, spec)
-        return self.reconstruct(feat, head)
+        for k in range(self.n_blocks):
+            feat = step(k, feat)
+        return self.tail(self.upsampler(self.body_end(feat) + head))
+
+    def interpolation_init(self) -> "SRResNet":
+        return interpolation_init(self)
 
 
 @torch.no_grad()

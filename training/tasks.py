@@ -4,8 +4,8 @@ The loop (training/loop.py) owns resuming, checkpoints, logging and validation; 
 model, its optimiser parameter groups, the batch stream (a pure function of the step, so resumed
 runs see the batches an uninterrupted run would) and the loss.
 
-* ``fp``      -- SRResNet, L1 (the teacher of the others).
-* ``qat``     -- PAMS/DDTB SRResNet at fixed bits, from the FP weights, L1 + KD from the FP teacher
+* ``fp``      -- the SR network (--arch), L1 (the teacher of the others).
+* ``qat``     -- PAMS/DDTB SR network at fixed bits, from the FP weights, L1 + KD from the FP teacher
                  (paper eq. (8)).
 * ``refqsr``  -- the RefQSR wrapper on Algorithm-1 (query, reference) pairs, from the FP (or a
                  fixed-precision) model, loss (9): L1 and KD for the query and the reference outputs.
@@ -27,7 +27,7 @@ from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.qconv import FP, BitSpec
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
-from refqsr_engine.models.srresnet import SRResNet, interpolation_init
+from refqsr_engine.models.backbone import SRBackbone
 from refqsr_engine.training.datasets import HRFolderDataset, StepBatchSampler, collate
 from refqsr_engine.training.pairs import ImagePairs, sample_pairs
 
@@ -42,9 +42,9 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k & 3, dims=(-2, -1))
 
 
-def _load_sr(path: str, what: str) -> SRResNet:
+def _load_sr(path: str, what: str) -> SRBackbone:
     model, _ = load_model(path)
-    if not isinstance(model, SRResNet):
+    if not isinstance(model, SRBackbone):
         raise RefQSRError(f"{what} {path} is not an SR network")
     return model
 
@@ -98,7 +98,7 @@ class FPTask(Task):
         super().__init__(cfg, dataset)
         self.model = build_sr(cfg.arch)
         if cfg.init == "interp":
-            interpolation_init(self.model)
+            self.model.interpolation_init()
         elif cfg.init != "random":
             raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
 
@@ -127,7 +127,7 @@ class _Distilled(Task):
         l1 = torch.nn.functional.l1_loss
         return l1(student, hr) + self.cfg.kd_weight * l1(student, target)
 
-    def _init_backbone(self, net: SRResNet) -> None:
+    def _init_backbone(self, net: SRBackbone) -> None:
         """Start from the weights of ``--init-from`` (default: the teacher); quantizer ranges are
         then set from the first batch (PAMS/DDTB initialisation)."""
         source = _load_sr(self.cfg.init_from, "--init-from") if self.cfg.init_from else self.teacher
