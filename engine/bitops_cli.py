@@ -8,7 +8,7 @@ from ..models.bitops import count_bitops, hr_to_lr, parse_size
 from ..models.registry import arch_config
 
 COUNTED = (
-    "counted: 2*MACs*(b_w/32)*(b_a/32) over the quantized ResBlock convs; for RefQSR also the RefER "
+    "counted: 2*MACs*(b_w/32)*(b_a/32) over the quantized block convs (ResBlocks; ELAN: LFEs); for RefQSR also the RefER "
     "refinement convs (b_high) and the RefER cost volume (b_low operands), with overlapping patch "
     "pixels counted in every patch. Not counted: full-precision head/upsampler/tail, normalisation, "
     "pooling, arg-max, flow upsampling, warping. ClustBlock (8-bit) is listed on its own."
@@ -16,18 +16,38 @@ COUNTED = (
 
 
 def bitops_rows(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str) -> list[dict[str, Any]]:
-    if "-" in bits and ref_fraction is None:
+    """One row per bit setting (``bits``: one or a comma list, e.g. "32,8,4,8-4,4-3") and grid."""
+    settings = [b.strip() for b in bits.split(",") if b.strip()]
+    if not settings:
+        raise RefQSRError("--bits is empty: give e.g. 8, or a list such as 32,8,4,8-4")
+    if any("-" in b for b in settings) and ref_fraction is None:
         raise RefQSRError("RefQSR bits need --ref-fraction (the share of reference patches, e.g. 0.35)")
     try:
         scale = arch_config(arch)["scale"]
         lr = hr_to_lr(parse_size(hr_size), scale)
         grids = ["full"] if patch == 0 else (["paper", "engine"] if grid == "both" else [grid])
-        return [count_bitops(arch, lr, bits, patch or None, overlap, g, ref_fraction=ref_fraction).as_dict() for g in grids]
+        return [count_bitops(arch, lr, b, patch or None, overlap, g, ref_fraction=ref_fraction if "-" in b else None).as_dict()
+                for b in settings for g in grids]
     except ValueError as err:
         raise RefQSRError(str(err)) from None
 
 
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Several settings side by side (paper Tables II/IV style), as a Markdown table."""
+    r0 = rows[0]
+    lines = [f"{r0['arch']} x4, LR {r0['lr_size'][1]}x{r0['lr_size'][0]}, overlap {r0['overlap']}",
+             "",
+             "| bits | grid | patch | patches | BitOPs (G) | FQR | blocks (G) | RefER convs (G) | cost volume (G) | ClustBlock (G) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['bits']} | {r['grid']} | {r['patch'] or 'full'} | {r['patches']} | {r['bitops_g']:.2f} | {r['fqr']:.2f} "
+                     f"| {r['resblocks_g']:.2f} | {r['refer_convs_g']:.2f} | {r['cost_volume_g']:.3f} | {r['clustblock_g']:.3f} |")
+    return "\n".join(lines + ["", COUNTED])
+
+
 def format_bitops(rows: list[dict[str, Any]]) -> str:
+    if len({r["bits"] for r in rows}) > 1:
+        return format_table(rows)
     lines = []
     for r in rows:
         where = "full image" if r["grid"] == "full" else f"{r['grid']} grid, {r['patch']}px patches, overlap {r['overlap']}"
@@ -37,7 +57,7 @@ def format_bitops(rows: list[dict[str, Any]]) -> str:
         )
         if r["refer_convs_g"] or r["cost_volume_g"]:
             lines.append(
-                f"    ResBlocks {r['resblocks_g']:.2f} G + RefER convs {r['refer_convs_g']:.2f} G + cost volume "
+                f"    blocks {r['resblocks_g']:.2f} G + RefER convs {r['refer_convs_g']:.2f} G + cost volume "
                 f"{r['cost_volume_g']:.3f} G; ClustBlock {r['clustblock_g']:.3f} G; references {r['references']:.1f}"
             )
     lines.append(COUNTED)

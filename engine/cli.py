@@ -36,11 +36,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--arch", default="srresnet", show_default=True, help="Network architecture.")
+@click.option("--arch", default="srresnet", show_default=True, help="Network architecture (srresnet, carn, elan_light).")
 @click.option("--hr-size", required=True, help="HR output size WIDTHxHEIGHT, e.g. 1280x720 (LR = HR/4).")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels; 0 = whole image.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
-@click.option("--bits", default="8", show_default=True, help="32 (full precision), 8, 4, ... or RefQSR b_high-b_low, e.g. 8-4.")
+@click.option("--bits", default="8", show_default=True,
+              help="32 (full precision), 8, 4, ... or RefQSR b_high-b_low, e.g. 8-4; a comma list prints a table.")
 @click.option("--ref-fraction", type=float, default=None, help="RefQSR: share of patches that are references (0..1).")
 @click.option("--grid", type=click.Choice(["both", "paper", "engine"]), default="both", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")

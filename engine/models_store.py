@@ -38,13 +38,14 @@ def bundled_with_bits(bits: str) -> str:
     from ..models.checkpoint import bits_label, read_config
 
     want = "32" if bits == "fp" else bits
-    names = [DEFAULT_ALIAS] + [n for n in bundled_models() if n != DEFAULT_ALIAS]
-    have = {}
-    for name in names:
-        path = bundled_dir() / f"{name}.pt"
-        if path.is_file():
-            have[name] = bits_label(read_config(path))
-            if have[name] == want:
-                return name
+    configs = {n: read_config(bundled_dir() / f"{n}.pt") for n in bundled_models()}
+    arch = configs.get(DEFAULT_ALIAS, {}).get("arch")
+    # The default first, then its architecture's siblings: `--bits 8` means the default network at
+    # 8 bits, not whichever architecture sorts first.
+    order = sorted(configs, key=lambda n: (n != DEFAULT_ALIAS, configs[n].get("arch") != arch, n))
+    have = {n: bits_label(configs[n]) for n in order}
+    for name in order:
+        if have[name] == want:
+            return name
     listing = ", ".join(f"{n} ({b})" for n, b in have.items()) or "none"
     raise RefQSRError(f"no bundled model runs at {bits} bits; bundled: {listing}")

@@ -79,18 +79,18 @@ def model_bits(model: torch.nn.Module) -> BitSpec:
     return BitSpec.uniform(bits[0])
 
 
-def bitops_setting(model: torch.nn.Module) -> tuple[str, dict[str, int | str]]:
-    """What ``count_bitops`` needs of a model: its bits ("8-4", "8", "32") and network sizes."""
+def bitops_setting(model: torch.nn.Module) -> tuple[str, str, dict[str, int | str]]:
+    """What ``count_bitops`` needs of a model: its architecture, its bits ("8-4", "8", "32") and
+    its network sizes."""
     if isinstance(model, RefQSR):
-        return f"{model.b_high}-{model.b_low}", model.cost_sizes()
-    return str(model_bits(model).act), model.sizes()
+        return model.backbone.arch, f"{model.b_high}-{model.b_low}", model.cost_sizes()
+    return model.arch, str(model_bits(model).act), model.sizes()
 
 
 def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
                  clustering: Clustering | None = None, grid: str = "engine") -> BitOpsReport:
     """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering."""
-    setting, sizes = bitops_setting(model)
-    arch = (model.backbone if isinstance(model, RefQSR) else model).arch
+    arch, setting, sizes = bitops_setting(model)
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")

@@ -123,3 +123,16 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True,
     )
     assert "BitOPs 1442.42 G" in proc.stdout
+
+
+def test_cli_prints_a_table_for_a_list_of_settings():
+    out = CliRunner().invoke(main, ["bitops", "--hr-size", "1280x720", "--patch", "72", "--grid", "paper",
+                                    "--bits", "32,8,4,8-4,4-3", "--ref-fraction", "0.3"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in out.output.splitlines()
+            if line.startswith("| ") and "paper" in line}
+    assert rows["32"] == "148.32" and rows["8"] == "9.27" and rows["4"] == "2.32"  # paper Table II
+    # RefQSR sits between its two widths: 4-3 below 4-bit, 8-4 below 8-bit and above 4-bit
+    assert float(rows["4-3"]) < float(rows["4"]) < float(rows["8-4"]) < float(rows["8"])
+    empty = CliRunner().invoke(main, ["bitops", "--hr-size", "1280x720", "--bits", ","])
+    assert empty.exit_code == 2 and "--bits is empty" in empty.output

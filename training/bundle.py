@@ -57,9 +57,9 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
 def urban100_bitops(model: torch.nn.Module, reference_share: float) -> BitOpsReport:
     """BitOPs/FQR at the paper's Urban100 setting (1280x720 output, 72 px patches); RefQSR at the
     share of reference patches measured on validation."""
-    setting, sizes = bitops_setting(model)
+    arch, setting, sizes = bitops_setting(model)
     share = reference_share if isinstance(model, RefQSR) else None
-    return count_bitops("srresnet", URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
+    return count_bitops(arch, URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
 
 
 def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
