@@ -9,7 +9,7 @@ blocks for RefER, and every other part of the network stays the architecture's o
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,9 +40,9 @@ class SRBackbone(nn.Module):
         """Multiply-accumulates per LR pixel of each quantized conv in one block (BitOPs, FQR)."""
         raise NotImplementedError
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, Any]:
         """The preset overrides that rebuild this network (saved in model files)."""
-        return {"n_blocks": self.n_blocks, "n_feats": self.n_feats}
+        return {"n_blocks": self.n_blocks, "n_feats": self.n_feats, "scale": self.scale}
 
     def interpolation_init(self) -> "SRBackbone":
         """Start as a bilinear upscaler (training on a CPU spends its few steps on detail)."""

@@ -18,7 +18,7 @@ see ``paper_style_bitops``. The project's ``count_bitops`` counts the quantized 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,8 +171,8 @@ class ELANLight(SRBackbone):
     def block_conv_macs(n_feats: int) -> list[int]:
         return [n_feats * EXPANSION * n_feats, EXPANSION * n_feats * n_feats]
 
-    def sizes(self) -> dict[str, int | list[int]]:  # type: ignore[override]
-        return {"n_blocks": self.n_blocks, "n_feats": self.n_feats, "window_sizes": list(self.window_sizes)}
+    def sizes(self) -> dict[str, Any]:
+        return {**super().sizes(), "window_sizes": list(self.window_sizes)}
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -7,10 +7,14 @@ from .clustblock import ClustBlock
 from .quantizers import SR_QUANTIZERS
 from .refqsr import RefQSR
 from .backbone import SRBackbone
+from .carn import CARN
+from .elan import ELANLight
 from .srresnet import SRResNet
 
 ARCHS: dict[str, dict[str, Any]] = {
     "srresnet": {"cls": SRResNet, "n_blocks": 16, "n_feats": 64, "scale": 4, "n_refer": 2},
+    "carn": {"cls": CARN, "n_blocks": 9, "n_feats": 64, "scale": 4, "n_refer": 1},
+    "elan_light": {"cls": ELANLight, "n_blocks": 24, "n_feats": 60, "scale": 4, "n_refer": 2, "window_sizes": (4, 8, 16)},
 }
 
 
@@ -26,8 +30,8 @@ def arch_config(arch: str) -> dict[str, Any]:
 
 
 def size_keys(arch: str) -> list[str]:
-    """The preset entries a model file may override (network sizes; not the class or scale)."""
-    return [k for k in arch_config(arch) if k not in ("cls", "scale", "n_refer")]
+    """The preset entries a model file may override (network sizes and scale; not the class)."""
+    return [k for k in arch_config(arch) if k not in ("cls", "n_refer")]
 
 
 def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (), **overrides: Any) -> SRBackbone:

@@ -149,7 +149,7 @@ def test_structure_pairs_and_shifts() -> None:
         assert (block.conv0.conv.in_channels, block.conv0.conv.out_channels) == (60, 120)
         assert (block.conv1.conv.in_channels, block.conv1.conv.out_channels) == (120, 60)
     assert ELANLight.block_conv_macs(60) == [7200, 7200]
-    assert net.sizes() == {"n_blocks": 24, "n_feats": 60, "window_sizes": [4, 8, 16]}
+    assert net.sizes() == {"n_blocks": 24, "n_feats": 60, "scale": 4, "window_sizes": [4, 8, 16]}
     for bad in ({"n_blocks": 3}, {"n_feats": 31}):
         with pytest.raises(ValueError):
             ELANLight(**bad)
@@ -262,11 +262,11 @@ def test_interpolation_init_trains_every_part() -> None:
 # --------------------------------------------------------------------------- RefQSR, files, ONNX
 
 
-def _calibrated_refqsr(patch: int, seed: int = 3) -> RefQSR:
+def _calibrated_refqsr(patch: int, seed: int = 3, n_feats: int = SMALL["n_feats"]) -> RefQSR:
     torch.manual_seed(seed)
     clust = ClustBlock(16)
     clust.calibrate(torch.rand(6, 3, max(patch, 24), max(patch, 24)))
-    model = build_refqsr("elan_light", "ddtb", 8, 4, clust, **SMALL)
+    model = build_refqsr("elan_light", "ddtb", 8, 4, clust, **{**SMALL, "n_feats": n_feats})
     _randomize_batchnorm(model, seed)
     model.train()
     with torch.no_grad():

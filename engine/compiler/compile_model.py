@@ -202,7 +202,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "patch": opts.patch,
             "batch": opts.batch,
             "batches": batch_sizes(opts.batch, opts.target),
-            "scale": 4,
+            "scale": int((model.backbone if isinstance(model, RefQSR) else model).scale),
             "tau": float(model.tau) if isinstance(model, RefQSR) else None,
             "n_refer": model.n_refer if isinstance(model, RefQSR) else 0,
             "cluster": cluster,

@@ -175,7 +175,12 @@ def _schedule_pad(sch: tvm.s_tir.Schedule, conv, lanes: int) -> None:
     if len(pads) != 1 or len(sch.get_loops(pads[0])) != 4:
         return
     pad = pads[0]
-    fill = sch.decompose_padding(pad, sch.get_loops(pad)[3])
+    try:
+        fill = sch.decompose_padding(pad, sch.get_loops(pad)[3])
+    except tvm.s_tir.ScheduleError:
+        # no padding at all (1x1 convs): the "pad" is a plain copy; the conv reads its input directly
+        sch.compute_inline(pad)
+        return
     n, c, _, _ = sch.get_loops(pad)
     sch.parallel(sch.fuse(n, c))
     for block in (fill, pad):

@@ -24,6 +24,7 @@ CLUST=${CLUST:-core/data/clustblock/textures47.pt}
 FP_STEPS=${FP_STEPS:-60000}
 FP_HALVE=${FP_HALVE:-8000}
 FP_TIME=${FP_TIME:-}
+FP_LR=${FP_LR:-1e-4}
 Q_STEPS=${Q_STEPS:-20000}
 Q_HALVE=${Q_HALVE:-4000}
 Q_TIME=${Q_TIME:-}
@@ -38,7 +39,7 @@ limit() { [ -n "$1" ] && echo "--time-limit $1" || true; }
 common="--arch $ARCH --data $DATA --device $DEVICE --amp $AMP --workers $WORKERS --batch $BATCH --quiet"
 
 fp() {
-    $PY -m refqsr_engine.training.train_fp $common --out "$RUNS/fp" --steps "$FP_STEPS" \
+    $PY -m refqsr_engine.training.train_fp $common --out "$RUNS/fp" --steps "$FP_STEPS" --lr "$FP_LR" \
         --halve-every "$FP_HALVE" --val-every "$VAL_EVERY" --ckpt-every 500 $(limit "$FP_TIME")
 }
 

@@ -1,0 +1,105 @@
+"""ELAN-light through the compiler: a small ELAN-RefQSR model (4 LFE blocks = 2 pairs, the last two
+LFEs replaced by RefER, DDTB 8-4) -> `compile` -> artifact -> compiled runtime, against PyTorch.
+
+ELAN brings what the conv networks do not have: window attention (MatMul, Softmax, the window
+partition's Reshape/Transpose, the shifted windows' roll as Slice/Concat), the shift-conv's
+Pad/Slice/Concat, BatchNorm folded into the 1x1 projections, and attention shared by the two
+modules of a pair. The patch (48) is a multiple of every window (16) and of the RefER pooling.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from test_elan import _calibrated_refqsr
+from refqsr_engine.engine.compiler.compile_model import compile_model
+from refqsr_engine.engine.compiler.options import CompileOptions
+from refqsr_engine.engine.runtime import CompiledModel
+from refqsr_engine.kernels import cuda_toolchain
+from refqsr_engine.models.checkpoint import save_model
+from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
+
+PATCH = 48
+BATCH = 2
+#: per graph: head, then per LFE (or RefER) its two convs, per GMSA its projections in and out
+#: (the first module of a pair projects to q and v, the second to v only), then the tail
+QUANTIZED = [False] + [True, True, False, False] * 4 + [False]
+
+
+def _psnr(got: np.ndarray, want: np.ndarray) -> float:
+    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+    return 10 * np.log10(1.0 / max(mse, 1e-30))
+
+
+def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
+    """PSNR >= 50 dB and 99.5 % of 8-bit pixels within 1 level (the 4-bit query path's rounding
+    ties move a few pixels by 2-4 levels, as for SRResNet's bundled model)."""
+    assert _psnr(got, want) >= 50.0
+    g8 = np.clip(np.round(got * 255), 0, 255)
+    w8 = np.clip(np.round(want * 255), 0, 255)
+    assert np.mean(np.abs(g8 - w8) <= 1) >= 0.995
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    model = _calibrated_refqsr(PATCH)
+    root = tmp_path_factory.mktemp("elan")
+    save_model(root / "model.pt", model, {}, half=False)
+    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
+                           root / "artifact")
+    return model, root / "artifact", report
+
+
+def test_compiled_image_equals_pytorch(compiled):
+    model, artifact, _ = compiled
+    engine = CompiledModel.load(artifact)
+    lr = data.astronaut()[100:220, 180:330].astype(np.float32).transpose(2, 0, 1) / 255.0
+    got = run_patchwise(engine, lr, PATCH, 6, BATCH)
+    want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
+    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
+    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
+    _assert_images_match(got.image, want.image)
+
+
+def test_reference_and_query_paths_each_match(compiled):
+    model, artifact, _ = compiled
+    engine = CompiledModel.load(artifact)
+    rng = np.random.default_rng(1)
+    refs = rng.random((BATCH, 3, PATCH, PATCH), dtype=np.float32)
+    queries = np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
+    hr, feats = engine.reference(refs)
+    with torch.no_grad():
+        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
+        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
+    _assert_images_match(hr, want_hr.numpy())
+    assert len(feats) == len(want_feats) == 2  # the inputs of the last two LFEs
+    for got_f, want_f in zip(feats, want_feats):
+        assert np.abs(got_f - want_f.numpy()).max() <= 1e-2 * float(want_f.abs().max())
+    _assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+
+
+def test_lfe_convs_are_integer_attention_stays_float(compiled):
+    _, _, report = compiled
+    for name in ("reference", "query"):
+        graph = report["graphs"][name]
+        assert [b < 32 for b in graph["act_bits"]] == QUANTIZED, name
+        assert [v is not None for v in graph["variants"]] == QUANTIZED, name
+    query = report["graphs"]["query"]
+    assert query["refer_warps"] == 2  # both RefER warps became the compiled warp kernel
+    assert query["act_bits"][1:3] == [8, 8] and query["act_bits"][5:7] == [4, 4]  # LFE 0 high, LFE 1 low
+    assert query["act_bits"][9:11] == query["act_bits"][13:15] == [8, 8]  # RefER refinement at b_high
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cuda_toolchain.nvcc_available(), reason="nvcc is not on PATH: CUDA artifacts cannot be built")
+def test_cuda_build_puts_the_lfe_convs_on_integer_kernels(tmp_path):
+    """ELAN-light's real width (60 channels: dp4a needs input channels in fours, which the small
+    30-channel test model does not have)."""
+    model = _calibrated_refqsr(PATCH, n_feats=60)
+    save_model(tmp_path / "model.pt", model, {}, half=False)
+    opts = CompileOptions(model=str(tmp_path / "model.pt"), target="cuda", arch="sm_80", patch=PATCH, batch=BATCH)
+    report = compile_model(opts, tmp_path / "artifact")
+    for name in ("reference", "query"):
+        assert [v is not None for v in report["graphs"][name]["variants"]] == QUANTIZED, name
