@@ -136,3 +136,13 @@ def test_cli_prints_a_table_for_a_list_of_settings():
     assert float(rows["4-3"]) < float(rows["4"]) < float(rows["8-4"]) < float(rows["8"])
     empty = CliRunner().invoke(main, ["bitops", "--hr-size", "1280x720", "--bits", ","])
     assert empty.exit_code == 2 and "--bits is empty" in empty.output
+
+
+def test_cli_shows_the_paper_style_elan_count_beside_ours():
+    out = CliRunner().invoke(main, ["bitops", "--arch", "elan_light", "--hr-size", "1280x720", "--patch", "72",
+                                    "--grid", "paper", "--bits", "32,8,4"])
+    assert out.exit_code == 0, out.output
+    assert "| 32 | paper | 72 | 8 | 43.45 |" in out.output  # ours: the quantized LFE convs
+    assert "32-bit 104.29 G, 8-bit 10.32 G, 4-bit 3.85 G" in out.output  # Table IV's ELAN rows
+    carn = CliRunner().invoke(main, ["bitops", "--arch", "carn", "--hr-size", "1280x720", "--patch", "72", "--bits", "32"])
+    assert "BitOPs 83.43 G" in carn.output and "Table IV counts ELAN" not in carn.output
