@@ -193,3 +193,45 @@ def test_spatial_mean_is_vectorized_and_matches_torch():
     xv = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(xv)).numpy()
     np.testing.assert_allclose(got, torch.from_numpy(xv).mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [((6, 64, 20), (6, 20, 64)),    # ELAN's q.q^T (window 8, 20 channels)
+                                    ((6, 64, 64), (6, 64, 20)),    # A.V: a 20-wide output row
+                                    ((2, 3, 16, 12), (2, 3, 12, 16))])  # two batch axes
+def test_window_attention_matmul_softmax_is_tiled_and_matches_torch(shapes):
+    """ELAN's attention: the matmul gets a register tile with vectors along its output row, the
+    softmax its exp once (polynomial, vectorized) and vector max/sum over the last axis."""
+    a_shape, b_shape = shapes
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.softmax(relax.op.matmul(a, b), axis=-1))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    tgt = tvm.target.Target(AVX2)
+    text = "\n".join(f.script() for f in _scheduled_primfuncs_cpu_legalize(mod, tgt))
+    assert "matmul_local" in text
+    if b_shape[-1] % 8 == 0:  # rows of whole vectors: max and sum accumulate in vectors
+        assert "T_softmax_maxelem_rf" in text and "T_softmax_expsum_rf" in text
+    assert text.count("T.reinterpret") == 1  # fast exp, computed once (not per consumer)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), tvm.cpu())
+    rng = np.random.default_rng(5)
+    av, bv = rng.standard_normal(a_shape).astype(np.float32), rng.standard_normal(b_shape).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(av), tvm.runtime.tensor(bv)).numpy()
+    want = (torch.from_numpy(av) @ torch.from_numpy(bv)).softmax(-1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _scheduled_primfuncs_cpu_legalize(mod: tvm.IRModule, tgt: tvm.target.Target) -> list:
+    """As :func:`_scheduled_primfuncs`, with the pipeline's own legalization (fast softmax)."""
+    from refqsr_engine.engine.compiler.build import CPU_LEGALIZE
+
+    with tgt:
+        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(customize_legalize_map=CPU_LEGALIZE),
+                                          relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                          relax.transform.FuseTIR()])(mod)
+        scheduled = cpu_schedule_pass(2, 8)(fused)
+    return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]

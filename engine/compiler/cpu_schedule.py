@@ -19,8 +19,12 @@ after them, PReLU, the DDTB gate -- gets a schedule here:
   per row as a vector zero fill plus a vector copy of the interior (no per-element branch);
 * other float convs (strided rows, rows without a whole vector): the older tile with the vector
   over 8 / 16 output channels, the weight packed per call;
+* (batch) matmul, ELAN's window attention: a register tile of ``ti`` rows x a vector run of
+  the output row (contiguous in the right operand and the output) inside the reduction, the
+  batch and row tiles in parallel (:func:`_schedule_matmul`);
 * everything else: the leading spatial loops fused and parallel, the innermost spatial loop
-  vectorized when it is the last loop of an injective block.
+  vectorized when it is the last loop of an injective block; reductions over trailing axes that
+  run along memory (H x W means, softmax's max and sum over the last axis) accumulate in vectors.
 """
 from __future__ import annotations
 
@@ -135,13 +139,15 @@ def _inline_intermediates(sch: tvm.s_tir.Schedule, root) -> None:
     FuseOps fuses e.g. bias add + PReLU, or a quantizer's per-sample clip with its bound
     arithmetic, into one PrimFunc, but the legalized blocks still each write a full-size
     intermediate: three passes over an 8x64x96x96 tensor where one does. Blocks that write a
-    function output, and reductions, stay (compute_inline refuses them)."""
+    function output, reductions and blocks with several consumers stay."""
     progress = True
     while progress:
         progress = False
         for block in sch.get_child_blocks(root):
             if any(k != 0 for k in _iter_kinds(sch, block)):
                 continue  # a reduction: not inlined
+            if len(sch.get_consumers(block)) > 1:
+                continue  # read twice (softmax's exp: by the sum and the division): computed once
             try:
                 sch.compute_inline(block)
             except tvm.s_tir.ScheduleError:
@@ -283,6 +289,69 @@ def _schedule_conv(func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block, lanes: i
     return _schedule_conv_channels(sch, block, lanes), None
 
 
+def _schedule_matmul(sch: tvm.s_tir.Schedule, block, lanes: int) -> bool:
+    """``out[b.., i, j] += a[b.., i, k] * w[b.., k, j]``: per (batch, tile of ``ti`` rows, run of
+    ``tj`` columns) the accumulators stay in registers over the whole reduction; each step
+    broadcasts ``ti`` values of ``a`` and loads ``tj / lanes`` vectors of ``w``. False when the
+    nest is not a plain (batch) matmul with its output row contiguous in ``w``."""
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    if len(loops) < 3 or len(kinds) != len(loops) or kinds[-1] != 2 or any(k != 0 for k in kinds[:-1]):
+        return False
+    stmt = sch.get(block)
+    if len(stmt.reads) != 2:
+        return False
+    j_var = stmt.iter_vars[-2].var
+    ana = tvm.sym.Analyzer()
+    if not (ana.can_prove_equal(stmt.reads[1].region[-1].min, j_var) and ana.can_prove_equal(stmt.writes[0].region[-1].min, j_var)):
+        return False  # the output row is not contiguous in the right operand: leave it generic
+    *batch, i, j, k = loops
+    n_i, n_j = int(sch.get(i).extent), int(sch.get(j).extent)
+    regs = 32 if lanes == 16 else 16
+    vl = next((v for v in (lanes, 8) if n_j % v == 0), None)
+    if vl is None and n_j > 4 * _LANES:
+        return False
+    tj = vl * _largest_divisor(n_j // vl, 4) if vl else n_j  # a short odd row is one (split) vector
+    vec_regs = -(-tj // lanes)
+    ti = _largest_divisor(n_i, max(1, min(8, (regs - 2) // vec_regs - 1)))
+    io, ii = sch.split(i, [None, ti])
+    jo, ji = sch.split(j, [None, tj])
+    sch.reorder(*batch, io, jo, k, ii, ji)
+    writeback = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(writeback, jo)
+    _inline_epilogue(sch, writeback)
+    sch.parallel(sch.fuse(*batch, io))
+    sch.unroll(ii)
+    init = sch.decompose_reduction(block, k)
+    for b in (block, init, writeback):
+        inner = sch.get_loops(b)[-1]
+        if vl and int(sch.get(inner).extent) > vl:
+            outer, inner = sch.split(inner, [None, vl])
+            sch.unroll(outer)
+        sch.vectorize(inner)
+        if b is not block:
+            for loop in sch.get_loops(b)[len(batch) + 2:-1]:
+                sch.unroll(loop)
+    return True
+
+
+def _contiguous_reduction(sch: tvm.s_tir.Schedule, block, spatial: int) -> bool:
+    """Whether the block's one reduction axis is the last index of everything it reads (softmax's
+    max and sum over the last axis): its vector partial sums then load along memory."""
+    stmt = sch.get(block)
+    if len(stmt.iter_vars) != spatial + 1:
+        return False
+    r_var = stmt.iter_vars[-1].var
+    ana = tvm.sym.Analyzer()
+
+    def uses(region) -> bool:
+        return any(v.same_as(r_var) for rng in region for v in tirx.analysis.undefined_vars(rng.min))
+
+    # reads without the reduced axis (softmax's row max) are broadcast per row: no constraint
+    reads = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source) and uses(r.region)]
+    return bool(reads) and all(ana.can_prove_equal(r.region[-1].min, r_var) for r in reads)
+
+
 def _vector_reduction(sch: tvm.s_tir.Schedule, block, spatial: int) -> bool:
     """A sum/max over trailing reduction loops (DDTB's channel means over H x W): the innermost
     reduction loop split by ``_LANES`` and rfactored, so ``_LANES`` partial results accumulate
@@ -319,7 +388,7 @@ def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
         return
     # reductions over trailing spatial axes (>= 2 of them: H x W): their innermost loop runs along
     # memory; a single reduced axis (channels of [N, C, H, W]) would become a strided gather
-    if len(loops) - spatial >= 2 and _vector_reduction(sch, block, spatial):
+    if (len(loops) - spatial >= 2 or _contiguous_reduction(sch, block, spatial)) and _vector_reduction(sch, block, spatial):
         return
     # fuse leading spatial loops until there is enough parallel work, keep the last for vectors
     lead = 1
@@ -366,6 +435,8 @@ def schedule_func_packed(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANE
                     continue
             if _is_parallel(sch, block):
                 continue  # scheduled with its conv (the padding)
+            if name.startswith("matmul") and _schedule_matmul(sch, block, lanes):
+                continue
             _schedule_generic(sch, block, num_cores)
         except tvm.s_tir.ScheduleError:
             continue  # a nest this simple scheduler does not understand stays serial (still correct)
