@@ -71,6 +71,9 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
 
 def model_bits(model: torch.nn.Module) -> BitSpec:
     """The bit widths a fixed-precision model runs at (its single trained activation width)."""
+    net = model.backbone if isinstance(model, RefQSR) else model
+    if getattr(net, "scheme", None) == "cadyq":
+        raise RefQSRError("CADyQ/CABM models choose their bits per patch; upscale does not run them yet")
     if isinstance(model, RefQSR) or getattr(model, "scheme", None) is None:
         return FP
     bits = model.act_bits()

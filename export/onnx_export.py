@@ -132,6 +132,16 @@ def export_graph(
     return path
 
 
+#: quantizers whose bits change per patch (CADyQ's selector, CABM's table): not in the engine yet
+PER_PATCH_SCHEMES = ("cadyq", "cabm")
+
+
+def _check_exportable(net: SRBackbone) -> None:
+    if net.scheme in PER_PATCH_SCHEMES:
+        raise RefQSRError(f"{net.scheme.upper()} models choose bits per patch; the compiled engine does not run them yet "
+                          "(use --engine torch)")
+
+
 def _check_patch(patch: int) -> None:
     if patch < 15 or patch % POOL:
         raise RefQSRError(f"patch size must be a multiple of {POOL} and >= 15 for export (got {patch})")
@@ -140,6 +150,7 @@ def _check_patch(patch: int) -> None:
 def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
     """Write clustblock/reference/query ONNX graphs for patches of ``patch`` LR pixels."""
     _check_patch(patch)
+    _check_exportable(model.backbone)
     if model.clustblock is None or not bool(model.clustblock.calibrated):
         raise RefQSRError("the RefQSR model needs a calibrated ClustBlock to be exported")
     if model.tail != "refer":
@@ -165,6 +176,7 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
 
 def export_sr(net: SRBackbone, bits: BitSpec, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
     """Write sr.onnx for a full- or fixed-precision SR network run at ``bits``."""
+    _check_exportable(net)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net.eval()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .qconv import FP, BitSpec, QuantConv2d
+from .qconv import FP, BitSpec, PerSampleBits, QuantConv2d
 
 Step = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -56,9 +56,12 @@ class SRBackbone(nn.Module):
         """Activation bit widths the blocks' quantized convs were built for."""
         return sorted({b for m in self.blocks.modules() if isinstance(m, QuantConv2d) for b in m.act_bits})
 
-    def forward(self, x: torch.Tensor, bits: BitSpec | Sequence[BitSpec] = FP) -> torch.Tensor:
-        """``bits``: one BitSpec for every block, or one per block."""
-        per_block = [bits] * self.n_blocks if isinstance(bits, BitSpec) else list(bits)
+    def forward(self, x: torch.Tensor, bits: BitSpec | PerSampleBits | Sequence[BitSpec] = FP) -> torch.Tensor:
+        """``bits``: one BitSpec for every block, one per block, or per-sample bits (CADyQ's δ),
+        bound here to the input so that every block's convs see this batch's patch features."""
+        if isinstance(bits, PerSampleBits):
+            bits = bits.bind(x, self)
+        per_block = [bits] * self.n_blocks if isinstance(bits, (BitSpec, PerSampleBits)) else list(bits)
         if len(per_block) != self.n_blocks:
             raise ValueError(f"expected {self.n_blocks} BitSpecs, got {len(per_block)}")
         return self.run(x, lambda k, feat: self.blocks[k](feat, per_block[k]))

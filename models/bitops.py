@@ -9,6 +9,10 @@ normalisation, pooling, arg-max, flow upsampling and warping (no weight multipli
 FQR = mean activation bit width over the quantized convs, weighted by their MACs (all SRResNet
 and CARN block convs have equal MACs, so within a patch this is the plain mean over layers).
 
+δ settings (CADyQ/CABM, "δ" or "δ-3"): activation bits differ per patch and layer, so their
+BitOPs/FQR are counted from the bits a run actually chose (``PatchBits`` per patch, e.g. from
+:func:`patch_bits_of_run`), passed to ``count_bitops(..., patch_bits=...)``.
+
 Grids: 'paper' is CADyQ's (patch origins every P - overlap LR px, floor((L - P) / step) + 1 patches
 per axis, the last row/column stretched to the image edge), 'engine' is the runtime's fixed-size
 grid (every patch P x P, the last one shifted back to the edge), 'full' is the whole image at once.
@@ -18,11 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from torch import nn
+
 from ..engine.tiling import make_grid
 from .matching import POOL, pooled_size
 from .qconv import BitSpec
 from .quant_base import FULL_PRECISION, check_bits
-from .refqsr import medium_bits
+from .quant_cadyq import WEIGHT_BITS, CadyqConv2d, Selection
+from .refqsr import RefQSR, medium_bits
 from .registry import arch_config
 
 GRIDS = ("paper", "engine", "full")
@@ -30,16 +37,35 @@ CLUST_LAYERS = ((3, 64, 3, 3), (64, 64, 3, 1), (64, 32, 3, 1))  # (in, out, kern
 CLUST_BITS = 8
 
 
+DELTA_NAMES = ("delta", "δ")
+
+
 @dataclass(frozen=True)
 class Precision:
-    """'32' (full precision), '8' (fixed), or '8-4' (RefQSR b_high-b_low)."""
+    """'32' (full precision), '8' (fixed), '8-4' (RefQSR b_high-b_low), 'delta' / 'δ' (CADyQ/CABM:
+    activation bits chosen per patch and layer, weights at b_high = 8) or 'delta-3' / 'δ-3'
+    (δ-RefQSR: references at δ, queries at b_low)."""
 
     b_high: int
     b_low: int | None = None
+    dynamic: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "Precision":
-        parts = str(text).split("-")
+        text = str(text).strip()
+        name = next((n for n in DELTA_NAMES if text.lower().startswith(n)), None)
+        if name is not None:
+            rest = text[len(name):]
+            if not rest:
+                return cls(WEIGHT_BITS, None, True)
+            try:
+                low = int(rest[1:]) if rest.startswith("-") else None
+            except ValueError:
+                low = None
+            if low is None or low not in range(2, WEIGHT_BITS + 1):
+                raise ValueError(f"bad δ bit setting {text!r}: use delta (δ) or delta-b_low with 2 <= b_low <= 8, e.g. delta-3")
+            return cls(WEIGHT_BITS, low, True)
+        parts = text.split("-")
         try:
             bits = [check_bits(int(p)) for p in parts]
         except ValueError as err:
@@ -56,7 +82,8 @@ class Precision:
 
     @property
     def label(self) -> str:
-        return f"{self.b_high}-{self.b_low}" if self.is_refqsr else str(self.b_high)
+        high = "δ" if self.dynamic else str(self.b_high)
+        return f"{high}-{self.b_low}" if self.is_refqsr else high
 
 
 @dataclass(frozen=True)
@@ -140,6 +167,18 @@ def clustblock_macs(h: int, w: int, num_classes: int = 47) -> float:
     return macs + CLUST_LAYERS[-1][1] * num_classes
 
 
+@dataclass(frozen=True)
+class PatchBits:
+    """The bits one patch actually ran at. ``blocks[k][j]``: conv j of block k (the order of the
+    architecture's ``block_conv_macs``) for the blocks the patch's path ran as blocks;
+    ``refers[r][j]``: RefER r's refinement conv j (query patches of RefQSR); ``match_bits``: the
+    width of the RefER cost volume's operands (b_low), needed when ``refers`` is not empty."""
+
+    blocks: tuple[tuple[BitSpec, ...], ...]
+    refers: tuple[tuple[BitSpec, ...], ...] = ()
+    match_bits: int | None = None
+
+
 class ArchCost:
     """Per-patch BitOPs of one architecture: n_blocks blocks of quantized convs (their MACs per
     pixel from the architecture's ``block_conv_macs``), n_refer RefERs on the query path."""
@@ -179,6 +218,29 @@ class ArchCost:
             t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
             t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
             t.cost_volume += conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(p.b_low))  # type: ignore[arg-type]
+        return t
+
+    def chosen(self, box: Box, bits: PatchBits, ref_box: Box | None = None) -> Tally:
+        """Cost of a patch from the bits it actually ran at (δ settings); ``ref_box``: the
+        reference's box for a query's cost volume (default: the patch's own)."""
+        if len(bits.blocks) + len(bits.refers) != self.n_blocks:
+            raise ValueError(f"{len(bits.blocks)} blocks + {len(bits.refers)} RefERs for a {self.n_blocks}-block network")
+        t = Tally()
+        for block in bits.blocks:
+            if len(block) != len(self.block_macs_per_px):
+                raise ValueError(f"a block has {len(self.block_macs_per_px)} quantized convs, got bits for {len(block)}")
+            for macs, b in zip(self.block_macs_per_px, block):
+                t.add_conv(macs * box.pixels, b, "resblocks")
+        if bits.refers:
+            if bits.match_bits is None:
+                raise ValueError("RefER bits need match_bits (b_low) for the cost volume")
+            ref_box = ref_box or box
+            positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
+            positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
+            for refer in bits.refers:
+                for b in refer:
+                    t.add_conv(self.refer_conv_macs_per_px * box.pixels, b, "refer_convs")
+                t.cost_volume += conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits))
         return t
 
     def clustblock(self, box: Box) -> Tally:
@@ -231,6 +293,7 @@ def count_bitops(
     is_reference: Sequence[bool] | None = None,
     reference_of: Sequence[int] | None = None,
     ref_fraction: float | None = None,
+    patch_bits: Sequence[PatchBits] | None = None,
     **sizes: int,
 ) -> BitOpsReport:
     """BitOPs/FQR of one LR image (height, width).
@@ -238,7 +301,10 @@ def count_bitops(
     RefQSR needs the assignment: ``is_reference`` per patch (with ``reference_of`` giving each
     query's reference index; without it a query's reference is taken to be its own size), or
     ``ref_fraction``, the expected share of reference patches (every patch is then costed as
-    ref_fraction * reference + (1 - ref_fraction) * query)."""
+    ref_fraction * reference + (1 - ref_fraction) * query).
+
+    δ settings need ``patch_bits``, the bits each patch of the grid actually ran at (RefQSR: with
+    ``is_reference`` / ``reference_of`` as above); any setting may be given them."""
     p = bits if isinstance(bits, Precision) else Precision.parse(bits)
     h, w = lr_size
     if grid == "full" or patch is None:
@@ -247,7 +313,20 @@ def count_bitops(
     cost = ArchCost(arch, **sizes)
     total = Tally()
     n_refs: float = len(boxes)
-    if not p.is_refqsr:
+    if patch_bits is not None:
+        if len(patch_bits) != len(boxes):
+            raise ValueError(f"patch_bits has {len(patch_bits)} entries for {len(boxes)} patches")
+        refs = reference_of if reference_of is not None else range(len(boxes))
+        for box, pb, ref_idx in zip(boxes, patch_bits, refs):
+            total = total + cost.chosen(box, pb, boxes[ref_idx])
+            if p.is_refqsr:
+                total = total + cost.clustblock(box)
+        if p.is_refqsr:
+            flags = is_reference if is_reference is not None else [not pb.refers for pb in patch_bits]
+            n_refs = float(sum(bool(r) for r in flags))
+    elif p.dynamic:
+        raise ValueError(f"{p.label} bits are chosen per patch and layer: pass patch_bits (see bitops.patch_bits_of_run)")
+    elif not p.is_refqsr:
         for box in boxes:
             total = total + cost.uniform(box, BitSpec.uniform(p.b_high))
     else:
@@ -290,4 +369,50 @@ def hr_to_lr(hr_size: tuple[int, int], scale: int) -> tuple[int, int]:
     return hr_size[0] // scale, hr_size[1] // scale
 
 
-__all__ = ["BitOpsReport", "Precision", "count_bitops", "grid_boxes", "parse_size", "hr_to_lr", "GRIDS"]
+def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") -> list[PatchBits]:
+    """Per-sample :class:`PatchBits` of one δ call of ``model`` recorded in ``selection``.
+
+    ``path``: "sr" (a CADyQ/CABM SR network called with the selection), "reference" or "query"
+    (the δ-RefQSR path the selection was passed to). Convs the path ran at fixed bits (the query
+    path's low blocks) get the model's (b_low, b_medium)."""
+    records = selection.by_conv()
+    if not records:
+        raise ValueError("the selection recorded no CADyQ conv: run the model with it first")
+    n = next(iter(records.values())).bits.shape[0]
+    w = selection.weight
+
+    def conv_bits(conv: nn.Module, fixed: BitSpec | None = None) -> list[BitSpec]:
+        r = records.get(id(conv))
+        if r is None:
+            if fixed is None:
+                raise ValueError("a conv of this path has no recorded bits (wrong model or path?)")
+            return [fixed] * n
+        return [BitSpec(int(b), w) for b in r.bits.tolist()]
+
+    def convs_of(module: nn.Module) -> list[nn.Module]:
+        return [m for m in module.modules() if isinstance(m, CadyqConv2d)]
+
+    if isinstance(model, RefQSR):
+        net = model.backbone
+        if path == "reference":
+            run_blocks, fixed, refers = range(net.n_blocks), {}, []
+        elif path == "query":
+            run_blocks = range(net.n_blocks if model.tail == "highbit" else model.first_refer)
+            fixed = {k: model.low for k in range(1, model.first_refer)}
+            refers = list(model.refers)
+        else:
+            raise ValueError(f"RefQSR paths are 'reference' and 'query', not {path!r}")
+    elif path == "sr":
+        net, run_blocks, fixed, refers = model, range(model.n_blocks), {}, []
+    else:
+        raise ValueError(f"an SR network has the path 'sr', not {path!r}")
+    per_block = [[conv_bits(c, fixed.get(k)) for c in convs_of(net.blocks[k])] for k in run_blocks]
+    per_refer = [[conv_bits(c) for c in convs_of(r)] for r in refers]
+    match_bits = model.b_low if refers else None
+    return [PatchBits(tuple(tuple(c[i] for c in block) for block in per_block),
+                      tuple(tuple(c[i] for c in refer) for refer in per_refer), match_bits)
+            for i in range(n)]
+
+
+__all__ = ["BitOpsReport", "PatchBits", "Precision", "count_bitops", "grid_boxes", "parse_size", "hr_to_lr",
+           "patch_bits_of_run", "GRIDS"]

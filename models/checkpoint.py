@@ -13,12 +13,26 @@ from torch import nn
 
 from ..errors import RefQSRError
 from ..files import publish
+from .cabm import CabmTable, attach_cabm
 from .clustblock import ClustBlock
+from .quant_cadyq import SCHEME as CADYQ, dynamic_convs
 from .refqsr import RefQSR
 from .backbone import SRBackbone
 from .registry import build_refqsr, build_sr, size_keys
 
 FORMAT = "refqsr-engine/model-1"
+
+
+def _cadyq_config(model: nn.Module) -> dict[str, Any]:
+    """CADyQ's candidate widths and, for CABM, the lookup table (absent for other schemes)."""
+    convs = dynamic_convs(model)
+    if not convs:
+        return {}
+    cfg: dict[str, Any] = {"candidates": list(convs[0].candidates)}
+    table = getattr(model, "cabm", None)
+    if table is not None:
+        cfg["cabm"] = table.as_config()
+    return cfg
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -28,9 +42,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         clust = model.clustblock.num_classes if model.clustblock is not None else None
         return {"kind": "refqsr", "arch": net.arch, "scheme": net.scheme, "b_high": model.b_high,
                 "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": model.n_refer,
-                "tail": model.tail, **net.sizes()}
+                "tail": model.tail, **net.sizes(), **_cadyq_config(model)}
     if isinstance(model, SRBackbone):
-        return {"kind": "sr", "arch": model.arch, "scheme": model.scheme, "act_bits": model.act_bits(), **model.sizes()}
+        return {"kind": "sr", "arch": model.arch, "scheme": model.scheme, "act_bits": model.act_bits(), **model.sizes(),
+                **_cadyq_config(model)}
     if isinstance(model, ClustBlock):
         return {"kind": "clustblock", "classes": model.num_classes}
     raise TypeError(f"cannot save a {type(model).__name__}")
@@ -39,17 +54,24 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 def build_from_config(cfg: dict[str, Any]) -> nn.Module:
     kind = cfg["kind"]
     sizes = {k: cfg[k] for k in size_keys(cfg["arch"]) if k in cfg} if "arch" in cfg else {}
+    if "candidates" in cfg:  # CADyQ
+        sizes["candidates"] = tuple(cfg["candidates"])
+    if kind == "clustblock":
+        return ClustBlock(cfg["classes"])
+    model: nn.Module
     if kind == "sr":
-        return build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
-    if kind == "refqsr":
+        model = build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
+    elif kind == "refqsr":
         clust = ClustBlock(cfg["clust_classes"]) if cfg.get("clust_classes") else None
         for key in ("n_refer", "tail"):  # absent from files written before they existed
             if key in cfg:
                 sizes[key] = cfg[key]
-        return build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"], **sizes)
-    if kind == "clustblock":
-        return ClustBlock(cfg["classes"])
-    raise RefQSRError(f"unknown model kind {kind!r}")
+        model = build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"], **sizes)
+    else:
+        raise RefQSRError(f"unknown model kind {kind!r}")
+    if cfg.get("cabm"):  # a CABM model: its lookup table
+        attach_cabm(model, CabmTable.from_config(cfg["cabm"]))
+    return model
 
 
 def save_model(path: str | Path, model: nn.Module, card: dict[str, Any] | None = None, half: bool = True) -> None:
@@ -79,9 +101,13 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def bits_label(cfg: dict[str, Any]) -> str:
-    """The bits a saved model runs at, as users write them: "8-4" (RefQSR), "8", "32" (full precision)."""
+    """The bits a saved model runs at, as users write them: "8-4" (RefQSR), "8", "32" (full
+    precision), "δ" (CADyQ/CABM), "δ-3" (their RefQSR)."""
+    dynamic = cfg.get("scheme") == CADYQ
     if cfg["kind"] == "refqsr":
-        return f"{cfg['b_high']}-{cfg['b_low']}"
+        return f"{'δ' if dynamic else cfg['b_high']}-{cfg['b_low']}"
+    if dynamic:
+        return "δ"
     bits = cfg.get("act_bits") or []
     return str(bits[0]) if cfg.get("scheme") and bits else "32"
 

@@ -35,6 +35,16 @@ class BitSpec:
 FP = BitSpec(FULL_PRECISION, FULL_PRECISION)
 
 
+class PerSampleBits:
+    """Bits that are not one BitSpec for the whole batch but chosen per sample inside the convs
+    (CADyQ's δ, models/quant_cadyq.py). A network binds such a value to its input before its
+    blocks run (``SRBackbone.forward``), because the choice reads features of the input patch."""
+
+    def bind(self, x: torch.Tensor, model: nn.Module) -> "PerSampleBits":
+        """The per-call form of these bits for network input ``x`` of ``model``."""
+        raise NotImplementedError
+
+
 class QuantConv2d(nn.Module):
     def __init__(
         self,
@@ -75,6 +85,8 @@ class QuantConv2d(nn.Module):
         return self.weight_quant(self.conv.weight, bits)
 
     def forward(self, x: torch.Tensor, bits: BitSpec = FP) -> torch.Tensor:
+        if isinstance(bits, PerSampleBits):
+            raise TypeError("per-sample (δ) bits need a CADyQ network (scheme 'cadyq')")
         if self.scheme is None or bits == FP:
             return self.conv(x)
         c = self.conv

@@ -13,10 +13,12 @@ ActivationFactory = Callable[[int, int, bool], ActivationQuantizer]  # (bits, ch
 QUANTIZERS: dict[str, tuple[ActivationFactory, type[WeightQuantizer]]] = {
     "pams": (lambda bits, channels, static: PamsActivation(bits, channels), PamsWeight),
     "ddtb": (lambda bits, channels, static: DdtbActivation(bits, channels, dynamic=not static), DdtbWeight),
+    # CADyQ (models/quant_cadyq.py): PAMS quantizers, one activation quantizer per candidate width.
+    "cadyq": (lambda bits, channels, static: PamsActivation(bits, channels), PamsWeight),
     # ClustBlock's post-training 8-bit quantization; not offered for the SR networks.
     "minmax": (lambda bits, channels, static: MinMaxActivation(bits, channels), MinMaxWeight),
 }
-SR_QUANTIZERS = ("pams", "ddtb")
+SR_QUANTIZERS = ("pams", "ddtb", "cadyq")
 
 
 def quantizer_names() -> list[str]:

@@ -6,6 +6,15 @@ last ``n_refer`` ResBlocks replaced by RefER blocks fed with the reference path'
 
 ``tail="highbit"`` is the paper's Table V "w/o RefER" ablation: the query path's last ``n_refer``
 blocks stay ResBlocks, run at b_high, and no reference feature is used.
+
+δ-RefQSR (CADyQ/CABM backbone, ``scheme="cadyq"``): "b_high" becomes δ. The reference path, the
+query path's first ResBlock and the RefER refinement convs run at activation bits chosen per patch
+and layer (selector or CABM table; weights at ``b_high``, CADyQ's 8); the other query blocks at
+(b_low, b_medium) with b_medium = round((b_high + b_low) / 2) = 6 for δ-3 and δ-4: the paper
+gives no b_medium for δ, and this is the fixed-precision rule with CADyQ's 8-bit weights in place
+of b_high; Table II's δ-3/δ-4 BitOPs and FQRs are consistent with query weights at about 6 bits.
+Each path binds δ to its own input, so references choose from reference patches and queries
+from query patches.
 """
 from __future__ import annotations
 
@@ -13,7 +22,8 @@ import torch
 from torch import nn
 
 from .clustblock import DEFAULT_TAU, ClustBlock
-from .qconv import BitSpec
+from .qconv import BitSpec, PerSampleBits
+from .quant_cadyq import SCHEME as CADYQ, Delta, DynamicRefER, Selection, model_candidates
 from .refer import RefER
 from .backbone import SRBackbone
 
@@ -43,7 +53,7 @@ class RefQSR(nn.Module):
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
         if backbone.scheme is None:
-            raise ValueError("RefQSR needs a quantized backbone (scheme 'pams' or 'ddtb')")
+            raise ValueError("RefQSR needs a quantized backbone (scheme 'pams', 'ddtb' or 'cadyq')")
         if not 0 < n_refer < backbone.n_blocks - 1:
             raise ValueError(f"n_refer must be in 1..{backbone.n_blocks - 2}")
         if b_low > b_high:
@@ -53,9 +63,13 @@ class RefQSR(nn.Module):
         self.b_medium = medium_bits(b_high, b_low)
         self.tail = tail
         self.n_refer = n_refer
-        self.refers = nn.ModuleList(
-            RefER(backbone.n_feats, backbone.scheme, b_high, b_low) for _ in range(n_refer if tail == "refer" else 0)
-        )
+        self.dynamic = backbone.scheme == CADYQ  # δ-RefQSR
+        if self.dynamic:
+            candidates = model_candidates(backbone)
+            refers = [DynamicRefER(backbone.n_feats, b_high, b_low, candidates) for _ in range(n_refer if tail == "refer" else 0)]
+        else:
+            refers = [RefER(backbone.n_feats, backbone.scheme, b_high, b_low) for _ in range(n_refer if tail == "refer" else 0)]
+        self.refers = nn.ModuleList(refers)
         self.clustblock = clustblock
         self.tau = tau
 
@@ -65,8 +79,9 @@ class RefQSR(nn.Module):
         return {**net.sizes(), "n_refer": self.n_refer, "tail": self.tail}
 
     @property
-    def high(self) -> BitSpec:
-        return BitSpec(self.b_high, self.b_high)
+    def high(self) -> BitSpec | Delta:
+        """The reference bits: (b_high, b_high), or δ with weights at b_high."""
+        return Delta(self.b_high) if self.dynamic else BitSpec(self.b_high, self.b_high)
 
     @property
     def low(self) -> BitSpec:
@@ -77,41 +92,56 @@ class RefQSR(nn.Module):
         """Index of the first ResBlock that RefER replaces on the query path."""
         return self.backbone.n_blocks - self.n_refer
 
-    def query_block_bits(self) -> list[BitSpec]:
+    def query_block_bits(self) -> list[BitSpec | Delta]:
         """Bits of the query path's ResBlocks that stay ResBlocks (block 0 high, the rest low)."""
         return [self.high] + [self.low] * (self.first_refer - 1)
 
-    def reference_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _high_for(self, x: torch.Tensor, selection: Selection | None) -> BitSpec | PerSampleBits:
+        """The high bits of one path call: b_high, or δ bound to this path's input ``x`` (into
+        ``selection`` when the caller wants the record of the choices)."""
+        if not self.dynamic:
+            if selection is not None:
+                raise ValueError("a Selection applies to δ-RefQSR (scheme 'cadyq') only")
+            return self.high
+        return (selection if selection is not None else self.high).bind(x, self)
+
+    def reference_forward(self, x: torch.Tensor, selection: Selection | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """HR output of reference patches and the features RefER needs: the input of each
-        reference-path ResBlock that a RefER replaces on the query path (see refer.py)."""
+        reference-path ResBlock that a RefER replaces on the query path (see refer.py).
+        ``selection``: δ-RefQSR only, an unbound Selection that records the bits chosen."""
         net, kept = self.backbone, []
+        high = self._high_for(x, selection)
 
         def step(k: int, feat: torch.Tensor) -> torch.Tensor:
             if k >= self.first_refer:
                 kept.append(feat)
-            return net.blocks[k](feat, self.high)
+            return net.blocks[k](feat, high)
 
         return net.run(x, step), kept
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
-                      hard: bool | None = None) -> torch.Tensor:
+                      hard: bool | None = None, selection: Selection | None = None) -> torch.Tensor:
         """HR output of query patches, given the reference features gathered per query.
 
         ``reference_features=None`` feeds each RefER the query's own feature at its input: the
-        paper's Table V "self-reference" ablation."""
+        paper's Table V "self-reference" ablation. ``selection`` as in :meth:`reference_forward`."""
         if reference_features is None:
             reference_features = [None] * len(self.refers)
         if self.tail == "refer" and len(reference_features) != len(self.refers):
             raise ValueError(f"expected {len(self.refers)} reference features, got {len(reference_features)}")
-        net, bits = self.backbone, self.query_block_bits()
+        net, high = self.backbone, self._high_for(x, selection)
+        bits = [high] + self.query_block_bits()[1:]
 
         def step(k: int, feat: torch.Tensor) -> torch.Tensor:
             if k < self.first_refer:
                 return net.blocks[k](feat, bits[k])
             if self.tail == "highbit":
-                return net.blocks[k](feat, self.high)
+                return net.blocks[k](feat, high)
             ref_feat = reference_features[k - self.first_refer]
-            return self.refers[k - self.first_refer](feat, feat if ref_feat is None else ref_feat, hard)
+            refer = self.refers[k - self.first_refer]
+            if self.dynamic:  # RefER's refinement convs at δ too
+                return refer(feat, feat if ref_feat is None else ref_feat, hard, high)
+            return refer(feat, feat if ref_feat is None else ref_feat, hard)
 
         return net.run(x, step)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .clustblock import ClustBlock
+from .quant_cadyq import CANDIDATES, SCHEME as CADYQ, convert_to_cadyq
 from .quantizers import SR_QUANTIZERS
 from .refqsr import RefQSR
 from .backbone import SRBackbone
@@ -34,21 +35,29 @@ def size_keys(arch: str) -> list[str]:
     return [k for k in arch_config(arch) if k not in ("cls", "n_refer")]
 
 
-def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (), **overrides: Any) -> SRBackbone:
-    """Full-precision (scheme None) or fixed-precision quantized SR network. ``overrides`` change
-    preset sizes (n_blocks, n_feats), e.g. for small test models."""
+def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (),
+             candidates: tuple[int, ...] = CANDIDATES, **overrides: Any) -> SRBackbone:
+    """Full-precision (scheme None), fixed-precision quantized (pams, ddtb) or CADyQ (``cadyq``:
+    every block conv becomes a CadyqConv2d choosing among ``candidates`` per patch, on top of any
+    fixed ``act_bits``) SR network. ``overrides`` change preset sizes (n_blocks, n_feats), e.g. for
+    small test models."""
     if scheme is not None and scheme not in SR_QUANTIZERS:
         raise ValueError(f"unknown quantizer {scheme!r}; choose from {', '.join(SR_QUANTIZERS)}")
     cfg = {**arch_config(arch), **overrides}
     cls = cfg.pop("cls")
     cfg.pop("n_refer")
-    return cls(scheme=scheme, act_bits=act_bits, **cfg)
+    net = cls(scheme=scheme, act_bits=act_bits, **cfg)
+    if scheme == CADYQ:
+        convert_to_cadyq(net.blocks, candidates)
+    return net
 
 
 def build_refqsr(
     arch: str, scheme: str, b_high: int, b_low: int, clustblock: ClustBlock | None = None, tau: float = 0.5,
     **overrides: Any,
 ) -> RefQSR:
+    """RefQSR on a ``scheme`` backbone. With ``cadyq`` this is δ-RefQSR: references (and the query
+    path's first block and RefER convs) at δ with weights at ``b_high``, queries at b_low."""
     n_refer = overrides.pop("n_refer", arch_config(arch)["n_refer"])
     tail = overrides.pop("tail", "refer")
     backbone = build_sr(arch, scheme, (b_high, b_low), **overrides)

@@ -112,7 +112,7 @@ def test_pairs_exceed_tau_and_are_aligned(hr_images, clust, calibrated: bool) ->
 def test_accepts_lr_hr_pairs_and_sampler_object(hr_images, clust) -> None:
     pairs = [(bicubic_degrade(hr, S), hr) for hr in hr_images]
     sampler = PairSampler(pairs, clust, scale=S, seed=0, batch=4, lr_patch=P, tau=0.5)
-    a, b = sampler(), sampler()
+    a, _ = sampler(), sampler()  # two batches: 8 pairs drawn
     assert a.query_lr.shape == (4, 3, P, P) and sampler.pairs == 8 and sampler.mean_tries >= 1
     again = PairSampler(pairs, clust, scale=S, seed=0, batch=4, lr_patch=P, tau=0.5)()
     torch.testing.assert_close(again.ref_hr, a.ref_hr, rtol=0, atol=0)  # deterministic per seed

@@ -7,7 +7,6 @@ resume exactly: 2 + 2 steps (also after a SIGKILL) log the same losses as 4 unin
 """
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess

@@ -83,6 +83,11 @@ class TrainConfig:
     clustblock: str | None = None  # refqsr: the trained ClustBlock file
     tau: float = 0.5
     tail: str = "refer"  # refqsr: "highbit" trains Table V's w/o-RefER ablation
+    # cadyq: weight of CADyQ's bit loss (batch mean, summed over layers). CADyQ's own 1e-5 is for a
+    # sum over a batch of 16 with pixels in 0..255: 1e-5 * 16 / 255 ~ 6.3e-7 here.
+    bit_weight: float = 6.3e-7
+    cabm_bins: int = 8  # cabm: edge-score bins of the lookup table
+    cabm_calib: int = 256  # cabm: training crops the table is calibrated on
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     val: str | None = None  # HR folder; default: <data>/val or DIV2K_valid_HR
@@ -280,7 +285,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         except Exception as exc:
             raise RefQSRError(f"cannot read checkpoint {last_path}: {exc}") from exc
         old = ckpt.get("config", {})
-        for key in ("arch", "task", "scheme", "bits", "tail"):
+        for key in ("arch", "task", "scheme", "bits", "tail", "cabm_bins", "cabm_calib"):
             if old.get(key, getattr(cfg, key)) != getattr(cfg, key) and (key in ("arch", "task") or cfg.task != "fp"):
                 raise RefQSRError(f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}")
         changed = [k for k in _STREAM_KEYS if k in old and old[k] != getattr(cfg, k)]
@@ -389,8 +394,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
 TASK_HELP = {
     "fp": "Train a full-precision x4 SR network with L1 loss (resumable).",
-    "qat": "Quantization-aware training at fixed bits (PAMS/DDTB) from the FP model, L1 + KD (resumable).",
-    "refqsr": "RefQSR quantization-aware training on Algorithm-1 pairs, loss (9) (resumable).",
+    "qat": "Quantization-aware training at fixed bits (PAMS/DDTB) or per-patch bits (CADyQ/CABM) from the FP model, "
+           "L1 + KD (resumable).",
+    "refqsr": "RefQSR quantization-aware training on Algorithm-1 pairs, loss (9) (resumable); b_high may be δ (CADyQ/CABM).",
 }
 
 
@@ -429,9 +435,12 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
         return common + [click.option("--init", type=click.Choice(["interp", "random"]), default="interp", show_default=True,
                                       help="Start from a bilinear-upscaling network (interp) or plain random weights.")]
     quant = [
-        click.option("--scheme", type=click.Choice(["pams", "ddtb"]), default="ddtb", show_default=True),
-        click.option("--bits", default="8" if task == "qat" else "8-4", show_default=True,
-                     help="qat: one width (8, 4, ...); refqsr: b_high-b_low (8-4, 4-3, ...)."),
+        click.option("--scheme", type=click.Choice(["pams", "ddtb", "cadyq", "cabm"]), default="ddtb", show_default=True,
+                     help="cadyq: bits chosen per patch and layer (CADyQ); cabm: CADyQ's choices as an edge-score "
+                          "lookup table (CABM), from --init-from a CADyQ model."),
+        click.option("--bits", default=None,
+                     help="qat: one width (8, 4, ...; default 8) or delta (cadyq/cabm, the default there); refqsr: "
+                          "b_high-b_low (8-4, 4-3, ...; default 8-4) or delta-b_low (delta-3, delta-4; default delta-3)."),
         click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False),
                      help="Full-precision model file (KD target; also the starting weights)."),
         click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -439,6 +448,12 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
         click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True),
         click.option("--lr-quant", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
                      help="Learning rate of the quantizer bounds."),
+        click.option("--bit-weight", type=click.FloatRange(min=0), default=6.3e-7, show_default=True,
+                     help="cadyq: weight of CADyQ's bit loss (its 1e-5 rescaled to mean-over-batch L1 on [0, 1] pixels)."),
+        click.option("--cabm-bins", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="cabm: edge-score bins of the lookup table."),
+        click.option("--cabm-calib", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="cabm: training crops the lookup table is calibrated on."),
     ]
     if task == "refqsr":
         quant += [
@@ -456,6 +471,9 @@ def make_command(task: str) -> click.Command:
 
     def run(**kw: Any) -> None:
         kw["val_crop"] = kw["val_crop"] or None
+        if task != "fp" and kw["bits"] is None:  # the default depends on the scheme
+            dynamic = kw["scheme"] in ("cadyq", "cabm")
+            kw["bits"] = ("delta" if dynamic else "8") if task == "qat" else ("delta-3" if dynamic else "8-4")
         try:
             train(TrainConfig(task=task, **kw), log=lambda s: print(s, flush=True))
         except RefQSRError as exc:

@@ -9,6 +9,17 @@ runs see the batches an uninterrupted run would) and the loss.
                  (paper eq. (8)).
 * ``refqsr``  -- the RefQSR wrapper on Algorithm-1 (query, reference) pairs, from the FP (or a
                  fixed-precision) model, loss (9): L1 and KD for the query and the reference outputs.
+
+Mixed precision (``--scheme cadyq|cabm``, bits "delta" for qat, "delta-3"/"delta-4" for refqsr):
+
+* ``cadyq`` -- per patch and layer bit selectors (models/quant_cadyq.py); the objective adds
+  ``--bit-weight`` x CADyQ's bit loss (both RefQSR paths' choices for refqsr). Starts from
+  ``--init-from`` (CADyQ starts from the 8-bit PAMS model) or the teacher; a δ-RefQSR may also start
+  from a δ-RefQSR model file.
+* ``cabm``  -- CABM fine-tuning: ``--init-from`` a trained CADyQ model (CADyQ-RefQSR for refqsr);
+  its selectors are calibrated into an edge-score lookup table on ``--cabm-calib`` training
+  patches in ``--cabm-bins`` bins (models/cabm.py), or its table is kept if it already has one,
+  and training runs with the table's fixed bits (no bit loss).
 """
 from __future__ import annotations
 
@@ -21,10 +32,12 @@ from torch.utils.data import DataLoader
 
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.bitops import Precision
+from refqsr_engine.models.cabm import attach_cabm, build_cabm_table
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.qconv import FP, BitSpec
+from refqsr_engine.models.quant_cadyq import SCHEME as CADYQ, Delta, Selection, dynamic_convs
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
 from refqsr_engine.models.backbone import SRBackbone
@@ -33,6 +46,8 @@ from refqsr_engine.training.pairs import ImagePairs, sample_pairs
 
 QUANT_PARAM_SUFFIXES = (".alpha", ".lower", ".upper")  # learnable quantizer bounds (own learning rate)
 VAL_PATCH = 48  # RefQSR validation runs patch-wise, as the engine does
+DYNAMIC_SCHEMES = (CADYQ, "cabm")  # δ bits: CADyQ's selectors, or CABM's table built from them
+CALIB_EPOCH = 1_000_000  # CABM calibration crops: an epoch number no training run reaches
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,6 +134,10 @@ class _Distilled(Task):
         self.teacher = _load_sr(cfg.teacher, "teacher").eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if self.teacher.arch != cfg.arch:
+            raise RefQSRError(f"the teacher {cfg.teacher} is a {self.teacher.arch}, not a {cfg.arch}")
+        # the student has the teacher's sizes (the preset's, unless a smaller network is trained)
+        self.sizes = self.teacher.sizes()
 
     def distill(self, student: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """lambda_1 L1(student, HR) + lambda_kd L1(student, teacher)  (paper eq. (8))."""
@@ -127,13 +146,60 @@ class _Distilled(Task):
         l1 = torch.nn.functional.l1_loss
         return l1(student, hr) + self.cfg.kd_weight * l1(student, target)
 
-    def _init_backbone(self, net: SRBackbone) -> None:
+    def _init_backbone(self, net: SRBackbone) -> SRBackbone:
         """Start from the weights of ``--init-from`` (default: the teacher); quantizer ranges are
-        then set from the first batch (PAMS/DDTB initialisation)."""
+        then set from the first batch (PAMS/DDTB initialisation); CADyQ's bit selectors start
+        fresh unless the source has them. Returns the source network."""
         source = _load_sr(self.cfg.init_from, "--init-from") if self.cfg.init_from else self.teacher
         missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or any(not k.split(".")[-1] in ("alpha", "lower", "upper", "initialized") and ".gate." not in k for k in missing):
+        if unexpected or any(not k.split(".")[-1] in ("alpha", "lower", "upper", "initialized") and ".gate." not in k
+                             and ".selector." not in k for k in missing):
             raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return source
+
+    # -- δ bits (CADyQ / CABM)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.cfg.scheme in DYNAMIC_SCHEMES
+
+    def _precision(self) -> Precision:
+        """--bits, checked against the scheme: δ settings for cadyq/cabm, numbers for the others."""
+        p = Precision.parse(self.cfg.bits)
+        if self.dynamic and not p.dynamic:
+            example = "delta" if self.name == "qat" else "delta-3"
+            raise RefQSRError(f"--scheme {self.cfg.scheme} chooses bits per patch and layer: use --bits {example}")
+        if p.dynamic and not self.dynamic:
+            raise RefQSRError(f"--bits {self.cfg.bits} (δ) needs --scheme cadyq or cabm")
+        return p
+
+    def _setup_cabm(self, model: nn.Module, source: nn.Module) -> None:
+        """CABM: keep ``source``'s table, or calibrate one from its (loaded) selectors."""
+        if not dynamic_convs(source):
+            raise RefQSRError("--scheme cabm starts from a trained CADyQ model: pass it as --init-from")
+        table = getattr(source, "cabm", None)
+        if table is None:
+            table = build_cabm_table(model, self._calibration_patches(self.cfg.cabm_calib), self.cfg.cabm_bins)
+        attach_cabm(model, table)
+
+    def _calibration_patches(self, n: int) -> torch.Tensor:
+        """``n`` LR training crops, a fixed set (seeded like training crops, in an epoch of their own)."""
+        size = len(self.dataset)
+        return collate([self.dataset[(CALIB_EPOCH + i // size, i % size)] for i in range(n)])["lr"]
+
+    def add_bit_loss(self, loss: torch.Tensor, *selections: Selection) -> torch.Tensor:
+        """CADyQ's objective: + --bit-weight x bit loss (nothing for CABM's fixed table)."""
+        if self.cfg.scheme != CADYQ or not self.cfg.bit_weight:
+            return loss
+        return loss + self.cfg.bit_weight * sum(s.bit_loss() for s in selections)
+
+    def bits_card(self) -> dict[str, Any]:
+        if not self.dynamic:
+            return {}
+        card: dict[str, Any] = {"bit_weight": self.cfg.bit_weight if self.cfg.scheme == CADYQ else None}
+        if self.cfg.scheme == "cabm":
+            card.update(cabm_bins=self.cfg.cabm_bins, cabm_calib=self.cfg.cabm_calib)
+        return card
 
 
 class QATTask(_Distilled):
@@ -141,14 +207,25 @@ class QATTask(_Distilled):
 
     def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
         super().__init__(cfg, dataset)
-        p = Precision.parse(cfg.bits)
+        p = self._precision()
         if p.is_refqsr or p.b_high == 32:
             raise RefQSRError("task qat takes one bit width, e.g. --bits 8 (use --task refqsr for 8-4)")
-        self.bits = BitSpec.uniform(p.b_high)
-        self.model = build_sr(cfg.arch, cfg.scheme, (p.b_high,))
-        self._init_backbone(self.model)
+        self.bits: BitSpec | Delta
+        if self.dynamic:
+            self.bits = Delta(p.b_high)
+            self.model = build_sr(cfg.arch, CADYQ, **self.sizes)
+        else:
+            self.bits = BitSpec.uniform(p.b_high)
+            self.model = build_sr(cfg.arch, cfg.scheme, (p.b_high,), **self.sizes)
+        source = self._init_backbone(self.model)
+        if cfg.scheme == "cabm":
+            self._setup_cabm(self.model, source)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.dynamic:
+            sel = Selection(self.bits.weight)
+            sr = self.model(batch["lr"], sel)
+            return self.add_bit_loss(self.distill(sr, batch["lr"], batch["hr"]), sel)
         return self.distill(self.model(batch["lr"], self.bits), batch["lr"], batch["hr"])
 
     def sr(self, lr: torch.Tensor) -> torch.Tensor:
@@ -156,7 +233,8 @@ class QATTask(_Distilled):
 
     def card(self) -> dict[str, Any]:
         return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "loss": "L1 + KD (eq. 8)",
-                "kd_weight": self.cfg.kd_weight, "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher}
+                "kd_weight": self.cfg.kd_weight, "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
+                **self.bits_card()}
 
 
 class RefQSRTask(_Distilled):
@@ -164,7 +242,7 @@ class RefQSRTask(_Distilled):
 
     def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
         super().__init__(cfg, dataset)
-        p = Precision.parse(cfg.bits)
+        p = self._precision()
         if not p.is_refqsr:
             raise RefQSRError("task refqsr takes b_high-b_low bits, e.g. --bits 8-4")
         if not cfg.clustblock:
@@ -172,11 +250,29 @@ class RefQSRTask(_Distilled):
         clust, _ = load_model(cfg.clustblock)
         if not isinstance(clust, ClustBlock):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
-        self.model: RefQSR = build_refqsr(cfg.arch, cfg.scheme, p.b_high, p.b_low, clust.eval(), cfg.tau, tail=cfg.tail)
-        self._init_backbone(self.model.backbone)
+        scheme = CADYQ if self.dynamic else cfg.scheme
+        self.model: RefQSR = build_refqsr(cfg.arch, scheme, p.b_high, p.b_low, clust.eval(), cfg.tau,
+                                          tail=cfg.tail, **self.sizes)
+        source = load_model(cfg.init_from)[0] if self.dynamic and cfg.init_from else None
+        if isinstance(source, RefQSR):
+            self._init_refqsr(self.model, source)
+        else:
+            source = self._init_backbone(self.model.backbone)
+        if cfg.scheme == "cabm":
+            self._setup_cabm(self.model, source)
         for q in self.model.clustblock.parameters():  # ClustBlock is pre-trained and frozen
             q.requires_grad_(False)
         self.images = ImagePairs(dataset, dataset.scale)
+
+    def _init_refqsr(self, model: RefQSR, source: RefQSR) -> None:
+        """δ-RefQSR from a δ-RefQSR model (CABM-RefQSR from CADyQ-RefQSR): backbone and RefERs,
+        not the ClustBlock (that one comes from --clustblock)."""
+        if not source.dynamic:
+            raise RefQSRError(f"--init-from {self.cfg.init_from} is not a δ-RefQSR model")
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith("clustblock.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("clustblock.") for k in missing):
+            raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups = super().param_groups()
@@ -194,7 +290,14 @@ class RefQSRTask(_Distilled):
                    "ref_lr": _dihedral(pairs.ref_lr, kr), "ref_hr": _dihedral(pairs.ref_hr, kr)}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Paper eq. (9): L1 and KD on both the query and the reference outputs."""
+        """Paper eq. (9): L1 and KD on both the query and the reference outputs (δ: plus the
+        bit loss of both paths' choices, CADyQ)."""
+        if self.dynamic:  # the two paths of RefQSR.forward, each recording its δ choices
+            sel_r, sel_q = Selection(self.model.b_high), Selection(self.model.b_high)
+            sr_r, features = self.model.reference_forward(batch["ref_lr"], sel_r)
+            sr_q = self.model.query_forward(batch["query_lr"], features, selection=sel_q)
+            loss = self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
+            return self.add_bit_loss(loss, sel_r, sel_q)
         sr_q, sr_r = self.model(batch["query_lr"], batch["ref_lr"])
         return self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
 
@@ -206,7 +309,7 @@ class RefQSRTask(_Distilled):
         return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
                 "loss": "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
                 "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
-                "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)"}
+                "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)", **self.bits_card()}
 
 
 TASKS: dict[str, Callable[[Any, HRFolderDataset], Task]] = {"fp": FPTask, "qat": QATTask, "refqsr": RefQSRTask}
