@@ -1,6 +1,8 @@
-"""Small models for the compile/runtime tests (4 blocks keep export and compile quick)."""
+"""Shared by the export, compile and runtime tests: small models (4 blocks keep export and compile
+quick), ONNX Runtime sessions and the image-match criterion."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from refqsr_engine.models.clustblock import ClustBlock
@@ -10,12 +12,13 @@ PATCH = 24
 N_BLOCKS = 4
 
 
-def small_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, patch: int = PATCH):
+def small_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, patch: int = PATCH,
+                 arch: str = "srresnet", n_blocks: int = N_BLOCKS):
     """A freshly initialised RefQSR model with calibrated quantizers (and a varying DDTB gate)."""
     torch.manual_seed(seed)
     clust = ClustBlock(16)
     clust.calibrate(torch.rand(6, 3, patch, patch))
-    model = build_refqsr("srresnet", scheme, b_high, b_low, clust, n_blocks=N_BLOCKS)
+    model = build_refqsr(arch, scheme, b_high, b_low, clust, n_blocks=n_blocks)
     model.train()
     model(torch.rand(4, 3, patch, patch), torch.rand(4, 3, patch, patch))  # initialise quantizer ranges
     if scheme == "ddtb":  # make the dynamic gate actually vary per sample
@@ -25,3 +28,32 @@ def small_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, pa
                     m.gate.fc2.weight.normal_(0, 0.5)
                     m.gate.fc2.bias.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+def psnr(got: np.ndarray, want: np.ndarray) -> float:
+    """PSNR (dB) between two float images in [0, 1]."""
+    mse = float(np.mean((np.asarray(got, np.float64) - want) ** 2))
+    return 10 * np.log10(1.0 / max(mse, 1e-30))
+
+
+def assert_images_match(got: np.ndarray, want: np.ndarray, within_one: float = 0.999) -> None:
+    """The engine's equality bar against PyTorch / ONNX Runtime: PSNR >= 50 dB and a share
+    ``within_one`` of 8-bit pixels within 1 level. (Exact equality is not the right bar: a float
+    conv summed in another order can move a value across a rounding tie of the next quantizer,
+    which then changes by one quantization step.)"""
+    assert psnr(got, want) >= 50.0
+    g8 = np.clip(np.round(np.asarray(got) * 255), 0, 255)
+    w8 = np.clip(np.round(np.asarray(want) * 255), 0, 255)
+    assert np.mean(np.abs(g8 - w8) <= 1) >= within_one
+
+
+def ort_session(path, optimize: bool = False):
+    """An ONNX Runtime CPU session, 2 threads; without optimisation (plain QDQ semantics) unless
+    ``optimize`` (then ORT fuses QDQ into its int8 kernels)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -17,17 +17,16 @@ import math
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compile_helpers import assert_images_match, ort_session, small_refqsr
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.carn import CARN, DIV2K_MEAN
 from refqsr_engine.models.checkpoint import load_model, save_model
-from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.matching import POOL, pooled_size
 from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.models.refqsr import RefQSR
@@ -41,23 +40,6 @@ def _smooth_image(n: int, h: int, w: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, max(h // 4, 2), max(w // 4, 2), generator=g)
     return F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def small_carn_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, patch: int = PATCH) -> RefQSR:
-    """A 4-block CARN-RefQSR with calibrated quantizers and ClustBlock (and a varying DDTB gate)."""
-    torch.manual_seed(seed)
-    clust = ClustBlock(16)
-    clust.calibrate(torch.rand(6, 3, patch, patch))
-    model = build_refqsr("carn", scheme, b_high, b_low, clust, n_blocks=SMALL)
-    model.train()
-    model(torch.rand(4, 3, patch, patch), torch.rand(4, 3, patch, patch))  # initialise quantizer ranges
-    if scheme == "ddtb":  # make the dynamic gate actually vary per sample
-        with torch.no_grad():
-            for m in model.modules():
-                if hasattr(m, "gate") and m.gate is not None:
-                    m.gate.fc2.weight.normal_(0, 0.5)
-                    m.gate.fc2.bias.uniform_(-0.5, 0.5)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- functional twin
@@ -405,7 +387,7 @@ def test_bitops_refqsr_query_patch_by_hand() -> None:
 
 
 def test_save_load_round_trip(tmp_path) -> None:
-    model = small_carn_refqsr("ddtb")
+    model = small_refqsr("ddtb", arch="carn", n_blocks=SMALL, patch=PATCH)
     save_model(tmp_path / "carn.pt", model, {"note": "carn"}, half=False)
     loaded, card = load_model(tmp_path / "carn.pt")
     assert isinstance(loaded, RefQSR) and isinstance(loaded.backbone, CARN) and card == {"note": "carn"}
@@ -430,28 +412,13 @@ def test_save_load_round_trip(tmp_path) -> None:
 # --------------------------------------------------------------------------- ONNX export
 
 
-def _session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain QDQ semantics
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    """PSNR >= 50 dB and >= 99.9% of 8-bit pixels within 1 LSB (as tests/test_export.py)."""
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    assert 10 * np.log10(1.0 / max(mse, 1e-20)) >= 50.0
-    lsb = np.abs(np.round(np.clip(got, 0, 1) * 255) - np.round(np.clip(want, 0, 1) * 255))
-    assert (lsb <= 1).mean() >= 0.999
-
-
 @pytest.mark.parametrize("scheme", ["ddtb", "pams"])
 def test_refqsr_export_runs_in_onnxruntime_like_pytorch(scheme: str, tmp_path) -> None:
     import json
 
     import onnx
 
-    model = small_carn_refqsr(scheme)
+    model = small_refqsr(scheme, arch="carn", n_blocks=SMALL, patch=PATCH)
     paths = export_refqsr(model, tmp_path, PATCH)
     torch.manual_seed(11)
     x, q = torch.rand(3, 3, PATCH, PATCH), torch.rand(5, 3, PATCH, PATCH)
@@ -459,13 +426,13 @@ def test_refqsr_export_runs_in_onnxruntime_like_pytorch(scheme: str, tmp_path) -
         hr, feats = model.reference_forward(x)
         gathered = [f[[0, 2, 1, 0, 2]] for f in feats]
         hq = model.query_forward(q, gathered, hard=True)
-    ref_out = _session(paths["reference"]).run(None, {"patches": x.numpy()})
+    ref_out = ort_session(paths["reference"]).run(None, {"patches": x.numpy()})
     assert len(ref_out) == 2  # hr and the one RefER's reference feature
-    _assert_images_match(ref_out[0], hr.numpy())
+    assert_images_match(ref_out[0], hr.numpy())
     rel = np.linalg.norm(ref_out[1] - feats[0].numpy()) / np.linalg.norm(feats[0].numpy())
     assert rel < 1e-2
-    got = _session(paths["query"]).run(None, {"patches": q.numpy(), "ref_feat_0": gathered[0].numpy()})[0]
-    _assert_images_match(got, hq.numpy())
+    got = ort_session(paths["query"]).run(None, {"patches": q.numpy(), "ref_feat_0": gathered[0].numpy()})[0]
+    assert_images_match(got, hq.numpy())
     graph = onnx.load(str(paths["query"]))
     convs = json.loads({p.key: p.value for p in graph.metadata_props}["refqsr.convs"])
     bits = {c["module"]: (c["act_bits"], c["weight_bits"]) for c in convs}
@@ -490,4 +457,4 @@ def test_sr_export_runs_in_onnxruntime_like_pytorch(scheme, bits: BitSpec, tmp_p
     x = torch.rand(2, 3, PATCH, PATCH)
     with torch.no_grad():
         want = net(x, bits).numpy()
-    _assert_images_match(_session(path).run(None, {"patches": x.numpy()})[0], want)
+    assert_images_match(ort_session(path).run(None, {"patches": x.numpy()})[0], want)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from skimage import data
 
-from test_carn import small_carn_refqsr
+from compile_helpers import assert_images_match, psnr, small_refqsr
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
 from refqsr_engine.engine.compiler.compile_model import compile_model
@@ -38,19 +38,6 @@ QUANTIZED = [False, True, True, False, True, True, False, False, True, True, Fal
              False, False, False]
 
 
-def _psnr(got: np.ndarray, want: np.ndarray) -> float:
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-30))
-
-
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    """As tests/test_compile_engine.py: PSNR >= 50 dB, >= 99.9% of 8-bit pixels within 1 LSB."""
-    assert _psnr(got, want) >= 50.0
-    g8 = np.clip(np.round(got * 255), 0, 255)
-    w8 = np.clip(np.round(want * 255), 0, 255)
-    assert np.mean(np.abs(g8 - w8) <= 1) >= 0.999
-
-
 def _close_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """References and queries close to them (as the clustering pairs them in use)."""
     rng = np.random.default_rng(seed)
@@ -66,7 +53,7 @@ def _close_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 # quantizers on SRResNet); CARN's PAMS build is in the slow run to keep the default suite short.
 @pytest.fixture(scope="module", params=["ddtb", pytest.param("pams", marks=pytest.mark.slow)])
 def compiled(request, tmp_path_factory):
-    model = small_carn_refqsr(request.param)
+    model = small_refqsr(request.param, arch="carn")
     root = tmp_path_factory.mktemp(f"carn_{request.param}")
     save_model(root / "model.pt", model, {}, half=False)
     report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
@@ -82,7 +69,7 @@ def test_compiled_image_equals_pytorch(compiled):
     want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
     assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
     assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    _assert_images_match(got.image, want.image)
+    assert_images_match(got.image, want.image)
 
 
 def test_reference_and_query_paths_each_match(compiled):
@@ -93,13 +80,13 @@ def test_reference_and_query_paths_each_match(compiled):
     with torch.no_grad():
         want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
         want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    _assert_images_match(hr, want_hr.numpy())
+    assert_images_match(hr, want_hr.numpy())
     assert len(feats) == len(want_feats) == 1  # one RefER: the input of the last residual block
     close = np.abs(feats[0] - want_feats[0].numpy()) <= 1e-2 * float(want_feats[0].abs().max())
     assert close.mean() >= 0.999  # a rounding tie may move a value by one quantization step
-    _assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
     # a short batch is padded inside the runtime and gives the same rows
-    _assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
+    assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
 
 
 def test_every_quantized_conv_is_integer_and_the_rest_float(compiled):
@@ -179,7 +166,7 @@ gpu = pytest.mark.skipif(not cuda_toolchain.has_cuda_device(), reason="no CUDA d
 def cuda_compiled(tmp_path_factory):
     if not HAS_NVCC:
         pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")
-    model = small_carn_refqsr("pams", 4, 3)
+    model = small_refqsr("pams", 4, 3, arch="carn")
     root = tmp_path_factory.mktemp("carn_cuda_43")
     save_model(root / "model.pt", model, {}, half=False)
     opts = CompileOptions(model=str(root / "model.pt"), target="cuda", arch="sm_80", patch=PATCH, batch=BATCH)
@@ -226,7 +213,7 @@ def test_cuda_rewrite_of_query_graph_on_llvm_equals_onnxruntime(cuda_compiled):
     assert [c.variant for c in result.convs].count("s4mma") == sum(QUANTIZED)
     out = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(feeds[i.name]) for i in model.graph.input])
     got = (out if hasattr(out, "numpy") else out[0]).numpy()
-    assert _psnr(got, want) >= 50.0
+    assert psnr(got, want) >= 50.0
 
 
 @gpu
@@ -238,5 +225,5 @@ def test_cuda_artifact_on_gpu_matches_pytorch(cuda_compiled):
     with torch.no_grad():
         want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
         want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    assert _psnr(hr, want_hr.numpy()) >= 50.0
-    assert _psnr(engine.query(queries, [w.numpy() for w in want_feats]), want_q) >= 50.0
+    assert psnr(hr, want_hr.numpy()) >= 50.0
+    assert psnr(engine.query(queries, [w.numpy() for w in want_feats]), want_q) >= 50.0

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from compile_helpers import PATCH, small_refqsr
+from compile_helpers import PATCH, psnr, small_refqsr
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
 from refqsr_engine.engine.compiler.compile_model import compile_model
@@ -171,11 +171,6 @@ def _feeds(graphs, name):
     return {"patches": queries, **{f"ref_feat_{k}": f for k, f in enumerate(feats)}}
 
 
-def _psnr(got, want) -> float:
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-30))
-
-
 @pytest.mark.parametrize("bits, name", TWIN_CASES, ids=[f"{b[0]}-{b[1]}-{n}" for b, n in TWIN_CASES])
 def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, bits, name):
     import tvm
@@ -192,7 +187,7 @@ def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, bits, name):
     if name == "clustblock":  # logits: no [0, 1] image range
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
     else:
-        assert _psnr(got, want) >= 50.0
+        assert psnr(got, want) >= 50.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +208,7 @@ def test_artifact_on_gpu_matches_pytorch(compiled):
         want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
         want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
         want_logits = model.clustblock(torch.from_numpy(refs), quantized=True).numpy()
-    assert _psnr(hr, want_hr.numpy()) >= 50.0
-    assert _psnr(engine.query(queries, [w.numpy() for w in want_feats]), want_q) >= 50.0
+    assert psnr(hr, want_hr.numpy()) >= 50.0
+    assert psnr(engine.query(queries, [w.numpy() for w in want_feats]), want_q) >= 50.0
     # a rounding tie may move one activation by a quantization step: compare loosely
     np.testing.assert_allclose(engine.logits(refs), want_logits, atol=1e-2 * float(np.abs(want_logits).max()))

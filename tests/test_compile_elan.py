@@ -13,6 +13,7 @@ import pytest
 import torch
 from skimage import data
 
+from compile_helpers import assert_images_match
 from test_elan import _calibrated_refqsr
 from refqsr_engine.engine.compiler.compile_model import compile_model
 from refqsr_engine.engine.compiler.options import CompileOptions
@@ -26,20 +27,8 @@ BATCH = 2
 #: per graph: head, then per LFE (or RefER) its two convs, per GMSA its projections in and out
 #: (the first module of a pair projects to q and v, the second to v only), then the tail
 QUANTIZED = [False] + [True, True, False, False] * 4 + [False]
-
-
-def _psnr(got: np.ndarray, want: np.ndarray) -> float:
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    return 10 * np.log10(1.0 / max(mse, 1e-30))
-
-
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    """PSNR >= 50 dB and 99.5 % of 8-bit pixels within 1 level (the 4-bit query path's rounding
-    ties move a few pixels by 2-4 levels, as for SRResNet's bundled model)."""
-    assert _psnr(got, want) >= 50.0
-    g8 = np.clip(np.round(got * 255), 0, 255)
-    w8 = np.clip(np.round(want * 255), 0, 255)
-    assert np.mean(np.abs(g8 - w8) <= 1) >= 0.995
+#: the 4-bit query path's rounding ties move a few pixels by 2-4 levels (as for the bundled SRResNet)
+WITHIN_ONE = 0.995
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def test_compiled_image_equals_pytorch(compiled):
     want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
     assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
     assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    _assert_images_match(got.image, want.image)
+    assert_images_match(got.image, want.image, within_one=WITHIN_ONE)
 
 
 def test_reference_and_query_paths_each_match(compiled):
@@ -73,11 +62,11 @@ def test_reference_and_query_paths_each_match(compiled):
     with torch.no_grad():
         want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
         want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    _assert_images_match(hr, want_hr.numpy())
+    assert_images_match(hr, want_hr.numpy(), within_one=WITHIN_ONE)
     assert len(feats) == len(want_feats) == 2  # the inputs of the last two LFEs
     for got_f, want_f in zip(feats, want_feats):
         assert np.abs(got_f - want_f.numpy()).max() <= 1e-2 * float(want_f.abs().max())
-    _assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q, within_one=WITHIN_ONE)
 
 
 def test_lfe_convs_are_integer_attention_stays_float(compiled):

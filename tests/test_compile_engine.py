@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from skimage import data
 
-from compile_helpers import PATCH, small_refqsr
+from compile_helpers import PATCH, assert_images_match, small_refqsr
 from refqsr_engine.engine.cli import main
 from refqsr_engine.engine.compiler.compile_model import compile_model
 from refqsr_engine.engine.compiler.options import CompileOptions
@@ -46,14 +46,6 @@ def _lr_image() -> np.ndarray:
     return data.astronaut()[100:160, 180:250].astype(np.float32).transpose(2, 0, 1) / 255.0
 
 
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    assert 10 * np.log10(1.0 / max(mse, 1e-30)) >= 50.0
-    g8 = np.clip(np.round(got * 255), 0, 255)
-    w8 = np.clip(np.round(want * 255), 0, 255)
-    assert np.mean(np.abs(g8 - w8) <= 1) >= 0.999
-
-
 def test_compiled_image_equals_pytorch(compiled):
     _, model, artifact, _ = compiled
     engine = CompiledModel.load(artifact)
@@ -62,7 +54,7 @@ def test_compiled_image_equals_pytorch(compiled):
     want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
     assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
     assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    _assert_images_match(got.image, want.image)
+    assert_images_match(got.image, want.image)
 
 
 def test_reference_and_query_paths_each_match(compiled):
@@ -75,13 +67,13 @@ def test_reference_and_query_paths_each_match(compiled):
     with torch.no_grad():
         want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
         want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    _assert_images_match(hr, want_hr.numpy())
+    assert_images_match(hr, want_hr.numpy())
     for f, wf in zip(feats, want_feats):  # a rounding tie may move a value by one quantization step
         close = np.abs(f - wf.numpy()) <= 1e-2 * float(wf.abs().max())
         assert close.mean() >= 0.999
-    _assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
     # a short batch is padded inside the runtime and gives the same rows
-    _assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
+    assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
 
 
 def test_quantized_convs_are_integer_in_the_built_code(compiled):

@@ -17,12 +17,12 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compile_helpers import assert_images_match, ort_session
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.bitops import count_bitops, grid_boxes
 from refqsr_engine.models.checkpoint import load_model, save_model
@@ -353,21 +353,6 @@ def test_model_file_round_trip(refqsr_elan: RefQSR, tmp_path) -> None:
         torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
 
 
-def _ort(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain QDQ semantics
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    """The export tests' criterion: PSNR >= 50 dB and >= 99.9% of 8-bit pixels within 1 LSB."""
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    assert 10 * np.log10(1.0 / max(mse, 1e-20)) >= 50.0
-    lsb = np.abs(np.round(np.clip(got, 0, 1) * 255) - np.round(np.clip(want, 0, 1) * 255))
-    assert (lsb <= 1).mean() >= 0.999
-
-
 def test_export_sr_runs_in_onnx_runtime(tmp_path) -> None:
     torch.manual_seed(5)
     net = build_sr("elan_light", "ddtb", (8,), **SMALL)
@@ -380,7 +365,7 @@ def test_export_sr_runs_in_onnx_runtime(tmp_path) -> None:
     x = torch.rand(3, 3, 24, 24)
     with torch.no_grad():
         want = net(x, BitSpec(8, 8)).numpy()
-    _assert_images_match(_ort(path).run(None, {"patches": x.numpy()})[0], want)
+    assert_images_match(ort_session(path).run(None, {"patches": x.numpy()})[0], want)
 
 
 def test_export_refqsr_runs_in_onnx_runtime(tmp_path) -> None:
@@ -393,12 +378,12 @@ def test_export_refqsr_runs_in_onnx_runtime(tmp_path) -> None:
         hr, feats = model.reference_forward(x)
         gathered = [f[[1, 0, 1]] for f in feats]
         hq = model.query_forward(q, gathered, hard=True)
-    ref_out = _ort(paths["reference"]).run(None, {"patches": x.numpy()})
-    _assert_images_match(ref_out[0], hr.numpy())
+    ref_out = ort_session(paths["reference"]).run(None, {"patches": x.numpy()})
+    assert_images_match(ref_out[0], hr.numpy())
     for got, want in zip(ref_out[1:], feats):
         assert np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy()) < 1e-2
     feeds = {"patches": q.numpy(), **{f"ref_feat_{k}": g.numpy() for k, g in enumerate(gathered)}}
-    _assert_images_match(_ort(paths["query"]).run(None, feeds)[0], hq.numpy())
+    assert_images_match(ort_session(paths["query"]).run(None, feeds)[0], hq.numpy())
     query_ops = Counter(n.op_type for n in onnx.load(str(paths["query"])).graph.node)
     # head + 2 kept LFEs x 2 + 2 RefERs x 2 + 4 GMSAs x 2 (BatchNorm folded into its conv) + tail
     assert query_ops["Conv"] == 1 + 4 + 4 + 8 + 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compile_helpers import small_refqsr
+from compile_helpers import assert_images_match, ort_session, small_refqsr
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.clustblock import ClustBlock
@@ -20,14 +20,6 @@ from refqsr_engine.models.registry import build_refqsr, build_sr
 
 PATCH = 24
 N_BLOCKS = 4
-
-
-def _session(path, optimize: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    if not optimize:  # plain QDQ semantics; with optimisation ORT fuses QDQ into its int8 kernels
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so)
 
 
 def _model(scheme: str):
@@ -42,16 +34,6 @@ def exported(request, tmp_path_factory):
     return request.param, model, paths
 
 
-def _assert_images_match(got: np.ndarray, want: np.ndarray) -> None:
-    """Same criterion as the compiled engine: PSNR >= 50 dB and >= 99.9% of 8-bit pixels within 1 LSB.
-    (Exact equality is not the right bar: a float conv summed in another order can move a value
-    across a rounding tie of the next quantizer, which then changes by one quantization step.)"""
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    assert 10 * np.log10(1.0 / max(mse, 1e-20)) >= 50.0
-    lsb = np.abs(np.round(np.clip(got, 0, 1) * 255) - np.round(np.clip(want, 0, 1) * 255))
-    assert (lsb <= 1).mean() >= 0.999
-
-
 @pytest.mark.parametrize("optimize", [False, True])
 def test_ort_matches_pytorch(exported, optimize):
     _, model, paths = exported
@@ -63,14 +45,14 @@ def test_ort_matches_pytorch(exported, optimize):
         gathered = [f[[0, 2, 1, 0, 2]] for f in feats]
         hq = model.query_forward(q, gathered, hard=True)
         logits = model.clustblock(x)
-    ref_out = _session(paths["reference"], optimize).run(None, {"patches": x.numpy()})
-    _assert_images_match(ref_out[0], hr.numpy())
+    ref_out = ort_session(paths["reference"], optimize).run(None, {"patches": x.numpy()})
+    assert_images_match(ref_out[0], hr.numpy())
     for got, want in zip(ref_out[1:], feats):
         rel = np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy())
         assert rel < 1e-2
     feeds = {"patches": q.numpy(), **{f"ref_feat_{k}": g.numpy() for k, g in enumerate(gathered)}}
-    _assert_images_match(_session(paths["query"], optimize).run(None, feeds)[0], hq.numpy())
-    got = _session(paths["clustblock"], optimize).run(None, {"patches": x.numpy()})[0]
+    assert_images_match(ort_session(paths["query"], optimize).run(None, feeds)[0], hq.numpy())
+    got = ort_session(paths["clustblock"], optimize).run(None, {"patches": x.numpy()})[0]
     np.testing.assert_allclose(got, logits.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -145,7 +127,7 @@ def test_fixed_precision_sr_export(tmp_path):
     x = torch.rand(2, 3, PATCH, PATCH)
     with torch.no_grad():
         want = net(x, BitSpec(8, 8)).numpy()
-    _assert_images_match(_session(path, False).run(None, {"patches": x.numpy()})[0], want)
+    assert_images_match(ort_session(path, False).run(None, {"patches": x.numpy()})[0], want)
 
 
 def test_export_refuses_bad_patch_and_uncalibrated_clustblock(tmp_path):
@@ -169,6 +151,6 @@ def test_full_size_refqsr_export(tmp_path):
     x = torch.rand(2, 3, 48, 48)
     with torch.no_grad():
         hr, _ = model.reference_forward(x)
-    got = _session(paths["reference"], False).run(None, {"patches": x.numpy()})[0]
+    got = ort_session(paths["reference"], False).run(None, {"patches": x.numpy()})[0]
     mse = float(np.mean((got - hr.numpy()) ** 2))
     assert 10 * np.log10(1 / mse) >= 50
