@@ -9,6 +9,7 @@ blocks for RefER, and every other part of the network stays the architecture's o
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from .qconv import FP, BitSpec, PerSampleBits, QuantConv2d
 Step = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-class SRBackbone(nn.Module):
+class SRBackbone(nn.Module, ABC):
     """Base class. Subclasses set ``arch`` (their registry name), ``scale``, ``n_feats`` (the width
     of the features a block maps to features of the same shape), ``scheme`` and ``blocks`` (an
     ``nn.ModuleList`` whose members are called as ``block(feat, bits) -> feat``), and define ``run``
@@ -31,22 +32,22 @@ class SRBackbone(nn.Module):
     scheme: str | None
     blocks: nn.ModuleList
 
+    @abstractmethod
     def run(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """HR output of LR ``x`` [N,3,H,W] in [0, 1], with block k computed as ``step(k, feat)``."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def block_conv_macs(n_feats: int) -> list[int]:
         """Multiply-accumulates per LR pixel of each quantized conv in one block (BitOPs, FQR)."""
-        raise NotImplementedError
 
     def sizes(self) -> dict[str, Any]:
         """The preset overrides that rebuild this network (saved in model files)."""
         return {"n_blocks": self.n_blocks, "n_feats": self.n_feats, "scale": self.scale}
 
+    @abstractmethod
     def interpolation_init(self) -> "SRBackbone":
         """Start as a bilinear upscaler (training on a CPU spends its few steps on detail)."""
-        raise NotImplementedError(f"{type(self).__name__} has no interpolation initialisation")
 
     @property
     def n_blocks(self) -> int:

@@ -5,6 +5,7 @@ activation bit width the conv may run at has its own learnable range.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -35,14 +36,14 @@ class BitSpec:
 FP = BitSpec(FULL_PRECISION, FULL_PRECISION)
 
 
-class PerSampleBits:
+class PerSampleBits(ABC):
     """Bits that are not one BitSpec for the whole batch but chosen per sample inside the convs
     (CADyQ's δ, models/quant_cadyq.py). A network binds such a value to its input before its
     blocks run (``SRBackbone.forward``), because the choice reads features of the input patch."""
 
+    @abstractmethod
     def bind(self, x: torch.Tensor, model: nn.Module) -> "PerSampleBits":
         """The per-call form of these bits for network input ``x`` of ``model``."""
-        raise NotImplementedError
 
 
 class QuantConv2d(nn.Module):
