@@ -57,3 +57,44 @@ def ort_session(path, optimize: bool = False):
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def compile_saved(model, root, patch: int, batch: int, threads: int = 2):
+    """Save ``model`` under ``root`` and compile it for this CPU: (artifact folder, compile report)."""
+    from refqsr_engine.engine.compiler.compile_model import compile_model
+    from refqsr_engine.engine.compiler.options import CompileOptions
+    from refqsr_engine.models.checkpoint import save_model
+
+    save_model(root / "model.pt", model, {"note": "test model"}, half=False)
+    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=patch, batch=batch, threads=threads),
+                           root / "artifact")
+    return root / "artifact", report
+
+
+def assert_compiled_image_matches(model, artifact, lr: np.ndarray, patch: int, batch: int,
+                                  within_one: float = 0.999) -> None:
+    """A whole image through the compiled artifact equals the PyTorch model run patch-wise: the
+    same clustering, both paths used, and :func:`assert_images_match`."""
+    from refqsr_engine.engine.runtime import CompiledModel
+    from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
+
+    got = run_patchwise(CompiledModel.load(artifact), lr, patch, 6, batch)
+    want = upscale_patchwise(model, lr, patch, 6, batch)
+    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
+    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
+    assert_images_match(got.image, want.image, within_one)
+
+
+def close_patches(batch: int, patch: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Random reference patches and queries close to them (as the clustering pairs them in use)."""
+    rng = np.random.default_rng(seed)
+    refs = rng.random((batch, 3, patch, patch), dtype=np.float32)
+    return refs, np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
+
+
+def torch_paths(model, refs: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The PyTorch RefQSR model's reference HR, RefER features and query HR (hard matching)."""
+    with torch.no_grad():
+        hr, feats = model.reference_forward(torch.from_numpy(refs))
+        query = model.query_forward(torch.from_numpy(queries), list(feats), hard=True)
+    return hr.numpy(), [f.numpy() for f in feats], query.numpy()

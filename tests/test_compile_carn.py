@@ -16,7 +16,10 @@ import pytest
 import torch
 from skimage import data
 
-from compile_helpers import assert_images_match, psnr, small_refqsr
+from compile_helpers import (
+    assert_compiled_image_matches, assert_images_match, close_patches, compile_saved, psnr,
+    small_refqsr, torch_paths,
+)
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
 from refqsr_engine.engine.compiler.compile_model import compile_model
@@ -24,7 +27,6 @@ from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.runtime import CompiledModel
 from refqsr_engine.kernels import cuda_toolchain
 from refqsr_engine.models.checkpoint import save_model
-from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
 from refqsr_engine.models.registry import build_sr
 
 PATCH = 24
@@ -38,13 +40,6 @@ QUANTIZED = [False, True, True, False, True, True, False, False, True, True, Fal
              False, False, False]
 
 
-def _close_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """References and queries close to them (as the clustering pairs them in use)."""
-    rng = np.random.default_rng(seed)
-    refs = rng.random((BATCH, 3, PATCH, PATCH), dtype=np.float32)
-    return refs, np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
-
-
 # ----------------------------------------------------------------------------------------------
 # LLVM
 
@@ -54,39 +49,28 @@ def _close_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module", params=["ddtb", pytest.param("pams", marks=pytest.mark.slow)])
 def compiled(request, tmp_path_factory):
     model = small_refqsr(request.param, arch="carn")
-    root = tmp_path_factory.mktemp(f"carn_{request.param}")
-    save_model(root / "model.pt", model, {}, half=False)
-    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
-                           root / "artifact")
-    return model, root / "artifact", report
+    return (model, *compile_saved(model, tmp_path_factory.mktemp(f"carn_{request.param}"), PATCH, BATCH))
 
 
 def test_compiled_image_equals_pytorch(compiled):
     model, artifact, _ = compiled
-    engine = CompiledModel.load(artifact)
     lr = data.astronaut()[100:160, 180:250].astype(np.float32).transpose(2, 0, 1) / 255.0
-    got = run_patchwise(engine, lr, PATCH, 6, BATCH)
-    want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
-    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
-    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    assert_images_match(got.image, want.image)
+    assert_compiled_image_matches(model, artifact, lr, PATCH, BATCH)
 
 
 def test_reference_and_query_paths_each_match(compiled):
     model, artifact, _ = compiled
     engine = CompiledModel.load(artifact)
-    refs, queries = _close_patches()
+    refs, queries = close_patches(BATCH, PATCH)
     hr, feats = engine.reference(refs)
-    with torch.no_grad():
-        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
-        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    assert_images_match(hr, want_hr.numpy())
+    want_hr, want_feats, want_q = torch_paths(model, refs, queries)
+    assert_images_match(hr, want_hr)
     assert len(feats) == len(want_feats) == 1  # one RefER: the input of the last residual block
-    close = np.abs(feats[0] - want_feats[0].numpy()) <= 1e-2 * float(want_feats[0].abs().max())
+    close = np.abs(feats[0] - want_feats[0]) <= 1e-2 * float(np.abs(want_feats[0]).max())
     assert close.mean() >= 0.999  # a rounding tie may move a value by one quantization step
-    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    assert_images_match(engine.query(queries, want_feats), want_q)
     # a short batch is padded inside the runtime and gives the same rows
-    assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
+    assert_images_match(engine.query(queries[:3], [w[:3] for w in want_feats]), want_q[:3])
 
 
 def test_every_quantized_conv_is_integer_and_the_rest_float(compiled):
@@ -204,7 +188,7 @@ def test_cuda_rewrite_of_query_graph_on_llvm_equals_onnxruntime(cuda_compiled):
     def onnxruntime(name, feeds):
         return ort.InferenceSession(str(artifact / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
-    refs, queries = _close_patches(5)
+    refs, queries = close_patches(BATCH, PATCH, 5)
     _, feat = onnxruntime("reference", {"patches": refs})
     feeds = {"patches": queries, "ref_feat_0": feat}
     want = onnxruntime("query", feeds)[0]
@@ -220,10 +204,8 @@ def test_cuda_rewrite_of_query_graph_on_llvm_equals_onnxruntime(cuda_compiled):
 def test_cuda_artifact_on_gpu_matches_pytorch(cuda_compiled):
     model, artifact, _ = cuda_compiled
     engine = CompiledModel.load(artifact, target=CUDA)
-    refs, queries = _close_patches()
+    refs, queries = close_patches(BATCH, PATCH)
     hr, _ = engine.reference(refs)
-    with torch.no_grad():
-        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
-        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    assert psnr(hr, want_hr.numpy()) >= 50.0
-    assert psnr(engine.query(queries, [w.numpy() for w in want_feats]), want_q) >= 50.0
+    want_hr, want_feats, want_q = torch_paths(model, refs, queries)
+    assert psnr(hr, want_hr) >= 50.0
+    assert psnr(engine.query(queries, want_feats), want_q) >= 50.0

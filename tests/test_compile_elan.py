@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from skimage import data
 
-from compile_helpers import assert_images_match
+from compile_helpers import (
+    assert_compiled_image_matches, assert_images_match, close_patches, compile_saved, torch_paths,
+)
 from test_elan import _calibrated_refqsr
 from refqsr_engine.engine.compiler.compile_model import compile_model
 from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.runtime import CompiledModel
 from refqsr_engine.kernels import cuda_toolchain
 from refqsr_engine.models.checkpoint import save_model
-from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
 
 PATCH = 48
 BATCH = 2
@@ -34,39 +34,26 @@ WITHIN_ONE = 0.995
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     model = _calibrated_refqsr(PATCH)
-    root = tmp_path_factory.mktemp("elan")
-    save_model(root / "model.pt", model, {}, half=False)
-    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
-                           root / "artifact")
-    return model, root / "artifact", report
+    return (model, *compile_saved(model, tmp_path_factory.mktemp("elan"), PATCH, BATCH))
 
 
 def test_compiled_image_equals_pytorch(compiled):
     model, artifact, _ = compiled
-    engine = CompiledModel.load(artifact)
     lr = data.astronaut()[100:220, 180:330].astype(np.float32).transpose(2, 0, 1) / 255.0
-    got = run_patchwise(engine, lr, PATCH, 6, BATCH)
-    want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
-    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
-    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    assert_images_match(got.image, want.image, within_one=WITHIN_ONE)
+    assert_compiled_image_matches(model, artifact, lr, PATCH, BATCH, WITHIN_ONE)
 
 
 def test_reference_and_query_paths_each_match(compiled):
     model, artifact, _ = compiled
     engine = CompiledModel.load(artifact)
-    rng = np.random.default_rng(1)
-    refs = rng.random((BATCH, 3, PATCH, PATCH), dtype=np.float32)
-    queries = np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
+    refs, queries = close_patches(BATCH, PATCH)
     hr, feats = engine.reference(refs)
-    with torch.no_grad():
-        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
-        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    assert_images_match(hr, want_hr.numpy(), within_one=WITHIN_ONE)
+    want_hr, want_feats, want_q = torch_paths(model, refs, queries)
+    assert_images_match(hr, want_hr, within_one=WITHIN_ONE)
     assert len(feats) == len(want_feats) == 2  # the inputs of the last two LFEs
     for got_f, want_f in zip(feats, want_feats):
-        assert np.abs(got_f - want_f.numpy()).max() <= 1e-2 * float(want_f.abs().max())
-    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q, within_one=WITHIN_ONE)
+        assert np.abs(got_f - want_f).max() <= 1e-2 * float(np.abs(want_f).max())
+    assert_images_match(engine.query(queries, want_feats), want_q, within_one=WITHIN_ONE)
 
 
 def test_lfe_convs_are_integer_attention_stays_float(compiled):

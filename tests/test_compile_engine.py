@@ -15,7 +15,10 @@ import torch
 from click.testing import CliRunner
 from skimage import data
 
-from compile_helpers import PATCH, assert_images_match, small_refqsr
+from compile_helpers import (
+    PATCH, assert_compiled_image_matches, assert_images_match, close_patches, compile_saved,
+    small_refqsr, torch_paths,
+)
 from refqsr_engine.engine.cli import main
 from refqsr_engine.engine.compiler.compile_model import compile_model
 from refqsr_engine.engine.compiler.options import CompileOptions
@@ -27,7 +30,6 @@ from refqsr_engine.errors import RefQSRError
 from refqsr_engine.kernels.conv2d_int8 import target_has_avx512_vnni
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.clustblock import cluster_patches
-from refqsr_engine.models.patchwise import run_patchwise, upscale_patchwise
 
 BATCH = 4
 
@@ -35,11 +37,7 @@ BATCH = 4
 @pytest.fixture(scope="module", params=["ddtb", "pams"])
 def compiled(request, tmp_path_factory):
     model = small_refqsr(request.param)
-    root = tmp_path_factory.mktemp(f"compiled_{request.param}")
-    save_model(root / "model.pt", model, {"note": "test model"}, half=False)
-    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=PATCH, batch=BATCH, threads=2),
-                           root / "artifact")
-    return request.param, model, root / "artifact", report
+    return (request.param, model, *compile_saved(model, tmp_path_factory.mktemp(f"compiled_{request.param}"), PATCH, BATCH))
 
 
 def _lr_image() -> np.ndarray:
@@ -48,32 +46,22 @@ def _lr_image() -> np.ndarray:
 
 def test_compiled_image_equals_pytorch(compiled):
     _, model, artifact, _ = compiled
-    engine = CompiledModel.load(artifact)
-    lr = _lr_image()
-    got = run_patchwise(engine, lr, PATCH, 6, BATCH)
-    want = upscale_patchwise(model, lr, PATCH, 6, BATCH)
-    assert torch.equal(got.clustering.reference_of, want.clustering.reference_of)
-    assert got.clustering.num_references > 0 and got.clustering.num_queries > 0  # both paths ran
-    assert_images_match(got.image, want.image)
+    assert_compiled_image_matches(model, artifact, _lr_image(), PATCH, BATCH)
 
 
 def test_reference_and_query_paths_each_match(compiled):
     _, model, artifact, _ = compiled
     engine = CompiledModel.load(artifact)
-    rng = np.random.default_rng(1)
-    refs = rng.random((BATCH, 3, PATCH, PATCH), dtype=np.float32)
-    queries = np.clip(refs + rng.normal(0, 0.02, refs.shape).astype(np.float32), 0, 1)
+    refs, queries = close_patches(BATCH, PATCH)
     hr, feats = engine.reference(refs)
-    with torch.no_grad():
-        want_hr, want_feats = model.reference_forward(torch.from_numpy(refs))
-        want_q = model.query_forward(torch.from_numpy(queries), list(want_feats), hard=True).numpy()
-    assert_images_match(hr, want_hr.numpy())
+    want_hr, want_feats, want_q = torch_paths(model, refs, queries)
+    assert_images_match(hr, want_hr)
     for f, wf in zip(feats, want_feats):  # a rounding tie may move a value by one quantization step
-        close = np.abs(f - wf.numpy()) <= 1e-2 * float(wf.abs().max())
+        close = np.abs(f - wf) <= 1e-2 * float(np.abs(wf).max())
         assert close.mean() >= 0.999
-    assert_images_match(engine.query(queries, [w.numpy() for w in want_feats]), want_q)
+    assert_images_match(engine.query(queries, want_feats), want_q)
     # a short batch is padded inside the runtime and gives the same rows
-    assert_images_match(engine.query(queries[:3], [w.numpy()[:3] for w in want_feats]), want_q[:3])
+    assert_images_match(engine.query(queries[:3], [w[:3] for w in want_feats]), want_q[:3])
 
 
 def test_quantized_convs_are_integer_in_the_built_code(compiled):
