@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -65,6 +65,12 @@ class CompiledModel:
         host = self.refqsr and m["cluster"].get("device") == "host"
         self.cluster_device = tvm.cpu() if host else dev
         self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
+        # δ (CADyQ/CABM) graphs also return the bits each patch chose per CADyQ conv ([N, L]);
+        # with a decoder set (the PyTorch model knows the layer structure), every call's bits
+        # are kept as PatchBits for the BitOPs count (see models.patchwise.PatchRunner)
+        self.dynamic_convs: dict[str, list[str]] | None = m.get("dynamic_convs")  # graph -> conv names
+        self.decode_bits: Callable[[np.ndarray, str], list[Any]] | None = None
+        self.chosen: list[list[Any]] | None = None
 
     @classmethod
     def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> "CompiledModel":
@@ -100,18 +106,33 @@ class CompiledModel:
         return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
 
     # -- PatchRunner ------------------------------------------------------------------------------
+    def set_bits_decoder(self, decode: Callable[[np.ndarray, str], list[Any]]) -> None:
+        """Keep the bits of every δ call, decoded by ``decode(bits [N, L], path)``."""
+        if self.dynamic_convs is None:
+            raise RefQSRError("this artifact's graphs do not choose bits per patch")
+        self.decode_bits, self.chosen = decode, []
+
+    def _run_keeping_bits(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """_run, with a δ graph's last output (the chosen bits) taken off and kept (decoded)."""
+        outs = self._run(graph, *inputs)
+        if self.dynamic_convs is None or graph not in self.dynamic_convs:
+            return outs
+        if self.decode_bits is not None:
+            self.chosen.append(self.decode_bits(outs[-1], graph))
+        return outs[:-1]
+
     def sr(self, x: np.ndarray) -> np.ndarray:
-        return self._run("sr", x)[0]
+        return self._run_keeping_bits("sr", x)[0]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self._run("clustblock", x)[0]
 
     def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        hr, *feats = self._run("reference", x)
+        hr, *feats = self._run_keeping_bits("reference", x)
         return hr, feats
 
     def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
-        return self._run("query", x, *features)[0]
+        return self._run_keeping_bits("query", x, *features)[0]
 
     def cluster(self, v: np.ndarray) -> Clustering:
         n, c = v.shape

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..errors import RefQSRError
-from ..models.bitops import BitOpsReport, count_bitops
+from ..models.bitops import BitOpsReport, PatchBits, count_bitops, patch_bits_of_columns
 from ..models.checkpoint import bits_label, load_model, model_config
 from ..models.clustblock import Clustering
 from ..models.patchwise import PatchRunner, TorchRunner, run_patchwise
 from ..models.qconv import FP, BitSpec
+from ..models.quant_cadyq import SCHEME as CADYQ, Delta
 from ..models.refqsr import RefQSR
 from .image_io import (DEFAULT_MAX_PIXELS, list_images, output_format, output_path_for, read_image,
                        upscale_alpha, write_image)
@@ -69,11 +70,17 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
         return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
 
 
-def model_bits(model: torch.nn.Module) -> BitSpec:
-    """The bit widths a fixed-precision model runs at (its single trained activation width)."""
+def is_dynamic(model: torch.nn.Module) -> bool:
+    """A δ model: CADyQ/CABM bits chosen per patch and layer (an SR network or δ-RefQSR)."""
     net = model.backbone if isinstance(model, RefQSR) else model
-    if getattr(net, "scheme", None) == "cadyq":
-        raise RefQSRError("CADyQ/CABM models choose their bits per patch; upscale does not run them yet")
+    return getattr(net, "scheme", None) == CADYQ
+
+
+def model_bits(model: torch.nn.Module) -> BitSpec | Delta:
+    """The bits a model runs at: its single trained activation width, FP for RefQSR (it sets its
+    own bits per path), or δ (``Delta``) for a CADyQ/CABM network."""
+    if is_dynamic(model):
+        return FP if isinstance(model, RefQSR) else Delta()
     if isinstance(model, RefQSR) or getattr(model, "scheme", None) is None:
         return FP
     bits = model.act_bits()
@@ -83,23 +90,28 @@ def model_bits(model: torch.nn.Module) -> BitSpec:
 
 
 def bitops_setting(model: torch.nn.Module) -> tuple[str, str, dict[str, int | str]]:
-    """What ``count_bitops`` needs of a model: its architecture, its bits ("8-4", "8", "32") and
-    its network sizes."""
+    """What ``count_bitops`` needs of a model: its architecture, its bits ("8-4", "8", "32",
+    "delta", "delta-3") and its network sizes."""
     if isinstance(model, RefQSR):
-        return model.backbone.arch, f"{model.b_high}-{model.b_low}", model.cost_sizes()
-    return model.arch, str(model_bits(model).act), model.sizes()
+        high = "delta" if model.dynamic else str(model.b_high)
+        return model.backbone.arch, f"{high}-{model.b_low}", model.cost_sizes()
+    return model.arch, "delta" if is_dynamic(model) else str(model_bits(model).act), model.sizes()
 
 
 def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
-                 clustering: Clustering | None = None, grid: str = "engine") -> BitOpsReport:
-    """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering."""
+                 clustering: Clustering | None = None, grid: str = "engine",
+                 patch_bits: list[PatchBits] | None = None) -> BitOpsReport:
+    """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering, δ
+    models the bits each patch ran at (``PatchwiseResult.patch_bits``)."""
     arch, setting, sizes = bitops_setting(model)
+    if is_dynamic(model) and patch_bits is None:
+        raise ValueError("δ models' BitOPs need the bits each patch ran at")
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        return count_bitops(arch, lr_size, setting, patch, overlap, grid,
-                            clustering.is_reference.tolist(), clustering.reference_of.tolist(), **sizes)
-    return count_bitops(arch, lr_size, setting, patch, overlap, grid, **sizes)
+        return count_bitops(arch, lr_size, setting, patch, overlap, grid, clustering.is_reference.tolist(),
+                            clustering.reference_of.tolist(), patch_bits=patch_bits, **sizes)
+    return count_bitops(arch, lr_size, setting, patch, overlap, grid, patch_bits=patch_bits, **sizes)
 
 
 class Upscaler:
@@ -129,6 +141,11 @@ class Upscaler:
         self.runner: PatchRunner
         if opts.engine == "tvm":
             self.runner, self.compiled_now = compiled_engine(opts, say)
+            if is_dynamic(self.model):  # keep each call's chosen bits for the BitOPs report
+                model, names = self.model, self.runner.dynamic_convs
+                weight = (model.high if isinstance(model, RefQSR) else self.bits).weight
+                self.runner.set_bits_decoder(
+                    lambda bits, path: patch_bits_of_columns(model, names[path], bits, weight, path))
         else:
             self.runner = TorchRunner(self.model, self.bits)
         self.setup_seconds = time.perf_counter() - t0
@@ -150,7 +167,7 @@ class Upscaler:
         write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
         t_end = time.perf_counter()
         clustering = result.clustering
-        bitops = model_bitops(self.model, (h, w), opts.patch, opts.overlap, clustering)
+        bitops = model_bitops(self.model, (h, w), opts.patch, opts.overlap, clustering, patch_bits=result.patch_bits)
         net = self.model.backbone if isinstance(self.model, RefQSR) else self.model
         bitops_8 = count_bitops(net.arch, (h, w), "8", opts.patch, opts.overlap, "engine", **net.sizes())
         return {

@@ -28,10 +28,16 @@ from ..models.checkpoint import model_config
 from ..models.clustblock import CLUST_BITS, ClustBlock
 from ..models.matching import POOL
 from ..models.qconv import FP, BitSpec, QuantConv2d
+from ..models.quant_cadyq import SCHEME as CADYQ, Delta, Selection
 from ..models.refqsr import RefQSR
 from ..models.backbone import SRBackbone
 
 OPSET = 17
+
+
+def _chosen_bits(sel: Selection | None) -> tuple[torch.Tensor, ...]:
+    """δ graphs' extra output: [N, L] bits of the CADyQ convs in call order (none otherwise)."""
+    return () if sel is None else (torch.stack([r.bits for r in sel.records], dim=1),)
 
 
 class ReferencePath(nn.Module):
@@ -40,8 +46,9 @@ class ReferencePath(nn.Module):
         self.model = model
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hr, features = self.model.reference_forward(patches)
-        return (hr, *features)
+        sel = Selection(self.model.high.weight) if self.model.dynamic else None
+        hr, features = self.model.reference_forward(patches, sel)
+        return (hr, *features, *_chosen_bits(sel))
 
 
 class QueryPath(nn.Module):
@@ -49,8 +56,10 @@ class QueryPath(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patches: torch.Tensor, *reference_features: torch.Tensor) -> torch.Tensor:
-        return self.model.query_forward(patches, list(reference_features), hard=True)
+    def forward(self, patches: torch.Tensor, *reference_features: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        sel = Selection(self.model.high.weight) if self.model.dynamic else None
+        hr = self.model.query_forward(patches, list(reference_features), hard=True, selection=sel)
+        return (hr, *_chosen_bits(sel)) if sel is not None else hr
 
 
 class FixedBits(nn.Module):
@@ -62,6 +71,20 @@ class FixedBits(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.net(patches, self.bits)
+
+
+class DeltaBits(nn.Module):
+    """A CADyQ/CABM SR network called with δ: outputs the HR patches and the activation bits each
+    patch chose in each CADyQ conv ([N, L] int64, columns in call order)."""
+
+    def __init__(self, net: SRBackbone, bits: Delta) -> None:
+        super().__init__()
+        self.net, self.bits = net, bits
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = Selection(self.bits.weight)
+        hr = self.net(patches, sel)
+        return hr, torch.stack([r.bits for r in sel.records], dim=1)
 
 
 class QuantClust(nn.Module):
@@ -91,6 +114,8 @@ def _conv_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Con
                 bits = args[1] if len(args) > 1 else FP
                 if mod.scheme is None:
                     bits = FP
+                elif isinstance(bits, Selection):  # δ: any candidate width, in the 8-bit container
+                    bits = BitSpec(max(mod.candidates), bits.weight)
                 _rec.append(ConvRecord(names[mod], bits.act, bits.weight))
             hooks.append(m.register_forward_pre_hook(pre))
         elif isinstance(m, nn.Conv2d) and not any(isinstance(p, QuantConv2d) and p.conv is m for p in module.modules()):
@@ -132,16 +157,6 @@ def export_graph(
     return path
 
 
-#: quantizers whose bits change per patch (CADyQ's selector, CABM's table): not in the engine yet
-PER_PATCH_SCHEMES = ("cadyq", "cabm")
-
-
-def _check_exportable(net: SRBackbone) -> None:
-    if net.scheme in PER_PATCH_SCHEMES:
-        raise RefQSRError(f"{net.scheme.upper()} models choose bits per patch; the compiled engine does not run them yet "
-                          "(use --engine torch)")
-
-
 def _check_patch(patch: int) -> None:
     if patch < 15 or patch % POOL:
         raise RefQSRError(f"patch size must be a multiple of {POOL} and >= 15 for export (got {patch})")
@@ -150,7 +165,6 @@ def _check_patch(patch: int) -> None:
 def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
     """Write clustblock/reference/query ONNX graphs for patches of ``patch`` LR pixels."""
     _check_patch(patch)
-    _check_exportable(model.backbone)
     if model.clustblock is None or not bool(model.clustblock.calibrated):
         raise RefQSRError("the RefQSR model needs a calibrated ClustBlock to be exported")
     if model.tail != "refer":
@@ -160,26 +174,48 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
     model.eval()
     meta = {"model": model_config(model), "patch": patch, "scale": model.backbone.scale}
     x = torch.rand(batch, 3, patch, patch)
+    ref_meta, query_meta = {"bits": [model.b_high, model.b_high]}, {"bits": [model.b_low, model.b_medium]}
+    extra: list[str] = []
     with torch.no_grad():
-        _, feats = model.reference_forward(x)
+        if model.dynamic:  # δ references: both paths also output the bits of their CADyQ convs
+            names = {m: n for n, m in model.named_modules()}
+            sel_r, sel_q = Selection(model.high.weight), Selection(model.high.weight)
+            _, feats = model.reference_forward(x, sel_r)
+            model.query_forward(x, feats, hard=True, selection=sel_q)
+            ref_meta = {"bits": ["delta", model.high.weight], "dynamic_convs": [names[r.conv] for r in sel_r.records]}
+            query_meta = {"bits": [model.b_low, model.b_medium], "dynamic_convs": [names[r.conv] for r in sel_q.records]}
+            extra = ["bits"]
+        else:
+            _, feats = model.reference_forward(x)
     n_feat = [f"ref_feat_{k}" for k in range(len(feats))]
     paths = {
         "clustblock": export_graph(QuantClust(model.clustblock), (x,), out / "clustblock.onnx", ["patches"], ["logits"],
                                    {**meta, "bits": CLUST_BITS.act}),
-        "reference": export_graph(ReferencePath(model), (x,), out / "reference.onnx", ["patches"], ["hr", *n_feat],
-                                  {**meta, "bits": [model.b_high, model.b_high]}),
-        "query": export_graph(QueryPath(model), (x, *feats), out / "query.onnx", ["patches", *n_feat], ["hr"],
-                              {**meta, "bits": [model.b_low, model.b_medium]}),
+        "reference": export_graph(ReferencePath(model), (x,), out / "reference.onnx", ["patches"], ["hr", *n_feat, *extra],
+                                  {**meta, **ref_meta}),
+        "query": export_graph(QueryPath(model), (x, *feats), out / "query.onnx", ["patches", *n_feat], ["hr", *extra],
+                              {**meta, **query_meta}),
     }
     return paths
 
 
-def export_sr(net: SRBackbone, bits: BitSpec, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
-    """Write sr.onnx for a full- or fixed-precision SR network run at ``bits``."""
-    _check_exportable(net)
+def export_sr(net: SRBackbone, bits: BitSpec | Delta, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
+    """Write sr.onnx for a full- or fixed-precision SR network run at ``bits``, or for a CADyQ/CABM
+    network at δ (``Delta``): then the graph also outputs ``bits`` [N, L], each patch's choice in
+    each CADyQ conv (metadata ``refqsr.dynamic_convs`` names the convs of the columns)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net.eval()
     x = torch.rand(batch, 3, patch, patch)
-    meta = {"model": model_config(net), "patch": patch, "scale": net.scale, "bits": [bits.act, bits.weight]}
+    meta = {"model": model_config(net), "patch": patch, "scale": net.scale}
+    if (net.scheme == CADYQ) != isinstance(bits, Delta):
+        raise RefQSRError("CADyQ/CABM networks choose their bits per patch: export them at δ (and only them)")
+    if isinstance(bits, Delta):
+        names = {m: n for n, m in net.named_modules()}
+        with torch.no_grad():
+            sel = Selection(bits.weight)
+            net(x, sel)
+        meta.update(bits=["delta", bits.weight], dynamic_convs=[names[r.conv] for r in sel.records])
+        return {"sr": export_graph(DeltaBits(net, bits), (x,), out / "sr.onnx", ["patches"], ["hr", "bits"], meta)}
+    meta["bits"] = [bits.act, bits.weight]
     return {"sr": export_graph(FixedBits(net, bits), (x,), out / "sr.onnx", ["patches"], ["hr"], meta)}

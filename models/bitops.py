@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+import torch
 from torch import nn
 
 from ..engine.tiling import make_grid
@@ -414,5 +416,18 @@ def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") 
             for i in range(n)]
 
 
+def patch_bits_of_columns(model: nn.Module, conv_names: Sequence[str], bits: np.ndarray, weight: int,
+                          path: str = "sr") -> list[PatchBits]:
+    """:func:`patch_bits_of_run` for bits that a compiled graph returned: ``bits`` [N, L], column j
+    holding what conv ``conv_names[j]`` (a module name in ``model``) chose for each patch."""
+    modules = dict(model.named_modules())
+    if bits.ndim != 2 or bits.shape[1] != len(conv_names):
+        raise ValueError(f"expected bits of shape [N, {len(conv_names)}], got {list(bits.shape)}")
+    selection = Selection(weight)
+    for j, name in enumerate(conv_names):
+        selection.record(modules[name], torch.from_numpy(np.ascontiguousarray(bits[:, j])).long(), None)
+    return patch_bits_of_run(model, selection, path)
+
+
 __all__ = ["BitOpsReport", "PatchBits", "Precision", "count_bitops", "grid_boxes", "parse_size", "hr_to_lr",
-           "patch_bits_of_run", "GRIDS"]
+           "patch_bits_of_columns", "patch_bits_of_run", "GRIDS"]

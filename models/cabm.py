@@ -34,17 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant_cadyq import Selection, WEIGHT_BITS, dynamic_convs, gray
-
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+from .quant_cadyq import Selection, WEIGHT_BITS, dynamic_convs, gray, shifted
 
 
 def edge_score(x: torch.Tensor) -> torch.Tensor:
-    """[N] mean |3x3 Laplacian| of each gray patch of ``x`` [N, 3, H, W] (RGB in [0, 1])."""
+    """[N] mean |3x3 Laplacian| (4-neighbour, reflect border) of each gray patch of ``x``
+    [N, 3, H, W] (RGB in [0, 1]); shifted slices, not a conv, so that it exports as plain ops."""
     with torch.autocast(x.device.type, enabled=False):
-        g = gray(x.detach().float())
-        padded = F.pad(g, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(padded, _LAPLACIAN.to(g.device).view(1, 1, 3, 3)).abs().mean(dim=(1, 2, 3))
+        p = F.pad(gray(x.detach().float()), (1, 1, 1, 1), mode="reflect")
+        lap = (shifted(p, -1, 0) + shifted(p, 1, 0)) + (shifted(p, 0, -1) + shifted(p, 0, 1)) - 4 * shifted(p, 0, 0)
+        return lap.abs().mean(dim=(1, 2, 3))
 
 
 class CabmTable(nn.Module):
@@ -75,13 +74,15 @@ class CabmTable(nn.Module):
     def bins(self, x: torch.Tensor) -> torch.Tensor:
         """[N] bin index of each patch of ``x``."""
         score = edge_score(x).to(self.edges.dtype)
-        return torch.searchsorted(self.edges, score)
+        # searchsorted (left) as a count, which exports to ONNX: bin i holds edges[i-1] < s <= edges[i]
+        return (self.edges.unsqueeze(0) < score.unsqueeze(1)).sum(dim=1)
 
     def lookup(self, x: torch.Tensor, n_layers: int) -> torch.Tensor:
         """[N, L] bits per patch and CADyQ conv; ``n_layers`` is the calling model's conv count."""
         if n_layers != self.n_layers:
             raise ValueError(f"the CABM table has {self.n_layers} layers, the model {n_layers} CADyQ convs")
-        return self.bits[self.bins(x)]
+        onehot = (self.bins(x).unsqueeze(1) == torch.arange(self.n_bins, device=x.device)).to(torch.float64)
+        return (onehot @ self.bits.to(torch.float64)).long()  # the table row of each patch, as plain ops
 
     def as_config(self) -> dict[str, Any]:
         return {"edges": [float(v) for v in self.edges], "bits": self.bits.tolist()}

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from ..engine.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
+from .bitops import PatchBits, patch_bits_of_run
 from .clustblock import Clustering, cluster_patches
-from .qconv import FP, BitSpec
+from .qconv import FP, BitSpec, PerSampleBits
+from .quant_cadyq import Selection
 from .refqsr import RefQSR
 from .backbone import SRBackbone
 
@@ -29,6 +31,8 @@ class PatchwiseResult:
     #: seconds per stage: "cluster" (ClustBlock + clustering), "reference", "query" or "sr"
     #: (network batches), "merge" (patch extraction, feature gathering and blending)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: δ models (CADyQ/CABM, δ-RefQSR): the bits each patch ran at, in grid order (None otherwise)
+    patch_bits: list[PatchBits] | None = None
 
 
 def _batches(indices: Sequence[int], size: int) -> list[list[int]]:
@@ -90,25 +94,44 @@ class PatchRunner(Protocol):
 
     def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray: ...  # HR of queries
 
+    # Runners of δ models also have ``chosen: list[list[PatchBits]] | None``: the bits of every
+    # patch of every call (sr / reference / query), in call order; run_patchwise empties it first.
+
 
 class TorchRunner:
     """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
 
-    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec = FP, self_reference: bool = False) -> None:
-        """``self_reference``: each query's RefER gets the query's own features (Table V ablation)."""
+    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec | PerSampleBits = FP, self_reference: bool = False) -> None:
+        """``self_reference``: each query's RefER gets the query's own features (Table V ablation).
+        ``bits``: a CADyQ/CABM network's δ (``Delta``) makes every call record its choices."""
         self.model, self.bits, self.self_reference = model, bits, self_reference
         self.refqsr = isinstance(model, RefQSR)
         self.scale = (model.backbone if self.refqsr else model).scale
         self.device = next(model.parameters()).device
         if self.refqsr and model.clustblock is None:
             raise ValueError("this RefQSR model has no ClustBlock to assign references")
+        dynamic = model.dynamic if self.refqsr else isinstance(bits, PerSampleBits)
+        self.chosen: list[list[PatchBits]] | None = [] if dynamic else None
 
     def _t(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
+    def _selection(self) -> Selection | None:
+        """A fresh record of δ choices for one call (None for fixed bits)."""
+        if self.chosen is None:
+            return None
+        return Selection(self.model.high.weight if self.refqsr else self.bits.weight)
+
+    def _record(self, selection: Selection | None, path: str) -> None:
+        if selection is not None:
+            self.chosen.append(patch_bits_of_run(self.model, selection, path))
+
     @torch.no_grad()
     def sr(self, x: np.ndarray) -> np.ndarray:
-        return self.model(self._t(x), self.bits).cpu().numpy()
+        sel = self._selection()
+        out = self.model(self._t(x), sel if sel is not None else self.bits).cpu().numpy()
+        self._record(sel, "sr")
+        return out
 
     @torch.no_grad()
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -119,13 +142,18 @@ class TorchRunner:
 
     @torch.no_grad()
     def reference(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        hr, feats = self.model.reference_forward(self._t(x))
+        sel = self._selection()
+        hr, feats = self.model.reference_forward(self._t(x), sel)
+        self._record(sel, "reference")
         return hr.cpu().numpy(), [f.cpu().numpy() for f in feats]
 
     @torch.no_grad()
     def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
         feats = None if self.self_reference else [self._t(f) for f in features]
-        return self.model.query_forward(self._t(x), feats).cpu().numpy()
+        sel = self._selection()
+        out = self.model.query_forward(self._t(x), feats, selection=sel).cpu().numpy()
+        self._record(sel, "query")
+        return out
 
 
 def upscale_patchwise(
@@ -172,13 +200,28 @@ def run_patchwise(
         seconds[stage] += time.perf_counter() - t
         return out
 
+    chosen = getattr(runner, "chosen", None)  # δ runners: bits per patch of each call, in call order
+    if chosen is not None:
+        chosen.clear()
+    calls: list[Sequence[int]] = []  # the patches of each network call, in call order
+
     def finish(clustering: Clustering | None) -> PatchwiseResult:
         image = merger.result()
         seconds["merge"] = time.perf_counter() - t_start - sum(seconds.values())
-        return PatchwiseResult(image, grid, clustering, {k: v for k, v in seconds.items() if v or k == "merge"})
+        per_patch = None
+        if chosen is not None:
+            if len(chosen) != len(calls):
+                raise RuntimeError(f"the runner recorded bits for {len(chosen)} of {len(calls)} calls")
+            per_patch = [None] * grid.num_patches
+            for idx, bits in zip(calls, chosen):
+                for i, b in zip(idx, bits, strict=True):
+                    per_patch[i] = b
+        return PatchwiseResult(image, grid, clustering, {k: v for k, v in seconds.items() if v or k == "merge"},
+                               per_patch)
 
     if not runner.refqsr:
         for idx in _batches(range(grid.num_patches), batch):
+            calls.append(idx)
             merger.add(idx, timed("sr", runner.sr, patches(idx)))
             done(len(idx))
         return finish(None)
@@ -191,6 +234,7 @@ def run_patchwise(
     order = query_schedule(clustering, batch)
     kept: dict[int, list[np.ndarray]] = {}
     for ref_idx, query_batches in order:
+        calls.append(ref_idx)
         sr, features = timed("reference", runner.reference, patches(ref_idx))
         merger.add(ref_idx, sr)
         for row, i in enumerate(ref_idx):
@@ -200,6 +244,7 @@ def run_patchwise(
         for idx in query_batches:
             refs_of = [int(clustering.reference_of[i]) for i in idx]
             gathered = [np.stack([kept[r][k] for r in refs_of]) for k in range(len(kept[refs_of[0]]))]
+            calls.append(idx)
             merger.add(idx, timed("query", runner.query, patches(idx), gathered))
             done(len(idx))
             for r in refs_of:  # a reference's features go once its last query has run

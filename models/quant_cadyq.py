@@ -48,7 +48,7 @@ from torch import nn
 
 from .matching import backward_warp
 from .qconv import FP, BitSpec, PerSampleBits, QuantConv2d
-from .quant_base import check_bits
+from .quant_base import check_bits, fake_quantize
 from .refer import RefER
 
 SCHEME = "cadyq"
@@ -56,8 +56,6 @@ CANDIDATES = (4, 6, 8)  # CADyQ's search space
 WEIGHT_BITS = 8  # CADyQ's k_bits: the width of every weight under δ
 GRAD_SCALE = 1e3  # CADyQ scales the mean gradient magnitude by 1e3 before the selector
 
-# kornia.filters.spatial_gradient(mode="sobel", normalized=True): Sobel divided by its L1 norm (8)
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 _GRAY = (0.299, 0.587, 0.114)  # kornia.color.rgb_to_grayscale
 
 
@@ -67,14 +65,24 @@ def gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
+def shifted(p: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """The H x W window of a 1-px padded [N, 1, H+2, W+2] map, offset by (dy, dx) in -1..1."""
+    h, w = p.shape[-2] - 2, p.shape[-1] - 2
+    return p[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+
 def image_gradient_features(x: torch.Tensor) -> torch.Tensor:
-    """CADyQ's patch descriptor: [N, 2] mean |d/dx| and |d/dy| of the gray patch, times 1e3."""
+    """CADyQ's patch descriptor: [N, 2] mean |d/dx| and |d/dy| of the gray patch, times 1e3.
+
+    kornia's spatial_gradient(mode="sobel", normalized=True): the Sobel kernels divided by their
+    L1 norm (8), replicate border; written as shifted slices rather than a 1-channel conv, so that
+    the exported graph has no extra Conv node and every engine sums the same terms."""
     with torch.autocast(x.device.type, enabled=False):  # a patch statistic: fp32 even under bf16 autocast
-        g = gray(x.detach().float())
-        kx = _SOBEL_X.to(g.device)
-        kernels = torch.stack([kx, kx.t()]).unsqueeze(1)  # [2, 1, 3, 3]
-        grads = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), kernels)
-        return grads.abs().mean(dim=(2, 3)) * GRAD_SCALE
+        p = F.pad(gray(x.detach().float()), (1, 1, 1, 1), mode="replicate")
+        s = shifted
+        gx = (s(p, -1, 1) - s(p, -1, -1)) + 2 * (s(p, 0, 1) - s(p, 0, -1)) + (s(p, 1, 1) - s(p, 1, -1))
+        gy = (s(p, 1, -1) - s(p, -1, -1)) + 2 * (s(p, 1, 0) - s(p, -1, 0)) + (s(p, 1, 1) - s(p, -1, 1))
+        return torch.cat([gx.abs().mean(dim=(2, 3)), gy.abs().mean(dim=(2, 3))], dim=1) * (GRAD_SCALE / 8.0)
 
 
 class BitSelector(nn.Module):
@@ -156,9 +164,10 @@ class Selection(PerSampleBits):
         if self.table_bits is None:
             return None
         try:
-            return self.table_bits[:, self._columns[id(conv)]]
+            col = self._columns[id(conv)]
         except KeyError:
             raise ValueError("this conv is not in the model's CABM table (bind to the model that owns it)") from None
+        return self.table_bits[:, col : col + 1].squeeze(1)  # a slice (not a gather) in exported graphs
 
     def record(self, conv: "CadyqConv2d", bits: torch.Tensor, term: torch.Tensor | None) -> None:
         self.records.append(Choice(conv, bits, term))
@@ -220,6 +229,8 @@ class CadyqConv2d(QuantConv2d):
 
     def select(self, x: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(input quantized per sample, bits chosen [N], bit-loss term [N] or None)."""
+        if torch.onnx.is_in_onnx_export():
+            return self._export_select(x, sel)
         n = x.shape[0]
         rows = torch.arange(n, device=x.device)
         cands = torch.tensor(self.candidates, device=x.device)
@@ -249,6 +260,27 @@ class CadyqConv2d(QuantConv2d):
         soft_bits = p @ cands.float()
         bits_ste = chosen.float() + (soft_bits - soft_bits.detach())
         return xq, chosen, bits_ste / soft_bits.detach()
+
+    def _export_select(self, x: torch.Tensor, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The inference choice as graph operations: candidate index per sample (the CABM table's
+        bits matched to the candidates, else the selector's arg-max), then the input clipped to that
+        candidate's PAMS range and quantized with a per-sample scale (QDQ along axis 0) in the
+        8-bit container: round(clip(x, -a, a) / s) for s = a / (2^(b-1) - 1) is the b-bit grid."""
+        cands = torch.tensor(self.candidates, device=x.device, dtype=torch.float32)
+        fixed = sel.table_choice(self)
+        if fixed is not None:
+            onehot = (fixed.float().unsqueeze(1) == cands.unsqueeze(0)).float()
+        else:
+            logits = self.selector(sel.image_grad, x)
+            onehot = (logits.argmax(dim=1, keepdim=True) == torch.arange(len(cands), device=x.device)).float()
+        # per-sample values as one-hot sums, not gathers: plain elementwise ops in every engine
+        params = [self.act_quant[str(b)].qparams() for b in self.candidates]
+        alpha = (onehot * torch.stack([p.scale * p.qmax for p in params])).sum(dim=1)  # [N] clip bound of each sample
+        scale = (onehot * torch.stack([p.scale for p in params])).sum(dim=1)
+        a = alpha.view(-1, 1, 1, 1)
+        clipped = torch.minimum(torch.maximum(x, -a), a)
+        xq = fake_quantize(clipped, scale, torch.zeros_like(scale), -127, 127)
+        return xq, (onehot * cands).sum(dim=1).long(), None
 
     def forward(self, x: torch.Tensor, bits: BitSpec | PerSampleBits = FP) -> torch.Tensor:
         if not isinstance(bits, Selection):

@@ -91,32 +91,67 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
     assert card["bitops_urban100_setting"]["bits"] == "8-4"
     assert 0 < row["reference_share"] <= 1 and 4.0 <= row["fqr"] <= 8.0
 
+    # δ (CADyQ): BitOPs from the bits chosen per patch. Selectors forced to 8 bits everywhere cost
+    # what the fixed 8-bit network costs, here and (estimated) at the Urban100 setting.
+    from refqsr_engine.models.quant_cadyq import Delta, dynamic_convs
 
-def test_default_model_compiled_for_this_cpu_beats_bicubic_and_equals_pytorch(photo, tmp_path):
-    """The user's main job end to end on the compiled llvm engine: the bundled default model,
-    compiled, on a real held-out photo -- size, quality above bicubic, and PyTorch's output."""
+    cadyq = build_sr("srresnet", "cadyq", n_blocks=4)
+    _init_ranges(cadyq, torch.rand(2, 3, 24, 24), Delta())
+    for conv in dynamic_convs(cadyq):
+        conv.selector.linear.weight.data.zero_()
+        conv.selector.linear.bias.data.copy_(torch.tensor([0.0, 0.0, 1.0]))  # candidates (4, 6, 8): always 8
+    save_model(tmp_path / "c.pt", cadyq, half=False)
+    card = json.loads(bundle(tmp_path / "c.pt", "c", val, out_dir=tmp_path).with_suffix(".json").read_text())
+    sr8 = build_sr("srresnet", "ddtb", (8,), n_blocks=4)
+    _init_ranges(sr8, torch.rand(2, 3, 24, 24), BitSpec(8, 8))
+    save_model(tmp_path / "d8.pt", sr8, half=False)
+    card8 = json.loads(bundle(tmp_path / "d8.pt", "d8", val, out_dir=tmp_path).with_suffix(".json").read_text())
+    assert card["bitops_urban100_setting"]["bits"] == "delta" and card["validation"]["images"][0]["fqr"] == 8.0
+    assert card["validation"]["mean"]["bitops_g"] == pytest.approx(card8["validation"]["mean"]["bitops_g"], rel=1e-9)
+    assert card["bitops_urban100_setting"]["bitops_g"] == pytest.approx(card8["bitops_urban100_setting"]["bitops_g"],
+                                                                        abs=1e-4)
+
+
+def compiled_and_pytorch(name: str, lr: np.ndarray, root) -> tuple[np.ndarray, np.ndarray]:
+    """Bundled model ``name`` compiled for this CPU (24 px patches, batch 4) and in PyTorch, on one
+    LR image (uint8 HxWx3), checked equal: the same clustering, PSNR >= 50 dB, and 99.5 % of the
+    8-bit pixels within one level (a few up to 3: where integer and float arithmetic round a tie
+    apart, one 4-bit step, 1/15 of a layer's range, moves a few output pixels by 2-3 levels).
+    Returns both 8-bit images (compiled, PyTorch)."""
     from refqsr_engine.engine.compiler.compile_model import compile_model
     from refqsr_engine.engine.compiler.options import CompileOptions
     from refqsr_engine.engine.runtime import CompiledModel
     from refqsr_engine.models.patchwise import run_patchwise
 
-    crop = photo[:128, :128]
-    lr = bicubic_degrade(crop, 4)
     x = lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-    compile_model(CompileOptions(model=DEFAULT_MODEL, patch=24, batch=4, threads=2), tmp_path / "art")
-    engine = CompiledModel.load(tmp_path / "art")
-    run = run_patchwise(engine, x, 24, 6, 4)
-    model, _ = load_model(resolve_model(DEFAULT_MODEL))
-    ref = upscale_patchwise(model, x, 24, 6, 4)
+    compile_model(CompileOptions(model=name, patch=24, batch=4, threads=2), root / "art")
+    run = run_patchwise(CompiledModel.load(root / "art"), x, 24, 6, 4)
+    model, _ = load_model(resolve_model(name))
+    ref = upscale_patchwise(model, x, 24, 6, 4, bits=model_bits(model))
     got, want = run.image, ref.image
-    assert got.shape == (3, 128, 128)
-    assert torch.equal(run.clustering.reference_of, ref.clustering.reference_of)
+    assert got.shape == (3, 4 * lr.shape[0], 4 * lr.shape[1])
+    if ref.clustering is not None:
+        assert torch.equal(run.clustering.reference_of, ref.clustering.reference_of)
     assert 10 * np.log10(1.0 / float(np.mean((got.astype(np.float64) - want) ** 2))) >= 50.0
-    g8 = np.clip(np.round(got * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    w8 = np.clip(np.round(want * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    # The trained query path runs at 4 bits: where integer and float arithmetic round a tie apart,
-    # one 4-bit step (1/15 of a layer's range) moves a few output pixels by 2-3 levels.
+    g8, w8 = (np.clip(np.round(im * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0) for im in (got, want))
     diff = np.abs(g8.astype(int) - w8)
     assert np.mean(diff <= 1) >= 0.995 and np.mean(diff <= 3) == 1.0
+    return g8, w8
+
+
+def test_default_model_compiled_for_this_cpu_beats_bicubic_and_equals_pytorch(photo, tmp_path):
+    """The user's main job end to end on the compiled llvm engine: the bundled default model,
+    compiled, on a real held-out photo -- size, quality above bicubic, and PyTorch's output."""
+    crop = photo[:128, :128]
+    lr = bicubic_degrade(crop, 4)
+    g8, _ = compiled_and_pytorch(DEFAULT_MODEL, lr, tmp_path)
     bicubic = np.floor(np.clip(imresize(lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
     assert psnr_y(g8, crop, 4) > psnr_y(bicubic, crop, 4) + MARGIN_DB
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["carn_ddtb_refqsr84", "elan_light_ddtb8", "elan_light_pams_refqsr84",
+                                  "srresnet_cadyq", "srresnet_cabm_refqsr3"])
+def test_bundled_models_of_every_kind_compiled_equal_pytorch(photo, tmp_path, name):
+    """Every architecture and every kind of bits (fixed, RefQSR, δ, δ-RefQSR) as bundled, trained."""
+    compiled_and_pytorch(name, bicubic_degrade(photo[:96, :128], 4), tmp_path)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.cabm import CabmTable, attach_cabm, build_cabm_table, edge_score
@@ -24,6 +23,8 @@ from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.models.quant_cadyq import CadyqConv2d, Delta, Selection, dynamic_convs
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
+
+from training_helpers import tiny_training_setup
 
 GRAY = np.array([0.299, 0.587, 0.114])
 
@@ -167,20 +168,8 @@ def test_table_survives_save_and_load(tmp_path, kind):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    from skimage import data
-
-    from refqsr_engine.models.clustblock import ClustBlock
-    from refqsr_engine.models.srresnet import interpolation_init
-
-    root = tmp_path_factory.mktemp("cabm")
-    (root / "train").mkdir()
-    (root / "val").mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()[:120, :120]).save(root / "train" / f"{name}.png")
-    Image.fromarray(data.rocket()[100:164, 100:164]).save(root / "val" / "rocket.png")
-    torch.manual_seed(0)
-    teacher = interpolation_init(build_sr("srresnet", n_blocks=4, n_feats=8))
-    save_model(root / "teacher.pt", teacher)
+    paths, teacher = tiny_training_setup(tmp_path_factory.mktemp("cabm"))
+    root = paths["root"]
     cadyq = build_sr("srresnet", "cadyq", n_blocks=4, n_feats=8)
     cadyq.load_state_dict(teacher.state_dict(), strict=False)
     forced(cadyq)
@@ -188,9 +177,6 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     rq = build_refqsr("srresnet", "cadyq", 8, 3, n_blocks=4, n_feats=8)
     forced(rq)
     save_model(root / "cadyq_refqsr.pt", rq)
-    clust = ClustBlock(8)
-    clust.calibrate(torch.rand(8, 3, 24, 24))
-    save_model(root / "clust.pt", clust)
     return {"root": root}
 
 

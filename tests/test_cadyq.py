@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from refqsr_engine.errors import RefQSRError
@@ -33,6 +32,8 @@ from refqsr_engine.models.quant_cadyq import (
 )
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
+
+from training_helpers import tiny_training_setup
 
 GRAY = np.array([0.299, 0.587, 0.114])
 
@@ -337,23 +338,7 @@ def test_patch_bits_of_a_run_are_the_recorded_choices():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    from skimage import data
-
-    from refqsr_engine.models.clustblock import ClustBlock
-    from refqsr_engine.models.srresnet import interpolation_init
-
-    root = tmp_path_factory.mktemp("cadyq")
-    (root / "train").mkdir()
-    (root / "val").mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()[:120, :120]).save(root / "train" / f"{name}.png")
-    Image.fromarray(data.rocket()[100:164, 100:164]).save(root / "val" / "rocket.png")
-    torch.manual_seed(0)
-    save_model(root / "teacher.pt", interpolation_init(build_sr("srresnet", n_blocks=4, n_feats=8)))
-    clust = ClustBlock(8)
-    clust.calibrate(torch.rand(8, 3, 24, 24))
-    save_model(root / "clust.pt", clust)
-    return {"root": root, "teacher": root / "teacher.pt", "clust": root / "clust.pt"}
+    return tiny_training_setup(tmp_path_factory.mktemp("cadyq"))[0]
 
 
 def _cfg(setup, out: Path, task: str, bits: str, steps: int, **kw):
@@ -397,15 +382,79 @@ def test_bad_delta_settings(setup, tmp_path):
         train(_cfg(setup, tmp_path / "c", "refqsr", "delta", 1, scheme="cadyq"), log=lambda s: None)
 
 
-def test_engine_refuses_per_patch_bit_models_with_one_line(tmp_path):
-    """Not yet in the engine: export and upscale say so instead of failing somewhere inside."""
-    from refqsr_engine.engine.upscale import model_bits
+def test_delta_networks_export_only_at_delta(tmp_path):
+    """A CADyQ network's bits are chosen per patch: exporting it at fixed bits is refused in one line."""
     from refqsr_engine.errors import RefQSRError
     from refqsr_engine.export.onnx_export import export_sr
     from refqsr_engine.models.qconv import BitSpec
 
-    net = build_sr("srresnet", "cadyq", n_blocks=2).eval()
     with pytest.raises(RefQSRError, match="per patch"):
-        export_sr(net, BitSpec(8, 8), tmp_path, 24)
+        export_sr(build_sr("srresnet", "cadyq", n_blocks=2).eval(), BitSpec(8, 8), tmp_path, 24)
     with pytest.raises(RefQSRError, match="per patch"):
-        model_bits(net)
+        export_sr(build_sr("srresnet", "pams", (8,), n_blocks=2).eval(), Delta(), tmp_path, 24)
+
+
+def _varied_selectors(model: nn.Module) -> nn.Module:
+    for k, conv in enumerate(dynamic_convs(model)):
+        grad_selector(conv, 20.0 + 5 * k, 45.0 + 5 * k)
+    return model
+
+
+def _photo_lr(size: int = 40) -> np.ndarray:
+    from skimage import data
+    img = data.astronaut()[100:100 + 4 * size, 150:150 + 4 * size]
+    return np.ascontiguousarray(img[::4, ::4].transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def test_patchwise_delta_records_each_patchs_bits_as_a_lone_run_chooses():
+    """Patch-wise inference of a CADyQ network in batches reports, per grid patch, the bits that
+    the same patch chooses when run alone (the selectors read per-patch statistics only)."""
+    from refqsr_engine.engine.tiling import extract_patches
+    from refqsr_engine.engine.upscale import model_bitops, model_bits
+    from refqsr_engine.models.patchwise import upscale_patchwise
+
+    torch.manual_seed(0)
+    net = _varied_selectors(build_sr("srresnet", "cadyq", n_blocks=4, n_feats=8)).eval()
+    lr = _photo_lr()
+    result = upscale_patchwise(net, lr, patch=16, overlap=2, batch=3, bits=model_bits(net))
+    assert len(result.patch_bits) == result.grid.num_patches > 3
+    seen = set()
+    for i, pb in enumerate(result.patch_bits):
+        x = torch.from_numpy(np.ascontiguousarray(extract_patches(lr, result.grid, [i]), dtype=np.float32))
+        sel = Selection()
+        with torch.no_grad():
+            net(x, sel)
+        assert pb == patch_bits_of_run(net, sel, "sr")[0]
+        seen |= {s.act for blk in pb.blocks for s in blk}
+    assert len(seen) > 1  # the test image makes the selectors differ between patches
+    ops = model_bitops(net, lr.shape[1:], 16, 2, patch_bits=result.patch_bits)
+    lo, hi = (model_bitops(build_sr("srresnet", "ddtb", (b,), n_blocks=4, n_feats=8), lr.shape[1:], 16, 2) for b in (4, 8))
+    assert lo.gbitops <= ops.gbitops <= hi.gbitops and ops.gbitops not in (lo.gbitops, hi.gbitops)
+
+
+def test_upscale_with_the_torch_engine_runs_a_delta_refqsr_model(tmp_path):
+    """δ-RefQSR through `upscale --engine torch`: the image is the patch-wise PyTorch result and the
+    reported BitOPs are counted from the bits each patch chose (references δ, queries b_low)."""
+    from PIL import Image
+    from refqsr_engine.engine.upscale import UpscaleOptions, Upscaler, model_bitops
+    from refqsr_engine.models.clustblock import ClustBlock
+    from refqsr_engine.models.patchwise import upscale_patchwise
+
+    torch.manual_seed(0)
+    model = _varied_selectors(build_refqsr("srresnet", "cadyq", 8, 3, n_blocks=5, n_feats=8)).eval()
+    model.clustblock = ClustBlock().eval()
+    model.tau = 0.9
+    save_model(tmp_path / "m.pt", model, {})
+    lr = _photo_lr()
+    Image.fromarray(np.round(lr.transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    up = Upscaler(UpscaleOptions(model=str(tmp_path / "m.pt"), engine="torch", patch=16, overlap=2, batch=4))
+    report = up.upscale_file(tmp_path / "in.png", tmp_path / "out.png")
+    lr8 = np.asarray(Image.open(tmp_path / "in.png"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    want = upscale_patchwise(up.model, lr8, 16, 2, batch=4)
+    got = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.abs(got.astype(int) - np.clip(np.round(want.image.transpose(1, 2, 0) * 255), 0, 255)).max() <= 1
+    pb, refs = want.patch_bits, want.clustering.is_reference.tolist()
+    assert all(not p.refers for p, r in zip(pb, refs) if r) and all(p.refers for p, r in zip(pb, refs) if not r)
+    assert 0 < sum(refs) < len(refs)
+    ops = model_bitops(up.model, lr.shape[1:], 16, 2, want.clustering, patch_bits=pb)
+    assert report["bitops"]["bitops_g"] == pytest.approx(ops.gbitops, abs=1e-4)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from refqsr_engine.engine.models_store import bundled_dir
-from refqsr_engine.engine.upscale import bitops_setting, model_bits, model_bitops
+from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bits, model_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, ssim_y
 from refqsr_engine.models.bitops import BitOpsReport, count_bitops
@@ -44,22 +44,37 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
         result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model), self_reference=self_reference)
         sr = _to_uint8(result.image)
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
-        ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering)
+        ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering, patch_bits=result.patch_bits)
         rows.append({
             "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
             "bicubic_psnr_y": psnr_y(bic, pair.hr, 4), "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
             "bitops_g": ops.gbitops, "fqr": ops.total.fqr, "reference_share": ops.num_references / ops.num_patches,
+            "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap, "engine").gbitops,
         })
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
 
 
-def urban100_bitops(model: torch.nn.Module, reference_share: float) -> BitOpsReport:
-    """BitOPs/FQR at the paper's Urban100 setting (1280x720 output, 72 px patches); RefQSR at the
-    share of reference patches measured on validation."""
+def uniform8_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int, grid: str) -> BitOpsReport:
+    """The BitOPs of the model's network (RefQSR: its backbone) at 8 bits everywhere."""
+    net = model.backbone if isinstance(model, RefQSR) else model
+    return count_bitops(net.arch, lr_size, "8", patch, overlap, grid, **net.sizes())
+
+
+def urban100_bitops(model: torch.nn.Module, mean: dict[str, float]) -> dict[str, Any]:
+    """BitOPs/FQR at the paper's Urban100 setting (1280x720 output, 72 px patches) given the
+    validation means of :func:`evaluate`: RefQSR at the share of reference patches measured there;
+    δ models (bits chosen per patch, and no Urban100 images here to choose them on) as the network's
+    8-bit count there times validation's ratio of the chosen bits' BitOPs to 8-bit BitOPs."""
     arch, setting, sizes = bitops_setting(model)
-    share = reference_share if isinstance(model, RefQSR) else None
-    return count_bitops(arch, URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes)
+    if is_dynamic(model):
+        at8 = uniform8_bitops(model, URBAN100_LR, 72, 6, "paper")
+        ratio = mean["bitops_g"] / mean["bitops8_g"]
+        return {"bits": setting, "lr_size": list(URBAN100_LR), "patch": 72, "overlap": 6,
+                "bitops_g": round(at8.gbitops * ratio, 4), "fqr": round(mean["fqr"], 4),
+                "estimate": "8-bit BitOPs at this setting x (chosen-bits BitOPs / 8-bit BitOPs) on validation"}
+    share = mean["reference_share"] if isinstance(model, RefQSR) else None
+    return count_bitops(arch, URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes).as_dict()
 
 
 def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
@@ -68,7 +83,7 @@ def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | N
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
-    bitops = urban100_bitops(model, quality["mean"]["reference_share"]).as_dict()
+    bitops = urban100_bitops(model, quality["mean"])
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
     if note:
         card["note"] = note

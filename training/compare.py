@@ -46,11 +46,11 @@ def compare_row(label: str, path: str, self_reference: bool, folder: PairedFolde
         raise RefQSRError(f"{path}: {SELF_SUFFIX} needs a RefQSR model with RefER blocks")
     quality = evaluate(model, folder, self_reference=self_reference)
     mean = quality["mean"]
-    paper = urban100_bitops(model, mean["reference_share"])
+    paper = urban100_bitops(model, mean)
     return {
-        "label": label, "model": path, "self_reference": self_reference, "bits": paper.precision,
+        "label": label, "model": path, "self_reference": self_reference, "bits": paper["bits"],
         "steps": card.get("steps"), "bitops_g": mean["bitops_g"], "fqr": mean["fqr"],
-        "bitops_urban100_g": paper.gbitops, "fqr_urban100": paper.total.fqr,
+        "bitops_urban100_g": paper["bitops_g"], "fqr_urban100": paper["fqr"],
         "reference_share": mean["reference_share"], "psnr_y": mean["psnr_y"], "ssim_y": mean["ssim_y"],
         "bicubic_psnr_y": mean["bicubic_psnr_y"], "bicubic_ssim_y": mean["bicubic_ssim_y"], "images": quality["images"],
     }

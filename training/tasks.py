@@ -237,6 +237,21 @@ class QATTask(_Distilled):
                 **self.bits_card()}
 
 
+# RefER's refinement starts at this fraction of its default initialisation: with a full-size random
+# refinement the query path begins far from the teacher (ELAN-light's first RefQSR loss was 3.6x
+# DDTB-8's); near zero, each RefER starts as "skip the replaced block" and learns the correction.
+REFER_INIT_SCALE = 0.01
+
+
+def _start_refers_small(model: RefQSR) -> None:
+    with torch.no_grad():
+        for refer in model.refers:
+            last = next(m for m in refer.conv2.modules() if isinstance(m, nn.Conv2d))
+            last.weight.mul_(REFER_INIT_SCALE)
+            if last.bias is not None:
+                last.bias.zero_()
+
+
 class RefQSRTask(_Distilled):
     name = "refqsr"
 
@@ -258,6 +273,7 @@ class RefQSRTask(_Distilled):
             self._init_refqsr(self.model, source)
         else:
             source = self._init_backbone(self.model.backbone)
+            _start_refers_small(self.model)
         if cfg.scheme == "cabm":
             self._setup_cabm(self.model, source)
         for q in self.model.clustblock.parameters():  # ClustBlock is pre-trained and frozen

@@ -11,6 +11,7 @@ queries ran as 2 x 16 slots with one size, 2 x 4 + 1 x 4 with two).
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -152,6 +153,19 @@ def _run_jobs(opts: CompileOptions, builder: _GraphBuilder, jobs: list, say: Pro
             proc.kill()
 
 
+def _dynamic_convs(graphs: dict[str, Path]) -> dict[str, list[str]] | None:
+    """δ graphs name the CADyQ convs behind the columns of their ``bits`` output (export
+    metadata): graph name -> conv names, or None for graphs without per-patch bits."""
+    import onnx
+
+    found = {}
+    for name, path in graphs.items():
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if "refqsr.dynamic_convs" in props:
+            found[name] = json.loads(props["refqsr.dynamic_convs"])
+    return found or None
+
+
 def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
     """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report."""
     say = progress or (lambda msg: None)
@@ -210,6 +224,9 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             "compile_seconds": round(report["seconds"]["total"], 2),
             "options": asdict(opts),
         }
+        dynamic = _dynamic_convs(graphs)
+        if dynamic is not None:
+            manifest["dynamic_convs"] = dynamic
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
         say("writing the artifact")

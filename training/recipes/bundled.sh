@@ -2,10 +2,14 @@
 # The recipe of the bundled x4 models of one architecture (ARCH: srresnet, carn, elan_light):
 # full precision, then, from it, quantization-aware runs side by side: DDTB-8, DDTB-4,
 # DDTB-RefQSR 8-4 and (ABLATION=1) the Table V "w/o RefER" ablation (the query path's last blocks
-# at 8 bits instead of RefER). QUANT_RUNS picks a subset, e.g. QUANT_RUNS="ddtb8 refqsr84".
+# at 8 bits instead of RefER). QUANT_RUNS picks a subset, e.g. QUANT_RUNS="ddtb8 refqsr84"; more runs:
+# pams8, pams4, pams_refqsr84 (PAMS), cadyq (per-patch, per-layer bits) and cadyq_refqsr3 (δ-3).
+# Stage cabm (after quant's cadyq run): CABM (CADyQ's choices as an edge-score table, fine-tuned)
+# and CABM-RefQSR δ-3, both from $RUNS/cadyq/best.pt; CABM_RUNS picks a subset.
 #
 #   ARCH=carn training/recipes/bundled.sh fp      # stage 1
 #   ARCH=carn training/recipes/bundled.sh quant   # stage 2 (needs $RUNS/fp/best.pt or $TEACHER)
+#   QUANT_RUNS=cadyq training/recipes/bundled.sh quant && training/recipes/bundled.sh cabm
 #   ARCH=carn training/recipes/bundled.sh all
 #
 # Every run is resumable: run the same stage again and it continues from its last.pt. The
@@ -28,6 +32,9 @@ FP_LR=${FP_LR:-1e-4}
 Q_STEPS=${Q_STEPS:-20000}
 Q_HALVE=${Q_HALVE:-4000}
 Q_TIME=${Q_TIME:-}
+CABM_STEPS=${CABM_STEPS:-$Q_STEPS}
+CABM_TIME=${CABM_TIME:-$Q_TIME}
+CABM_RUNS=${CABM_RUNS:-cabm cabm_refqsr3}
 VAL_EVERY=${VAL_EVERY:-1000}
 Q_VAL_EVERY=${Q_VAL_EVERY:-250}
 BATCH=${BATCH:-16}
@@ -53,13 +60,39 @@ quant() {
             ddtb4) set -- qat --scheme ddtb --bits 4 ;;
             refqsr84) set -- refqsr --scheme ddtb --bits 8-4 --clustblock "$CLUST" ;;
             norefer84) set -- refqsr --scheme ddtb --bits 8-4 --clustblock "$CLUST" --tail highbit ;;
-            *) echo "unknown run $run (ddtb8 ddtb4 refqsr84 norefer84)" >&2; return 2 ;;
+            pams8) set -- qat --scheme pams --bits 8 ;;
+            pams4) set -- qat --scheme pams --bits 4 ;;
+            pams_refqsr84) set -- refqsr --scheme pams --bits 8-4 --clustblock "$CLUST" ;;
+            cadyq) set -- qat --scheme cadyq --bits delta ;;
+            cadyq_refqsr3) set -- refqsr --scheme cadyq --bits delta-3 --clustblock "$CLUST" ;;
+            *) echo "unknown run $run (ddtb8 ddtb4 refqsr84 norefer84 pams8 pams4 pams_refqsr84 cadyq cadyq_refqsr3)" >&2
+               return 2 ;;
         esac
         $PY -m refqsr_engine.training.train_qat "$1" $q --out "$RUNS/$run" "${@:2}" > "$RUNS/$run.out" 2>&1 & pids+=($!)
     done
-    local failed=0
-    for p in "${pids[@]}"; do wait "$p" || failed=1; done
-    for run in $QUANT_RUNS; do echo "== $run"; tail -n 3 "$RUNS/$run.out"; done
+    wait_all "$QUANT_RUNS" "${pids[@]}"
+}
+
+cabm() {
+    local q="$common --teacher ${TEACHER:-$RUNS/fp/best.pt} --init-from $RUNS/cadyq/best.pt --steps $CABM_STEPS"
+    q="$q --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$CABM_TIME")"
+    local pids=() run
+    for run in $CABM_RUNS; do
+        case $run in
+            cabm) set -- qat --scheme cabm --bits delta ;;
+            cabm_refqsr3) set -- refqsr --scheme cabm --bits delta-3 --clustblock "$CLUST" ;;
+            *) echo "unknown run $run (cabm cabm_refqsr3)" >&2; return 2 ;;
+        esac
+        $PY -m refqsr_engine.training.train_qat "$1" $q --out "$RUNS/$run" "${@:2}" > "$RUNS/$run.out" 2>&1 & pids+=($!)
+    done
+    wait_all "$CABM_RUNS" "${pids[@]}"
+}
+
+# wait_all "RUNS" PID...: wait for every run, print the end of each one's output, fail if one failed.
+wait_all() {
+    local runs=$1 failed=0 p run; shift
+    for p in "$@"; do wait "$p" || failed=1; done
+    for run in $runs; do echo "== $run"; tail -n 3 "$RUNS/$run.out"; done
     return $failed
 }
 
@@ -67,6 +100,7 @@ mkdir -p "$RUNS"
 case "${1:-all}" in
     fp) fp ;;
     quant) quant ;;
+    cabm) cabm ;;
     all) fp && quant ;;
-    *) echo "usage: $0 fp|quant|all" >&2; exit 2 ;;
+    *) echo "usage: $0 fp|quant|cabm|all" >&2; exit 2 ;;
 esac
