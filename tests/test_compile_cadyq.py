@@ -159,3 +159,38 @@ def test_compiled_delta_refqsr_upscales_as_pytorch_and_counts_the_chosen_bits(tm
     ops = {e: r["bitops"] for e, r in reports.items()}
     assert ops["tvm"] == ops["torch"] and 0 < ops["tvm"]["references"] < ops["tvm"]["patches"]
     assert 3.0 < ops["tvm"]["fqr"] < 8.0
+
+
+@pytest.mark.slow
+def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_dp4a_and_its_twin_equals_onnxruntime(tmp_path):
+    """The CUDA artifact (nvcc, no GPU needed): every quantized conv of both paths an integer
+    dp4a kernel with per-patch scales; the reference graph as the CUDA build rewrites it, built for
+    the CPU, returns ONNX Runtime's image and exactly its chosen bits."""
+    import onnx
+    import tvm
+    from tvm import relax
+
+    from refqsr_engine.engine.compiler import cuda_build as cb
+    from refqsr_engine.engine.compiler.compile_model import compile_model
+    from refqsr_engine.engine.compiler.options import CompileOptions
+    from refqsr_engine.kernels import cuda_toolchain
+    from refqsr_engine.models.checkpoint import save_model
+
+    if not cuda_toolchain.nvcc_available():
+        pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")
+    model = delta_refqsr()
+    save_model(tmp_path / "model.pt", model, {}, half=False)
+    opts = CompileOptions(model=str(tmp_path / "model.pt"), target="cuda", arch="sm_80", patch=PATCH, batch=4)
+    report = compile_model(opts, tmp_path / "artifact")
+    blocks = model.backbone.blocks
+    for name, n in (("reference", quantized(*blocks)), ("query", quantized(*blocks[:model.first_refer], *model.refers))):
+        graph = report["graphs"][name]
+        assert graph["variants"].count("dp4a") == graph["integer_convs"] == n and graph["outputs"][-1] == "bits"
+    graph = onnx.load(str(tmp_path / "artifact" / "reference.onnx"))
+    exe, _ = cb.build_graph_twin(graph, 4)
+    x = _photo_patches()[:4].numpy()
+    hr, *_, bits = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    want_hr, *_, want_bits = ort.InferenceSession(str(tmp_path / "artifact" / "reference.onnx"),
+                                                  providers=["CPUExecutionProvider"]).run(None, {"patches": x})
+    np.testing.assert_array_equal(bits.numpy(), want_bits)
+    assert psnr(hr.numpy(), want_hr) >= 50.0

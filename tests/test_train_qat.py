@@ -148,3 +148,24 @@ def test_highbit_tail_ablation_trains_and_round_trips(setup, tmp_path):
     assert card["tail"] == "highbit"
     with pytest.raises(RefQSRError, match="tail=highbit run"):  # a resume must not switch variants
         train(_cfg(setup, run, "refqsr", "8-4", 2), log=lambda s: None)
+
+
+def test_refqsr_training_starts_each_refer_near_skipping_its_block(setup, tmp_path):
+    """RefER's last refinement conv starts at REFER_INIT_SCALE of PyTorch's default conv init
+    (uniform within 1/sqrt(fan_in)) and without bias, so each RefER starts as the identity on the
+    query feature (within that scale); its first conv keeps the default init."""
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import REFER_INIT_SCALE, make_task
+
+    task = make_task(_cfg(setup, tmp_path / "unused", "refqsr", "8-4", 1), HRFolderDataset(setup["root"] / "train", 4, 24))
+    assert len(task.model.refers) == 2
+    for refer in task.model.refers:
+        last, first = refer.conv2.conv.weight.detach(), refer.conv1.conv.weight.detach()
+        bound = 1.0 / np.sqrt(last[0].numel())
+        assert 0 < float(last.abs().max()) <= REFER_INIT_SCALE * bound
+        assert float(first.abs().max()) > 0.5 * bound  # untouched
+        assert refer.conv2.conv.bias is None or not bool(refer.conv2.conv.bias.any())
+        q, r = torch.rand(2, 64, 12, 12), torch.rand(2, 64, 12, 12)
+        with torch.no_grad():
+            out = refer(q, r, hard=True)
+        assert float((out - q).abs().max()) < 0.05 * float(q.abs().max())
