@@ -187,6 +187,10 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
             extra = ["bits"]
         else:
             _, feats = model.reference_forward(x)
+    sizes = sorted({tuple(f.shape[-2:]) for f in feats if f.shape[-2] % POOL or f.shape[-1] % POOL})
+    if sizes:  # e.g. ELAN-light pads patches to a multiple of 16 before its blocks
+        raise RefQSRError(f"patch size {patch} gives this network's RefER features of {sizes[0][0]}x{sizes[0][1]} px, "
+                          f"not a multiple of {POOL}; pick another --patch (any multiple of 48 suits every network)")
     n_feat = [f"ref_feat_{k}" for k in range(len(feats))]
     paths = {
         "clustblock": export_graph(QuantClust(model.clustblock), (x,), out / "clustblock.onnx", ["patches"], ["logits"],

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compile_helpers import assert_images_match, ort_session
+from refqsr_engine.errors import RefQSRError
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.bitops import count_bitops, grid_boxes
 from refqsr_engine.models.checkpoint import load_model, save_model
@@ -388,6 +389,13 @@ def test_export_refqsr_runs_in_onnx_runtime(tmp_path) -> None:
     # head + 2 kept LFEs x 2 + 2 RefERs x 2 + 4 GMSAs x 2 (BatchNorm folded into its conv) + tail
     assert query_ops["Conv"] == 1 + 4 + 4 + 8 + 1
     assert query_ops["Softmax"] == 2 * 3 and "BatchNormalization" not in query_ops
+
+
+
+def test_export_refqsr_refuses_a_patch_whose_padded_features_do_not_pool(tmp_path) -> None:
+    """24 px pads to 32 inside ELAN-light, which RefER's 3x3 pooling cannot tile: one clear error."""
+    with pytest.raises(RefQSRError, match="patch size 24 gives .* 32x32 px, not a multiple of 3"):
+        export_refqsr(_calibrated_refqsr(24), tmp_path, 24)
 
 
 # --------------------------------------------------------------------------- BitOPs
