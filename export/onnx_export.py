@@ -37,7 +37,13 @@ OPSET = 17
 
 def _chosen_bits(sel: Selection | None) -> tuple[torch.Tensor, ...]:
     """δ graphs' extra output: [N, L] bits of the CADyQ convs in call order (none otherwise)."""
-    return () if sel is None else (torch.stack([r.bits for r in sel.records], dim=1),)
+    return () if sel is None else (sel.chosen_bits(),)
+
+
+def _column_convs(model: nn.Module, sel: Selection) -> list[str]:
+    """Module names of the CADyQ convs behind the columns of ``sel.chosen_bits()``."""
+    names = {m: n for n, m in model.named_modules()}
+    return [names[r.conv] for r in sel.records]
 
 
 class ReferencePath(nn.Module):
@@ -83,8 +89,7 @@ class DeltaBits(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = Selection(self.bits.weight)
-        hr = self.net(patches, sel)
-        return hr, torch.stack([r.bits for r in sel.records], dim=1)
+        return (self.net(patches, sel), *_chosen_bits(sel))
 
 
 class QuantClust(nn.Module):
@@ -178,12 +183,11 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
     extra: list[str] = []
     with torch.no_grad():
         if model.dynamic:  # δ references: both paths also output the bits of their CADyQ convs
-            names = {m: n for n, m in model.named_modules()}
             sel_r, sel_q = Selection(model.high.weight), Selection(model.high.weight)
             _, feats = model.reference_forward(x, sel_r)
             model.query_forward(x, feats, hard=True, selection=sel_q)
-            ref_meta = {"bits": ["delta", model.high.weight], "dynamic_convs": [names[r.conv] for r in sel_r.records]}
-            query_meta = {"bits": [model.b_low, model.b_medium], "dynamic_convs": [names[r.conv] for r in sel_q.records]}
+            ref_meta = {"bits": ["delta", model.high.weight], "dynamic_convs": _column_convs(model, sel_r)}
+            query_meta = {"bits": [model.b_low, model.b_medium], "dynamic_convs": _column_convs(model, sel_q)}
             extra = ["bits"]
         else:
             _, feats = model.reference_forward(x)
@@ -215,11 +219,10 @@ def export_sr(net: SRBackbone, bits: BitSpec | Delta, out_dir: str | Path, patch
     if (net.scheme == CADYQ) != isinstance(bits, Delta):
         raise RefQSRError("CADyQ/CABM networks choose their bits per patch: export them at δ (and only them)")
     if isinstance(bits, Delta):
-        names = {m: n for n, m in net.named_modules()}
         with torch.no_grad():
             sel = Selection(bits.weight)
             net(x, sel)
-        meta.update(bits=["delta", bits.weight], dynamic_convs=[names[r.conv] for r in sel.records])
+        meta.update(bits=["delta", bits.weight], dynamic_convs=_column_convs(net, sel))
         return {"sr": export_graph(DeltaBits(net, bits), (x,), out / "sr.onnx", ["patches"], ["hr", "bits"], meta)}
     meta["bits"] = [bits.act, bits.weight]
     return {"sr": export_graph(FixedBits(net, bits), (x,), out / "sr.onnx", ["patches"], ["hr"], meta)}

@@ -172,6 +172,10 @@ class Selection(PerSampleBits):
     def record(self, conv: "CadyqConv2d", bits: torch.Tensor, term: torch.Tensor | None) -> None:
         self.records.append(Choice(conv, bits, term))
 
+    def chosen_bits(self) -> torch.Tensor:
+        """[N, L] the bits every recorded conv chose per sample, columns in call order."""
+        return torch.stack([r.bits for r in self.records], dim=1)
+
     def by_conv(self) -> dict[int, Choice]:
         """Records keyed by ``id(conv)`` (a conv called twice keeps its last call)."""
         return {id(r.conv): r for r in self.records}

@@ -59,7 +59,7 @@ def delta_refqsr() -> torch.nn.Module:
 
 
 def chosen(sel: Selection) -> np.ndarray:
-    return torch.stack([r.bits for r in sel.records], dim=1).numpy()
+    return sel.chosen_bits().numpy()
 
 
 def torch_run(net: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from refqsr_engine.engine.models_store import bundled_dir
-from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bits, model_bitops
+from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bits, model_bitops, uniform8_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, ssim_y
-from refqsr_engine.models.bitops import BitOpsReport, count_bitops
+from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.refqsr import RefQSR
@@ -49,16 +49,10 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
             "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
             "bicubic_psnr_y": psnr_y(bic, pair.hr, 4), "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
             "bitops_g": ops.gbitops, "fqr": ops.total.fqr, "reference_share": ops.num_references / ops.num_patches,
-            "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap, "engine").gbitops,
+            "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap).gbitops,
         })
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
-
-
-def uniform8_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int, grid: str) -> BitOpsReport:
-    """The BitOPs of the model's network (RefQSR: its backbone) at 8 bits everywhere."""
-    net = model.backbone if isinstance(model, RefQSR) else model
-    return count_bitops(net.arch, lr_size, "8", patch, overlap, grid, **net.sizes())
 
 
 def urban100_bitops(model: torch.nn.Module, mean: dict[str, float]) -> dict[str, Any]:

@@ -246,7 +246,7 @@ REFER_INIT_SCALE = 0.01
 def _start_refers_small(model: RefQSR) -> None:
     with torch.no_grad():
         for refer in model.refers:
-            last = next(m for m in refer.conv2.modules() if isinstance(m, nn.Conv2d))
+            last = refer.conv2.conv
             last.weight.mul_(REFER_INIT_SCALE)
             if last.bias is not None:
                 last.bias.zero_()
