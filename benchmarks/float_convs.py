@@ -4,8 +4,9 @@
         [--threads 2] [--repeats 5] [--out float_convs.json]
 
 Each shape (conv + bias, fp32, NCHW) is built as a one-conv Relax module through the engine's own
-pipeline (:func:`refqsr_engine.engine.compiler.build.cpu_pipeline`: legalize, fuse, schedule with
-the weight pre-packed) and run in the Relax VM; PyTorch runs ``torch.nn.functional.conv2d`` on the
+pipeline (:func:`refqsr_engine.engine.compiler.build.cpu_pipeline`: on AMX targets the bf16x3 tile
+kernels where they cover the shape, else legalize, fuse, schedule with the weight pre-packed) and
+run in the Relax VM; PyTorch runs ``torch.nn.functional.conv2d`` on the
 same tensors. Both use ``--threads`` threads; the two are timed alternately (one warm-up each), and
 the table gives the median of ``--repeats`` runs, GFLOP/s (2 x MACs) and TVM / PyTorch speed.
 ``--quick``: batch 1, 3 repeats, the 192 / 384 px shapes at half size.

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import RefQSRError
 from ..models.clustblock import Clustering, assign_references
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, format_target, load_artifact
 
 PAD_LOGIT = -1.0e30
 
@@ -34,6 +34,16 @@ def use_all_cpus_by_default() -> None:
         except AttributeError:  # not Linux
             n = os.cpu_count() or 1
         os.environ["TVM_NUM_THREADS"] = str(n)
+
+
+def _enable_amx_for(target: dict) -> None:
+    """AMX kernels raise SIGILL unless Linux granted this process the tile state: ask for it when
+    the artifact's target has AMX, and refuse (one clear error) when it cannot be had."""
+    from ..kernels.amx import enable_amx, target_has_amx
+
+    if target_has_amx(target) and not enable_amx():
+        raise RefQSRError(f"this artifact was built with AMX kernels ({format_target(target)}), and this "
+                          f"process cannot use AMX here: recompile with --mcpu core-avx2 (or this CPU's name)")
 
 
 class CompiledModel:
@@ -55,6 +65,8 @@ class CompiledModel:
         self.batches = [int(b) for b in m.get("batches", [self.batch])]
         self.tau = float(m["tau"] if tau is None else tau) if self.refqsr else None
         dev = tvm.cpu() if m["target"]["kind"] == "llvm" else tvm.cuda()
+        if m["target"]["kind"] == "llvm":
+            _enable_amx_for(m["target"])
         self._tvm = tvm
         self.device = dev
         names = ("clustblock", "reference", "query") if self.refqsr else ("sr",)

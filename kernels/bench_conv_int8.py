@@ -4,7 +4,7 @@
     python -m refqsr_engine.kernels.bench_conv_int8 --sizes 48 --rounds 3 --variants int8 lowbit
     python -m refqsr_engine.kernels.bench_conv_int8 --fbgemm-isa both   # + fbgemm on its native ISA
     python -m refqsr_engine.kernels.bench_conv_int8 --mcpu host --fused --sizes 96 --batch 4
-        # this CPU's mcpu (AVX-512 VNNI variants added), the fused float-in/float-out kernels
+        # this CPU's mcpu (AVX-512 VNNI variants added, AMX where present), the fused float-in/float-out kernels
         # (quantize + pack, conv, dequantize epilogue) vs fbgemm on its native ISA
 
 ``--mcpu host`` is LLVM's name for this CPU; on an AVX-512 VNNI target the variant list gains
@@ -43,9 +43,10 @@ def _parse(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--calls", type=int, default=4, help="timed calls per kernel per round")
     p.add_argument("--variants", nargs="+", default=None,
-                   choices=["int8", "int8pair", "int16", "lowbit", "vnni", "vnni512", "lowbit512"],
-                   help="default: the AVX2 four, plus vnni/vnni512/lowbit512 on an AVX-512 VNNI --mcpu; "
-                        "vnni is built with --vnni-mcpu and skipped when the CPU lacks VNNI")
+                   choices=["int8", "int8pair", "int16", "lowbit", "vnni", "vnni512", "lowbit512", "amx"],
+                   help="default: the AVX2 four, plus vnni/vnni512/lowbit512 on an AVX-512 VNNI --mcpu and "
+                        "amx (--fused) on an AMX one; vnni is built with --vnni-mcpu and skipped when the CPU "
+                        "lacks VNNI")
     p.add_argument("--mcpu", default="core-avx2", help='"host": this CPU (LLVM\'s name for it)')
     p.add_argument("--vnni-mcpu", default="host")
     p.add_argument("--fbgemm-isa", default="auto", choices=["auto", "AVX2", "native", "both", "none"],
@@ -59,6 +60,7 @@ def _parse(argv=None):
 
 def _resolve(args):
     """``host`` mcpus named, the fbgemm ISA and variant list fixed for the target."""
+    from .amx import target_has_amx
     from .conv2d_int8 import default_target, host_mcpu, target_has_avx512_vnni
 
     args.mcpu = host_mcpu() if args.mcpu == "host" else args.mcpu
@@ -68,6 +70,8 @@ def _resolve(args):
         args.fbgemm_isa = "native" if avx512 else "AVX2"
     if args.variants is None:
         args.variants = ["int8", "int8pair", "int16", "lowbit"] + (["vnni", "vnni512", "lowbit512"] if avx512 else [])
+        if args.fused and target_has_amx(default_target(args.mcpu, args.threads)):
+            args.variants.append("amx")
     return args
 
 
@@ -108,6 +112,9 @@ FUSED_CASES = {
     "vnni512_ddtb8": (8, False, (-200, 55)),  # weight shift + window sums
     "vnni512_u4": (4, False, (-8, 7)),  # the low-bit layers on an AVX-512 VNNI target
     "lowbit512": (4, False, (-8, 7)),
+    "amx": (8, False, (-128, 127)),  # AMX tiles (fused only: no packed int32-out variant)
+    "amx_ddtb8": (8, False, (-200, 55)),
+    "amx_u4": (4, False, (-8, 7)),
 }
 
 
@@ -126,7 +133,7 @@ def _fused_case(variant_label: str, n: int, c: int, size: int, target):
     rng = np.random.default_rng(0)
     w = rng.integers(wlo, whi + 1, (c, c, 3, 3))
     w.flat[0], w.flat[1] = wlo, whi
-    packed, sums = pack_qconv_weights(w, variant, spec.weight_shift if variant == "vnni512" else None)
+    packed, sums = pack_qconv_weights(w, variant, spec.weight_shift if variant in ("vnni512", "amx") else None)
     dev = tvm.cpu()
     args = [rng.normal(0, 1, (n, c, size, size)).astype(np.float32), np.full(n, 0.02, np.float32),
             np.full(n, 0 if signed else 2 ** (bits - 1), np.float32), packed, sums,
@@ -198,6 +205,7 @@ def main(argv=None):
     import torch
     import tvm
 
+    from .amx import enable_amx
     from .conv2d_int8 import AVX512_VARIANTS, default_target
     from .x86_intrin import host_has_avx512_vnni, host_has_vnni
 
@@ -215,6 +223,9 @@ def main(argv=None):
                 continue
             if variant in AVX512_VARIANTS and not host_has_avx512_vnni():
                 print(f"skipping {variant}: this CPU lacks AVX-512 F+BW+VNNI", file=sys.stderr)
+                continue
+            if variant == "amx" and not (args.fused and enable_amx()):
+                print("skipping amx: --fused only, on a CPU (and kernel) with AMX", file=sys.stderr)
                 continue
             tgt = default_target(args.vnni_mcpu, args.threads) if variant == "vnni" else target
             if args.fused:

@@ -39,6 +39,7 @@ import tvm
 from tvm import te
 
 from . import layouts
+from .host_cpu import host_mcpu  # noqa: F401 - re-exported for the kernel builders
 from .x86_intrin import (
     INT8_DOT_8x4,
     INT16_DOT_8x2,
@@ -74,13 +75,6 @@ def lanes_of(variant: str) -> int:
 def default_target(mcpu: str = "core-avx2", num_cores: int | None = None) -> tvm.target.Target:
     """LLVM AVX2 target (``mcpu`` "core-avx2" or "znver3", ...); ``num_cores`` defaults to the CPU count."""
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)})
-
-
-def host_mcpu() -> str:
-    """LLVM's name for this machine's CPU (e.g. "rocketlake", "sapphirerapids")."""
-    from tvm.target import codegen
-
-    return str(codegen.llvm_get_system_cpu())
 
 
 def _as_target(target, variant: str = "int8") -> tvm.target.Target:

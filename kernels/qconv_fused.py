@@ -30,6 +30,7 @@ import tvm
 from tvm import te, tirx
 
 from . import layouts
+from .qconv_amx import pack_amx_weights, qconv_amx_compute
 from .x86_intrin import deq16_intrinsic
 from .conv2d_int8 import (
     _ACT_DTYPE,
@@ -118,8 +119,12 @@ class QConvSpec:
 
 
 def choose_variant(act_max: int, w_min: int, w_max: int, vnni: bool = False, kernel: int = 3,
-                   channel_groups: int = 8, avx512: bool = False) -> str:
+                   channel_groups: int = 8, avx512: bool = False, amx: bool = False) -> str:
     """The fastest conv variant that is exact for these operand ranges.
+
+    ``amx`` (target with AMX and a problem :func:`.qconv_amx.amx_fits` covers): "amx" under the
+    same int32 bound as "vnni512" -- a 16 x 16 x 64 tile product per instruction, 2.3-2.8x the
+    fused "vnni512" conv here (``bench_conv_int8 --fused``).
 
     ``avx512`` (target with AVX-512 F+BW+VNNI): "vnni512" for every range it is exact for
     (weights spanning <= 256 values, shifted into s8). With ``vpdpbusd zmm`` a u8 x s8 MAC costs
@@ -129,7 +134,10 @@ def choose_variant(act_max: int, w_min: int, w_max: int, vnni: bool = False, ker
     one 8-channel group, "vnni" where the CPU has it, "int8pair", "int8", and the exact 16-bit
     "int16" (full u8 x s8, or weights beyond s8) as the fallback.
     """
-    if avx512 and vnni512_is_exact(act_max, w_min, w_max, channel_groups * 8 * kernel * kernel):
+    exact32 = vnni512_is_exact(act_max, w_min, w_max, channel_groups * 8 * kernel * kernel)
+    if amx and exact32:
+        return "amx"
+    if avx512 and exact32:
         return "vnni512"
     if w_min < -128 or w_max > 127:
         return "int16"
@@ -275,6 +283,8 @@ def chunk_groups_for(spec: QConvSpec, variant: str) -> int:
 
 def qconv_primfunc(spec: QConvSpec, variant: str) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of ``spec`` with ``variant`` (see :func:`choose_variant`)."""
+    if variant == "amx":
+        return qconv_amx_compute(spec, spec.weight_shift)
     func = qconv_compute(spec, variant, chunk_groups_for(spec, variant))
     sch = schedule_qconv(func, spec, variant)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("refqsr.variant", variant)
@@ -283,17 +293,17 @@ def qconv_primfunc(spec: QConvSpec, variant: str) -> tvm.tirx.PrimFunc:
 def pack_qconv_weights(w_int: np.ndarray, variant: str, shift: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(packed weights, per-output-channel sums padded to O/8*8) of integer OIHW weights.
 
-    "vnni512" packs w - ``shift``; pass the kernel's :attr:`QConvSpec.weight_shift` (the default,
+    "vnni512" and "amx" pack w - ``shift``; pass the kernel's :attr:`QConvSpec.weight_shift` (the default,
     :func:`weight_shift` of the weights' own range, agrees only for a spec made from these weights).
     The sums stay those of w.
     """
     w_int = np.asarray(w_int, dtype=np.int64)
-    if variant == "vnni512":
+    if variant in ("vnni512", "amx"):
         if shift is None:
             shift = weight_shift(int(w_int.min()), int(w_int.max())) if w_int.size else 0
         if shift is None:
-            raise ValueError("weights span more than 256 values: no s8 shift for 'vnni512'")
-        packed = pack_weights(w_int - shift, variant)
+            raise ValueError(f"weights span more than 256 values: no s8 shift for {variant!r}")
+        packed = pack_amx_weights(w_int - shift) if variant == "amx" else pack_weights(w_int - shift, variant)
     else:
         packed = pack_weights(w_int, variant)
     o8 = layouts.ceil8(w_int.shape[0])

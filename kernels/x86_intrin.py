@@ -53,6 +53,8 @@ Registered under these names by :func:`register_avx2_intrinsics` (idempotent; im
 from __future__ import annotations
 
 from tvm.s_tir import TensorIntrin
+
+from .host_cpu import host_cpu_flags
 from tvm.script import tirx as T
 
 INT8_DOT_8x4 = "refqsr_avx2_u8s8s32_dot_8x4"
@@ -284,15 +286,6 @@ _INTRINSICS = {
     PAIRSUM_16: _pairsum(16, _PMADDWD_512, "local"),
     PAIRSUM_16_GLOBAL: _pairsum(16, _PMADDWD_512, "global"),
 }
-
-
-def host_cpu_flags() -> frozenset[str]:
-    """The ``flags`` of /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return frozenset()
 
 
 def host_has_vnni() -> bool:

@@ -15,7 +15,9 @@ import onnx
 import tvm
 from tvm import relax
 
+from ...kernels.amx import target_has_amx
 from ...kernels.tir_build import as_target
+from .float_conv_amx import rewrite_float_convs
 from .cpu_schedule import cpu_schedule_pass, vector_lanes
 from .qdq_conv import ConvReport, rewrite_qdq_convs
 from .relax_import import graph_metadata, import_graph, static_input_shapes
@@ -66,6 +68,10 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="RefQSRCpuPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if target_has_amx(target):  # the float convs with constant weights on bf16x3 AMX tiles
+            for gv, func in list(mod.functions.items()):
+                if isinstance(func, relax.Function):
+                    mod, _ = rewrite_float_convs(mod, func_name=gv.name_hint)
         with target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)

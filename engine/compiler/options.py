@@ -11,21 +11,7 @@ from typing import Any
 
 from ...errors import RefQSRError
 from ..models_store import resolve_model
-
-
-def host_mcpu() -> str:
-    """The LLVM name of this machine's CPU (what ``-mcpu=native`` means to LLVM), so that the
-    default build uses every vector extension the host has (AVX-512 where present); falls back to
-    the documented AVX2 baseline when LLVM cannot tell or names a CPU without AVX2."""
-    import tvm
-    from tvm.target import codegen
-
-    try:
-        cpu = str(codegen.llvm_get_system_cpu())
-        ok = bool(codegen.target_has_features("avx2", tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
-    except Exception:  # no LLVM in this TVM build, or a CPU name this LLVM does not know
-        return "core-avx2"
-    return cpu if ok and cpu != "generic" else "core-avx2"
+from ...kernels.host_cpu import host_mcpu  # noqa: F401 - the default mcpu (re-exported)
 
 
 @dataclass

@@ -27,7 +27,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ...errors import RefQSRError
+from ...kernels.amx import target_has_amx
 from ...kernels.conv2d_int8 import Conv2dShape, target_has_avx512_vnni
+from ...kernels.qconv_amx import amx_fits
 from ...kernels.qconv_fused import QConvSpec, choose_variant, chunk_groups_for, pack_qconv_weights, qconv_primfunc
 
 FULL_PRECISION = 32
@@ -105,8 +107,9 @@ def classify_conv(call: relax.Call, table: Sequence[dict], result: QDQConvResult
 @mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, table: Sequence[dict], vnni: bool, result: QDQConvResult,
-                 avx512: bool = False):
+                 avx512: bool = False, amx: bool = False):
         super().__init__(mod)
+        self.amx = amx
         self.table = list(table)
         self.vnni = vnni
         self.avx512 = avx512
@@ -148,9 +151,10 @@ class _Rewriter(PyExprMutator):
         spec = QConvSpec(shape, report.act_bits, container == "int8", int(w_int.min()), int(w_int.max()))
         # one kernel per (problem, grid, variant, int16 chunking): convs that differ only in
         # their weights share code
-        variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8, self.avx512)
-        # "vnni512" bakes its weight shift into the code
-        shift = spec.weight_shift if variant == "vnni512" else 0
+        variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8, self.avx512,
+                                 self.amx and amx_fits(shape))
+        # "vnni512" and "amx" bake their weight shift into the code
+        shift = spec.weight_shift if variant in ("vnni512", "amx") else 0
         key = (shape, spec.act_bits, spec.signed_container, variant, chunk_groups_for(spec, variant), shift)
         if key not in self.kernels:
             prim = qconv_primfunc(spec, variant)
@@ -191,8 +195,9 @@ def rewrite_qdq_convs(mod: tvm.IRModule, conv_table: Sequence[dict], vnni: bool 
     if target is None:
         target = tvm.target.Target.current(allow_none=True)
     avx512 = target is not None and target_has_avx512_vnni(target)
+    use_amx = target is not None and target_has_amx(target)
     result = QDQConvResult()
-    rewriter = _Rewriter(mod, conv_table, vnni, result, avx512)
+    rewriter = _Rewriter(mod, conv_table, vnni, result, avx512, use_amx)
     new_func = rewriter.visit_expr(mod[func_name])
     builder_mod = rewriter.builder_.get()
     builder_mod[func_name] = new_func

@@ -1,0 +1,78 @@
+"""Intel AMX (Advanced Matrix Extensions) support shared by the AMX kernels.
+
+AMX adds eight 1 KiB tile registers (``tmm0..7``, up to 16 rows x 64 bytes) and a matrix unit:
+``tdpbsud``/``tdpbusd`` multiply-accumulate a 16 x 64 int8 tile by a 16 x 64 one in VNNI order
+into a 16 x 16 int32 tile (16,384 MACs per instruction, 16x what ``vpdpbusd zmm`` does per
+instruction), ``tdpbf16ps`` the same for bf16 pairs into fp32.
+
+Two things are needed before a tile instruction runs, or it raises SIGILL:
+
+* Linux must have granted this *process* the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+  XFEATURE_XTILEDATA)``, :func:`enable_amx`; once per process, idempotent);
+* each *thread* must load a tile configuration (``ldtilecfg``), which the kernels do at the start
+  of every parallel task (:func:`tile_config_bytes` is the 64-byte palette they store).
+
+The kernels name tile registers by immediates (``llvm.x86.tileloadd64`` & co. without the
+``.internal`` shape operands), so LLVM needs no tile register allocation.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from . import host_cpu
+from .host_cpu import AMX_FEATURES
+
+
+_SYS_ARCH_PRCTL = 158  # x86-64
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+#: /proc/cpuinfo flags of the AMX int8 + bf16 kernels
+AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+
+# LLVM intrinsics (tile numbers are i8 immediates)
+LDTILECFG = "llvm.x86.ldtilecfg"
+TILERELEASE = "llvm.x86.tilerelease"
+TILEZERO = "llvm.x86.tilezero"
+TILELOAD = "llvm.x86.tileloadd64"
+TILESTORE = "llvm.x86.tilestored64"
+TDPBSUD = "llvm.x86.tdpbsud"  # C[m][n] += sum_k s8(A[m][k]) * u8(B[k/4][4n + k%4])
+TDPBF16PS = "llvm.x86.tdpbf16ps"  # the same for bf16 pairs into fp32
+
+
+def host_has_amx() -> bool:
+    """Whether this (Linux) CPU has AMX tiles with int8 and bf16."""
+    return AMX_FLAGS <= host_cpu.host_cpu_flags()
+
+
+def target_has_amx(target) -> bool:
+    """Whether an LLVM target may use the AMX kernels."""
+    import tvm
+    from tvm.target import codegen
+
+    if isinstance(target, dict):
+        target = tvm.target.Target(target)
+    return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in AMX_FEATURES)
+
+
+@functools.cache
+def enable_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process; True when granted (or already held).
+
+    Call before running any AMX kernel (the runtime does when an artifact uses them)."""
+    if not host_has_amx():
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+
+
+def palette_byte(b):
+    """Byte ``b`` (a TIR index) of the tile configuration every AMX kernel here loads: palette 1,
+    tiles 0..7 of 16 rows x 64 bytes (byte 0 palette, 16 + 2i the bytes per row of tile i, 48 + i
+    its rows). For use inside TVMScript: ``cfg[b] = amx.palette_byte(b)``."""
+    from tvm import tirx
+
+    u8 = lambda v: tirx.const(v, "uint8")  # noqa: E731
+    return tirx.if_then_else(b == 0, u8(1), tirx.if_then_else(
+        tirx.all(b >= 16, b < 32, b % 2 == 0), u8(64), tirx.if_then_else(tirx.all(b >= 48, b < 56), u8(16), u8(0))))
