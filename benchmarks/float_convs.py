@@ -7,8 +7,9 @@ Each shape (conv + bias, fp32, NCHW) is built as a one-conv Relax module through
 pipeline (:func:`refqsr_engine.engine.compiler.build.cpu_pipeline`: on AMX targets the bf16x3 tile
 kernels where they cover the shape, else legalize, fuse, schedule with the weight pre-packed) and
 run in the Relax VM; PyTorch runs ``torch.nn.functional.conv2d`` on the
-same tensors. Both use ``--threads`` threads; the two are timed alternately (one warm-up each), and
-the table gives the median of ``--repeats`` runs, GFLOP/s (2 x MACs) and TVM / PyTorch speed.
+same tensors. All use ``--threads`` threads; for each shape every ``--mcpu`` build and PyTorch are
+timed alternately (one warm-up each), so rows of one shape compare side by side, and the table
+gives the median of ``--repeats`` runs, GFLOP/s (2 x MACs) and TVM / PyTorch speed.
 ``--quick``: batch 1, 3 repeats, the 192 / 384 px shapes at half size.
 """
 from __future__ import annotations
@@ -87,8 +88,9 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def measure(shape: ConvShape, batch: int, target: dict, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Build, check and time one shape on one target against torch (alternating runs)."""
+def measure(shape: ConvShape, batch: int, targets: list[dict], repeats: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Build, check and time one shape on every target and in torch, the runs alternating
+    (target 1, target 2, ..., torch, target 1, ...) so that all see the same machine load."""
     import torch
     import tvm
 
@@ -97,9 +99,6 @@ def measure(shape: ConvShape, batch: int, target: dict, repeats: int, seed: int 
          / np.sqrt(shape.cin)).astype(np.float32)
     b = rng.standard_normal(shape.cout).astype(np.float32)
     x = rng.random((batch, shape.cin, shape.size, shape.size), dtype=np.float32)
-    t0 = time.perf_counter()
-    f = build_conv(shape, batch, w, b, target)
-    build_s = time.perf_counter() - t0
     xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
     xv = tvm.runtime.tensor(x)
 
@@ -108,18 +107,26 @@ def measure(shape: ConvShape, batch: int, target: dict, repeats: int, seed: int 
             return torch.nn.functional.conv2d(xt, wt, bt, padding=shape.pad)
 
     want = run_torch().numpy()
-    got = f(xv).numpy()
-    err = float(np.max(np.abs(got - want)))
-    tvm_s, torch_s = [], []
+    built = []
+    for target in targets:
+        t0 = time.perf_counter()
+        f = build_conv(shape, batch, w, b, target)
+        built.append((target, f, time.perf_counter() - t0, float(np.max(np.abs(f(xv).numpy() - want)))))
+    tvm_s: list[list[float]] = [[] for _ in built]
+    torch_s = []
     for _ in range(repeats):
-        tvm_s.append(_time(lambda: f(xv)))
+        for i, (_, f, _, _) in enumerate(built):
+            tvm_s[i].append(_time(lambda: f(xv)))
         torch_s.append(_time(run_torch))
-    t_tvm, t_torch = statistics.median(tvm_s), statistics.median(torch_s)
-    gflop = shape.gflop(batch)
-    return {"shape": shape.name, **asdict(shape), "batch": batch, "mcpu": target["mcpu"], "gflop": gflop,
-            "tvm_ms": 1e3 * t_tvm, "torch_ms": 1e3 * t_torch, "tvm_gflops": gflop / t_tvm,
-            "torch_gflops": gflop / t_torch, "ratio": t_torch / t_tvm, "max_abs_err": err,
-            "build_s": build_s, "tvm_runs_ms": [1e3 * t for t in tvm_s], "torch_runs_ms": [1e3 * t for t in torch_s]}
+    t_torch, gflop = statistics.median(torch_s), shape.gflop(batch)
+    rows = []
+    for (target, _, build_s, err), runs in zip(built, tvm_s):
+        t_tvm = statistics.median(runs)
+        rows.append({"shape": shape.name, **asdict(shape), "batch": batch, "mcpu": target["mcpu"], "gflop": gflop,
+                     "tvm_ms": 1e3 * t_tvm, "torch_ms": 1e3 * t_torch, "tvm_gflops": gflop / t_tvm,
+                     "torch_gflops": gflop / t_torch, "ratio": t_torch / t_tvm, "max_abs_err": err,
+                     "build_s": build_s, "tvm_runs_ms": [1e3 * t for t in runs], "torch_runs_ms": [1e3 * t for t in torch_s]})
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -158,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [s for s in SHAPES if args.shapes is None or s.name.split()[0] in args.shapes]
     if args.quick:
         shapes = [ConvShape(s.name, s.cin, s.cout, s.kernel, min(s.size, 96 if s.size <= 192 else 192)) for s in shapes]
+    targets = [{"kind": "llvm", "mcpu": host_mcpu() if mcpu == "host" else mcpu, "num-cores": args.threads}
+               for mcpu in args.mcpu]
     rows = []
-    for mcpu in args.mcpu:
-        target = {"kind": "llvm", "mcpu": host_mcpu() if mcpu == "host" else mcpu, "num-cores": args.threads}
-        for batch in batches:
-            for shape in shapes:
-                row = measure(shape, batch, target, repeats)
+    for batch in batches:
+        for shape in shapes:
+            for row in measure(shape, batch, targets, repeats):
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
     print()

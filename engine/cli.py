@@ -71,13 +71,16 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
               help="tvm: where the compiled engine runs.")
 @click.option("--bits", default=None, help="Bundled model with these bits (8-4, 8, 32), or check --model's.")
+@click.option("--float-math", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="tvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
+              "(one bf16 product per MAC: faster, ~1e-3 relative error).")
 @click.option("--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
             threads: int | None, max_pixels: int, engine: str, recompile: bool, target: str, bits: str | None,
-            ext: str | None, as_json: bool, quiet: bool) -> None:
+            float_math: str, ext: str | None, as_json: bool, quiet: bool) -> None:
     """Super-resolve SRC x4 into DST (format from DST's extension). With a folder as SRC, every
     image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed)."""
     from pathlib import Path
@@ -88,7 +91,10 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 
     if target != "llvm" and engine != "tvm":
         raise RefQSRError("--target applies to --engine tvm")
-    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile, bits, target)
+    if float_math != "fp32" and engine != "tvm":
+        raise RefQSRError("--float-math applies to --engine tvm")
+    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile, bits, target,
+                          float_math)
     bar = None
 
     def progress(n: int, total: int) -> None:
@@ -147,6 +153,9 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels (multiple of 3).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Patches per compiled batch.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llvm: cores to parallelise for.")
+@click.option("--float-math", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="llvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
+              "(one bf16 product per MAC: faster, ~1e-3 relative error).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Graph builds run at once in worker processes (each build is single-threaded).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Artifact directory.")
@@ -154,7 +163,7 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
 def compile_cmd(model: str, target: str, mcpu: str | None, arch: str, bits: str | None, patch: int, batch: int,
-                threads: int | None, jobs: int, out: str, as_json: bool, quiet: bool) -> None:
+                threads: int | None, float_math: str, jobs: int, out: str, as_json: bool, quiet: bool) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
     from .compiler.compile_model import compile_model
     from .compiler.options import CompileOptions, host_mcpu
@@ -163,7 +172,7 @@ def compile_cmd(model: str, target: str, mcpu: str | None, arch: str, bits: str 
         if not quiet and not as_json:
             click.echo(f"[compile] {msg}", err=True)
 
-    opts = CompileOptions(model, target, mcpu or host_mcpu(), arch, bits, patch, batch, threads, jobs)
+    opts = CompileOptions(model, target, mcpu or host_mcpu(), arch, bits, patch, batch, threads, jobs, float_math)
     report = compile_model(opts, out, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))

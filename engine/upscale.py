@@ -44,6 +44,7 @@ class UpscaleOptions:
     recompile: bool = False  # tvm: compile again even when a cached artifact exists
     bits: str | None = None  # "8-4", "8", "32": pick the bundled model with these bits / check the model's
     target: str = "llvm"  # tvm: "llvm" (this CPU) or "cuda"
+    float_math: str = "fp32"  # tvm on AMX CPUs: "fp32" (bf16x3 float convs) or "bf16" (faster, ~1e-3 relative)
 
 
 def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> tuple[Any, bool]:
@@ -59,7 +60,7 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
         if not tvm.cuda().exist:
             raise RefQSRError("--target cuda: no CUDA GPU is visible to TVM on this machine")
     copts = CompileOptions(model=opts.model, target=opts.target, bits=opts.bits, patch=opts.patch, batch=opts.batch,
-                           threads=opts.threads)
+                           threads=opts.threads, float_math=opts.float_math)
     key = cache_key(**artifact_cache_parts(copts))
     with cache_lock(key) as entry:
         fresh = opts.recompile or not (entry / "manifest.json").is_file()

@@ -205,3 +205,16 @@ def test_host_mcpu_names_an_amx_cpu_from_its_flags(monkeypatch):
     assert host_cpu.host_mcpu() in (str(codegen.llvm_get_system_cpu()), "core-avx2")
     monkeypatch.setattr(host_cpu, "host_cpu_flags", lambda: frozenset())
     assert host_cpu.host_mcpu() in (str(codegen.llvm_get_system_cpu()), "core-avx2")
+
+
+def test_float_math_option_is_checked_and_keys_the_cache():
+    from refqsr_engine.engine.compiler.compile_model import _GraphBuilder
+    from refqsr_engine.engine.compiler.options import CompileOptions, artifact_cache_parts
+
+    with pytest.raises(RefQSRError, match="float-math"):
+        CompileOptions(float_math="fp16")
+    with pytest.raises(RefQSRError, match="AMX"):  # plain bf16 exists only as AMX tiles
+        _GraphBuilder(CompileOptions(mcpu="core-avx2", float_math="bf16"))
+    assert CompileOptions(float_math="bf16").float_terms == 1 and CompileOptions().float_terms == 3
+    fp32, bf16 = (artifact_cache_parts(CompileOptions(mcpu="core-avx2", float_math=m)) for m in ("fp32", "bf16"))
+    assert fp32 != bf16

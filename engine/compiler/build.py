@@ -17,7 +17,7 @@ from tvm import relax
 
 from ...kernels.amx import target_has_amx
 from ...kernels.tir_build import as_target
-from .float_conv_amx import rewrite_float_convs
+from .float_conv_amx import DEFAULT_TERMS, rewrite_float_convs
 from .cpu_schedule import cpu_schedule_pass, vector_lanes
 from .qdq_conv import ConvReport, rewrite_qdq_convs
 from .relax_import import graph_metadata, import_graph, static_input_shapes
@@ -61,7 +61,9 @@ def _fast_softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 CPU_LEGALIZE = {"relax.nn.softmax": _fast_softmax}
 
 
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def cpu_pipeline(target: tvm.target.Target, float_terms: int = DEFAULT_TERMS) -> tvm.transform.Pass:
+    """The Relax build pipeline for an LLVM CPU target; ``float_terms``: bf16 products per MAC of
+    the float convs on AMX targets (3: fp32-grade, 1: bf16)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     num_cores = int(target.attrs.get("num-cores", 1) or 1)
@@ -71,7 +73,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         if target_has_amx(target):  # the float convs with constant weights on bf16x3 AMX tiles
             for gv, func in list(mod.functions.items()):
                 if isinstance(func, relax.Function):
-                    mod, _ = rewrite_float_convs(mod, func_name=gv.name_hint)
+                    mod, _ = rewrite_float_convs(mod, float_terms, func_name=gv.name_hint)
         with target:
             seq = tvm.transform.Sequential(
                 cpu.library_dispatch_passes(target)
@@ -89,8 +91,10 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None) -> GraphBuild:
-    """Compile ``model`` for ``batch`` patches per call on an LLVM ``target``."""
+def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None,
+                float_terms: int = DEFAULT_TERMS) -> GraphBuild:
+    """Compile ``model`` for ``batch`` patches per call on an LLVM ``target`` (``float_terms``: see
+    :func:`cpu_pipeline`)."""
     tgt = as_target(target)
     from tvm.target import codegen
 
@@ -103,7 +107,7 @@ def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None) -> G
     t1 = time.perf_counter()
     mod, result = rewrite_qdq_convs(mod, meta["convs"], vnni=vnni, target=tgt)
     t2 = time.perf_counter()
-    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, float_terms))
     t3 = time.perf_counter()
     times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
     outputs = [o.name for o in model.graph.output]

@@ -24,6 +24,7 @@ import tvm
 
 from ...errors import RefQSRError
 from ...export.onnx_export import export_refqsr, export_sr
+from ...kernels.amx import target_has_amx
 from ...kernels.cluster_kernels import cluster_primfunc
 from ...models.checkpoint import bits_label, load_model, model_config
 from ...models.refqsr import RefQSR
@@ -96,11 +97,14 @@ class _GraphBuilder:
         else:
             self.target = tvm.target.Target(opts.target_dict())
             self.cluster_target, self.cluster_extra = self.target, {"device": "same"}
+        if opts.float_math != "fp32" and (self.cuda or not target_has_amx(self.target)):
+            raise RefQSRError(f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
+                              f"sapphirerapids); this build's float convs stay fp32")
 
     def build(self, graph: onnx.ModelProto, name: str, batch: int, lib: Path) -> dict[str, Any]:
         """Compile and export ``graph`` to ``lib``; returns the graph's report."""
         if not self.cuda:
-            built = build_graph(graph, name, batch, self.target)
+            built = build_graph(graph, name, batch, self.target, self.opts.float_terms)
             built.executable.export_library(str(lib))
             return {**built.report(), "build_seconds": sum(built.seconds.values())}
         from .cuda_build import build_graph_cuda, library_has_binary
@@ -213,6 +217,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
                       "config": model_config(model), "card": card},
             "kind": "refqsr" if isinstance(model, RefQSR) else "sr",
             "bits": bits,
+            "float_math": opts.float_math,
             "patch": opts.patch,
             "batch": opts.batch,
             "batches": batch_sizes(opts.batch, opts.target),

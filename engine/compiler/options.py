@@ -14,6 +14,10 @@ from ..models_store import resolve_model
 from ...kernels.host_cpu import host_mcpu  # noqa: F401 - the default mcpu (re-exported)
 
 
+#: --float-math -> bf16 products per MAC on AMX tiles
+FLOAT_MATH = {"fp32": 3, "bf16": 1}
+
+
 @dataclass
 class CompileOptions:
     model: str = "default"
@@ -26,6 +30,17 @@ class CompileOptions:
     batch: int = 16
     threads: int | None = None  # llvm: cores the parallel loops are sized for
     jobs: int = 1  # graph builds at once (worker processes): worth it with more cores than this 2-core box
+    # llvm on AMX CPUs: "fp32" = fp32-grade float convs (bf16x3 tiles), "bf16" = one bf16 product per MAC
+    float_math: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.float_math not in FLOAT_MATH:
+            raise RefQSRError(f"--float-math must be one of {', '.join(FLOAT_MATH)}, got {self.float_math!r}")
+
+    @property
+    def float_terms(self) -> int:
+        """bf16 products per MAC of the AMX float convs (see engine.compiler.float_conv_amx)."""
+        return FLOAT_MATH[self.float_math]
 
     def target_dict(self) -> dict[str, Any]:
         if self.target == "llvm":
@@ -62,4 +77,4 @@ def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
     model_path = resolve_model(opts.model)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
     return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
-            "tvm": tvm.__version__, "compiler": compiler_digest()}
+            "float_math": opts.float_math, "tvm": tvm.__version__, "compiler": compiler_digest()}
