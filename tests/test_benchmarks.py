@@ -314,3 +314,12 @@ def test_measure_budget_and_deadline(tmp_path, monkeypatch):
     spec["deadline"] = time.time()  # already reached: the larger size cannot fit
     rec = run_one.measure(spec, cfg["name"])
     assert "median" in rec["sizes"]["48x40"] and "would end past" in rec["sizes"]["96x80"]["skipped"]
+
+
+def test_guard_judges_ratios_against_floors():
+    from refqsr_engine.benchmarks.guard import judge
+
+    measured = {"end_to_end": {"ratio": 2.5}, "int8_conv": {"ratio": 1.0}, "new": {"ratio": 9.0}}
+    floors = {"end_to_end": 2.9, "int8_conv": 1.5}
+    assert judge(measured, floors, 0.15) == {"end_to_end": "ok", "int8_conv": "REGRESSION", "new": "no floor yet"}
+    assert judge(measured, floors, 0.10)["end_to_end"] == "REGRESSION"  # 2.5 < 2.9 * 0.9
