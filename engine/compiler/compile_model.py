@@ -99,7 +99,7 @@ class _GraphBuilder:
             self.cluster_target, self.cluster_extra = self.target, {"device": "same"}
         if opts.float_math != "fp32" and (self.cuda or not target_has_amx(self.target)):
             raise RefQSRError(f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
-                              f"sapphirerapids); this build's float convs stay fp32")
+                              f"sapphirerapids); other targets compute float convs in fp32 only")
 
     def build(self, graph: onnx.ModelProto, name: str, batch: int, lib: Path) -> dict[str, Any]:
         """Compile and export ``graph`` to ``lib``; returns the graph's report."""
