@@ -76,3 +76,50 @@ def palette_byte(b):
     u8 = lambda v: tirx.const(v, "uint8")  # noqa: E731
     return tirx.if_then_else(b == 0, u8(1), tirx.if_then_else(
         tirx.all(b >= 16, b < 32, b % 2 == 0), u8(64), tirx.if_then_else(tirx.all(b >= 48, b < 56), u8(16), u8(0))))
+
+
+# --- the 2 x 2 register blocking every AMX kernel here uses (TVMScript macros) ------------------
+# tmm0..3: accumulators C[i][j] (i: A tile, j: B tile); tmm4, tmm5: A tiles; tmm6, tmm7: B tiles.
+
+from tvm.script import tirx as T  # noqa: E402 - the macros below need it; the rest of this module does not
+
+
+@T.macro
+def zero_acc():
+    for z in T.unroll(4):
+        T.evaluate(T.call_llvm_intrin("void", TILEZERO, T.int8(z)))
+
+
+@T.macro
+def load_a(a0, a1, stride):
+    """A tiles (16 rows each, ``stride`` bytes apart) into tmm4, tmm5."""
+    T.evaluate(T.call_llvm_intrin("void", TILELOAD, T.int8(4), a0, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", TILELOAD, T.int8(5), a1, T.int64(stride)))
+
+
+@T.macro
+def load_b_and_multiply(b0, b1, stride, product):
+    """B tiles into tmm6, tmm7, then C[i][j] += A_i . B_j with ``product`` (TDPBSUD, TDPBF16PS)."""
+    T.evaluate(T.call_llvm_intrin("void", TILELOAD, T.int8(6), b0, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", TILELOAD, T.int8(7), b1, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", product, T.int8(0), T.int8(4), T.int8(6)))
+    T.evaluate(T.call_llvm_intrin("void", product, T.int8(1), T.int8(4), T.int8(7)))
+    T.evaluate(T.call_llvm_intrin("void", product, T.int8(2), T.int8(5), T.int8(6)))
+    T.evaluate(T.call_llvm_intrin("void", product, T.int8(3), T.int8(5), T.int8(7)))
+
+
+@T.macro
+def store_acc(c00, c01, c10, c11, stride):
+    """tmm0..3 to the four 16 x 64-byte destinations (``access_ptr``s, ``stride`` bytes per row)."""
+    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(0), c00, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(1), c01, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(2), c10, T.int64(stride)))
+    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(3), c11, T.int64(stride)))
+
+
+@T.macro
+def configure(cfg):
+    """Fill the 64-byte ``cfg`` with :func:`palette_byte` and load it (each task, each thread)."""
+    for b in range(64):
+        cfg[b] = palette_byte(b)
+    T.evaluate(T.call_llvm_intrin("void", LDTILECFG, T.address_of(cfg[0])))

@@ -128,43 +128,29 @@ def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: i
         for t in T.parallel(N * OH):
             cfg = T.alloc_buffer((64,), "uint8")
             acc = T.alloc_buffer((O, OW), "float32")
-            for b in range(64):
-                cfg[b] = amx.palette_byte(b)
-            T.evaluate(T.call_llvm_intrin("void", amx.LDTILECFG, T.address_of(cfg[0])))
+            amx.configure(cfg)
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
-                for z in T.unroll(4):
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILEZERO, T.int8(z)))
+                amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    # wh . xh
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(4), T.address_of(WH[kh * K + kw, cb, ob * TILE2, 0]), T.int64(K_BLOCK * 2)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(5), T.address_of(WH[kh * K + kw, cb, ob * TILE2 + 16, 0]), T.int64(K_BLOCK * 2)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                    if lo_terms:
-                        # wh . xl (the wh tiles are still loaded)
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                        # wl . xh
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(4), T.address_of(WL[kh * K + kw, cb, ob * TILE2, 0]), T.int64(K_BLOCK * 2)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(5), T.address_of(WL[kh * K + kw, cb, ob * TILE2 + 16, 0]), T.int64(K_BLOCK * 2)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(0), acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(1), acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(2), acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(3), acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16), T.int64(OW * 4)))
+                    amx.load_a(T.address_of(WH[kh * K + kw, cb, ob * TILE2, 0]),
+                               T.address_of(WH[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK * 2)
+                    amx.load_b_and_multiply(T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
+                                            T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
+                                            b_stride, amx.TDPBF16PS)
+                    if lo_terms:  # wh . xl (the wh tiles are still loaded), then wl . xh
+                        amx.load_b_and_multiply(T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
+                                                T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
+                                                b_stride, amx.TDPBF16PS)
+                        amx.load_a(T.address_of(WL[kh * K + kw, cb, ob * TILE2, 0]),
+                                   T.address_of(WL[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK * 2)
+                        amx.load_b_and_multiply(T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
+                                                T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
+                                                b_stride, amx.TDPBF16PS)
+                amx.store_acc(acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
+                              OW * 4)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, OW // 16):
                 if residual:
@@ -261,40 +247,27 @@ def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, wid
         for t in T.parallel(N * H):
             cfg = T.alloc_buffer((64,), "uint8")
             acc = T.alloc_buffer((TILE2, Wa), "float32")
-            for b in range(64):
-                cfg[b] = amx.palette_byte(b)
-            T.evaluate(T.call_llvm_intrin("void", amx.LDTILECFG, T.address_of(cfg[0])))
+            amx.configure(cfg)
             for pb in range(Wa // TILE2):
-                for z in T.unroll(4):
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILEZERO, T.int8(z)))
+                amx.zero_acc()
                 for kh, cb in T.grid(K, CB):
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(4), T.address_of(WH[kh, cb, 0, 0]), T.int64(K_BLOCK * 2)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(5), T.address_of(WH[kh, cb, 16, 0]), T.int64(K_BLOCK * 2)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                    if lo_terms:
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(4), T.address_of(WL[kh, cb, 0, 0]), T.int64(K_BLOCK * 2)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(5), T.address_of(WL[kh, cb, 16, 0]), T.int64(K_BLOCK * 2)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]), T.int64(b_stride)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(0), T.int8(4), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(1), T.int8(4), T.int8(7)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(2), T.int8(5), T.int8(6)))
-                        T.evaluate(T.call_llvm_intrin("void", amx.TDPBF16PS, T.int8(3), T.int8(5), T.int8(7)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(0), acc.access_ptr("w", offset=0 * Wa + pb * TILE2, extent=15 * Wa + 16), T.int64(Wa * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(1), acc.access_ptr("w", offset=0 * Wa + pb * TILE2 + 16, extent=15 * Wa + 16), T.int64(Wa * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(2), acc.access_ptr("w", offset=16 * Wa + pb * TILE2, extent=15 * Wa + 16), T.int64(Wa * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(3), acc.access_ptr("w", offset=16 * Wa + pb * TILE2 + 16, extent=15 * Wa + 16), T.int64(Wa * 4)))
+                    amx.load_a(T.address_of(WH[kh, cb, 0, 0]), T.address_of(WH[kh, cb, 16, 0]), K_BLOCK * 2)
+                    amx.load_b_and_multiply(T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]),
+                                            T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
+                                            b_stride, amx.TDPBF16PS)
+                    if lo_terms:  # wh . xl, then wl . xh
+                        amx.load_b_and_multiply(T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2]),
+                                                T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
+                                                b_stride, amx.TDPBF16PS)
+                        amx.load_a(T.address_of(WL[kh, cb, 0, 0]), T.address_of(WL[kh, cb, 16, 0]), K_BLOCK * 2)
+                        amx.load_b_and_multiply(T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]),
+                                                T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
+                                                b_stride, amx.TDPBF16PS)
+                amx.store_acc(acc.access_ptr("w", offset=pb * TILE2, extent=15 * Wa + 16),
+                              acc.access_ptr("w", offset=pb * TILE2 + 16, extent=15 * Wa + 16),
+                              acc.access_ptr("w", offset=16 * Wa + pb * TILE2, extent=15 * Wa + 16),
+                              acc.access_ptr("w", offset=16 * Wa + pb * TILE2 + 16, extent=15 * Wa + 16),
+                              Wa * 4)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, W // 16):
                 for wi in T.vectorized(16):

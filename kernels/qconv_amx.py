@@ -118,25 +118,20 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
             cfg = T.alloc_buffer((64,), "uint8")
             acc = T.alloc_buffer((O, OW), "int32")
             wsum = T.alloc_buffer((OW,), "int32")
-            for b in range(64):
-                cfg[b] = amx.palette_byte(b)
-            T.evaluate(T.call_llvm_intrin("void", amx.LDTILECFG, T.address_of(cfg[0])))
+            amx.configure(cfg)
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
-                for z in T.unroll(4):
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILEZERO, T.int8(z)))
+                amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(4), T.address_of(Wt[kh * K + kw, cb, ob * TILE2, 0]), T.int64(K_BLOCK)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(5), T.address_of(Wt[kh * K + kw, cb, ob * TILE2 + 16, 0]), T.int64(K_BLOCK)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(6), T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TILELOAD, T.int8(7), T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]), T.int64(b_stride)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBSUD, T.int8(0), T.int8(4), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBSUD, T.int8(1), T.int8(4), T.int8(7)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBSUD, T.int8(2), T.int8(5), T.int8(6)))
-                    T.evaluate(T.call_llvm_intrin("void", amx.TDPBSUD, T.int8(3), T.int8(5), T.int8(7)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(0), acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(1), acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(2), acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16), T.int64(OW * 4)))
-                T.evaluate(T.call_llvm_intrin("void", amx.TILESTORE, T.int8(3), acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16), T.int64(OW * 4)))
+                    amx.load_a(T.address_of(Wt[kh * K + kw, cb, ob * TILE2, 0]),
+                               T.address_of(Wt[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK)
+                    amx.load_b_and_multiply(T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
+                                            T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
+                                            b_stride, amx.TDPBSUD)
+                amx.store_acc(acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16),
+                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
+                              OW * 4)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for wo in range(OW // 16):
                 for wi in T.vectorized(16):
