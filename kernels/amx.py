@@ -109,12 +109,31 @@ def load_b_and_multiply(b0, b1, stride, product):
 
 
 @T.macro
-def store_acc(c00, c01, c10, c11, stride):
-    """tmm0..3 to the four 16 x 64-byte destinations (``access_ptr``s, ``stride`` bytes per row)."""
-    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(0), c00, T.int64(stride)))
-    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(1), c01, T.int64(stride)))
-    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(2), c10, T.int64(stride)))
-    T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(3), c11, T.int64(stride)))
+def multiply_b(act, n, row, cb, pb, kw, stride, product):
+    """:func:`load_b_and_multiply` with the B tiles read from packed activations
+    ``act[n][row][group][column]`` (one 4-byte VNNI word per element; a tile's 16 rows are the
+    16 groups of K block ``cb``): pixels ``pb * 32 + kw`` .. + 31, ``stride`` bytes per group."""
+    load_b_and_multiply(T.address_of(act[n, row, cb * 16, pb * 32 + kw]),
+                        T.address_of(act[n, row, cb * 16, pb * 32 + 16 + kw]), stride, product)
+
+
+@T.macro
+def multiply(w, act, n, row, ob, pb, tap, cb, kw, a_stride, b_stride, product):
+    """A tiles from packed weights ``w[tap][cb][out][K block]`` (output rows ``ob * 32`` .. + 31,
+    ``a_stride`` bytes per row), then :func:`multiply_b`."""
+    load_a(T.address_of(w[tap, cb, ob * 32, 0]), T.address_of(w[tap, cb, ob * 32 + 16, 0]), a_stride)
+    multiply_b(act, n, row, cb, pb, kw, b_stride, product)
+
+
+@T.macro
+def store_acc(acc, row0, col0, width):
+    """tmm0..3 into ``acc`` (4-byte elements, ``width`` per row) at rows ``row0`` .. + 31, columns
+    ``col0`` .. + 31 (``access_ptr`` with the tile's extent, so TVM sizes the buffer for it)."""
+    for i in T.unroll(2):  # unrolled: tile numbers must be immediates
+        for j in T.unroll(2):
+            T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(i * 2 + j),
+                                          acc.access_ptr("w", offset=(row0 + 16 * i) * width + col0 + 16 * j,
+                                                         extent=15 * width + 16), T.int64(width * 4)))
 
 
 @T.macro

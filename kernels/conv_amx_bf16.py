@@ -80,6 +80,32 @@ def pair(f, x0, x1):
     return f(x0) | (f(x1) << T.uint32(16))
 
 
+@T.macro
+def _pack_split_row(X, xh, xl, n, hp, g, H, W, P, width, lo_terms):
+    """One packed row ``xh/xl[n, hp, g, 0:width]`` of channel pair g: zeros where padded (rows and
+    columns outside the image, columns up to ``width``), else :func:`pair` of hi / lo bits."""
+    if hp >= P and hp < H + P:
+        for wp in range(P):
+            xh[n, hp, g, wp] = T.uint32(0)
+            xl[n, hp, g, wp] = T.uint32(0)
+        for wp in range(width - W - P):
+            xh[n, hp, g, W + P + wp] = T.uint32(0)
+            xl[n, hp, g, W + P + wp] = T.uint32(0)
+        for wo16 in range(W // 16):
+            for w16 in T.vectorized(16):
+                xh[n, hp, g, wo16 * 16 + w16 + P] = pair(hi_bits, X[n, g * 2, hp - P, wo16 * 16 + w16],
+                                                         X[n, g * 2 + 1, hp - P, wo16 * 16 + w16])
+        if lo_terms:
+            for wo16 in range(W // 16):
+                for w16 in T.vectorized(16):
+                    xl[n, hp, g, wo16 * 16 + w16 + P] = pair(lo_bits, X[n, g * 2, hp - P, wo16 * 16 + w16],
+                                                             X[n, g * 2 + 1, hp - P, wo16 * 16 + w16])
+    else:
+        for wp in range(width):
+            xh[n, hp, g, wp] = T.uint32(0)
+            xl[n, hp, g, wp] = T.uint32(0)
+
+
 def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int = 3,
                       padding: int | None = None, terms: int = 3, residual: bool = False) -> tvm.tirx.PrimFunc:
     """PrimFunc ``main(X, WH, WL, B, [R,] Y)`` (scheduled). ``terms`` 3 (bf16x3, fp32-grade) or 1
@@ -104,27 +130,7 @@ def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: i
         xh = T.alloc_buffer((N, Hp, C2, Wp), "uint32")
         xl = T.alloc_buffer((N, Hp, C2, Wp), "uint32")
         for t in T.parallel(N * Hp * C2):
-            if t // C2 % Hp >= P and t // C2 % Hp < H + P:
-                for wp in range(P):
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, W + P + wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, W + P + wp] = T.uint32(0)
-                for wo16 in range(W // 16):
-                    for w16 in T.vectorized(16):
-                        xh[t // (Hp * C2), t // C2 % Hp, t % C2, (wo16 * 16 + w16) + P] = pair(
-                            hi_bits, X[t // (Hp * C2), t % C2 * 2, t // C2 % Hp - P, (wo16 * 16 + w16)],
-                            X[t // (Hp * C2), t % C2 * 2 + 1, t // C2 % Hp - P, (wo16 * 16 + w16)])
-                if lo_terms:
-                    for wo16 in range(W // 16):
-                        for w16 in T.vectorized(16):
-                            xl[t // (Hp * C2), t // C2 % Hp, t % C2, (wo16 * 16 + w16) + P] = pair(
-                                lo_bits, X[t // (Hp * C2), t % C2 * 2, t // C2 % Hp - P, (wo16 * 16 + w16)],
-                                X[t // (Hp * C2), t % C2 * 2 + 1, t // C2 % Hp - P, (wo16 * 16 + w16)])
-            else:
-                for wp in range(Wp):
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
+            _pack_split_row(X, xh, xl, t // (Hp * C2), t // C2 % Hp, t % C2, H, W, P, Wp, lo_terms)
         for t in T.parallel(N * OH):
             cfg = T.alloc_buffer((64,), "uint8")
             acc = T.alloc_buffer((O, OW), "float32")
@@ -132,25 +138,13 @@ def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: i
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
                 amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    amx.load_a(T.address_of(WH[kh * K + kw, cb, ob * TILE2, 0]),
-                               T.address_of(WH[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK * 2)
-                    amx.load_b_and_multiply(T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
-                                            T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
-                                            b_stride, amx.TDPBF16PS)
+                    amx.multiply(WH, xh, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK * 2, b_stride,
+                                 amx.TDPBF16PS)
                     if lo_terms:  # wh . xl (the wh tiles are still loaded), then wl . xh
-                        amx.load_b_and_multiply(T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
-                                                T.address_of(xl[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
-                                                b_stride, amx.TDPBF16PS)
-                        amx.load_a(T.address_of(WL[kh * K + kw, cb, ob * TILE2, 0]),
-                                   T.address_of(WL[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK * 2)
-                        amx.load_b_and_multiply(T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
-                                                T.address_of(xh[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
-                                                b_stride, amx.TDPBF16PS)
-                amx.store_acc(acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
-                              OW * 4)
+                        amx.multiply_b(xl, t // OH, t % OH + kh, cb, pb, kw, b_stride, amx.TDPBF16PS)
+                        amx.multiply(WL, xh, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK * 2, b_stride,
+                                     amx.TDPBF16PS)
+                amx.store_acc(acc, ob * TILE2, pb * TILE2, OW)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, OW // 16):
                 if residual:
@@ -222,52 +216,20 @@ def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, wid
         xh = T.alloc_buffer((N, Hp, C2, Wa), "uint32")
         xl = T.alloc_buffer((N, Hp, C2, Wa), "uint32")
         for t in T.parallel(N * Hp * C2):
-            if t // C2 % Hp >= P and t // C2 % Hp < H + P:
-                for wp in range(P):
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                for wp in range(Wa - W - P):
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, W + P + wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, W + P + wp] = T.uint32(0)
-                for wo16 in range(W // 16):
-                    for w16 in T.vectorized(16):
-                        xh[t // (Hp * C2), t // C2 % Hp, t % C2, (wo16 * 16 + w16) + P] = pair(
-                            hi_bits, X[t // (Hp * C2), t % C2 * 2, t // C2 % Hp - P, (wo16 * 16 + w16)],
-                            X[t // (Hp * C2), t % C2 * 2 + 1, t // C2 % Hp - P, (wo16 * 16 + w16)])
-                if lo_terms:
-                    for wo16 in range(W // 16):
-                        for w16 in T.vectorized(16):
-                            xl[t // (Hp * C2), t // C2 % Hp, t % C2, (wo16 * 16 + w16) + P] = pair(
-                                lo_bits, X[t // (Hp * C2), t % C2 * 2, t // C2 % Hp - P, (wo16 * 16 + w16)],
-                                X[t // (Hp * C2), t % C2 * 2 + 1, t // C2 % Hp - P, (wo16 * 16 + w16)])
-            else:
-                for wp in range(Wa):
-                    xh[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
-                    xl[t // (Hp * C2), t // C2 % Hp, t % C2, wp] = T.uint32(0)
+            _pack_split_row(X, xh, xl, t // (Hp * C2), t // C2 % Hp, t % C2, H, W, P, Wa, lo_terms)
         for t in T.parallel(N * H):
             cfg = T.alloc_buffer((64,), "uint8")
             acc = T.alloc_buffer((TILE2, Wa), "float32")
             amx.configure(cfg)
             for pb in range(Wa // TILE2):
                 amx.zero_acc()
-                for kh, cb in T.grid(K, CB):
-                    amx.load_a(T.address_of(WH[kh, cb, 0, 0]), T.address_of(WH[kh, cb, 16, 0]), K_BLOCK * 2)
-                    amx.load_b_and_multiply(T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]),
-                                            T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
-                                            b_stride, amx.TDPBF16PS)
+                for kh, cb in T.grid(K, CB):  # one tap row; the kernel columns are tile rows
+                    amx.multiply(WH, xh, t // H, t % H + kh, 0, pb, kh, cb, 0, K_BLOCK * 2, b_stride, amx.TDPBF16PS)
                     if lo_terms:  # wh . xl, then wl . xh
-                        amx.load_b_and_multiply(T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2]),
-                                                T.address_of(xl[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
-                                                b_stride, amx.TDPBF16PS)
-                        amx.load_a(T.address_of(WL[kh, cb, 0, 0]), T.address_of(WL[kh, cb, 16, 0]), K_BLOCK * 2)
-                        amx.load_b_and_multiply(T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2]),
-                                                T.address_of(xh[t // H, t % H + kh, cb * 16, pb * TILE2 + 16]),
-                                                b_stride, amx.TDPBF16PS)
-                amx.store_acc(acc.access_ptr("w", offset=pb * TILE2, extent=15 * Wa + 16),
-                              acc.access_ptr("w", offset=pb * TILE2 + 16, extent=15 * Wa + 16),
-                              acc.access_ptr("w", offset=16 * Wa + pb * TILE2, extent=15 * Wa + 16),
-                              acc.access_ptr("w", offset=16 * Wa + pb * TILE2 + 16, extent=15 * Wa + 16),
-                              Wa * 4)
+                        amx.multiply_b(xl, t // H, t % H + kh, cb, pb, 0, b_stride, amx.TDPBF16PS)
+                        amx.multiply(WL, xh, t // H, t % H + kh, 0, pb, kh, cb, 0, K_BLOCK * 2, b_stride,
+                                     amx.TDPBF16PS)
+                amx.store_acc(acc, 0, pb * TILE2, Wa)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, W // 16):
                 for wi in T.vectorized(16):

@@ -122,16 +122,8 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
                 amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    amx.load_a(T.address_of(Wt[kh * K + kw, cb, ob * TILE2, 0]),
-                               T.address_of(Wt[kh * K + kw, cb, ob * TILE2 + 16, 0]), K_BLOCK)
-                    amx.load_b_and_multiply(T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + kw]),
-                                            T.address_of(act[t // OH, t % OH + kh, cb * 16, pb * TILE2 + 16 + kw]),
-                                            b_stride, amx.TDPBSUD)
-                amx.store_acc(acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2, extent=15 * OW + 16),
-                              acc.access_ptr("w", offset=(ob * TILE2 + 16) * OW + pb * TILE2 + 16, extent=15 * OW + 16),
-                              OW * 4)
+                    amx.multiply(Wt, act, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK, b_stride, amx.TDPBSUD)
+                amx.store_acc(acc, ob * TILE2, pb * TILE2, OW)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for wo in range(OW // 16):
                 for wi in T.vectorized(16):

@@ -24,15 +24,10 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ...kernels.conv_amx_bf16 import (bf16_fits, conv_bf16_compute, conv_bf16_fold_compute, fold_fits,
                                       pack_bf16_weights, pack_fold_weights)
+from .qdq_conv import _op_name
 
 #: products per MAC: 3 = bf16x3 (fp32-grade), 1 = plain bf16
 DEFAULT_TERMS = 3
-
-
-def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
 
 
 def _constant(expr) -> np.ndarray | None:
