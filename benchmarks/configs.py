@@ -72,7 +72,7 @@ INTEGER_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "
 SEED = 0
 PHOTO = "astronaut"  # scikit-image photo every LR test image is cut from
 CALIBRATION_PHOTO = "chelsea"  # PTQ ranges: a photo in no validation set (astronaut, coffee are)
-PTQ_VERSION = 2  # bump when the PTQ recipe changes: cached PTQ models are rebuilt
+PTQ_VERSION = 3  # bump when the PTQ recipe changes: cached PTQ models are rebuilt
 
 
 def config_names() -> list[str]:

@@ -90,5 +90,16 @@ class QuantConv2d(nn.Module):
             raise TypeError("per-sample (δ) bits need a CADyQ network (scheme 'cadyq')")
         if self.scheme is None or bits == FP:
             return self.conv(x)
+        return self.grid_conv(self.quantize_input(x, bits.act), self.quantized_weight(bits.weight))
+
+    def grid_conv(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+        """This conv on fake-quantized operands, in fp32 even under bf16 autocast: bf16 keeps 8
+        significant bits, so it would move 8-bit grid values off their grid, while the integer
+        engine's sums are exact. (Under autocast, the 256 levels of an 8-bit input would not
+        survive the cast, and QAT would train a network the engine does not run.)"""
         c = self.conv
-        return F.conv2d(self.quantize_input(x, bits.act), self.quantized_weight(bits.weight), c.bias, c.stride, c.padding)
+        if not torch.is_autocast_enabled(xq.device.type):  # (also the ONNX export: no casts traced)
+            return F.conv2d(xq, wq, c.bias, c.stride, c.padding)
+        with torch.autocast(xq.device.type, enabled=False):
+            bias = None if c.bias is None else c.bias.float()
+            return F.conv2d(xq.float(), wq.float(), bias, c.stride, c.padding)

@@ -131,13 +131,16 @@ class ActivationQuantizer(nn.Module, ABC):
         """Set the range from a batch of data (called once, on the first training forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # under bf16 autocast, round to the b-bit grid in fp32 (bf16 has only 8 mantissa bits)
-        if self.training and not bool(self.initialized):
-            with torch.no_grad():
-                self.init_range(x)
-            self.initialized.fill_(True)
-        p = self.qparams(x)
-        return fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax)
+        # fp32 even under bf16 autocast: the b-bit grid and the range (DDTB's gate is a small MLP)
+        # as the integer engine computes them; bf16 has only 8 significant bits
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and not bool(self.initialized):
+                with torch.no_grad():
+                    self.init_range(x)
+                self.initialized.fill_(True)
+            p = self.qparams(x)
+            return fake_quantize(x, p.scale, p.zero_point, p.qmin, p.qmax)
 
     @property
     def is_dynamic(self) -> bool:

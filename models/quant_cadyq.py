@@ -293,11 +293,11 @@ class CadyqConv2d(QuantConv2d):
             out = super().forward(x, bits)
             self.last_bits = torch.full((x.shape[0],), bits.act, dtype=torch.long, device=x.device)
             return out
-        xq, chosen, term = self.select(x, bits)
+        with torch.autocast(x.device.type, enabled=False):  # the choice in fp32, as the engine makes it
+            xq, chosen, term = self.select(x.float(), bits)
         bits.record(self, chosen, term)
         self.last_bits = chosen.detach()
-        c = self.conv
-        return F.conv2d(xq, self.quantized_weight(bits.weight), c.bias, c.stride, c.padding)
+        return self.grid_conv(xq, self.quantized_weight(bits.weight))
 
 
 def convert_to_cadyq(root: nn.Module, candidates: Sequence[int] = CANDIDATES) -> nn.Module:

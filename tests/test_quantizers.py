@@ -417,6 +417,16 @@ def test_ddtb_first_training_forward_initialises_bounds() -> None:
     assert (fresh.lower.item(), fresh.upper.item()) == (-1.0, 1.0) and not bool(fresh.initialized)
 
 
+@pytest.mark.parametrize("bits, pct", [(2, 99.0), (4, 99.0), (6, 99.99), (8, 100.0)])
+def test_ddtb_initial_bounds_clip_less_at_higher_widths(bits: int, pct: float) -> None:
+    # DDTB's 1 % clip at <= 4 bits, 1e-4 at 5-7, the first batch's min/max at 8 (init_percentile)
+    x = _rng(9).standard_normal((2, 4, 16, 16)).astype(np.float32) * 1.3 - 0.1
+    q = DdtbActivation(bits, 4, dynamic=False).train()
+    q(_t(x))
+    lo, hi = np.percentile(x.astype(np.float64), [100.0 - pct, pct])
+    np.testing.assert_allclose([q.lower.item(), q.upper.item()], [lo, hi], rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bit widths
 
 

@@ -169,3 +169,38 @@ def test_refqsr_training_starts_each_refer_near_skipping_its_block(setup, tmp_pa
         with torch.no_grad():
             out = refer(q, r, hard=True)
         assert float((out - q).abs().max()) < 0.05 * float(q.abs().max())
+
+
+@pytest.mark.parametrize("scheme", ["ddtb", "pams"])
+def test_quantized_conv_keeps_its_8_bit_grid_under_bf16_autocast(scheme):
+    """Under autocast the fake-quantized operands are convolved in fp32: the result equals a
+    float64 conv of the same grid values (bf16 would move them off the 8-bit grid)."""
+    from refqsr_engine.models.qconv import BitSpec, QuantConv2d
+
+    torch.manual_seed(4)
+    conv = QuantConv2d(16, 8, 3, scheme=scheme, act_bits=(8,)).train()
+    x = torch.randn(2, 16, 12, 12) * 3
+    conv(x, BitSpec.uniform(8))  # first training forward: the activation range
+    conv.eval()
+    xq = conv.quantize_input(x, 8).double()
+    wq = conv.quantized_weight(8).double()
+    want = torch.nn.functional.conv2d(xq, wq, conv.conv.bias.double(), padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv(x, BitSpec.uniform(8))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_target_is_the_fp32_teacher_under_autocast(setup, tmp_path):
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import make_task
+
+    task = make_task(_cfg(setup, tmp_path / "unused", "qat", "8", 1), HRFolderDataset(setup["root"] / "train", 4, 24))
+    lr, hr = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 96, 96)
+    student = torch.zeros_like(hr)
+    with torch.no_grad():
+        target = task.teacher(lr)
+        want = float(torch.nn.functional.l1_loss(student, hr) + torch.nn.functional.l1_loss(student, target))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = float(task.distill(student, lr, hr))
+    assert got == pytest.approx(want, rel=1e-6)

@@ -429,3 +429,35 @@ def test_trainer_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             main(argv)
         err = capsys.readouterr().err
         assert exc.value.code != 0 and msg in err and "Traceback" not in err
+
+
+def test_learning_rate_warmup_ramps_then_halves() -> None:
+    from refqsr_engine.training.loop import lr_at
+
+    cfg = TrainConfig(data=".", out=".", steps=10, lr=1e-4, halve_every=6, warmup=4)
+    got = [lr_at(cfg, s) for s in range(8)]
+    want = [2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4, 5e-5, 5e-5]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert lr_at(TrainConfig(data=".", out=".", steps=1, lr=1e-4), 0) == 1e-4  # no warmup: no ramp
+
+
+def test_fp_training_continues_from_a_model_file(train_data: Path, tmp_path: Path) -> None:
+    from refqsr_engine.models.checkpoint import load_model, save_model
+    from refqsr_engine.models.registry import build_sr
+
+    torch.manual_seed(3)
+    source = build_sr("srresnet", n_blocks=2, n_feats=16)
+    save_model(tmp_path / "src.pt", source, {"task": "fp"}, half=False)
+    cfg = _cfg(train_data, tmp_path / "run", 1)
+    cfg.init_from, cfg.lr, cfg.warmup = str(tmp_path / "src.pt"), 1e-3, 1000  # first step at 1e-6
+    train(cfg, log=lambda s: None)
+    trained, card = load_model(tmp_path / "run" / "best.pt")
+    assert (trained.n_blocks, trained.sizes()) == (2, source.sizes()) and card["init"] == str(tmp_path / "src.pt")
+    for (name, a), b in zip(source.state_dict().items(), trained.state_dict().values()):
+        np.testing.assert_allclose(b.float().numpy(), a.numpy(), atol=2e-3, rtol=2e-3, err_msg=name)
+    quantized = build_sr("srresnet", "ddtb", (8,), n_blocks=2, n_feats=16)
+    save_model(tmp_path / "q.pt", quantized, {"task": "qat"}, half=False)
+    cfg = _cfg(train_data, tmp_path / "run_q", 1)
+    cfg.init_from = str(tmp_path / "q.pt")
+    with pytest.raises(RefQSRError, match="not a full-precision srresnet"):
+        train(cfg, log=lambda s: None)

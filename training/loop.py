@@ -72,12 +72,13 @@ class TrainConfig:
     lr_patch: int = 48
     lr: float = 1e-4
     halve_every: int = 200_000
+    warmup: int = 0  # steps of linear learning-rate ramp (runs that start from trained weights)
     init: str = "interp"  # fp: "interp" starts as a bilinear upscaler (models.srresnet.interpolation_init); "random"
     task: str = "fp"  # fp | qat | refqsr (training/tasks.py)
     scheme: str = "ddtb"  # qat/refqsr: quantizer
     bits: str = "8"  # qat: "8", "4"; refqsr: "8-4"
     teacher: str | None = None  # qat/refqsr: the full-precision model file (KD target)
-    init_from: str | None = None  # qat/refqsr: starting weights (default: the teacher's)
+    init_from: str | None = None  # starting weights (fp: instead of --init; qat/refqsr: default the teacher's)
     kd_weight: float = 1.0
     lr_quant: float = 1e-2  # learning rate of the quantizer bounds
     clustblock: str | None = None  # refqsr: the trained ClustBlock file
@@ -212,8 +213,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def lr_at(cfg: TrainConfig, step: int, base: float | None = None) -> float:
-    """Step decay: ``base * 0.5 ** (step // halve_every)`` (learning rate of the step after ``step``)."""
-    return (cfg.lr if base is None else base) * 0.5 ** (step // cfg.halve_every)
+    """Step decay: ``base * 0.5 ** (step // halve_every)`` (learning rate of the step after ``step``),
+    ramped up linearly over the first ``warmup`` steps. The ramp is for runs that start from trained
+    weights: Adam's first updates move every weight by about the learning rate whatever its
+    gradient, and at 1e-4 that took the bundled FP SRResNet from 33.70 to 32.62 dB in two steps."""
+    lr = (cfg.lr if base is None else base) * 0.5 ** (step // cfg.halve_every)
+    return lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else lr
 
 
 # --------------------------------------------------------------------------- training
@@ -321,7 +326,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "val_psnr_y": val_psnr, "bicubic_psnr_y": validator.bicubic_psnr if validator else None,
             "val_images": validator.names if validator else [], "metric": f"PSNR on Y, shave {scale}, SR rounded to 8 bit",
             "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_quant": cfg.lr_quant, "betas": list(cfg.betas),
-                          "eps": cfg.eps, "halve_every": cfg.halve_every},
+                          "eps": cfg.eps, "halve_every": cfg.halve_every, "warmup": cfg.warmup},
             "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed, "amp": cfg.amp,
             "wall_seconds": round(elapsed_before + time.time() - t0, 1),
             "data": _data_card(cfg, dataset.n_images), "torch": torch.__version__,
@@ -410,6 +415,8 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
         click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--lr-patch", type=click.IntRange(min=4), default=48, show_default=True, help="LR crop size."),
         click.option("--lr", "lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True),
+        click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Ramp the learning rate up linearly over this many steps (for runs starting from trained weights)."),
         click.option("--halve-every", type=click.IntRange(min=1), default=200_000, show_default=True,
                      help="Halve the learning rate every N steps."),
         click.option("--val", type=click.Path(exists=True, file_okay=False), default=None,
@@ -433,7 +440,9 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
     ]
     if task == "fp":
         return common + [click.option("--init", type=click.Choice(["interp", "random"]), default="interp", show_default=True,
-                                      help="Start from a bilinear-upscaling network (interp) or plain random weights.")]
+                                      help="Start from a bilinear-upscaling network (interp) or plain random weights."),
+                         click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
+                                      help="Start from this full-precision model file instead (fine-tune or continue).")]
     quant = [
         click.option("--scheme", type=click.Choice(["pams", "ddtb", "cadyq", "cabm"]), default="ddtb", show_default=True,
                      help="cadyq: bits chosen per patch and layer (CADyQ); cabm: CADyQ's choices as an edge-score "

@@ -111,17 +111,25 @@ class FPTask(Task):
 
     def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
         super().__init__(cfg, dataset)
-        self.model = build_sr(cfg.arch)
-        if cfg.init == "interp":
+        if cfg.init_from:  # continue from a trained network (e.g. a longer schedule on a GPU)
+            source = _load_sr(cfg.init_from, "--init-from")
+            if source.arch != cfg.arch or getattr(source, "scheme", None) is not None:
+                raise RefQSRError(f"--init-from {cfg.init_from} is not a full-precision {cfg.arch}")
+            self.model = build_sr(cfg.arch, **source.sizes())
+            self.model.load_state_dict(source.float().state_dict())
+        elif cfg.init == "interp":
+            self.model = build_sr(cfg.arch)
             self.model.interpolation_init()
-        elif cfg.init != "random":
+        elif cfg.init == "random":
+            self.model = build_sr(cfg.arch)
+        else:
             raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.nn.functional.l1_loss(self.model(batch["lr"]), batch["hr"])
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "loss": "L1", "init": self.cfg.init}
+        return {"task": self.name, "loss": "L1", "init": self.cfg.init_from or self.cfg.init}
 
 
 class _Distilled(Task):
@@ -141,8 +149,11 @@ class _Distilled(Task):
 
     def distill(self, student: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """lambda_1 L1(student, HR) + lambda_kd L1(student, teacher)  (paper eq. (8))."""
-        with torch.no_grad():
-            target = self.teacher(lr)
+        # the KD target in fp32 even under bf16 autocast: a bf16 forward of the bundled FP
+        # SRResNet scores 0.6 dB below its fp32 self (33.40 vs 33.98 dB on the held-out crops),
+        # which would pull the student towards a worse network than its teacher
+        with torch.no_grad(), torch.autocast(lr.device.type, enabled=False):
+            target = self.teacher(lr.float())
         l1 = torch.nn.functional.l1_loss
         return l1(student, hr) + self.cfg.kd_weight * l1(student, target)
 

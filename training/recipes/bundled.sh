@@ -22,13 +22,19 @@ ARCH=${ARCH:-srresnet}
 DATA=${DATA:-data/sr}                 # python -m refqsr_engine.training.prepare --out data/sr
 RUNS=${RUNS:-runs/bundled/$ARCH}
 DEVICE=${DEVICE:-cuda}
-AMP=${AMP:-bf16}
+AMP=${AMP:-bf16}                      # the FP stage
+# The quantized stages run in fp32: under bf16 the KD teacher's output loses 0.6 dB and an 8-bit
+# grid does not survive the cast (H100 DDTB-8 runs under bf16 ended 0.2-0.8 dB under their FP start).
+Q_AMP=${Q_AMP:-none}
+Q_LR=${Q_LR:-1e-4}                    # the paper's; from a well-trained FP teacher 2e-5 kept DDTB-8 closer to it
 WORKERS=${WORKERS:-6}
 CLUST=${CLUST:-core/data/clustblock/textures47.pt}
 FP_STEPS=${FP_STEPS:-60000}
 FP_HALVE=${FP_HALVE:-8000}
 FP_TIME=${FP_TIME:-}
 FP_LR=${FP_LR:-1e-4}
+FP_INIT=${FP_INIT:-}                  # a full-precision model file to continue from (e.g. a longer schedule)
+FP_BATCH=${FP_BATCH:-}                # the FP run's batch (default: BATCH)
 Q_STEPS=${Q_STEPS:-20000}
 Q_HALVE=${Q_HALVE:-4000}
 Q_TIME=${Q_TIME:-}
@@ -38,21 +44,23 @@ CABM_RUNS=${CABM_RUNS:-cabm cabm_refqsr3}
 VAL_EVERY=${VAL_EVERY:-1000}
 Q_VAL_EVERY=${Q_VAL_EVERY:-250}
 BATCH=${BATCH:-16}
+WARMUP=${WARMUP:-0}                   # learning-rate ramp (steps): for runs that start from trained weights
 ABLATION=${ABLATION:-1}
 QUANT_RUNS=${QUANT_RUNS:-ddtb8 ddtb4 refqsr84$( [ "$ABLATION" = 1 ] && echo " norefer84")}
 PY=${PYTHON:-python}
 
 limit() { [ -n "$1" ] && echo "--time-limit $1" || true; }
-common="--arch $ARCH --data $DATA --device $DEVICE --amp $AMP --workers $WORKERS --batch $BATCH --quiet"
+common="--arch $ARCH --data $DATA --device $DEVICE --amp $AMP --workers $WORKERS --batch $BATCH --warmup $WARMUP --quiet"
 
 fp() {
     $PY -m refqsr_engine.training.train_fp $common --out "$RUNS/fp" --steps "$FP_STEPS" --lr "$FP_LR" \
-        --halve-every "$FP_HALVE" --val-every "$VAL_EVERY" --ckpt-every 500 $(limit "$FP_TIME")
+        --halve-every "$FP_HALVE" --val-every "$VAL_EVERY" --ckpt-every 500 $(limit "$FP_TIME") \
+        ${FP_INIT:+--init-from "$FP_INIT"} ${FP_BATCH:+--batch "$FP_BATCH"}
 }
 
 quant() {
     local teacher=${TEACHER:-$RUNS/fp/best.pt}
-    local q="$common --teacher $teacher --steps $Q_STEPS --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$Q_TIME")"
+    local q="$common --amp $Q_AMP --lr $Q_LR --teacher $teacher --steps $Q_STEPS --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$Q_TIME")"
     local pids=() run
     for run in $QUANT_RUNS; do
         case $run in
@@ -74,7 +82,7 @@ quant() {
 }
 
 cabm() {
-    local q="$common --teacher ${TEACHER:-$RUNS/fp/best.pt} --init-from $RUNS/cadyq/best.pt --steps $CABM_STEPS"
+    local q="$common --amp $Q_AMP --lr $Q_LR --teacher ${TEACHER:-$RUNS/fp/best.pt} --init-from $RUNS/cadyq/best.pt --steps $CABM_STEPS"
     q="$q --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$CABM_TIME")"
     local pids=() run
     for run in $CABM_RUNS; do
