@@ -94,9 +94,8 @@ class QuantConv2d(nn.Module):
 
     def grid_conv(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """This conv on fake-quantized operands, in fp32 even under bf16 autocast: bf16 keeps 8
-        significant bits, so it would move 8-bit grid values off their grid, while the integer
-        engine's sums are exact. (Under autocast, the 256 levels of an 8-bit input would not
-        survive the cast, and QAT would train a network the engine does not run.)"""
+        significant bits, so its cast would move 8-bit grid values off their grid, and QAT would
+        train a network that the integer engine (exact sums) does not run."""
         c = self.conv
         if not torch.is_autocast_enabled(xq.device.type):  # (also the ONNX export: no casts traced)
             return F.conv2d(xq, wq, c.bias, c.stride, c.padding)

@@ -111,19 +111,16 @@ class FPTask(Task):
 
     def __init__(self, cfg: Any, dataset: HRFolderDataset) -> None:
         super().__init__(cfg, dataset)
-        if cfg.init_from:  # continue from a trained network (e.g. a longer schedule on a GPU)
-            source = _load_sr(cfg.init_from, "--init-from")
-            if source.arch != cfg.arch or getattr(source, "scheme", None) is not None:
-                raise RefQSRError(f"--init-from {cfg.init_from} is not a full-precision {cfg.arch}")
-            self.model = build_sr(cfg.arch, **source.sizes())
+        if cfg.init not in ("interp", "random"):
+            raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
+        source = _load_sr(cfg.init_from, "--init-from") if cfg.init_from else None  # continue a trained network
+        if source is not None and (source.arch != cfg.arch or source.scheme is not None):
+            raise RefQSRError(f"--init-from {cfg.init_from} is not a full-precision {cfg.arch}")
+        self.model = build_sr(cfg.arch, **(source.sizes() if source is not None else {}))
+        if source is not None:
             self.model.load_state_dict(source.float().state_dict())
         elif cfg.init == "interp":
-            self.model = build_sr(cfg.arch)
             self.model.interpolation_init()
-        elif cfg.init == "random":
-            self.model = build_sr(cfg.arch)
-        else:
-            raise RefQSRError(f"unknown --init {cfg.init!r}: use interp or random")
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.nn.functional.l1_loss(self.model(batch["lr"]), batch["hr"])

@@ -50,17 +50,18 @@ QUANT_RUNS=${QUANT_RUNS:-ddtb8 ddtb4 refqsr84$( [ "$ABLATION" = 1 ] && echo " no
 PY=${PYTHON:-python}
 
 limit() { [ -n "$1" ] && echo "--time-limit $1" || true; }
-common="--arch $ARCH --data $DATA --device $DEVICE --amp $AMP --workers $WORKERS --batch $BATCH --warmup $WARMUP --quiet"
+common="--arch $ARCH --data $DATA --device $DEVICE --workers $WORKERS --warmup $WARMUP --quiet"
+quantized="$common --amp $Q_AMP --batch $BATCH --lr $Q_LR"  # the quant and cabm stages
 
 fp() {
-    $PY -m refqsr_engine.training.train_fp $common --out "$RUNS/fp" --steps "$FP_STEPS" --lr "$FP_LR" \
-        --halve-every "$FP_HALVE" --val-every "$VAL_EVERY" --ckpt-every 500 $(limit "$FP_TIME") \
-        ${FP_INIT:+--init-from "$FP_INIT"} ${FP_BATCH:+--batch "$FP_BATCH"}
+    $PY -m refqsr_engine.training.train_fp $common --amp "$AMP" --batch "${FP_BATCH:-$BATCH}" --out "$RUNS/fp" \
+        --steps "$FP_STEPS" --lr "$FP_LR" --halve-every "$FP_HALVE" --val-every "$VAL_EVERY" --ckpt-every 500 \
+        $(limit "$FP_TIME") ${FP_INIT:+--init-from "$FP_INIT"}
 }
 
 quant() {
     local teacher=${TEACHER:-$RUNS/fp/best.pt}
-    local q="$common --amp $Q_AMP --lr $Q_LR --teacher $teacher --steps $Q_STEPS --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$Q_TIME")"
+    local q="$quantized --teacher $teacher --steps $Q_STEPS --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$Q_TIME")"
     local pids=() run
     for run in $QUANT_RUNS; do
         case $run in
@@ -82,7 +83,7 @@ quant() {
 }
 
 cabm() {
-    local q="$common --amp $Q_AMP --lr $Q_LR --teacher ${TEACHER:-$RUNS/fp/best.pt} --init-from $RUNS/cadyq/best.pt --steps $CABM_STEPS"
+    local q="$quantized --teacher ${TEACHER:-$RUNS/fp/best.pt} --init-from $RUNS/cadyq/best.pt --steps $CABM_STEPS"
     q="$q --halve-every $Q_HALVE --val-every $Q_VAL_EVERY --ckpt-every 250 $(limit "$CABM_TIME")"
     local pids=() run
     for run in $CABM_RUNS; do
