@@ -98,13 +98,24 @@ class PatchRunner(Protocol):
     # patch of every call (sr / reference / query), in call order; run_patchwise empties it first.
 
 
+#: What a query's RefER blocks are fed (TorchRunner). "assigned": the features of the reference the
+#: ClustBlock chose (RefQSR itself); "self": the query's own features (the paper's Table V
+#: "self-reference"); "aligned": the query's own b_high reference-path features, i.e. a reference
+#: that matches every query pixel exactly (what RefER could do with a perfect reference);
+#: "high": no RefER, the query runs the reference path at b_high (the ceiling of the query path).
+#: The last two are diagnostics (training.refer_probe), not ways to run a model.
+REFERENCE_MODES = ("assigned", "self", "aligned", "high")
+
+
 class TorchRunner:
     """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
 
-    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec | PerSampleBits = FP, self_reference: bool = False) -> None:
-        """``self_reference``: each query's RefER gets the query's own features (Table V ablation).
+    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec | PerSampleBits = FP, reference: str = "assigned") -> None:
+        """``reference``: what each query's RefER is fed, one of :data:`REFERENCE_MODES`.
         ``bits``: a CADyQ/CABM network's δ (``Delta``) makes every call record its choices."""
-        self.model, self.bits, self.self_reference = model, bits, self_reference
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCE_MODES)}, got {reference!r}")
+        self.model, self.bits, self.reference_mode = model, bits, reference
         self.refqsr = isinstance(model, RefQSR)
         self.scale = (model.backbone if self.refqsr else model).scale
         self.device = next(model.parameters()).device
@@ -149,9 +160,18 @@ class TorchRunner:
 
     @torch.no_grad()
     def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
-        feats = None if self.self_reference else [self._t(f) for f in features]
-        sel = self._selection()
-        out = self.model.query_forward(self._t(x), feats, selection=sel).cpu().numpy()
+        xt, sel = self._t(x), self._selection()
+        if self.reference_mode == "high":  # the query runs as a reference would
+            out = self.model.reference_forward(xt, sel)[0]
+            self._record(sel, "reference")
+            return out.cpu().numpy()
+        if self.reference_mode == "assigned":
+            feats = [self._t(f) for f in features]
+        elif self.reference_mode == "aligned":  # the query's own b_high features: a perfect match
+            feats = self.model.reference_forward(xt)[1]
+        else:  # "self"
+            feats = None
+        out = self.model.query_forward(xt, feats, selection=sel).cpu().numpy()
         self._record(sel, "query")
         return out
 
@@ -164,14 +184,14 @@ def upscale_patchwise(
     batch: int = 16,
     bits: BitSpec = FP,
     progress: Progress | None = None,
-    self_reference: bool = False,
+    reference: str = "assigned",
 ) -> PatchwiseResult:
     """Super-resolve an LR image (3 x H x W float32 in [0, 1]) patch by patch with a PyTorch model.
 
     An SR network runs every patch at ``bits``; RefQSR clusters the patches with its ClustBlock, runs
-    the references at b_high and the queries at b_low with RefER (``self_reference``: RefER fed
-    the query's own features, the Table V ablation)."""
-    return run_patchwise(TorchRunner(model, bits, self_reference), lr, patch, overlap, batch, progress)
+    the references at b_high and the queries at b_low with RefER (``reference``: what RefER is fed,
+    one of :data:`REFERENCE_MODES`)."""
+    return run_patchwise(TorchRunner(model, bits, reference), lr, patch, overlap, batch, progress)
 
 
 def run_patchwise(

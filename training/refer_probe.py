@@ -1,0 +1,117 @@
+"""Does a trained RefQSR model's RefER use its reference? PSNR of the same model with four inputs.
+
+    python -m refqsr_engine.training.refer_probe MODEL --val data/sr/val
+
+Every row runs the same network patch-wise (96 px, 6 px overlap) on whole validation images with
+the same reference assignment; only what the query patches' RefER blocks get changes:
+
+* ``assigned``: the reference the ClustBlock chose (the model as it runs);
+* ``self``: the query's own features (the paper's Table V "self-reference");
+* ``aligned``: the query's own features from the b_high reference path, a reference that matches
+  every query pixel exactly;
+* ``high``: no RefER; query patches run the reference path at b_high (the ceiling).
+
+Reading it: ``assigned`` above ``self`` means the refinement uses a reference at all; ``aligned``
+above ``assigned`` means better matches would pay; ``high`` minus ``assigned`` is the quantization
+loss RefER has left on the query patches. The probe also scores the matching step itself: in
+``aligned`` mode the right flow is zero everywhere, so the share of query pixels whose arg-max flow
+stays under half a pooling cell says whether the cost volume can find even an identical patch.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from refqsr_engine.engine.models_store import resolve_model
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.metrics import psnr_y
+from refqsr_engine.models.checkpoint import load_model
+from refqsr_engine.models.patchwise import REFERENCE_MODES
+from refqsr_engine.models.refqsr import RefQSR
+from refqsr_engine.training.bundle import upscale_pair
+from refqsr_engine.training.datasets import PairedFolder
+
+
+# A query pixel "finds itself" when its inference-time (arg-max) flow against its own b_high
+# features is under half a pooling cell: a match to any other cell moves it by >= 3 px.
+SELF_MATCH_PX = 1.5
+
+
+class SelfMatchCounter:
+    """Forward hooks on a model's RefER blocks that score the matching step of every call: the share
+    of query pixels whose arg-max flow is under :data:`SELF_MATCH_PX`. Meaningful in ``aligned``
+    mode, where the reference is the query's own b_high feature, so the right flow is zero."""
+
+    def __init__(self, model: RefQSR) -> None:
+        self.hits = [0] * len(model.refers)
+        self.pixels = [0] * len(model.refers)
+        self.handles = [refer.register_forward_hook(self._hook(k)) for k, refer in enumerate(model.refers)]
+
+    def _hook(self, k: int):
+        def hook(refer: torch.nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            query, reference = inputs[0], inputs[1]
+            size = refer.flow(query, reference, hard=True).norm(dim=1)
+            self.hits[k] += int((size < SELF_MATCH_PX).sum())
+            self.pixels[k] += size.numel()
+        return hook
+
+    def shares(self) -> list[float]:
+        return [h / max(p, 1) for h, p in zip(self.hits, self.pixels)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
+    """PSNR-Y (shave 4) per image and mean, for each of :data:`REFERENCE_MODES`, and per RefER the
+    share of query pixels its matching maps onto themselves in ``aligned`` mode."""
+    if not (isinstance(model, RefQSR) and model.tail == "refer"):
+        raise RefQSRError("the probe needs a RefQSR model with RefER blocks")
+    out: dict[str, Any] = {"images": [folder[i].name for i in range(len(folder))], "modes": {}}
+    for mode in REFERENCE_MODES:
+        counter = SelfMatchCounter(model) if mode == "aligned" else None
+        scores = []
+        for i in range(len(folder)):
+            pair = folder[i]
+            sr, _ = upscale_pair(model, pair, patch, overlap, mode)
+            scores.append(psnr_y(sr, pair.hr, 4))
+        out["modes"][mode] = {"psnr_y": float(np.mean(scores)), "images": scores}
+        if counter is not None:
+            counter.remove()
+            out["self_match"] = counter.shares()
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    head = "| RefER input | PSNR-Y (dB) | " + " | ".join(result["images"]) + " |\n"
+    head += "| --- | ---: |" + " ---: |" * len(result["images"]) + "\n"
+    rows = [f"| {mode} | {r['psnr_y']:.3f} | " + " | ".join(f"{p:.3f}" for p in r["images"]) + " |"
+            for mode, r in result["modes"].items()]
+    match = ", ".join(f"RefER {k + 1} {share:.1%}" for k, share in enumerate(result["self_match"]))
+    return (head + "\n".join(rows) + "\n\nQuery pixels that the matching maps onto themselves in aligned mode "
+            f"(arg-max flow under {SELF_MATCH_PX} px): {match}\n")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_name")
+@click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out).")
+@click.option("--patch", type=click.IntRange(min=8), default=96, show_default=True, help="LR patch size.")
+def main(model_name: str, val: str, patch: int) -> None:
+    """PSNR of a RefQSR model with its RefER fed the assigned, self, aligned or no reference."""
+    try:
+        model, _ = load_model(resolve_model(model_name))
+        with torch.no_grad():
+            result = probe(model.eval(), PairedFolder(val, 4, None, None), patch)
+    except RefQSRError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    click.echo(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
