@@ -151,7 +151,8 @@ def test_default_model_compiled_for_this_cpu_beats_bicubic_and_equals_pytorch(ph
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["carn_ddtb_refqsr84", "elan_light_ddtb8", "elan_light_ddtb_refqsr84",
-                                  "elan_light_pams_refqsr84", "srresnet_cadyq", "srresnet_cabm_refqsr3"])
+                                  "elan_light_pams_refqsr84", "srresnet_cadyq", "srresnet_cadyq_refqsr3",
+                                  "srresnet_cabm_refqsr3"])
 def test_bundled_models_of_every_kind_compiled_equal_pytorch(photo, tmp_path, name):
     """Every architecture and every kind of bits (fixed, RefQSR, δ, δ-RefQSR) as bundled, trained
     (48 px patches: ELAN-light pads to a multiple of 16, RefER pools by 3)."""

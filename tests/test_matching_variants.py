@@ -10,8 +10,8 @@ from PIL import Image
 
 from refqsr_engine.benchmarks.matching_variants import main, matched_share
 from refqsr_engine.models.checkpoint import save_model
-from refqsr_engine.models.clustblock import ClustBlock
-from refqsr_engine.models.registry import build_refqsr
+
+from refqsr_helpers import small_refqsr
 
 
 def _cells(rows: int, cols: int) -> torch.Tensor:
@@ -55,14 +55,7 @@ def test_paper_formula_prefers_strong_cells_cosine_does_not():
 def test_cli_on_a_small_model(tmp_path):
     from skimage import data
 
-    torch.manual_seed(3)
-    clust = ClustBlock(8)
-    clust.calibrate(torch.rand(4, 3, 48, 48))
-    net = build_refqsr("srresnet", "ddtb", 8, 4, clust, n_blocks=4)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))
-    save_model(tmp_path / "r.pt", net.eval(), half=False)
+    save_model(tmp_path / "r.pt", small_refqsr(3), half=False)
     (tmp_path / "val").mkdir()
     Image.fromarray(data.astronaut()[:512, :512].copy()).save(tmp_path / "val" / "a.png")  # 128 px LR
     res = CliRunner().invoke(main, [str(tmp_path / "r.pt"), "--val", str(tmp_path / "val")])

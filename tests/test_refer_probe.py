@@ -13,24 +13,17 @@ from PIL import Image
 
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import save_model
-from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.patchwise import TorchRunner, upscale_patchwise
 from refqsr_engine.models.qconv import BitSpec
-from refqsr_engine.models.registry import build_refqsr
 from refqsr_engine.training.datasets import PairedFolder
 from refqsr_engine.training.refer_probe import main, probe
+
+from refqsr_helpers import small_refqsr
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(2)
-    clust = ClustBlock(8)
-    clust.calibrate(torch.rand(4, 3, 48, 48))
-    net = build_refqsr("srresnet", "ddtb", 8, 4, clust, tau=-1.0, n_blocks=4)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))  # quantizer ranges
-    return net.eval()
+    return small_refqsr(2, tau=-1.0)  # tau -1: every other patch is a query of the first
 
 
 def test_each_mode_feeds_refer_what_it_says(model):

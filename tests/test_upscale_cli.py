@@ -11,9 +11,9 @@ from PIL import Image
 
 from refqsr_engine.engine.cli import main
 from refqsr_engine.models.checkpoint import load_model, save_model
-from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.patchwise import upscale_patchwise
-from refqsr_engine.models.registry import build_refqsr, build_sr
+from refqsr_engine.models.registry import build_sr
+from refqsr_helpers import small_refqsr
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,7 @@ def test_checkpoint_roundtrip_is_fp16_rounding_only(fp_model_file):
 
 
 def test_refqsr_checkpoint_roundtrip(tmp_path):
-    torch.manual_seed(1)
-    clust = ClustBlock(8)
-    clust.calibrate(torch.rand(4, 3, 48, 48))
-    model = build_refqsr("srresnet", "ddtb", 8, 4, clust, tau=0.3)
-    model.train()
-    model(torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24))  # initialise the quantizer ranges
-    model.eval()
+    model = small_refqsr(1, tau=0.3, n_blocks=16)
     save_model(tmp_path / "r.pt", model, half=False)
     loaded, _ = load_model(tmp_path / "r.pt")
     q, r = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24)
