@@ -52,10 +52,51 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         return QuantDequant.apply(x, scale, zero_point, qmin, qmax)
     if scale.dim() == 1:
         scale, zero_point = scale.view(-1, 1, 1, 1), zero_point.view(-1, 1, 1, 1)
-    # Clamp before rounding: values beyond the range get zero gradient (and the bound gets +-1),
-    # exactly as clipping to the bounds first; the forward value equals round-then-clamp.
-    q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
-    return (q - zero_point) * scale
+    return FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+
+
+class FakeQuantize(torch.autograd.Function):
+    """y = (round(clamp(x / s + z, qmin, qmax)) - z) * s, rounding straight-through.
+
+    Clamping before rounding: values beyond the range get zero gradient and the bounds the whole
+    of it, exactly as clipping to the bounds first; the forward value equals round-then-clamp.
+    Written as one autograd node that keeps only its input (and the scalars) for the backward pass
+    and recomputes the in-range mask there. The same formula as separate autograd ops keeps two
+    more activation-sized tensors per call (the shifted input for clamp's mask, the grid values for
+    the product's gradient), which is most of a QAT step's memory: several calls per conv.
+    Gradients, with m = [qmin <= x / s + z <= qmax] (clamp's inclusive mask):
+    dy/dx = m;  dy/ds = (q - z) - m * x / s;  dy/dz = s * (m - 1)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):  # type: ignore[override]
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.grid = (qmin, qmax)
+        return (torch.round(torch.clamp(x / scale + zero_point, qmin, qmax)) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.grid
+        u = x / scale + zero_point
+        inside = (u >= qmin) & (u <= qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = grad_z = None
+        if ctx.needs_input_grad[1]:
+            q = torch.round(torch.clamp(u, qmin, qmax))
+            d_s = torch.where(inside, q - zero_point - x / scale, q - zero_point)
+            grad_s = _sum_to(grad * d_s, scale.shape)
+        if ctx.needs_input_grad[2]:
+            grad_z = _sum_to(torch.where(inside, 0.0, -grad * scale), zero_point.shape)
+        return grad_x, grad_s, grad_z, None, None
+
+
+def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient to a parameter's shape (a scalar, or per-sample [N, 1, 1, 1])."""
+    if g.shape == shape:
+        return g
+    if len(shape) == 0:
+        return g.sum()
+    return g.sum(dim=tuple(d for d in range(g.dim()) if d >= len(shape) or shape[d] == 1), keepdim=True).view(shape)
 
 
 def _onnx_int_type(qmin: int) -> int:

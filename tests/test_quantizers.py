@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refqsr_engine.benchmarks.train_memory import composed_fake_quantize
 from refqsr_engine.models.qconv import BitSpec, QuantConv2d
 from refqsr_engine.models.quant_ddtb import DdtbActivation, DdtbWeight
 from refqsr_engine.models.quant_minmax import MinMaxActivation, MinMaxWeight
@@ -375,6 +376,52 @@ def test_ddtb_ste_gradients_reach_both_bounds() -> None:
         np.testing.assert_allclose(float(q2.lower.grad), 0.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fake_quantize_node_equals_the_composed_ops(per_sample: bool) -> None:
+    from refqsr_engine.models.quant_base import fake_quantize
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 8, 6, 6, generator=g) * 3).requires_grad_()
+    shape = (4,) if per_sample else ()
+    scale = (torch.rand(shape, generator=g) * 0.3 + 0.05).requires_grad_()
+    zero = torch.round(torch.rand(shape, generator=g) * 10).requires_grad_()
+    w = torch.randn(4, 8, 6, 6, generator=g)
+    grads = []
+    for f in (composed_fake_quantize, fake_quantize):
+        x.grad = scale.grad = zero.grad = None
+        y = f(x, scale, zero, 0, 15)
+        (y * w).sum().backward()
+        grads.append((y.detach(), x.grad.clone(), scale.grad.clone(), zero.grad.clone()))
+    (y0, gx0, gs0, gz0), (y1, gx1, gs1, gz1) = grads
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gs1, gs0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gz1, gz0, rtol=1e-5, atol=1e-5)
+    assert int((gx1 == 0).sum()) > 0 and int((gx1 != 0).sum()) > 0  # both sides of the clamp seen
+
+
+def test_fake_quantize_keeps_only_its_input_for_backward() -> None:
+    from refqsr_engine.models.quant_base import fake_quantize
+
+    x = torch.randn(2, 16, 32, 32, requires_grad=True)
+    scale, zero = torch.tensor(0.1, requires_grad=True), torch.tensor(3.0)
+
+    def saved_bytes(f) -> int:
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            f(x, scale, zero, 0, 15)
+        return sum(total)
+
+    activation = x.numel() * x.element_size()
+    assert saved_bytes(fake_quantize) <= activation + 16  # x, and the two scalars
+    assert saved_bytes(composed_fake_quantize) >= 2 * activation
+
+
 # --------------------------------------------------------------------------- range initialisation
 
 
@@ -514,3 +561,12 @@ def test_weight_qparams_are_cached_in_eval_and_follow_weight_updates():
     assert torch.equal(got.scale, expected.scale) and torch.equal(got.zero_point, expected.zero_point)
     quant.train()
     assert quant(w, 4).requires_grad  # training still differentiates through the weights
+
+
+def test_train_memory_benchmark_runs_each_kind_in_a_child(capsys) -> None:
+    from refqsr_engine.benchmarks.train_memory import main
+
+    main(["--kinds", "ddtb8", "delta3", "--batch", "1", "--crop", "12", "--steps", "1", "--threads", "1"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ddtb8") or ln.startswith("| delta3")]
+    assert len(rows) == 2 and all("one node" in r for r in rows)
+    assert all(float(r.split("|")[3]) > 0 for r in rows)
