@@ -67,17 +67,22 @@ def patch_pairs(folder: PairedFolder, patch: int = PATCH, shift: tuple[int, int]
 
 def matched_share(query: torch.Tensor, reference: torch.Tensor, want: tuple[int, int], cosine: bool,
                   quantize=None) -> float:
-    """Share of scored query pixels whose arg-max flow is within half a cell of ``want`` = (dy, dx)
-    px, the reference content sitting at query pixel + want; pixels whose right match falls
-    outside the reference (and one cell along those edges) are not scored. Features are
-    [N, C, H, W] before pooling."""
+    """:func:`flow_share` of the arg-max flow between two features ([N, C, H, W] before pooling)
+    under a matching formula: eq. (4)-(6), or a cosine, on optionally quantized pooled vectors."""
     pq, pr = normalize_and_pool(query), normalize_and_pool(reference)
     if cosine:
         pq, pr = F.normalize(pq, dim=1), F.normalize(pr, dim=1)
     if quantize is not None:
         pq, pr = quantize(pq), quantize(pr)
     size = (query.shape[-2], query.shape[-1])
-    flow = upsample_flow(pooled_flow(pq, pr, size, hard=True), size)
+    return flow_share(upsample_flow(pooled_flow(pq, pr, size, hard=True), size), want)
+
+
+def flow_share(flow: torch.Tensor, want: tuple[int, int]) -> float:
+    """Share of scored query pixels whose flow [N, 2, H, W] is within half a cell of ``want`` =
+    (dy, dx) px, the reference content sitting at query pixel + want; pixels whose right match
+    falls outside the reference (and one cell along those edges) are not scored."""
+    size = flow.shape[-2:]
     dy, dx = want
     err = (flow - torch.tensor([float(dx), float(dy)]).view(1, 2, 1, 1)).norm(dim=1)
     # the overlap, less one cell along each edge that borders unmatched content (the bilinear
@@ -95,20 +100,23 @@ def symmetric_grid(x: torch.Tensor, bits: int, bound: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _features(model: RefQSR, x: torch.Tensor, path: str) -> dict[str, torch.Tensor]:
-    """head, block-1 output and each RefER depth's input, on the query or the reference path."""
+    """head, block-1 output and each RefER depth's input, on the query or the reference path,
+    caught by forward hooks while that path runs."""
     net = model.backbone
-    head = net.head(x)
-    out = {"head": head, "block 1": net.blocks[0](head, model._high_for(x, None))}
-    if path == "reference":
-        deep = model.reference_forward(x)[1]
-    else:
-        deep = []
-        hooks = [r.register_forward_hook(lambda _m, args, _o: deep.append(args[0])) for r in model.refers]
-        try:
+    out: dict[str, torch.Tensor] = {}
+    deep: list[torch.Tensor] = []
+    hooks = [net.head.register_forward_hook(lambda _m, _a, o: out.__setitem__("head", o)),
+             net.blocks[0].register_forward_hook(lambda _m, _a, o: out.__setitem__("block 1", o))]
+    if path == "query":
+        hooks += [r.register_forward_hook(lambda _m, args, _o: deep.append(args[0])) for r in model.refers]
+    try:
+        if path == "reference":
+            deep = model.reference_forward(x)[1]
+        else:
             model.query_forward(x, None)
-        finally:
-            for h in hooks:
-                h.remove()
+    finally:
+        for h in hooks:
+            h.remove()
     out.update({f"RefER {k + 1}": f for k, f in enumerate(deep)})
     return out
 
@@ -121,24 +129,28 @@ def measure(model: RefQSR, queries: torch.Tensor, shifted: torch.Tensor) -> list
     fq = _features(model, queries, "query")
     high = (_features(model, queries, "reference"), _features(model, shifted, "reference"))
     low = (fq, _features(model, shifted, "query"))
+    want = {"same": (0, 0), "shifted": (-SHIFT[0], -SHIFT[1])}
     rows = []
     for name in fq:
+        refer = model.refers[int(name.split()[1]) - 1] if name.startswith("RefER") else None
         bound = float(F.normalize(normalize_and_pool(fq[name]), dim=1).abs().flatten().quantile(0.999))
         formulas: list[tuple[str, bool, Any, tuple]] = [("paper, float", False, None, high), ("cosine, float", True, None, high)]
         # cosine of the integer vectors: quantized, then normalised (a plain dot product of grid
         # values would favour the cells with the larger integer norms, as eq. (5) does)
         formulas += [(f"cosine, {b}-bit", True, lambda p, b=b: F.normalize(symmetric_grid(p, b, bound), dim=1), high)
                      for b in (8, model.b_low)]
-        if name.startswith("RefER"):
-            mq = model.refers[int(name.split()[1]) - 1].match_quant
-            formulas.insert(1, (f"paper, trained {model.b_low}-bit quantizer", False,
-                                lambda p, q=mq: torch.round(q(p) / q.qparams().scale), high))
+        if refer is not None:
             # the reference through the query path too: are the two paths' features the obstacle?
             formulas.append(("cosine, float, reference at query bits", True, None, low))
-        for label, cosine, quantize, (same, moved) in formulas:
-            rows.append({"features": name, "formula": label,
-                         "same": matched_share(fq[name], same[name], (0, 0), cosine, quantize),
-                         "shifted": matched_share(fq[name], moved[name], (-SHIFT[0], -SHIFT[1]), cosine, quantize)})
+        name_rows = [{"features": name, "formula": label,
+                      **{pair: matched_share(fq[name], ref[name], want[pair], cosine, quantize)
+                         for pair, ref in zip(want, refs)}}
+                     for label, cosine, quantize, refs in formulas]
+        if refer is not None:  # the block's own matching, as it runs at inference, after "paper, float"
+            name_rows.insert(1, {"features": name, "formula": f"paper, trained {model.b_low}-bit quantizer",
+                                 **{pair: flow_share(refer.flow(fq[name], ref[name], hard=True), want[pair])
+                                    for pair, ref in zip(want, high)}})
+        rows += name_rows
     return rows
 
 

@@ -83,7 +83,7 @@ class FakeQuantize(torch.autograd.Function):
         grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
             q = torch.round(torch.clamp(u, qmin, qmax))
-            d_s = torch.where(inside, q - zero_point - x / scale, q - zero_point)
+            d_s = torch.where(inside, q - u, q - zero_point)  # q - u = q - z - x / s, u already at hand
             grad_s = _sum_to(grad * d_s, scale.shape)
         if ctx.needs_input_grad[2]:
             grad_z = _sum_to(torch.where(inside, 0.0, -grad * scale), zero_point.shape)
