@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model
-from refqsr_engine.models.matching import POOL, normalize_and_pool, pooled_flow, upsample_flow
+from refqsr_engine.models.matching import POOL, normalize_and_pool, pooled_flow, shared_flow, upsample_flow
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.datasets import PairedFolder
 from refqsr_engine.training.refer_probe import SELF_MATCH_PX
@@ -111,7 +111,7 @@ def _features(model: RefQSR, x: torch.Tensor, path: str) -> dict[str, torch.Tens
         hooks += [r.register_forward_hook(lambda _m, args, _o: deep.append(args[0])) for r in model.refers]
     try:
         if path == "reference":
-            deep = model.reference_forward(x)[1]
+            deep = model.reference_forward(x)[1][:len(model.refers)]  # (not shared matching's block-1 feature)
         else:
             model.query_forward(x, None)
     finally:
@@ -146,7 +146,11 @@ def measure(model: RefQSR, queries: torch.Tensor, shifted: torch.Tensor) -> list
                       **{pair: matched_share(fq[name], ref[name], want[pair], cosine, quantize)
                          for pair, ref in zip(want, refs)}}
                      for label, cosine, quantize, refs in formulas]
-        if refer is not None:  # the block's own matching, as it runs at inference, after "paper, float"
+        if name == "block 1" and model.shared:  # the model's own flow (matching.shared_flow), as it runs
+            name_rows.insert(1, {"features": name, "formula": "shared matching (8-bit cosine, the model's flow)",
+                                 **{pair: flow_share(shared_flow(fq[name], ref[name]), want[pair])
+                                    for pair, ref in zip(want, high)}})
+        if refer is not None and refer.match_quant is not None:  # the block's own matching, after "paper, float"
             name_rows.insert(1, {"features": name, "formula": f"paper, trained {model.b_low}-bit quantizer",
                                  **{pair: flow_share(refer.flow(fq[name], ref[name], hard=True), want[pair])
                                     for pair, ref in zip(want, high)}})

@@ -59,10 +59,11 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
+from ..models.matching import COSINE_GRID
 from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, no_contract, target_has_avx2
 
 __all__ = [
-    "POOL", "RefERShape", "build_backward_warp", "build_match", "build_normalize_pool", "build_pooled_flow",
+    "POOL", "RefERShape", "backward_warp_primfunc", "build_backward_warp", "build_shared_flow", "shared_flow_primfunc", "build_match", "build_normalize_pool", "build_pooled_flow",
     "build_quantize", "build_refer_pipeline", "build_upsample_flow", "benchmark_pipeline", "refer_compute",
     "refer_pipeline_primfunc", "schedule_refer", "torch_upsample_order",
 ]
@@ -171,6 +172,32 @@ def _normalize_pool_te(F, s: RefERShape, prefix: str):
         name=f"{prefix}pooled",
     )
     return pooled
+
+
+def _unit_cells_te(F, s: RefERShape, prefix: str):
+    """Shared matching's cells: normalize-pool, then each pooled cell divided by its own L2 norm
+    (``F.normalize(pooled, dim=1)``: products fenced, channel order, ``max(sqrt(.), 1e-12)``).
+    Returns (pooled, cell norm); the unit value ``pooled / norm`` is computed where it is read."""
+    pooled = _normalize_pool_te(F, s, prefix)
+    kc = te.reduce_axis((0, s.channels), f"{prefix}ckc")
+    csumsq = te.compute(
+        (s.batch, s.h, s.w),
+        lambda n, i, j: te.sum(no_contract(pooled[n, kc, i, j] * pooled[n, kc, i, j]), axis=kc),
+        name=f"{prefix}csumsq",
+    )
+    cnorm = te.compute(
+        (s.batch, s.h, s.w), lambda n, i, j: te.max(te.sqrt(csumsq[n, i, j]), tirx.const(NORM_EPS, "float32")),
+        name=f"{prefix}cnorm",
+    )
+    return pooled, cnorm
+
+
+def _cosine_grid_expr(unit):
+    """``matching.cosine_cells``' grid value: round(clamp(127 * u, -127, 127)) as int16."""
+    t = no_contract(unit * tirx.const(float(COSINE_GRID), "float32"))
+    lim = float(COSINE_GRID)
+    t = te.min(te.max(t, tirx.const(-lim, "float32")), tirx.const(lim, "float32"))
+    return te.round(t).astype("int16")
 
 
 def _quant_expr(x, scale, zp, qmin: int, qmax: int, dtype: str):
@@ -389,6 +416,18 @@ def refer_compute(stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 
         feat = te.placeholder(s.feat_shape, "float32", name="feat")
         flow = te.placeholder((s.batch, 2, s.height, s.width), "float32", name="flow")
         return te.create_prim_func([feat, flow, _warp_te(s, feat, flow)]), 2
+    if stage == "shared_flow":
+        Fq = te.placeholder(s.feat_shape, "float32", name="fq")
+        Fr = te.placeholder(s.feat_shape, "float32", name="fr")
+        Pq, Nq = _unit_cells_te(Fq, s, "q_")
+        Pr, Nr = _unit_cells_te(Fr, s, "r_")
+        idx = _match_te(s, lambda n, c, i, j: _cosine_grid_expr(Pq[n, c, i, j] / Nq[n, i, j]),
+                        lambda n, c, i, j: _cosine_grid_expr(Pr[n, c, i, j] / Nr[n, i, j]))
+        flow = _upsample_te(s, _pooled_flow_te(s, idx))
+        outs = [flow]
+        if return_index:
+            outs.append(te.compute((s.batch, s.hw), lambda n, i: idx[n, i], name="match_index"))
+        return te.create_prim_func([Fq, Fr, *outs]), 2
     if stage == "pipeline":
         _check_grid(qmin, qmax, "int16")
         Fq = te.placeholder(s.feat_shape, "float32", name="fq")
@@ -455,6 +494,19 @@ def _schedule_normalize_pool(sch, s: RefERShape, prefix: str, inline_pooled: boo
         n, c, i, j = sch.get_loops(blk)
         sch.parallel(sch.fuse(n, c))
         _vec_inner(sch, j, s.w)
+
+
+def _schedule_cell_norm(sch, s: RefERShape, prefix: str):
+    blk = sch.get_sblock(f"{prefix}csumsq")
+    n, i, j, kc = sch.get_loops(blk)
+    sch.reorder(n, i, kc, j)
+    sch.parallel(sch.fuse(n, i))
+    _vec_inner(sch, j, s.w)
+    sch.decompose_reduction(blk, kc)
+    blk = sch.get_sblock(f"{prefix}cnorm")
+    n, i, j = sch.get_loops(blk)
+    sch.parallel(sch.fuse(n, i))
+    _vec_inner(sch, j, s.w)
 
 
 def _schedule_match(sch, s: RefERShape, variant: str):
@@ -555,6 +607,13 @@ def schedule_refer(func: tvm.tirx.PrimFunc, shape: RefERShape, stage: str, varia
         _schedule_upsample(sch, s)
     elif stage == "backward_warp":
         _schedule_warp(sch, s)
+    elif stage == "shared_flow":
+        for prefix in ("q_", "r_"):  # the pooled cells are read twice (norm, value): kept
+            _schedule_normalize_pool(sch, s, prefix, inline_pooled=False)
+            _schedule_cell_norm(sch, s, prefix)
+        _schedule_match(sch, s, variant)
+        _schedule_pooled_flow(sch, s)
+        _schedule_upsample(sch, s)
     elif stage == "pipeline":
         _schedule_normalize_pool(sch, s, "q_", inline_pooled=True)
         _schedule_normalize_pool(sch, s, "r_", inline_pooled=True)
@@ -594,11 +653,32 @@ def refer_pipeline_primfunc(batch: int, channels: int, height: int, width: int, 
                             target=None) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of :func:`build_refer_pipeline` (for ``R.call_tir`` in a graph):
     ``main(fq, fr, scale[1], zero_point[1], warped, flow)``."""
-    shape = RefERShape(batch, channels, height, width)
+    return _scheduled("pipeline", RefERShape(batch, channels, height, width), target, qmin=qmin, qmax=qmax)
+
+
+def shared_flow_primfunc(batch: int, channels: int, height: int, width: int, target=None) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of :func:`build_shared_flow` (for ``R.call_tir``): ``main(fq, fr, flow)``."""
+    return _scheduled("shared_flow", RefERShape(batch, channels, height, width), target)
+
+
+def backward_warp_primfunc(batch: int, channels: int, height: int, width: int, target=None) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of :func:`build_backward_warp` (for ``R.call_tir``): ``main(feat, flow, warped)``."""
+    return _scheduled("backward_warp", RefERShape(batch, channels, height, width), target)
+
+
+def _scheduled(stage: str, shape: RefERShape, target, **kw) -> tvm.tirx.PrimFunc:
     tgt = as_target(target)
-    func, _ = refer_compute("pipeline", shape, qmin=qmin, qmax=qmax)
-    sch = schedule_refer(func, shape, "pipeline", _variant(None, tgt))
+    func, _ = refer_compute(stage, shape, **kw)
+    sch = schedule_refer(func, shape, stage, _variant(None, tgt))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def build_shared_flow(batch: int, channels: int, height: int, width: int, target=None, variant: str | None = None,
+                      return_index: bool = False) -> TirKernel:
+    """``(fq, fr) -> flow[N, 2, H, W]``: RefQSR's shared matching, ``matching.shared_flow(fq, fr)``
+    (unit cells on the fixed 8-bit grid, first arg-max of their integer dot products, cell flow
+    upsampled). ``return_index`` adds the arg-max reference cell of every query cell [N, h*w]."""
+    return _build("shared_flow", RefERShape(batch, channels, height, width), target, variant, return_index=return_index)
 
 
 def build_normalize_pool(batch: int, channels: int, height: int, width: int, target=None) -> TirKernel:

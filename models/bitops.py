@@ -2,8 +2,8 @@
 
 BitOPs = sum over the quantized feature-extraction convs of 2 * MACs * (b_w / 32) * (b_a / 32),
 counted per patch (overlapping pixels are counted in every patch that computes them). For RefQSR
-the RefER refinement convs (at b_high) and the RefER cost volume (both operands at b_low) are
-counted too; ClustBlock is reported on its own line, as the paper's Table III does. Not counted:
+the RefER refinement convs (at b_high) and the RefER cost volume (both operands at b_low; with
+shared matching one 8-bit cost volume per query instead of one per RefER) are counted too; ClustBlock is reported on its own line, as the paper's Table III does. Not counted:
 the full-precision head, body-end conv, upsampler and tail (no method quantizes them), L2
 normalisation, pooling, arg-max, flow upsampling and warping (no weight multiplies, O(HWC) each).
 FQR = mean activation bit width over the quantized convs, weighted by their MACs (all SRResNet
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..engine.tiling import make_grid
-from .matching import POOL, pooled_size
+from .matching import COSINE_BITS, POOL, pooled_size
 from .qconv import BitSpec
 from .quant_base import FULL_PRECISION, check_bits
 from .quant_cadyq import WEIGHT_BITS, CadyqConv2d, Selection
@@ -174,11 +174,14 @@ class PatchBits:
     """The bits one patch actually ran at. ``blocks[k][j]``: conv j of block k (the order of the
     architecture's ``block_conv_macs``) for the blocks the patch's path ran as blocks;
     ``refers[r][j]``: RefER r's refinement conv j (query patches of RefQSR); ``match_bits``: the
-    width of the RefER cost volume's operands (b_low), needed when ``refers`` is not empty."""
+    width of the RefER cost volume's operands (b_low; 8 with shared matching), needed when
+    ``refers`` is not empty; ``shared_match``: one cost volume for all RefERs (RefQSR's shared
+    matching) instead of one per RefER."""
 
     blocks: tuple[tuple[BitSpec, ...], ...]
     refers: tuple[tuple[BitSpec, ...], ...] = ()
     match_bits: int | None = None
+    shared_match: bool = False
 
 
 class ArchCost:
@@ -190,6 +193,7 @@ class ArchCost:
         cfg = {**arch_config(arch), **sizes}
         self.n_blocks, self.feats, self.n_refer = cfg["n_blocks"], cfg["n_feats"], cfg["n_refer"]
         self.tail = cfg.get("tail", "refer")  # "highbit": Table V's w/o-RefER query path
+        self.shared_match = cfg.get("matching", "paper") == "shared"  # one 8-bit cost volume per query
         self.block_macs_per_px = cfg["cls"].block_conv_macs(self.feats)
         self.refer_conv_macs_per_px = self.feats * self.feats * 9  # RefER's two 3x3 refinement convs
 
@@ -216,10 +220,14 @@ class ArchCost:
             return t
         positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
         positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
+        volume = positions_q * positions_r * self.feats
         for _ in range(self.n_refer):
             t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
             t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
-            t.cost_volume += conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(p.b_low))  # type: ignore[arg-type]
+            if not self.shared_match:
+                t.cost_volume += conv_bitops(volume, BitSpec.uniform(p.b_low))  # type: ignore[arg-type]
+        if self.shared_match:
+            t.cost_volume += conv_bitops(volume, BitSpec.uniform(COSINE_BITS))
         return t
 
     def chosen(self, box: Box, bits: PatchBits, ref_box: Box | None = None) -> Tally:
@@ -242,7 +250,8 @@ class ArchCost:
             for refer in bits.refers:
                 for b in refer:
                     t.add_conv(self.refer_conv_macs_per_px * box.pixels, b, "refer_convs")
-                t.cost_volume += conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits))
+            volumes = 1 if bits.shared_match else len(bits.refers)
+            t.cost_volume += volumes * conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits))
         return t
 
     def clustblock(self, box: Box) -> Tally:
@@ -296,7 +305,7 @@ def count_bitops(
     reference_of: Sequence[int] | None = None,
     ref_fraction: float | None = None,
     patch_bits: Sequence[PatchBits] | None = None,
-    **sizes: int,
+    **sizes: int | str,
 ) -> BitOpsReport:
     """BitOPs/FQR of one LR image (height, width).
 
@@ -410,9 +419,10 @@ def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") 
         raise ValueError(f"an SR network has the path 'sr', not {path!r}")
     per_block = [[conv_bits(c, fixed.get(k)) for c in convs_of(net.blocks[k])] for k in run_blocks]
     per_refer = [[conv_bits(c) for c in convs_of(r)] for r in refers]
-    match_bits = model.b_low if refers else None
+    shared = isinstance(model, RefQSR) and model.shared
+    match_bits = (COSINE_BITS if shared else model.b_low) if refers else None
     return [PatchBits(tuple(tuple(c[i] for c in block) for block in per_block),
-                      tuple(tuple(c[i] for c in refer) for refer in per_refer), match_bits)
+                      tuple(tuple(c[i] for c in refer) for refer in per_refer), match_bits, shared and bool(refers))
             for i in range(n)]
 
 

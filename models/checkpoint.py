@@ -42,7 +42,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         clust = model.clustblock.num_classes if model.clustblock is not None else None
         return {"kind": "refqsr", "arch": net.arch, "scheme": net.scheme, "b_high": model.b_high,
                 "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": model.n_refer,
-                "tail": model.tail, **net.sizes(), **_cadyq_config(model)}
+                "tail": model.tail, "matching": model.matching, **net.sizes(), **_cadyq_config(model)}
     if isinstance(model, SRBackbone):
         return {"kind": "sr", "arch": model.arch, "scheme": model.scheme, "act_bits": model.act_bits(), **model.sizes(),
                 **_cadyq_config(model)}
@@ -63,7 +63,7 @@ def build_from_config(cfg: dict[str, Any]) -> nn.Module:
         model = build_sr(cfg["arch"], cfg["scheme"], tuple(cfg["act_bits"]), **sizes)
     elif kind == "refqsr":
         clust = ClustBlock(cfg["clust_classes"]) if cfg.get("clust_classes") else None
-        for key in ("n_refer", "tail"):  # absent from files written before they existed
+        for key in ("n_refer", "tail", "matching"):  # absent from files written before they existed
             if key in cfg:
                 sizes[key] = cfg[key]
         model = build_refqsr(cfg["arch"], cfg["scheme"], cfg["b_high"], cfg["b_low"], clust, cfg["tau"], **sizes)

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 
 POOL = 3
 SOFTMAX_TEMPERATURE = 1000.0
+# Shared matching (RefQSR(matching="shared")): unit cell vectors on a fixed symmetric 8-bit grid.
+# Components of a unit vector lie in [-1, 1], so the grid needs no learned range; integer costs
+# are at most C * 127^2 (< 2^24 for C <= 1040), exact in float32 in any summation order.
+COSINE_BITS = 8
+COSINE_GRID = 2 ** (COSINE_BITS - 1) - 1
 ROWS_PER_CHUNK = 4096  # bounds the [rows x positions] slab of the hard-argmax cost volume
 
 
@@ -27,6 +32,27 @@ def normalize_and_pool(feat: torch.Tensor, pool: int = POOL) -> torch.Tensor:
     if h % pool == 0 and w % pool == 0:  # the same windows; plain pooling exports to ONNX cleanly
         return F.avg_pool2d(unit, pool)
     return F.adaptive_avg_pool2d(unit, (pooled_size(h, pool), pooled_size(w, pool)))
+
+
+def cosine_cells(feat: torch.Tensor, pool: int = POOL) -> torch.Tensor:
+    """Integer grid values of the shared matching's cell vectors: :func:`normalize_and_pool`, each
+    pooled cell normalised again to unit length (so the dot product of two cells is their cosine,
+    and cells with a larger pooled norm do not win every arg-max), then round(clamp(127 u, -127,
+    127)) (the clamp only guards rounding). Float values that are integers; no gradient (the flow
+    is hard). The compiled twin is ``kernels.refer_kernels`` stage ``shared_flow``."""
+    with torch.no_grad(), torch.autocast(feat.device.type, enabled=False):
+        feat = feat if feat.dtype == torch.float32 else feat.float()  # (no Cast node in exported graphs)
+        unit = F.normalize(normalize_and_pool(feat, pool), p=2, dim=1, eps=1e-12)
+        return torch.round(torch.clamp(unit * float(COSINE_GRID), -COSINE_GRID, COSINE_GRID))
+
+
+def shared_flow(query: torch.Tensor, reference: torch.Tensor, pool: int = POOL) -> torch.Tensor:
+    """Full-resolution displacement [N, 2, H, W] from each query pixel into the reference: the
+    first arg-max of the 8-bit cosine between :func:`cosine_cells` (see RefQSR's ``matching``)."""
+    size = (query.shape[-2], query.shape[-1])
+    with torch.no_grad(), torch.autocast(query.device.type, enabled=False):
+        flow = pooled_flow(cosine_cells(query, pool), cosine_cells(reference, pool), size, hard=True)
+        return upsample_flow(flow, size)
 
 
 def cell_centers(size: int, cells: int) -> torch.Tensor:

@@ -40,13 +40,12 @@ Readings of CADyQ's code (github.com/Cheeun/CADyQ) and deliberate differences:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .matching import backward_warp
 from .qconv import FP, BitSpec, PerSampleBits, QuantConv2d
 from .quant_base import check_bits, fake_quantize
 from .refer import RefER
@@ -328,17 +327,16 @@ class DynamicRefER(RefER):
     """RefER for δ-RefQSR: its two refinement convs (b_high in RefQSR) are CADyQ convs with their
     own selectors, so they run at δ like the reference path; the matching features stay at b_low."""
 
-    def __init__(self, channels: int, b_high: int, b_low: int, candidates: Sequence[int] = CANDIDATES, **kw: float) -> None:
+    def __init__(self, channels: int, b_high: int, b_low: int, candidates: Sequence[int] = CANDIDATES, **kw: Any) -> None:
         super().__init__(channels, SCHEME, b_high, b_low, **kw)
         self.conv1 = CadyqConv2d.from_quant_conv(self.conv1, candidates)
         self.conv2 = CadyqConv2d.from_quant_conv(self.conv2, candidates)
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None,
-                bits: BitSpec | PerSampleBits | None = None) -> torch.Tensor:
+                bits: BitSpec | PerSampleBits | None = None, flow: torch.Tensor | None = None) -> torch.Tensor:
         """RefER.forward with the refinement convs at ``bits`` (the query path's bound δ;
         default: fixed b_high)."""
-        hard = (not self.training) if hard is None else hard
-        aligned = backward_warp(reference, self.flow(query, reference, hard))
+        aligned = self.align(query, reference, hard, flow)
         bits = BitSpec.uniform(self.b_high) if bits is None else bits
         refinement = self.conv2(self.act(self.conv1(query - aligned, bits)), bits)
         return query + refinement

@@ -18,14 +18,17 @@ from .quantizers import make_activation_quantizer
 
 
 class RefER(nn.Module):
-    def __init__(self, channels: int, scheme: str, b_high: int, b_low: int, temperature: float = SOFTMAX_TEMPERATURE) -> None:
+    def __init__(self, channels: int, scheme: str, b_high: int, b_low: int, temperature: float = SOFTMAX_TEMPERATURE,
+                 own_matching: bool = True) -> None:
+        """``own_matching=False``: the block is given its flow (RefQSR's shared matching) and has no
+        matching step, hence no match quantizer, of its own."""
         super().__init__()
         self.b_high = b_high
         self.b_low = b_low
         self.temperature = temperature
         # Matching features are quantized to b_low (eq. (4)); a static range, because the cost
         # volume compares query and reference values and both must sit on one grid.
-        self.match_quant = make_activation_quantizer(scheme, b_low, channels, static=True)
+        self.match_quant = make_activation_quantizer(scheme, b_low, channels, static=True) if own_matching else None
         self.conv1 = QuantConv2d(channels, channels, 3, scheme, (b_high,))
         self.act = nn.PReLU()
         self.conv2 = QuantConv2d(channels, channels, 3, scheme, (b_high,))
@@ -45,10 +48,20 @@ class RefER(nn.Module):
         size = (query.shape[-2], query.shape[-1])
         return upsample_flow(pooled_flow(q, r, size, hard, self.temperature), size)
 
-    def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None) -> torch.Tensor:
-        """``hard``: argmax matching (default at inference) or soft-argmax (default in training)."""
-        hard = (not self.training) if hard is None else hard
-        aligned = backward_warp(reference, self.flow(query, reference, hard))
+    def align(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None, flow: torch.Tensor | None) -> torch.Tensor:
+        """The reference feature warped onto the query: by ``flow`` when given (shared matching),
+        else by this block's own matching (``hard``: arg-max, default at inference, or soft-argmax,
+        default in training)."""
+        if flow is None:
+            if self.match_quant is None:
+                raise ValueError("this RefER has no matching step of its own: pass the shared flow")
+            hard = (not self.training) if hard is None else hard
+            flow = self.flow(query, reference, hard)
+        return backward_warp(reference, flow)
+
+    def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None,
+                flow: torch.Tensor | None = None) -> torch.Tensor:
         bits = BitSpec.uniform(self.b_high)
+        aligned = self.align(query, reference, hard, flow)
         refinement = self.conv2(self.act(self.conv1(query - aligned, bits)), bits)
         return query + refinement

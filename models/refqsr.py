@@ -4,6 +4,21 @@ reference path: every ResBlock at (act b_high, weight b_high).
 query path: first ResBlock at b_high, the following ones at (act b_low, weight b_medium), and the
 last ``n_refer`` ResBlocks replaced by RefER blocks fed with the reference path's features.
 
+``matching`` decides where RefER's flow comes from:
+
+* ``"paper"``: each RefER matches its own input (the query's b_low features) against the
+  reference feature it warps, by eqs. (4)-(6): b_low match quantizer, dot product of pooled,
+  per-pixel-normalised vectors.
+* ``"shared"``: one flow per query, computed where both paths still run at b_high -- the input of
+  ResBlock 1 (the output of the first block) -- by an 8-bit cosine (``matching.shared_flow``), and
+  used by every RefER. Measured on the bundled paper-matching models
+  (``benchmarks/results/refer_matching_session9.md``): eq. (5) finds only 55-57 % of an identical
+  patch even on identical features (larger pooled norms win the arg-max; a cosine finds 100 %),
+  and at RefER depth a query's b_low features do not match the same patch's b_high features
+  (0.1-17 % even with a cosine), so the paper's flow is close to random and RefER does not use its
+  reference (``benchmarks/results/refer_matching_session10.md``: with shared matching it does).
+  One 8-bit cost volume per query replaces ``n_refer`` b_low ones.
+
 ``tail="highbit"`` is the paper's Table V "w/o RefER" ablation: the query path's last ``n_refer``
 blocks stay ResBlocks, run at b_high, and no reference feature is used.
 
@@ -24,6 +39,7 @@ from torch import nn
 from .clustblock import DEFAULT_TAU, ClustBlock
 from .qconv import BitSpec, PerSampleBits
 from .quant_cadyq import SCHEME as CADYQ, Delta, DynamicRefER, Selection, model_candidates
+from .matching import shared_flow
 from .refer import RefER
 from .backbone import SRBackbone
 
@@ -36,6 +52,16 @@ def medium_bits(b_high: int, b_low: int) -> int:
 
 
 TAILS = ("refer", "highbit")
+MATCHINGS = ("paper", "shared")
+MATCH_BLOCK = 1  # shared matching compares the input of this block (both paths at b_high up to it)
+
+
+class SharedMatcher(nn.Module):
+    """The shared matching step as a module (no parameters), so that its calls have their own
+    scope in exported graphs (``/matcher/``) and can be hooked."""
+
+    def forward(self, query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return shared_flow(query, reference)
 
 
 class RefQSR(nn.Module):
@@ -48,10 +74,13 @@ class RefQSR(nn.Module):
         clustblock: ClustBlock | None = None,
         tau: float = DEFAULT_TAU,
         tail: str = "refer",
+        matching: str = "paper",
     ) -> None:
         super().__init__()
         if tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {', '.join(MATCHINGS)}, got {matching!r}")
         if backbone.scheme is None:
             raise ValueError("RefQSR needs a quantized backbone (scheme 'pams', 'ddtb' or 'cadyq')")
         if not 0 < n_refer < backbone.n_blocks - 1:
@@ -63,20 +92,25 @@ class RefQSR(nn.Module):
         self.b_medium = medium_bits(b_high, b_low)
         self.tail = tail
         self.n_refer = n_refer
+        self.matching = matching if tail == "refer" else "paper"
+        self.shared = self.matching == "shared"
         self.dynamic = backbone.scheme == CADYQ  # δ-RefQSR
+        n = n_refer if tail == "refer" else 0
+        own = not self.shared
         if self.dynamic:
             candidates = model_candidates(backbone)
-            refers = [DynamicRefER(backbone.n_feats, b_high, b_low, candidates) for _ in range(n_refer if tail == "refer" else 0)]
+            refers = [DynamicRefER(backbone.n_feats, b_high, b_low, candidates, own_matching=own) for _ in range(n)]
         else:
-            refers = [RefER(backbone.n_feats, backbone.scheme, b_high, b_low) for _ in range(n_refer if tail == "refer" else 0)]
+            refers = [RefER(backbone.n_feats, backbone.scheme, b_high, b_low, own_matching=own) for _ in range(n)]
         self.refers = nn.ModuleList(refers)
+        self.matcher = SharedMatcher() if self.shared else None
         self.clustblock = clustblock
         self.tau = tau
 
     def cost_sizes(self) -> dict[str, int | str]:
         """What BitOPs accounting (models.bitops.count_bitops) needs to know of this network."""
         net = self.backbone
-        return {**net.sizes(), "n_refer": self.n_refer, "tail": self.tail}
+        return {**net.sizes(), "n_refer": self.n_refer, "tail": self.tail, "matching": self.matching}
 
     @property
     def high(self) -> BitSpec | Delta:
@@ -105,19 +139,28 @@ class RefQSR(nn.Module):
             return self.high
         return (selection if selection is not None else self.high).bind(x, self)
 
+    @property
+    def n_reference_features(self) -> int:
+        """Features a reference passes to its queries: one per RefER, plus the matching feature
+        (last) with shared matching."""
+        return len(self.refers) + (1 if self.shared else 0)
+
     def reference_forward(self, x: torch.Tensor, selection: Selection | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """HR output of reference patches and the features RefER needs: the input of each
-        reference-path ResBlock that a RefER replaces on the query path (see refer.py).
+        reference-path ResBlock that a RefER replaces on the query path (see refer.py), then, with
+        shared matching, the input of block :data:`MATCH_BLOCK`.
         ``selection``: δ-RefQSR only, an unbound Selection that records the bits chosen."""
-        net, kept = self.backbone, []
+        net, kept, match = self.backbone, [], []
         high = self._high_for(x, selection)
 
         def step(k: int, feat: torch.Tensor) -> torch.Tensor:
             if k >= self.first_refer:
                 kept.append(feat)
+            if self.shared and k == MATCH_BLOCK:
+                match.append(feat)
             return net.blocks[k](feat, high)
 
-        return net.run(x, step), kept
+        return net.run(x, step), kept + match
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
                       hard: bool | None = None, selection: Selection | None = None) -> torch.Tensor:
@@ -126,22 +169,28 @@ class RefQSR(nn.Module):
         ``reference_features=None`` feeds each RefER the query's own feature at its input: the
         paper's Table V "self-reference" ablation. ``selection`` as in :meth:`reference_forward`."""
         if reference_features is None:
-            reference_features = [None] * len(self.refers)
-        if self.tail == "refer" and len(reference_features) != len(self.refers):
-            raise ValueError(f"expected {len(self.refers)} reference features, got {len(reference_features)}")
+            reference_features = [None] * self.n_reference_features
+        if self.tail == "refer" and len(reference_features) != self.n_reference_features:
+            raise ValueError(f"expected {self.n_reference_features} reference features, got {len(reference_features)}")
         net, high = self.backbone, self._high_for(x, selection)
         bits = [high] + self.query_block_bits()[1:]
+        flow: list[torch.Tensor] = []  # shared matching: computed at MATCH_BLOCK, used by every RefER
 
         def step(k: int, feat: torch.Tensor) -> torch.Tensor:
+            if self.shared and k == MATCH_BLOCK:
+                ref_match = reference_features[-1]
+                flow.append(self.matcher(feat, feat if ref_match is None else ref_match))
             if k < self.first_refer:
                 return net.blocks[k](feat, bits[k])
             if self.tail == "highbit":
                 return net.blocks[k](feat, high)
             ref_feat = reference_features[k - self.first_refer]
             refer = self.refers[k - self.first_refer]
+            ref_feat = feat if ref_feat is None else ref_feat
+            shared = flow[0] if flow else None
             if self.dynamic:  # RefER's refinement convs at δ too
-                return refer(feat, feat if ref_feat is None else ref_feat, hard, high)
-            return refer(feat, feat if ref_feat is None else ref_feat, hard)
+                return refer(feat, ref_feat, hard, high, flow=shared)
+            return refer(feat, ref_feat, hard, flow=shared)
 
         return net.run(x, step)
 

@@ -60,5 +60,6 @@ def build_refqsr(
     path's first block and RefER convs) at δ with weights at ``b_high``, queries at b_low."""
     n_refer = overrides.pop("n_refer", arch_config(arch)["n_refer"])
     tail = overrides.pop("tail", "refer")
+    matching = overrides.pop("matching", "paper")
     backbone = build_sr(arch, scheme, (b_high, b_low), **overrides)
-    return RefQSR(backbone, b_high, b_low, n_refer, clustblock, tau, tail)
+    return RefQSR(backbone, b_high, b_low, n_refer, clustblock, tau, tail, matching)

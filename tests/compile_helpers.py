@@ -13,12 +13,12 @@ N_BLOCKS = 4
 
 
 def small_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, patch: int = PATCH,
-                 arch: str = "srresnet", n_blocks: int = N_BLOCKS):
+                 arch: str = "srresnet", n_blocks: int = N_BLOCKS, matching: str = "paper"):
     """A freshly initialised RefQSR model with calibrated quantizers (and a varying DDTB gate)."""
     torch.manual_seed(seed)
     clust = ClustBlock(16)
     clust.calibrate(torch.rand(6, 3, patch, patch))
-    model = build_refqsr(arch, scheme, b_high, b_low, clust, n_blocks=n_blocks)
+    model = build_refqsr(arch, scheme, b_high, b_low, clust, n_blocks=n_blocks, matching=matching)
     model.train()
     model(torch.rand(4, 3, patch, patch), torch.rand(4, 3, patch, patch))  # initialise quantizer ranges
     if scheme == "ddtb":  # make the dynamic gate actually vary per sample

@@ -19,8 +19,10 @@ from refqsr_engine.kernels import refer_kernels as rk
 from refqsr_engine.models.matching import (
     argmax_positions,
     backward_warp,
+    cosine_cells,
     normalize_and_pool,
     pooled_flow,
+    shared_flow,
     upsample_flow,
 )
 from refqsr_engine.models.quant_base import fake_quantize
@@ -299,6 +301,72 @@ def test_pipeline_runs_from_relax_call_tir():
     got = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
     for a, b in zip(got, k(*inputs)):
         np.testing.assert_array_equal(a.numpy(), b)
+
+
+# --------------------------------------------------------------------------- shared matching
+
+
+def numpy_cosine_cells(feat: np.ndarray) -> np.ndarray:
+    """An independent float64 twin of matching.cosine_cells (exact windows): unit pixels, 3x3 mean,
+    unit cells, round(127 u). Float64 may round a value that float32 puts on a .5 tie differently,
+    so callers compare through the arg-max, not value by value."""
+    n, c, h, w = feat.shape
+    f = feat.astype(np.float64)
+    unit = f / np.maximum(np.sqrt((f * f).sum(1, keepdims=True)), 1e-12)
+    pooled = unit.reshape(n, c, h // 3, 3, w // 3, 3).mean(axis=(3, 5))
+    cells = pooled / np.maximum(np.sqrt((pooled * pooled).sum(1, keepdims=True)), 1e-12)
+    return np.round(np.clip(cells * 127, -127, 127))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shared_flow_equals_pytorch_and_numpy(shape):
+    """Stage ``shared_flow`` returns matching.shared_flow bit for bit, and its arg-max cells are
+    those of a float64 numpy computation of the 8-bit cosine (up to ties)."""
+    n, c, h, w = shape
+    fq, fr = features(shape, 21)
+    fr = 0.5 * fr + torch.roll(fq, shifts=(3, -6), dims=(2, 3))  # related, so the arg-max is not a coin toss
+    k = cached("build_shared_flow", n, c, h, w, return_index=True)
+    flow, idx = k(fq.numpy(), fr.numpy())
+    np.testing.assert_array_equal(flow, shared_flow(fq, fr).numpy())
+    np.testing.assert_array_equal(idx, argmax_positions(cosine_cells(fq), cosine_cells(fr)).numpy())
+    q, r = numpy_cosine_cells(fq.numpy()), numpy_cosine_cells(fr.numpy())
+    cost = np.einsum("nci,ncj->nij", q.reshape(n, c, -1), r.reshape(n, c, -1))
+    best = cost.max(axis=2)
+    picked = np.take_along_axis(cost, idx[..., None].astype(np.int64), axis=2)[..., 0]
+    assert (picked == best).mean() > 0.99  # float32 vs float64 grid values differ on rare .5 ties
+
+
+def test_shared_flow_finds_a_known_shift_and_itself():
+    n, c, H, W = LARGE
+    fq, _ = features(LARGE, 22)
+    k = cached("build_shared_flow", n, c, H, W)
+    flow = k(fq.numpy(), fq.numpy())
+    assert not flow.any()  # a cosine is largest against itself: every cell finds itself
+    dy, dx = 6, -3
+    flow = k(fq.numpy(), torch.roll(fq, shifts=(dy, dx), dims=(2, 3)).numpy())
+    m = 3 * 2 + 6
+    np.testing.assert_allclose(flow[:, 0, m:H - m, m:W - m], dx, atol=1e-5)
+    np.testing.assert_allclose(flow[:, 1, m:H - m, m:W - m], dy, atol=1e-5)
+
+
+def test_backward_warp_primfunc_is_the_warp_kernel():
+    """What the importer calls for a shared-matching RefER (``Warp``) is the tested warp stage."""
+    import tvm
+    from tvm import relax
+
+    n, c, H, W = SMALL
+    prim = rk.backward_warp_primfunc(n, c, H, W)
+    bb = relax.BlockBuilder()
+    feat_v = relax.Var("feat", relax.TensorType((n, c, H, W), "float32"))
+    flow_v = relax.Var("flow", relax.TensorType((n, 2, H, W), "float32"))
+    with bb.function("main", [feat_v, flow_v]):
+        gv = bb.add_func(prim.with_attr("global_symbol", "warp"), "warp")
+        bb.emit_func_output(bb.emit(relax.call_tir(gv, [feat_v, flow_v], relax.TensorType((n, c, H, W), "float32"))))
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=rk.as_target(None)), tvm.cpu())
+    feat, _ = features(SMALL, 23)
+    flow = torch.rand(n, 2, H, W) * 10 - 5
+    got = vm["main"](tvm.runtime.tensor(feat.numpy()), tvm.runtime.tensor(flow.numpy())).numpy()
+    np.testing.assert_array_equal(got, backward_warp(feat, flow).numpy())
 
 
 def test_shape_checks():

@@ -70,3 +70,21 @@ def test_cli_on_a_small_model(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tiny / "a.png")
     res = CliRunner().invoke(main, [str(tmp_path / "r.pt"), "--val", str(tiny)])
     assert res.exit_code == 2 and "at least 126x108 px" in res.output
+
+
+def test_cli_on_a_shared_matching_model(tmp_path):
+    """A shared-matching model has no per-RefER matching (no trained-quantizer rows) and one more
+    row: its own flow on block-1 features (an arg-max: on this untrained network a photo's flat
+    regions give cells that tie, and ties go to the first cell, so not every cell finds itself)."""
+    from compile_helpers import small_refqsr as compile_small_refqsr
+    from skimage import data
+
+    save_model(tmp_path / "s.pt", compile_small_refqsr("ddtb", matching="shared"), half=False)
+    (tmp_path / "val").mkdir()
+    Image.fromarray(data.astronaut()[:512, :512].copy()).save(tmp_path / "val" / "a.png")
+    res = CliRunner().invoke(main, [str(tmp_path / "s.pt"), "--val", str(tmp_path / "val")])
+    assert res.exit_code == 0, res.output
+    rows = [ln.split("|")[1:5] for ln in res.output.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r[0].strip() for r in rows] == ["head"] * 4 + ["block 1"] * 5 + ["RefER 1"] * 5 + ["RefER 2"] * 5
+    shared = rows[5]
+    assert shared[1].strip().startswith("shared matching") and float(shared[2].strip()[:-1]) > 50

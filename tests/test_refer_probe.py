@@ -105,3 +105,20 @@ def test_self_match_counter_scores_the_argmax_flow(model):
     with torch.no_grad():
         model.refers[0](distinct, distinct, hard=True)  # removed hooks count nothing
     assert counter.pixels == [144, 144]
+
+
+def test_self_match_counter_scores_the_shared_flow():
+    """With shared matching the counter reads the one flow per query: in aligned mode (the
+    query's own block-1 features) an 8-bit cosine finds every cell of distinct features."""
+    from compile_helpers import small_refqsr as compile_small_refqsr
+    from refqsr_engine.training.refer_probe import SelfMatchCounter
+
+    model = compile_small_refqsr("ddtb", matching="shared")
+    counter = SelfMatchCounter(model)
+    x = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        model.query_forward(x, model.reference_forward(x)[1])  # aligned
+        model.query_forward(x, model.reference_forward(torch.flip(x, dims=(3,)))[1])
+    counter.remove()
+    assert counter.pixels == [2 * 2 * 24 * 24]
+    assert 0.5 < counter.shares()[0] < 0.95  # the aligned half all, the mirrored half mostly not

@@ -150,6 +150,29 @@ def test_highbit_tail_ablation_trains_and_round_trips(setup, tmp_path):
         train(_cfg(setup, run, "refqsr", "8-4", 2), log=lambda s: None)
 
 
+def test_shared_matching_run_starts_from_a_paper_matching_refqsr_model(setup, tmp_path):
+    """--matching shared --init-from a paper-matching RefQSR file: its backbone and RefER convs
+    carry over (no per-RefER match quantizers), the run trains, and resumes refuse to switch."""
+    paper = tmp_path / "paper"
+    train(_cfg(setup, paper, "refqsr", "8-4", 1), log=lambda s: None)
+    source, _ = load_model(paper / "best.pt")
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import make_task
+
+    run = tmp_path / "shared"
+    cfg = _cfg(setup, run, "refqsr", "8-4", 1, matching="shared", init_from=str(paper / "best.pt"))
+    start = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24)).model
+    assert start.matching == "shared" and not any(".match_quant." in k for k in start.state_dict())
+    for name in ("backbone.blocks.2.conv1.conv.weight", "refers.1.conv2.conv.weight"):
+        assert torch.equal(start.state_dict()[name], source.state_dict()[name].float())
+    train(cfg, log=lambda s: None)
+    model, card = load_model(run / "best.pt")
+    assert model.matching == "shared" and card["matching"] == "shared"
+    assert [int(r["step"]) for r in read_log(run / "log.csv")] == [1]
+    with pytest.raises(RefQSRError, match="matching=shared run"):
+        train(_cfg(setup, run, "refqsr", "8-4", 2), log=lambda s: None)
+
+
 def test_refqsr_training_starts_each_refer_near_skipping_its_block(setup, tmp_path):
     """RefER's last refinement conv starts at REFER_INIT_SCALE of PyTorch's default conv init
     (uniform within 1/sqrt(fan_in)) and without bias, so each RefER starts as the identity on the

@@ -84,6 +84,7 @@ class TrainConfig:
     clustblock: str | None = None  # refqsr: the trained ClustBlock file
     tau: float = 0.5
     tail: str = "refer"  # refqsr: "highbit" trains Table V's w/o-RefER ablation
+    matching: str = "paper"  # refqsr: RefER's flow, "paper" (per RefER) or "shared" (see models/refqsr.py)
     # cadyq: weight of CADyQ's bit loss (batch mean, summed over layers). CADyQ's own 1e-5 is for a
     # sum over a batch of 16 with pixels in 0..255: 1e-5 * 16 / 255 ~ 6.3e-7 here.
     bit_weight: float = 6.3e-7
@@ -290,7 +291,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         except Exception as exc:
             raise RefQSRError(f"cannot read checkpoint {last_path}: {exc}") from exc
         old = ckpt.get("config", {})
-        for key in ("arch", "task", "scheme", "bits", "tail", "cabm_bins", "cabm_calib"):
+        for key in ("arch", "task", "scheme", "bits", "tail", "matching", "cabm_bins", "cabm_calib"):
             if old.get(key, getattr(cfg, key)) != getattr(cfg, key) and (key in ("arch", "task") or cfg.task != "fp"):
                 raise RefQSRError(f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}")
         changed = [k for k in _STREAM_KEYS if k in old and old[k] != getattr(cfg, k)]
@@ -471,6 +472,9 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
             click.option("--tau", type=click.FloatRange(-1, 1), default=0.5, show_default=True),
             click.option("--tail", type=click.Choice(["refer", "highbit"]), default="refer", show_default=True,
                          help="highbit: Table V's 'w/o RefER' ablation (query path's last blocks at b_high, no RefER)."),
+            click.option("--matching", type=click.Choice(["paper", "shared"]), default="paper", show_default=True,
+                         help="RefER's flow: each RefER's own matching (paper eqs. 4-6) or one 8-bit cosine flow per "
+                              "query from the first block's output, shared by the RefERs (see models/refqsr.py)."),
         ]
     return common + quant
 

@@ -42,21 +42,33 @@ SELF_MATCH_PX = 1.5
 
 
 class SelfMatchCounter:
-    """Forward hooks on a model's RefER blocks that score the matching step of every call: the share
-    of query pixels whose arg-max flow is under :data:`SELF_MATCH_PX`. Meaningful in ``aligned``
-    mode, where the reference is the query's own b_high feature, so the right flow is zero."""
+    """Forward hooks on a model's matching steps that score every call: the share of query pixels
+    whose arg-max flow is under :data:`SELF_MATCH_PX`, per RefER (paper matching) or for the one
+    shared flow (shared matching). Meaningful in ``aligned`` mode, where the reference is the
+    query's own b_high feature, so the right flow is zero."""
 
     def __init__(self, model: RefQSR) -> None:
-        self.hits = [0] * len(model.refers)
-        self.pixels = [0] * len(model.refers)
-        self.handles = [refer.register_forward_hook(self._hook(k)) for k, refer in enumerate(model.refers)]
+        if model.shared:  # one flow per query, the matcher's output
+            modules, hook = [model.matcher], self._shared_hook
+        else:
+            modules, hook = list(model.refers), self._refer_hook
+        self.hits = [0] * len(modules)
+        self.pixels = [0] * len(modules)
+        self.handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
 
-    def _hook(self, k: int):
+    def _count(self, k: int, flow: torch.Tensor) -> None:
+        size = flow.norm(dim=1)
+        self.hits[k] += int((size < SELF_MATCH_PX).sum())
+        self.pixels[k] += size.numel()
+
+    def _refer_hook(self, k: int):
         def hook(refer: torch.nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
-            query, reference = inputs[0], inputs[1]
-            size = refer.flow(query, reference, hard=True).norm(dim=1)
-            self.hits[k] += int((size < SELF_MATCH_PX).sum())
-            self.pixels[k] += size.numel()
+            self._count(k, refer.flow(inputs[0], inputs[1], hard=True))
+        return hook
+
+    def _shared_hook(self, k: int):
+        def hook(_matcher: torch.nn.Module, _inputs: tuple, flow: torch.Tensor) -> None:
+            self._count(k, flow)
         return hook
 
     def shares(self) -> list[float]:
@@ -69,7 +81,7 @@ class SelfMatchCounter:
 
 def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
     """PSNR-Y (shave 4) per image and mean, for each of :data:`REFERENCE_MODES`, and per RefER the
-    share of query pixels its matching maps onto themselves in ``aligned`` mode."""
+    share of query pixels its matching (or the shared flow) maps onto themselves in ``aligned`` mode."""
     if not (isinstance(model, RefQSR) and model.tail == "refer"):
         raise RefQSRError("the probe needs a RefQSR model with RefER blocks")
     out: dict[str, Any] = {"images": [folder[i].name for i in range(len(folder))], "modes": {}}
@@ -84,6 +96,7 @@ def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6
         if counter is not None:
             counter.remove()
             out["self_match"] = counter.shares()
+            out["matching"] = model.matching
     return out
 
 
@@ -92,7 +105,11 @@ def markdown(result: dict[str, Any]) -> str:
     head += "| --- | ---: |" + " ---: |" * len(result["images"]) + "\n"
     rows = [f"| {mode} | {r['psnr_y']:.3f} | " + " | ".join(f"{p:.3f}" for p in r["images"]) + " |"
             for mode, r in result["modes"].items()]
-    match = ", ".join(f"RefER {k + 1} {share:.1%}" for k, share in enumerate(result["self_match"]))
+    shares = result["self_match"]
+    if result.get("matching") == "shared":
+        match = f"shared flow {shares[0]:.1%}"
+    else:
+        match = ", ".join(f"RefER {k + 1} {share:.1%}" for k, share in enumerate(shares))
     return (head + "\n".join(rows) + "\n\nQuery pixels that the matching maps onto themselves in aligned mode "
             f"(arg-max flow under {SELF_MATCH_PX} px): {match}\n")
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.bitops import Precision
 from refqsr_engine.models.cabm import attach_cabm, build_cabm_table
-from refqsr_engine.models.checkpoint import load_model
+from refqsr_engine.models.checkpoint import load_model, read_config
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.qconv import FP, BitSpec
@@ -275,8 +275,8 @@ class RefQSRTask(_Distilled):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
         scheme = CADYQ if self.dynamic else cfg.scheme
         self.model: RefQSR = build_refqsr(cfg.arch, scheme, p.b_high, p.b_low, clust.eval(), cfg.tau,
-                                          tail=cfg.tail, **self.sizes)
-        source = load_model(cfg.init_from)[0] if self.dynamic and cfg.init_from else None
+                                          tail=cfg.tail, matching=cfg.matching, **self.sizes)
+        source = load_model(cfg.init_from)[0] if cfg.init_from and read_config(cfg.init_from)["kind"] == "refqsr" else None
         if isinstance(source, RefQSR):
             self._init_refqsr(self.model, source)
         else:
@@ -289,11 +289,14 @@ class RefQSRTask(_Distilled):
         self.images = ImagePairs(dataset, dataset.scale)
 
     def _init_refqsr(self, model: RefQSR, source: RefQSR) -> None:
-        """δ-RefQSR from a δ-RefQSR model (CABM-RefQSR from CADyQ-RefQSR): backbone and RefERs,
-        not the ClustBlock (that one comes from --clustblock)."""
-        if not source.dynamic:
-            raise RefQSRError(f"--init-from {self.cfg.init_from} is not a δ-RefQSR model")
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith("clustblock.")}
+        """RefQSR from a RefQSR model of the same kind (fixed or δ; CABM-RefQSR from CADyQ-RefQSR,
+        shared matching from paper matching): backbone and RefERs, not the ClustBlock (that one
+        comes from --clustblock) nor, for shared matching, the source's per-RefER match quantizers."""
+        if source.dynamic != model.dynamic:
+            kind = "a δ-RefQSR" if model.dynamic else "a fixed-precision RefQSR"
+            raise RefQSRError(f"--init-from {self.cfg.init_from} is not {kind} model")
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith("clustblock.")
+                 and not (model.shared and ".match_quant." in k)}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("clustblock.") for k in missing):
             raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -331,6 +334,7 @@ class RefQSRTask(_Distilled):
 
     def card(self) -> dict[str, Any]:
         return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
+                "matching": self.cfg.matching,
                 "loss": "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
                 "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
                 "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)", **self.bits_card()}

@@ -11,10 +11,10 @@ import tvm
 from tvm import relax
 
 from ...errors import RefQSRError
-from ...kernels.refer_kernels import refer_pipeline_primfunc
+from ...kernels.refer_kernels import backward_warp_primfunc, refer_pipeline_primfunc, shared_flow_primfunc
 from ...kernels.tir_build import as_target
 from .onnx_prep import prepare_onnx
-from .refer_fuse import OP, fuse_refer_warps
+from .refer_fuse import OP, SHARED_FLOW_OP, WARP_OP, fuse_refer_warps
 
 
 def graph_metadata(model: onnx.ModelProto) -> dict[str, Any]:
@@ -79,6 +79,36 @@ def _refer_warp_converter(target: tvm.target.Target):
     return RefERWarp
 
 
+def _kernel_call(bb, prim, prefix: str, args: list, out_shape: tuple[int, ...]):
+    """``R.call_tir`` of one of our scheduled PrimFuncs, added under a fresh name."""
+    name = f"{prefix}_{len([g for g in bb.get().functions if g.name_hint.startswith(prefix)])}"
+    gv = bb.add_func(prim.with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+
+
+def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
+    """Importer converters of ``refqsr.SharedFlow`` (the shared matching's flow) and ``refqsr.Warp``
+    (a RefER's warp by it): our kernels through ``R.call_tir``."""
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class SharedFlow(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            fq, fr = inputs
+            n, c, h, w = (int(v) for v in fq.ty.shape)
+            return _kernel_call(bb, shared_flow_primfunc(n, c, h, w, target), "shared_flow", [fq, fr], (n, 2, h, w))
+
+    class Warp(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            feat, flow = inputs
+            n, c, h, w = (int(v) for v in feat.ty.shape)
+            return _kernel_call(bb, backward_warp_primfunc(n, c, h, w, target), "refer_warp_by_flow", [feat, flow],
+                                (n, c, h, w))
+
+    return {SHARED_FLOW_OP: SharedFlow, WARP_OP: Warp}
+
+
 def _pairwise_converter(name: str):
     """ONNX Max/Min as Relax's binary maximum/minimum.
 
@@ -127,8 +157,9 @@ def import_graph(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
 
     prepared = prepare_onnx(model, shapes)
     warps = fuse_refer_warps(prepared)
-    converters = {OP: _refer_warp_converter(as_target(target)), "Max": _pairwise_converter("Max"),
-                  "Min": _pairwise_converter("Min")}
+    tgt = as_target(target)
+    converters = {OP: _refer_warp_converter(tgt), **_shared_matching_converters(tgt),
+                  "Max": _pairwise_converter("Max"), "Min": _pairwise_converter("Min")}
     with _extra_converters(converters):
         # No FoldConstant here: it would turn the dequantized integer weights into float constants
         # (and compile a kernel per constant expression, ~15 s); the build pipeline folds later.
