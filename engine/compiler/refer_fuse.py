@@ -93,15 +93,21 @@ def _replace(graph: onnx.GraphProto, sub: dict[str, onnx.NodeProto], node: onnx.
     graph.node.extend(keep)
 
 
-def _fuse_shared_flow(model: onnx.ModelProto, values: dict) -> str | None:
-    """Collapse the ``/matcher/`` scope (shared matching) into one ``refqsr.SharedFlow`` node;
-    returns the name of the flow it computes, or None when the graph has no shared matcher."""
-    graph = model.graph
+def _index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """(producer of each value, consumers of each value)."""
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _fuse_shared_flow(model: onnx.ModelProto, values: dict) -> str | None:
+    """Collapse the ``/matcher/`` scope (shared matching) into one ``refqsr.SharedFlow`` node;
+    returns the name of the flow it computes, or None when the graph has no shared matcher."""
+    graph = model.graph
+    producer, consumers = _index(graph)
     scope_nodes = [n for n in graph.node if n.name.startswith(MATCHER_SCOPE)]
     if not scope_nodes:
         return None
@@ -133,11 +139,7 @@ def fuse_refer_warps(model: onnx.ModelProto) -> int:
     graph = model.graph
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     flow = _fuse_shared_flow(model, values)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _index(graph)
     scopes = sorted({s for n in graph.node if (s := _scope_of(n.name))})
     diffs = {scope: _difference_node(graph, scope, consumers) for scope in scopes}
     if flow is not None:
@@ -169,12 +171,12 @@ def _fuse_warps_by_flow(graph: onnx.GraphProto, diffs: dict[str, onnx.NodeProto]
     for scope, diff in diffs.items():
         aligned = diff.input[1]
         sub = _ancestors(aligned, producer, _in_warp())
-        feats = [f for f in _outside_features(sub, producer, values) if f != flow]
-        if len(feats) != 1 or flow not in _outside_features(sub, producer, values):
-            raise RefQSRError(f"{scope}: the warp should read one reference feature and the shared flow, reads "
-                              f"{_outside_features(sub, producer, values)}")
+        feats = _outside_features(sub, producer, values)
+        if len(feats) != 2 or flow not in feats:
+            raise RefQSRError(f"{scope}: the warp should read one reference feature and the shared flow, reads {feats}")
+        reference = next(f for f in feats if f != flow)
         union.update(sub)
-        nodes.append((helper.make_node(WARP_OP, [feats[0], flow], [aligned], name=scope + WARP_OP, domain=DOMAIN), diff))
+        nodes.append((helper.make_node(WARP_OP, [reference, flow], [aligned], name=scope + WARP_OP, domain=DOMAIN), diff))
     _check_closed(union, {diff.input[1] for diff in diffs.values()}, consumers, "RefER warps")
     for node, diff in nodes:
         _replace(graph, union, node, diff)
