@@ -145,18 +145,23 @@ def _check_grid(qmin: int, qmax: int, dtype: str) -> None:
 # compute (TE)
 
 
-def _normalize_pool_te(F, s: RefERShape, prefix: str):
-    n_, c_, h_, w_ = s.feat_shape
-    kc = te.reduce_axis((0, c_), f"{prefix}kc")
+def _channel_norm_te(X, name: str):
+    """``max(||X[n, :, y, x]||_2, 1e-12)`` as ``F.normalize`` computes it: squares fenced against
+    FMA contraction, summed in channel order. Blocks ``{name}_sumsq`` and ``{name}``."""
+    n_, c_, h_, w_ = (int(d) for d in X.shape)
+    kc = te.reduce_axis((0, c_), f"{name}_kc")
     sumsq = te.compute(
         (n_, h_, w_),
-        lambda n, y, x: te.sum(no_contract(F[n, kc, y, x] * F[n, kc, y, x]), axis=kc),
-        name=f"{prefix}sumsq",
+        lambda n, y, x: te.sum(no_contract(X[n, kc, y, x] * X[n, kc, y, x]), axis=kc),
+        name=f"{name}_sumsq",
     )
-    norm = te.compute(
-        (n_, h_, w_), lambda n, y, x: te.max(te.sqrt(sumsq[n, y, x]), tirx.const(NORM_EPS, "float32")),
-        name=f"{prefix}norm",
+    return te.compute(
+        (n_, h_, w_), lambda n, y, x: te.max(te.sqrt(sumsq[n, y, x]), tirx.const(NORM_EPS, "float32")), name=name,
     )
+
+
+def _normalize_pool_te(F, s: RefERShape, prefix: str):
+    norm = _channel_norm_te(F, f"{prefix}norm")
     p = s.pool
     dy = te.reduce_axis((0, p), f"{prefix}dy")
     dx = te.reduce_axis((0, p), f"{prefix}dx")
@@ -179,17 +184,7 @@ def _unit_cells_te(F, s: RefERShape, prefix: str):
     (``F.normalize(pooled, dim=1)``: products fenced, channel order, ``max(sqrt(.), 1e-12)``).
     Returns (pooled, cell norm); the unit value ``pooled / norm`` is computed where it is read."""
     pooled = _normalize_pool_te(F, s, prefix)
-    kc = te.reduce_axis((0, s.channels), f"{prefix}ckc")
-    csumsq = te.compute(
-        (s.batch, s.h, s.w),
-        lambda n, i, j: te.sum(no_contract(pooled[n, kc, i, j] * pooled[n, kc, i, j]), axis=kc),
-        name=f"{prefix}csumsq",
-    )
-    cnorm = te.compute(
-        (s.batch, s.h, s.w), lambda n, i, j: te.max(te.sqrt(csumsq[n, i, j]), tirx.const(NORM_EPS, "float32")),
-        name=f"{prefix}cnorm",
-    )
-    return pooled, cnorm
+    return pooled, _channel_norm_te(pooled, f"{prefix}cnorm")
 
 
 def _cosine_grid_expr(unit):
@@ -467,18 +462,22 @@ def _vec_inner(sch, loop, extent: int, lanes: int = _LANES):
     return inner
 
 
-def _schedule_normalize_pool(sch, s: RefERShape, prefix: str, inline_pooled: bool):
-    blk = sch.get_sblock(f"{prefix}sumsq")
+def _schedule_channel_norm(sch, name: str, width: int):
+    """:func:`_channel_norm_te`'s blocks: parallel rows, channels outside the vectorised columns."""
+    blk = sch.get_sblock(f"{name}_sumsq")
     n, y, x, kc = sch.get_loops(blk)
     sch.reorder(n, y, kc, x)
     sch.parallel(sch.fuse(n, y))
-    _vec_inner(sch, x, s.width)
+    _vec_inner(sch, x, width)
     sch.decompose_reduction(blk, kc)
-
-    blk = sch.get_sblock(f"{prefix}norm")
+    blk = sch.get_sblock(name)
     n, y, x = sch.get_loops(blk)
     sch.parallel(sch.fuse(n, y))
-    _vec_inner(sch, x, s.width)
+    _vec_inner(sch, x, width)
+
+
+def _schedule_normalize_pool(sch, s: RefERShape, prefix: str, inline_pooled: bool):
+    _schedule_channel_norm(sch, f"{prefix}norm", s.width)
 
     blk = sch.get_sblock(f"{prefix}poolsum")
     n, c, i, j, dy, dx = sch.get_loops(blk)
@@ -494,19 +493,6 @@ def _schedule_normalize_pool(sch, s: RefERShape, prefix: str, inline_pooled: boo
         n, c, i, j = sch.get_loops(blk)
         sch.parallel(sch.fuse(n, c))
         _vec_inner(sch, j, s.w)
-
-
-def _schedule_cell_norm(sch, s: RefERShape, prefix: str):
-    blk = sch.get_sblock(f"{prefix}csumsq")
-    n, i, j, kc = sch.get_loops(blk)
-    sch.reorder(n, i, kc, j)
-    sch.parallel(sch.fuse(n, i))
-    _vec_inner(sch, j, s.w)
-    sch.decompose_reduction(blk, kc)
-    blk = sch.get_sblock(f"{prefix}cnorm")
-    n, i, j = sch.get_loops(blk)
-    sch.parallel(sch.fuse(n, i))
-    _vec_inner(sch, j, s.w)
 
 
 def _schedule_match(sch, s: RefERShape, variant: str):
@@ -610,7 +596,7 @@ def schedule_refer(func: tvm.tirx.PrimFunc, shape: RefERShape, stage: str, varia
     elif stage == "shared_flow":
         for prefix in ("q_", "r_"):  # the pooled cells are read twice (norm, value): kept
             _schedule_normalize_pool(sch, s, prefix, inline_pooled=False)
-            _schedule_cell_norm(sch, s, prefix)
+            _schedule_channel_norm(sch, f"{prefix}cnorm", s.w)
         _schedule_match(sch, s, variant)
         _schedule_pooled_flow(sch, s)
         _schedule_upsample(sch, s)
@@ -640,11 +626,16 @@ def _variant(variant: str | None, target) -> str:
     return variant
 
 
-def _build(stage: str, shape: RefERShape, target, variant: str | None = None, **kw) -> TirKernel:
-    tgt = as_target(target)
+def _schedule(stage: str, shape: RefERShape, tgt, variant: str | None, **kw):
+    """(schedule, number of inputs, variant) of one stage for target ``tgt``."""
     var = _variant(variant, tgt)
     func, n_in = refer_compute(stage, shape, **kw)
-    sch = schedule_refer(func, shape, stage, var)
+    return schedule_refer(func, shape, stage, var), n_in, var
+
+
+def _build(stage: str, shape: RefERShape, target, variant: str | None = None, **kw) -> TirKernel:
+    tgt = as_target(target)
+    sch, n_in, var = _schedule(stage, shape, tgt, variant, **kw)
     info = {"shape": shape, "stage": stage, "variant": var, **kw}
     return build_kernel(f"refer_{stage}", sch, n_in, tgt, info)
 
@@ -667,9 +658,7 @@ def backward_warp_primfunc(batch: int, channels: int, height: int, width: int, t
 
 
 def _scheduled(stage: str, shape: RefERShape, target, **kw) -> tvm.tirx.PrimFunc:
-    tgt = as_target(target)
-    func, _ = refer_compute(stage, shape, **kw)
-    sch = schedule_refer(func, shape, stage, _variant(None, tgt))
+    sch, _, _ = _schedule(stage, shape, as_target(target), None, **kw)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -332,15 +332,6 @@ class DynamicRefER(RefER):
         self.conv1 = CadyqConv2d.from_quant_conv(self.conv1, candidates)
         self.conv2 = CadyqConv2d.from_quant_conv(self.conv2, candidates)
 
-    def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None,
-                bits: BitSpec | PerSampleBits | None = None, flow: torch.Tensor | None = None) -> torch.Tensor:
-        """RefER.forward with the refinement convs at ``bits`` (the query path's bound δ;
-        default: fixed b_high)."""
-        aligned = self.align(query, reference, hard, flow)
-        bits = BitSpec.uniform(self.b_high) if bits is None else bits
-        refinement = self.conv2(self.act(self.conv1(query - aligned, bits)), bits)
-        return query + refinement
-
 
 __all__ = ["BitSelector", "CadyqConv2d", "Choice", "Delta", "DynamicRefER", "Selection", "CANDIDATES", "WEIGHT_BITS",
            "convert_to_cadyq", "dynamic_convs", "image_gradient_features", "model_candidates"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .matching import SOFTMAX_TEMPERATURE, backward_warp, normalize_and_pool, pooled_flow, upsample_flow
-from .qconv import BitSpec, QuantConv2d
+from .qconv import BitSpec, PerSampleBits, QuantConv2d
 from .quantizers import make_activation_quantizer
 
 
@@ -60,8 +60,9 @@ class RefER(nn.Module):
         return backward_warp(reference, flow)
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None,
-                flow: torch.Tensor | None = None) -> torch.Tensor:
-        bits = BitSpec.uniform(self.b_high)
+                bits: BitSpec | PerSampleBits | None = None, flow: torch.Tensor | None = None) -> torch.Tensor:
+        """``bits``: of the refinement convs (δ-RefQSR: the query path's bound δ); default b_high."""
+        bits = BitSpec.uniform(self.b_high) if bits is None else bits
         aligned = self.align(query, reference, hard, flow)
         refinement = self.conv2(self.act(self.conv1(query - aligned, bits)), bits)
         return query + refinement

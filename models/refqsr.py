@@ -188,9 +188,8 @@ class RefQSR(nn.Module):
             refer = self.refers[k - self.first_refer]
             ref_feat = feat if ref_feat is None else ref_feat
             shared = flow[0] if flow else None
-            if self.dynamic:  # RefER's refinement convs at δ too
-                return refer(feat, ref_feat, hard, high, flow=shared)
-            return refer(feat, ref_feat, hard, flow=shared)
+            # δ-RefQSR: RefER's refinement convs at δ too; else their default b_high
+            return refer(feat, ref_feat, hard, high if self.dynamic else None, flow=shared)
 
         return net.run(x, step)
 

@@ -154,7 +154,7 @@ def fuse_refer_warps(model: onnx.ModelProto) -> int:
             feats = _outside_features(sub, producer, values)
             _check_closed(sub, {aligned}, consumers, scope)
             _replace(graph, sub, _refer_warp_node(graph, scope, sub, feats, query, aligned, values, producer), diff)
-            producer = {o: n for n in graph.node for o in n.output}
+            producer = _index(graph)[0]
             fused += 1
     if (fused or flow is not None) and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))

@@ -70,20 +70,20 @@ def _refer_warp_converter(target: tvm.target.Target):
             fq, fr, scale, zp = inputs
             n, c, h, w = (int(v) for v in fq.ty.shape)
             prim = refer_pipeline_primfunc(n, c, h, w, int(attr["qmin"]), int(attr["qmax"]), target)
-            name = f"refer_warp_{len([g for g in bb.get().functions if g.name_hint.startswith('refer_warp')])}"
-            gv = bb.add_func(prim.with_attr("global_symbol", name), name)
-            out = bb.emit(relax.call_tir(gv, [fq, fr, scale, zp], [relax.TensorType((n, c, h, w), "float32"),
-                                                                  relax.TensorType((n, 2, h, w), "float32")]))
-            return bb.emit(relax.TupleGetItem(out, 0))
+            out = _kernel_call(bb, prim, "refer_warp", [fq, fr, scale, zp], [(n, c, h, w), (n, 2, h, w)])
+            return bb.emit(relax.TupleGetItem(out, 0))  # (warped, flow): the warped reference
 
     return RefERWarp
 
 
-def _kernel_call(bb, prim, prefix: str, args: list, out_shape: tuple[int, ...]):
-    """``R.call_tir`` of one of our scheduled PrimFuncs, added under a fresh name."""
+def _kernel_call(bb, prim, prefix: str, args: list, out_shape: tuple[int, ...] | list[tuple[int, ...]]):
+    """``R.call_tir`` of one of our scheduled PrimFuncs (float32 outputs: one shape, or a list of
+    shapes for a tuple), added under a fresh name."""
     name = f"{prefix}_{len([g for g in bb.get().functions if g.name_hint.startswith(prefix)])}"
     gv = bb.add_func(prim.with_attr("global_symbol", name), name)
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
+    sinfo = ([relax.TensorType(o, "float32") for o in out_shape] if isinstance(out_shape, list)
+             else relax.TensorType(out_shape, "float32"))
+    return bb.emit(relax.call_tir(gv, args, sinfo))
 
 
 def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
