@@ -28,6 +28,7 @@ AMP=${AMP:-bf16}                      # the FP stage
 # grid does not survive the cast (H100 DDTB-8 runs under bf16 ended 0.2-0.8 dB under their FP start).
 Q_AMP=${Q_AMP:-none}
 Q_LR=${Q_LR:-1e-4}                    # the paper's; from a well-trained FP teacher 2e-5 kept DDTB-8 closer to it
+Q_LR_QUANT=${Q_LR_QUANT:-1e-2}        # the quantizer bounds' (the paper's); 1e-3 for runs from trained models
 WORKERS=${WORKERS:-6}
 CLUST=${CLUST:-core/data/clustblock/textures47.pt}
 FP_STEPS=${FP_STEPS:-60000}
@@ -56,7 +57,7 @@ PY=${PYTHON:-python}
 
 limit() { [ -n "$1" ] && echo "--time-limit $1" || true; }
 common="--arch $ARCH --data $DATA --device $DEVICE --workers $WORKERS --warmup $WARMUP --quiet"
-quantized="$common --amp $Q_AMP --batch $BATCH --lr $Q_LR"  # the quant and cabm stages
+quantized="$common --amp $Q_AMP --batch $BATCH --lr $Q_LR --lr-quant $Q_LR_QUANT"  # the quant and cabm stages
 
 fp() {
     $PY -m refqsr_engine.training.train_fp $common --amp "$AMP" --batch "${FP_BATCH:-$BATCH}" --out "$RUNS/fp" \
