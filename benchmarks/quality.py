@@ -48,10 +48,6 @@ QUICK = {"n_blocks": 4, "patch": 24, "overlap": 6, "batch": 4, "study_patches": 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _to_uint8(chw: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(chw * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
 def image_bitops(model: Any, lr_hw: tuple[int, int], patch: int | None, overlap: int, clustering: Any) -> Any:
     """BitOPs report of one image: the engine grid with the actual assignment, or the whole image."""
     from ..engine.upscale import model_bits, model_bitops
@@ -73,7 +69,7 @@ def run_pass(model: Any, pairs: list, patch: int | None, overlap: int, batch: in
     import torch
 
     from ..engine.upscale import model_bits
-    from ..metrics import psnr_y, ssim_y
+    from ..metrics import psnr_y, sr_to_uint8, ssim_y
     from ..models.patchwise import upscale_patchwise
 
     bits = model_bits(model)
@@ -89,7 +85,7 @@ def run_pass(model: Any, pairs: list, patch: int | None, overlap: int, batch: in
             result = upscale_patchwise(model, lr, patch, overlap, batch, bits)
             image, clustering = result.image, result.clustering
         seconds = time.perf_counter() - t
-        sr = _to_uint8(image)
+        sr = sr_to_uint8(image)
         report = image_bitops(model, pair.lr.shape[:2], patch, overlap, clustering)
         rows.append({
             "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),

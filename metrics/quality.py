@@ -32,6 +32,12 @@ def _as_unit_range(img: np.ndarray) -> np.ndarray:
     raise RefQSRError(f"unsupported image dtype {img.dtype}; expected uint8, uint16 or float in [0,255]")
 
 
+def sr_to_uint8(chw: np.ndarray) -> np.ndarray:
+    """A network's output (C x H x W float RGB in [0, 1], unclipped) as the 8-bit H x W x C image
+    it is written and scored as: clipped, rounded half to even."""
+    return np.clip(np.round(chw * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """BT.601 luma as MATLAB ``rgb2ycbcr``: Y = 16 + 65.481 R + 128.553 G + 24.966 B.
 

@@ -9,7 +9,7 @@ import pytest
 
 from refqsr_engine.engine.models_store import DEFAULT_MODEL, bundled_models, resolve_model
 from refqsr_engine.engine.upscale import model_bits
-from refqsr_engine.metrics import bicubic_degrade, imresize, psnr_y
+from refqsr_engine.metrics import bicubic_degrade, imresize, psnr_y, sr_to_uint8
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.patchwise import upscale_patchwise
 
@@ -112,18 +112,14 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
                                                                         abs=1e-4)
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
-def _pytorch_noise_floor(model, x: np.ndarray, want8: np.ndarray, patch: int) -> tuple[float, int]:
+def _pytorch_noise_floor(pytorch, x: np.ndarray, want8: np.ndarray) -> tuple[float, int]:
     """PyTorch against itself with the input moved by 1e-6 (under a thousandth of one 8-bit level,
     the size of float reordering): the share of 8-bit pixels within one level, and the largest
     difference. Values on a rounding tie of a 4-bit grid (one step is 1/15 of a layer's range), or
     an arg-max tie of the shared flow, move some output pixels by a few levels with no error
     anywhere; how many depends on the trained ranges, so the compiled engine is held to this."""
     noisy = x + 1e-6 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-    diff = np.abs(_to_uint8(upscale_patchwise(model, noisy, patch, 6, 4, bits=model_bits(model)).image).astype(int) - want8)
+    diff = np.abs(sr_to_uint8(pytorch(noisy).image).astype(int) - want8)
     return float(np.mean(diff <= 1)), int(diff.max())
 
 
@@ -142,15 +138,19 @@ def compiled_and_pytorch(name: str, lr: np.ndarray, root, patch: int = 24) -> tu
     compile_model(CompileOptions(model=name, patch=patch, batch=4, threads=2), root / "art")
     run = run_patchwise(CompiledModel.load(root / "art"), x, patch, 6, 4)
     model, _ = load_model(resolve_model(name))
-    ref = upscale_patchwise(model, x, patch, 6, 4, bits=model_bits(model))
+
+    def pytorch(lr_chw: np.ndarray):  # the model patch-wise at its own bits, as the engine runs it
+        return upscale_patchwise(model, lr_chw, patch, 6, 4, bits=model_bits(model))
+
+    ref = pytorch(x)
     got, want = run.image, ref.image
     assert got.shape == (3, 4 * lr.shape[0], 4 * lr.shape[1])
     if ref.clustering is not None:
         assert torch.equal(run.clustering.reference_of, ref.clustering.reference_of)
     assert 10 * np.log10(1.0 / float(np.mean((got.astype(np.float64) - want) ** 2))) >= 50.0
-    g8, w8 = _to_uint8(got), _to_uint8(want)
+    g8, w8 = sr_to_uint8(got), sr_to_uint8(want)
     diff = np.abs(g8.astype(int) - w8)
-    floor_share, floor_max = _pytorch_noise_floor(model, x, w8, patch)
+    floor_share, floor_max = _pytorch_noise_floor(pytorch, x, w8)
     assert np.mean(diff <= 1) >= min(0.995, floor_share - 0.005), (np.mean(diff <= 1), floor_share)
     assert diff.max() <= max(3, floor_max + 1), (diff.max(), floor_max)
     return g8, w8

@@ -18,7 +18,7 @@ import torch
 from refqsr_engine.engine.models_store import bundled_dir
 from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bits, model_bitops, uniform8_bitops
 from refqsr_engine.errors import RefQSRError
-from refqsr_engine.metrics import imresize, psnr_y, ssim_y
+from refqsr_engine.metrics import imresize, psnr_y, sr_to_uint8, ssim_y
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import PatchwiseResult, upscale_patchwise
@@ -28,16 +28,12 @@ from refqsr_engine.training.datasets import Pair, PairedFolder
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
 
 
-def _to_uint8(chw: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(chw * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
 def upscale_pair(model: torch.nn.Module, pair: Pair, patch: int, overlap: int,
                  reference: str = "assigned") -> tuple[np.ndarray, PatchwiseResult]:
     """SR of one validation pair's LR (HWC uint8), patch-wise at the model's own bits."""
     lr = pair.lr.transpose(2, 0, 1).astype(np.float32) / 255.0
     result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model), reference=reference)
-    return _to_uint8(result.image), result
+    return sr_to_uint8(result.image), result
 
 
 def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6,
