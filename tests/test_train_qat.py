@@ -227,3 +227,69 @@ def test_distillation_target_is_the_fp32_teacher_under_autocast(setup, tmp_path)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = float(task.distill(student, lr, hr))
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_refer_only_training_moves_the_refers_and_nothing_else(setup, tmp_path):
+    """--train refer: the gradient reaches the RefER blocks only; the loss is loss (9)'s query
+    terms (checked against the two L1s computed here); the saved model keeps every backbone
+    tensor of its --init-from file and changes the RefERs; resumes refuse to switch."""
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import make_task
+
+    source_run = tmp_path / "source"
+    train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared"), log=lambda s: None)
+    source = source_run / "best.pt"
+    cfg = _cfg(setup, tmp_path / "refer", "refqsr", "8-4", 2, matching="shared", init_from=str(source),
+               train_part="refer", lr=1e-2, lr_quant=1e-2)
+    task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
+    batch = next(task.batches(0, 1))
+    task.model.train()
+    loss = task.loss(batch)
+    loss.backward()
+    for name, p in task.model.named_parameters():
+        assert (p.grad is not None) == name.startswith("refers."), name
+    with torch.no_grad():
+        sr_q, _ = task.model(batch["query_lr"], batch["ref_lr"])
+        l1 = torch.nn.functional.l1_loss
+        want = l1(sr_q, batch["query_hr"]) + l1(sr_q, task.teacher(batch["query_lr"]))
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+
+    train(cfg, log=lambda s: None)
+    start, _ = load_model(source)
+    model, card = load_model(tmp_path / "refer" / "best.pt")
+    assert card["trained"] == "RefER blocks only"
+    before, after = start.state_dict(), model.state_dict()
+    for key, value in after.items():
+        if not key.startswith(("refers.", "clustblock.")):
+            assert torch.equal(value, before[key]), key
+    assert not torch.equal(after["refers.0.conv1.conv.weight"], before["refers.0.conv1.conv.weight"])
+    with pytest.raises(RefQSRError, match="train_part=refer run"):
+        train(_cfg(setup, tmp_path / "refer", "refqsr", "8-4", 3, matching="shared", init_from=str(source)),
+              log=lambda s: None)
+    with pytest.raises(RefQSRError, match="highbit ablation has none"):
+        train(_cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", init_from=str(source), train_part="refer"),
+              log=lambda s: None)
+    with pytest.raises(RefQSRError, match="--init-from"):
+        train(_cfg(setup, tmp_path / "y", "refqsr", "8-4", 1, train_part="refer"), log=lambda s: None)
+
+
+def test_fresh_refer_keeps_the_source_backbone_and_restarts_the_refers(setup, tmp_path):
+    """--fresh-refer --init-from a RefQSR model: every backbone tensor comes from the file, each
+    RefER starts afresh as 'skip the replaced block' (refinement conv at REFER_INIT_SCALE)."""
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import REFER_INIT_SCALE, make_task
+
+    source_run = tmp_path / "source"
+    train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared", lr=1e-2), log=lambda s: None)
+    source, _ = load_model(source_run / "best.pt")
+    cfg = _cfg(setup, tmp_path / "unused", "refqsr", "8-4", 1, matching="shared",
+               init_from=str(source_run / "best.pt"), fresh_refer=True)
+    model = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24)).model
+    before, after = source.state_dict(), model.state_dict()
+    for key in after:
+        if key.startswith("backbone."):
+            assert torch.equal(after[key], before[key].float()), key
+    for k, refer in enumerate(model.refers):
+        last = refer.conv2.conv.weight.detach()
+        assert float(last.abs().max()) <= REFER_INIT_SCALE / np.sqrt(last[0].numel())
+        assert float(before[f"refers.{k}.conv2.conv.weight"].float().abs().max()) > 10 * float(last.abs().max())

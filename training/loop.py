@@ -85,6 +85,8 @@ class TrainConfig:
     tau: float = 0.5
     tail: str = "refer"  # refqsr: "highbit" trains Table V's w/o-RefER ablation
     matching: str = "paper"  # refqsr: RefER's flow, "paper" (per RefER) or "shared" (see models/refqsr.py)
+    train_part: str = "all"  # refqsr: "refer" trains the RefER blocks only (the backbone as --init-from gives it)
+    fresh_refer: bool = False  # refqsr: start the RefER blocks afresh even --init-from a RefQSR model
     # cadyq: weight of CADyQ's bit loss (batch mean, summed over layers). CADyQ's own 1e-5 is for a
     # sum over a batch of 16 with pixels in 0..255: 1e-5 * 16 / 255 ~ 6.3e-7 here.
     bit_weight: float = 6.3e-7
@@ -291,7 +293,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         except Exception as exc:
             raise RefQSRError(f"cannot read checkpoint {last_path}: {exc}") from exc
         old = ckpt.get("config", {})
-        for key in ("arch", "task", "scheme", "bits", "tail", "matching", "cabm_bins", "cabm_calib"):
+        for key in ("arch", "task", "scheme", "bits", "tail", "matching", "train_part", "cabm_bins", "cabm_calib"):
             if old.get(key, getattr(cfg, key)) != getattr(cfg, key) and (key in ("arch", "task") or cfg.task != "fp"):
                 raise RefQSRError(f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}")
         changed = [k for k in _STREAM_KEYS if k in old and old[k] != getattr(cfg, k)]
@@ -475,6 +477,13 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
             click.option("--matching", type=click.Choice(["paper", "shared"]), default="paper", show_default=True,
                          help="RefER's flow: each RefER's own matching (paper eqs. 4-6) or one 8-bit cosine flow per "
                               "query from the first block's output, shared by the RefERs (see models/refqsr.py)."),
+            click.option("--train", "train_part", type=click.Choice(["all", "refer"]), default="all", show_default=True,
+                         help="refer: train only the RefER blocks; the backbone (weights and quantizer bounds of both "
+                              "paths) stays as --init-from gives it, and loss (9) keeps its query terms. About 2x "
+                              "faster steps: what a CPU can afford on a trained model."),
+            click.option("--fresh-refer", is_flag=True,
+                         help="Start the RefER blocks afresh (each as 'skip the replaced block', refinement near "
+                              "zero) also when --init-from is a RefQSR model, whose backbone is kept."),
         ]
     return common + quant
 

@@ -9,6 +9,8 @@ runs see the batches an uninterrupted run would) and the loss.
                  (paper eq. (8)).
 * ``refqsr``  -- the RefQSR wrapper on Algorithm-1 (query, reference) pairs, from the FP (or a
                  fixed-precision) model, loss (9): L1 and KD for the query and the reference outputs.
+                 ``--train refer`` trains the RefER blocks only, on the backbone of ``--init-from``
+                 (its query terms; the reference path is then a constant).
 
 Mixed precision (``--scheme cadyq|cabm``, bits "delta" for qat, "delta-3"/"delta-4" for refqsr):
 
@@ -23,6 +25,7 @@ Mixed precision (``--scheme cadyq|cabm``, bits "delta" for qat, "delta-3"/"delta
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -270,6 +273,11 @@ class RefQSRTask(_Distilled):
             raise RefQSRError("task refqsr takes b_high-b_low bits, e.g. --bits 8-4")
         if not cfg.clustblock:
             raise RefQSRError("task refqsr needs --clustblock (a trained ClustBlock file)")
+        self.refer_only = cfg.train_part == "refer"
+        if self.refer_only and cfg.tail != "refer":
+            raise RefQSRError("--train refer needs RefER blocks: the --tail highbit ablation has none")
+        if self.refer_only and not cfg.init_from:
+            raise RefQSRError("--train refer keeps the backbone as it is: give a trained one with --init-from")
         clust, _ = load_model(cfg.clustblock)
         if not isinstance(clust, ClustBlock):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
@@ -279,6 +287,8 @@ class RefQSRTask(_Distilled):
         source = load_model(cfg.init_from)[0] if cfg.init_from and read_config(cfg.init_from)["kind"] == "refqsr" else None
         if isinstance(source, RefQSR):
             self._init_refqsr(self.model, source)
+            if cfg.fresh_refer:
+                _start_refers_small(self.model)
         else:
             source = self._init_backbone(self.model.backbone)
             _start_refers_small(self.model)
@@ -286,19 +296,31 @@ class RefQSRTask(_Distilled):
             self._setup_cabm(self.model, source)
         for q in self.model.clustblock.parameters():  # ClustBlock is pre-trained and frozen
             q.requires_grad_(False)
+        if self.refer_only:
+            self._freeze_all_but_refers()
         self.images = ImagePairs(dataset, dataset.scale)
+
+    def _freeze_all_but_refers(self) -> None:
+        """--train refer: only the RefER blocks (convs, PReLUs, their quantizer bounds) learn. With
+        the backbone frozen, autograd records the query path from the first RefER on and nothing of
+        the reference path, and loss (9)'s reference terms are constants (not computed)."""
+        for name, p in self.model.named_parameters():
+            if not name.startswith("refers."):
+                p.requires_grad_(False)
 
     def _init_refqsr(self, model: RefQSR, source: RefQSR) -> None:
         """RefQSR from a RefQSR model of the same kind (fixed or δ; CABM-RefQSR from CADyQ-RefQSR,
         shared matching from paper matching): backbone and RefERs, not the ClustBlock (that one
-        comes from --clustblock) nor, for shared matching, the source's per-RefER match quantizers."""
+        comes from --clustblock) nor, for shared matching, the source's per-RefER match quantizers;
+        ``--fresh-refer``: the backbone only (the RefERs keep their fresh initialisation)."""
         if source.dynamic != model.dynamic:
             kind = "a δ-RefQSR" if model.dynamic else "a fixed-precision RefQSR"
             raise RefQSRError(f"--init-from {self.cfg.init_from} is not {kind} model")
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith("clustblock.")
+        fresh = ("clustblock.", "refers.") if self.cfg.fresh_refer else ("clustblock.",)
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith(fresh)
                  and not (model.shared and ".match_quant." in k)}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("clustblock.") for k in missing):
+        if unexpected or any(not k.startswith(fresh) for k in missing):
             raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -318,15 +340,16 @@ class RefQSRTask(_Distilled):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Paper eq. (9): L1 and KD on both the query and the reference outputs (δ: plus the
-        bit loss of both paths' choices, CADyQ)."""
-        if self.dynamic:  # the two paths of RefQSR.forward, each recording its δ choices
-            sel_r, sel_q = Selection(self.model.b_high), Selection(self.model.b_high)
+        bit loss of both paths' choices, CADyQ). ``--train refer``: the query terms only."""
+        # the two paths of RefQSR.forward; δ: each records its choices
+        sel_r, sel_q = (Selection(self.model.b_high), Selection(self.model.b_high)) if self.dynamic else (None, None)
+        with torch.no_grad() if self.refer_only else contextlib.nullcontext():
             sr_r, features = self.model.reference_forward(batch["ref_lr"], sel_r)
-            sr_q = self.model.query_forward(batch["query_lr"], features, selection=sel_q)
-            loss = self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
-            return self.add_bit_loss(loss, sel_r, sel_q)
-        sr_q, sr_r = self.model(batch["query_lr"], batch["ref_lr"])
-        return self.distill(sr_q, batch["query_lr"], batch["query_hr"]) + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
+        sr_q = self.model.query_forward(batch["query_lr"], features, selection=sel_q)
+        loss = self.distill(sr_q, batch["query_lr"], batch["query_hr"])
+        if not self.refer_only:
+            loss = loss + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
+        return self.add_bit_loss(loss, sel_r, sel_q) if self.dynamic else loss
 
     def sr(self, lr: torch.Tensor) -> torch.Tensor:
         out = upscale_patchwise(self.model, lr[0].cpu().numpy(), patch=VAL_PATCH, overlap=6, batch=16)
@@ -334,8 +357,10 @@ class RefQSRTask(_Distilled):
 
     def card(self) -> dict[str, Any]:
         return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
-                "matching": self.cfg.matching,
-                "loss": "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
+                "matching": self.cfg.matching, "trained": "RefER blocks only" if self.refer_only else "all",
+                "fresh_refer": self.cfg.fresh_refer,
+                "loss": "L1 + KD on the query outputs (eq. 9's query terms)" if self.refer_only
+                else "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
                 "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
                 "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)", **self.bits_card()}
 

@@ -52,6 +52,10 @@ MATCHING=${MATCHING:-shared}          # RefER's flow for the RefQSR runs: shared
 # A folder of earlier models (e.g. core/data/models) to re-teach with a better FP: run R starts from
 # ${ARCH}_NAME.pt there (NAME: R, or ddtb_refqsr84 for refqsr84) when that file exists.
 Q_INIT_DIR=${Q_INIT_DIR:-}
+# 1: RefQSR runs keep the backbone they start from but start their RefER blocks afresh (--fresh-refer).
+# The bundled SRResNet 8-4's RefERs were still at their random initialisation, and zeroing their
+# refinement scored higher (benchmarks/results/training_cpu_session12.md).
+FRESH_REFER=${FRESH_REFER:-0}
 QUANT_RUNS=${QUANT_RUNS:-ddtb8 ddtb4 refqsr84$( [ "$ABLATION" = 1 ] && echo " norefer84")}
 PY=${PYTHON:-python}
 
@@ -85,6 +89,7 @@ quant() {
         esac
         local start="$Q_INIT_DIR/${ARCH}_$( [ "$run" = refqsr84 ] && echo ddtb_refqsr84 || echo "$run" ).pt"
         [ -n "$Q_INIT_DIR" ] && [ -f "$start" ] && set -- "$@" --init-from "$start"
+        [ "$FRESH_REFER" = 1 ] && [ "$1" = refqsr ] && [ "$run" != norefer84 ] && set -- "$@" --fresh-refer
         $PY -m refqsr_engine.training.train_qat "$1" $q --out "$RUNS/$run" "${@:2}" > "$RUNS/$run.out" 2>&1 & pids+=($!)
     done
     wait_all "$QUANT_RUNS" "${pids[@]}"
