@@ -287,10 +287,9 @@ class RefQSRTask(_Distilled):
         source = load_model(cfg.init_from)[0] if cfg.init_from and read_config(cfg.init_from)["kind"] == "refqsr" else None
         if isinstance(source, RefQSR):
             self._init_refqsr(self.model, source)
-            if cfg.fresh_refer:
-                _start_refers_small(self.model)
         else:
             source = self._init_backbone(self.model.backbone)
+        if cfg.fresh_refer or not isinstance(source, RefQSR):
             _start_refers_small(self.model)
         if cfg.scheme == "cabm":
             self._setup_cabm(self.model, source)
