@@ -111,7 +111,7 @@ def _features(model: RefQSR, x: torch.Tensor, path: str) -> dict[str, torch.Tens
         hooks += [r.register_forward_hook(lambda _m, args, _o: deep.append(args[0])) for r in model.refers]
     try:
         if path == "reference":
-            deep = model.reference_forward(x)[1][:len(model.refers)]  # (not shared matching's block-1 feature)
+            deep = model.reference_features(x)[:len(model.refers)]  # (not shared matching's block-1 feature)
         else:
             model.query_forward(x, None)
     finally:

@@ -190,7 +190,7 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
             query_meta = {"bits": [model.b_low, model.b_medium], "dynamic_convs": _column_convs(model, sel_q)}
             extra = ["bits"]
         else:
-            _, feats = model.reference_forward(x)
+            feats = model.reference_features(x)
     sizes = sorted({tuple(f.shape[-2:]) for f in feats if f.shape[-2] % POOL or f.shape[-1] % POOL})
     if sizes:  # e.g. ELAN-light pads patches to a multiple of 16 before its blocks
         raise RefQSRError(f"patch size {patch} gives this network's RefER features of {sizes[0][0]}x{sizes[0][1]} px, "

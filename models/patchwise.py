@@ -168,7 +168,7 @@ class TorchRunner:
         if self.reference_mode == "assigned":
             feats = [self._t(f) for f in features]
         elif self.reference_mode == "aligned":  # the query's own b_high features: a perfect match
-            feats = self.model.reference_forward(xt)[1]
+            feats = self.model.reference_features(xt)
         else:  # "self"
             feats = None
         out = self.model.query_forward(xt, feats, selection=sel).cpu().numpy()

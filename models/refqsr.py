@@ -56,6 +56,11 @@ MATCHINGS = ("paper", "shared")
 MATCH_BLOCK = 1  # shared matching compares the input of this block (both paths at b_high up to it)
 
 
+class _PassDone(Exception):
+    """Ends a backbone pass early from inside its block step (``SRBackbone.run`` has no stop of
+    its own; this keeps every architecture's ``run`` as it is)."""
+
+
 class SharedMatcher(nn.Module):
     """The shared matching step as a module (no parameters), so that its calls have their own
     scope in exported graphs (``/matcher/``) and can be hooked."""
@@ -150,24 +155,45 @@ class RefQSR(nn.Module):
         reference-path ResBlock that a RefER replaces on the query path (see refer.py), then, with
         shared matching, the input of block :data:`MATCH_BLOCK`.
         ``selection``: δ-RefQSR only, an unbound Selection that records the bits chosen."""
+        hr, features = self._reference_pass(x, selection, features_only=False)
+        assert hr is not None
+        return hr, features
+
+    def reference_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The features of :meth:`reference_forward` without its HR output: the pass stops at the
+        input of the last ResBlock, so neither that block nor the upsampler runs (a RefER's
+        reference needs no SR of its own: training RefERs alone, probes, export shapes)."""
+        return self._reference_pass(x, None, features_only=True)[1]
+
+    def _reference_pass(self, x: torch.Tensor, selection: Selection | None,
+                        features_only: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         net, kept, match = self.backbone, [], []
         high = self._high_for(x, selection)
+        last = net.n_blocks - 1
 
         def step(k: int, feat: torch.Tensor) -> torch.Tensor:
             if k >= self.first_refer:
                 kept.append(feat)
             if self.shared and k == MATCH_BLOCK:
                 match.append(feat)
+            if features_only and k == last:
+                raise _PassDone  # every feature is in hand (the last one is this block's input)
             return net.blocks[k](feat, high)
 
-        return net.run(x, step), kept + match
+        try:
+            hr: torch.Tensor | None = net.run(x, step)
+        except _PassDone:
+            hr = None
+        return hr, kept + match
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
-                      hard: bool | None = None, selection: Selection | None = None) -> torch.Tensor:
+                      hard: bool | None = None, selection: Selection | None = None,
+                      refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """HR output of query patches, given the reference features gathered per query.
 
         ``reference_features=None`` feeds each RefER the query's own feature at its input: the
-        paper's Table V "self-reference" ablation. ``selection`` as in :meth:`reference_forward`."""
+        paper's Table V "self-reference" ablation. ``selection`` as in :meth:`reference_forward`.
+        ``refer_outputs``: a list that receives each RefER's output feature (training targets)."""
         if reference_features is None:
             reference_features = [None] * self.n_reference_features
         if self.tail == "refer" and len(reference_features) != self.n_reference_features:
@@ -189,9 +215,33 @@ class RefQSR(nn.Module):
             ref_feat = feat if ref_feat is None else ref_feat
             shared = flow[0] if flow else None
             # δ-RefQSR: RefER's refinement convs at δ too; else their default b_high
-            return refer(feat, ref_feat, hard, high if self.dynamic else None, flow=shared)
+            out = refer(feat, ref_feat, hard, high if self.dynamic else None, flow=shared)
+            if refer_outputs is not None:
+                refer_outputs.append(out)
+            return out
 
         return net.run(x, step)
+
+    def high_block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Output of each ResBlock that a RefER replaces, with the whole network at b_high (fixed
+        precision): what each RefER output would be if the patch had run at high bits."""
+        if self.dynamic:
+            raise ValueError("high_block_outputs is for fixed-precision RefQSR (δ has no single b_high)")
+        net, outs = self.backbone, []
+
+        def step(k: int, feat: torch.Tensor) -> torch.Tensor:
+            out = net.blocks[k](feat, self.high)
+            if k >= self.first_refer:
+                outs.append(out)
+            if k == net.n_blocks - 1:
+                raise _PassDone  # the upsampler's output is not wanted
+            return out
+
+        try:
+            net.run(x, step)
+        except _PassDone:
+            pass
+        return outs
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward on (query, reference) patch pairs: (SR of queries, SR of references)."""

@@ -122,3 +122,37 @@ def test_self_match_counter_scores_the_shared_flow():
     counter.remove()
     assert counter.pixels == [2 * 2 * 24 * 24]
     assert 0.5 < counter.shares()[0] < 0.95  # the aligned half all, the mirrored half mostly not
+
+
+def test_feature_error_runner_scores_the_last_refer_against_the_block_at_b_high(model):
+    """Per query batch: mean |last RefER output - last block's output with the patch wholly at
+    b_high|, both taken here with forward hooks (a plain backbone call at b_high for the target);
+    'self' and 'assigned' give different errors; 'high' runs no RefER and scores nothing."""
+    from refqsr_engine.training.refer_probe import FeatureErrorRunner
+
+    q = np.random.default_rng(2).random((2, 3, 24, 24), dtype=np.float32)
+    ref = np.random.default_rng(3).random((2, 3, 24, 24), dtype=np.float32)
+    xq = torch.from_numpy(q)
+    with torch.no_grad():
+        ref_feats = [f.numpy() for f in model.reference_forward(torch.from_numpy(ref))[1]]
+    kept: dict[str, torch.Tensor] = {}
+    handles = [model.refers[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("refer", o)),
+               model.backbone.blocks[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("high", o))]
+    errors = {}
+    for mode in ("assigned", "self"):
+        with torch.no_grad():
+            model.query_forward(xq, None if mode == "self" else [torch.from_numpy(f) for f in ref_feats])
+            model.backbone(xq, BitSpec(8, 8))
+        want = float((kept["refer"] - kept["high"]).abs().mean())
+        runner = FeatureErrorRunner(model, mode)
+        runner.query(q, ref_feats)
+        runner.remove()
+        assert runner.mean_error() == pytest.approx(want, rel=1e-6)
+        errors[mode] = want
+    for h in handles:
+        h.remove()
+    assert errors["assigned"] != pytest.approx(errors["self"], rel=1e-3)
+    high = FeatureErrorRunner(model, "high")
+    high.query(q, ref_feats)
+    high.remove()
+    assert high.mean_error() is None

@@ -380,3 +380,38 @@ def test_highbit_tail_bitops_count_the_tail_at_high_bits():
     query_ops = 2 * (1 + 2) * high + 2 * 13 * low
     assert rep.total.network == pytest.approx(ref_ops + query_ops, rel=1e-9)
     assert rep.total.refer_convs == 0 and rep.total.cost_volume == 0
+
+
+@pytest.mark.parametrize("arch,matching", [("srresnet", "paper"), ("srresnet", "shared"), ("carn", "shared"),
+                                           ("elan_light", "paper")])
+def test_features_only_passes_stop_before_the_unneeded_work(arch: str, matching: str) -> None:
+    """reference_features gives reference_forward's features without running the last block or
+    the upsampler; high_block_outputs gives the outputs of the replaced blocks (forward hooks on a
+    plain b_high backbone call) without running anything after the last block."""
+    torch.manual_seed(0)
+    small = {"srresnet": {"n_blocks": 4}, "carn": {}, "elan_light": {}}[arch]
+    model = build_refqsr(arch, "ddtb", 8, 4, matching=matching, **small)
+    x = _smooth_image(2, 24, 24, 8)
+    model.train()
+    with torch.no_grad():
+        model(x, _smooth_image(2, 24, 24, 9))  # initialise every quantizer range
+    model.eval()
+    net, last = model.backbone, model.backbone.n_blocks - 1
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_hook(lambda mod, a, o, k=k: outputs.__setitem__(k, o)) for k, b in enumerate(net.blocks)]
+    with torch.no_grad():
+        _, want = model.reference_forward(x)
+        net(x, BitSpec(8, 8))
+        want_high = [outputs[k] for k in range(model.first_refer, last + 1)]
+        outputs.clear()
+        got = model.reference_features(x)
+        assert last not in outputs  # the last block did not run
+        got_high = model.high_block_outputs(x)
+    for h in handles:
+        h.remove()
+    assert len(got) == len(want) == model.n_reference_features
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len(got_high) == len(model.refers)
+    for g, w in zip(got_high, want_high):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

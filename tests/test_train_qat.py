@@ -293,3 +293,43 @@ def test_fresh_refer_keeps_the_source_backbone_and_restarts_the_refers(setup, tm
         last = refer.conv2.conv.weight.detach()
         assert float(last.abs().max()) <= REFER_INIT_SCALE / np.sqrt(last[0].numel())
         assert float(before[f"refers.{k}.conv2.conv.weight"].float().abs().max()) > 10 * float(last.abs().max())
+
+
+def test_refer_kd_adds_the_feature_target_of_each_refer(setup, tmp_path):
+    """--refer-kd W: the loss is loss (9)'s query terms plus W times the mean over RefERs of
+    L1(RefER output, output of the block it replaces with the query patch wholly at b_high); both
+    features are taken here with forward hooks on a plain backbone call at b_high. Refused where
+    there is no RefER or no single b_high."""
+    from refqsr_engine.models.qconv import BitSpec
+    from refqsr_engine.training.datasets import HRFolderDataset
+    from refqsr_engine.training.tasks import make_task
+
+    source_run = tmp_path / "source"
+    train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared"), log=lambda s: None)
+    weight = 0.5
+    cfg = _cfg(setup, tmp_path / "kd", "refqsr", "8-4", 1, matching="shared", init_from=str(source_run / "best.pt"),
+               train_part="refer", refer_kd=weight)
+    task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
+    batch = next(task.batches(0, 1))
+    task.model.train()
+    loss = float(task.loss(batch).detach())
+
+    model, hooked = task.model, {}
+    first = model.backbone.n_blocks - len(model.refers)
+    handles = [m.register_forward_hook(lambda mod, args, out, key=key: hooked.__setitem__(key, out.detach()))
+               for key, m in [(("refer", k), r) for k, r in enumerate(model.refers)]
+               + [(("high", k), model.backbone.blocks[first + k]) for k in range(len(model.refers))]]
+    l1 = torch.nn.functional.l1_loss
+    with torch.no_grad():
+        sr_q, _ = model(batch["query_lr"], batch["ref_lr"])
+        model.backbone(batch["query_lr"], BitSpec(8, 8))
+    for h in handles:
+        h.remove()
+    feature = sum(l1(hooked[("refer", k)], hooked[("high", k)]) for k in range(len(model.refers))) / len(model.refers)
+    image = l1(sr_q, batch["query_hr"]) + l1(sr_q, task.teacher(batch["query_lr"]))
+    assert float(feature) > 1e-4
+    assert loss == pytest.approx(float(image + weight * feature), rel=1e-5)
+
+    with pytest.raises(RefQSRError, match="--refer-kd needs RefER blocks"):
+        make_task(_cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", refer_kd=weight),
+                  HRFolderDataset(setup["root"] / "train", 4, 24))

@@ -21,7 +21,7 @@ from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, sr_to_uint8, ssim_y
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
-from refqsr_engine.models.patchwise import PatchwiseResult, upscale_patchwise
+from refqsr_engine.models.patchwise import PatchRunner, PatchwiseResult, TorchRunner, run_patchwise
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.datasets import Pair, PairedFolder
 
@@ -31,8 +31,13 @@ URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px p
 def upscale_pair(model: torch.nn.Module, pair: Pair, patch: int, overlap: int,
                  reference: str = "assigned") -> tuple[np.ndarray, PatchwiseResult]:
     """SR of one validation pair's LR (HWC uint8), patch-wise at the model's own bits."""
+    return run_pair(TorchRunner(model, model_bits(model), reference), pair, patch, overlap)
+
+
+def run_pair(runner: PatchRunner, pair: Pair, patch: int, overlap: int) -> tuple[np.ndarray, PatchwiseResult]:
+    """:func:`upscale_pair` on a given patch runner (e.g. one that also measures something)."""
     lr = pair.lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-    result = upscale_patchwise(model, lr, patch, overlap, bits=model_bits(model), reference=reference)
+    result = run_patchwise(runner, lr, patch, overlap)
     return sr_to_uint8(result.image), result
 
 

@@ -87,6 +87,7 @@ class TrainConfig:
     matching: str = "paper"  # refqsr: RefER's flow, "paper" (per RefER) or "shared" (see models/refqsr.py)
     train_part: str = "all"  # refqsr: "refer" trains the RefER blocks only (the backbone as --init-from gives it)
     fresh_refer: bool = False  # refqsr: start the RefER blocks afresh even --init-from a RefQSR model
+    refer_kd: float = 0.0  # refqsr: weight of the RefER feature target (training/tasks.py RefQSRTask.loss)
     # cadyq: weight of CADyQ's bit loss (batch mean, summed over layers). CADyQ's own 1e-5 is for a
     # sum over a batch of 16 with pixels in 0..255: 1e-5 * 16 / 255 ~ 6.3e-7 here.
     bit_weight: float = 6.3e-7
@@ -484,6 +485,9 @@ def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any
             click.option("--fresh-refer", is_flag=True,
                          help="Start the RefER blocks afresh (each as 'skip the replaced block', refinement near "
                               "zero) also when --init-from is a RefQSR model, whose backbone is kept."),
+            click.option("--refer-kd", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                         help="Weight of a feature target added to loss (9): L1 between each RefER's output and the "
+                              "output of the block it replaces with the query patch wholly at b_high (fixed bits)."),
         ]
     return common + quant
 

@@ -13,7 +13,14 @@ the same reference assignment; only what the query patches' RefER blocks get cha
 
 Reading it: ``assigned`` above ``self`` means the refinement uses a reference at all; ``aligned``
 above ``assigned`` means better matches would pay; ``high`` minus ``assigned`` is the quantization
-loss RefER has left on the query patches. The probe also scores the matching step itself: in
+loss RefER has left on the query patches.
+
+The feature column (fixed-precision models) asks the same at the RefERs' own level: the mean L1
+between the last RefER's output and the output of the block it replaces when the query patch runs
+wholly at b_high, the feature a perfect repair would give. A RefER can close that gap (feature
+error well under ``self``'s) and still leave the PSNR where it was, when the b_high path is no
+better than the low-bit one on the image (``high`` level with ``self``): then the reference has
+nothing to repair that the image shows. The probe also scores the matching step itself: in
 ``aligned`` mode the right flow is zero everywhere, so the share of query pixels whose arg-max flow
 stays under half a pooling cell says whether the cost volume can find even an identical patch.
 """
@@ -28,11 +35,12 @@ import torch
 
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.engine.upscale import model_bits
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import load_model
-from refqsr_engine.models.patchwise import REFERENCE_MODES
+from refqsr_engine.models.patchwise import REFERENCE_MODES, TorchRunner
 from refqsr_engine.models.refqsr import RefQSR
-from refqsr_engine.training.bundle import upscale_pair
+from refqsr_engine.training.bundle import run_pair
 from refqsr_engine.training.datasets import PairedFolder
 
 
@@ -79,20 +87,58 @@ class SelfMatchCounter:
             handle.remove()
 
 
+class FeatureErrorRunner(TorchRunner):
+    """The patch runner of a RefQSR model that also scores every query batch: L1 between the last
+    RefER's output and the replaced block's output with the same patches wholly at b_high
+    (:meth:`RefQSR.high_block_outputs`). Fixed precision only (δ has no single b_high)."""
+
+    def __init__(self, model: RefQSR, reference: str) -> None:
+        super().__init__(model, model_bits(model), reference)
+        self.abs_sum, self.count = 0.0, 0
+        self._last: torch.Tensor | None = None
+        self._handle = model.refers[-1].register_forward_hook(self._keep)
+
+    def _keep(self, _module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        self._last = output
+
+    @torch.no_grad()
+    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
+        self._last = None
+        out = super().query(x, features)
+        if self._last is not None:  # "high" runs no RefER: its feature is the target itself
+            target = self.model.high_block_outputs(self._t(x))[-1]
+            self.abs_sum += float((self._last - target).abs().sum())
+            self.count += target.numel()
+        return out
+
+    def mean_error(self) -> float | None:
+        return self.abs_sum / self.count if self.count else None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
-    """PSNR-Y (shave 4) per image and mean, for each of :data:`REFERENCE_MODES`, and per RefER the
-    share of query pixels its matching (or the shared flow) maps onto themselves in ``aligned`` mode."""
+    """PSNR-Y (shave 4) per image and mean, for each of :data:`REFERENCE_MODES`; per mode the last
+    RefER's feature error (see :class:`FeatureErrorRunner`; None for δ models and for ``high``);
+    and per RefER the share of query pixels its matching (or the shared flow) maps onto themselves
+    in ``aligned`` mode."""
     if not (isinstance(model, RefQSR) and model.tail == "refer"):
         raise RefQSRError("the probe needs a RefQSR model with RefER blocks")
     out: dict[str, Any] = {"images": [folder[i].name for i in range(len(folder))], "modes": {}}
     for mode in REFERENCE_MODES:
         counter = SelfMatchCounter(model) if mode == "aligned" else None
+        runner = TorchRunner(model, model_bits(model), mode) if model.dynamic else FeatureErrorRunner(model, mode)
         scores = []
         for i in range(len(folder)):
             pair = folder[i]
-            sr, _ = upscale_pair(model, pair, patch, overlap, mode)
+            sr, _ = run_pair(runner, pair, patch, overlap)
             scores.append(psnr_y(sr, pair.hr, 4))
-        out["modes"][mode] = {"psnr_y": float(np.mean(scores)), "images": scores}
+        feature = None
+        if isinstance(runner, FeatureErrorRunner):
+            runner.remove()
+            feature = runner.mean_error()
+        out["modes"][mode] = {"psnr_y": float(np.mean(scores)), "images": scores, "feature_l1": feature}
         if counter is not None:
             counter.remove()
             out["self_match"] = counter.shares()
@@ -101,10 +147,10 @@ def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = "| RefER input | PSNR-Y (dB) | " + " | ".join(result["images"]) + " |\n"
-    head += "| --- | ---: |" + " ---: |" * len(result["images"]) + "\n"
-    rows = [f"| {mode} | {r['psnr_y']:.3f} | " + " | ".join(f"{p:.3f}" for p in r["images"]) + " |"
-            for mode, r in result["modes"].items()]
+    head = "| RefER input | PSNR-Y (dB) | last RefER feature L1 to b_high | " + " | ".join(result["images"]) + " |\n"
+    head += "| --- | ---: | ---: |" + " ---: |" * len(result["images"]) + "\n"
+    rows = [f"| {mode} | {r['psnr_y']:.3f} | " + ("-" if r["feature_l1"] is None else f"{r['feature_l1']:.4f}")
+            + " | " + " | ".join(f"{p:.3f}" for p in r["images"]) + " |" for mode, r in result["modes"].items()]
     shares = result["self_match"]
     if result.get("matching") == "shared":
         match = f"shared flow {shares[0]:.1%}"

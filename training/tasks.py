@@ -278,6 +278,8 @@ class RefQSRTask(_Distilled):
             raise RefQSRError("--train refer needs RefER blocks: the --tail highbit ablation has none")
         if self.refer_only and not cfg.init_from:
             raise RefQSRError("--train refer keeps the backbone as it is: give a trained one with --init-from")
+        if cfg.refer_kd and (cfg.tail != "refer" or self.dynamic):
+            raise RefQSRError("--refer-kd needs RefER blocks and fixed bits (not --tail highbit, not delta)")
         clust, _ = load_model(cfg.clustblock)
         if not isinstance(clust, ClustBlock):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
@@ -339,13 +341,26 @@ class RefQSRTask(_Distilled):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Paper eq. (9): L1 and KD on both the query and the reference outputs (δ: plus the
-        bit loss of both paths' choices, CADyQ). ``--train refer``: the query terms only."""
+        bit loss of both paths' choices, CADyQ). ``--train refer``: the query terms only.
+        ``--refer-kd W`` adds W * mean over RefERs of L1(RefER output, the replaced block's output
+        with the query patch wholly at b_high): the feature a perfect repair would give, a direct
+        signal where the image loss sees the RefERs' small share through the rest of the network."""
         # the two paths of RefQSR.forward; δ: each records its choices
         sel_r, sel_q = (Selection(self.model.b_high), Selection(self.model.b_high)) if self.dynamic else (None, None)
-        with torch.no_grad() if self.refer_only else contextlib.nullcontext():
-            sr_r, features = self.model.reference_forward(batch["ref_lr"], sel_r)
-        sr_q = self.model.query_forward(batch["query_lr"], features, selection=sel_q)
+        if self.refer_only and not self.dynamic:  # the reference's SR output would go unused
+            with torch.no_grad():
+                features = self.model.reference_features(batch["ref_lr"])
+        else:
+            with torch.no_grad() if self.refer_only else contextlib.nullcontext():
+                sr_r, features = self.model.reference_forward(batch["ref_lr"], sel_r)
+        refer_out: list[torch.Tensor] | None = [] if self.cfg.refer_kd else None
+        sr_q = self.model.query_forward(batch["query_lr"], features, selection=sel_q, refer_outputs=refer_out)
         loss = self.distill(sr_q, batch["query_lr"], batch["query_hr"])
+        if refer_out:
+            with torch.no_grad():  # a target, as the KD teacher's output is
+                targets = self.model.high_block_outputs(batch["query_lr"])
+            feature_l1 = sum(nn.functional.l1_loss(o, t) for o, t in zip(refer_out, targets)) / len(targets)
+            loss = loss + self.cfg.refer_kd * feature_l1
         if not self.refer_only:
             loss = loss + self.distill(sr_r, batch["ref_lr"], batch["ref_hr"])
         return self.add_bit_loss(loss, sel_r, sel_q) if self.dynamic else loss
@@ -357,7 +372,7 @@ class RefQSRTask(_Distilled):
     def card(self) -> dict[str, Any]:
         return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
                 "matching": self.cfg.matching, "trained": "RefER blocks only" if self.refer_only else "all",
-                "fresh_refer": self.cfg.fresh_refer,
+                "fresh_refer": self.cfg.fresh_refer, "refer_kd": self.cfg.refer_kd,
                 "loss": "L1 + KD on the query outputs (eq. 9's query terms)" if self.refer_only
                 else "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
                 "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
