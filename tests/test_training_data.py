@@ -310,7 +310,7 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
     Image.fromarray(np.full((300, 400, 4), 255, np.uint8), "RGBA").save(mate / "Flat.png")
     out = tmp_path / "out"
     lines: list[str] = []
-    m = prep.prepare(out, mate_dir=tmp_path / "mate", max_side=512, log=lines.append,
+    m = prep.prepare(out, mate_dir=tmp_path / "mate", max_side=512, log=lines.append, use_test=False,
                      val_names=("skimage_astronaut", "skimage_coffee", "mate_nature_Dune"))
     val = sorted(p.stem for p in (out / "val").glob("*.png"))
     train_ = sorted(p.stem for p in (out / "train").glob("*.png"))
@@ -324,12 +324,43 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
     skipped = {s["name"]: s["why"] for s in m["skipped"]}
     assert "nearly flat" in skipped["mate_nature_Flat"] and "duplicate" in skipped["skimage_cat"]
     assert "too small" in skipped["skimage_text"]
+    assert not list((out / "test").glob("*.png")) and m["n_test"] == 0  # --no-test
     # without the mate folder (and without apt): skimage only, said so
     monkeypatch.setattr(prep, "fetch_mate", lambda dest: None)
+    monkeypatch.setattr(prep, "fetch_test", lambda dest: None)
     lines.clear()
-    m2 = prep.prepare(tmp_path / "out2", mate_dir=tmp_path / "nowhere", max_side=512, log=lines.append)
+    m2 = prep.prepare(tmp_path / "out2", mate_dir=tmp_path / "nowhere", max_side=512, log=lines.append,
+                      test_dir=tmp_path / "nowhere")
     assert all(r["origin"].startswith("skimage") for r in m2["images"])
     assert any("scikit-image images only" in s for s in lines)
+    assert any("no test split" in s for s in lines)
+
+
+def test_prepare_puts_the_test_package_in_test_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every photo of the test package lands in test/ (downscaled like the rest), none in train/
+    or val/; a copy of a training image is left out as a duplicate; a rerun without the test
+    package removes the stale test images."""
+    from refqsr_engine.training import prepare as prep
+
+    monkeypatch.setattr(prep, "SKIMAGE_NAMES", ("astronaut", "chelsea"))
+    lomiri = tmp_path / "lomiri"
+    (lomiri / "contest").mkdir(parents=True)
+    Image.fromarray(_synthetic(700, 1400, 5)).save(lomiri / "Bridge_by_Someone.jpg", quality=95)
+    Image.fromarray(_synthetic(400, 600, 6)).save(lomiri / "sunset.png")
+    Image.fromarray(skdata.chelsea()).save(lomiri / "cat_copy.png")  # already a training image
+    Image.fromarray(_synthetic(400, 600, 7)).save(lomiri / "contest" / "nested.png")  # not the package's top level
+    out = tmp_path / "out"
+    m = prep.prepare(out, mate_dir=None, use_mate=False, max_side=512, log=lambda s: None, test_dir=lomiri,
+                     val_names=("skimage_astronaut",))
+    assert sorted(p.stem for p in (out / "test").glob("*.png")) == ["test_Bridge_by_Someone", "test_sunset"]
+    assert sorted(p.stem for p in (out / "train").glob("*.png")) == ["skimage_chelsea"]
+    assert sorted(p.stem for p in (out / "val").glob("*.png")) == ["skimage_astronaut"]
+    assert m["n_test"] == 2 and "duplicate of skimage_chelsea" in {s["name"]: s["why"] for s in m["skipped"]}["test_cat_copy"]
+    bridge = next(r for r in m["images"] if r["name"] == "test_Bridge_by_Someone")
+    assert bridge["split"] == "test" and bridge["hw"] == [256, 512] and bridge["origin"].endswith("Bridge_by_Someone.jpg")
+    m2 = prep.prepare(out, mate_dir=None, use_mate=False, max_side=512, log=lambda s: None, use_test=False,
+                      val_names=("skimage_astronaut",))
+    assert m2["n_test"] == 0 and not list((out / "test").glob("*.png"))
 
 
 # --------------------------------------------------------------------------- trainer

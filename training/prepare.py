@@ -6,14 +6,20 @@ Sources, all available without a network:
 * the Debian package ``mate-backgrounds`` (photos and artwork, 1280-5640 px wide), read from
   ``--mate-dir`` (default ``/work/data/mate/usr/share/backgrounds/mate``); when that folder is
   missing the script tries ``apt-get download mate-backgrounds`` + ``dpkg -x`` in a temporary
-  folder, and otherwise goes on with scikit-image only.
+  folder, and otherwise goes on with scikit-image only;
+* for a test split from another source than the training photos: the Debian package
+  ``lomiri-wallpapers-16.04`` (the Ubuntu 16.04 community wallpapers: 15 photos, 1920-4896 px wide),
+  read from ``--test-dir`` (default ``/work/data/lomiri/usr/share/backgrounds``) or fetched the
+  same way; every image of it goes to ``test/``, none to ``train/``. Without it, no test split.
 
 Images are made RGB (alpha dropped), downscaled with Pillow LANCZOS so the long side is at most
 ``--max-side`` (1024) px, and written as PNG. Nearly flat images (mean absolute neighbour
 difference < 1 grey level, e.g. transparent wallpapers whose RGB under the alpha is constant)
 and images smaller than ``--min-side`` are left out; of a wallpaper shipped at several
 resolutions (``Name.jpg``, ``Name_3840x2160.jpg``) only the largest is used. A fixed list of
-images (:data:`VAL_NAMES`) goes to ``val/``, the rest to ``train/``. LR images are not written:
+images (:data:`VAL_NAMES`) goes to ``val/``, the rest to ``train/``, the test package to ``test/``
+(a second held-out set, larger than ``val/`` and from photographers the training set never saw, for
+comparisons finer than four images can settle). LR images are not written:
 the training data set makes them with MATLAB-style bicubic.
 
 Run: ``python -m refqsr_engine.training.prepare OUT_DIR``.
@@ -42,6 +48,10 @@ from refqsr_engine.training.datasets import find_images, load_rgb
 
 DEFAULT_MATE_DIR = Path("/work/data/mate/usr/share/backgrounds/mate")
 MATE_PACKAGE = "mate-backgrounds"
+MATE_SUBDIR = "usr/share/backgrounds/mate"
+DEFAULT_TEST_DIR = Path("/work/data/lomiri/usr/share/backgrounds")
+TEST_PACKAGE = "lomiri-wallpapers-16.04"
+TEST_SUBDIR = "usr/share/backgrounds"
 
 # scikit-image sample images shipped inside the wheel (no download). `cat` is `chelsea`.
 SKIMAGE_NAMES = (
@@ -60,6 +70,7 @@ class Source:
     name: str  # output stem
     origin: str  # human-readable origin
     load: Callable[[], np.ndarray]  # -> HxWx3 uint8
+    split: str | None = None  # "test" for the test package; else val if named in VAL_NAMES, train otherwise
 
 
 def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
@@ -92,23 +103,38 @@ def skimage_sources() -> list[Source]:
     return [Source(f"skimage_{n}", f"skimage.data.{n}", loader(n)) for n in SKIMAGE_NAMES if hasattr(data, n)]
 
 
-def fetch_mate(dest: Path) -> Path | None:
-    """``apt-get download mate-backgrounds`` + ``dpkg -x`` into ``dest``; the backgrounds folder or None."""
+def fetch_package(package: str, subdir: str, dest: Path) -> Path | None:
+    """``apt-get download PACKAGE`` + ``dpkg -x`` into ``dest``; its ``subdir`` folder or None."""
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         return None
     try:
-        subprocess.run(["apt-get", "download", MATE_PACKAGE], cwd=dest, check=True,
+        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
                        capture_output=True, timeout=300)
-        debs = sorted(dest.glob(f"{MATE_PACKAGE}_*.deb"))
+        debs = sorted(dest.glob(f"{package}_*.deb"))
         if not debs:
             return None
-        subprocess.run(["dpkg", "-x", str(debs[-1]), str(dest / "x")], check=True,
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(dest / package)], check=True,
                        capture_output=True, timeout=300)
     except (subprocess.SubprocessError, OSError) as exc:
-        print(f"could not fetch {MATE_PACKAGE}: {exc}", file=sys.stderr)
+        print(f"could not fetch {package}: {exc}", file=sys.stderr)
         return None
-    folder = dest / "x" / "usr" / "share" / "backgrounds" / "mate"
+    folder = dest / package / subdir
     return folder if folder.is_dir() else None
+
+
+def fetch_mate(dest: Path) -> Path | None:
+    return fetch_package(MATE_PACKAGE, MATE_SUBDIR, dest)
+
+
+def fetch_test(dest: Path) -> Path | None:
+    return fetch_package(TEST_PACKAGE, TEST_SUBDIR, dest)
+
+
+def testset_sources(folder: Path) -> list[Source]:
+    """Every image directly in ``folder`` (the test package's photos), for ``test/``."""
+    return [Source("test_" + re.sub(r"[^A-Za-z0-9_-]+", "_", p.stem), f"{TEST_PACKAGE}:{p.name}",
+                   (lambda p=p: load_rgb(p)), split="test")
+            for p in sorted(find_images(folder)) if p.parent == folder]
 
 
 def mate_sources(folder: Path) -> list[Source]:
@@ -153,20 +179,34 @@ def _write_png(img: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _iter_sources(mate_dir: Path | None, use_mate: bool, tmp: Path, log: Callable[[str], None]) -> Iterator[Source]:
+def _package_folder(given: Path | None, package: str, fetch: Callable[[Path], Path | None], tmp: Path,
+                    log: Callable[[str], None]) -> Path | None:
+    """``given`` if it is a folder, else the package fetched into ``tmp`` (None when unavailable)."""
+    if given is not None and given.is_dir():
+        log(f"{package}: {given}")
+        return given
+    log(f"{package}: {given} missing; trying apt-get download {package}")
+    folder = fetch(tmp)
+    if folder is not None:
+        log(f"{package}: {folder}")
+    return folder
+
+
+def _iter_sources(mate_dir: Path | None, use_mate: bool, test_dir: Path | None, use_test: bool, tmp: Path,
+                  log: Callable[[str], None]) -> Iterator[Source]:
     yield from skimage_sources()
     if not use_mate:
         log("mate-backgrounds: not used (--no-mate)")
-        return
-    folder = mate_dir if mate_dir is not None and mate_dir.is_dir() else None
-    if folder is None:
-        log(f"mate-backgrounds: {mate_dir} missing; trying apt-get download {MATE_PACKAGE}")
-        folder = fetch_mate(tmp)
-    if folder is None:
+    elif (folder := _package_folder(mate_dir, MATE_PACKAGE, fetch_mate, tmp, log)) is None:
         log("mate-backgrounds: unavailable; continuing with scikit-image images only")
-        return
-    log(f"mate-backgrounds: {folder}")
-    yield from mate_sources(folder)
+    else:
+        yield from mate_sources(folder)
+    if not use_test:
+        log(f"{TEST_PACKAGE}: not used (--no-test)")
+    elif (folder := _package_folder(test_dir, TEST_PACKAGE, fetch_test, tmp, log)) is None:
+        log(f"{TEST_PACKAGE}: unavailable; no test split")
+    else:
+        yield from testset_sources(folder)
 
 
 def prepare(
@@ -177,15 +217,19 @@ def prepare(
     min_side: int = 192,
     val_names: tuple[str, ...] = VAL_NAMES,
     log: Callable[[str], None] = print,
+    test_dir: str | Path | None = DEFAULT_TEST_DIR,
+    use_test: bool = True,
 ) -> dict:
-    """Write ``out_dir/train`` and ``out_dir/val`` and ``out_dir/manifest.json``; return the manifest."""
+    """Write ``out_dir/train``, ``out_dir/val``, ``out_dir/test`` (when the test package is there)
+    and ``out_dir/manifest.json``; return the manifest."""
     out = Path(out_dir)
-    train_dir, val_dir = out / "train", out / "val"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    val_dir.mkdir(parents=True, exist_ok=True)
+    dirs = {split: out / split for split in ("train", "val", "test")}
+    for folder in dirs.values():
+        folder.mkdir(parents=True, exist_ok=True)
     records, skipped, seen = [], [], {}
     with tempfile.TemporaryDirectory(prefix="refqsr-prepare-") as tmp:
-        for src in _iter_sources(Path(mate_dir) if mate_dir else None, use_mate, Path(tmp), log):
+        for src in _iter_sources(Path(mate_dir) if mate_dir else None, use_mate,
+                                 Path(test_dir) if test_dir else None, use_test, Path(tmp), log):
             try:
                 img = src.load()
             except Exception as exc:  # one unreadable sample must not stop the build
@@ -205,8 +249,8 @@ def prepare(
                 skipped.append((src.name, f"duplicate of {seen[digest]}"))
                 continue
             seen[digest] = src.name
-            split = "val" if src.name in val_names else "train"
-            path = (val_dir if split == "val" else train_dir) / f"{src.name}.png"
+            split = src.split or ("val" if src.name in val_names else "train")
+            path = dirs[split] / f"{src.name}.png"
             _write_png(img, path)
             records.append({
                 "name": src.name, "split": split, "origin": src.origin,
@@ -214,17 +258,16 @@ def prepare(
             })
     # Leave no stale image from an earlier run with other settings.
     written = {(r["split"], r["name"]) for r in records}
-    for split, folder in (("train", train_dir), ("val", val_dir)):
+    for split, folder in dirs.items():
         for p in folder.glob("*.png"):
             if (split, p.stem) not in written:
                 p.unlink()
     missing_val = sorted(set(val_names) - {r["name"] for r in records if r["split"] == "val"})
-    n_train = sum(r["split"] == "train" for r in records)
-    n_val = len(records) - n_train
+    n_train, n_val, n_test = (sum(r["split"] == split for r in records) for split in ("train", "val", "test"))
     if n_train == 0:
         raise RefQSRError("no training image could be prepared")
     manifest = {
-        "max_side": max_side, "min_side": min_side, "n_train": n_train, "n_val": n_val,
+        "max_side": max_side, "min_side": min_side, "n_train": n_train, "n_val": n_val, "n_test": n_test,
         "images": records, "skipped": [{"name": n, "why": w} for n, w in skipped],
     }
     tmp_manifest = out / ".manifest.json.tmp"
@@ -232,14 +275,15 @@ def prepare(
     os.replace(tmp_manifest, out / "manifest.json")
 
     log(f"\n{'split':5s}  {'image':44s} {'size':>10s}  origin")
-    for r in sorted(records, key=lambda r: (r["split"] != "val", r["name"])):
+    for r in sorted(records, key=lambda r: ({"val": 0, "test": 1}.get(r["split"], 2), r["name"])):
         log(f"{r['split']:5s}  {r['name']:44s} {r['hw'][1]:>4d}x{r['hw'][0]:<5d}  {r['origin']}")
     for name, why in skipped:
         log(f"skip   {name:44s} {why}")
     if missing_val:
         log(f"warning: validation images not available: {', '.join(missing_val)}")
     train_px = sum(r["hw"][0] * r["hw"][1] for r in records if r["split"] == "train")
-    log(f"\n{n_train} train images ({train_px / 1e6:.1f} Mpx) -> {train_dir}\n{n_val} val images -> {val_dir}")
+    log(f"\n{n_train} train images ({train_px / 1e6:.1f} Mpx) -> {dirs['train']}\n{n_val} val images -> {dirs['val']}"
+        f"\n{n_test} test images -> {dirs['test']}")
     return manifest
 
 
@@ -248,14 +292,17 @@ def prepare(
 @click.option("--mate-dir", type=click.Path(path_type=Path), default=DEFAULT_MATE_DIR, show_default=True,
               help="Extracted mate-backgrounds folder (usr/share/backgrounds/mate).")
 @click.option("--no-mate", is_flag=True, help="Use scikit-image images only.")
+@click.option("--test-dir", type=click.Path(path_type=Path), default=DEFAULT_TEST_DIR, show_default=True,
+              help=f"Extracted {TEST_PACKAGE} folder (usr/share/backgrounds): the test split's photos.")
+@click.option("--no-test", is_flag=True, help="Build no test split.")
 @click.option("--max-side", type=click.IntRange(min=64), default=1024, show_default=True,
               help="Downscale (LANCZOS) so the long side is at most this.")
 @click.option("--min-side", type=click.IntRange(min=1), default=192, show_default=True,
               help="Leave out images whose short side is below this (after downscaling).")
-def _cli(out_dir: Path, mate_dir: Path, no_mate: bool, max_side: int, min_side: int) -> None:
-    """Build OUT_DIR/train and OUT_DIR/val (HR PNGs) from offline images."""
+def _cli(out_dir: Path, mate_dir: Path, no_mate: bool, test_dir: Path, no_test: bool, max_side: int, min_side: int) -> None:
+    """Build OUT_DIR/train, OUT_DIR/val and OUT_DIR/test (HR PNGs) from offline images."""
     try:
-        prepare(out_dir, mate_dir, not no_mate, max_side, min_side)
+        prepare(out_dir, mate_dir, not no_mate, max_side, min_side, test_dir=test_dir, use_test=not no_test)
     except RefQSRError as exc:
         raise click.ClickException(str(exc)) from exc
 
