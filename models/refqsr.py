@@ -41,7 +41,7 @@ from .qconv import BitSpec, PerSampleBits
 from .quant_cadyq import SCHEME as CADYQ, Delta, DynamicRefER, Selection, model_candidates
 from .matching import shared_flow
 from .refer import RefER
-from .backbone import SRBackbone
+from .backbone import SRBackbone, Step
 
 
 def medium_bits(b_high: int, b_low: int) -> int:
@@ -180,11 +180,14 @@ class RefQSR(nn.Module):
                 raise _PassDone  # every feature is in hand (the last one is this block's input)
             return net.blocks[k](feat, high)
 
+        return self._run_until_done(x, step), kept + match
+
+    def _run_until_done(self, x: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """The backbone's HR output, or None when ``step`` ended the pass early (:class:`_PassDone`)."""
         try:
-            hr: torch.Tensor | None = net.run(x, step)
+            return self.backbone.run(x, step)
         except _PassDone:
-            hr = None
-        return hr, kept + match
+            return None
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
                       hard: bool | None = None, selection: Selection | None = None,
@@ -237,10 +240,7 @@ class RefQSR(nn.Module):
                 raise _PassDone  # the upsampler's output is not wanted
             return out
 
-        try:
-            net.run(x, step)
-        except _PassDone:
-            pass
+        self._run_until_done(x, step)
         return outs
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
