@@ -102,9 +102,10 @@ class PatchRunner(Protocol):
 #: ClustBlock chose (RefQSR itself); "self": the query's own features (the paper's Table V
 #: "self-reference"); "aligned": the query's own b_high reference-path features, i.e. a reference
 #: that matches every query pixel exactly (what RefER could do with a perfect reference);
-#: "high": no RefER, the query runs the reference path at b_high (the ceiling of the query path).
-#: The last two are diagnostics (training.refer_probe), not ways to run a model.
-REFERENCE_MODES = ("assigned", "self", "aligned", "high")
+#: "high": no RefER, the query runs the reference path at b_high (the ceiling of the query path);
+#: "skip": every RefER passes its input through (the floor: the query path without the blocks
+#: RefER replaces). The last three are diagnostics (training.refer_probe), not ways to run a model.
+REFERENCE_MODES = ("assigned", "self", "aligned", "high", "skip")
 
 
 class TorchRunner:
@@ -169,11 +170,16 @@ class TorchRunner:
             feats = [self._t(f) for f in features]
         elif self.reference_mode == "aligned":  # the query's own b_high features: a perfect match
             feats = self.model.reference_features(xt)
-        else:  # "self"
+        else:  # "self", or "skip" (no RefER runs, the features are not read)
             feats = None
-        out = self.model.query_forward(xt, feats, selection=sel).cpu().numpy()
+        out = self._query_forward(xt, feats, sel).cpu().numpy()
         self._record(sel, "query")
         return out
+
+    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None,
+                       selection: Selection | None) -> torch.Tensor:
+        """The RefQSR query call of :meth:`query` (a subclass may ask it for more)."""
+        return self.model.query_forward(x, features, selection=selection, skip_refers=self.reference_mode == "skip")
 
 
 def upscale_patchwise(

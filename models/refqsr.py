@@ -191,12 +191,14 @@ class RefQSR(nn.Module):
 
     def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
                       hard: bool | None = None, selection: Selection | None = None,
-                      refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      refer_outputs: list[torch.Tensor] | None = None, skip_refers: bool = False) -> torch.Tensor:
         """HR output of query patches, given the reference features gathered per query.
 
         ``reference_features=None`` feeds each RefER the query's own feature at its input: the
         paper's Table V "self-reference" ablation. ``selection`` as in :meth:`reference_forward`.
-        ``refer_outputs``: a list that receives each RefER's output feature (training targets)."""
+        ``refer_outputs``: a list that receives each RefER's output feature (training targets).
+        ``skip_refers`` (diagnostic): every RefER passes its input through, as if the blocks it
+        replaces were removed -- the query path's floor, what a RefER adds is measured from it."""
         if reference_features is None:
             reference_features = [None] * self.n_reference_features
         if self.tail == "refer" and len(reference_features) != self.n_reference_features:
@@ -213,6 +215,10 @@ class RefQSR(nn.Module):
                 return net.blocks[k](feat, bits[k])
             if self.tail == "highbit":
                 return net.blocks[k](feat, high)
+            if skip_refers:
+                if refer_outputs is not None:
+                    refer_outputs.append(feat)
+                return feat
             ref_feat = reference_features[k - self.first_refer]
             refer = self.refers[k - self.first_refer]
             ref_feat = feat if ref_feat is None else ref_feat

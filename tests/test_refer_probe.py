@@ -5,6 +5,8 @@ Each mode is checked against the network run by hand on the query patch (``query
 at b_high on every patch by the plain SR path."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -38,11 +40,23 @@ def test_each_mode_feeds_refer_what_it_says(model):
             "self": model.query_forward(xq, None),
             "aligned": model.query_forward(xq, own_high_feats),
             "high": own_high_out,
+            "skip": _refinement_zeroed(model).query_forward(xq, ref_feats),
         }
     got = {m: TorchRunner(model, reference=m).query(q, [f.numpy() for f in ref_feats]) for m in want}
     for mode in want:
         np.testing.assert_allclose(got[mode], want[mode].numpy(), rtol=0, atol=1e-6, err_msg=mode)
     assert not np.allclose(got["assigned"], got["aligned"])  # the modes are really different inputs
+
+
+def _refinement_zeroed(model):
+    """A copy whose RefER refinements output exactly zero (second conv's weight and bias zeroed):
+    each RefER returns its input, which is what ``skip`` must give."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for refer in zeroed.refers:
+            refer.conv2.conv.weight.zero_()
+            refer.conv2.conv.bias.zero_()
+    return zeroed
 
 
 def test_unknown_mode_is_refused(model):
@@ -64,13 +78,15 @@ def test_cli_table_and_the_high_row_is_the_backbone_at_b_high(model, tmp_path):
     high = upscale_patchwise(model.backbone, lr, 96, 6, bits=BitSpec(8, 8)).image
     high8 = np.clip(np.round(high * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     assert result["modes"]["high"]["psnr_y"] == pytest.approx(psnr_y(high8, hr, 4), abs=1e-6)
-    assert len({round(r["psnr_y"], 6) for r in result["modes"].values()}) == 4
+    assert len({round(r["psnr_y"], 6) for r in result["modes"].values()}) == 5
 
     res = CliRunner().invoke(main, [str(tmp_path / "r.pt"), "--val", str(tmp_path / "val")])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("| ") and "RefER input" not in ln and "---" not in ln]
-    assert [ln.split("|")[1].strip() for ln in lines] == ["assigned", "self", "aligned", "high"]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["assigned", "self", "aligned", "high", "skip"]
     assert float(lines[3].split("|")[2]) == pytest.approx(result["modes"]["high"]["psnr_y"], abs=1e-3)
+    room = result["modes"]["high"]["psnr_y"] - result["modes"]["skip"]["psnr_y"]
+    assert f"Room for RefER (high - skip): {room:+.3f} dB" in res.output
     assert "maps onto themselves" in res.output and len(result["self_match"]) == 2
 
 
@@ -127,7 +143,8 @@ def test_self_match_counter_scores_the_shared_flow():
 def test_feature_error_runner_scores_the_last_refer_against_the_block_at_b_high(model):
     """Per query batch: mean |last RefER output - last block's output with the patch wholly at
     b_high|, both taken here with forward hooks (a plain backbone call at b_high for the target);
-    'self' and 'assigned' give different errors; 'high' runs no RefER and scores nothing."""
+    in 'skip' the feature in the last RefER's place is the output of the last block before the
+    RefERs; 'self' and 'assigned' give different errors; 'high' runs no RefER and scores nothing."""
     from refqsr_engine.training.refer_probe import FeatureErrorRunner
 
     q = np.random.default_rng(2).random((2, 3, 24, 24), dtype=np.float32)
@@ -137,22 +154,25 @@ def test_feature_error_runner_scores_the_last_refer_against_the_block_at_b_high(
         ref_feats = [f.numpy() for f in model.reference_forward(torch.from_numpy(ref))[1]]
     kept: dict[str, torch.Tensor] = {}
     handles = [model.refers[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("refer", o)),
+               model.backbone.blocks[model.first_refer - 1].register_forward_hook(
+                   lambda m, a, o: kept.setdefault("before", o)),
                model.backbone.blocks[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("high", o))]
     errors = {}
-    for mode in ("assigned", "self"):
+    for mode in ("assigned", "self", "skip"):
+        kept.clear()
         with torch.no_grad():
             model.query_forward(xq, None if mode == "self" else [torch.from_numpy(f) for f in ref_feats])
             model.backbone(xq, BitSpec(8, 8))
-        want = float((kept["refer"] - kept["high"]).abs().mean())
+        mine = kept["before"] if mode == "skip" else kept["refer"]
+        want = float((mine - kept["high"]).abs().mean())
         runner = FeatureErrorRunner(model, mode)
         runner.query(q, ref_feats)
-        runner.remove()
-        assert runner.mean_error() == pytest.approx(want, rel=1e-6)
+        assert runner.mean_error() == pytest.approx(want, rel=1e-6), mode
         errors[mode] = want
     for h in handles:
         h.remove()
     assert errors["assigned"] != pytest.approx(errors["self"], rel=1e-3)
+    assert errors["skip"] != pytest.approx(errors["assigned"], rel=1e-3)
     high = FeatureErrorRunner(model, "high")
     high.query(q, ref_feats)
-    high.remove()
     assert high.mean_error() is None

@@ -1,4 +1,4 @@
-"""Does a trained RefQSR model's RefER use its reference? PSNR of the same model with four inputs.
+"""Does a trained RefQSR model's RefER use its reference? PSNR of the same model, five ways.
 
     python -m refqsr_engine.training.refer_probe MODEL --val data/sr/val
 
@@ -9,11 +9,14 @@ the same reference assignment; only what the query patches' RefER blocks get cha
 * ``self``: the query's own features (the paper's Table V "self-reference");
 * ``aligned``: the query's own features from the b_high reference path, a reference that matches
   every query pixel exactly;
-* ``high``: no RefER; query patches run the reference path at b_high (the ceiling).
+* ``high``: no RefER; query patches run the reference path at b_high (the ceiling);
+* ``skip``: every RefER passes its input through, as if the blocks it replaces were removed (the
+  floor).
 
 Reading it: ``assigned`` above ``self`` means the refinement uses a reference at all; ``aligned``
 above ``assigned`` means better matches would pay; ``high`` minus ``assigned`` is the quantization
-loss RefER has left on the query patches.
+loss RefER has left on the query patches; ``high`` minus ``skip`` is all that RefER blocks can
+ever add to this backbone's query path (the room, printed under the table).
 
 The feature column (fixed-precision models) asks the same at the RefERs' own level: the mean L1
 between the last RefER's output and the output of the block it replaces when the query patch runs
@@ -39,6 +42,7 @@ from refqsr_engine.engine.upscale import model_bits
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.patchwise import REFERENCE_MODES, TorchRunner
+from refqsr_engine.models.quant_cadyq import Selection
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.bundle import run_pair
 from refqsr_engine.training.datasets import PairedFolder
@@ -89,33 +93,27 @@ class SelfMatchCounter:
 
 class FeatureErrorRunner(TorchRunner):
     """The patch runner of a RefQSR model that also scores every query batch: L1 between the last
-    RefER's output and the replaced block's output with the same patches wholly at b_high
-    (:meth:`RefQSR.high_block_outputs`). Fixed precision only (δ has no single b_high)."""
+    RefER's output (in ``skip`` mode the feature passed through in its place) and the replaced
+    block's output with the same patches wholly at b_high (:meth:`RefQSR.high_block_outputs`).
+    Fixed precision only (δ has no single b_high)."""
 
     def __init__(self, model: RefQSR, reference: str) -> None:
         super().__init__(model, model_bits(model), reference)
         self.abs_sum, self.count = 0.0, 0
-        self._last: torch.Tensor | None = None
-        self._handle = model.refers[-1].register_forward_hook(self._keep)
 
-    def _keep(self, _module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        self._last = output
-
-    @torch.no_grad()
-    def query(self, x: np.ndarray, features: list[np.ndarray]) -> np.ndarray:
-        self._last = None
-        out = super().query(x, features)
-        if self._last is not None:  # "high" runs no RefER: its feature is the target itself
-            target = self.model.high_block_outputs(self._t(x))[-1]
-            self.abs_sum += float((self._last - target).abs().sum())
-            self.count += target.numel()
+    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None,
+                       selection: Selection | None) -> torch.Tensor:
+        outputs: list[torch.Tensor] = []
+        out = self.model.query_forward(x, features, selection=selection, refer_outputs=outputs,
+                                       skip_refers=self.reference_mode == "skip")
+        target = self.model.high_block_outputs(x)[-1]
+        self.abs_sum += float((outputs[-1] - target).abs().sum())
+        self.count += target.numel()
         return out
 
     def mean_error(self) -> float | None:
+        """None in ``high`` mode: no query call (the query runs the reference path, its own target)."""
         return self.abs_sum / self.count if self.count else None
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6) -> dict[str, Any]:
@@ -134,10 +132,7 @@ def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6
             pair = folder[i]
             sr, _ = run_pair(runner, pair, patch, overlap)
             scores.append(psnr_y(sr, pair.hr, 4))
-        feature = None
-        if isinstance(runner, FeatureErrorRunner):
-            runner.remove()
-            feature = runner.mean_error()
+        feature = runner.mean_error() if isinstance(runner, FeatureErrorRunner) else None
         out["modes"][mode] = {"psnr_y": float(np.mean(scores)), "images": scores, "feature_l1": feature}
         if counter is not None:
             counter.remove()
@@ -156,7 +151,11 @@ def markdown(result: dict[str, Any]) -> str:
         match = f"shared flow {shares[0]:.1%}"
     else:
         match = ", ".join(f"RefER {k + 1} {share:.1%}" for k, share in enumerate(shares))
-    return (head + "\n".join(rows) + "\n\nQuery pixels that the matching maps onto themselves in aligned mode "
+    modes = result["modes"]
+    room = modes["high"]["psnr_y"] - modes["skip"]["psnr_y"]
+    return (head + "\n".join(rows) + f"\n\nRoom for RefER (high - skip): {room:+.3f} dB; what it takes of it "
+            f"(assigned - skip): {modes['assigned']['psnr_y'] - modes['skip']['psnr_y']:+.3f} dB\n"
+            "\nQuery pixels that the matching maps onto themselves in aligned mode "
             f"(arg-max flow under {SELF_MATCH_PX} px): {match}\n")
 
 
@@ -165,7 +164,7 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out).")
 @click.option("--patch", type=click.IntRange(min=8), default=96, show_default=True, help="LR patch size.")
 def main(model_name: str, val: str, patch: int) -> None:
-    """PSNR of a RefQSR model with its RefER fed the assigned, self, aligned or no reference."""
+    """PSNR of a RefQSR model with its RefER fed the assigned, self, aligned or no reference, or skipped."""
     try:
         model, _ = load_model(resolve_model(model_name))
         with torch.no_grad():
