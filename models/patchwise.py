@@ -176,10 +176,11 @@ class TorchRunner:
         self._record(sel, "query")
         return out
 
-    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None,
-                       selection: Selection | None) -> torch.Tensor:
-        """The RefQSR query call of :meth:`query` (a subclass may ask it for more)."""
-        return self.model.query_forward(x, features, selection=selection, skip_refers=self.reference_mode == "skip")
+    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None, selection: Selection | None,
+                       refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The RefQSR query call of :meth:`query`; a subclass may collect ``refer_outputs``."""
+        return self.model.query_forward(x, features, selection=selection, refer_outputs=refer_outputs,
+                                        skip_refers=self.reference_mode == "skip")
 
 
 def upscale_patchwise(

@@ -101,11 +101,10 @@ class FeatureErrorRunner(TorchRunner):
         super().__init__(model, model_bits(model), reference)
         self.abs_sum, self.count = 0.0, 0
 
-    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None,
-                       selection: Selection | None) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        out = self.model.query_forward(x, features, selection=selection, refer_outputs=outputs,
-                                       skip_refers=self.reference_mode == "skip")
+    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None, selection: Selection | None,
+                       refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        outputs: list[torch.Tensor] = [] if refer_outputs is None else refer_outputs
+        out = super()._query_forward(x, features, selection, outputs)
         target = self.model.high_block_outputs(x)[-1]
         self.abs_sum += float((outputs[-1] - target).abs().sum())
         self.count += target.numel()
