@@ -9,6 +9,7 @@ SSIM-Y on the validation photos and how far their images are from the first arti
 What one build choice (kernels, ``--mcpu``, ``--float-math``) is worth, measured without the
 machine's load drifting between the builds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ import numpy as np
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.compare_builds", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.compare_builds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("artifacts", nargs="+", type=Path, help="artifact directories (refqsr-engine compile -o)")
     p.add_argument("--size", default="320x180", help="LR size WxH of the timed photo (default 320x180)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per build")
@@ -73,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t)
     first = next(iter(runners))
     base = statistics.median(times[first])
-    print(f"{width}x{height} LR -> x4, {args.threads} threads, {args.runs} alternating runs (median s; "
-          f"speed vs {first}" + ("" if args.no_torch else "; vs PyTorch eager") + ")")
+    print(
+        f"{width}x{height} LR -> x4, {args.threads} threads, {args.runs} alternating runs (median s; "
+        f"speed vs {first}" + ("" if args.no_torch else "; vs PyTorch eager") + ")"
+    )
     yard = None if args.no_torch else statistics.median(times["PyTorch eager fp32 (srresnet_fp)"])
     for name, t in times.items():
         med = statistics.median(t)

@@ -20,13 +20,15 @@ once and cached. Compiled artifacts and exported graphs are cached under ``cache
 Nothing here imports torch, TVM or ONNX Runtime at module level: the benchmark's parent process
 imports this module and must stay small (its children's ``ru_maxrss`` starts from its peak).
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,26 +45,63 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 #: how each kind of weights is named in every table
-WEIGHTS_LABELS = {"trained": "trained (bundled)", "ptq": "PTQ from FP (not QAT)",
-                  "fp-truncated": "FP, first blocks only (smoke test)"}
+WEIGHTS_LABELS = {
+    "trained": "trained (bundled)",
+    "ptq": "PTQ from FP (not QAT)",
+    "fp-truncated": "FP, first blocks only (smoke test)",
+}
 
 CONFIGS: list[dict[str, str]] = [
-    {"name": "engine-refqsr-8-4", "label": "engine RefQSR 8-4", "role": "engine", "runner": "tvm", "model": "refqsr-8-4"},
-    {"name": "engine-refqsr-4-3", "label": "engine RefQSR 4-3", "role": "engine", "runner": "tvm", "model": "refqsr-4-3"},
+    {
+        "name": "engine-refqsr-8-4",
+        "label": "engine RefQSR 8-4",
+        "role": "engine",
+        "runner": "tvm",
+        "model": "refqsr-8-4",
+    },
+    {
+        "name": "engine-refqsr-4-3",
+        "label": "engine RefQSR 4-3",
+        "role": "engine",
+        "runner": "tvm",
+        "model": "refqsr-4-3",
+    },
     {"name": "engine-ddtb-8", "label": "engine DDTB-8", "role": "engine", "runner": "tvm", "model": "ddtb-8"},
     {"name": "engine-ddtb-4", "label": "engine DDTB-4", "role": "engine", "runner": "tvm", "model": "ddtb-4"},
     {"name": "engine-fp32", "label": "engine fp32", "role": "engine", "runner": "tvm", "model": "fp32"},
-    {"name": "torch-whole-fp32", "label": "PyTorch eager fp32 (whole image)", "role": "peer", "runner": "torch-whole",
-     "model": "fp32"},
-    {"name": "torch-patches-fp32", "label": "PyTorch fp32 (patches)", "role": "peer", "runner": "torch", "model": "fp32"},
+    {
+        "name": "torch-whole-fp32",
+        "label": "PyTorch eager fp32 (whole image)",
+        "role": "peer",
+        "runner": "torch-whole",
+        "model": "fp32",
+    },
+    {
+        "name": "torch-patches-fp32",
+        "label": "PyTorch fp32 (patches)",
+        "role": "peer",
+        "runner": "torch",
+        "model": "fp32",
+    },
     {"name": "ort-fp32", "label": "ONNX Runtime fp32", "role": "peer", "runner": "ort", "model": "fp32"},
     # What a user would reach for: ORT's own static int8 quantization of the FP graph (QDQ, per-channel
     # weights, min/max calibration), every conv quantized, which ORT fuses into QLinearConv.
-    {"name": "ort-int8", "label": "ONNX Runtime int8 (static QDQ of the whole FP network)", "role": "peer",
-     "runner": "ort", "model": "fp32", "ort_quant": "static"},
+    {
+        "name": "ort-int8",
+        "label": "ONNX Runtime int8 (static QDQ of the whole FP network)",
+        "role": "peer",
+        "runner": "ort",
+        "model": "fp32",
+        "ort_quant": "static",
+    },
     # Our exported DDTB-8 graph as ORT sees it (dynamic per-sample scales: ORT cannot fuse them).
-    {"name": "ort-qdq-ddtb8", "label": "ONNX Runtime on the exported DDTB-8 QDQ graph", "role": "peer",
-     "runner": "ort", "model": "ddtb-8"},
+    {
+        "name": "ort-qdq-ddtb8",
+        "label": "ONNX Runtime on the exported DDTB-8 QDQ graph",
+        "role": "peer",
+        "runner": "ort",
+        "model": "ddtb-8",
+    },
 ]
 
 #: runners whose output is compared with the PyTorch model they were built from (same file)
@@ -111,7 +150,7 @@ def make_lr(width: int, height: int, photo: str = PHOTO) -> np.ndarray:
     else:
         cw, ch = w, max(1, round(w * height / width))
     y0, x0 = (h - ch) // 2, (w - cw) // 2
-    crop = Image.fromarray(img[y0:y0 + ch, x0:x0 + cw])
+    crop = Image.fromarray(img[y0 : y0 + ch, x0 : x0 + cw])
     if crop.size != (width, height):
         crop = crop.resize((width, height), Image.BICUBIC)
     return np.ascontiguousarray(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1) / 255.0)
@@ -124,7 +163,7 @@ def _calibration_patches(n: int = 16, patch: int = 48, seed: int = SEED):
     rng = np.random.default_rng(seed)
     ys = rng.integers(0, img.shape[0] - patch, n)
     xs = rng.integers(0, img.shape[1] - patch, n)
-    crops = np.stack([img[y:y + patch, x:x + patch].transpose(2, 0, 1) for y, x in zip(ys, xs)])
+    crops = np.stack([img[y : y + patch, x : x + patch].transpose(2, 0, 1) for y, x in zip(ys, xs)])
     return torch.from_numpy(np.ascontiguousarray(crops))
 
 
@@ -152,8 +191,13 @@ def weights_label(weights: str) -> str:
 def _matches(cfg: dict[str, Any], spec: dict[str, Any], n_blocks: int) -> bool:
     from ..models.checkpoint import bits_label
 
-    return (cfg.get("kind") == spec["kind"] and cfg.get("arch") == "srresnet" and cfg.get("scheme") == spec["scheme"]
-            and bits_label(cfg) == spec["bits"] and cfg.get("n_blocks") == n_blocks)
+    return (
+        cfg.get("kind") == spec["kind"]
+        and cfg.get("arch") == "srresnet"
+        and cfg.get("scheme") == spec["scheme"]
+        and bits_label(cfg) == spec["bits"]
+        and cfg.get("n_blocks") == n_blocks
+    )
 
 
 def bundled_model(key: str, n_blocks: int) -> Path | None:
@@ -236,8 +280,13 @@ def prepare_model(key: str, n_blocks: int) -> dict[str, Any]:
     ``weights``: "trained", "ptq", or "fp-truncated" (a full-precision model cut to ``n_blocks``)."""
     path = bundled_model(key, n_blocks)
     if path is not None:
-        return {"path": str(path), "weights": "trained", "bits": MODELS[key]["bits"], "n_blocks": n_blocks,
-                "source": path.stem}
+        return {
+            "path": str(path),
+            "weights": "trained",
+            "bits": MODELS[key]["bits"],
+            "n_blocks": n_blocks,
+            "source": path.stem,
+        }
     from ..engine.artifact import sha256_file
     from ..models.checkpoint import save_model
 
@@ -245,12 +294,15 @@ def prepare_model(key: str, n_blocks: int) -> dict[str, Any]:
     weights = "fp-truncated" if MODELS[key]["scheme"] is None else "ptq"
     path = bench_cache() / "models" / f"{key}-{n_blocks}blocks-{weights}{PTQ_VERSION}-{sha256_file(fp)[:12]}.pt"
     if not path.is_file():
-        card = {"weights": weights, "label": weights_label(weights), "fp_source": str(fp),
-                "purpose": "benchmark only: weights of the bundled FP SRResNet, quantizer ranges calibrated by one "
-                f"train-mode forward on {CALIBRATION_PHOTO} patches, RefER blocks identity-initialised; no QAT"}
+        card = {
+            "weights": weights,
+            "label": weights_label(weights),
+            "fp_source": str(fp),
+            "purpose": "benchmark only: weights of the bundled FP SRResNet, quantizer ranges calibrated by one "
+            f"train-mode forward on {CALIBRATION_PHOTO} patches, RefER blocks identity-initialised; no QAT",
+        }
         save_model(path, build_ptq(key, n_blocks), card, half=False)
-    return {"path": str(path), "weights": weights, "bits": MODELS[key]["bits"], "n_blocks": n_blocks,
-            "source": fp.stem}
+    return {"path": str(path), "weights": weights, "bits": MODELS[key]["bits"], "n_blocks": n_blocks, "source": fp.stem}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +328,13 @@ def prepare_artifact(model_path: str, patch: int, batch: int, threads: int) -> d
     if compiled_now:
         compile_model(opts, out)
     libs = [p for p in out.iterdir() if p.suffix == ".so"]
-    return {"artifact": str(out), "compiled_now": compiled_now, "prepare_seconds": round(time.perf_counter() - t, 2),
-            "disk_bytes": sum(p.stat().st_size for p in libs), "artifact_bytes": dir_bytes(out)}
+    return {
+        "artifact": str(out),
+        "compiled_now": compiled_now,
+        "prepare_seconds": round(time.perf_counter() - t, 2),
+        "disk_bytes": sum(p.stat().st_size for p in libs),
+        "artifact_bytes": dir_bytes(out),
+    }
 
 
 def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
@@ -286,8 +343,12 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
 
     from ..engine.artifact import cache_key, sha256_file
 
-    key = cache_key(model_sha256=sha256_file(model_path), patch=patch, torch=metadata.version("torch"),
-                    onnx=metadata.version("onnx"))
+    key = cache_key(
+        model_sha256=sha256_file(model_path),
+        patch=patch,
+        torch=metadata.version("torch"),
+        onnx=metadata.version("onnx"),
+    )
     out = bench_cache() / "onnx" / key
     path = out / "sr.onnx"
     exported_now = not path.is_file()
@@ -303,8 +364,12 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         written.replace(path)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"onnx": str(path), "exported_now": exported_now, "prepare_seconds": round(time.perf_counter() - t, 2),
-            "disk_bytes": path.stat().st_size}
+    return {
+        "onnx": str(path),
+        "exported_now": exported_now,
+        "prepare_seconds": round(time.perf_counter() - t, 2),
+        "disk_bytes": path.stat().st_size,
+    }
 
 
 def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
@@ -319,11 +384,9 @@ def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
     exported_now = not path.is_file()
     t = time.perf_counter()
     if exported_now:
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                              quantize_static)
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         import onnx
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         patches = _calibration_patches(n=8, patch=patch).numpy()
         input_name = onnx.load(fp_onnx, load_external_data=False).graph.input[0].name
@@ -339,17 +402,34 @@ def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
         tmp.mkdir(parents=True, exist_ok=True)
         pre = tmp / "pre.onnx"
         quant_pre_process(fp_onnx, str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(tmp / path.name), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(pre),
+            str(tmp / path.name),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         (tmp / path.name).replace(path)
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"onnx": str(path), "exported_now": exported_now, "prepare_seconds": round(time.perf_counter() - t, 2),
-            "disk_bytes": path.stat().st_size}
+    return {
+        "onnx": str(path),
+        "exported_now": exported_now,
+        "prepare_seconds": round(time.perf_counter() - t, 2),
+        "disk_bytes": path.stat().st_size,
+    }
 
 
-def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch: int, threads: int,
-                say: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+def prepare_all(
+    configs: list[dict[str, str]],
+    n_blocks: int,
+    patch: int,
+    batch: int,
+    threads: int,
+    say: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
     """Models, artifacts and graphs of every configuration (each model/artifact/graph once)."""
     models: dict[str, dict[str, Any]] = {}
     done: dict[tuple[str, str], dict[str, Any]] = {}
@@ -360,14 +440,23 @@ def prepare_all(configs: list[dict[str, str]], n_blocks: int, patch: int, batch:
             models[key] = prepare_model(key, n_blocks)
             say(f"model {key}: {models[key]['weights']} ({Path(models[key]['path']).name})")
         model = models[key]
-        entry = {"model_path": model["path"], "weights": model["weights"], "source": model["source"],
-                 "bits": model["bits"], "n_blocks": n_blocks, "model_bytes": dir_bytes(model["path"])}
+        entry = {
+            "model_path": model["path"],
+            "weights": model["weights"],
+            "source": model["source"],
+            "bits": model["bits"],
+            "n_blocks": n_blocks,
+            "model_bytes": dir_bytes(model["path"]),
+        }
         graph = (cfg["runner"], key, cfg.get("ort_quant"))
         if cfg["runner"] in ("tvm", "ort") and graph not in done:
             what = "compiled artifact" if cfg["runner"] == "tvm" else "ONNX graph"
             say(f"{cfg['name']}: {what} of {key} (from the cache, else built now: a 16-block compile takes minutes)")
-            made = (prepare_artifact(model["path"], patch, batch, threads) if cfg["runner"] == "tvm"
-                    else prepare_onnx(model["path"], patch))
+            made = (
+                prepare_artifact(model["path"], patch, batch, threads)
+                if cfg["runner"] == "tvm"
+                else prepare_onnx(model["path"], patch)
+            )
             if cfg.get("ort_quant") == "static":
                 made = prepare_ort_static(made["onnx"], patch)
             done[graph] = made

@@ -1,5 +1,6 @@
 """Which benchmark step a command line asks for: ``all`` (default), ``latency`` or ``quality``;
 shared by ``python -m refqsr_engine.benchmarks`` and ``refqsr-engine bench``."""
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,7 @@ timed alternately (one warm-up each), so rows of one shape compare side by side,
 gives the median of ``--repeats`` runs, GFLOP/s (2 x MACs) and TVM / PyTorch speed.
 ``--quick``: batch 1, 3 repeats, the 192 / 384 px shapes at half size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,10 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +41,7 @@ class ConvShape:
         return self.kernel // 2
 
     def gflop(self, batch: int) -> float:
-        return 2.0 * batch * self.cout * self.cin * self.kernel ** 2 * self.size ** 2 / 1e9
+        return 2.0 * batch * self.cout * self.cin * self.kernel**2 * self.size**2 / 1e9
 
 
 #: SRResNet x4's float convs (head, body when unquantized, upsampler at LR and 2x, tail at 4x)
@@ -95,8 +97,9 @@ def measure(shape: ConvShape, batch: int, targets: list[dict], repeats: int, see
     import tvm
 
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)) / shape.kernel
-         / np.sqrt(shape.cin)).astype(np.float32)
+    w = (
+        rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)) / shape.kernel / np.sqrt(shape.cin)
+    ).astype(np.float32)
     b = rng.standard_normal(shape.cout).astype(np.float32)
     x = rng.random((batch, shape.cin, shape.size, shape.size), dtype=np.float32)
     xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
@@ -116,35 +119,58 @@ def measure(shape: ConvShape, batch: int, targets: list[dict], repeats: int, see
     torch_s = []
     for _ in range(repeats):
         for i, (_, f, _, _) in enumerate(built):
-            tvm_s[i].append(_time(lambda: f(xv)))
+            tvm_s[i].append(_time(lambda f=f: f(xv)))
         torch_s.append(_time(run_torch))
     t_torch, gflop = statistics.median(torch_s), shape.gflop(batch)
     rows = []
     for (target, _, build_s, err), runs in zip(built, tvm_s):
         t_tvm = statistics.median(runs)
-        rows.append({"shape": shape.name, **asdict(shape), "batch": batch, "mcpu": target["mcpu"], "gflop": gflop,
-                     "tvm_ms": 1e3 * t_tvm, "torch_ms": 1e3 * t_torch, "tvm_gflops": gflop / t_tvm,
-                     "torch_gflops": gflop / t_torch, "ratio": t_torch / t_tvm, "max_abs_err": err,
-                     "build_s": build_s, "tvm_runs_ms": [1e3 * t for t in runs], "torch_runs_ms": [1e3 * t for t in torch_s]})
+        rows.append(
+            {
+                "shape": shape.name,
+                **asdict(shape),
+                "batch": batch,
+                "mcpu": target["mcpu"],
+                "gflop": gflop,
+                "tvm_ms": 1e3 * t_tvm,
+                "torch_ms": 1e3 * t_torch,
+                "tvm_gflops": gflop / t_tvm,
+                "torch_gflops": gflop / t_torch,
+                "ratio": t_torch / t_tvm,
+                "max_abs_err": err,
+                "build_s": build_s,
+                "tvm_runs_ms": [1e3 * t for t in runs],
+                "torch_runs_ms": [1e3 * t for t in torch_s],
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape':<18} {'px':>4} {'batch':>5} {'mcpu':<11} {'TVM ms':>9} {'torch ms':>9} {'TVM GF/s':>9} "
-            f"{'torch GF/s':>10} {'ratio':>6} {'max err':>8}")
+    head = (
+        f"{'shape':<18} {'px':>4} {'batch':>5} {'mcpu':<11} {'TVM ms':>9} {'torch ms':>9} {'TVM GF/s':>9} "
+        f"{'torch GF/s':>10} {'ratio':>6} {'max err':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['shape']:<18} {r['size']:>4} {r['batch']:>5} {r['mcpu']:<11} {r['tvm_ms']:>9.2f} {r['torch_ms']:>9.2f} "
-                     f"{r['tvm_gflops']:>9.1f} {r['torch_gflops']:>10.1f} {r['ratio']:>6.2f} {r['max_abs_err']:>8.1e}")
+        lines.append(
+            f"{r['shape']:<18} {r['size']:>4} {r['batch']:>5} {r['mcpu']:<11} {r['tvm_ms']:>9.2f} {r['torch_ms']:>9.2f} "
+            f"{r['tvm_gflops']:>9.1f} {r['torch_gflops']:>10.1f} {r['ratio']:>6.2f} {r['max_abs_err']:>8.1e}"
+        )
     return "\n".join(lines)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.float_convs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.float_convs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="batch 1, 3 repeats, the big shapes at half size")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 16 4; --quick: 1)")
-    p.add_argument("--mcpu", nargs="+", default=["host", "core-avx2"], help="LLVM CPUs to build for ('host' = this CPU)")
+    p.add_argument(
+        "--mcpu", nargs="+", default=["host", "core-avx2"], help="LLVM CPUs to build for ('host' = this CPU)"
+    )
     p.add_argument("--shapes", nargs="+", default=None, help="shape names' first words (head body up1 up2 tail)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="timed runs per shape (default 5; --quick: 3)")
@@ -165,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [s for s in SHAPES if args.shapes is None or s.name.split()[0] in args.shapes]
     if args.quick:
         shapes = [ConvShape(s.name, s.cin, s.cout, s.kernel, min(s.size, 96 if s.size <= 192 else 192)) for s in shapes]
-    targets = [{"kind": "llvm", "mcpu": host_mcpu() if mcpu == "host" else mcpu, "num-cores": args.threads}
-               for mcpu in args.mcpu]
+    targets = [
+        {"kind": "llvm", "mcpu": host_mcpu() if mcpu == "host" else mcpu, "num-cores": args.threads}
+        for mcpu in args.mcpu
+    ]
     rows = []
     for batch in batches:
         for shape in shapes:
@@ -178,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         import tvm
 
-        meta = {"threads": args.threads, "repeats": repeats, "quick": args.quick, "tvm": tvm.__version__,
-                "torch": torch.__version__, "host_mcpu": host_mcpu()}
+        meta = {
+            "threads": args.threads,
+            "repeats": repeats,
+            "quick": args.quick,
+            "tvm": tvm.__version__,
+            "torch": torch.__version__,
+            "host_mcpu": host_mcpu(),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0

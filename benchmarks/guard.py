@@ -18,6 +18,7 @@ this shared 2-core box, so the recorded floors are the lowest of several runs (`
 one run's values: edit them down to the lowest you saw). They catch what matters: the AVX-512
 build instead of the AMX one measured 1.83x end to end and 0.89x fbgemm, below both floors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ FLOORS = Path(__file__).parent / "results" / "guard_floors.json"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.guard", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.guard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--update", action="store_true", help="record the measured ratios as this CPU's floors")
     p.add_argument("--tolerance", type=float, default=0.15, help="allowed shortfall below a floor (default 0.15)")
     p.add_argument("--threads", type=int, default=2)
@@ -88,15 +92,40 @@ def int8_conv_ratio(threads: int) -> dict[str, float]:
     from ..kernels.conv2d_int8 import default_target, host_mcpu, target_has_avx512_vnni
 
     target = default_target(host_mcpu(), threads)
-    variant = ("amx" if target_has_amx(target) and enable_amx()
-               else "vnni512" if target_has_avx512_vnni(target) else "int8pair")
+    variant = (
+        "amx"
+        if target_has_amx(target) and enable_amx()
+        else "vnni512"
+        if target_has_avx512_vnni(target)
+        else "int8pair"
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # its own JSON print
-        res = bench(["--mcpu", "host", "--fused", "--sizes", "96", "--batch", "8", "--rounds", "3",
-                     "--threads", str(threads), "--variants", variant, "--json"])[96]
+        res = bench(
+            [
+                "--mcpu",
+                "host",
+                "--fused",
+                "--sizes",
+                "96",
+                "--batch",
+                "8",
+                "--rounds",
+                "3",
+                "--threads",
+                str(threads),
+                "--variants",
+                variant,
+                "--json",
+            ]
+        )[96]
     fb = next(v for k, v in res.items() if k.startswith("fbgemm") and not k.endswith("_f32"))
     ours = res[f"tvm_{variant}"]
-    return {"ratio": ours["median_gops"] / fb["median_gops"], "variant": variant,
-            "gops": ours["median_gops"], "fbgemm_gops": fb["median_gops"]}
+    return {
+        "ratio": ours["median_gops"] / fb["median_gops"],
+        "variant": variant,
+        "gops": ours["median_gops"],
+        "fbgemm_gops": fb["median_gops"],
+    }
 
 
 CHECKS = {"end_to_end": end_to_end_ratio, "int8_conv": int8_conv_ratio}
@@ -128,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"performance guard on {cpu}, {args.threads} threads (tolerance {args.tolerance:.0%})")
     for name, m in measured.items():
         verdict = verdicts[name] if name not in floors else f"floor {floors[name]:.2f}x: {verdicts[name]}"
-        details = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if k != "ratio")
+        details = ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if k != "ratio"
+        )
         print(f"  {name:<11} {m['ratio']:5.2f}x  ({details})  {verdict}")
     if args.update:
         floors_all[cpu] = {name: round(m["ratio"], 3) for name, m in measured.items()}

@@ -23,6 +23,7 @@ and ONNX Runtime are compared with their PyTorch twin on a 2 x 2-patch crop of t
 (``--check``). ``--quick`` (the test's smoke run): one 96x64 image (20 patches), 4-block models,
 patch 24, batch 1 (one compiled batch size per graph keeps compiling short), 1 run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import configs as C
 from . import report
@@ -49,10 +51,18 @@ DEFAULT_SIZES = ["320x180", "512x270", "1024x540"]
 #: the seconds of runs allowed per configuration (a run that would end past it is not started).
 PLAN: list[dict[str, Any]] = [
     {"size": "320x180", "configs": None, "repeats": 3, "budget_s": 20.0},
-    {"size": "512x270", "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "engine-fp32", "torch-whole-fp32",
-                                    "ort-int8"], "repeats": 1, "budget_s": None},
-    {"size": "1024x540", "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "torch-whole-fp32"], "repeats": 1,
-     "budget_s": None},
+    {
+        "size": "512x270",
+        "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "engine-fp32", "torch-whole-fp32", "ort-int8"],
+        "repeats": 1,
+        "budget_s": None,
+    },
+    {
+        "size": "1024x540",
+        "configs": ["engine-refqsr-8-4", "engine-ddtb-8", "torch-whole-fp32"],
+        "repeats": 1,
+        "budget_s": None,
+    },
 ]
 QUICK = {"sizes": ["96x64"], "n_blocks": 4, "repeats": 1, "patch": 24, "overlap": 6, "batch": 1}
 FULL = {"n_blocks": 16, "patch": 96, "overlap": 6, "batch": 16}
@@ -76,8 +86,14 @@ def default_repeats(width: int, height: int) -> int:
     return 3 if width * height <= 320 * 180 else 1
 
 
-def plan_sizes(sizes: list[str] | None, repeats: int | None, warmup: str, check: str,
-               budget: float | None = None, configs: list[str] | None = None) -> list[dict[str, Any]]:
+def plan_sizes(
+    sizes: list[str] | None,
+    repeats: int | None,
+    warmup: str,
+    check: str,
+    budget: float | None = None,
+    configs: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Sizes in ascending pixel count (peak memory is read after each), each with the
     configurations timed there, most runs, time budget, warm-up kind and twin check.
 
@@ -105,9 +121,18 @@ def plan_sizes(sizes: list[str] | None, repeats: int | None, warmup: str, check:
             checked = "image"
         elif check in ("crop", "smallest") and i == 0:
             checked = "crop" if check == "crop" else "image"
-        plan.append({"size": f"{w}x{h}", "width": w, "height": h, "configs": row["configs"],
-                     "repeats": row["repeats"] or default_repeats(w, h), "budget_s": row["budget_s"],
-                     "warmup": ("crop" if i == 0 else "none") if warmup == "auto" else warmup, "check": checked})
+        plan.append(
+            {
+                "size": f"{w}x{h}",
+                "width": w,
+                "height": h,
+                "configs": row["configs"],
+                "repeats": row["repeats"] or default_repeats(w, h),
+                "budget_s": row["budget_s"],
+                "warmup": ("crop" if i == 0 else "none") if warmup == "auto" else warmup,
+                "check": checked,
+            }
+        )
     return plan
 
 
@@ -137,12 +162,28 @@ def machine_info() -> dict[str, Any]:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "memory_gb": mem_gb,
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gb": mem_gb,
         "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("refqsr-engine", "torch", "apache-tvm", "onnxruntime", "onnx", "numpy",
-                                                   "pillow", "matplotlib", "scikit-image")},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "refqsr-engine",
+                "torch",
+                "apache-tvm",
+                "onnxruntime",
+                "onnx",
+                "numpy",
+                "pillow",
+                "matplotlib",
+                "scikit-image",
+            )
+        },
     }
 
 
@@ -153,8 +194,9 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], threads: int, timeout: float, log: Path,
-              say: Callable[[str], None] | None = None) -> tuple[dict[str, Any] | None, str]:
+def run_child(
+    args: list[str], threads: int, timeout: float, log: Path, say: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """Run ``run_one`` with ``args``; (its JSON answer, "") or (None, the tail of its stderr).
     Its stderr goes to ``log``; lines starting with ``PROGRESS`` are also passed to ``say``."""
     cmd = [sys.executable, "-m", "refqsr_engine.benchmarks.run_one", *args]
@@ -167,7 +209,7 @@ def run_child(args: list[str], threads: int, timeout: float, log: Path,
             for line in proc.stderr:
                 err.write(line)
                 if say is not None and line.startswith(PROGRESS):
-                    say(line[len(PROGRESS):].strip())
+                    say(line[len(PROGRESS) :].strip())
             proc.wait()
         except BaseException:  # interrupted: do not leave the child running
             proc.kill()
@@ -192,28 +234,42 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
     t0 = time.perf_counter()
     base = QUICK if args.quick else FULL
     settings = {
-        "quick": bool(args.quick), "threads": args.threads, "photo": C.PHOTO,
-        "n_blocks": args.n_blocks or base["n_blocks"], "patch": args.patch or base["patch"],
-        "overlap": base["overlap"] if args.overlap is None else args.overlap, "batch": args.batch or base["batch"],
+        "quick": bool(args.quick),
+        "threads": args.threads,
+        "photo": C.PHOTO,
+        "n_blocks": args.n_blocks or base["n_blocks"],
+        "patch": args.patch or base["patch"],
+        "overlap": base["overlap"] if args.overlap is None else args.overlap,
+        "batch": args.batch or base["batch"],
         "check": args.check,
     }
-    plan = plan_sizes(args.sizes or (QUICK["sizes"] if args.quick else None),
-                      args.repeats or (QUICK["repeats"] if args.quick else None), args.warmup, args.check,
-                      args.budget, args.configs)
+    plan = plan_sizes(
+        args.sizes or (QUICK["sizes"] if args.quick else None),
+        args.repeats or (QUICK["repeats"] if args.quick else None),
+        args.warmup,
+        args.check,
+        args.budget,
+        args.configs,
+    )
     settings.update(sizes=[p["size"] for p in plan], plan=plan)
     configs = C.select_configs(args.configs)
     results: dict[str, Any] = {
-        "benchmark": "latency", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "latency",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m refqsr_engine.benchmarks.latency " + shlex.join(args.argv),
-        "machine": machine_info(), "settings": settings, "configs": {},
+        "machine": machine_info(),
+        "settings": settings,
+        "configs": {},
     }
     with tempfile.TemporaryDirectory(prefix="refqsr-bench-") as work_name:
         work = Path(work_name)
         spec = {**settings, "sizes": plan, "configs": configs, "work": str(work), "deadline": None}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        say(f"preparing {len(configs)} configurations (models, compiled artifacts, ONNX graphs; cached under "
-            f"{C.bench_cache()})")
+        say(
+            f"preparing {len(configs)} configurations (models, compiled artifacts, ONNX graphs; cached under "
+            f"{C.bench_cache()})"
+        )
         prep, err = run_child(["prepare", str(spec_path)], args.threads, args.timeout, work / "prepare.log", say)
         if prep is None:
             raise RuntimeError(f"preparing the configurations failed: {err}")
@@ -227,36 +283,58 @@ def run_benchmark(args: argparse.Namespace, say=lambda msg: print(msg, file=sys.
         spec_path.write_text(json.dumps(spec))
         for i, cfg in enumerate(configs, 1):
             t = time.perf_counter()
-            rec, err = run_child(["measure", str(spec_path), cfg["name"]], args.threads, args.timeout,
-                                 work / f"{cfg['name']}.log")
+            rec, err = run_child(
+                ["measure", str(spec_path), cfg["name"]], args.threads, args.timeout, work / f"{cfg['name']}.log"
+            )
             entry = {**cfg, **{k: v for k, v in prep["prepared"][cfg["name"]].items() if k != "model_path"}}
             entry["model_file"] = Path(prep["prepared"][cfg["name"]]["model_path"]).name
             entry.update(rec if rec is not None else {"ok": False, "error": err})
             results["configs"][cfg["name"]] = entry
-            summary = ", ".join(f"{s} " + ("skipped" if "skipped" in r else f"{r['median']:.3f} s")
-                                for s, r in entry["sizes"].items()) if rec else err
+            summary = (
+                ", ".join(
+                    f"{s} " + ("skipped" if "skipped" in r else f"{r['median']:.3f} s")
+                    for s, r in entry["sizes"].items()
+                )
+                if rec
+                else err
+            )
             say(f"[{i}/{len(configs)}] {cfg['label']}: {summary} ({time.perf_counter() - t:.0f} s)")
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     total = time.perf_counter() - t0
-    results["timing"] = {"prepare_seconds": round(t_prep, 1), "measure_seconds": round(total - t_prep, 1),
-                         "total_seconds": round(total, 1)}
+    results["timing"] = {
+        "prepare_seconds": round(t_prep, 1),
+        "measure_seconds": round(total - t_prep, 1),
+        "total_seconds": round(total, 1),
+    }
     return report.finalize(results)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.latency",
-                                description="Latency and peak memory of the compiled engine and its peers.")
-    p.add_argument("--sizes", nargs="+", metavar="WxH",
-                   help=f"LR sizes, every configuration at each (default: the plan over {' '.join(DEFAULT_SIZES)})")
+    p = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.latency",
+        description="Latency and peak memory of the compiled engine and its peers.",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="WxH",
+        help=f"LR sizes, every configuration at each (default: the plan over {' '.join(DEFAULT_SIZES)})",
+    )
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     p.add_argument("--repeats", type=int, help="most timed runs per size (default: 3 up to 320x180, else 1)")
-    p.add_argument("--budget", type=float, help="seconds of timed runs per configuration and size (default: the plan's)")
+    p.add_argument(
+        "--budget", type=float, help="seconds of timed runs per configuration and size (default: the plan's)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 96x64, 4-block models, patch 24, batch 1, 1 repeat")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder for latency.json / latency.md")
     p.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {' '.join(C.config_names())}")
-    p.add_argument("--check", choices=("crop", "smallest", "all", "none"), default="crop",
-                   help="compare outputs with the PyTorch twins: on a 2x2-patch crop of the smallest image (default), "
-                   "the whole smallest image, every image, or not at all")
+    p.add_argument(
+        "--check",
+        choices=("crop", "smallest", "all", "none"),
+        default="crop",
+        help="compare outputs with the PyTorch twins: on a 2x2-patch crop of the smallest image (default), "
+        "the whole smallest image, every image, or not at all",
+    )
     p.add_argument("--warmup", choices=("auto", "full", "crop"), default="auto")
     p.add_argument("--n-blocks", type=int, help="SRResNet blocks (default 16; --quick 4)")
     p.add_argument("--patch", type=int, help="LR patch size (default 96; --quick 24)")

@@ -27,6 +27,7 @@ percentile of the query's |values|; the integer vectors are normalised too, i.e.
 q . r / |r| on grid values). It is an analysis of trained models, not part of inference; the engine
 runs ``paper``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -36,7 +37,6 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model
@@ -49,7 +49,9 @@ PATCH = 96
 SHIFT = (30, 12)  # (dy, dx) LR px of the shifted reference; multiples of the 3-px pooling cell
 
 
-def patch_pairs(folder: PairedFolder, patch: int = PATCH, shift: tuple[int, int] = SHIFT) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_pairs(
+    folder: PairedFolder, patch: int = PATCH, shift: tuple[int, int] = SHIFT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries, shifted references): patches every ``patch // 2`` px of every LR image, where the
     shifted one fits too."""
     qs, rs = [], []
@@ -65,8 +67,9 @@ def patch_pairs(folder: PairedFolder, patch: int = PATCH, shift: tuple[int, int]
     return torch.stack(qs), torch.stack(rs)
 
 
-def matched_share(query: torch.Tensor, reference: torch.Tensor, want: tuple[int, int], cosine: bool,
-                  quantize=None) -> float:
+def matched_share(
+    query: torch.Tensor, reference: torch.Tensor, want: tuple[int, int], cosine: bool, quantize=None
+) -> float:
     """:func:`flow_share` of the arg-max flow between two features ([N, C, H, W] before pooling)
     under a matching formula: eq. (4)-(6), or a cosine, on optionally quantized pooled vectors."""
     pq, pr = normalize_and_pool(query), normalize_and_pool(reference)
@@ -105,13 +108,15 @@ def _features(model: RefQSR, x: torch.Tensor, path: str) -> dict[str, torch.Tens
     net = model.backbone
     out: dict[str, torch.Tensor] = {}
     deep: list[torch.Tensor] = []
-    hooks = [net.head.register_forward_hook(lambda _m, _a, o: out.__setitem__("head", o)),
-             net.blocks[0].register_forward_hook(lambda _m, _a, o: out.__setitem__("block 1", o))]
+    hooks = [
+        net.head.register_forward_hook(lambda _m, _a, o: out.__setitem__("head", o)),
+        net.blocks[0].register_forward_hook(lambda _m, _a, o: out.__setitem__("block 1", o)),
+    ]
     if path == "query":
         hooks += [r.register_forward_hook(lambda _m, args, _o: deep.append(args[0])) for r in model.refers]
     try:
         if path == "reference":
-            deep = model.reference_features(x)[:len(model.refers)]  # (not shared matching's block-1 feature)
+            deep = model.reference_features(x)[: len(model.refers)]  # (not shared matching's block-1 feature)
         else:
             model.query_forward(x, None)
     finally:
@@ -134,33 +139,67 @@ def measure(model: RefQSR, queries: torch.Tensor, shifted: torch.Tensor) -> list
     for name in fq:
         refer = model.refers[int(name.split()[1]) - 1] if name.startswith("RefER") else None
         bound = float(F.normalize(normalize_and_pool(fq[name]), dim=1).abs().flatten().quantile(0.999))
-        formulas: list[tuple[str, bool, Any, tuple]] = [("paper, float", False, None, high), ("cosine, float", True, None, high)]
+        formulas: list[tuple[str, bool, Any, tuple]] = [
+            ("paper, float", False, None, high),
+            ("cosine, float", True, None, high),
+        ]
         # cosine of the integer vectors: quantized, then normalised (a plain dot product of grid
         # values would favour the cells with the larger integer norms, as eq. (5) does)
-        formulas += [(f"cosine, {b}-bit", True, lambda p, b=b: F.normalize(symmetric_grid(p, b, bound), dim=1), high)
-                     for b in (8, model.b_low)]
+        formulas += [
+            (
+                f"cosine, {b}-bit",
+                True,
+                lambda p, b=b, bound=bound: F.normalize(symmetric_grid(p, b, bound), dim=1),
+                high,
+            )
+            for b in (8, model.b_low)
+        ]
         if refer is not None:
             # the reference through the query path too: are the two paths' features the obstacle?
             formulas.append(("cosine, float, reference at query bits", True, None, low))
-        name_rows = [{"features": name, "formula": label,
-                      **{pair: matched_share(fq[name], ref[name], want[pair], cosine, quantize)
-                         for pair, ref in zip(want, refs)}}
-                     for label, cosine, quantize, refs in formulas]
+        name_rows = [
+            {
+                "features": name,
+                "formula": label,
+                **{
+                    pair: matched_share(fq[name], ref[name], want[pair], cosine, quantize)
+                    for pair, ref in zip(want, refs)
+                },
+            }
+            for label, cosine, quantize, refs in formulas
+        ]
         if name == "block 1" and model.shared:  # the model's own flow (matching.shared_flow), as it runs
-            name_rows.insert(1, {"features": name, "formula": "shared matching (8-bit cosine, the model's flow)",
-                                 **{pair: flow_share(shared_flow(fq[name], ref[name]), want[pair])
-                                    for pair, ref in zip(want, high)}})
+            name_rows.insert(
+                1,
+                {
+                    "features": name,
+                    "formula": "shared matching (8-bit cosine, the model's flow)",
+                    **{pair: flow_share(shared_flow(fq[name], ref[name]), want[pair]) for pair, ref in zip(want, high)},
+                },
+            )
         if refer is not None and refer.match_quant is not None:  # the block's own matching, after "paper, float"
-            name_rows.insert(1, {"features": name, "formula": f"paper, trained {model.b_low}-bit quantizer",
-                                 **{pair: flow_share(refer.flow(fq[name], ref[name], hard=True), want[pair])
-                                    for pair, ref in zip(want, high)}})
+            name_rows.insert(
+                1,
+                {
+                    "features": name,
+                    "formula": f"paper, trained {model.b_low}-bit quantizer",
+                    **{
+                        pair: flow_share(refer.flow(fq[name], ref[name], hard=True), want[pair])
+                        for pair, ref in zip(want, high)
+                    },
+                },
+            )
         rows += name_rows
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| features | formula | same patch | shifted patch (overlap) |\n| --- | --- | ---: | ---: |\n")
-    return head + "\n".join(f"| {r['features']} | {r['formula']} | {r['same']:.1%} | {r['shifted']:.1%} |" for r in rows) + "\n"
+    head = "| features | formula | same patch | shifted patch (overlap) |\n| --- | --- | ---: | ---: |\n"
+    return (
+        head
+        + "\n".join(f"| {r['features']} | {r['formula']} | {r['same']:.1%} | {r['shifted']:.1%} |" for r in rows)
+        + "\n"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

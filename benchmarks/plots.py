@@ -1,5 +1,6 @@
 """The suite's pictures: PSNR vs BitOPs (the paper's Fig. 1 for our models) and latency per
 configuration, as PNG files written atomically (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,14 +40,24 @@ def psnr_vs_bitops(quality: dict[str, Any], path: str | Path) -> Path:
     cmap = plt.get_cmap("tab10")
     for i, (key, r) in enumerate(rows.items()):
         marker, colour = markers.get(key, ("o", cmap(i % 10)))
-        ax.scatter(r["bitops_g"], r["psnr_y"], marker=marker, color=colour, s=60 if marker == "*" else 36, zorder=2,
-                   label=f"{r['label']}: {r['bitops_g']:.3g} G, {r['psnr_y']:.2f} dB")
+        ax.scatter(
+            r["bitops_g"],
+            r["psnr_y"],
+            marker=marker,
+            color=colour,
+            s=60 if marker == "*" else 36,
+            zorder=2,
+            label=f"{r['label']}: {r['bitops_g']:.3g} G, {r['psnr_y']:.2f} dB",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("BitOPs per image (G, engine grid, log scale)")
     ax.set_ylabel("PSNR-Y (dB)")
     weights = sorted({r["weights_label"] for r in rows.values()})
-    ax.set_title(f"PSNR vs BitOPs, x4, {len(quality['validation']['images'])} validation image(s)\n"
-                 f"weights: {'; '.join(weights)}", fontsize=9)
+    ax.set_title(
+        f"PSNR vs BitOPs, x4, {len(quality['validation']['images'])} validation image(s)\n"
+        f"weights: {'; '.join(weights)}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     try:
@@ -59,13 +70,20 @@ def latency(results: dict[str, Any], path: str | Path) -> Path:
     """Median wall time per image of every configuration that ran, one panel per LR size (its
     own linear axis: sizes differ ~10x), min..p90 whiskers; engines and peers in two colours."""
     plt = _pyplot()
-    sizes = [s for s in results["settings"]["sizes"]
-             if any(timed(c, s) is not None for c in results["configs"].values())]
-    rows = {s: [(c["label"], c["role"], timed(c, s)) for c in results["configs"].values() if timed(c, s) is not None]
-            for s in sizes}
-    fig, axes = plt.subplots(len(sizes), 1, squeeze=False,
-                             figsize=(8.0, 1.0 + sum(0.32 * len(rows[s]) + 0.6 for s in sizes)),
-                             gridspec_kw={"height_ratios": [max(1, len(rows[s])) for s in sizes]})
+    sizes = [
+        s for s in results["settings"]["sizes"] if any(timed(c, s) is not None for c in results["configs"].values())
+    ]
+    rows = {
+        s: [(c["label"], c["role"], timed(c, s)) for c in results["configs"].values() if timed(c, s) is not None]
+        for s in sizes
+    }
+    fig, axes = plt.subplots(
+        len(sizes),
+        1,
+        squeeze=False,
+        figsize=(8.0, 1.0 + sum(0.32 * len(rows[s]) + 0.6 for s in sizes)),
+        gridspec_kw={"height_ratios": [max(1, len(rows[s])) for s in sizes]},
+    )
     for ax, size in zip(axes[:, 0], sizes):
         labels = [label for label, _, _ in rows[size]]
         med = [r["median"] for _, _, r in rows[size]]

@@ -10,6 +10,7 @@ listed by total time with their share of the graph; the patch inputs are random 
 RefER inputs the reference graph's own outputs, so the data-dependent kernels (quantizer ranges,
 arg-max flow) do real work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from refqsr_engine.errors import RefQSRError
 
 
@@ -47,13 +47,13 @@ class _CallTimer:
         return [{"name": k, "calls": int(v[0]) // repeats, "ms": v[1] / repeats} for k, v in self.totals.items()]
 
 
-def profile_graph(artifact: str | Path, graph: str, batch: int | None = None, repeats: int = 3,
-                  seed: int = 0) -> dict[str, Any]:
+def profile_graph(
+    artifact: str | Path, graph: str, batch: int | None = None, repeats: int = 3, seed: int = 0
+) -> dict[str, Any]:
     """Profile one graph of an artifact; returns {graph, batch, total_ms, kernels: [...] by time}."""
     import tvm
-    from tvm import relax
-
     from refqsr_engine.engine.runtime import CompiledModel
+    from tvm import relax
 
     engine = CompiledModel.load(artifact)
     names = ("clustblock", "reference", "query") if engine.refqsr else ("sr",)
@@ -89,21 +89,27 @@ def profile_graph(artifact: str | Path, graph: str, batch: int | None = None, re
 
 
 def format_profile(prof: dict[str, Any], top: int) -> str:
-    lines = [f"{prof['graph']} graph, batch {prof['batch']} of {prof['patch']}-px patches: "
-             f"{prof['wall_ms']:.1f} ms per run uninstrumented ({prof['wall_ms'] / prof['batch']:.1f} ms per patch), "
-             f"{prof['total_ms']:.1f} ms in timed calls",
-             f"{'kernel':60s} {'calls':>6s} {'ms':>9s} {'share':>6s}"]
+    lines = [
+        f"{prof['graph']} graph, batch {prof['batch']} of {prof['patch']}-px patches: "
+        f"{prof['wall_ms']:.1f} ms per run uninstrumented ({prof['wall_ms'] / prof['batch']:.1f} ms per patch), "
+        f"{prof['total_ms']:.1f} ms in timed calls",
+        f"{'kernel':60s} {'calls':>6s} {'ms':>9s} {'share':>6s}",
+    ]
     for r in prof["kernels"][:top]:
         lines.append(f"{r['name'][:60]:60s} {r['calls']:6d} {r['ms']:9.2f} {100 * r['share']:5.1f}%")
     rest = prof["kernels"][top:]
     if rest:
-        lines.append(f"{'(' + str(len(rest)) + ' more)':60s} {sum(r['calls'] for r in rest):6d} "
-                     f"{sum(r['ms'] for r in rest):9.2f} {100 * sum(r['share'] for r in rest):5.1f}%")
+        lines.append(
+            f"{'(' + str(len(rest)) + ' more)':60s} {sum(r['calls'] for r in rest):6d} "
+            f"{sum(r['ms'] for r in rest):9.2f} {100 * sum(r['share'] for r in rest):5.1f}%"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.profile_graphs", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.profile_graphs", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("artifact", help="compiled artifact directory (refqsr-engine compile -o DIR)")
     ap.add_argument("--graph", action="append", help="graph(s) to profile (default: all of the artifact's)")
     ap.add_argument("--batch", type=int, default=None, help="compiled batch size to run (default: the largest)")

@@ -18,14 +18,16 @@ Table II runs at patch 72 (the paper's Urban100 setting; our validation images a
 Urban100's size); Table VII runs RefQSR 8-3 at 48, 72, 96, 256 and 384 px and FP / DDTB-8 on the
 whole image and at 96 px (paper Table VII); runs shared by both tables are done once.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,24 +35,45 @@ from . import configs as C
 
 #: Table II rows: (model key, label), in the paper's order
 TABLE2: list[tuple[str, str]] = [
-    ("fp32", "SRResNet (FP32)"), ("ddtb-8", "SRResNet-DDTB (8 bit)"), ("refqsr-8-5", "+RefQSR (8-5 bit)"),
-    ("refqsr-8-4", "+RefQSR (8-4 bit)"), ("refqsr-8-3", "+RefQSR (8-3 bit)"), ("ddtb-4", "SRResNet-DDTB (4 bit)"),
-    ("refqsr-4-3", "+RefQSR (4-3 bit)"), ("refqsr-4-2", "+RefQSR (4-2 bit)"),
+    ("fp32", "SRResNet (FP32)"),
+    ("ddtb-8", "SRResNet-DDTB (8 bit)"),
+    ("refqsr-8-5", "+RefQSR (8-5 bit)"),
+    ("refqsr-8-4", "+RefQSR (8-4 bit)"),
+    ("refqsr-8-3", "+RefQSR (8-3 bit)"),
+    ("ddtb-4", "SRResNet-DDTB (4 bit)"),
+    ("refqsr-4-3", "+RefQSR (4-3 bit)"),
+    ("refqsr-4-2", "+RefQSR (4-2 bit)"),
 ]
 STUDY_MODEL = "refqsr-8-3"  # the RefQSR row of the paper's Table VII
 STUDY_BASELINES = ("fp32", "ddtb-8")  # whole image and at the base patch size
 PAPER_SETTING = {"lr_size": (180, 320), "patch": 72, "overlap": 6}  # Urban100's BitOPs setting (1280x720 out)
 
-FULL = {"n_blocks": 16, "patch": 72, "overlap": 6, "batch": 16, "study_patches": [48, 72, 96, 256, 384],
-        "study_base": 96, "crop": None, "limit": None}
-QUICK = {"n_blocks": 4, "patch": 24, "overlap": 6, "batch": 4, "study_patches": [24, 48], "study_base": 48,
-         "crop": (192, 256), "limit": 1}
+FULL = {
+    "n_blocks": 16,
+    "patch": 72,
+    "overlap": 6,
+    "batch": 16,
+    "study_patches": [48, 72, 96, 256, 384],
+    "study_base": 96,
+    "crop": None,
+    "limit": None,
+}
+QUICK = {
+    "n_blocks": 4,
+    "patch": 24,
+    "overlap": 6,
+    "batch": 4,
+    "study_patches": [24, 48],
+    "study_base": 48,
+    "crop": (192, 256),
+    "limit": 1,
+}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def image_bitops(model: Any, lr_hw: tuple[int, int], patch: int | None, overlap: int, clustering: Any) -> Any:
     """BitOPs report of one image: the engine grid with the actual assignment, or the whole image."""
-    from ..engine.upscale import model_bits, model_bitops
+    from ..engine.upscale import model_bitops, model_bits
     from ..models.bitops import count_bitops
     from ..models.refqsr import RefQSR
 
@@ -59,8 +82,9 @@ def image_bitops(model: Any, lr_hw: tuple[int, int], patch: int | None, overlap:
     if isinstance(model, RefQSR):
         raise ValueError("RefQSR works on patches; it has no whole-image row")
     bits = model_bits(model)
-    return count_bitops("srresnet", lr_hw, str(bits.act), None, grid="full",
-                        n_blocks=model.n_blocks, n_feats=model.n_feats)
+    return count_bitops(
+        "srresnet", lr_hw, str(bits.act), None, grid="full", n_blocks=model.n_blocks, n_feats=model.n_feats
+    )
 
 
 def run_pass(model: Any, pairs: list, patch: int | None, overlap: int, batch: int) -> list[dict[str, Any]]:
@@ -87,15 +111,22 @@ def run_pass(model: Any, pairs: list, patch: int | None, overlap: int, batch: in
         seconds = time.perf_counter() - t
         sr = sr_to_uint8(image)
         report = image_bitops(model, pair.lr.shape[:2], patch, overlap, clustering)
-        rows.append({
-            "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
-            "seconds": round(seconds, 3), **report.as_dict(),
-            "bitops_g": report.gbitops, "clustblock_g": report.total.clustblock / 1e9,  # unrounded: means are exact
-            "act_bit_macs": report.total.act_bit_macs, "macs": report.total.macs,
-            "is_reference": None if clustering is None else [bool(v) for v in clustering.is_reference.tolist()],
-            "reference_of": None if clustering is None else [int(v) for v in clustering.reference_of.tolist()],
-            "isolated_references": None if clustering is None else clustering.num_isolated,
-        })
+        rows.append(
+            {
+                "image": pair.name,
+                "psnr_y": psnr_y(sr, pair.hr, 4),
+                "ssim_y": ssim_y(sr, pair.hr, 4),
+                "seconds": round(seconds, 3),
+                **report.as_dict(),
+                "bitops_g": report.gbitops,
+                "clustblock_g": report.total.clustblock / 1e9,  # unrounded: means are exact
+                "act_bit_macs": report.total.act_bit_macs,
+                "macs": report.total.macs,
+                "is_reference": None if clustering is None else [bool(v) for v in clustering.is_reference.tolist()],
+                "reference_of": None if clustering is None else [int(v) for v in clustering.reference_of.tolist()],
+                "isolated_references": None if clustering is None else clustering.num_isolated,
+            }
+        )
     return rows
 
 
@@ -121,16 +152,18 @@ def paper_setting(key: str, share: float, n_blocks: int) -> dict[str, float]:
     spec = C.MODELS[key]
     s = PAPER_SETTING
     ref = share if spec["kind"] == "refqsr" else None
-    rep = count_bitops("srresnet", s["lr_size"], spec["bits"], s["patch"], s["overlap"], "paper", ref_fraction=ref,
-                       n_blocks=n_blocks)
+    rep = count_bitops(
+        "srresnet", s["lr_size"], spec["bits"], s["patch"], s["overlap"], "paper", ref_fraction=ref, n_blocks=n_blocks
+    )
     return {"bitops_g": rep.gbitops, "fqr": rep.total.fqr}
 
 
 class Runner:
     """Loads each model once and runs each (model, patch) pass once (both tables share passes)."""
 
-    def __init__(self, settings: dict[str, Any], pairs: list, say: Callable[[str], None],
-                 deadline: float | None = None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], pairs: list, say: Callable[[str], None], deadline: float | None = None
+    ) -> None:
         self.settings, self.pairs, self.say, self.deadline = settings, pairs, say, deadline
         self.models: dict[str, tuple[Any, dict[str, Any]]] = {}
         self.passes: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
@@ -142,8 +175,10 @@ class Runner:
 
         if patch is None:
             return sum(p.lr.shape[0] * p.lr.shape[1] for p in self.pairs)
-        return sum(make_grid(p.lr.shape[0], p.lr.shape[1], patch, self.settings["overlap"]).num_patches * patch * patch
-                   for p in self.pairs)
+        return sum(
+            make_grid(p.lr.shape[0], p.lr.shape[1], patch, self.settings["overlap"]).num_patches * patch * patch
+            for p in self.pairs
+        )
 
     def skipped(self, key: str, patch: int | None) -> str | None:
         """Why the pass is not run (the suite's time budget would be overrun), or None."""
@@ -178,15 +213,26 @@ class Runner:
             self.say(f"{key} @ {'full image' if patch is None else f'{patch} px'}: {took:.0f} s")
         images = self.passes[(key, patch)]
         agg = aggregate(images)
-        return {"key": key, "bits": C.MODELS[key]["bits"], "weights": info["weights"],
-                "weights_label": C.weights_label(info["weights"]), "model_file": Path(info["path"]).name,
-                "patch": patch, **agg, "paper_setting": paper_setting(key, agg["reference_share"], self.settings["n_blocks"]),
-                "images": images}
+        return {
+            "key": key,
+            "bits": C.MODELS[key]["bits"],
+            "weights": info["weights"],
+            "weights_label": C.weights_label(info["weights"]),
+            "model_file": Path(info["path"]).name,
+            "patch": patch,
+            **agg,
+            "paper_setting": paper_setting(key, agg["reference_share"], self.settings["n_blocks"]),
+            "images": images,
+        }
 
 
-def run_quality(quick: bool = False, val: str | None = None, threads: int = 2,
-                say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
-                deadline: float | None = None) -> dict[str, Any]:
+def run_quality(
+    quick: bool = False,
+    val: str | None = None,
+    threads: int = 2,
+    say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+    deadline: float | None = None,
+) -> dict[str, Any]:
     """Both tables as one results dict: ``{"settings", "validation", "table2", "patch_study"}``.
     ``deadline`` (``time.time()`` seconds): passes predicted to end after it are skipped and
     listed as such (Table II first, then the patch study in :data:`FULL`'s order)."""
@@ -207,20 +253,37 @@ def run_quality(quick: bool = False, val: str | None = None, threads: int = 2,
             study.append({**runner.row(key, patch), "label": C.MODELS[key]["bits"]})
     for patch in s["study_patches"]:
         study.append({**runner.row(STUDY_MODEL, patch), "label": C.MODELS[STUDY_MODEL]["bits"]})
-    return {"benchmark": "quality", "quick": quick,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "settings": {**{k: v for k, v in s.items() if k != "crop"}, "threads": threads, "grid": "engine",
-                         "paper_setting": {"lr_size": list(PAPER_SETTING["lr_size"]), "patch": PAPER_SETTING["patch"],
-                                           "overlap": PAPER_SETTING["overlap"], "grid": "paper"}},
-            "validation": validation, "table2": table2, "patch_study": study,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "benchmark": "quality",
+        "quick": quick,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            **{k: v for k, v in s.items() if k != "crop"},
+            "threads": threads,
+            "grid": "engine",
+            "paper_setting": {
+                "lr_size": list(PAPER_SETTING["lr_size"]),
+                "patch": PAPER_SETTING["patch"],
+                "overlap": PAPER_SETTING["overlap"],
+                "grid": "paper",
+            },
+        },
+        "validation": validation,
+        "table2": table2,
+        "patch_study": study,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m refqsr_engine.benchmarks.quality",
-                                description="Table II (BitOPs/FQR/PSNR/SSIM) and Table VII (patch sizes) for our models.")
+    p = argparse.ArgumentParser(
+        prog="python -m refqsr_engine.benchmarks.quality",
+        description="Table II (BitOPs/FQR/PSNR/SSIM) and Table VII (patch sizes) for our models.",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 4-block models, one small crop, patches 24/48")
-    p.add_argument("--val", help=f"HR validation folder (default {'/work/data/sr/val'} if present, else scikit-image photos)")
+    p.add_argument(
+        "--val", help=f"HR validation folder (default {'/work/data/sr/val'} if present, else scikit-image photos)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS_DIR))
     return p

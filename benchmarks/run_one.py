@@ -28,6 +28,7 @@ size, sizes in ascending order, before the untimed PyTorch-twin check; ``ru_maxr
 survives fork and exec), which is why the launcher is kept small. ``baseline`` is the peak after
 the imports the runner needs, before any model is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,12 @@ def progress(msg: str) -> None:
 def summarize(times: list[float]) -> dict[str, float]:
     """median, p90 (linear interpolation between repeats), min and mean of run times in seconds."""
     arr = np.asarray(times, dtype=np.float64)
-    return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)), "min": float(arr.min()),
-            "mean": float(arr.mean())}
+    return {
+        "median": float(np.median(arr)),
+        "p90": float(np.percentile(arr, 90)),
+        "min": float(arr.min()),
+        "mean": float(arr.mean()),
+    }
 
 
 def memory_mb() -> dict[str, float | None]:
@@ -69,9 +74,12 @@ def memory_mb() -> dict[str, float | None]:
     scale = 1.0 / 1024.0 if sys.platform != "darwin" else 1.0 / (1024.0 * 1024.0)  # KB on Linux, bytes on macOS
     ru_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     ru_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return {"peak_rss_mb": round(hwm if hwm is not None else ru_self, 1),
-            "vm_hwm_mb": None if hwm is None else round(hwm, 1),
-            "ru_maxrss_mb": round(ru_self, 1), "ru_maxrss_children_mb": round(ru_children, 1)}
+    return {
+        "peak_rss_mb": round(hwm if hwm is not None else ru_self, 1),
+        "vm_hwm_mb": None if hwm is None else round(hwm, 1),
+        "ru_maxrss_mb": round(ru_self, 1),
+        "ru_maxrss_children_mb": round(ru_children, 1),
+    }
 
 
 def network_batches(n_patches: int, n_references: int | None, batch: int) -> int:
@@ -136,9 +144,12 @@ def batch_stats(calls: list[tuple[str, int, float]], batch: int) -> dict[str, di
         full = [c[2] for c in mine if c[1] == batch]
         samples = full or [c[2] for c in mine]
         stats = summarize(samples)
-        out[stage] = {"full_batches": len(full), "short_batches": len(mine) - len(full),
-                      "patches_per_sample": batch if full else round(float(np.mean([c[1] for c in mine])), 2),
-                      **{f"{k}_ms": round(1000 * v, 3) for k, v in stats.items() if k != "mean"}}
+        out[stage] = {
+            "full_batches": len(full),
+            "short_batches": len(mine) - len(full),
+            "patches_per_sample": batch if full else round(float(np.mean([c[1] for c in mine])), 2),
+            **{f"{k}_ms": round(1000 * v, 3) for k, v in stats.items() if k != "mean"},
+        }
     return out
 
 
@@ -149,21 +160,35 @@ def run_once(runner: Any, lr: np.ndarray, patch: int, overlap: int, batch: int) 
         t, cpu = time.perf_counter(), time.process_time()
         image = runner(lr)
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
-        return {"seconds": seconds, "cpu_seconds": cpu, "stages": {"forward": seconds}, "image": image,
-                "patches": None, "references": None, "clustering": None}
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "stages": {"forward": seconds},
+            "image": image,
+            "patches": None,
+            "references": None,
+            "clustering": None,
+        }
     from ..models.patchwise import run_patchwise
 
     t, cpu = time.perf_counter(), time.process_time()
     result = run_patchwise(runner, lr, patch, overlap, batch)
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     cl = result.clustering
-    return {"seconds": seconds, "cpu_seconds": cpu, "stages": dict(result.seconds), "image": result.image,
-            "patches": result.grid.num_patches, "references": None if cl is None else cl.num_references,
-            "clustering": cl}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "stages": dict(result.seconds),
+        "image": result.image,
+        "patches": result.grid.num_patches,
+        "references": None if cl is None else cl.num_references,
+        "clustering": cl,
+    }
 
 
-def twin_check(prepared: dict[str, Any], lr: np.ndarray, got: dict[str, Any], patch: int, overlap: int,
-               batch: int) -> dict[str, Any]:
+def twin_check(
+    prepared: dict[str, Any], lr: np.ndarray, got: dict[str, Any], patch: int, overlap: int, batch: int
+) -> dict[str, Any]:
     """Run the PyTorch model the configuration was built from (same file, same grid) once, untimed
     as a benchmark, and compare its 8-bit HR image with the configuration's (``got["hr"]``, a
     saved 8-bit image; ``got["reference_of"]``, its clustering)."""
@@ -205,9 +230,14 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
     t = time.perf_counter()
     runner = C.build_runner(cfg, prepared, threads, spec["work"])
     load_seconds = time.perf_counter() - t
-    record: dict[str, Any] = {"name": name, "ok": True, "load_seconds": round(load_seconds, 4),
-                              "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                              "baseline_rss_mb": baseline["peak_rss_mb"], "sizes": {}}
+    record: dict[str, Any] = {
+        "name": name,
+        "ok": True,
+        "load_seconds": round(load_seconds, 4),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "baseline_rss_mb": baseline["peak_rss_mb"],
+        "sizes": {},
+    }
     if isinstance(runner, C.OrtRunner):
         record["ort_optimized_ops"] = runner.optimized_ops
         record["ort_integer_ops"] = runner.integer_ops
@@ -223,8 +253,9 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
         if deadline and rate is not None:
             predicted = rate * size["width"] * size["height"]
             if time.time() + predicted > deadline:  # the suite's time budget: a later size would overrun it
-                record["sizes"][key] = {"skipped": f"one run predicted at {predicted:.0f} s would end past the "
-                                        "suite's time budget"}
+                record["sizes"][key] = {
+                    "skipped": f"one run predicted at {predicted:.0f} s would end past the suite's time budget"
+                }
                 continue
         lr = np.load(spec["images"][key])
         warmup = size["warmup"] if size["warmup"] != "none" or warm else "crop"  # first size of this config
@@ -237,8 +268,9 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
         budget = math.inf if size.get("budget_s") is None else float(size["budget_s"])
         started = time.perf_counter()
         # another run only if it is expected to end within the budget (runs of one image take alike)
-        while not runs or (len(runs) < size["repeats"]
-                           and time.perf_counter() - started + runs[-1]["seconds"] <= budget):
+        while not runs or (
+            len(runs) < size["repeats"] and time.perf_counter() - started + runs[-1]["seconds"] <= budget
+        ):
             run = run_once(timer or runner, lr, patch, overlap, batch)
             image, clustering = run.pop("image"), run.pop("clustering")  # keep one HR image at a time
             runs.append(run)
@@ -251,19 +283,27 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
                 image, clustering = crop["image"], crop["clustering"]
             hr_path = Path(spec["work"]) / f"hr_{name}_{key}.npy"
             np.save(hr_path, to_8bit(image))
-            checks[key] = {"hr": hr_path, "on": "image" if check is True or check == "image" else "crop",
-                           "reference_of": None if clustering is None else clustering.reference_of.numpy()}
+            checks[key] = {
+                "hr": hr_path,
+                "on": "image" if check is True or check == "image" else "crop",
+                "reference_of": None if clustering is None else clustering.reference_of.numpy(),
+            }
         del image, clustering
         stats = summarize([r["seconds"] for r in runs])
         n_batches = None if last["patches"] is None else network_batches(last["patches"], last["references"], batch)
         stages = sorted({k for r in runs for k in r["stages"]})
         record["sizes"][key] = {
-            "repeats": len(runs), "max_repeats": size["repeats"], "budget_s": size.get("budget_s"), "warmup": warmup,
+            "repeats": len(runs),
+            "max_repeats": size["repeats"],
+            "budget_s": size.get("budget_s"),
+            "warmup": warmup,
             "times": [round(r["seconds"], 5) for r in runs],
             "batches": None if timer is None else batch_stats(timer.calls, batch),
             **{k: round(v, 5) for k, v in stats.items()},
             "stages": {k: round(float(np.median([r["stages"].get(k, 0.0) for r in runs])), 5) for k in stages},
-            "patches": last["patches"], "references": last["references"], "network_batches": n_batches,
+            "patches": last["patches"],
+            "references": last["references"],
+            "network_batches": n_batches,
             "per_batch": None if n_batches is None else round(stats["median"] / n_batches, 5),
             "cpu_seconds_median": round(float(np.median([r["cpu_seconds"] for r in runs])), 5),
             "peak_rss_mb_so_far": memory_mb()["peak_rss_mb"],
@@ -290,8 +330,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
         path = work / f"lr_{size['size']}.npy"
         np.save(path, C.make_lr(size["width"], size["height"]))
         images[size["size"]] = str(path)
-    prepared = C.prepare_all(spec["configs"], spec["n_blocks"], spec["patch"], spec["batch"], spec["threads"],
-                             progress)
+    prepared = C.prepare_all(spec["configs"], spec["n_blocks"], spec["patch"], spec["batch"], spec["threads"], progress)
     return {"images": images, "prepared": prepared, "seconds": round(time.perf_counter() - t, 2)}
 
 

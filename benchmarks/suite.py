@@ -21,6 +21,7 @@ the 16-block artifacts (minutes each); that time is reported but not counted aga
 ``--quick``: the smoke versions of every step (tiny models, tiny images), result files with a
 ``-quick`` stem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import latency, report
 from .textio import write_text_atomic
@@ -46,17 +48,24 @@ def say(msg: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refqsr-engine bench all",
-                                description="Latency, peak memory, BitOPs/quality tables, plots and the assignment picture.")
+    p = argparse.ArgumentParser(
+        prog="refqsr-engine bench all",
+        description="Latency, peak memory, BitOPs/quality tables, plots and the assignment picture.",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run of every step (tiny models and images)")
     p.add_argument("--out", default=str(latency.RESULTS_DIR), help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument("--val", help="HR validation folder (default /work/data/sr/val if present, else scikit-image photos)")
+    p.add_argument(
+        "--val", help="HR validation folder (default /work/data/sr/val if present, else scikit-image photos)"
+    )
     p.add_argument("--budget-min", type=float, default=20.0, help="time budget in minutes (default 20)")
     p.add_argument("--configs", nargs="+", metavar="NAME", help="latency configurations (default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency/memory step (quality, pictures only)")
-    p.add_argument("--prepare-only", action="store_true",
-                   help="only build what the suite needs (PTQ models, compiled artifacts, ONNX graphs; cached), time nothing")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build what the suite needs (PTQ models, compiled artifacts, ONNX graphs; cached), time nothing",
+    )
     return p
 
 
@@ -96,10 +105,16 @@ def run_suite(args: argparse.Namespace, argv: list[str], log: Callable[[str], No
     tag = "-quick" if args.quick else ""
     budget = 60.0 * args.budget_min
     timing: dict[str, float] = {}
-    suite: dict[str, Any] = {"benchmark": "suite", "quick": args.quick, "budget_s": budget,
-                             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                             "command": "refqsr-engine bench all " + shlex.join(argv), "machine": latency.machine_info(),
-                             "files": [], "pictures": {}}
+    suite: dict[str, Any] = {
+        "benchmark": "suite",
+        "quick": args.quick,
+        "budget_s": budget,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "refqsr-engine bench all " + shlex.join(argv),
+        "machine": latency.machine_info(),
+        "files": [],
+        "pictures": {},
+    }
     lat = None
     if not args.no_latency:  # first: this process must still be small (no torch) while children are measured
         largv = (["--quick"] if args.quick else []) + ["--threads", str(args.threads), "--out", str(out)]
@@ -111,9 +126,12 @@ def run_suite(args: argparse.Namespace, argv: list[str], log: Callable[[str], No
         timing["latency_seconds"] = time.time() - t
         suite["files"] += [str(p) for p in report.write(lat, out, f"latency{tag}")]
         built = [n for n, c in lat["configs"].items() if c.get("compiled_now") or c.get("exported_now")]
-        suite["cache_note"] = ("compiled artifacts and ONNX graphs from the cache" if not built else
-                               f"built now (not cached before; {lat['timing']['prepare_seconds']:.0f} s, outside the "
-                               "time budget): " + ", ".join(built))
+        suite["cache_note"] = (
+            "compiled artifacts and ONNX graphs from the cache"
+            if not built
+            else f"built now (not cached before; {lat['timing']['prepare_seconds']:.0f} s, outside the "
+            "time budget): " + ", ".join(built)
+        )
         if built:  # the budget is for measuring: compiling the artifacts the first time is not counted
             t0 += lat["timing"]["prepare_seconds"]
     else:
@@ -180,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in suite["files"]:
         print(f"wrote {f}")
     t = suite["timing"]["total_seconds"]
-    print(f"suite finished in {t:.0f} s ({t / 60:.1f} min; {suite['timing']['budgeted_seconds']:.0f} s counted against "
-          f"the {suite['budget_s'] / 60:.0f}-min budget: {'within' if suite['within_budget'] else 'OVER'}); "
-          f"{suite['cache_note']}")
+    print(
+        f"suite finished in {t:.0f} s ({t / 60:.1f} min; {suite['timing']['budgeted_seconds']:.0f} s counted against "
+        f"the {suite['budget_s'] / 60:.0f}-min budget: {'within' if suite['within_budget'] else 'OVER'}); "
+        f"{suite['cache_note']}"
+    )
     return 0

@@ -1,10 +1,11 @@
 """Atomic writes of the benchmark's result files (a reader never sees half a table)."""
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:

@@ -10,6 +10,7 @@ step. ``--reference-ops`` runs fake quantization as separate autograd ops
 (:func:`composed_fake_quantize`, the same formula) instead of the one-node
 :class:`~refqsr_engine.models.quant_base.FakeQuantize`, to measure what the node saves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ import torch
 KINDS = ("ddtb8", "cadyq", "refqsr84", "delta3")
 
 
-def composed_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def composed_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
     """``FakeQuantize`` written as separate autograd ops (straight-through rounding by detach)."""
     if scale.dim() == 1:
         scale, zero = scale.view(-1, 1, 1, 1), zero.view(-1, 1, 1, 1)
@@ -66,9 +69,15 @@ def measure_one(kind: str, batch: int, crop: int, threads: int, steps: int, refe
     t = time.perf_counter()
     for _ in range(steps):
         loss().backward()
-    return {"kind": kind, "batch": batch, "crop": crop, "threads": threads, "reference_ops": reference_ops,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            "seconds_per_step": (time.perf_counter() - t) / steps}
+    return {
+        "kind": kind,
+        "batch": batch,
+        "crop": crop,
+        "threads": threads,
+        "reference_ops": reference_ops,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "seconds_per_step": (time.perf_counter() - t) / steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,13 +91,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:  # one kind, in a fresh process, so the peak RSS is its own
-        print(json.dumps(measure_one(args.kinds[0], args.batch, args.crop, args.threads, args.steps, args.reference_ops)))
+        print(
+            json.dumps(measure_one(args.kinds[0], args.batch, args.crop, args.threads, args.steps, args.reference_ops))
+        )
         return
-    print(f"| kind | fake quantization | peak RSS (GB) | s/step |  (batch {args.batch}, {args.crop} px, {args.threads} threads)")
+    print(
+        f"| kind | fake quantization | peak RSS (GB) | s/step |  (batch {args.batch}, {args.crop} px, {args.threads} threads)"
+    )
     print("| --- | --- | ---: | ---: |")
     for kind in args.kinds:
-        cmd = [sys.executable, "-m", "refqsr_engine.benchmarks.train_memory", "--child", "--kinds", kind,
-               "--batch", str(args.batch), "--crop", str(args.crop), "--threads", str(args.threads), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "refqsr_engine.benchmarks.train_memory",
+            "--child",
+            "--kinds",
+            kind,
+            "--batch",
+            str(args.batch),
+            "--crop",
+            str(args.crop),
+            "--threads",
+            str(args.threads),
+            "--steps",
+            str(args.steps),
+        ]
         if args.reference_ops:
             cmd.append("--reference-ops")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]

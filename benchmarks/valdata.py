@@ -5,6 +5,7 @@ a folder given with ``--val``; otherwise the scikit-image photos that ``prepare`
 validation folder (astronaut, coffee), made the same way (RGB, HR cropped to multiples of 4, LR by
 the project's MATLAB-style bicubic degradation), so that a fresh machine can run the suite.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,7 @@ def _centre_crop(hr: np.ndarray, crop: tuple[int, int] | None) -> np.ndarray:
     if crop is not None:
         ch, cw = min(h, crop[0]), min(w, crop[1])
         y, x = (h - ch) // 2, (w - cw) // 2
-        hr = hr[y:y + ch, x:x + cw]
+        hr = hr[y : y + ch, x : x + cw]
     h, w = hr.shape[:2]
     return np.ascontiguousarray(hr[: h - h % SCALE, : w - w % SCALE])
 
@@ -59,8 +60,9 @@ def folder_pairs(folder: Path, crop: tuple[int, int] | None = None) -> list[ValP
     return pairs
 
 
-def validation_set(val: str | Path | None = None, crop: tuple[int, int] | None = None,
-                   limit: int | None = None) -> tuple[list[ValPair], dict[str, Any]]:
+def validation_set(
+    val: str | Path | None = None, crop: tuple[int, int] | None = None, limit: int | None = None
+) -> tuple[list[ValPair], dict[str, Any]]:
     """The pairs and a description of where they came from (``val`` None: the default folder if
     it holds images, else the fallback photos)."""
     from ..errors import RefQSRError
@@ -74,8 +76,10 @@ def validation_set(val: str | Path | None = None, crop: tuple[int, int] | None =
     else:
         pairs, source = fallback_pairs(crop), "fallback: scikit-image " + ", ".join(FALLBACK_PHOTOS)
     pairs = pairs[:limit] if limit else pairs
-    info = {"source": source, "images": [{"name": p.name, "lr_size": [int(p.lr.shape[1]), int(p.lr.shape[0])]}
-                                         for p in pairs],
-            "degradation": "MATLAB-style bicubic x1/4 (metrics.bicubic_degrade)",
-            "hr_crop": None if crop is None else [crop[1], crop[0]]}
+    info = {
+        "source": source,
+        "images": [{"name": p.name, "lr_size": [int(p.lr.shape[1]), int(p.lr.shape[0])]} for p in pairs],
+        "degradation": "MATLAB-style bicubic x1/4 (metrics.bicubic_degrade)",
+        "hr_crop": None if crop is None else [crop[1], crop[0]],
+    }
     return pairs, info

@@ -1,4 +1,5 @@
 """Publishing a finished temp file: the last step of every atomic write in the project."""
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ renamed into place only once complete, so a reader never sees a half-written one
 
 Compiled default models are cached under ``cache_dir()``, one entry per ``cache_key(...)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -248,7 +249,9 @@ class Artifact:
     def file(self, name: str) -> Path:
         """Path of the artifact file ``name``; a RefQSRError if the artifact has none."""
         if name not in self.manifest["files"]:
-            raise RefQSRError(f"artifact {self.path} has no {name} (it has: {', '.join(self.files) or 'nothing'}); {RECOMPILE}")
+            raise RefQSRError(
+                f"artifact {self.path} has no {name} (it has: {', '.join(self.files) or 'nothing'}); {RECOMPILE}"
+            )
         return self.path / name
 
 
@@ -298,7 +301,9 @@ def load_artifact(path: str | Path, *, target: Mapping[str, Any] | None = None, 
         raise RefQSRError(f"{mpath} is not a manifest (not a JSON object); {RECOMPILE}")
     fmt = man.get("format")
     if fmt != ARTIFACT_FORMAT:
-        raise RefQSRError(f"{path} has artifact format {fmt!r}, this refqsr-engine reads {ARTIFACT_FORMAT!r}; {RECOMPILE}")
+        raise RefQSRError(
+            f"{path} has artifact format {fmt!r}, this refqsr-engine reads {ARTIFACT_FORMAT!r}; {RECOMPILE}"
+        )
 
     # A library built by another TVM / tvm-ffi may fail to load or misbehave: refuse it up front.
     for key, label, current in (("tvm", "TVM", tvm_version()), ("tvm_ffi", "tvm-ffi", tvm_ffi_version())):
@@ -311,12 +316,15 @@ def load_artifact(path: str | Path, *, target: Mapping[str, Any] | None = None, 
         if not isinstance(built_target, Mapping):
             raise RefQSRError(f"artifact {path} records no target, {format_target(target)} was requested; {RECOMPILE}")
         if not targets_match(built_target, target):
-            raise RefQSRError(f"artifact {path} was compiled for target '{format_target(built_target)}', "
-                              f"but target '{format_target(target)}' was requested; {RECOMPILE}")
+            raise RefQSRError(
+                f"artifact {path} was compiled for target '{format_target(built_target)}', "
+                f"but target '{format_target(target)}' was requested; {RECOMPILE}"
+            )
 
     entries = man.get("files")
     if not isinstance(entries, dict) or not all(
-            _is_plain_name(n) and n != MANIFEST and isinstance(e, dict) for n, e in entries.items()):
+        _is_plain_name(n) and n != MANIFEST and isinstance(e, dict) for n, e in entries.items()
+    ):
         raise RefQSRError(f"{mpath} has a malformed file list; {RECOMPILE}")
     for name, entry in entries.items():
         fpath = path / name

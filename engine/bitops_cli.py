@@ -1,4 +1,5 @@
 """Rows and text for `refqsr-engine bitops`."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,7 +16,9 @@ COUNTED = (
 )
 
 
-def bitops_rows(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str) -> list[dict[str, Any]]:
+def bitops_rows(
+    arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str
+) -> list[dict[str, Any]]:
     """One row per bit setting (``bits``: one or a comma list, e.g. "32,8,4,8-4,4-3") and grid."""
     settings = [b.strip() for b in bits.split(",") if b.strip()]
     if not settings:
@@ -26,8 +29,13 @@ def bitops_rows(arch: str, hr_size: str, patch: int, overlap: int, bits: str, re
         scale = arch_config(arch)["scale"]
         lr = hr_to_lr(parse_size(hr_size), scale)
         grids = ["full"] if patch == 0 else (["paper", "engine"] if grid == "both" else [grid])
-        return [count_bitops(arch, lr, b, patch or None, overlap, g, ref_fraction=ref_fraction if "-" in b else None).as_dict()
-                for b in settings for g in grids]
+        return [
+            count_bitops(
+                arch, lr, b, patch or None, overlap, g, ref_fraction=ref_fraction if "-" in b else None
+            ).as_dict()
+            for b in settings
+            for g in grids
+        ]
     except ValueError as err:
         raise RefQSRError(str(err)) from None
 
@@ -35,13 +43,17 @@ def bitops_rows(arch: str, hr_size: str, patch: int, overlap: int, bits: str, re
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Several settings side by side (paper Tables II/IV style), as a Markdown table."""
     r0 = rows[0]
-    lines = [f"{r0['arch']} x4, LR {r0['lr_size'][1]}x{r0['lr_size'][0]}, overlap {r0['overlap']}",
-             "",
-             "| bits | grid | patch | patches | BitOPs (G) | FQR | blocks (G) | RefER convs (G) | cost volume (G) | ClustBlock (G) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"{r0['arch']} x4, LR {r0['lr_size'][1]}x{r0['lr_size'][0]}, overlap {r0['overlap']}",
+        "",
+        "| bits | grid | patch | patches | BitOPs (G) | FQR | blocks (G) | RefER convs (G) | cost volume (G) | ClustBlock (G) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['bits']} | {r['grid']} | {r['patch'] or 'full'} | {r['patches']} | {r['bitops_g']:.2f} | {r['fqr']:.2f} "
-                     f"| {r['resblocks_g']:.2f} | {r['refer_convs_g']:.2f} | {r['cost_volume_g']:.3f} | {r['clustblock_g']:.3f} |")
+        lines.append(
+            f"| {r['bits']} | {r['grid']} | {r['patch'] or 'full'} | {r['patches']} | {r['bitops_g']:.2f} | {r['fqr']:.2f} "
+            f"| {r['resblocks_g']:.2f} | {r['refer_convs_g']:.2f} | {r['cost_volume_g']:.3f} | {r['clustblock_g']:.3f} |"
+        )
     return "\n".join(lines + [""] + paper_style_note(rows) + [COUNTED])
 
 
@@ -59,8 +71,10 @@ def paper_style_note(rows: list[dict[str, Any]]) -> list[str]:
     if not seen:
         return []
     counts = ", ".join(f"{b}-bit {g:.2f} G" for b, g in seen.items())
-    return [f"as the paper's Table IV counts ELAN (LFEs, GMSA projections and q.q^T at (b/32)^2, A.V at b/32, "
-            f"tail conv): {counts}"]
+    return [
+        f"as the paper's Table IV counts ELAN (LFEs, GMSA projections and q.q^T at (b/32)^2, A.V at b/32, "
+        f"tail conv): {counts}"
+    ]
 
 
 def format_bitops(rows: list[dict[str, Any]]) -> str:
@@ -68,7 +82,9 @@ def format_bitops(rows: list[dict[str, Any]]) -> str:
         return format_table(rows)
     lines = []
     for r in rows:
-        where = "full image" if r["grid"] == "full" else f"{r['grid']} grid, {r['patch']}px patches, overlap {r['overlap']}"
+        where = (
+            "full image" if r["grid"] == "full" else f"{r['grid']} grid, {r['patch']}px patches, overlap {r['overlap']}"
+        )
         lines.append(
             f"{r['arch']} x4 {r['bits']}-bit, LR {r['lr_size'][1]}x{r['lr_size'][0]}, {where}, {r['patches']} patches:"
             f" BitOPs {r['bitops_g']:.2f} G, FQR {r['fqr']:.2f}"

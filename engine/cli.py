@@ -1,10 +1,12 @@
 """The `refqsr-engine` command line. This file only parses options; the work is in plain functions."""
+
 from __future__ import annotations
 
 import functools
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -36,17 +38,25 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--arch", default="srresnet", show_default=True, help="Network architecture (srresnet, carn, elan_light).")
+@click.option(
+    "--arch", default="srresnet", show_default=True, help="Network architecture (srresnet, carn, elan_light)."
+)
 @click.option("--hr-size", required=True, help="HR output size WIDTHxHEIGHT, e.g. 1280x720 (LR = HR/4).")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels; 0 = whole image.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
-@click.option("--bits", default="8", show_default=True,
-              help="32 (full precision), 8, 4, ... or RefQSR b_high-b_low, e.g. 8-4; a comma list prints a table.")
+@click.option(
+    "--bits",
+    default="8",
+    show_default=True,
+    help="32 (full precision), 8, 4, ... or RefQSR b_high-b_low, e.g. 8-4; a comma list prints a table.",
+)
 @click.option("--ref-fraction", type=float, default=None, help="RefQSR: share of patches that are references (0..1).")
 @click.option("--grid", type=click.Choice(["both", "paper", "engine"]), default="both", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @user_errors
-def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str, as_json: bool) -> None:
+def bitops(
+    arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fraction: float | None, grid: str, as_json: bool
+) -> None:
     """BitOPs and FQR of the quantized feature extraction (paper Tables II and VII)."""
     from .bitops_cli import bitops_rows, format_bitops
 
@@ -60,27 +70,67 @@ def bitops(arch: str, hr_size: str, patch: int, overlap: int, bits: str, ref_fra
 @click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
-@click.option("--batch", type=click.IntRange(1, 1024), default=8, show_default=True,
-              help="Patches per batch: 16 is ~10% faster on a CPU but needs ~1.7 GB more memory.")
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 1024),
+    default=8,
+    show_default=True,
+    help="Patches per batch: 16 is ~10% faster on a CPU but needs ~1.7 GB more memory.",
+)
 @click.option("--tau", type=float, default=None, help="RefQSR cosine-similarity threshold (default: the model's).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads.")
-@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
-@click.option("--engine", type=click.Choice(["torch", "tvm"]), default="tvm", show_default=True,
-              help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).")
+@click.option(
+    "--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs."
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "tvm"]),
+    default="tvm",
+    show_default=True,
+    help="PyTorch reference models, or the TVM-compiled engine (compiled on first use, cached).",
+)
 @click.option("--recompile", is_flag=True, help="tvm: compile again even if a cached artifact exists.")
-@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
-              help="tvm: where the compiled engine runs.")
+@click.option(
+    "--target",
+    type=click.Choice(["llvm", "cuda"]),
+    default="llvm",
+    show_default=True,
+    help="tvm: where the compiled engine runs.",
+)
 @click.option("--bits", default=None, help="Bundled model with these bits (8-4, 8, 32), or check --model's.")
-@click.option("--float-math", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="tvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
-              "(one bf16 product per MAC: faster, ~1e-3 relative error).")
-@click.option("--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's.")
+@click.option(
+    "--float-math",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="tvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
+    "(one bf16 product per MAC: faster, ~1e-3 relative error).",
+)
+@click.option(
+    "--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int, tau: float | None,
-            threads: int | None, max_pixels: int, engine: str, recompile: bool, target: str, bits: str | None,
-            float_math: str, ext: str | None, as_json: bool, quiet: bool) -> None:
+def upscale(
+    src: str,
+    dst: str,
+    model: str,
+    patch: int,
+    overlap: int,
+    batch: int,
+    tau: float | None,
+    threads: int | None,
+    max_pixels: int,
+    engine: str,
+    recompile: bool,
+    target: str,
+    bits: str | None,
+    float_math: str,
+    ext: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Super-resolve SRC x4 into DST (format from DST's extension). With a folder as SRC, every
     image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed)."""
     from pathlib import Path
@@ -93,8 +143,9 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
         raise RefQSRError("--target applies to --engine tvm")
     if float_math != "fp32" and engine != "tvm":
         raise RefQSRError("--float-math applies to --engine tvm")
-    opts = UpscaleOptions(model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile, bits, target,
-                          float_math)
+    opts = UpscaleOptions(
+        model, patch, overlap, batch, tau, max_pixels, threads, engine, recompile, bits, target, float_math
+    )
     bar = None
 
     def progress(n: int, total: int) -> None:
@@ -108,8 +159,7 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
     if Path(src).is_dir():
         from .image_io import list_images
 
-        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr,
-                      disable=quiet)
+        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr, disable=quiet)
 
         def on_image(path, report, error) -> None:
             images.update(1)
@@ -145,25 +195,57 @@ def upscale(src: str, dst: str, model: str, patch: int, overlap: int, batch: int
 @main.command("compile")
 @click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
-@click.option("--mcpu", default=None, help="llvm: CPU the code may assume (needs AVX2); default: this machine's "
-              "CPU as LLVM names it; core-avx2 builds for any AVX2 CPU.")
-@click.option("--arch", type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90"]), default="sm_80", show_default=True,
-              help="cuda: GPU architecture.")
+@click.option(
+    "--mcpu",
+    default=None,
+    help="llvm: CPU the code may assume (needs AVX2); default: this machine's "
+    "CPU as LLVM names it; core-avx2 builds for any AVX2 CPU.",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["sm_80", "sm_86", "sm_89", "sm_90"]),
+    default="sm_80",
+    show_default=True,
+    help="cuda: GPU architecture.",
+)
 @click.option("--bits", default=None, help="Check the model's bits (e.g. 8-4 for RefQSR, 8, 32).")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels (multiple of 3).")
 @click.option("--batch", type=int, default=16, show_default=True, help="Patches per compiled batch.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llvm: cores to parallelise for.")
-@click.option("--float-math", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="llvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
-              "(one bf16 product per MAC: faster, ~1e-3 relative error).")
-@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Graph builds run at once in worker processes (each build is single-threaded).")
+@click.option(
+    "--float-math",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="llvm on AMX CPUs: fp32-grade float convs (bf16x3 tiles, ~3e-6 relative error) or bf16 "
+    "(one bf16 product per MAC: faster, ~1e-3 relative error).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Graph builds run at once in worker processes (each build is single-threaded).",
+)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str), help="Artifact directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report (times per stage).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress messages.")
 @user_errors
-def compile_cmd(model: str, target: str, mcpu: str | None, arch: str, bits: str | None, patch: int, batch: int,
-                threads: int | None, float_math: str, jobs: int, out: str, as_json: bool, quiet: bool) -> None:
+def compile_cmd(
+    model: str,
+    target: str,
+    mcpu: str | None,
+    arch: str,
+    bits: str | None,
+    patch: int,
+    batch: int,
+    threads: int | None,
+    float_math: str,
+    jobs: int,
+    out: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
     from .compiler.compile_model import compile_model
     from .compiler.options import CompileOptions, host_mcpu
@@ -196,16 +278,23 @@ def bench(args: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
-@click.option("--model", default="default", show_default=True,
-              help="RefQSR model or ClustBlock file (its ClustBlock and tau); default: the bundled ClustBlock.")
+@click.option(
+    "--model",
+    default="default",
+    show_default=True,
+    help="RefQSR model or ClustBlock file (its ClustBlock and tau); default: the bundled ClustBlock.",
+)
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
 @click.option("--tau", type=float, default=None, help="Cosine-similarity threshold (default: the model's, else 0.5).")
-@click.option("--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs.")
+@click.option(
+    "--max-pixels", type=click.IntRange(1), default=64_000_000, show_default=True, help="Refuse larger inputs."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the assignment summary as JSON.")
 @user_errors
-def explain(src: str, dst: str, model: str, patch: int, overlap: int, tau: float | None, max_pixels: int,
-            as_json: bool) -> None:
+def explain(
+    src: str, dst: str, model: str, patch: int, overlap: int, tau: float | None, max_pixels: int, as_json: bool
+) -> None:
     """Draw how SRC's patches are clustered (paper Fig. 5): colour per reference group,
     references marked R, isolated references grey and marked I; written atomically to DST."""
     from .explain import explain_file
@@ -214,9 +303,11 @@ def explain(src: str, dst: str, model: str, patch: int, overlap: int, tau: float
     if as_json:
         click.echo(json.dumps({k: v for k, v in info.items() if k != "cells"}, indent=2))
     else:
-        click.echo(f"wrote {dst} ({info['picture_size'][0]}x{info['picture_size'][1]}): {info['patches']} patches, "
-                   f"{info['references']} references ({info['isolated_references']} isolated), {info['queries']} queries, "
-                   f"{info['groups']} groups, tau {info['tau']:g}")
+        click.echo(
+            f"wrote {dst} ({info['picture_size'][0]}x{info['picture_size'][1]}): {info['patches']} patches, "
+            f"{info['references']} references ({info['isolated_references']} isolated), {info['queries']} queries, "
+            f"{info['groups']} groups, tau {info['tau']:g}"
+        )
 
 
 def _training_group() -> click.Group:
@@ -240,7 +331,9 @@ class _LazyTrain(click.Group):
         return ["fp", "qat", "refqsr", "clust"]
 
 
-main.add_command(_LazyTrain("train", help="Train models: fp, qat (fixed bits), refqsr (b_high-b_low), clust (ClustBlock)."))
+main.add_command(
+    _LazyTrain("train", help="Train models: fp, qat (fixed bits), refqsr (b_high-b_low), clust (ClustBlock).")
+)
 
 
 if __name__ == "__main__":

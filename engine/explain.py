@@ -8,6 +8,7 @@ patch chose: run alone at b_high) in grey, marked "I" with a dashed border. Patc
 ``overlap`` px; each is drawn as its cell, the part of the image it owns (overlaps split at their
 middle), so the cells tile the image.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -38,9 +39,16 @@ class Assignment:
     tau: float
 
     def summary(self) -> dict[str, Any]:
-        return {"patches": len(self.roles), "references": sum(r != "query" for r in self.roles),
-                "isolated_references": self.roles.count("isolated"), "queries": self.roles.count("query"),
-                "groups": len(set(self.group)), "patch": self.patch, "overlap": self.overlap, "tau": self.tau}
+        return {
+            "patches": len(self.roles),
+            "references": sum(r != "query" for r in self.roles),
+            "isolated_references": self.roles.count("isolated"),
+            "queries": self.roles.count("query"),
+            "groups": len(set(self.group)),
+            "patch": self.patch,
+            "overlap": self.overlap,
+            "tau": self.tau,
+        }
 
 
 def _axis_cells(origins: tuple[int, ...], patch: int, length: int) -> list[tuple[int, int]]:
@@ -71,8 +79,9 @@ def load_clustering_model(model: str | None) -> tuple[Any, float | None]:
     return clust.eval(), None
 
 
-def assign(lr: np.ndarray, clustblock: Any, tau: float, patch: int = 96, overlap: int = 6,
-           batch: int = 16) -> Assignment:
+def assign(
+    lr: np.ndarray, clustblock: Any, tau: float, patch: int = 96, overlap: int = 6, batch: int = 16
+) -> Assignment:
     """Cluster the patches of an LR image (3 x H x W float32 in [0, 1]) as the engine does."""
     import torch
 
@@ -82,9 +91,16 @@ def assign(lr: np.ndarray, clustblock: Any, tau: float, patch: int = 96, overlap
     grid = make_grid(lr.shape[1], lr.shape[2], patch, overlap)
     idx = list(range(grid.num_patches))
     with torch.no_grad():
-        v = torch.cat([clustblock(torch.from_numpy(np.ascontiguousarray(extract_patches(lr, grid, idx[i:i + batch]),
-                                                                        dtype=np.float32)))
-                       for i in range(0, len(idx), batch)])
+        v = torch.cat(
+            [
+                clustblock(
+                    torch.from_numpy(
+                        np.ascontiguousarray(extract_patches(lr, grid, idx[i : i + batch]), dtype=np.float32)
+                    )
+                )
+                for i in range(0, len(idx), batch)
+            ]
+        )
     c = cluster_patches(v, tau)
     targeted = np.zeros(grid.num_patches, bool)
     targeted[c.argmax.numpy()] = True
@@ -99,7 +115,7 @@ def group_colours(a: Assignment) -> dict[int, tuple[int, int, int]]:
     """A distinct, saturated colour per reference group (golden-ratio hues), grey for isolated ones."""
     colours: dict[int, tuple[int, int, int]] = {}
     k = 0
-    for i, g in enumerate(a.group):
+    for g in a.group:
         if g in colours:
             continue
         if a.roles[g] == "isolated":
@@ -124,7 +140,9 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _dashed_rect(draw: Any, box: tuple[int, int, int, int], colour: tuple[int, int, int], width: int, dash: int) -> None:
+def _dashed_rect(
+    draw: Any, box: tuple[int, int, int, int], colour: tuple[int, int, int], width: int, dash: int
+) -> None:
     x0, y0, x1, y1 = box
     for a, b in (((x0, y0), (x1, y0)), ((x0, y1), (x1, y1)), ((x0, y0), (x0, y1)), ((x1, y0), (x1, y1))):
         length = max(abs(b[0] - a[0]), abs(b[1] - a[1]))
@@ -148,7 +166,7 @@ def render(rgb: np.ndarray, a: Assignment, scale: int | None = None):
     colours = group_colours(a)
     for (y0, x0, y1, x1), role, g in zip(a.cells, a.roles, a.group):
         alpha = QUERY_ALPHA if role == "query" else REFERENCE_ALPHA
-        region = tint[y0 * s:y1 * s, x0 * s:x1 * s]
+        region = tint[y0 * s : y1 * s, x0 * s : x1 * s]
         region[...] = (1.0 - alpha) * region + alpha * np.asarray(colours[g], np.float32)
     out = Image.fromarray(np.clip(np.round(tint), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
@@ -165,13 +183,27 @@ def render(rgb: np.ndarray, a: Assignment, scale: int | None = None):
         if role != "query":
             label = "R" if role == "reference" else "I"
             cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-            draw.text((cx, cy), label, fill=(255, 255, 255), font=font, anchor="mm", stroke_width=max(1, s // 2),
-                      stroke_fill=(0, 0, 0))
+            draw.text(
+                (cx, cy),
+                label,
+                fill=(255, 255, 255),
+                font=font,
+                anchor="mm",
+                stroke_width=max(1, s // 2),
+                stroke_fill=(0, 0, 0),
+            )
     return out
 
 
-def explain_file(src: str | Path, dst: str | Path, model: str | None = None, patch: int = 96, overlap: int = 6,
-                 tau: float | None = None, max_pixels: int = 64_000_000) -> dict[str, Any]:
+def explain_file(
+    src: str | Path,
+    dst: str | Path,
+    model: str | None = None,
+    patch: int = 96,
+    overlap: int = 6,
+    tau: float | None = None,
+    max_pixels: int = 64_000_000,
+) -> dict[str, Any]:
     """Write the assignment picture of image ``src`` to ``dst`` atomically; returns its summary."""
     from ..files import publish
     from .image_io import output_format, read_image
@@ -204,5 +236,14 @@ def explain_file(src: str | Path, dst: str | Path, model: str | None = None, pat
             os.unlink(tmp)
     h, w = image.rgb.shape[:2]
     scale = display_scale(h, w)
-    return {"input": str(src), "output": str(dst), "lr_size": [w, h], "picture_size": [w * scale, h * scale],
-            "display_scale": scale, **a.summary(), "roles": a.roles, "group": a.group, "cells": a.cells}
+    return {
+        "input": str(src),
+        "output": str(dst),
+        "lr_size": [w, h],
+        "picture_size": [w * scale, h * scale],
+        "display_scale": scale,
+        **a.summary(),
+        "roles": a.roles,
+        "group": a.group,
+        "cells": a.cells,
+    }

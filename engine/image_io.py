@@ -7,6 +7,7 @@ bytes, see ``_decode_16bit``) and written by the small PNG/TIFF writers at the b
 EXIF orientation is applied on read; EXIF (orientation reset to 1) and the ICC profile are carried
 over where the format allows. Pixel-count limit against decompression bombs; truncated files are
 errors (ImageFile.LOAD_TRUNCATED_IMAGES is left False); writes are atomic (temp file + rename)."""
+
 from __future__ import annotations
 
 import io
@@ -16,9 +17,9 @@ import sys
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, TiffImagePlugin, TiffTags, UnidentifiedImageError
@@ -29,20 +30,64 @@ from ..files import publish
 DEFAULT_MAX_PIXELS = 64_000_000  # LR pixels; ~8K x 8K, far above any sensible SR input
 
 # Output format by extension (lower case); the batch mode also lists inputs by these (+ .gif).
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+OUTPUT_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
 INPUT_EXTENSIONS = frozenset(OUTPUT_FORMATS) | {".gif"}
 JPEG_QUALITY = 95  # also used for WebP (lossy)
 
 _ORIENTATION = 0x0112
 # TIFF tags that describe the source file's own strips/samples; carried over as "EXIF" they would
 # contradict the written file (a TIFF's getexif() returns its whole first IFD).
-_TIFF_LAYOUT_TAGS = (254, 255, 256, 257, 258, 259, 262, 263, 266, 273, 277, 278, 279, 280, 281, 284,
-                     317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 513, 514, 530, 34675)
+_TIFF_LAYOUT_TAGS = (
+    254,
+    255,
+    256,
+    257,
+    258,
+    259,
+    262,
+    263,
+    266,
+    273,
+    277,
+    278,
+    279,
+    280,
+    281,
+    284,
+    317,
+    320,
+    322,
+    323,
+    324,
+    325,
+    338,
+    339,
+    340,
+    341,
+    513,
+    514,
+    530,
+    34675,
+)
 # Pillow rawmodes of 16-bit colour data and the rawmode that reads the other byte of each sample.
 # ("N": native order, what libtiff hands over for compressed TIFFs.)
 _SWAPPED = "B" if sys.byteorder == "little" else "L"
-_LOW_BYTE_RAWMODE = {"RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B", "RGB;16N": "RGB;16" + _SWAPPED,
-                     "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B", "RGBA;16N": "RGBA;16" + _SWAPPED}
+_LOW_BYTE_RAWMODE = {
+    "RGB;16B": "RGB;16L",
+    "RGB;16L": "RGB;16B",
+    "RGB;16N": "RGB;16" + _SWAPPED,
+    "RGBA;16B": "RGBA;16L",
+    "RGBA;16L": "RGBA;16B",
+    "RGBA;16N": "RGBA;16" + _SWAPPED,
+}
 # EXIF orientation -> numpy op on H x W (x C) arrays, the same transposes as ImageOps.exif_transpose.
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: a[:, ::-1],
@@ -78,7 +123,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > max_pixels:
-                    raise RefQSRError(f"{path}: {im.width}x{im.height} exceeds the limit of {max_pixels} pixels (raise it with --max-pixels)")
+                    raise RefQSRError(
+                        f"{path}: {im.width}x{im.height} exceeds the limit of {max_pixels} pixels (raise it with --max-pixels)"
+                    )
                 if im.width == 0 or im.height == 0:
                     raise RefQSRError(f"{path}: the image is empty (0 pixels)")
                 mode, rawmode = im.mode, _rawmode(im)  # the tile list is gone after load()
@@ -90,7 +137,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
     except UnidentifiedImageError:
         raise RefQSRError(f"{path}: not an image Pillow can read") from None
     except Image.DecompressionBombError:
-        raise RefQSRError(f"{path}: over {2 * Image.MAX_IMAGE_PIXELS} pixels, refused as a likely decompression bomb (Pillow's own limit)") from None
+        raise RefQSRError(
+            f"{path}: over {2 * Image.MAX_IMAGE_PIXELS} pixels, refused as a likely decompression bomb (Pillow's own limit)"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as err:  # truncated / corrupt data
         raise RefQSRError(f"{path}: cannot read the image ({_one_line(err)})") from None
     if orientation in _ORIENT:
@@ -123,8 +172,15 @@ def output_format(path: str | Path) -> str:
     return fmt
 
 
-def write_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, *, gray: bool = False,
-                bit_depth: int = 8, info: dict | None = None) -> None:
+def write_image(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    *,
+    gray: bool = False,
+    bit_depth: int = 8,
+    info: dict | None = None,
+) -> None:
     """Write H x W x 3 float RGB in [0, 1] (+ H x W alpha) to ``path``, format from the extension,
     16-bit where ``bit_depth`` is 16 and the format allows (PNG, TIFF). JPEG and BMP have no alpha:
     the image is composited on white there. The file appears complete or not at all, and an
@@ -174,7 +230,10 @@ def _quantize_rows(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: s
         a = None
         if alpha is not None:
             a = np.clip(alpha[rows], 0.0, 1.0)[..., None]
-            if fmt in ("JPEG", "BMP"):  # what a viewer shows on a white page; dropping alpha would expose hidden colours
+            if fmt in (
+                "JPEG",
+                "BMP",
+            ):  # what a viewer shows on a white page; dropping alpha would expose hidden colours
                 c, a = c * a + (1.0 - a), None
         if gray:
             c = c @ luma
@@ -203,7 +262,9 @@ def list_images(folder: Path) -> list[Path]:
         entries = list(folder.iterdir())
     except OSError as err:
         raise RefQSRError(f"cannot list {folder}: {err.strerror}") from None
-    return sorted(p for p in entries if not p.name.startswith(".") and p.suffix.lower() in INPUT_EXTENSIONS and p.is_file())
+    return sorted(
+        p for p in entries if not p.name.startswith(".") and p.suffix.lower() in INPUT_EXTENSIONS and p.is_file()
+    )
 
 
 def output_path_for(src: Path, out_dir: Path, ext: str | None) -> Path:
@@ -211,7 +272,9 @@ def output_path_for(src: Path, out_dir: Path, ext: str | None) -> Path:
     ".png") or the input's own; never the input file itself."""
     suffix = src.suffix if ext is None else "." + ext.lstrip(".")
     if suffix.lower() not in OUTPUT_FORMATS:
-        raise RefQSRError(f"cannot write {suffix or 'extension-less'} files for {src.name}: choose .png, .jpg, .webp, .tif or .bmp")
+        raise RefQSRError(
+            f"cannot write {suffix or 'extension-less'} files for {src.name}: choose .png, .jpg, .webp, .tif or .bmp"
+        )
     dst = Path(out_dir) / (Path(src).stem + suffix)
     if dst.resolve() == Path(src).resolve():
         raise RefQSRError(f"output would overwrite the input {src}: choose another folder or extension")
@@ -219,6 +282,7 @@ def output_path_for(src: Path, out_dir: Path, ext: str | None) -> Path:
 
 
 # -- reading helpers ------------------------------------------------------------------------------
+
 
 def _decode(im: Image.Image, path: Path, rawmode: str | None) -> tuple[np.ndarray, int]:
     """The loaded image as H x W x C float32 in [0, 1] (C: 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA)
@@ -255,7 +319,12 @@ def _decode_16bit(im: Image.Image, path: Path, rawmode: str) -> np.ndarray:
     per pixel)."""
     other = _LOW_BYTE_RAWMODE.get(rawmode, "RGBA")
     with Image.open(path) as again:
-        again.tile = [t._replace(args=_with_rawmode(t[3], other)) if hasattr(t, "_replace") else (*t[:3], _with_rawmode(t[3], other)) for t in again.tile]
+        again.tile = [
+            t._replace(args=_with_rawmode(t[3], other))
+            if hasattr(t, "_replace")
+            else (*t[:3], _with_rawmode(t[3], other))
+            for t in again.tile
+        ]
         again.load()
         low = np.asarray(again)
     if rawmode == "LA;16B":  # bytes: L high, L low, A high, A low
@@ -284,7 +353,9 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
         from PIL import ImageCms  # imported here: only CMYK files need LittleCMS
 
         try:
-            return ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"), outputMode="RGB")
+            return ImageCms.profileToProfile(
+                im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"), outputMode="RGB"
+            )
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass  # a broken profile: fall back to the plain conversion
     return im.convert("RGB")
@@ -318,6 +389,7 @@ def _one_line(err: BaseException) -> str:
 
 
 # -- 16-bit writers (Pillow has no 16-bit colour mode to save from) ---------------------------------
+
 
 def _write_png16(path: str, samples: np.ndarray, icc: bytes | None, exif: bytes | None) -> None:
     """A 16-bit PNG (gray, gray+alpha, RGB or RGBA) with iCCP and eXIf chunks."""
@@ -355,7 +427,13 @@ def _write_tiff16(path: str, samples: np.ndarray, icc: bytes | None, exif: bytes
             ifd[key] = tags.get_ifd(key) if key in TiffTags.TAGS_V2_GROUPS else tags[key]
     ifd[256], ifd[257], ifd[258], ifd[259] = w, h, (16,) * c, 1
     ifd[262] = 1 if c == 1 else 2  # BlackIsZero / RGB
-    ifd[273], ifd[277], ifd[278], ifd[279], ifd[284] = 0, c, h, samples.size * 2, 1  # StripOffsets 0: made absolute by save()
+    ifd[273], ifd[277], ifd[278], ifd[279], ifd[284] = (
+        0,
+        c,
+        h,
+        samples.size * 2,
+        1,
+    )  # StripOffsets 0: made absolute by save()
     if c == 4:
         ifd[338] = 2  # unassociated alpha
     if icc:

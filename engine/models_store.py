@@ -1,4 +1,5 @@
 """Where models come from: the bundled ones (shipped inside the package) or a user's file."""
+
 from __future__ import annotations
 
 from importlib import resources

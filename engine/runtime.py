@@ -7,11 +7,13 @@ patches' results). The clustering kernel exists for a few patch-count buckets; a
 logits are padded to the next bucket with very negative rows, which the softmax over patches turns
 into exact zeros, so a padded patch is never anyone's reference.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +44,10 @@ def _enable_amx_for(target: dict) -> None:
     from ..kernels.amx import enable_amx, target_has_amx
 
     if target_has_amx(target) and not enable_amx():
-        raise RefQSRError(f"this artifact was built with AMX kernels ({format_target(target)}), and this "
-                          f"process cannot use AMX here: recompile with --mcpu core-avx2 (or this CPU's name)")
+        raise RefQSRError(
+            f"this artifact was built with AMX kernels ({format_target(target)}), and this "
+            f"process cannot use AMX here: recompile with --mcpu core-avx2 (or this CPU's name)"
+        )
 
 
 class CompiledModel:
@@ -70,8 +74,11 @@ class CompiledModel:
         self._tvm = tvm
         self.device = dev
         names = ("clustblock", "reference", "query") if self.refqsr else ("sr",)
-        self.vms = {(n, b): relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}_b{b}.so"))), dev)
-                    for n in names for b in self.batches}
+        self.vms = {
+            (n, b): relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}_b{b}.so"))), dev)
+            for n in names
+            for b in self.batches
+        }
         self.cluster_lib = tvm.runtime.load_module(str(artifact.file("cluster.so"))) if self.refqsr else None
         # CUDA artifacts run the (CPU-scheduled) clustering kernel on the host
         host = self.refqsr and m["cluster"].get("device") == "host"
@@ -85,7 +92,7 @@ class CompiledModel:
         self.chosen: list[list[Any]] | None = None
 
     @classmethod
-    def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> "CompiledModel":
+    def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> CompiledModel:
         return cls(load_artifact(path, target=target), tau)
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -108,7 +115,7 @@ class CompiledModel:
             m = min(b, n - start)
             args = []
             for x in inputs:
-                x = x[start:start + m]
+                x = x[start : start + m]
                 if m < b:  # pad the short last batch
                     x = np.concatenate([x, np.zeros((b - m, *x.shape[1:]), x.dtype)])
                 args.append(self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
@@ -150,8 +157,9 @@ class CompiledModel:
         n, c = v.shape
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
-            raise RefQSRError(f"{n} patches exceed the largest compiled clustering size ({self.buckets[-1]}); "
-                              "use a larger --patch")
+            raise RefQSRError(
+                f"{n} patches exceed the largest compiled clustering size ({self.buckets[-1]}); use a larger --patch"
+            )
         padded = np.full((bucket, c), PAD_LOGIT, dtype=np.float32)
         padded[:n] = v
         tvm = self._tvm
@@ -161,5 +169,6 @@ class CompiledModel:
         self.cluster_lib[f"cluster_{bucket}"](tvm.runtime.tensor(padded, dev), ref, cos)
         import torch
 
-        return assign_references(torch.from_numpy(ref.numpy()[:n].copy()), torch.from_numpy(cos.numpy()[:n].copy()),
-                                 self.tau)
+        return assign_references(
+            torch.from_numpy(ref.numpy()[:n].copy()), torch.from_numpy(cos.numpy()[:n].copy()), self.tau
+        )

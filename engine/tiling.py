@@ -8,11 +8,10 @@ patch are padded (the padding is cropped away after merging).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-
 from refqsr_engine.errors import RefQSRError
 
 MIN_PATCH = 8
@@ -117,14 +116,10 @@ def _check_indices(indices: Sequence[int] | np.ndarray, num_patches: int) -> np.
     return idx
 
 
-def extract_patches(
-    image: np.ndarray, grid: PatchGrid, indices: Sequence[int] | None = None
-) -> np.ndarray:
+def extract_patches(image: np.ndarray, grid: PatchGrid, indices: Sequence[int] | None = None) -> np.ndarray:
     """N x C x P x P patches of a C x H x W image for the given patch indices (all if None)."""
     if image.ndim != 3 or image.shape[1:] != (grid.height, grid.width):
-        raise RefQSRError(
-            f"image must be C x {grid.height} x {grid.width} for this grid, got {image.shape}"
-        )
+        raise RefQSRError(f"image must be C x {grid.height} x {grid.width} for this grid, got {image.shape}")
     idx = np.arange(grid.num_patches) if indices is None else _check_indices(indices, grid.num_patches)
     padded = _pad_to_grid(image, grid)
     p, ncols = grid.patch, len(grid.xs)
@@ -151,7 +146,9 @@ def _axis_weights(origins: tuple[int, ...], patch: int, scale: int) -> list[np.n
         pos = np.arange(size) + 0.5  # pixel centres relative to the patch start
         if i > 0 and (ramp := starts[i - 1] + size - start) > 0:  # ramp up across the overlap with the previous patch
             w *= np.clip(pos / ramp, 0.0, 1.0)
-        if i + 1 < len(starts) and (ramp := size - (starts[i + 1] - start)) > 0:  # ramp down across the overlap with the next
+        if (
+            i + 1 < len(starts) and (ramp := size - (starts[i + 1] - start)) > 0
+        ):  # ramp down across the overlap with the next
             w *= np.clip((size - pos) / ramp, 0.0, 1.0)
         raw.append(w)
     # normalise so the covering patches' weights sum to 1 at each coordinate
@@ -176,9 +173,7 @@ class PatchMerger:
         self._wy = [w.astype(self.dtype) for w in _axis_weights(grid.ys, grid.patch, self.scale)]
         self._wx = [w.astype(self.dtype) for w in _axis_weights(grid.xs, grid.patch, self.scale)]
         # accumulate only the real image: padding (image smaller than a patch) is cropped on add
-        self._out = np.zeros(
-            (self.channels, grid.height * self.scale, grid.width * self.scale), dtype=self.dtype
-        )
+        self._out = np.zeros((self.channels, grid.height * self.scale, grid.width * self.scale), dtype=self.dtype)
         self._added = np.zeros(grid.num_patches, dtype=bool)
 
     def add(self, indices: Sequence[int], hr_patches: np.ndarray) -> None:
@@ -213,7 +208,6 @@ class PatchMerger:
         if not self.complete:
             missing = np.flatnonzero(~self._added)
             raise RefQSRError(
-                f"{len(missing)} of {self.grid.num_patches} patches were never added "
-                f"(first: {missing[:5].tolist()})"
+                f"{len(missing)} of {self.grid.num_patches} patches were never added (first: {missing[:5].tolist()})"
             )
         return self._out

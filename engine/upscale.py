@@ -3,14 +3,16 @@
 Engines: ``torch`` (the PyTorch reference models) or ``tvm`` (the compiled artifact of the same
 model, compiled for this host on first use and cached, see :func:`compiled_engine`). Both go
 through the one patch-wise algorithm of :mod:`refqsr_engine.models.patchwise`."""
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +23,20 @@ from ..models.checkpoint import bits_label, load_model, model_config
 from ..models.clustblock import Clustering
 from ..models.patchwise import PatchRunner, TorchRunner, run_patchwise
 from ..models.qconv import FP, BitSpec
-from ..models.quant_cadyq import SCHEME as CADYQ, Delta
+from ..models.quant_cadyq import SCHEME as CADYQ
+from ..models.quant_cadyq import Delta
 from ..models.refqsr import RefQSR
-from .image_io import (DEFAULT_MAX_PIXELS, list_images, output_format, output_path_for, read_image,
-                       upscale_alpha, write_image)
-from .tiling import make_grid
+from .image_io import (
+    DEFAULT_MAX_PIXELS,
+    list_images,
+    output_format,
+    output_path_for,
+    read_image,
+    upscale_alpha,
+    write_image,
+)
 from .models_store import DEFAULT_MODEL, bundled_with_bits, resolve_model
+from .tiling import make_grid
 
 
 @dataclass
@@ -59,8 +69,15 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
 
         if not tvm.cuda().exist:
             raise RefQSRError("--target cuda: no CUDA GPU is visible to TVM on this machine")
-    copts = CompileOptions(model=opts.model, target=opts.target, bits=opts.bits, patch=opts.patch, batch=opts.batch,
-                           threads=opts.threads, float_math=opts.float_math)
+    copts = CompileOptions(
+        model=opts.model,
+        target=opts.target,
+        bits=opts.bits,
+        patch=opts.patch,
+        batch=opts.batch,
+        threads=opts.threads,
+        float_math=opts.float_math,
+    )
     key = cache_key(**artifact_cache_parts(copts))
     with cache_lock(key) as entry:
         fresh = opts.recompile or not (entry / "manifest.json").is_file()
@@ -99,9 +116,15 @@ def bitops_setting(model: torch.nn.Module) -> tuple[str, str, dict[str, int | st
     return model.arch, "delta" if is_dynamic(model) else str(model_bits(model).act), model.sizes()
 
 
-def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
-                 clustering: Clustering | None = None, grid: str = "engine",
-                 patch_bits: list[PatchBits] | None = None) -> BitOpsReport:
+def model_bitops(
+    model: torch.nn.Module,
+    lr_size: tuple[int, int],
+    patch: int,
+    overlap: int,
+    clustering: Clustering | None = None,
+    grid: str = "engine",
+    patch_bits: list[PatchBits] | None = None,
+) -> BitOpsReport:
     """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering, δ
     models the bits each patch ran at (``PatchwiseResult.patch_bits``)."""
     arch, setting, sizes = bitops_setting(model)
@@ -110,13 +133,24 @@ def model_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, o
     if isinstance(model, RefQSR):
         if clustering is None:
             raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        return count_bitops(arch, lr_size, setting, patch, overlap, grid, clustering.is_reference.tolist(),
-                            clustering.reference_of.tolist(), patch_bits=patch_bits, **sizes)
+        return count_bitops(
+            arch,
+            lr_size,
+            setting,
+            patch,
+            overlap,
+            grid,
+            clustering.is_reference.tolist(),
+            clustering.reference_of.tolist(),
+            patch_bits=patch_bits,
+            **sizes,
+        )
     return count_bitops(arch, lr_size, setting, patch, overlap, grid, patch_bits=patch_bits, **sizes)
 
 
-def uniform8_bitops(model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int,
-                    grid: str = "engine") -> BitOpsReport:
+def uniform8_bitops(
+    model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int, grid: str = "engine"
+) -> BitOpsReport:
     """The BitOPs of the model's network (RefQSR: its backbone) at 8 bits everywhere: what the
     model's savings are measured against."""
     net = model.backbone if isinstance(model, RefQSR) else model
@@ -154,13 +188,15 @@ class Upscaler:
                 model, names = self.model, self.runner.dynamic_convs
                 weight = (model.high if isinstance(model, RefQSR) else self.bits).weight
                 self.runner.set_bits_decoder(
-                    lambda bits, path: patch_bits_of_columns(model, names[path], bits, weight, path))
+                    lambda bits, path: patch_bits_of_columns(model, names[path], bits, weight, path)
+                )
         else:
             self.runner = TorchRunner(self.model, self.bits)
         self.setup_seconds = time.perf_counter() - t0
 
-    def upscale_file(self, src: str | Path, dst: str | Path,
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    def upscale_file(
+        self, src: str | Path, dst: str | Path, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         """Upscale one image file x4 and write it atomically; returns a report."""
         opts = self.opts
         t0 = time.perf_counter()
@@ -191,23 +227,34 @@ class Upscaler:
             "references": clustering.num_references if clustering is not None else result.grid.num_patches,
             "isolated_references": clustering.num_isolated if clustering is not None else 0,
             "queries": clustering.num_queries if clustering is not None else 0,
-            "seconds": {"setup": round(self.setup_seconds, 4), "read": round(t_read - t0, 4),
-                        **{k: round(v, 4) for k, v in result.seconds.items()},
-                        "write": round(t_end - t_run, 4), "total": round(t_end - t0, 4)},
+            "seconds": {
+                "setup": round(self.setup_seconds, 4),
+                "read": round(t_read - t0, 4),
+                **{k: round(v, 4) for k, v in result.seconds.items()},
+                "write": round(t_end - t_run, 4),
+                "total": round(t_end - t0, 4),
+            },
             "bitops": bitops.as_dict(),
             "bitops_8bit_only": bitops_8.as_dict(),
             "bitops_saving": round(1.0 - bitops.gbitops / bitops_8.gbitops, 4) if bitops_8.gbitops else 0.0,
         }
 
 
-def upscale_file(src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def upscale_file(
+    src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs)."""
     return Upscaler(opts).upscale_file(src, dst, progress)
 
 
-def upscale_folder(src_dir: str | Path, dst_dir: str | Path, opts: UpscaleOptions, ext: str | None = None,
-                   on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def upscale_folder(
+    src_dir: str | Path,
+    dst_dir: str | Path,
+    opts: UpscaleOptions,
+    ext: str | None = None,
+    on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Upscale every image in ``src_dir`` into ``dst_dir`` with one engine (compiled once). Files
     that cannot be read or written are skipped and reported, not fatal."""
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)

@@ -11,6 +11,7 @@ weight initializer -> DequantizeLinear, so ONNX Runtime runs the very same files
 8 live inside the 8-bit containers (the Clip range); the graph metadata ``refqsr.convs`` names
 each Conv node's real activation and weight bits, in node order.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,14 @@ import torch
 from torch import nn
 
 from ..errors import RefQSRError
+from ..models.backbone import SRBackbone
 from ..models.checkpoint import model_config
 from ..models.clustblock import CLUST_BITS, ClustBlock
 from ..models.matching import POOL
 from ..models.qconv import FP, BitSpec, QuantConv2d
-from ..models.quant_cadyq import SCHEME as CADYQ, Delta, Selection
+from ..models.quant_cadyq import SCHEME as CADYQ
+from ..models.quant_cadyq import Delta, Selection
 from ..models.refqsr import RefQSR
-from ..models.backbone import SRBackbone
 
 OPSET = 17
 
@@ -62,7 +64,9 @@ class QueryPath(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, patches: torch.Tensor, *reference_features: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(
+        self, patches: torch.Tensor, *reference_features: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         sel = Selection(self.model.high.weight) if self.model.dynamic else None
         hr = self.model.query_forward(patches, list(reference_features), hard=True, selection=sel)
         return (hr, *_chosen_bits(sel)) if sel is not None else hr
@@ -115,6 +119,7 @@ def _conv_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Con
     hooks = []
     for m in module.modules():
         if isinstance(m, QuantConv2d):
+
             def pre(mod, args, _rec=records):
                 bits = args[1] if len(args) > 1 else FP
                 if mod.scheme is None:
@@ -122,9 +127,12 @@ def _conv_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Con
                 elif isinstance(bits, Selection):  # δ: any candidate width, in the 8-bit container
                     bits = BitSpec(max(mod.candidates), bits.weight)
                 _rec.append(ConvRecord(names[mod], bits.act, bits.weight))
+
             hooks.append(m.register_forward_pre_hook(pre))
         elif isinstance(m, nn.Conv2d) and not any(isinstance(p, QuantConv2d) and p.conv is m for p in module.modules()):
-            hooks.append(m.register_forward_pre_hook(lambda mod, args, _rec=records: _rec.append(ConvRecord(names[mod], 32, 32))))
+            hooks.append(
+                m.register_forward_pre_hook(lambda mod, args, _rec=records: _rec.append(ConvRecord(names[mod], 32, 32)))
+            )
     try:
         with torch.no_grad():
             module(*inputs)
@@ -135,7 +143,11 @@ def _conv_calls(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[Con
 
 
 def export_graph(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path, input_names: list[str], output_names: list[str],
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
     metadata: dict[str, Any],
 ) -> Path:
     """Export one graph with a dynamic batch axis and attach the per-conv bit metadata."""
@@ -145,14 +157,26 @@ def export_graph(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
         torch.onnx.export(
-            module, inputs, str(path), opset_version=OPSET, input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic, do_constant_folding=True, dynamo=False,
+            module,
+            inputs,
+            str(path),
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+            dynamo=False,
         )
     graph = onnx.load(str(path))
     conv_nodes = [n for n in graph.graph.node if n.op_type == "Conv"]
     if len(conv_nodes) != len(convs):
-        raise RefQSRError(f"{path.name}: {len(conv_nodes)} Conv nodes for {len(convs)} conv calls; export is inconsistent")
-    table = [{"node": n.name, "module": c.module, "act_bits": c.act_bits, "weight_bits": c.weight_bits} for n, c in zip(conv_nodes, convs)]
+        raise RefQSRError(
+            f"{path.name}: {len(conv_nodes)} Conv nodes for {len(convs)} conv calls; export is inconsistent"
+        )
+    table = [
+        {"node": n.name, "module": c.module, "act_bits": c.act_bits, "weight_bits": c.weight_bits}
+        for n, c in zip(conv_nodes, convs)
+    ]
     props = {"refqsr.convs": json.dumps(table), **{f"refqsr.{k}": json.dumps(v) for k, v in metadata.items()}}
     for key, value in props.items():
         entry = graph.metadata_props.add()
@@ -193,21 +217,43 @@ def export_refqsr(model: RefQSR, out_dir: str | Path, patch: int, batch: int = 2
             feats = model.reference_features(x)
     sizes = sorted({tuple(f.shape[-2:]) for f in feats if f.shape[-2] % POOL or f.shape[-1] % POOL})
     if sizes:  # e.g. ELAN-light pads patches to a multiple of 16 before its blocks
-        raise RefQSRError(f"patch size {patch} gives this network's RefER features of {sizes[0][0]}x{sizes[0][1]} px, "
-                          f"not a multiple of {POOL}; pick another --patch (any multiple of 48 suits every network)")
+        raise RefQSRError(
+            f"patch size {patch} gives this network's RefER features of {sizes[0][0]}x{sizes[0][1]} px, "
+            f"not a multiple of {POOL}; pick another --patch (any multiple of 48 suits every network)"
+        )
     n_feat = [f"ref_feat_{k}" for k in range(len(feats))]
     paths = {
-        "clustblock": export_graph(QuantClust(model.clustblock), (x,), out / "clustblock.onnx", ["patches"], ["logits"],
-                                   {**meta, "bits": CLUST_BITS.act}),
-        "reference": export_graph(ReferencePath(model), (x,), out / "reference.onnx", ["patches"], ["hr", *n_feat, *extra],
-                                  {**meta, **ref_meta}),
-        "query": export_graph(QueryPath(model), (x, *feats), out / "query.onnx", ["patches", *n_feat], ["hr", *extra],
-                              {**meta, **query_meta}),
+        "clustblock": export_graph(
+            QuantClust(model.clustblock),
+            (x,),
+            out / "clustblock.onnx",
+            ["patches"],
+            ["logits"],
+            {**meta, "bits": CLUST_BITS.act},
+        ),
+        "reference": export_graph(
+            ReferencePath(model),
+            (x,),
+            out / "reference.onnx",
+            ["patches"],
+            ["hr", *n_feat, *extra],
+            {**meta, **ref_meta},
+        ),
+        "query": export_graph(
+            QueryPath(model),
+            (x, *feats),
+            out / "query.onnx",
+            ["patches", *n_feat],
+            ["hr", *extra],
+            {**meta, **query_meta},
+        ),
     }
     return paths
 
 
-def export_sr(net: SRBackbone, bits: BitSpec | Delta, out_dir: str | Path, patch: int, batch: int = 2) -> dict[str, Path]:
+def export_sr(
+    net: SRBackbone, bits: BitSpec | Delta, out_dir: str | Path, patch: int, batch: int = 2
+) -> dict[str, Path]:
     """Write sr.onnx for a full- or fixed-precision SR network run at ``bits``, or for a CADyQ/CABM
     network at δ (``Delta``): then the graph also outputs ``bits`` [N, L], each patch's choice in
     each CADyQ conv (metadata ``refqsr.dynamic_convs`` names the convs of the columns)."""

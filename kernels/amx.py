@@ -15,6 +15,7 @@ Two things are needed before a tile instruction runs, or it raises SIGILL:
 The kernels name tile registers by immediates (``llvm.x86.tileloadd64`` & co. without the
 ``.internal`` shape operands), so LLVM needs no tile register allocation.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,6 @@ import functools
 
 from . import host_cpu
 from .host_cpu import AMX_FEATURES
-
 
 _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -74,8 +74,13 @@ def palette_byte(b):
     from tvm import tirx
 
     u8 = lambda v: tirx.const(v, "uint8")  # noqa: E731
-    return tirx.if_then_else(b == 0, u8(1), tirx.if_then_else(
-        tirx.all(b >= 16, b < 32, b % 2 == 0), u8(64), tirx.if_then_else(tirx.all(b >= 48, b < 56), u8(16), u8(0))))
+    return tirx.if_then_else(
+        b == 0,
+        u8(1),
+        tirx.if_then_else(
+            tirx.all(b >= 16, b < 32, b % 2 == 0), u8(64), tirx.if_then_else(tirx.all(b >= 48, b < 56), u8(16), u8(0))
+        ),
+    )
 
 
 # --- the 2 x 2 register blocking every AMX kernel here uses (TVMScript macros) ------------------
@@ -113,8 +118,12 @@ def multiply_b(act, n, row, cb, pb, kw, stride, product):
     """:func:`load_b_and_multiply` with the B tiles read from packed activations
     ``act[n][row][group][column]`` (one 4-byte VNNI word per element; a tile's 16 rows are the
     16 groups of K block ``cb``): pixels ``pb * 32 + kw`` .. + 31, ``stride`` bytes per group."""
-    load_b_and_multiply(T.address_of(act[n, row, cb * 16, pb * 32 + kw]),
-                        T.address_of(act[n, row, cb * 16, pb * 32 + 16 + kw]), stride, product)
+    load_b_and_multiply(
+        T.address_of(act[n, row, cb * 16, pb * 32 + kw]),
+        T.address_of(act[n, row, cb * 16, pb * 32 + 16 + kw]),
+        stride,
+        product,
+    )
 
 
 @T.macro
@@ -131,9 +140,15 @@ def store_acc(acc, row0, col0, width):
     ``col0`` .. + 31 (``access_ptr`` with the tile's extent, so TVM sizes the buffer for it)."""
     for i in T.unroll(2):  # unrolled: tile numbers must be immediates
         for j in T.unroll(2):
-            T.evaluate(T.call_llvm_intrin("void", TILESTORE, T.int8(i * 2 + j),
-                                          acc.access_ptr("w", offset=(row0 + 16 * i) * width + col0 + 16 * j,
-                                                         extent=15 * width + 16), T.int64(width * 4)))
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    TILESTORE,
+                    T.int8(i * 2 + j),
+                    acc.access_ptr("w", offset=(row0 + 16 * i) * width + col0 + 16 * j, extent=15 * width + 16),
+                    T.int64(width * 4),
+                )
+            )
 
 
 @T.macro

@@ -42,17 +42,28 @@ def _parse(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--calls", type=int, default=4, help="timed calls per kernel per round")
-    p.add_argument("--variants", nargs="+", default=None,
-                   choices=["int8", "int8pair", "int16", "lowbit", "vnni", "vnni512", "lowbit512", "amx"],
-                   help="default: the AVX2 four, plus vnni/vnni512/lowbit512 on an AVX-512 VNNI --mcpu and "
-                        "amx (--fused) on an AMX one; vnni is built with --vnni-mcpu and skipped when the CPU "
-                        "lacks VNNI")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=["int8", "int8pair", "int16", "lowbit", "vnni", "vnni512", "lowbit512", "amx"],
+        help="default: the AVX2 four, plus vnni/vnni512/lowbit512 on an AVX-512 VNNI --mcpu and "
+        "amx (--fused) on an AMX one; vnni is built with --vnni-mcpu and skipped when the CPU "
+        "lacks VNNI",
+    )
     p.add_argument("--mcpu", default="core-avx2", help='"host": this CPU (LLVM\'s name for it)')
     p.add_argument("--vnni-mcpu", default="host")
-    p.add_argument("--fbgemm-isa", default="auto", choices=["auto", "AVX2", "native", "both", "none"],
-                   help="auto: native for an AVX-512 VNNI --mcpu, AVX2 otherwise")
-    p.add_argument("--fused", action="store_true",
-                   help="time the fused float-in/out kernels (qconv_fused) instead of the packed convs")
+    p.add_argument(
+        "--fbgemm-isa",
+        default="auto",
+        choices=["auto", "AVX2", "native", "both", "none"],
+        help="auto: native for an AVX-512 VNNI --mcpu, AVX2 otherwise",
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="time the fused float-in/out kernels (qconv_fused) instead of the packed convs",
+    )
     p.add_argument("--fbgemm-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p.parse_args(argv)
@@ -97,8 +108,9 @@ def _fbgemm_f32_case(torch, n, c, size, seed=0):
     x = torch.rand(n, c, size, size, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.quantize_per_tensor(torch.randn(c, c, 3, 3, generator=g) * 0.05, 0.002, 0, torch.qint8)
     packed = torch.ops.quantized.conv2d_prepack(w, torch.zeros(c), [1, 1], [1, 1], [1, 1], 1)
-    return lambda: torch.ops.quantized.conv2d(torch.quantize_per_tensor(x, 1 / 255.0, 0, torch.quint8),
-                                              packed, 0.05, 64).dequantize()
+    return lambda: torch.ops.quantized.conv2d(
+        torch.quantize_per_tensor(x, 1 / 255.0, 0, torch.quint8), packed, 0.05, 64
+    ).dequantize()
 
 
 #: --fused: (activation bits, int8 container, weight range) each variant is timed with
@@ -135,9 +147,14 @@ def _fused_case(variant_label: str, n: int, c: int, size: int, target):
     w.flat[0], w.flat[1] = wlo, whi
     packed, sums = pack_qconv_weights(w, variant, spec.weight_shift if variant in ("vnni512", "amx") else None)
     dev = tvm.cpu()
-    args = [rng.normal(0, 1, (n, c, size, size)).astype(np.float32), np.full(n, 0.02, np.float32),
-            np.full(n, 0 if signed else 2 ** (bits - 1), np.float32), packed, sums,
-            np.full(sums.shape[0], 0.005, np.float32)]
+    args = [
+        rng.normal(0, 1, (n, c, size, size)).astype(np.float32),
+        np.full(n, 0.02, np.float32),
+        np.full(n, 0 if signed else 2 ** (bits - 1), np.float32),
+        packed,
+        sums,
+        np.full(sums.shape[0], 0.005, np.float32),
+    ]
     args = [tvm.runtime.tensor(a, dev) for a in args]
     y = tvm.runtime.empty((n, c, size, size), "float32", dev)
     f = exe["main"]
@@ -154,8 +171,9 @@ def _packed_case(variant: str, n: int, c: int, size: int, target):
     rng = np.random.default_rng(0)
     s, dev = k.shape, tvm.cpu()
     a = tvm.runtime.tensor(rng.integers(0, k.act_max + 1, s.act_shape()).astype(k.act_dtype), dev)
-    w = tvm.runtime.tensor(rng.integers(k.w_min, k.w_max + 1, s.weight_shape(k.group, k.lanes))
-                           .astype(k.weight_dtype), dev)
+    w = tvm.runtime.tensor(
+        rng.integers(k.w_min, k.w_max + 1, s.weight_shape(k.group, k.lanes)).astype(k.weight_dtype), dev
+    )
     out = tvm.runtime.empty(s.out_shape(k.lanes), "int32", dev)
     return (lambda f=k.func: f(a, w, out)), k
 
@@ -172,8 +190,13 @@ def _time_calls(fn, calls):
 def _summary(ops, times):
     import numpy as np
 
-    return {"best_gops": ops / min(times) / 1e9, "median_gops": ops / float(np.median(times)) / 1e9,
-            "best_ms": min(times) * 1e3, "median_ms": float(np.median(times)) * 1e3, "samples": len(times)}
+    return {
+        "best_gops": ops / min(times) / 1e9,
+        "median_gops": ops / float(np.median(times)) / 1e9,
+        "best_ms": min(times) * 1e3,
+        "median_ms": float(np.median(times)) * 1e3,
+        "samples": len(times),
+    }
 
 
 def _fbgemm_only(args):
@@ -201,7 +224,6 @@ def main(argv=None):
 
     import warnings
 
-    import numpy as np
     import torch
     import tvm
 
@@ -252,10 +274,26 @@ def main(argv=None):
                 results[size][name]["tile"] = list(k.tile)
                 results[size][name]["chunk_groups"] = k.chunk_groups
     if args.fbgemm_isa == "both":
-        cmd = [sys.executable, "-m", __spec__.name if __spec__ else "refqsr_engine.kernels.bench_conv_int8",
-               "--fbgemm-only", "--fbgemm-isa", "native", "--threads", str(args.threads), "--batch", str(args.batch),
-               "--channels", str(args.channels), "--rounds", str(args.rounds), "--calls", str(args.calls),
-               "--sizes", *map(str, args.sizes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            __spec__.name if __spec__ else "refqsr_engine.kernels.bench_conv_int8",
+            "--fbgemm-only",
+            "--fbgemm-isa",
+            "native",
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch),
+            "--channels",
+            str(args.channels),
+            "--rounds",
+            str(args.rounds),
+            "--calls",
+            str(args.calls),
+            "--sizes",
+            *map(str, args.sizes),
+        ]
         env = {k: v for k, v in os.environ.items() if k != "FBGEMM_ENABLE_INSTRUCTIONS"}
         child = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
         for size in args.sizes:
@@ -264,14 +302,19 @@ def main(argv=None):
     if args.json:
         print(json.dumps(results, indent=1))
         return results
-    print(f"conv 3x3 {args.channels}->{args.channels}, batch {args.batch}, threads {args.threads} "
-          f"(TVM {tvm.runtime.num_threads()}, torch {torch.get_num_threads()}), mcpu {args.mcpu}, "
-          f"fbgemm ISA {args.fbgemm_isa}, {'fused float-in/out' if args.fused else 'packed int32-out'} kernels")
+    print(
+        f"conv 3x3 {args.channels}->{args.channels}, batch {args.batch}, threads {args.threads} "
+        f"(TVM {tvm.runtime.num_threads()}, torch {torch.get_num_threads()}), mcpu {args.mcpu}, "
+        f"fbgemm ISA {args.fbgemm_isa}, {'fused float-in/out' if args.fused else 'packed int32-out'} kernels"
+    )
     ref_name = next((k for k in ("fbgemm_avx2", "fbgemm_native") if k in results[args.sizes[0]]), None)
     int8_name = "tvm_vnni512" if "tvm_vnni512" in results[args.sizes[0]] else "tvm_int8"
     int8_name = int8_name if int8_name in results[args.sizes[0]] else None
-    print(f"{'size':>5} {'kernel':<34} {'best GOP/s':>10} {'median':>8} {'best ms':>8}"
-          + (f"  {'x ' + ref_name:>18}" if ref_name else "") + (f"  {'x ' + int8_name:>14}" if int8_name else ""))
+    print(
+        f"{'size':>5} {'kernel':<34} {'best GOP/s':>10} {'median':>8} {'best ms':>8}"
+        + (f"  {'x ' + ref_name:>18}" if ref_name else "")
+        + (f"  {'x ' + int8_name:>14}" if int8_name else "")
+    )
     for size in args.sizes:
         for name, r in results[size].items():
             line = f"{size:>5} {name:<34} {r['best_gops']:>10.1f} {r['median_gops']:>8.1f} {r['best_ms']:>8.2f}"

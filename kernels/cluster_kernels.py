@@ -21,17 +21,23 @@ is a reference; a query whose similarity is below ``tau`` becomes an isolated re
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 import tvm
 from tvm import te, tirx
 
 from ..models.clustblock import Clustering, assign_references
 from .tir_build import TirKernel, build_kernel
 
-__all__ = ["assign", "build_affinity_kernel", "build_cluster_kernel", "cluster", "cluster_primfunc",
-           "cluster_compute", "schedule_cluster"]
+__all__ = [
+    "assign",
+    "build_affinity_kernel",
+    "build_cluster_kernel",
+    "cluster",
+    "cluster_primfunc",
+    "cluster_compute",
+    "schedule_cluster",
+]
 
 COS_EPS = 1e-8
 _LANES = 8
@@ -168,7 +174,9 @@ def build_affinity_kernel(num_patches: int, num_classes: int = 47, target=None) 
 def assign(ref: np.ndarray, cos: np.ndarray, tau: float = 0.5) -> Clustering:
     """The O(N) bookkeeping of ``cluster_patches`` on the kernel's outputs (one implementation:
     ``models.clustblock.assign_references``)."""
-    return assign_references(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(cos, dtype=np.float32)), tau)
+    return assign_references(
+        torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(cos, dtype=np.float32)), tau
+    )
 
 
 def cluster(kernel: TirKernel, v, tau: float = 0.5) -> Clustering:

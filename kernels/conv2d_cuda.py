@@ -60,12 +60,31 @@ from tvm.script import tirx as T
 from . import cuda_toolchain
 from .tir_build import TirKernel, build_kernel, divisor_at_most
 
-__all__ = ["VARIANTS", "Conv2dCudaShape", "CudaConvKernel", "build_conv2d_cuda", "build_conv2d_twin",
-           "conv2d_dp4a_compute", "conv2d_dp4a_primfunc", "conv2d_s4_compute", "conv2d_s4mma_primfunc",
-           "emulate_s4mma", "pack_activations_dp4a", "pack_activations_s4", "pack_nibbles",
-           "pack_weights_dp4a", "pack_weights_s4", "reference_conv", "s4mma_config",
-           "unpack_activations_dp4a", "unpack_activations_s4", "unpack_nibbles", "unpack_output",
-           "unpack_weights_dp4a", "unpack_weights_s4"]
+__all__ = [
+    "VARIANTS",
+    "Conv2dCudaShape",
+    "CudaConvKernel",
+    "build_conv2d_cuda",
+    "build_conv2d_twin",
+    "conv2d_dp4a_compute",
+    "conv2d_dp4a_primfunc",
+    "conv2d_s4_compute",
+    "conv2d_s4mma_primfunc",
+    "emulate_s4mma",
+    "pack_activations_dp4a",
+    "pack_activations_s4",
+    "pack_nibbles",
+    "pack_weights_dp4a",
+    "pack_weights_s4",
+    "reference_conv",
+    "s4mma_config",
+    "unpack_activations_dp4a",
+    "unpack_activations_s4",
+    "unpack_nibbles",
+    "unpack_output",
+    "unpack_weights_dp4a",
+    "unpack_weights_s4",
+]
 
 VARIANTS = ("dp4a", "s4mma")
 
@@ -212,7 +231,7 @@ def pack_nibbles(v, signed: bool) -> np.ndarray:
     lo, hi = _act_range(4, signed)
     _check_range(v, lo, hi, "4-bit values")
     nib = (v & 0xF).astype(np.uint32).reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
-    shifts = (4 * np.arange(8, dtype=np.uint32))
+    shifts = 4 * np.arange(8, dtype=np.uint32)
     return np.ascontiguousarray(np.bitwise_or.reduce(nib << shifts, axis=-1).astype(np.uint32))
 
 
@@ -310,9 +329,11 @@ def _dp4a_intrin(act_dtype: str):
     a_vec = "uint8x4" if act_dtype == "uint8" else "int8x4"
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
-             B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-             C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+    def desc(
+        A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
+        B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+        C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0], A[0:4], B[0:4])
             T.writes(C[0])
@@ -322,14 +343,17 @@ def _dp4a_intrin(act_dtype: str):
                     C[0] = C[0] + T.cast(A[vi], "int32") * T.cast(B[vi], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
-             B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
-             C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local")) -> None:
+    def impl(
+        A: T.Buffer((4,), act_dtype, offset_factor=1, align=4, scope="shared"),
+        B: T.Buffer((4,), "int8", offset_factor=1, align=4, scope="shared"),
+        C: T.Buffer((1,), "int32", offset_factor=1, align=4, scope="local"),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0], A[0:4], B[0:4])
             T.writes(C[0])
-            T.ptx[op](C[0], T.reinterpret(a_word, A.vload([0], a_vec)),
-                      T.reinterpret("int32", B.vload([0], "int8x4")), C[0])
+            T.ptx[op](
+                C[0], T.reinterpret(a_word, A.vload([0], a_vec)), T.reinterpret("int32", B.vload([0], "int8x4")), C[0]
+            )
 
     return desc, impl
 
@@ -376,8 +400,9 @@ def _cooperative_fetch(sch: tvm.s_tir.Schedule, block, depth: int, ty: int, tx: 
     sch.vectorize(inner[-1])
 
 
-def conv2d_dp4a_primfunc(shape: Conv2dCudaShape, act_signed: bool = False,
-                         config: Dp4aConfig | None = None) -> tvm.tirx.PrimFunc:
+def conv2d_dp4a_primfunc(
+    shape: Conv2dCudaShape, act_signed: bool = False, config: Dp4aConfig | None = None
+) -> tvm.tirx.PrimFunc:
     """The CUDA-scheduled dp4a conv ``conv2d_dp4a(A, W, conv)`` (thread-bound, dp4a-tensorized,
     destination-passing: ``R.call_tir(gv, [a, w], out_sinfo)``)."""
     act_dtype = "int8" if act_signed else "uint8"
@@ -439,8 +464,7 @@ def s4mma_config(shape: Conv2dCudaShape) -> S4MmaConfig:
     mt = divisor_at_most(shape.pixels // 16, 2)
     nt = divisor_at_most(shape.out_ch // 8, 4)
     tiles = (shape.pixels // (16 * mt)) * (shape.out_ch // (8 * nt))
-    return S4MmaConfig("m16n8k64" if cpm == 2 else "m16n8k32", cpm, chunks // cpm, mt, nt,
-                       divisor_at_most(tiles, 4))
+    return S4MmaConfig("m16n8k64" if cpm == 2 else "m16n8k32", cpm, chunks // cpm, mt, nt, divisor_at_most(tiles, 4))
 
 
 def _chunk(shape: Conv2dCudaShape, cfg: S4MmaConfig, ks, half):
@@ -550,12 +574,28 @@ def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
                                 bf[br] = W[_b_word(s, cfg, o0 + 8 * (br // rb), ks, lane, br % rb)]
                             for mi in T.unroll(mt):
                                 for ni in T.unroll(nt):
-                                    T.evaluate(T.ptx_legacy.mma(
-                                        mma_shape, "row", "col", a_ty, "int4", "int32",
-                                        af.data, mi * ra, bf.data, ni * rb, acc.data, (mi * nt + ni) * 4,
-                                        False, dtype="int32"))
+                                    T.evaluate(
+                                        T.ptx_legacy.mma(
+                                            mma_shape,
+                                            "row",
+                                            "col",
+                                            a_ty,
+                                            "int4",
+                                            "int32",
+                                            af.data,
+                                            mi * ra,
+                                            bf.data,
+                                            ni * rb,
+                                            acc.data,
+                                            (mi * nt + ni) * 4,
+                                            False,
+                                            dtype="int32",
+                                        )
+                                    )
                         for cr in T.unroll(mt * nt * 4):
-                            conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[cr]
+                            conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[
+                                cr
+                            ]
 
     return main.with_attr("global_symbol", "conv2d_s4mma")
 
@@ -576,16 +616,18 @@ def _mma_s4_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_s
     b_mat = np.zeros((32 * chunks, 8), np.int64)
     e = np.arange(8)
     for r in range(2 * chunks):
-        a_mat[(g + 8 * (r % 2))[:, None], (32 * (r // 2) + 8 * t)[:, None] + e] = \
-            unpack_nibbles(a_regs[r][:, None], act_signed)
+        a_mat[(g + 8 * (r % 2))[:, None], (32 * (r // 2) + 8 * t)[:, None] + e] = unpack_nibbles(
+            a_regs[r][:, None], act_signed
+        )
     for r in range(chunks):
         b_mat[(32 * r + 8 * t)[:, None] + e, g[:, None]] = unpack_nibbles(b_regs[r][:, None], True)
     d = a_mat @ b_mat
     return np.stack([d[g + 8 * (r // 2), 2 * t + r % 2] for r in range(4)], axis=1)
 
 
-def emulate_s4mma(shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray,
-                  act_signed: bool = False) -> np.ndarray:
+def emulate_s4mma(
+    shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False
+) -> np.ndarray:
     """Replay :func:`conv2d_s4mma_primfunc` in numpy: the same warp tiling and fragment index
     functions (``_a_word``, ``_b_word``, ``_c_index``), the mma itself per the PTX ISA
     (:func:`_mma_s4_reference`). Returns the NHWC int64 output. This checks the kernel's address
@@ -599,10 +641,14 @@ def emulate_s4mma(shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarr
         m0, o0 = _warp_m0(shape, cfg, warp), _warp_o0(shape, cfg, warp)
         acc = np.zeros((cfg.mt, cfg.nt, 32, 4), np.int64)
         for ks in range(cfg.ksteps):
-            af = [np.stack([a_words[_a_word(shape, cfg, m0 + 16 * mi, ks, lane, r)] for r in range(cfg.a_regs)])
-                  for mi in range(cfg.mt)]
-            bf = [np.stack([w_words[_b_word(shape, cfg, o0 + 8 * ni, ks, lane, r)] for r in range(cfg.b_regs)])
-                  for ni in range(cfg.nt)]
+            af = [
+                np.stack([a_words[_a_word(shape, cfg, m0 + 16 * mi, ks, lane, r)] for r in range(cfg.a_regs)])
+                for mi in range(cfg.mt)
+            ]
+            bf = [
+                np.stack([w_words[_b_word(shape, cfg, o0 + 8 * ni, ks, lane, r)] for r in range(cfg.b_regs)])
+                for ni in range(cfg.nt)
+            ]
             for mi in range(cfg.mt):
                 for ni in range(cfg.nt):
                     acc[mi, ni] += _mma_s4_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed)
@@ -624,8 +670,9 @@ def build_conv2d_twin(shape: Conv2dCudaShape, variant: str = "dp4a", act_signed:
     """The unscheduled compute of ``variant`` on the same packed layouts, built for LLVM (runs here):
     ``twin(a_packed, w_packed) -> out`` (numpy in, numpy out)."""
     func = (conv2d_dp4a_compute if _check_variant(variant) == "dp4a" else conv2d_s4_compute)(shape, act_signed)
-    return build_kernel(f"conv2d_{variant}_twin", func, 2, target=_TWIN_TARGET,
-                        info={"variant": variant, "act_signed": act_signed})
+    return build_kernel(
+        f"conv2d_{variant}_twin", func, 2, target=_TWIN_TARGET, info={"variant": variant, "act_signed": act_signed}
+    )
 
 
 class CudaConvKernel:
@@ -633,8 +680,15 @@ class CudaConvKernel:
     its CUDA source / PTX (``device_code``) and, on a machine with a GPU, ``kernel(a, w) -> out``
     on packed numpy arrays."""
 
-    def __init__(self, shape: Conv2dCudaShape, variant: str, arch: str, act_signed: bool,
-                 prim_func: tvm.tirx.PrimFunc, executable):
+    def __init__(
+        self,
+        shape: Conv2dCudaShape,
+        variant: str,
+        arch: str,
+        act_signed: bool,
+        prim_func: tvm.tirx.PrimFunc,
+        executable,
+    ):
         self.shape, self.variant, self.arch, self.act_signed = shape, variant, arch, act_signed
         self.prim_func = prim_func
         self.executable = executable
@@ -687,12 +741,15 @@ class CudaConvKernel:
 
     def __repr__(self) -> str:
         s = self.shape
-        return (f"CudaConvKernel({self.variant}, {self.arch}, N={s.batch}, {s.in_ch}->{s.out_ch}, "
-                f"{s.height}x{s.width}, act={'signed' if self.act_signed else 'unsigned'})")
+        return (
+            f"CudaConvKernel({self.variant}, {self.arch}, N={s.batch}, {s.in_ch}->{s.out_ch}, "
+            f"{s.height}x{s.width}, act={'signed' if self.act_signed else 'unsigned'})"
+        )
 
 
-def build_conv2d_cuda(shape: Conv2dCudaShape, variant: str = "dp4a", arch: str = "sm_80",
-                      act_signed: bool = False) -> CudaConvKernel:
+def build_conv2d_cuda(
+    shape: Conv2dCudaShape, variant: str = "dp4a", arch: str = "sm_80", act_signed: bool = False
+) -> CudaConvKernel:
     """Schedule and compile ``variant`` ("dp4a": u8/s8 x s8, "s4mma": u4/s4 x s4) for ``arch``
     with nvcc (see :mod:`.cuda_toolchain`; works without a GPU)."""
     _check_variant(variant)

@@ -41,15 +41,15 @@ from tvm import te
 from . import layouts
 from .host_cpu import host_mcpu  # noqa: F401 - re-exported for the kernel builders
 from .x86_intrin import (
-    INT8_DOT_8x4,
-    INT16_DOT_8x2,
-    LOWBIT512_DOT_16x4_I16,
-    LOWBIT_DOT_8x4_I16,
     PAIRSUM_8,
-    INT8_DOT_8x8_PAIR,
     PAIRSUM_8_GLOBAL,
     PAIRSUM_16,
     PAIRSUM_16_GLOBAL,
+    INT8_DOT_8x4,
+    INT8_DOT_8x8_PAIR,
+    INT16_DOT_8x2,
+    LOWBIT512_DOT_16x4_I16,
+    LOWBIT_DOT_8x4_I16,
     VNNI512_DOT_16x4,
     VNNI_DOT_8x4,
     register_avx2_intrinsics,
@@ -59,10 +59,24 @@ VARIANTS = ("int8", "int8pair", "int16", "lowbit", "vnni", "vnni512", "lowbit512
 #: variants whose code needs AVX-512 (F, BW, VNNI) on top of AVX2
 AVX512_VARIANTS = ("vnni512", "lowbit512")
 _LOWBIT = ("lowbit", "lowbit512")
-_ACT_DTYPE = {"int8": "uint8", "int8pair": "uint8", "lowbit": "uint8", "int16": "int16", "vnni": "uint8",
-              "vnni512": "uint8", "lowbit512": "uint8"}
-_W_DTYPE = {"int8": "int8", "int8pair": "int8", "lowbit": "int8", "int16": "int16", "vnni": "int8",
-            "vnni512": "int8", "lowbit512": "int8"}
+_ACT_DTYPE = {
+    "int8": "uint8",
+    "int8pair": "uint8",
+    "lowbit": "uint8",
+    "int16": "int16",
+    "vnni": "uint8",
+    "vnni512": "uint8",
+    "lowbit512": "uint8",
+}
+_W_DTYPE = {
+    "int8": "int8",
+    "int8pair": "int8",
+    "lowbit": "int8",
+    "int16": "int16",
+    "vnni": "int8",
+    "vnni512": "int8",
+    "lowbit512": "int8",
+}
 #: input channels per multiply group (layouts.GROUP covers the AVX2 variants)
 GROUP = {**layouts.GROUP, "vnni512": 4, "lowbit512": 4}
 
@@ -83,14 +97,17 @@ def _as_target(target, variant: str = "int8") -> tvm.target.Target:
     if isinstance(target, dict):
         target = tvm.target.Target(target)
     if not isinstance(target, tvm.target.Target):
-        raise TypeError("target must be a tvm.target.Target or a dict such as "
-                        "{'kind': 'llvm', 'mcpu': 'core-avx2', 'num-cores': 2}")
+        raise TypeError(
+            "target must be a tvm.target.Target or a dict such as {'kind': 'llvm', 'mcpu': 'core-avx2', 'num-cores': 2}"
+        )
     from tvm.target import codegen
 
     if target.kind.name != "llvm" or not codegen.target_has_features("avx2", target):
         raise ValueError(f"the kernels need an LLVM target with AVX2 (e.g. mcpu core-avx2 or znver3), got {target}")
-    if variant == "vnni" and not (codegen.target_has_features("avxvnni", target) or (
-            codegen.target_has_features("avx512vnni", target) and codegen.target_has_features("avx512vl", target))):
+    if variant == "vnni" and not (
+        codegen.target_has_features("avxvnni", target)
+        or (codegen.target_has_features("avx512vnni", target) and codegen.target_has_features("avx512vl", target))
+    ):
         raise ValueError(f"variant 'vnni' needs a target with AVX-VNNI or AVX512-VNNI+VL, got {target}")
     if variant in AVX512_VARIANTS and not target_has_avx512_vnni(target):
         raise ValueError(f"variant {variant!r} needs a target with AVX-512 F+BW+VNNI, got {target}")
@@ -104,7 +121,8 @@ def target_has_avx512_vnni(target) -> bool:
     if isinstance(target, dict):
         target = tvm.target.Target(target)
     return target.kind.name == "llvm" and all(
-        codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vnni"))
+        codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vnni")
+    )
 
 
 @dataclass(frozen=True)
@@ -180,8 +198,9 @@ def conv2d_compute(shape: Conv2dShape, variant: str = "int8", chunk_groups: int 
     return te.create_prim_func([A, Wt, conv2d_stages(A, Wt, shape, variant, chunk_groups)])
 
 
-def conv2d_stages(A: te.Tensor, Wt: te.Tensor, shape: Conv2dShape, variant: str = "int8",
-                  chunk_groups: int | None = None, bias=None) -> te.Tensor:
+def conv2d_stages(
+    A: te.Tensor, Wt: te.Tensor, shape: Conv2dShape, variant: str = "int8", chunk_groups: int | None = None, bias=None
+) -> te.Tensor:
     """The packed conv of packed activations ``A`` and weights ``Wt`` as two TE stages.
 
     Block "partial" sums ``chunk_groups`` input-channel groups (of 8) of the window: int32 for
@@ -218,6 +237,7 @@ def conv2d_stages(A: te.Tensor, Wt: te.Tensor, shape: Conv2dShape, variant: str 
             ),
             name="partial",
         )
+
         def total(n, og, h, w, oi):
             chunk = partial[n, og, h, w, cb, oi]
             if bias is not None:
@@ -254,8 +274,7 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def choose_tile(shape: Conv2dShape, accumulators: int = 8, prefer: str = "channels",
-                lanes: int = 8) -> tuple[int, int]:
+def choose_tile(shape: Conv2dShape, accumulators: int = 8, prefer: str = "channels", lanes: int = 8) -> tuple[int, int]:
     """Register tile (pixels, output-channel groups): the largest product <= ``accumulators``
     with pixels | width and groups | O/8; ties go to more channel groups (``prefer="channels"``)
     or to 2 pixels (``"pixels"``, the probe's 2 x 4).
@@ -323,20 +342,27 @@ def tile_of(shape: Conv2dShape, variant: str, config: ScheduleConfig | None = No
     return cfg.px or px, cfg.og or og
 
 
-_DOT_INTRIN = {"int16": INT16_DOT_8x2, "vnni": VNNI_DOT_8x4, "lowbit": LOWBIT_DOT_8x4_I16,
-               "vnni512": VNNI512_DOT_16x4, "lowbit512": LOWBIT512_DOT_16x4_I16}
+_DOT_INTRIN = {
+    "int16": INT16_DOT_8x2,
+    "vnni": VNNI_DOT_8x4,
+    "lowbit": LOWBIT_DOT_8x4_I16,
+    "vnni512": VNNI512_DOT_16x4,
+    "lowbit512": LOWBIT512_DOT_16x4_I16,
+}
 
 
-def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, variant: str = "int8",
-                    config: ScheduleConfig | None = None) -> tvm.s_tir.Schedule:
+def schedule_conv2d(
+    func: tvm.tirx.PrimFunc, shape: Conv2dShape, variant: str = "int8", config: ScheduleConfig | None = None
+) -> tvm.s_tir.Schedule:
     """Tile, parallelize and tensorize :func:`conv2d_compute`'s PrimFunc."""
     register_avx2_intrinsics()
     cfg = config or DEFAULT_CONFIGS[variant]
     px, og = tile_of(shape, variant, cfg)
     lanes = lanes_of(variant)
     if shape.out_width % px or shape.ob(lanes) % og:
-        raise ValueError(f"tile {px} px x {og} groups must divide width {shape.out_width} and "
-                         f"O/{lanes} {shape.ob(lanes)}")
+        raise ValueError(
+            f"tile {px} px x {og} groups must divide width {shape.out_width} and O/{lanes} {shape.ob(lanes)}"
+        )
     lowbit = variant in _LOWBIT
     g = GROUP[variant]
     sch = tvm.s_tir.Schedule(func)
@@ -367,7 +393,7 @@ def schedule_conv2d(func: tvm.tirx.PrimFunc, shape: Conv2dShape, variant: str = 
     wanted = [("o", og), ("w", px), ("oi", lanes)] + ([("pr", 2)] if lowbit else [])
     wanted += [("ici", icb), ("kh", K), ("kw", K), ("hf", 8 // g), ("ii", 2 if lowbit else g)]
     wanted = [(name, ext) for name, ext in wanted if ext > 1]
-    inner = sch.get_loops(partial)[-len(wanted):]
+    inner = sch.get_loops(partial)[-len(wanted) :]
     if [int(sch.get(lp).extent) for lp in inner] != [ext for _, ext in wanted]:
         raise RuntimeError("unexpected loop nest for the partial block")
     L = dict(zip((name for name, _ in wanted), inner))
@@ -451,8 +477,18 @@ class Conv2dInt8Kernel:
     module, ``func`` its packed function ``main(A, W, conv)``.
     """
 
-    def __init__(self, executable, shape: Conv2dShape, variant: str, target, act_max: int, w_min: int,
-                 w_max: int, tile: tuple[int, int], chunk_groups: int | None):
+    def __init__(
+        self,
+        executable,
+        shape: Conv2dShape,
+        variant: str,
+        target,
+        act_max: int,
+        w_min: int,
+        w_max: int,
+        tile: tuple[int, int],
+        chunk_groups: int | None,
+    ):
         self.executable = executable
         self.mod = executable.mod
         self.func = self.mod["main"]
@@ -491,8 +527,10 @@ class Conv2dInt8Kernel:
         as_numpy = isinstance(a, np.ndarray)
         if as_numpy:
             if tuple(a.shape) != s.act_shape() or tuple(np.shape(w)) != s.weight_shape(self.group, self.lanes):
-                raise ValueError(f"expected packed shapes {s.act_shape()} and {s.weight_shape(self.group, self.lanes)}, "
-                                 f"got {tuple(a.shape)} and {tuple(np.shape(w))}")
+                raise ValueError(
+                    f"expected packed shapes {s.act_shape()} and {s.weight_shape(self.group, self.lanes)}, "
+                    f"got {tuple(a.shape)} and {tuple(np.shape(w))}"
+                )
             if check:
                 self.check_ranges(a, w)
             dev = tvm.cpu()
@@ -517,8 +555,10 @@ class Conv2dInt8Kernel:
         s, dev = self.shape, tvm.cpu()
         rng = np.random.default_rng(seed)
         a = tvm.runtime.tensor(rng.integers(0, self.act_max + 1, s.act_shape()).astype(self.act_dtype), dev)
-        w = tvm.runtime.tensor(rng.integers(self.w_min, self.w_max + 1, s.weight_shape(self.group, self.lanes))
-                               .astype(self.weight_dtype), dev)
+        w = tvm.runtime.tensor(
+            rng.integers(self.w_min, self.w_max + 1, s.weight_shape(self.group, self.lanes)).astype(self.weight_dtype),
+            dev,
+        )
         out = tvm.runtime.empty(s.out_shape(self.lanes), "int32", dev)
         return list(self.mod.time_evaluator("main", dev, number=number, repeat=repeat)(a, w, out).results)
 
@@ -530,8 +570,10 @@ class Conv2dInt8Kernel:
 
     def __repr__(self):
         s = self.shape
-        return (f"Conv2dInt8Kernel({self.variant}, N={s.batch}, {s.in_ch}->{s.out_ch}, {s.height}x{s.width}, "
-                f"k={s.kernel}, tile={self.tile[0]}px x {self.tile[1] * self.lanes}ch)")
+        return (
+            f"Conv2dInt8Kernel({self.variant}, N={s.batch}, {s.in_ch}->{s.out_ch}, {s.height}x{s.width}, "
+            f"k={s.kernel}, tile={self.tile[0]}px x {self.tile[1] * self.lanes}ch)"
+        )
 
 
 _DEFAULT_RANGES = {
@@ -548,10 +590,21 @@ _DEFAULT_RANGES = {
 }
 
 
-def build_conv2d_int8(batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int = 3,
-                      target=None, *, variant: str = "int8", act_max: int | None = None,
-                      w_min: int | None = None, w_max: int | None = None,
-                      config: ScheduleConfig | None = None) -> Conv2dInt8Kernel:
+def build_conv2d_int8(
+    batch: int,
+    in_ch: int,
+    out_ch: int,
+    height: int,
+    width: int,
+    kernel: int = 3,
+    target=None,
+    *,
+    variant: str = "int8",
+    act_max: int | None = None,
+    w_min: int | None = None,
+    w_max: int | None = None,
+    config: ScheduleConfig | None = None,
+) -> Conv2dInt8Kernel:
     """Compile the packed AVX2 integer conv for one shape; see the module docstring for variants.
 
     ``variant``: "int8" (default; u7 x s8, or pass ``act_max=255, w_min=-64, w_max=63`` for
@@ -590,9 +643,32 @@ def build_conv2d_int8(batch: int, in_ch: int, out_ch: int, height: int, width: i
     return Conv2dInt8Kernel(exe, shape, variant, tgt, act_max, w_min, w_max, tile, chunk)
 
 
-def build_conv2d_lowbit(batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int = 3,
-                        target=None, *, act_max: int = 15, w_min: int = -8, w_max: int = 7,
-                        config: ScheduleConfig | None = None) -> Conv2dInt8Kernel:
+def build_conv2d_lowbit(
+    batch: int,
+    in_ch: int,
+    out_ch: int,
+    height: int,
+    width: int,
+    kernel: int = 3,
+    target=None,
+    *,
+    act_max: int = 15,
+    w_min: int = -8,
+    w_max: int = 7,
+    config: ScheduleConfig | None = None,
+) -> Conv2dInt8Kernel:
     """:func:`build_conv2d_int8` with ``variant="lowbit"`` (default u4 activations x s4 weights)."""
-    return build_conv2d_int8(batch, in_ch, out_ch, height, width, kernel, target, variant="lowbit",
-                             act_max=act_max, w_min=w_min, w_max=w_max, config=config)
+    return build_conv2d_int8(
+        batch,
+        in_ch,
+        out_ch,
+        height,
+        width,
+        kernel,
+        target,
+        variant="lowbit",
+        act_max=act_max,
+        w_min=w_min,
+        w_max=w_max,
+        config=config,
+    )

@@ -17,6 +17,7 @@ row are 64 contiguous bytes -- for xh and xl; weights packed at compile time as 
 row): 32 output channels x 32 pixels in 4 fp32 accumulator tiles at a time, stored into a per-task
 ``[O][W]`` row, then bias (and residual) added on the way to the NCHW output.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -93,21 +94,32 @@ def _pack_split_row(X, xh, xl, n, hp, g, H, W, P, width, lo_terms):
             xl[n, hp, g, W + P + wp] = T.uint32(0)
         for wo16 in range(W // 16):
             for w16 in T.vectorized(16):
-                xh[n, hp, g, wo16 * 16 + w16 + P] = pair(hi_bits, X[n, g * 2, hp - P, wo16 * 16 + w16],
-                                                         X[n, g * 2 + 1, hp - P, wo16 * 16 + w16])
+                xh[n, hp, g, wo16 * 16 + w16 + P] = pair(
+                    hi_bits, X[n, g * 2, hp - P, wo16 * 16 + w16], X[n, g * 2 + 1, hp - P, wo16 * 16 + w16]
+                )
         if lo_terms:
             for wo16 in range(W // 16):
                 for w16 in T.vectorized(16):
-                    xl[n, hp, g, wo16 * 16 + w16 + P] = pair(lo_bits, X[n, g * 2, hp - P, wo16 * 16 + w16],
-                                                             X[n, g * 2 + 1, hp - P, wo16 * 16 + w16])
+                    xl[n, hp, g, wo16 * 16 + w16 + P] = pair(
+                        lo_bits, X[n, g * 2, hp - P, wo16 * 16 + w16], X[n, g * 2 + 1, hp - P, wo16 * 16 + w16]
+                    )
     else:
         for wp in range(width):
             xh[n, hp, g, wp] = T.uint32(0)
             xl[n, hp, g, wp] = T.uint32(0)
 
 
-def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int = 3,
-                      padding: int | None = None, terms: int = 3, residual: bool = False) -> tvm.tirx.PrimFunc:
+def conv_bf16_compute(
+    batch: int,
+    in_ch: int,
+    out_ch: int,
+    height: int,
+    width: int,
+    kernel: int = 3,
+    padding: int | None = None,
+    terms: int = 3,
+    residual: bool = False,
+) -> tvm.tirx.PrimFunc:
     """PrimFunc ``main(X, WH, WL, B, [R,] Y)`` (scheduled). ``terms`` 3 (bf16x3, fp32-grade) or 1
     (plain bf16: WL is ignored)."""
     if terms not in (1, 3):
@@ -123,9 +135,14 @@ def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: i
     lo_terms = terms == 3
 
     @T.prim_func(s_tir=True)
-    def main(X: T.Buffer((N, C, H, W), "float32"), WH: T.Buffer((KK, CB, O, K_BLOCK), "uint16"),
-             WL: T.Buffer((KK, CB, O, K_BLOCK), "uint16"), Bias: T.Buffer((O,), "float32"),
-             R: T.Buffer((N, O, OH, OW), "float32"), Y: T.Buffer((N, O, OH, OW), "float32")):
+    def main(
+        X: T.Buffer((N, C, H, W), "float32"),
+        WH: T.Buffer((KK, CB, O, K_BLOCK), "uint16"),
+        WL: T.Buffer((KK, CB, O, K_BLOCK), "uint16"),
+        Bias: T.Buffer((O,), "float32"),
+        R: T.Buffer((N, O, OH, OW), "float32"),
+        Y: T.Buffer((N, O, OH, OW), "float32"),
+    ):
         T.func_attr({"tirx.noalias": True})
         xh = T.alloc_buffer((N, Hp, C2, Wp), "uint32")
         xl = T.alloc_buffer((N, Hp, C2, Wp), "uint32")
@@ -138,18 +155,33 @@ def conv_bf16_compute(batch: int, in_ch: int, out_ch: int, height: int, width: i
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
                 amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    amx.multiply(WH, xh, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK * 2, b_stride,
-                                 amx.TDPBF16PS)
+                    amx.multiply(
+                        WH, xh, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK * 2, b_stride, amx.TDPBF16PS
+                    )
                     if lo_terms:  # wh . xl (the wh tiles are still loaded), then wl . xh
                         amx.multiply_b(xl, t // OH, t % OH + kh, cb, pb, kw, b_stride, amx.TDPBF16PS)
-                        amx.multiply(WL, xh, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK * 2, b_stride,
-                                     amx.TDPBF16PS)
+                        amx.multiply(
+                            WL,
+                            xh,
+                            t // OH,
+                            t % OH + kh,
+                            ob,
+                            pb,
+                            kh * K + kw,
+                            cb,
+                            kw,
+                            K_BLOCK * 2,
+                            b_stride,
+                            amx.TDPBF16PS,
+                        )
                 amx.store_acc(acc, ob * TILE2, pb * TILE2, OW)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, OW // 16):
                 if residual:
                     for wi in T.vectorized(16):
-                        Y[t // OH, o, t % OH, wo * 16 + wi] = acc[o, wo * 16 + wi] + Bias[o] + R[t // OH, o, t % OH, wo * 16 + wi]
+                        Y[t // OH, o, t % OH, wo * 16 + wi] = (
+                            acc[o, wo * 16 + wi] + Bias[o] + R[t // OH, o, t % OH, wo * 16 + wi]
+                        )
                 else:
                     for wi in T.vectorized(16):
                         Y[t // OH, o, t % OH, wo * 16 + wi] = acc[o, wo * 16 + wi] + Bias[o]
@@ -168,8 +200,14 @@ def _without_param(func: tvm.tirx.PrimFunc, index: int) -> tvm.tirx.PrimFunc:
 
 def fold_fits(batch: int, in_ch: int, out_ch: int, kernel: int, out_width: int, stride: int = 1) -> bool:
     """Whether :func:`conv_bf16_fold_compute` covers this conv (few outputs, wide kernel)."""
-    return (stride == 1 and batch >= 1 and in_ch % K_BLOCK == 0 and out_ch * kernel <= TILE2 and kernel > 1
-            and out_width % 16 == 0)
+    return (
+        stride == 1
+        and batch >= 1
+        and in_ch % K_BLOCK == 0
+        and out_ch * kernel <= TILE2
+        and kernel > 1
+        and out_width % 16 == 0
+    )
 
 
 def pack_fold_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,13 +219,15 @@ def pack_fold_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"the folded bf16 conv needs C % {K_BLOCK} == 0 and O*K <= {TILE2}, got {w.shape}")
     t = np.zeros((kh, c // K_BLOCK, TILE2, K_BLOCK), np.float32)
     # [O, C, KH, KW] -> [KH, C/32, O*KW, 32]
-    t[:, :, : o * kw] = w.reshape(o, c // K_BLOCK, K_BLOCK, kh, kw).transpose(3, 1, 0, 4, 2).reshape(
-        kh, c // K_BLOCK, o * kw, K_BLOCK)
+    t[:, :, : o * kw] = (
+        w.reshape(o, c // K_BLOCK, K_BLOCK, kh, kw).transpose(3, 1, 0, 4, 2).reshape(kh, c // K_BLOCK, o * kw, K_BLOCK)
+    )
     return split_bf16(t)
 
 
-def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int,
-                           terms: int = 3) -> tvm.tirx.PrimFunc:
+def conv_bf16_fold_compute(
+    batch: int, in_ch: int, out_ch: int, height: int, width: int, kernel: int, terms: int = 3
+) -> tvm.tirx.PrimFunc:
     """PrimFunc ``main(X, WH, WL, B, Y)`` for convs with few output channels and a wide kernel
     (SRResNet's 9 x 9, 64 -> 3 tail): the kernel columns are folded into the tile rows.
 
@@ -209,9 +249,13 @@ def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, wid
     lo_terms = terms == 3
 
     @T.prim_func(s_tir=True)
-    def main(X: T.Buffer((N, C, H, W), "float32"), WH: T.Buffer((K, CB, TILE2, K_BLOCK), "uint16"),
-             WL: T.Buffer((K, CB, TILE2, K_BLOCK), "uint16"), Bias: T.Buffer((O,), "float32"),
-             Y: T.Buffer((N, O, H, W), "float32")):
+    def main(
+        X: T.Buffer((N, C, H, W), "float32"),
+        WH: T.Buffer((K, CB, TILE2, K_BLOCK), "uint16"),
+        WL: T.Buffer((K, CB, TILE2, K_BLOCK), "uint16"),
+        Bias: T.Buffer((O,), "float32"),
+        Y: T.Buffer((N, O, H, W), "float32"),
+    ):
         T.func_attr({"tirx.noalias": True})
         xh = T.alloc_buffer((N, Hp, C2, Wa), "uint32")
         xl = T.alloc_buffer((N, Hp, C2, Wa), "uint32")
@@ -227,8 +271,7 @@ def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, wid
                     amx.multiply(WH, xh, t // H, t % H + kh, 0, pb, kh, cb, 0, K_BLOCK * 2, b_stride, amx.TDPBF16PS)
                     if lo_terms:  # wh . xl, then wl . xh
                         amx.multiply_b(xl, t // H, t % H + kh, cb, pb, 0, b_stride, amx.TDPBF16PS)
-                        amx.multiply(WL, xh, t // H, t % H + kh, 0, pb, kh, cb, 0, K_BLOCK * 2, b_stride,
-                                     amx.TDPBF16PS)
+                        amx.multiply(WL, xh, t // H, t % H + kh, 0, pb, kh, cb, 0, K_BLOCK * 2, b_stride, amx.TDPBF16PS)
                 amx.store_acc(acc, 0, pb * TILE2, Wa)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for o, wo in T.grid(O, W // 16):
@@ -236,6 +279,8 @@ def conv_bf16_fold_compute(batch: int, in_ch: int, out_ch: int, height: int, wid
                     Y[t // H, o, t % H, wo * 16 + wi] = Bias[o]
                 for kw in range(K):
                     for wi in T.vectorized(16):
-                        Y[t // H, o, t % H, wo * 16 + wi] = Y[t // H, o, t % H, wo * 16 + wi] + acc[o * K + kw, wo * 16 + wi + kw]
+                        Y[t // H, o, t % H, wo * 16 + wi] = (
+                            Y[t // H, o, t % H, wo * 16 + wi] + acc[o * K + kw, wo * 16 + wi + kw]
+                        )
 
     return main.with_attr("tirx.is_scheduled", True).with_attr("refqsr.variant", f"amx_bf16x{terms}_fold")

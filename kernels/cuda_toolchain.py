@@ -45,14 +45,32 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # tvm is imported lazily: the driver stub must be loadable before it matters
     import tvm
 
-__all__ = ["SUPPORTED_ARCHS", "CudaBuildInfo", "CudaToolchainError", "build_cuda", "build_info",
-           "cuda_target", "device_code", "ensure_cuda_build_env", "has_cuda_device", "nvcc_available"]
+__all__ = [
+    "SUPPORTED_ARCHS",
+    "CudaBuildInfo",
+    "CudaToolchainError",
+    "build_cuda",
+    "build_info",
+    "cuda_target",
+    "device_code",
+    "ensure_cuda_build_env",
+    "has_cuda_device",
+    "nvcc_available",
+]
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
-_DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
-                   "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
-                   "cuTensorMapEncodeTiled")
+_DRIVER_SYMBOLS = (
+    "cuDeviceGetName",
+    "cuFuncSetAttribute",
+    "cuGetErrorName",
+    "cuGetErrorString",
+    "cuLaunchKernelEx",
+    "cuModuleGetFunction",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuTensorMapEncodeTiled",
+)
 _STUB_MARKER = "refqsr_libcuda_stub"
 
 # Stubs return CUDA_ERROR_STUB_LIBRARY (34), the code NVIDIA's own link stubs report.
@@ -119,7 +137,8 @@ def has_cuda_device() -> bool:
 
 def _cache_dir() -> Path:
     root = os.environ.get("REFQSR_ENGINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "refqsr_engine")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "refqsr_engine"
+    )
     return Path(root) / "cuda_stub"
 
 
@@ -164,7 +183,8 @@ def _load_tvm_cuda_runtime() -> None:
     runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
     except (OSError, FileNotFoundError, RuntimeError) as err:
         raise CudaToolchainError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so): {err}") from err
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
@@ -199,13 +219,14 @@ def ensure_cuda_build_env() -> None:
 # target, build, inspection
 
 
-def cuda_target(arch: str = "sm_80") -> "tvm.target.Target":
+def cuda_target(arch: str = "sm_80") -> tvm.target.Target:
     """``tvm.target.Target`` for CUDA ``arch`` (one of :data:`SUPPORTED_ARCHS`), LLVM host."""
     import tvm
 
     _check_arch(arch)
-    return tvm.target.Target({"kind": "cuda", "arch": arch, "max_num_threads": 1024,
-                              "thread_warp_size": 32, "host": {"kind": "llvm"}})
+    return tvm.target.Target(
+        {"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32, "host": {"kind": "llvm"}}
+    )
 
 
 @dataclass
@@ -219,7 +240,7 @@ class CudaBuildInfo:
     ptx: str | None = None  # filled lazily by device_code
 
 
-_BUILD_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BUILD_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -242,7 +263,7 @@ def _capture_cuda_compile(sink: list):
         tvm_ffi.register_global_func(name, original, override=True)
 
 
-def build_cuda(mod_or_sch, arch: str = "sm_80") -> "tvm.runtime.Executable":
+def build_cuda(mod_or_sch, arch: str = "sm_80") -> tvm.runtime.Executable:
     """Compile a scheduled ``PrimFunc``, ``IRModule`` or ``tvm.s_tir.Schedule`` for CUDA ``arch``.
 
     Returns the ``tvm.runtime.Executable``; :func:`build_info` / :func:`device_code` give its
@@ -270,7 +291,7 @@ def build_cuda(mod_or_sch, arch: str = "sm_80") -> "tvm.runtime.Executable":
     return exe
 
 
-def build_info(executable: "tvm.runtime.Executable") -> CudaBuildInfo:
+def build_info(executable: tvm.runtime.Executable) -> CudaBuildInfo:
     """The :class:`CudaBuildInfo` of an executable made by :func:`build_cuda`."""
     try:
         return _BUILD_INFO[executable]
@@ -298,7 +319,7 @@ def _sass(binary: bytes) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def device_code(executable: "tvm.runtime.Executable", sass: bool = True) -> str:
+def device_code(executable: tvm.runtime.Executable, sass: bool = True) -> str:
     """PTX of the kernel(s) in ``executable`` (nvcc ``--ptx`` of the exact CUDA source TVM built),
     followed by the SASS of the built binary when ``cuobjdump`` is available and ``sass``."""
     info = build_info(executable)

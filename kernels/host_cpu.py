@@ -1,10 +1,25 @@
 """What this machine's CPU is, for the default build target: its /proc/cpuinfo flags and the LLVM
 CPU name the engine compiles for (kept light: no TVMScript, so loading a cached artifact stays fast)."""
+
 from __future__ import annotations
 
 # what LLVM's "sapphirerapids" lets code use beyond the AVX-512 of Ice Lake / Rocket Lake
-SAPPHIRE_RAPIDS_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16", "avx512_fp16", "avx512_bf16", "avx_vnni",
-                                   "avx512_vnni", "avx512bw", "avx512vl", "serialize", "movdiri", "movdir64b"})
+SAPPHIRE_RAPIDS_FLAGS = frozenset(
+    {
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+        "avx512_fp16",
+        "avx512_bf16",
+        "avx_vnni",
+        "avx512_vnni",
+        "avx512bw",
+        "avx512vl",
+        "serialize",
+        "movdiri",
+        "movdir64b",
+    }
+)
 #: LLVM target features of the AMX int8 + bf16 kernels
 AMX_FEATURES = ("amx-tile", "amx-int8", "amx-bf16")
 

@@ -24,6 +24,7 @@ Applies to stride-1 convs with input channels a multiple of 64 and output channe
 width multiples of 32 (SRResNet's and CARN's 64-channel body convs on 96-px patches); other
 shapes keep the AVX-512 kernel (:func:`amx_fits`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,13 @@ TILE2 = 32
 
 def amx_fits(shape: Conv2dShape) -> bool:
     """Whether the AMX conv covers this problem (see the module doc)."""
-    return (shape.stride == 1 and shape.pad == shape.kernel // 2 and shape.in_ch % K_BLOCK == 0 and shape.out_ch % TILE2 == 0
-            and shape.out_width % TILE2 == 0)
+    return (
+        shape.stride == 1
+        and shape.pad == shape.kernel // 2
+        and shape.in_ch % K_BLOCK == 0
+        and shape.out_ch % TILE2 == 0
+        and shape.out_width % TILE2 == 0
+    )
 
 
 def pack_amx_weights(w_int: np.ndarray) -> np.ndarray:
@@ -80,13 +86,23 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
         return (Z[n] + off).astype("uint32") * T.uint32(0x01010101)
 
     def byte_sum(word):
-        return ((word & T.uint32(255)) + ((word >> T.uint32(8)) & T.uint32(255))
-                + ((word >> T.uint32(16)) & T.uint32(255)) + (word >> T.uint32(24))).astype("int32")
+        return (
+            (word & T.uint32(255))
+            + ((word >> T.uint32(8)) & T.uint32(255))
+            + ((word >> T.uint32(16)) & T.uint32(255))
+            + (word >> T.uint32(24))
+        ).astype("int32")
 
     @T.prim_func(s_tir=True)
-    def main(X: T.Buffer((N, C, H, W), "float32"), S: T.Buffer((N,), "float32"), Z: T.Buffer((N,), "float32"),
-             Wt: T.Buffer((KK, CB, O, K_BLOCK), "int8"), SUMW: T.Buffer((O,), "int32"),
-             WS: T.Buffer((O,), "float32"), Y: T.Buffer((N, O, OH, OW), "float32")):
+    def main(
+        X: T.Buffer((N, C, H, W), "float32"),
+        S: T.Buffer((N,), "float32"),
+        Z: T.Buffer((N,), "float32"),
+        Wt: T.Buffer((KK, CB, O, K_BLOCK), "int8"),
+        SUMW: T.Buffer((O,), "int32"),
+        WS: T.Buffer((O,), "float32"),
+        Y: T.Buffer((N, O, OH, OW), "float32"),
+    ):
         T.func_attr({"tirx.noalias": True})
         # a pixel's 4 channels of a VNNI group as one little-endian u32 (byte i = channel 4g + i):
         # computed 16 pixels at a time from 4 contiguous input rows, no byte shuffles
@@ -100,10 +116,37 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
                 for wo16 in range(W // 16):
                     for w16 in T.vectorized(16):
                         act[t // (Hp * C4), t // C4 % Hp, t % C4, (wo16 * 16 + w16) + P] = (
-                            quant(S, Z, t // (Hp * C4), X[t // (Hp * C4), t % C4 * 4, t // C4 % Hp - P, (wo16 * 16 + w16)])
-                            | (quant(S, Z, t // (Hp * C4), X[t // (Hp * C4), t % C4 * 4 + 1, t // C4 % Hp - P, (wo16 * 16 + w16)]) << T.uint32(8))
-                            | (quant(S, Z, t // (Hp * C4), X[t // (Hp * C4), t % C4 * 4 + 2, t // C4 % Hp - P, (wo16 * 16 + w16)]) << T.uint32(16))
-                            | (quant(S, Z, t // (Hp * C4), X[t // (Hp * C4), t % C4 * 4 + 3, t // C4 % Hp - P, (wo16 * 16 + w16)]) << T.uint32(24)))
+                            quant(
+                                S, Z, t // (Hp * C4), X[t // (Hp * C4), t % C4 * 4, t // C4 % Hp - P, (wo16 * 16 + w16)]
+                            )
+                            | (
+                                quant(
+                                    S,
+                                    Z,
+                                    t // (Hp * C4),
+                                    X[t // (Hp * C4), t % C4 * 4 + 1, t // C4 % Hp - P, (wo16 * 16 + w16)],
+                                )
+                                << T.uint32(8)
+                            )
+                            | (
+                                quant(
+                                    S,
+                                    Z,
+                                    t // (Hp * C4),
+                                    X[t // (Hp * C4), t % C4 * 4 + 2, t // C4 % Hp - P, (wo16 * 16 + w16)],
+                                )
+                                << T.uint32(16)
+                            )
+                            | (
+                                quant(
+                                    S,
+                                    Z,
+                                    t // (Hp * C4),
+                                    X[t // (Hp * C4), t % C4 * 4 + 3, t // C4 % Hp - P, (wo16 * 16 + w16)],
+                                )
+                                << T.uint32(24)
+                            )
+                        )
             else:
                 for wp in range(Wp):
                     act[t // (Hp * C4), t // C4 % Hp, t % C4, wp] = zp_word(Z, t // (Hp * C4))
@@ -122,7 +165,9 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
             for ob, pb in T.grid(O // TILE2, OW // TILE2):
                 amx.zero_acc()
                 for kh, kw, cb in T.grid(K, K, CB):
-                    amx.multiply(Wt, act, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK, b_stride, amx.TDPBSUD)
+                    amx.multiply(
+                        Wt, act, t // OH, t % OH + kh, ob, pb, kh * K + kw, cb, kw, K_BLOCK, b_stride, amx.TDPBSUD
+                    )
                 amx.store_acc(acc, ob * TILE2, pb * TILE2, OW)
             T.evaluate(T.call_llvm_intrin("void", amx.TILERELEASE))
             for wo in range(OW // 16):
@@ -134,7 +179,8 @@ def qconv_amx_compute(spec, shift: int = 0) -> tvm.tirx.PrimFunc:
                             wsum[wo * 16 + wi] = wsum[wo * 16 + wi] + usum[t // OH, t % OH + kh, wo * 16 + wi + kw]
             for o, wo in T.grid(O, OW // 16):
                 for wi in T.vectorized(16):
-                    Y[t // OH, o, t % OH, wo * 16 + wi] = (acc[o, wo * 16 + wi] + sh * wsum[wo * 16 + wi]
-                                                 - (Z[t // OH] + off).astype("int32") * SUMW[o]).astype("float32") * (S[t // OH] * WS[o])
+                    Y[t // OH, o, t % OH, wo * 16 + wi] = (
+                        acc[o, wo * 16 + wi] + sh * wsum[wo * 16 + wi] - (Z[t // OH] + off).astype("int32") * SUMW[o]
+                    ).astype("float32") * (S[t // OH] * WS[o])
 
     return main.with_attr("tirx.is_scheduled", True).with_attr("refqsr.variant", "amx")

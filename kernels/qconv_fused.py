@@ -21,6 +21,7 @@ instead of a 16-bit kernel at half the MACs per instruction.
 ``WS`` per output channel. The conv variant is chosen from the exact operand ranges (see
 :func:`choose_variant`), so every variant used is exact by construction.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,6 @@ import tvm
 from tvm import te, tirx
 
 from . import layouts
-from .qconv_amx import pack_amx_weights, qconv_amx_compute
-from .x86_intrin import deq16_intrinsic
 from .conv2d_int8 import (
     _ACT_DTYPE,
     _LOWBIT,
@@ -45,6 +44,8 @@ from .conv2d_int8 import (
     pack_weights,
     schedule_conv2d,
 )
+from .qconv_amx import pack_amx_weights, qconv_amx_compute
+from .x86_intrin import deq16_intrinsic
 
 INT32_MAX = 2**31 - 1
 
@@ -118,8 +119,16 @@ class QConvSpec:
         return c
 
 
-def choose_variant(act_max: int, w_min: int, w_max: int, vnni: bool = False, kernel: int = 3,
-                   channel_groups: int = 8, avx512: bool = False, amx: bool = False) -> str:
+def choose_variant(
+    act_max: int,
+    w_min: int,
+    w_max: int,
+    vnni: bool = False,
+    kernel: int = 3,
+    channel_groups: int = 8,
+    avx512: bool = False,
+    amx: bool = False,
+) -> str:
     """The fastest conv variant that is exact for these operand ranges.
 
     ``amx`` (target with AMX and a problem :func:`.qconv_amx.amx_fits` covers): "amx" under the
@@ -175,8 +184,12 @@ def qconv_compute(spec: QConvSpec, variant: str, chunk_groups: int | None = None
         return tirx.max(tirx.min(tirx.nearbyint(x / S[n]) + Z[n], qhi), qlo) + off
 
     def source(n, ch, h, w):  # the input pixel under packed position (h, w), clamped into X
-        return (n, tirx.min(ch, s.in_ch - 1), tirx.max(tirx.min(h - P, s.height - 1), 0),
-                tirx.max(tirx.min(w - P, s.width - 1), 0))
+        return (
+            n,
+            tirx.min(ch, s.in_ch - 1),
+            tirx.max(tirx.min(h - P, s.height - 1), 0),
+            tirx.max(tirx.min(w - P, s.width - 1), 0),
+        )
 
     def inside(ch, h, w):
         return tirx.all(ch < s.in_ch, h >= P, h < s.height + P, w >= P, w < s.width + P)

@@ -63,9 +63,23 @@ from ..models.matching import COSINE_GRID
 from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, no_contract, target_has_avx2
 
 __all__ = [
-    "POOL", "RefERShape", "backward_warp_primfunc", "build_backward_warp", "build_shared_flow", "shared_flow_primfunc", "build_match", "build_normalize_pool", "build_pooled_flow",
-    "build_quantize", "build_refer_pipeline", "build_upsample_flow", "benchmark_pipeline", "refer_compute",
-    "refer_pipeline_primfunc", "schedule_refer", "torch_upsample_order",
+    "POOL",
+    "RefERShape",
+    "backward_warp_primfunc",
+    "build_backward_warp",
+    "build_shared_flow",
+    "shared_flow_primfunc",
+    "build_match",
+    "build_normalize_pool",
+    "build_pooled_flow",
+    "build_quantize",
+    "build_refer_pipeline",
+    "build_upsample_flow",
+    "benchmark_pipeline",
+    "refer_compute",
+    "refer_pipeline_primfunc",
+    "schedule_refer",
+    "torch_upsample_order",
 ]
 
 POOL = 3
@@ -95,7 +109,9 @@ class RefERShape:
         if self.height % self.pool or self.width % self.pool:
             raise ValueError(f"height and width must be multiples of {self.pool}, got {self.height}x{self.width}")
         if self.channels > _MAX_CHANNELS:
-            raise ValueError(f"at most {_MAX_CHANNELS} channels (int32 costs of 8-bit grid values), got {self.channels}")
+            raise ValueError(
+                f"at most {_MAX_CHANNELS} channels (int32 costs of 8-bit grid values), got {self.channels}"
+            )
         if self.height < 2 or self.width < 2:
             raise ValueError("the warp needs features of at least 2x2 pixels")
 
@@ -156,7 +172,9 @@ def _channel_norm_te(X, name: str):
         name=f"{name}_sumsq",
     )
     return te.compute(
-        (n_, h_, w_), lambda n, y, x: te.max(te.sqrt(sumsq[n, y, x]), tirx.const(NORM_EPS, "float32")), name=name,
+        (n_, h_, w_),
+        lambda n, y, x: te.max(te.sqrt(sumsq[n, y, x]), tirx.const(NORM_EPS, "float32")),
+        name=name,
     )
 
 
@@ -167,13 +185,12 @@ def _normalize_pool_te(F, s: RefERShape, prefix: str):
     dx = te.reduce_axis((0, p), f"{prefix}dx")
     psum = te.compute(
         s.pooled_shape,
-        lambda n, c, i, j: te.sum(
-            F[n, c, i * p + dy, j * p + dx] / norm[n, i * p + dy, j * p + dx], axis=[dy, dx]
-        ),
+        lambda n, c, i, j: te.sum(F[n, c, i * p + dy, j * p + dx] / norm[n, i * p + dy, j * p + dx], axis=[dy, dx]),
         name=f"{prefix}poolsum",
     )
     pooled = te.compute(
-        s.pooled_shape, lambda n, c, i, j: psum[n, c, i, j] / tirx.const(float(p * p), "float32"),
+        s.pooled_shape,
+        lambda n, c, i, j: psum[n, c, i, j] / tirx.const(float(p * p), "float32"),
         name=f"{prefix}pooled",
     )
     return pooled
@@ -296,8 +313,7 @@ def _linear_tables(out_size: int, in_size: int, axis: str):
         s_ = tirx.op.fma(tirx.const(ratio, f32), o.astype(f32) + tirx.const(0.5, f32), tirx.const(-0.5, f32))
         return te.max(s_, tirx.const(0.0, f32))
 
-    i0 = te.compute((out_size,), lambda o: te.min(te.floor(src(o)).astype("int32"), in_size - 1),
-                    name=f"up_{axis}0")
+    i0 = te.compute((out_size,), lambda o: te.min(te.floor(src(o)).astype("int32"), in_size - 1), name=f"up_{axis}0")
     l1 = te.compute(
         (out_size,),
         lambda o: te.min(te.max(src(o) - i0[o].astype(f32), tirx.const(0.0, f32)), tirx.const(1.0, f32)),
@@ -381,8 +397,9 @@ def _warp_te(s: RefERShape, feat, flow):
     return te.compute(s.feat_shape, out_f, name="warp")
 
 
-def refer_compute(stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 7,
-                  dtype: str = "int16", return_index: bool = False) -> tuple[tvm.tirx.PrimFunc, int]:
+def refer_compute(
+    stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 7, dtype: str = "int16", return_index: bool = False
+) -> tuple[tvm.tirx.PrimFunc, int]:
     """Unscheduled PrimFunc of one stage (or ``"pipeline"``) and its number of inputs."""
     s = shape
     if stage == "normalize_pool":
@@ -416,8 +433,11 @@ def refer_compute(stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 
         Fr = te.placeholder(s.feat_shape, "float32", name="fr")
         Pq, Nq = _unit_cells_te(Fq, s, "q_")
         Pr, Nr = _unit_cells_te(Fr, s, "r_")
-        idx = _match_te(s, lambda n, c, i, j: _cosine_grid_expr(Pq[n, c, i, j] / Nq[n, i, j]),
-                        lambda n, c, i, j: _cosine_grid_expr(Pr[n, c, i, j] / Nr[n, i, j]))
+        idx = _match_te(
+            s,
+            lambda n, c, i, j: _cosine_grid_expr(Pq[n, c, i, j] / Nq[n, i, j]),
+            lambda n, c, i, j: _cosine_grid_expr(Pr[n, c, i, j] / Nr[n, i, j]),
+        )
         flow = _upsample_te(s, _pooled_flow_te(s, idx))
         outs = [flow]
         if return_index:
@@ -431,8 +451,11 @@ def refer_compute(stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 
         zp = te.placeholder((1,), "float32", name="zero_point")
         Pq = _normalize_pool_te(Fq, s, "q_")
         Pr = _normalize_pool_te(Fr, s, "r_")
-        idx = _match_te(s, lambda *i: _quant_expr(Pq[i], scale, zp, qmin, qmax, "int16"),
-                        lambda *i: _quant_expr(Pr[i], scale, zp, qmin, qmax, "int16"))
+        idx = _match_te(
+            s,
+            lambda *i: _quant_expr(Pq[i], scale, zp, qmin, qmax, "int16"),
+            lambda *i: _quant_expr(Pr[i], scale, zp, qmin, qmax, "int16"),
+        )
         flow_p = _pooled_flow_te(s, idx)
         tables = (_linear_tables(s.height, s.h, "y"), _linear_tables(s.width, s.w, "x"))
         flow = _upsample_te(s, flow_p, tables)  # the flow output
@@ -640,8 +663,9 @@ def _build(stage: str, shape: RefERShape, target, variant: str | None = None, **
     return build_kernel(f"refer_{stage}", sch, n_in, tgt, info)
 
 
-def refer_pipeline_primfunc(batch: int, channels: int, height: int, width: int, qmin: int, qmax: int,
-                            target=None) -> tvm.tirx.PrimFunc:
+def refer_pipeline_primfunc(
+    batch: int, channels: int, height: int, width: int, qmin: int, qmax: int, target=None
+) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of :func:`build_refer_pipeline` (for ``R.call_tir`` in a graph):
     ``main(fq, fr, scale[1], zero_point[1], warped, flow)``."""
     return _scheduled("pipeline", RefERShape(batch, channels, height, width), target, qmin=qmin, qmax=qmax)
@@ -662,8 +686,15 @@ def _scheduled(stage: str, shape: RefERShape, target, **kw) -> tvm.tirx.PrimFunc
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def build_shared_flow(batch: int, channels: int, height: int, width: int, target=None, variant: str | None = None,
-                      return_index: bool = False) -> TirKernel:
+def build_shared_flow(
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    target=None,
+    variant: str | None = None,
+    return_index: bool = False,
+) -> TirKernel:
     """``(fq, fr) -> flow[N, 2, H, W]``: RefQSR's shared matching, ``matching.shared_flow(fq, fr)``
     (unit cells on the fixed 8-bit grid, first arg-max of their integer dot products, cell flow
     upsampled). ``return_index`` adds the arg-max reference cell of every query cell [N, h*w]."""
@@ -675,15 +706,18 @@ def build_normalize_pool(batch: int, channels: int, height: int, width: int, tar
     return _build("normalize_pool", RefERShape(batch, channels, height, width), target)
 
 
-def build_quantize(batch: int, channels: int, h: int, w: int, qmin: int, qmax: int, dtype: str = "int16",
-                   target=None) -> TirKernel:
+def build_quantize(
+    batch: int, channels: int, h: int, w: int, qmin: int, qmax: int, dtype: str = "int16", target=None
+) -> TirKernel:
     """``(pooled[N, C, h, w], scale[1], zero_point[1]) -> q[N, C, h, w]`` integer grid values."""
-    return _build("quantize", RefERShape(batch, channels, h * POOL, w * POOL), target, qmin=qmin, qmax=qmax,
-                  dtype=dtype)
+    return _build(
+        "quantize", RefERShape(batch, channels, h * POOL, w * POOL), target, qmin=qmin, qmax=qmax, dtype=dtype
+    )
 
 
-def build_match(batch: int, channels: int, h: int, w: int, dtype: str = "int16", target=None,
-                variant: str | None = None) -> TirKernel:
+def build_match(
+    batch: int, channels: int, h: int, w: int, dtype: str = "int16", target=None, variant: str | None = None
+) -> TirKernel:
     """``(q[N, C, h, w], r[N, C, h, w]) -> idx[N, h*w] int32``: first arg-max of the integer cost
     volume per query cell. Values are cast to int16 (grid values of at most 8 bits + sign; int32
     inputs outside int16 are not supported)."""
@@ -708,24 +742,49 @@ def build_backward_warp(batch: int, channels: int, height: int, width: int, targ
     return _build("backward_warp", RefERShape(batch, channels, height, width), target)
 
 
-def build_refer_pipeline(batch: int, channels: int, height: int, width: int, qmin: int = -7, qmax: int = 7,
-                         target=None, variant: str | None = None, return_index: bool = False) -> TirKernel:
+def build_refer_pipeline(
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    qmin: int = -7,
+    qmax: int = 7,
+    target=None,
+    variant: str | None = None,
+    return_index: bool = False,
+) -> TirKernel:
     """``(fq, fr, scale[1], zero_point[1]) -> (warped[N, C, H, W], flow[N, 2, H, W])``: the whole
     hard-matching path of RefER, ``backward_warp(fr, RefER.flow(fq, fr, hard=True))``, with the
     match quantizer's grid ``[qmin, qmax]`` (PAMS b bits: -(2^(b-1)-1), 2^(b-1)-1) fixed at build
     time and its scale / zero point passed at run time. ``return_index`` adds a third output, the
     arg-max reference cell of every query cell ``[N, h*w]`` int32 (as ``argmax_positions``)."""
-    return _build("pipeline", RefERShape(batch, channels, height, width), target, variant, qmin=qmin, qmax=qmax,
-                  return_index=return_index)
+    return _build(
+        "pipeline",
+        RefERShape(batch, channels, height, width),
+        target,
+        variant,
+        qmin=qmin,
+        qmax=qmax,
+        return_index=return_index,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # benchmark
 
 
-def benchmark_pipeline(batch: int = 16, channels: int = 64, height: int = 96, width: int = 96, *,
-                       rounds: int = 5, calls: int = 2, torch_threads: int | None = None, target=None,
-                       seed: int = 0) -> dict:
+def benchmark_pipeline(
+    batch: int = 16,
+    channels: int = 64,
+    height: int = 96,
+    width: int = 96,
+    *,
+    rounds: int = 5,
+    calls: int = 2,
+    torch_threads: int | None = None,
+    target=None,
+    seed: int = 0,
+) -> dict:
     """Milliseconds per call of the compiled pipeline and of its PyTorch twin
     (``backward_warp(fr, RefER.flow(fq, fr, hard=True))`` written out with models.matching and a
     4-bit PAMS grid), interleaved round by round; best and median. TVM uses ``TVM_NUM_THREADS``
@@ -775,8 +834,13 @@ def benchmark_pipeline(batch: int = 16, channels: int = 64, height: int = 96, wi
                 t = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t) * 1e3)
-    res = {"shape": [batch, channels, height, width], "tvm_threads": threads, "torch_threads": torch.get_num_threads(),
-           "build_s": round(build_s, 2), "bit_exact": exact}
+    res = {
+        "shape": [batch, channels, height, width],
+        "tvm_threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "build_s": round(build_s, 2),
+        "bit_exact": exact,
+    }
     for name, t in times.items():
         res[f"{name}_ms"] = round(float(np.median(t)), 2)
         res[f"{name}_best_ms"] = round(float(np.min(t)), 2)

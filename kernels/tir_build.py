@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import tvm
 from tvm import tirx
 
-__all__ = ["ArgSpec", "TirKernel", "as_target", "build_kernel", "default_target", "divisor_at_most",
-           "no_contract", "target_has_avx2"]
+__all__ = [
+    "ArgSpec",
+    "TirKernel",
+    "as_target",
+    "build_kernel",
+    "default_target",
+    "divisor_at_most",
+    "no_contract",
+    "target_has_avx2",
+]
 
 
 def default_target(mcpu: str = "core-avx2", num_cores: int | None = None) -> tvm.target.Target:
@@ -46,8 +54,10 @@ def as_target(target=None, num_cores: int | None = None) -> tvm.target.Target:
     if isinstance(target, dict):
         target = tvm.target.Target(target)
     if not isinstance(target, tvm.target.Target):
-        raise TypeError("target must be None, a dict such as {'kind': 'llvm', 'mcpu': 'core-avx2', "
-                        "'num-cores': 2} or a tvm.target.Target")
+        raise TypeError(
+            "target must be None, a dict such as {'kind': 'llvm', 'mcpu': 'core-avx2', "
+            "'num-cores': 2} or a tvm.target.Target"
+        )
     if target.kind.name != "llvm":
         raise ValueError(f"these kernels are built for LLVM CPU targets, got {target}")
     return target
@@ -98,8 +108,15 @@ class TirKernel:
     ``R.call_tir``; ``out_sinfo`` lists the ``(shape, dtype)`` of its outputs.
     """
 
-    def __init__(self, name: str, prim_func: tvm.tirx.PrimFunc, executable, num_inputs: int,
-                 target: tvm.target.Target, info: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        prim_func: tvm.tirx.PrimFunc,
+        executable,
+        num_inputs: int,
+        target: tvm.target.Target,
+        info: dict | None = None,
+    ):
         self.name = name
         self.prim_func = prim_func
         self.executable = executable

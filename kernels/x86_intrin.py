@@ -53,9 +53,9 @@ Registered under these names by :func:`register_avx2_intrinsics` (idempotent; im
 from __future__ import annotations
 
 from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
 
 from .host_cpu import host_cpu_flags
-from tvm.script import tirx as T
 
 INT8_DOT_8x4 = "refqsr_avx2_u8s8s32_dot_8x4"
 INT16_DOT_8x2 = "refqsr_avx2_s16s16s32_dot_8x2"
@@ -170,10 +170,18 @@ def _int8_pair_impl(
         T.writes(C[0:8])
         a0 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
         a1 = T.reinterpret(A.vload([4], "uint8x4"), dtype="int32")
-        m0 = T.call_llvm_pure_intrin("int16x16", _PMADDUBSW, T.reinterpret(T.broadcast(a0, 8), dtype="uint8x32"),
-                                     B.vload([0, 0, 0], dtype="int8x32"))
-        m1 = T.call_llvm_pure_intrin("int16x16", _PMADDUBSW, T.reinterpret(T.broadcast(a1, 8), dtype="uint8x32"),
-                                     B.vload([1, 0, 0], dtype="int8x32"))
+        m0 = T.call_llvm_pure_intrin(
+            "int16x16",
+            _PMADDUBSW,
+            T.reinterpret(T.broadcast(a0, 8), dtype="uint8x32"),
+            B.vload([0, 0, 0], dtype="int8x32"),
+        )
+        m1 = T.call_llvm_pure_intrin(
+            "int16x16",
+            _PMADDUBSW,
+            T.reinterpret(T.broadcast(a1, 8), dtype="uint8x32"),
+            B.vload([1, 0, 0], dtype="int8x32"),
+        )
         C[T.ramp(T.int32(0), 1, 8)] = C[T.ramp(T.int32(0), 1, 8)] + T.call_llvm_pure_intrin(
             "int32x8", _PMADDWD, m0 + m1, T.broadcast(T.int16(1), 16)
         )
@@ -316,7 +324,7 @@ register_avx2_intrinsics()
 def _deq16_script(off: float, impl: bool) -> str:
     """TVMScript of the dequantize tile (desc or impl) for activation grid offset ``off``."""
     zp = "Z[0]" if off == 0 else f"Z[0] + T.float32({off!r})"
-    head = f'''
+    head = """
 @T.prim_func(s_tir=True)
 def main(a: T.handle, y: T.handle, sw: T.handle, ws: T.handle, s: T.handle, z: T.handle):
     ys = T.int32()
@@ -331,21 +339,28 @@ def main(a: T.handle, y: T.handle, sw: T.handle, ws: T.handle, s: T.handle, z: T
     with T.sblock("root"):
         T.reads(A[0:16, 0:16], Z[0:1], SW[0:16], S[0:1], WS[0:16])
         T.writes(Y[0:16, 0:1, 0:16])
-'''
+"""
     if not impl:
-        return head + f'''        for i, j in T.grid(16, 16):
+        return (
+            head
+            + f"""        for i, j in T.grid(16, 16):
             with T.sblock("update"):
                 vi, vj = T.axis.remap("SS", [i, j])
                 Y[vi, 0, vj] = T.Cast("float32", A[vj, vi] - T.Cast("int32", {zp}) * SW[vi]) * (S[0] * WS[vi])
-'''
+"""
+        )
     lanes = "T.Ramp(0, 1, 16)"
-    body = [f"        corr = T.Broadcast(T.Cast(\"int32\", {zp}), 16) * SW[{lanes}]",
-            f"        scale = T.Broadcast(S[0], 16) * WS[{lanes}]"]
+    body = [
+        f'        corr = T.Broadcast(T.Cast("int32", {zp}), 16) * SW[{lanes}]',
+        f"        scale = T.Broadcast(S[0], 16) * WS[{lanes}]",
+    ]
     # one vector per pixel (16 channels), converted in registers, then transposed with shuffles
-    body += [f"        t{j} = T.Cast(\"float32x16\", A[{j}, {lanes}] - corr) * scale" for j in range(16)]
+    body += [f'        t{j} = T.Cast("float32x16", A[{j}, {lanes}] - corr) * scale' for j in range(16)]
     vecs = ", ".join(f"t{j}" for j in range(16))
-    body += [f"        Y[{i}, 0, {lanes}] = T.Shuffle([{vecs}], [{', '.join(str(i + 16 * j) for j in range(16))}])"
-             for i in range(16)]
+    body += [
+        f"        Y[{i}, 0, {lanes}] = T.Shuffle([{vecs}], [{', '.join(str(i + 16 * j) for j in range(16))}])"
+        for i in range(16)
+    ]
     return head + "\n".join(body) + "\n"
 
 
@@ -358,6 +373,7 @@ def deq16_intrinsic(off: float) -> str:
 
     name = f"refqsr_avx512_deq16x16_off{float(off):g}"
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, from_source(_deq16_script(float(off), False)),
-                              from_source(_deq16_script(float(off), True)))
+        TensorIntrin.register(
+            name, from_source(_deq16_script(float(off), False)), from_source(_deq16_script(float(off), True))
+        )
     return name

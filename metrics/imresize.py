@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from refqsr_engine.errors import RefQSRError
 
 _KERNEL_WIDTH = 4.0  # support of the Keys cubic kernel, in input pixels, at scale 1
@@ -63,7 +62,7 @@ def _resize_axis(img: np.ndarray, axis: int, out_len: int, scale: float) -> np.n
     # Broadcast each tap's per-output weight along ``axis`` only.
     bshape = [1] * img.ndim
     bshape[axis] = out_len
-    out = np.zeros(img.shape[:axis] + (out_len,) + img.shape[axis + 1:], dtype=np.float64)
+    out = np.zeros(img.shape[:axis] + (out_len,) + img.shape[axis + 1 :], dtype=np.float64)
     for t in range(weights.shape[1]):
         out += np.take(img, indices[:, t], axis=axis) * weights[:, t].reshape(bshape)
     return out

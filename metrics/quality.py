@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from refqsr_engine.errors import RefQSRError
 
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966])  # BT.601 on [0,1] RGB -> [16,235] Y
@@ -71,8 +70,7 @@ def _y_pair(sr: np.ndarray, hr: np.ndarray, shave: int, min_size: int) -> tuple[
     h, w = sr.shape[:2]
     if h - 2 * shave < min_size or w - 2 * shave < min_size:
         raise RefQSRError(
-            f"image {h}x{w} is too small: after shaving {shave} px per border it must be "
-            f"at least {min_size}x{min_size}"
+            f"image {h}x{w} is too small: after shaving {shave} px per border it must be at least {min_size}x{min_size}"
         )
     crop = (slice(shave, h - shave), slice(shave, w - shave))
     return rgb_to_y(_quantize_sr(sr))[crop], rgb_to_y(hr)[crop]

@@ -7,10 +7,12 @@ the network with ``step(k, feat)`` standing in for block k. That one hook is all
 reference path records the inputs of the blocks that RefER replaces, its query path swaps those
 blocks for RefER, and every other part of the network stays the architecture's own code.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +48,7 @@ class SRBackbone(nn.Module, ABC):
         return {"n_blocks": self.n_blocks, "n_feats": self.n_feats, "scale": self.scale}
 
     @abstractmethod
-    def interpolation_init(self) -> "SRBackbone":
+    def interpolation_init(self) -> SRBackbone:
         """Start as a bilinear upscaler (training on a CPU spends its few steps on detail)."""
 
     @property

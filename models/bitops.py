@@ -17,10 +17,11 @@ Grids: 'paper' is CADyQ's (patch origins every P - overlap LR px, floor((L - P) 
 per axis, the last row/column stretched to the image edge), 'engine' is the runtime's fixed-size
 grid (every patch P x P, the last one shifted back to the edge), 'full' is the whole image at once.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,11 +54,11 @@ class Precision:
     dynamic: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Precision":
+    def parse(cls, text: str) -> Precision:
         text = str(text).strip()
         name = next((n for n in DELTA_NAMES if text.lower().startswith(n)), None)
         if name is not None:
-            rest = text[len(name):]
+            rest = text[len(name) :]
             if not rest:
                 return cls(WEIGHT_BITS, None, True)
             try:
@@ -65,7 +66,9 @@ class Precision:
             except ValueError:
                 low = None
             if low is None or low not in range(2, WEIGHT_BITS + 1):
-                raise ValueError(f"bad δ bit setting {text!r}: use delta (δ) or delta-b_low with 2 <= b_low <= 8, e.g. delta-3")
+                raise ValueError(
+                    f"bad δ bit setting {text!r}: use delta (δ) or delta-b_low with 2 <= b_low <= 8, e.g. delta-3"
+                )
             return cls(WEIGHT_BITS, low, True)
         parts = text.split("-")
         try:
@@ -118,7 +121,11 @@ def grid_boxes(height: int, width: int, patch: int, overlap: int, grid: str) -> 
     if grid == "full":
         return [Box(0, 0, height, width)]
     if grid == "paper":
-        return [Box(y, x, h, w) for y, h in _paper_axis(height, patch, overlap) for x, w in _paper_axis(width, patch, overlap)]
+        return [
+            Box(y, x, h, w)
+            for y, h in _paper_axis(height, patch, overlap)
+            for x, w in _paper_axis(width, patch, overlap)
+        ]
     if grid == "engine":
         g = make_grid(height, width, patch, overlap)
         return [Box(y, x, patch, patch) for y, x in g.origins()]  # the engine computes padded pixels too
@@ -145,10 +152,10 @@ class Tally:
         self.act_bit_macs += macs * bits.act
         self.macs += macs
 
-    def scaled(self, weight: float) -> "Tally":
+    def scaled(self, weight: float) -> Tally:
         return Tally(*(weight * v for v in self.__dict__.values()))
 
-    def __add__(self, other: "Tally") -> "Tally":
+    def __add__(self, other: Tally) -> Tally:
         return Tally(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
 
     @property
@@ -234,11 +241,15 @@ class ArchCost:
         """Cost of a patch from the bits it actually ran at (δ settings); ``ref_box``: the
         reference's box for a query's cost volume (default: the patch's own)."""
         if len(bits.blocks) + len(bits.refers) != self.n_blocks:
-            raise ValueError(f"{len(bits.blocks)} blocks + {len(bits.refers)} RefERs for a {self.n_blocks}-block network")
+            raise ValueError(
+                f"{len(bits.blocks)} blocks + {len(bits.refers)} RefERs for a {self.n_blocks}-block network"
+            )
         t = Tally()
         for block in bits.blocks:
             if len(block) != len(self.block_macs_per_px):
-                raise ValueError(f"a block has {len(self.block_macs_per_px)} quantized convs, got bits for {len(block)}")
+                raise ValueError(
+                    f"a block has {len(self.block_macs_per_px)} quantized convs, got bits for {len(block)}"
+                )
             for macs, b in zip(self.block_macs_per_px, block):
                 t.add_conv(macs * box.pixels, b, "resblocks")
         if bits.refers:
@@ -251,7 +262,9 @@ class ArchCost:
                 for b in refer:
                     t.add_conv(self.refer_conv_macs_per_px * box.pixels, b, "refer_convs")
             volumes = 1 if bits.shared_match else len(bits.refers)
-            t.cost_volume += volumes * conv_bitops(positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits))
+            t.cost_volume += volumes * conv_bitops(
+                positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits)
+            )
         return t
 
     def clustblock(self, box: Box) -> Tally:
@@ -336,7 +349,9 @@ def count_bitops(
             flags = is_reference if is_reference is not None else [not pb.refers for pb in patch_bits]
             n_refs = float(sum(bool(r) for r in flags))
     elif p.dynamic:
-        raise ValueError(f"{p.label} bits are chosen per patch and layer: pass patch_bits (see bitops.patch_bits_of_run)")
+        raise ValueError(
+            f"{p.label} bits are chosen per patch and layer: pass patch_bits (see bitops.patch_bits_of_run)"
+        )
     elif not p.is_refqsr:
         for box in boxes:
             total = total + cost.uniform(box, BitSpec.uniform(p.b_high))
@@ -421,13 +436,20 @@ def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") 
     per_refer = [[conv_bits(c) for c in convs_of(r)] for r in refers]
     shared = isinstance(model, RefQSR) and model.shared
     match_bits = (COSINE_BITS if shared else model.b_low) if refers else None
-    return [PatchBits(tuple(tuple(c[i] for c in block) for block in per_block),
-                      tuple(tuple(c[i] for c in refer) for refer in per_refer), match_bits, shared and bool(refers))
-            for i in range(n)]
+    return [
+        PatchBits(
+            tuple(tuple(c[i] for c in block) for block in per_block),
+            tuple(tuple(c[i] for c in refer) for refer in per_refer),
+            match_bits,
+            shared and bool(refers),
+        )
+        for i in range(n)
+    ]
 
 
-def patch_bits_of_columns(model: nn.Module, conv_names: Sequence[str], bits: np.ndarray, weight: int,
-                          path: str = "sr") -> list[PatchBits]:
+def patch_bits_of_columns(
+    model: nn.Module, conv_names: Sequence[str], bits: np.ndarray, weight: int, path: str = "sr"
+) -> list[PatchBits]:
     """:func:`patch_bits_of_run` for bits that a compiled graph returned: ``bits`` [N, L], column j
     holding what conv ``conv_names[j]`` (a module name in ``model``) chose for each patch."""
     modules = dict(model.named_modules())
@@ -439,5 +461,15 @@ def patch_bits_of_columns(model: nn.Module, conv_names: Sequence[str], bits: np.
     return patch_bits_of_run(model, selection, path)
 
 
-__all__ = ["BitOpsReport", "PatchBits", "Precision", "count_bitops", "grid_boxes", "parse_size", "hr_to_lr",
-           "patch_bits_of_columns", "patch_bits_of_run", "GRIDS"]
+__all__ = [
+    "BitOpsReport",
+    "PatchBits",
+    "Precision",
+    "count_bitops",
+    "grid_boxes",
+    "parse_size",
+    "hr_to_lr",
+    "patch_bits_of_columns",
+    "patch_bits_of_run",
+    "GRIDS",
+]

@@ -25,16 +25,18 @@ as the paper builds CABM-RefQSR's table from a trained CADyQ-RefQSR.
 The table lives in the model config (plain numbers, so fp16 weight storage cannot shift its bin
 edges) and as non-persistent buffers on the model (``model.cabm``), so it follows ``.to(device)``.
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant_cadyq import Selection, WEIGHT_BITS, dynamic_convs, gray, shifted
+from .quant_cadyq import WEIGHT_BITS, Selection, dynamic_convs, gray, shifted
 
 
 def edge_score(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +56,10 @@ class CabmTable(nn.Module):
         super().__init__()
         rows = [list(map(int, r)) for r in bits]
         if not rows or len(rows) != len(edges) + 1 or len({len(r) for r in rows}) != 1 or not rows[0]:
-            raise ValueError(f"a CABM table needs len(edges) + 1 rows of equal, non-zero length (got {len(edges)} edges, "
-                             f"{len(rows)} rows)")
+            raise ValueError(
+                f"a CABM table needs len(edges) + 1 rows of equal, non-zero length (got {len(edges)} edges, "
+                f"{len(rows)} rows)"
+            )
         e = torch.tensor([float(v) for v in edges], dtype=torch.float64)
         if len(e) > 1 and not bool((e[1:] >= e[:-1]).all()):
             raise ValueError("CABM bin edges must be ascending")
@@ -88,7 +92,7 @@ class CabmTable(nn.Module):
         return {"edges": [float(v) for v in self.edges], "bits": self.bits.tolist()}
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "CabmTable":
+    def from_config(cls, cfg: dict[str, Any]) -> CabmTable:
         return cls(cfg["edges"], cfg["bits"])
 
 
@@ -116,8 +120,9 @@ def _mode(values: list[int]) -> int:
 
 
 @torch.no_grad()
-def selector_choices(model: nn.Module, patches: torch.Tensor, batch: int = 32,
-                     weight_bits: int = WEIGHT_BITS) -> tuple[torch.Tensor, list[list[list[int]]]]:
+def selector_choices(
+    model: nn.Module, patches: torch.Tensor, batch: int = 32, weight_bits: int = WEIGHT_BITS
+) -> tuple[torch.Tensor, list[list[list[int]]]]:
     """Run ``model``'s selectors (eval mode, no table) on ``patches`` [N, 3, h, w].
 
     Returns the edge scores [N] and, per patch and CADyQ conv (module order), every width the conv
@@ -136,7 +141,7 @@ def selector_choices(model: nn.Module, patches: torch.Tensor, batch: int = 32,
     choices: list[list[list[int]]] = []
     try:
         for start in range(0, patches.shape[0], batch):
-            x = patches[start:start + batch].to(convs[0].conv.weight.device)
+            x = patches[start : start + batch].to(convs[0].conv.weight.device)
             sels = [Selection(weight_bits)]
             if isinstance(model, RefQSR):
                 # each patch is its own reference: the reference path covers every block, the
@@ -178,7 +183,7 @@ def build_cabm_table(model: nn.Module, patches: torch.Tensor, n_bins: int = 8, b
             continue
         rows.append([_mode([v for i in members for v in choices[i][layer]]) for layer in range(n_layers)])
     filled: list[list[int]] = []
-    for b, row in enumerate(rows):
+    for row in rows:
         if row is None:
             row = filled[-1] if filled else next(r for r in rows if r is not None)
         filled.append(row)

@@ -11,10 +11,11 @@ cascading blocks x 3): local and global cascades keep the same shape for small t
 Only the residual blocks' 3x3 convs are quantized (QuantConv2d); the entry, the 1x1 fusions, the
 upsampler and the exit stay full precision, as in CADyQ and RefQSR. Images are RGB in [0, 1].
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,7 @@ class CARN(SRBackbone):
             feat = F.relu(self.global_fusions[c](cascade))
         return self.exit(self.upsampler(feat)) + self.rgb_mean
 
-    def interpolation_init(self) -> "CARN":
+    def interpolation_init(self) -> CARN:
         return interpolation_init(self)
 
 

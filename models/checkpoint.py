@@ -1,5 +1,6 @@
 """One file format for every trained model: a torch file with the config to rebuild the module,
 its weights (floats stored as fp16 to keep bundled models small) and a model card."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,12 @@ from torch import nn
 
 from ..errors import RefQSRError
 from ..files import publish
+from .backbone import SRBackbone
 from .cabm import CabmTable, attach_cabm
 from .clustblock import ClustBlock
-from .quant_cadyq import SCHEME as CADYQ, dynamic_convs
+from .quant_cadyq import SCHEME as CADYQ
+from .quant_cadyq import dynamic_convs
 from .refqsr import RefQSR
-from .backbone import SRBackbone
 from .registry import build_refqsr, build_sr, size_keys
 
 FORMAT = "refqsr-engine/model-1"
@@ -40,12 +42,29 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, RefQSR):
         net = model.backbone
         clust = model.clustblock.num_classes if model.clustblock is not None else None
-        return {"kind": "refqsr", "arch": net.arch, "scheme": net.scheme, "b_high": model.b_high,
-                "b_low": model.b_low, "tau": model.tau, "clust_classes": clust, "n_refer": model.n_refer,
-                "tail": model.tail, "matching": model.matching, **net.sizes(), **_cadyq_config(model)}
+        return {
+            "kind": "refqsr",
+            "arch": net.arch,
+            "scheme": net.scheme,
+            "b_high": model.b_high,
+            "b_low": model.b_low,
+            "tau": model.tau,
+            "clust_classes": clust,
+            "n_refer": model.n_refer,
+            "tail": model.tail,
+            "matching": model.matching,
+            **net.sizes(),
+            **_cadyq_config(model),
+        }
     if isinstance(model, SRBackbone):
-        return {"kind": "sr", "arch": model.arch, "scheme": model.scheme, "act_bits": model.act_bits(), **model.sizes(),
-                **_cadyq_config(model)}
+        return {
+            "kind": "sr",
+            "arch": model.arch,
+            "scheme": model.scheme,
+            "act_bits": model.act_bits(),
+            **model.sizes(),
+            **_cadyq_config(model),
+        }
     if isinstance(model, ClustBlock):
         return {"kind": "clustblock", "classes": model.num_classes}
     raise TypeError(f"cannot save a {type(model).__name__}")

@@ -1,5 +1,6 @@
 """ClustBlock (paper Sec. III-C-2, Table I, eqs. (2)-(3)): an 8-bit texture feature extractor and
 the clustering of patches into references and queries."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,10 +15,12 @@ numbers, and the Test2K/Test4K ones, are reproduced per LR pixel of the paper gr
 (b/32)^2 plus the 24 A@V products at b/32 (softmax attention kept at 32 bits), head not counted;
 see ``paper_style_bitops``. The project's ``count_bitops`` counts the quantized LFE convs only.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +47,11 @@ def shift_features(x: torch.Tensor) -> torch.Tensor:
         return x
     # One zero border, then each group reads its window of it: output (i, j) = padded (i + 1 + dy, j + 1 + dx).
     padded = F.pad(x[:, : 4 * g], (1, 1, 1, 1))
-    left = padded[:, 0 * g:1 * g, 1:-1, 2:]   # out[j] = in[j + 1]
-    right = padded[:, 1 * g:2 * g, 1:-1, :-2]  # out[j] = in[j - 1]
-    up = padded[:, 2 * g:3 * g, 2:, 1:-1]     # out[i] = in[i + 1]
-    down = padded[:, 3 * g:4 * g, :-2, 1:-1]  # out[i] = in[i - 1]
-    return torch.cat([left, right, up, down, x[:, 4 * g:]], dim=1)
+    left = padded[:, 0 * g : 1 * g, 1:-1, 2:]  # out[j] = in[j + 1]
+    right = padded[:, 1 * g : 2 * g, 1:-1, :-2]  # out[j] = in[j - 1]
+    up = padded[:, 2 * g : 3 * g, 2:, 1:-1]  # out[i] = in[i + 1]
+    down = padded[:, 3 * g : 4 * g, :-2, 1:-1]  # out[i] = in[i - 1]
+    return torch.cat([left, right, up, down, x[:, 4 * g :]], dim=1)
 
 
 class LFE(nn.Module):
@@ -197,7 +199,7 @@ class ELANLight(SRBackbone):
         out = self.tail(feat + head) + self.rgb_mean
         return out[..., : h * self.scale, : w * self.scale]
 
-    def interpolation_init(self) -> "ELANLight":
+    def interpolation_init(self) -> ELANLight:
         return interpolation_init(self)
 
 
@@ -292,4 +294,12 @@ def paper_style_bitops(
     return out
 
 
-__all__ = ["ELANLight", "GMSA", "LFE", "interpolation_init", "paper_macs_per_pixel", "paper_style_bitops", "shift_features"]
+__all__ = [
+    "ELANLight",
+    "GMSA",
+    "LFE",
+    "interpolation_init",
+    "paper_macs_per_pixel",
+    "paper_style_bitops",
+    "shift_features",
+]

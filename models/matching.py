@@ -3,6 +3,7 @@
 These are the PyTorch definitions the compiled kernels are tested against. Coordinates are in
 feature pixels, flows are (dx, dy) displacements from a query pixel to where it reads the reference.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,7 +89,11 @@ def argmax_positions(query: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 
 
 def pooled_flow(
-    query: torch.Tensor, reference: torch.Tensor, full_size: tuple[int, int], hard: bool, temperature: float = SOFTMAX_TEMPERATURE
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    full_size: tuple[int, int],
+    hard: bool,
+    temperature: float = SOFTMAX_TEMPERATURE,
 ) -> torch.Tensor:
     """Displacement [N, 2, h, w] (in full-resolution pixels) from each pooled query cell to its
     match in the reference: argmax at inference, soft-argmax with ``temperature`` in training (eq. (6), (7))."""

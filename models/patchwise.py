@@ -1,24 +1,26 @@
 """Whole-image, patch-wise inference with the PyTorch models: the reference the engine is tested
 against. tile -> (RefQSR: ClustBlock -> references first, then queries with their reference
 features) -> blend-merge."""
+
 from __future__ import annotations
 
 import bisect
 import collections
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..engine.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
+from .backbone import SRBackbone
 from .bitops import PatchBits, patch_bits_of_run
 from .clustblock import Clustering, cluster_patches
 from .qconv import FP, BitSpec, PerSampleBits
 from .quant_cadyq import Selection
 from .refqsr import RefQSR
-from .backbone import SRBackbone
 
 Progress = Callable[[int, int], None]  # (patches just finished, patches in the image)
 
@@ -60,8 +62,10 @@ def query_schedule(clustering: Clustering, batch: int) -> QuerySchedule:
     n = len(clustering.is_reference)
     refs = [i for i in range(n) if clustering.is_reference[i]]
     rank = {r: k for k, r in enumerate(refs)}
-    queries = sorted((i for i in range(n) if not clustering.is_reference[i]),
-                     key=lambda i: (rank[int(clustering.reference_of[i])], i))
+    queries = sorted(
+        (i for i in range(n) if not clustering.is_reference[i]),
+        key=lambda i: (rank[int(clustering.reference_of[i])], i),
+    )
     refs_of = [int(clustering.reference_of[i]) for i in queries]
     ranks = [rank[r] for r in refs_of]  # ascending
     steps: list[tuple[list[int], list[list[int]]]] = []
@@ -111,7 +115,9 @@ REFERENCE_MODES = ("assigned", "self", "aligned", "high", "skip")
 class TorchRunner:
     """:class:`PatchRunner` over the PyTorch models (the reference the compiled engine is tested against)."""
 
-    def __init__(self, model: SRBackbone | RefQSR, bits: BitSpec | PerSampleBits = FP, reference: str = "assigned") -> None:
+    def __init__(
+        self, model: SRBackbone | RefQSR, bits: BitSpec | PerSampleBits = FP, reference: str = "assigned"
+    ) -> None:
         """``reference``: what each query's RefER is fed, one of :data:`REFERENCE_MODES`.
         ``bits``: a CADyQ/CABM network's δ (``Delta``) makes every call record its choices."""
         if reference not in REFERENCE_MODES:
@@ -176,11 +182,17 @@ class TorchRunner:
         self._record(sel, "query")
         return out
 
-    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None, selection: Selection | None,
-                       refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _query_forward(
+        self,
+        x: torch.Tensor,
+        features: list[torch.Tensor] | None,
+        selection: Selection | None,
+        refer_outputs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The RefQSR query call of :meth:`query`; a subclass may collect ``refer_outputs``."""
-        return self.model.query_forward(x, features, selection=selection, refer_outputs=refer_outputs,
-                                        skip_refers=self.reference_mode == "skip")
+        return self.model.query_forward(
+            x, features, selection=selection, refer_outputs=refer_outputs, skip_refers=self.reference_mode == "skip"
+        )
 
 
 def upscale_patchwise(
@@ -243,8 +255,9 @@ def run_patchwise(
             for idx, bits in zip(calls, chosen):
                 for i, b in zip(idx, bits, strict=True):
                     per_patch[i] = b
-        return PatchwiseResult(image, grid, clustering, {k: v for k, v in seconds.items() if v or k == "merge"},
-                               per_patch)
+        return PatchwiseResult(
+            image, grid, clustering, {k: v for k, v in seconds.items() if v or k == "merge"}, per_patch
+        )
 
     if not runner.refqsr:
         for idx in _batches(range(grid.num_patches), batch):

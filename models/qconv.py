@@ -3,11 +3,12 @@
 One set of weights serves every path (RefQSR's reference and query paths share weights); each
 activation bit width the conv may run at has its own learnable range.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ class BitSpec:
         check_bits(self.weight)
 
     @classmethod
-    def uniform(cls, bits: int) -> "BitSpec":
+    def uniform(cls, bits: int) -> BitSpec:
         return cls(bits, bits)
 
 
@@ -42,7 +43,7 @@ class PerSampleBits(ABC):
     blocks run (``SRBackbone.forward``), because the choice reads features of the input patch."""
 
     @abstractmethod
-    def bind(self, x: torch.Tensor, model: nn.Module) -> "PerSampleBits":
+    def bind(self, x: torch.Tensor, model: nn.Module) -> PerSampleBits:
         """The per-call form of these bits for network input ``x`` of ``model``."""
 
 

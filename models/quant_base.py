@@ -4,6 +4,7 @@ A fake-quantized tensor is always ``(q - zero_point) * scale`` with integer ``q`
 which is exactly ONNX QuantizeLinear/DequantizeLinear, so export and the integer engine read the
 same numbers as training.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -37,10 +37,12 @@ Readings of CADyQ's code (github.com/Cheeun/CADyQ) and deliberate differences:
 * Bit loss: CADyQ sums the weighted bits over the batch; here they are averaged over the batch
   (summed over layers), so the weight does not depend on the batch size (see ``--bit-weight``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +109,7 @@ class Choice:
     """What one CADyQ conv call chose: the conv, bits per sample ([N] int64) and, in training with
     a selector, the bit-loss term per sample (else None)."""
 
-    conv: "CadyqConv2d"
+    conv: CadyqConv2d
     bits: torch.Tensor
     term: torch.Tensor | None
 
@@ -123,7 +125,7 @@ class Delta(PerSampleBits):
     def __post_init__(self) -> None:
         check_bits(self.weight)
 
-    def bind(self, x: torch.Tensor, model: nn.Module) -> "Selection":
+    def bind(self, x: torch.Tensor, model: nn.Module) -> Selection:
         return Selection(self.weight).bind(x, model)
 
 
@@ -145,7 +147,7 @@ class Selection(PerSampleBits):
     def bound(self) -> bool:
         return self.image_grad is not None
 
-    def bind(self, x: torch.Tensor, model: nn.Module) -> "Selection":
+    def bind(self, x: torch.Tensor, model: nn.Module) -> Selection:
         """Compute the per-patch features of the network input ``x``; ``model`` is the network
         being called (its ``cabm`` table, if any, replaces the selectors)."""
         if self.bound:
@@ -158,7 +160,7 @@ class Selection(PerSampleBits):
             self._columns = {id(c): col for col, c in enumerate(convs)}
         return self
 
-    def table_choice(self, conv: "CadyqConv2d") -> torch.Tensor | None:
+    def table_choice(self, conv: CadyqConv2d) -> torch.Tensor | None:
         """The CABM table's bits for ``conv`` per sample, or None (no table: the selector decides)."""
         if self.table_bits is None:
             return None
@@ -168,7 +170,7 @@ class Selection(PerSampleBits):
             raise ValueError("this conv is not in the model's CABM table (bind to the model that owns it)") from None
         return self.table_bits[:, col : col + 1].squeeze(1)  # a slice (not a gather) in exported graphs
 
-    def record(self, conv: "CadyqConv2d", bits: torch.Tensor, term: torch.Tensor | None) -> None:
+    def record(self, conv: CadyqConv2d, bits: torch.Tensor, term: torch.Tensor | None) -> None:
         self.records.append(Choice(conv, bits, term))
 
     def chosen_bits(self) -> torch.Tensor:
@@ -216,17 +218,27 @@ class CadyqConv2d(QuantConv2d):
         cands = tuple(sorted({check_bits(b) for b in candidates}))
         if len(cands) < 2 or max(cands) > 8:
             raise ValueError(f"CADyQ needs at least two candidate widths in 2..8, got {list(candidates)}")
-        super().__init__(in_channels, out_channels, kernel_size, SCHEME, set(act_bits) | set(cands), stride, padding, bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, SCHEME, set(act_bits) | set(cands), stride, padding, bias
+        )
         self.candidates = cands
         self.selector = BitSelector(in_channels, cands)
         self.last_bits: torch.Tensor | None = None
 
     @classmethod
-    def from_quant_conv(cls, conv: QuantConv2d, candidates: Sequence[int] = CANDIDATES) -> "CadyqConv2d":
+    def from_quant_conv(cls, conv: QuantConv2d, candidates: Sequence[int] = CANDIDATES) -> CadyqConv2d:
         """A CADyQ conv with ``conv``'s shape, weights and activation widths (plus the candidates)."""
         c = conv.conv
-        new = cls(c.in_channels, c.out_channels, c.kernel_size[0], conv.act_bits, candidates,
-                  c.stride[0], c.padding[0], c.bias is not None)
+        new = cls(
+            c.in_channels,
+            c.out_channels,
+            c.kernel_size[0],
+            conv.act_bits,
+            candidates,
+            c.stride[0],
+            c.padding[0],
+            c.bias is not None,
+        )
         new.conv.load_state_dict(c.state_dict())
         return new
 
@@ -245,7 +257,9 @@ class CadyqConv2d(QuantConv2d):
             fixed = fixed.to(x.device).long().contiguous()
             idx = torch.searchsorted(cands, fixed).clamp_max(len(cands) - 1)
             if not bool((cands[idx] == fixed).all()):
-                raise ValueError(f"CABM table bits {sorted(set(fixed.tolist()))} are not all among {list(self.candidates)}")
+                raise ValueError(
+                    f"CABM table bits {sorted(set(fixed.tolist()))} are not all among {list(self.candidates)}"
+                )
             return qs[idx, rows], fixed, None
         if not sel.bound:
             raise ValueError("a Selection must be bound to the network input before the convs run")
@@ -327,11 +341,25 @@ class DynamicRefER(RefER):
     """RefER for δ-RefQSR: its two refinement convs (b_high in RefQSR) are CADyQ convs with their
     own selectors, so they run at δ like the reference path; the matching features stay at b_low."""
 
-    def __init__(self, channels: int, b_high: int, b_low: int, candidates: Sequence[int] = CANDIDATES, **kw: Any) -> None:
+    def __init__(
+        self, channels: int, b_high: int, b_low: int, candidates: Sequence[int] = CANDIDATES, **kw: Any
+    ) -> None:
         super().__init__(channels, SCHEME, b_high, b_low, **kw)
         self.conv1 = CadyqConv2d.from_quant_conv(self.conv1, candidates)
         self.conv2 = CadyqConv2d.from_quant_conv(self.conv2, candidates)
 
 
-__all__ = ["BitSelector", "CadyqConv2d", "Choice", "Delta", "DynamicRefER", "Selection", "CANDIDATES", "WEIGHT_BITS",
-           "convert_to_cadyq", "dynamic_convs", "image_gradient_features", "model_candidates"]
+__all__ = [
+    "BitSelector",
+    "CadyqConv2d",
+    "Choice",
+    "Delta",
+    "DynamicRefER",
+    "Selection",
+    "CANDIDATES",
+    "WEIGHT_BITS",
+    "convert_to_cadyq",
+    "dynamic_convs",
+    "image_gradient_features",
+    "model_candidates",
+]

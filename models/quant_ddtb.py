@@ -8,6 +8,7 @@ Weights: clipped to their 1st/99th percentile (DDTB's, at every width), then asy
 quantization.
 Integer grid: q in [0, 2^b - 1], zero point round(-l/s), so x ~ (q - z) * s as ONNX uint8 QDQ.
 """
+
 from __future__ import annotations
 
 import torch

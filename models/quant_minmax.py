@@ -1,5 +1,6 @@
 """Plain min/max quantization (ClustBlock, paper Sec. III-C-2): ranges are the observed minimum and
 maximum of the activations (calibrated, then frozen) and of the weights. Asymmetric uint8 grid."""
+
 from __future__ import annotations
 
 import torch

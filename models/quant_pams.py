@@ -4,6 +4,7 @@ Activations: clip to [-alpha, alpha], uniform grid of 2^(b-1)-1 steps per side, 
 Weights: per-tensor max-abs, symmetric, same grid. Rounding is straight-through, so alpha receives
 gradient both from clipped values (+-1) and through the step size.
 """
+
 from __future__ import annotations
 
 import torch

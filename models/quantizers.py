@@ -1,7 +1,8 @@
 """Registry of quantization schemes: name -> (activation quantizer, weight quantizer) factories."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .quant_base import ActivationQuantizer, WeightQuantizer
 from .quant_ddtb import DdtbActivation, DdtbWeight

@@ -7,6 +7,7 @@ compares query and reference in one feature space, so both must come from the sa
 (b) the difference F^q - F^{r->q} then isolates what the low-bit query path got wrong at that
 depth, which is what the refinement convs learn to undo before the residual adds F^q back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,15 @@ from .quantizers import make_activation_quantizer
 
 
 class RefER(nn.Module):
-    def __init__(self, channels: int, scheme: str, b_high: int, b_low: int, temperature: float = SOFTMAX_TEMPERATURE,
-                 own_matching: bool = True) -> None:
+    def __init__(
+        self,
+        channels: int,
+        scheme: str,
+        b_high: int,
+        b_low: int,
+        temperature: float = SOFTMAX_TEMPERATURE,
+        own_matching: bool = True,
+    ) -> None:
         """``own_matching=False``: the block is given its flow (RefQSR's shared matching) and has no
         matching step, hence no match quantizer, of its own."""
         super().__init__()
@@ -48,7 +56,9 @@ class RefER(nn.Module):
         size = (query.shape[-2], query.shape[-1])
         return upsample_flow(pooled_flow(q, r, size, hard, self.temperature), size)
 
-    def align(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None, flow: torch.Tensor | None) -> torch.Tensor:
+    def align(
+        self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None, flow: torch.Tensor | None
+    ) -> torch.Tensor:
         """The reference feature warped onto the query: by ``flow`` when given (shared matching),
         else by this block's own matching (``hard``: arg-max, default at inference, or soft-argmax,
         default in training)."""
@@ -59,8 +69,14 @@ class RefER(nn.Module):
             flow = self.flow(query, reference, hard)
         return backward_warp(reference, flow)
 
-    def forward(self, query: torch.Tensor, reference: torch.Tensor, hard: bool | None = None,
-                bits: BitSpec | PerSampleBits | None = None, flow: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference: torch.Tensor,
+        hard: bool | None = None,
+        bits: BitSpec | PerSampleBits | None = None,
+        flow: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``bits``: of the refinement convs (δ-RefQSR: the query path's bound δ); default b_high."""
         bits = BitSpec.uniform(self.b_high) if bits is None else bits
         aligned = self.align(query, reference, hard, flow)

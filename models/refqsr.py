@@ -31,17 +31,19 @@ of b_high; Table II's δ-3/δ-4 BitOPs and FQRs are consistent with query weight
 Each path binds δ to its own input, so references choose from reference patches and queries
 from query patches.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .clustblock import DEFAULT_TAU, ClustBlock
-from .qconv import BitSpec, PerSampleBits
-from .quant_cadyq import SCHEME as CADYQ, Delta, DynamicRefER, Selection, model_candidates
-from .matching import shared_flow
-from .refer import RefER
 from .backbone import SRBackbone, Step
+from .clustblock import DEFAULT_TAU, ClustBlock
+from .matching import shared_flow
+from .qconv import BitSpec, PerSampleBits
+from .quant_cadyq import SCHEME as CADYQ
+from .quant_cadyq import Delta, DynamicRefER, Selection, model_candidates
+from .refer import RefER
 
 
 def medium_bits(b_high: int, b_low: int) -> int:
@@ -150,7 +152,9 @@ class RefQSR(nn.Module):
         (last) with shared matching."""
         return len(self.refers) + (1 if self.shared else 0)
 
-    def reference_forward(self, x: torch.Tensor, selection: Selection | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def reference_forward(
+        self, x: torch.Tensor, selection: Selection | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """HR output of reference patches and the features RefER needs: the input of each
         reference-path ResBlock that a RefER replaces on the query path (see refer.py), then, with
         shared matching, the input of block :data:`MATCH_BLOCK`.
@@ -165,8 +169,9 @@ class RefQSR(nn.Module):
         reference needs no SR of its own: training RefERs alone, probes, export shapes)."""
         return self._reference_pass(x, None, features_only=True)[1]
 
-    def _reference_pass(self, x: torch.Tensor, selection: Selection | None,
-                        features_only: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def _reference_pass(
+        self, x: torch.Tensor, selection: Selection | None, features_only: bool
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         net, kept, match = self.backbone, [], []
         high = self._high_for(x, selection)
         last = net.n_blocks - 1
@@ -189,9 +194,15 @@ class RefQSR(nn.Module):
         except _PassDone:
             return None
 
-    def query_forward(self, x: torch.Tensor, reference_features: list[torch.Tensor] | None,
-                      hard: bool | None = None, selection: Selection | None = None,
-                      refer_outputs: list[torch.Tensor] | None = None, skip_refers: bool = False) -> torch.Tensor:
+    def query_forward(
+        self,
+        x: torch.Tensor,
+        reference_features: list[torch.Tensor] | None,
+        hard: bool | None = None,
+        selection: Selection | None = None,
+        refer_outputs: list[torch.Tensor] | None = None,
+        skip_refers: bool = False,
+    ) -> torch.Tensor:
         """HR output of query patches, given the reference features gathered per query.
 
         ``reference_features=None`` feeds each RefER the query's own feature at its input: the

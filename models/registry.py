@@ -1,21 +1,30 @@
 """Model presets keyed by name (plain dicts, BasicSR style) and builders."""
+
 from __future__ import annotations
 
 from typing import Any
 
-from .clustblock import ClustBlock
-from .quant_cadyq import CANDIDATES, SCHEME as CADYQ, convert_to_cadyq
-from .quantizers import SR_QUANTIZERS
-from .refqsr import RefQSR
 from .backbone import SRBackbone
 from .carn import CARN
+from .clustblock import ClustBlock
 from .elan import ELANLight
+from .quant_cadyq import CANDIDATES, convert_to_cadyq
+from .quant_cadyq import SCHEME as CADYQ
+from .quantizers import SR_QUANTIZERS
+from .refqsr import RefQSR
 from .srresnet import SRResNet
 
 ARCHS: dict[str, dict[str, Any]] = {
     "srresnet": {"cls": SRResNet, "n_blocks": 16, "n_feats": 64, "scale": 4, "n_refer": 2},
     "carn": {"cls": CARN, "n_blocks": 9, "n_feats": 64, "scale": 4, "n_refer": 1},
-    "elan_light": {"cls": ELANLight, "n_blocks": 24, "n_feats": 60, "scale": 4, "n_refer": 2, "window_sizes": (4, 8, 16)},
+    "elan_light": {
+        "cls": ELANLight,
+        "n_blocks": 24,
+        "n_feats": 60,
+        "scale": 4,
+        "n_refer": 2,
+        "window_sizes": (4, 8, 16),
+    },
 }
 
 
@@ -35,8 +44,13 @@ def size_keys(arch: str) -> list[str]:
     return [k for k in arch_config(arch) if k not in ("cls", "n_refer")]
 
 
-def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (),
-             candidates: tuple[int, ...] = CANDIDATES, **overrides: Any) -> SRBackbone:
+def build_sr(
+    arch: str,
+    scheme: str | None = None,
+    act_bits: tuple[int, ...] = (),
+    candidates: tuple[int, ...] = CANDIDATES,
+    **overrides: Any,
+) -> SRBackbone:
     """Full-precision (scheme None), fixed-precision quantized (pams, ddtb) or CADyQ (``cadyq``:
     every block conv becomes a CadyqConv2d choosing among ``candidates`` per patch, on top of any
     fixed ``act_bits``) SR network. ``overrides`` change preset sizes (n_blocks, n_feats), e.g. for
@@ -53,7 +67,12 @@ def build_sr(arch: str, scheme: str | None = None, act_bits: tuple[int, ...] = (
 
 
 def build_refqsr(
-    arch: str, scheme: str, b_high: int, b_low: int, clustblock: ClustBlock | None = None, tau: float = 0.5,
+    arch: str,
+    scheme: str,
+    b_high: int,
+    b_low: int,
+    clustblock: ClustBlock | None = None,
+    tau: float = 0.5,
     **overrides: Any,
 ) -> RefQSR:
     """RefQSR on a ``scheme`` backbone. With ``cadyq`` this is δ-RefQSR: references (and the query

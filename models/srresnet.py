@@ -5,9 +5,10 @@ global skip from the head | upsampler: 2 x [conv3x3 64->256, PixelShuffle(2), PR
 64->3. Only the ResBlock convs are quantized; head, body-end conv, upsampler and tail stay full
 precision (as in every method the paper compares with). Images are RGB in [0, 1].
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -69,7 +70,7 @@ class SRResNet(SRBackbone):
             feat = step(k, feat)
         return self.tail(self.upsampler(self.body_end(feat) + head))
 
-    def interpolation_init(self) -> "SRResNet":
+    def interpolation_init(self) -> SRResNet:
         return interpolation_init(self)
 
 
@@ -86,6 +87,7 @@ def interpolation_init(net: SRResNet, small_scale: float = 1e-3) -> SRResNet:
     gradients from the first step. Training
     then spends its steps on detail instead of on learning to interpolate, which matters on a CPU.
     """
+
     def rgb_passthrough(conv: nn.Conv2d) -> None:
         k = conv.kernel_size[0] // 2
         conv.weight[:3, :3] = 0.0

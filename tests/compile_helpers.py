@@ -1,10 +1,10 @@
 """Shared by the export, compile and runtime tests: small models (4 blocks keep export and compile
 quick), ONNX Runtime sessions and the image-match criterion."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.registry import build_refqsr
 
@@ -12,8 +12,16 @@ PATCH = 24
 N_BLOCKS = 4
 
 
-def small_refqsr(scheme: str, b_high: int = 8, b_low: int = 4, seed: int = 3, patch: int = PATCH,
-                 arch: str = "srresnet", n_blocks: int = N_BLOCKS, matching: str = "paper"):
+def small_refqsr(
+    scheme: str,
+    b_high: int = 8,
+    b_low: int = 4,
+    seed: int = 3,
+    patch: int = PATCH,
+    arch: str = "srresnet",
+    n_blocks: int = N_BLOCKS,
+    matching: str = "paper",
+):
     """A freshly initialised RefQSR model with calibrated quantizers (and a varying DDTB gate)."""
     torch.manual_seed(seed)
     clust = ClustBlock(16)
@@ -66,13 +74,15 @@ def compile_saved(model, root, patch: int, batch: int, threads: int = 2):
     from refqsr_engine.models.checkpoint import save_model
 
     save_model(root / "model.pt", model, {"note": "test model"}, half=False)
-    report = compile_model(CompileOptions(model=str(root / "model.pt"), patch=patch, batch=batch, threads=threads),
-                           root / "artifact")
+    report = compile_model(
+        CompileOptions(model=str(root / "model.pt"), patch=patch, batch=batch, threads=threads), root / "artifact"
+    )
     return root / "artifact", report
 
 
-def assert_compiled_image_matches(model, artifact, lr: np.ndarray, patch: int, batch: int,
-                                  within_one: float = 0.999) -> None:
+def assert_compiled_image_matches(
+    model, artifact, lr: np.ndarray, patch: int, batch: int, within_one: float = 0.999
+) -> None:
     """A whole image through the compiled artifact equals the PyTorch model run patch-wise: the
     same clustering, both paths used, and :func:`assert_images_match`."""
     from refqsr_engine.engine.runtime import CompiledModel

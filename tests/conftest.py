@@ -1,5 +1,6 @@
 """Shared test set-up: the helper modules next to the tests are importable (importlib import mode
 does not put this folder on sys.path)."""
+
 import sys
 from pathlib import Path
 

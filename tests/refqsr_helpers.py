@@ -1,9 +1,9 @@
 """A small RefQSR model with a calibrated ClustBlock and initialised quantizer ranges, for the tests
 that need one to run, save or probe (not to check its numbers against hand-set values)."""
+
 from __future__ import annotations
 
 import torch
-
 from refqsr_engine.models.clustblock import DEFAULT_TAU, ClustBlock
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr

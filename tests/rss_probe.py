@@ -5,6 +5,7 @@
 Sets the engine up (the cached compiled default, or the artifact DIR), resets the kernel's peak-RSS
 mark, upscales IN to OUT the way `refqsr-engine upscale` does, and prints JSON: the resident set
 before the image, its peak during the image, and the output's size in bytes (8-bit samples)."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,18 @@ def main() -> None:
     report = up.upscale_file(args.src, args.dst)
     peak = _status_kib("VmHWM")
     h, w = report["hr_size"]
-    print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": peak / 1024,
-                      "output_mib": h * w * 3 / 2**20, "hr_size": [h, w], "patches": report["patches"],
-                      "seconds": report["seconds"]["total"]}))
+    print(
+        json.dumps(
+            {
+                "rss_before_mib": before / 1024,
+                "peak_mib": peak / 1024,
+                "output_mib": h * w * 3 / 2**20,
+                "hr_size": [h, w],
+                "patches": report["patches"],
+                "seconds": report["seconds"]["total"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

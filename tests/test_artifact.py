@@ -12,7 +12,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from refqsr_engine import __version__
 from refqsr_engine.engine import artifact as art
 from refqsr_engine.engine.artifact import (
@@ -139,10 +138,13 @@ def test_wrong_format_and_malformed_file_list(tmp_path):
         load_artifact(out)
 
 
-@pytest.mark.parametrize("key,label,current", [
-    ("tvm", "TVM", lambda: metadata.version("apache-tvm")),
-    ("tvm_ffi", "tvm-ffi", lambda: metadata.version("apache-tvm-ffi")),
-])
+@pytest.mark.parametrize(
+    "key,label,current",
+    [
+        ("tvm", "TVM", lambda: metadata.version("apache-tvm")),
+        ("tvm_ffi", "tvm-ffi", lambda: metadata.version("apache-tvm-ffi")),
+    ],
+)
 def test_other_tvm_version(tmp_path, key, label, current):
     out, _ = _make(tmp_path)
     _edit_manifest(out, **{key: "0.19.0"})
@@ -154,11 +156,14 @@ def test_other_tvm_version(tmp_path, key, label, current):
     assert "recompile with refqsr-engine compile" in msg
 
 
-@pytest.mark.parametrize("requested", [
-    {"kind": "cuda", "arch": "sm_90"},
-    {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2},
-    {"kind": "llvm", "num-cores": 2},
-])
+@pytest.mark.parametrize(
+    "requested",
+    [
+        {"kind": "cuda", "arch": "sm_90"},
+        {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2},
+        {"kind": "llvm", "num-cores": 2},
+    ],
+)
 def test_target_mismatch(tmp_path, requested):
     out, _ = _make(tmp_path)
     with pytest.raises(RefQSRError) as err:
@@ -270,8 +275,9 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 def test_cache_key_stable_and_order_independent(monkeypatch, tmp_path):
     a = cache_key(model="ab" * 32, target=TARGET, bits=[4, 8], patch=96, batch=4, tvm="0.27.0")
-    b = cache_key(tvm="0.27.0", batch=4, patch=96, bits=[4, 8], target=dict(reversed(list(TARGET.items()))),
-                  model="ab" * 32)
+    b = cache_key(
+        tvm="0.27.0", batch=4, patch=96, bits=[4, 8], target=dict(reversed(list(TARGET.items()))), model="ab" * 32
+    )
     assert a == b
     assert len(a) == 20 and int(a, 16) >= 0
     # Pinned value: the key must not change between runs or releases of this code.

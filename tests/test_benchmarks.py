@@ -5,6 +5,7 @@ results in tmp_path). The default suite runs the quick latency benchmark on thre
 (one compiled engine, the whole-image PyTorch peer and ONNX Runtime int8); compiling all five
 engine artifacts takes minutes, so the run over every configuration, and the quick run of the
 whole suite, are marked slow."""
+
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,6 @@ import math
 
 import numpy as np
 import pytest
-
 from refqsr_engine.benchmarks import configs as C
 from refqsr_engine.benchmarks import latency, plots, quality, quality_report, report, suite, summary
 from refqsr_engine.benchmarks.run_one import BatchTimer, batch_stats, compare_8bit, network_batches, summarize
@@ -24,26 +24,58 @@ from refqsr_engine.models.bitops import count_bitops
 def _fake_results() -> dict:
     def rec(name: str, role: str, median: float, check: dict | None = None) -> dict:
         cfg = next(c for c in C.CONFIGS if c["name"] == name)
-        size = {"median": median, "p90": median * 1.1, "min": median * 0.9, "per_batch": median / 4,
-                "stages": {"sr": median * 0.9, "merge": median * 0.1}, "peak_rss_mb_so_far": 500.0, "repeats": 3}
+        size = {
+            "median": median,
+            "p90": median * 1.1,
+            "min": median * 0.9,
+            "per_batch": median / 4,
+            "stages": {"sr": median * 0.9, "merge": median * 0.1},
+            "peak_rss_mb_so_far": 500.0,
+            "repeats": 3,
+        }
         if check is not None:
             size["check"] = check
-        return {**cfg, "role": role, "ok": True, "weights": "ptq", "bits": "8", "baseline_rss_mb": 300.0,
-                "disk_bytes": 2**20, "sizes": {"320x180": size}}
+        return {
+            **cfg,
+            "role": role,
+            "ok": True,
+            "weights": "ptq",
+            "bits": "8",
+            "baseline_rss_mb": 300.0,
+            "disk_bytes": 2**20,
+            "sizes": {"320x180": size},
+        }
 
     good = {"max_abs_diff_8bit": 1, "frac_over_1lsb": 0.0, "within_1lsb": True}
     bad = {"max_abs_diff_8bit": 9, "frac_over_1lsb": 0.02, "within_1lsb": False}
     return {
-        "machine": {"cpu": "test CPU", "logical_cpus": 2, "usable_cpus": 2, "memory_gb": 8, "loadavg_start": [0, 0, 0],
-                    "python": "3", "versions": {"torch": "t", "apache-tvm": "v", "onnxruntime": "o",
-                                                "refqsr-engine": "r"}},
-        "settings": {"sizes": ["320x180"], "threads": 2, "patch": 96, "overlap": 6, "batch": 16, "n_blocks": 16,
-                     "photo": "astronaut", "plan": [{"size": "320x180", "repeats": 3, "warmup": "full", "budget_s": 20}]},
-        "configs": {"engine-ddtb-8": rec("engine-ddtb-8", "engine", 1.0, good),
-                    "engine-ddtb-4": rec("engine-ddtb-4", "engine", 0.5, bad),
-                    "torch-whole-fp32": rec("torch-whole-fp32", "peer", 3.0),
-                    "ort-fp32": rec("ort-fp32", "peer", 2.0, good)},
-        "command": "test", "timing": {"total_seconds": 1, "prepare_seconds": 0, "measure_seconds": 1},
+        "machine": {
+            "cpu": "test CPU",
+            "logical_cpus": 2,
+            "usable_cpus": 2,
+            "memory_gb": 8,
+            "loadavg_start": [0, 0, 0],
+            "python": "3",
+            "versions": {"torch": "t", "apache-tvm": "v", "onnxruntime": "o", "refqsr-engine": "r"},
+        },
+        "settings": {
+            "sizes": ["320x180"],
+            "threads": 2,
+            "patch": 96,
+            "overlap": 6,
+            "batch": 16,
+            "n_blocks": 16,
+            "photo": "astronaut",
+            "plan": [{"size": "320x180", "repeats": 3, "warmup": "full", "budget_s": 20}],
+        },
+        "configs": {
+            "engine-ddtb-8": rec("engine-ddtb-8", "engine", 1.0, good),
+            "engine-ddtb-4": rec("engine-ddtb-4", "engine", 0.5, bad),
+            "torch-whole-fp32": rec("torch-whole-fp32", "peer", 3.0),
+            "ort-fp32": rec("ort-fp32", "peer", 2.0, good),
+        },
+        "command": "test",
+        "timing": {"total_seconds": 1, "prepare_seconds": 0, "measure_seconds": 1},
     }
 
 
@@ -63,8 +95,12 @@ def test_ratios_are_peer_over_engine_and_disagreement_is_flagged():
 
 def test_failed_configuration_is_reported_not_compared():
     results = _fake_results()
-    results["configs"]["ort-fp32"] = {**copy.deepcopy(results["configs"]["ort-fp32"]), "ok": False,
-                                      "error": "exit 1: boom", "sizes": {}}
+    results["configs"]["ort-fp32"] = {
+        **copy.deepcopy(results["configs"]["ort-fp32"]),
+        "ok": False,
+        "error": "exit 1: boom",
+        "sizes": {},
+    }
     results = report.finalize(results)
     assert all(r["peer"] != "ort-fp32" for r in results["ratios"]["320x180"])
     assert any("ort-fp32: failed (exit 1: boom)" in f for f in results["flags"])
@@ -94,7 +130,10 @@ def test_size_plan():
     assert [p["check"] for p in plan] == ["crop", False, False]
     sub = latency.plan_sizes(None, 2, "auto", "smallest", 5.0, ["torch-whole-fp32"])
     assert [(p["size"], p["repeats"], p["budget_s"], p["check"]) for p in sub] == [
-        ("320x180", 2, 5.0, "image"), ("512x270", 2, 5.0, False), ("1024x540", 2, 5.0, False)]
+        ("320x180", 2, 5.0, "image"),
+        ("512x270", 2, 5.0, False),
+        ("1024x540", 2, 5.0, False),
+    ]
     given = latency.plan_sizes(["1024x540", "320x180"], None, "auto", "none")
     assert [(p["size"], p["repeats"], p["check"]) for p in given] == [("320x180", 3, False), ("1024x540", 1, False)]
     assert all(p["configs"] == C.config_names() for p in given)
@@ -199,8 +238,11 @@ def tiny_quality(tmp_path_factory):
     mp.setenv("REFQSR_ENGINE_CACHE", str(tmp_path_factory.mktemp("cache")))
     pairs = fallback_pairs((192, 256))[:1]
     runner = quality.Runner(dict(quality.QUICK), pairs, lambda msg: None)
-    rows = {"refqsr": runner.row("refqsr-8-4", 24), "ddtb_full": runner.row("ddtb-8", None),
-            "fp": runner.row("fp32", 24)}
+    rows = {
+        "refqsr": runner.row("refqsr-8-4", 24),
+        "ddtb_full": runner.row("ddtb-8", None),
+        "fp": runner.row("fp32", 24),
+    }
     yield runner, pairs, rows
     mp.undo()
 
@@ -235,19 +277,40 @@ def test_quality_tables_and_budget(tiny_quality, tmp_path):
     skipped = runner.row("refqsr-4-2", 24)
     assert "skipped" in skipped and runner.row("refqsr-8-4", 24)["bitops_g"] == rows["refqsr"]["bitops_g"]
     runner.deadline = None
-    results = {"quick": True, "settings": {**quality.QUICK, "threads": 1, "grid": "engine",
-                                           "paper_setting": {"lr_size": [180, 320], "patch": 72, "overlap": 6}},
-               "validation": {"source": "test", "images": [{"name": "x", "lr_size": [64, 48]}], "degradation": "bicubic",
-                              "hr_crop": None},
-               "table2": [{**rows["fp"], "label": "SRResNet (FP32)"}, {**rows["refqsr"], "label": "+RefQSR (8-4 bit)"},
-                          {**skipped, "label": "+RefQSR (4-2 bit)"}],
-               "patch_study": [{**rows["ddtb_full"], "label": "8"}, {**rows["refqsr"], "label": "8-4"}]}
+    results = {
+        "quick": True,
+        "settings": {
+            **quality.QUICK,
+            "threads": 1,
+            "grid": "engine",
+            "paper_setting": {"lr_size": [180, 320], "patch": 72, "overlap": 6},
+        },
+        "validation": {
+            "source": "test",
+            "images": [{"name": "x", "lr_size": [64, 48]}],
+            "degradation": "bicubic",
+            "hr_crop": None,
+        },
+        "table2": [
+            {**rows["fp"], "label": "SRResNet (FP32)"},
+            {**rows["refqsr"], "label": "+RefQSR (8-4 bit)"},
+            {**skipped, "label": "+RefQSR (4-2 bit)"},
+        ],
+        "patch_study": [{**rows["ddtb_full"], "label": "8"}, {**rows["refqsr"], "label": "8-4"}],
+    }
     paths = quality_report.write(results, tmp_path)
-    assert sorted(p.name for p in paths) == ["patch_size-quick.json", "patch_size-quick.md", "table2-quick.json",
-                                            "table2-quick.md"]
+    assert sorted(p.name for p in paths) == [
+        "patch_size-quick.json",
+        "patch_size-quick.md",
+        "table2-quick.json",
+        "table2-quick.md",
+    ]
     t2 = (tmp_path / "table2-quick.md").read_text()
     r = rows["refqsr"]
-    assert f"| +RefQSR (8-4 bit) | PTQ from FP (not QAT) | {r['bitops_g']:.2f} | {r['fqr']:.2f} | {r['psnr_y']:.2f} |" in t2
+    assert (
+        f"| +RefQSR (8-4 bit) | PTQ from FP (not QAT) | {r['bitops_g']:.2f} | {r['fqr']:.2f} | {r['psnr_y']:.2f} |"
+        in t2
+    )
     assert "| +RefQSR (4-2 bit) | skipped: predicted" in t2
     study = (tmp_path / "patch_size-quick.md").read_text()
     assert "| SRResNet-DDTB | 8 | PTQ from FP (not QAT) | full image | 1 |" in study
@@ -263,10 +326,14 @@ def test_latency_plot_and_summary(tmp_path):
     results["settings"]["sizes"].append("1024x540")
     png = plots.latency(results, tmp_path / "lat.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
-    suite_info = {"created": "now", "command": "refqsr-engine bench all", "cache_note": "from the cache",
-                  "timing": {"latency_seconds": 1.0, "total_seconds": 2.0},
-                  "machine": {**results["machine"], "isa": ["avx2"], "platform": "linux",
-                              "versions": {"torch": "t"}}, "pictures": {"latency": "lat.png"}}
+    suite_info = {
+        "created": "now",
+        "command": "refqsr-engine bench all",
+        "cache_note": "from the cache",
+        "timing": {"latency_seconds": 1.0, "total_seconds": 2.0},
+        "machine": {**results["machine"], "isa": ["avx2"], "platform": "linux", "versions": {"torch": "t"}},
+        "pictures": {"latency": "lat.png"},
+    }
     md = summary.markdown(suite_info, results, None)
     assert "| engine DDTB-8 | PTQ from FP (not QAT) | 1.00 (0.90-1.10) / 500 | - | 1.0 |" in md
     assert "skipped (time budget)" in md and "![latency](lat.png)" in md and "test CPU" in md
@@ -276,8 +343,12 @@ def test_latency_plot_and_summary(tmp_path):
 def test_quick_suite(tmp_path, monkeypatch):
     monkeypatch.setenv("REFQSR_ENGINE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "results"
-    assert suite.main(["--quick", "--threads", "1", "--out", str(out), "--configs", "engine-refqsr-8-4",
-                       "torch-whole-fp32"]) == 0
+    assert (
+        suite.main(
+            ["--quick", "--threads", "1", "--out", str(out), "--configs", "engine-refqsr-8-4", "torch-whole-fp32"]
+        )
+        == 0
+    )
     names = {p.name for p in out.iterdir()}
     for stem in ("latency", "table2", "patch_size", "suite"):
         assert f"{stem}-quick.json" in names
@@ -300,12 +371,40 @@ def test_measure_budget_and_deadline(tmp_path, monkeypatch):
         images[f"{w}x{h}"] = str(tmp_path / f"lr_{w}x{h}.npy")
         np.save(images[f"{w}x{h}"], C.make_lr(w, h))
     cfg = next(c for c in C.CONFIGS if c["name"] == "torch-patches-fp32")
-    sizes = [{"size": "48x40", "width": 48, "height": 40, "configs": [cfg["name"]], "repeats": 3, "budget_s": None,
-              "warmup": "crop", "check": False},
-             {"size": "96x80", "width": 96, "height": 80, "configs": [cfg["name"]], "repeats": 3, "budget_s": 0.0,
-              "warmup": "none", "check": False}]
-    spec = {"configs": [cfg], "prepared": {cfg["name"]: {"model_path": model["path"]}}, "threads": 1, "patch": 24,
-            "overlap": 6, "batch": 2, "sizes": sizes, "images": images, "work": str(tmp_path), "deadline": None}
+    sizes = [
+        {
+            "size": "48x40",
+            "width": 48,
+            "height": 40,
+            "configs": [cfg["name"]],
+            "repeats": 3,
+            "budget_s": None,
+            "warmup": "crop",
+            "check": False,
+        },
+        {
+            "size": "96x80",
+            "width": 96,
+            "height": 80,
+            "configs": [cfg["name"]],
+            "repeats": 3,
+            "budget_s": 0.0,
+            "warmup": "none",
+            "check": False,
+        },
+    ]
+    spec = {
+        "configs": [cfg],
+        "prepared": {cfg["name"]: {"model_path": model["path"]}},
+        "threads": 1,
+        "patch": 24,
+        "overlap": 6,
+        "batch": 2,
+        "sizes": sizes,
+        "images": images,
+        "work": str(tmp_path),
+        "deadline": None,
+    }
     rec = run_one.measure(spec, cfg["name"])
     small, big = rec["sizes"]["48x40"], rec["sizes"]["96x80"]
     assert small["repeats"] == 3 and big["repeats"] == 1  # a zero budget still times one run

@@ -1,4 +1,5 @@
 """BitOPs/FQR against the paper's published numbers and against closed-form hand counts."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +7,6 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from refqsr_engine.engine.cli import main
 from refqsr_engine.models.bitops import Precision, count_bitops, grid_boxes
 
@@ -100,7 +100,9 @@ def test_precision_parsing():
 
 
 def test_cli_prints_paper_value():
-    result = CliRunner().invoke(main, ["bitops", "--arch", "srresnet", "--hr-size", "1280x720", "--patch", "72", "--bits", "8"])
+    result = CliRunner().invoke(
+        main, ["bitops", "--arch", "srresnet", "--hr-size", "1280x720", "--patch", "72", "--bits", "8"]
+    )
     assert result.exit_code == 0, result.output
     assert "BitOPs 9.27 G" in result.output
     assert "counted:" in result.output
@@ -119,18 +121,50 @@ def test_cli_full_image_and_errors():
 def test_console_script_runs():
     # The installed entry point (not just the click object) answers.
     proc = subprocess.run(
-        [sys.executable, "-m", "refqsr_engine.engine.cli", "bitops", "--hr-size", "4096x2160", "--patch", "96", "--bits", "32", "--grid", "paper"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "refqsr_engine.engine.cli",
+            "bitops",
+            "--hr-size",
+            "4096x2160",
+            "--patch",
+            "96",
+            "--bits",
+            "32",
+            "--grid",
+            "paper",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "BitOPs 1442.42 G" in proc.stdout
 
 
 def test_cli_prints_a_table_for_a_list_of_settings():
-    out = CliRunner().invoke(main, ["bitops", "--hr-size", "1280x720", "--patch", "72", "--grid", "paper",
-                                    "--bits", "32,8,4,8-4,4-3", "--ref-fraction", "0.3"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "bitops",
+            "--hr-size",
+            "1280x720",
+            "--patch",
+            "72",
+            "--grid",
+            "paper",
+            "--bits",
+            "32,8,4,8-4,4-3",
+            "--ref-fraction",
+            "0.3",
+        ],
+    )
     assert out.exit_code == 0, out.output
-    rows = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in out.output.splitlines()
-            if line.startswith("| ") and "paper" in line}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[5].strip()
+        for line in out.output.splitlines()
+        if line.startswith("| ") and "paper" in line
+    }
     assert rows["32"] == "148.32" and rows["8"] == "9.27" and rows["4"] == "2.32"  # paper Table II
     # RefQSR sits between its two widths: 4-3 below 4-bit, 8-4 below 8-bit and above 4-bit
     assert float(rows["4-3"]) < float(rows["4"]) < float(rows["8-4"]) < float(rows["8"])
@@ -139,10 +173,26 @@ def test_cli_prints_a_table_for_a_list_of_settings():
 
 
 def test_cli_shows_the_paper_style_elan_count_beside_ours():
-    out = CliRunner().invoke(main, ["bitops", "--arch", "elan_light", "--hr-size", "1280x720", "--patch", "72",
-                                    "--grid", "paper", "--bits", "32,8,4"])
+    out = CliRunner().invoke(
+        main,
+        [
+            "bitops",
+            "--arch",
+            "elan_light",
+            "--hr-size",
+            "1280x720",
+            "--patch",
+            "72",
+            "--grid",
+            "paper",
+            "--bits",
+            "32,8,4",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "| 32 | paper | 72 | 8 | 43.45 |" in out.output  # ours: the quantized LFE convs
     assert "32-bit 104.29 G, 8-bit 10.32 G, 4-bit 3.85 G" in out.output  # Table IV's ELAN rows
-    carn = CliRunner().invoke(main, ["bitops", "--arch", "carn", "--hr-size", "1280x720", "--patch", "72", "--bits", "32"])
+    carn = CliRunner().invoke(
+        main, ["bitops", "--arch", "carn", "--hr-size", "1280x720", "--patch", "72", "--bits", "32"]
+    )
     assert "BitOPs 83.43 G" in carn.output and "Table IV counts ELAN" not in carn.output

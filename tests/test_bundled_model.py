@@ -1,12 +1,12 @@
 """The bundled default model loads and upscales a held-out photo better than bicubic."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import torch
 import pytest
-
+import torch
 from refqsr_engine.engine.models_store import DEFAULT_MODEL, bundled_models, resolve_model
 from refqsr_engine.engine.upscale import model_bits
 from refqsr_engine.metrics import bicubic_degrade, imresize, psnr_y, sr_to_uint8
@@ -25,8 +25,9 @@ def photo() -> np.ndarray:
 def test_bundled_models_beat_bicubic(photo, name):
     model, card = load_model(resolve_model(name))
     lr = bicubic_degrade(photo, 4)
-    sr = upscale_patchwise(model, lr.transpose(2, 0, 1).astype(np.float32) / 255.0, patch=48, overlap=6,
-                           bits=model_bits(model)).image  # each model at the bits it was trained for
+    sr = upscale_patchwise(
+        model, lr.transpose(2, 0, 1).astype(np.float32) / 255.0, patch=48, overlap=6, bits=model_bits(model)
+    ).image  # each model at the bits it was trained for
     sr8 = np.clip(np.round(sr * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     bicubic = np.floor(np.clip(imresize(lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
     ours, theirs = psnr_y(sr8, photo, 4), psnr_y(bicubic, photo, 4)
@@ -56,13 +57,12 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
     """The model card's quality and BitOPs come from running the model as it runs: a DDTB-4 model
     at 4 bits (not at full precision), a RefQSR model with its ClustBlock's assignment."""
     from PIL import Image
-    from skimage import data
-
     from refqsr_engine.models.checkpoint import save_model
     from refqsr_engine.models.clustblock import ClustBlock
     from refqsr_engine.models.qconv import BitSpec
     from refqsr_engine.models.registry import build_refqsr, build_sr
     from refqsr_engine.training.bundle import bundle
+    from skimage import data
 
     val = tmp_path / "val"
     val.mkdir()
@@ -108,8 +108,9 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
     card8 = json.loads(bundle(tmp_path / "d8.pt", "d8", val, out_dir=tmp_path).with_suffix(".json").read_text())
     assert card["bitops_urban100_setting"]["bits"] == "delta" and card["validation"]["images"][0]["fqr"] == 8.0
     assert card["validation"]["mean"]["bitops_g"] == pytest.approx(card8["validation"]["mean"]["bitops_g"], rel=1e-9)
-    assert card["bitops_urban100_setting"]["bitops_g"] == pytest.approx(card8["bitops_urban100_setting"]["bitops_g"],
-                                                                        abs=1e-4)
+    assert card["bitops_urban100_setting"]["bitops_g"] == pytest.approx(
+        card8["bitops_urban100_setting"]["bitops_g"], abs=1e-4
+    )
 
 
 def _pytorch_noise_floor(pytorch, x: np.ndarray, want8: np.ndarray) -> tuple[float, int]:
@@ -167,9 +168,18 @@ def test_default_model_compiled_for_this_cpu_beats_bicubic_and_equals_pytorch(ph
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["carn_ddtb_refqsr84", "elan_light_ddtb8", "elan_light_ddtb_refqsr84",
-                                  "elan_light_pams_refqsr84", "srresnet_cadyq", "srresnet_cadyq_refqsr3",
-                                  "srresnet_cabm_refqsr3"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "carn_ddtb_refqsr84",
+        "elan_light_ddtb8",
+        "elan_light_ddtb_refqsr84",
+        "elan_light_pams_refqsr84",
+        "srresnet_cadyq",
+        "srresnet_cadyq_refqsr3",
+        "srresnet_cabm_refqsr3",
+    ],
+)
 def test_bundled_models_of_every_kind_compiled_equal_pytorch(photo, tmp_path, name):
     """Every architecture and every kind of bits (fixed, RefQSR, δ, δ-RefQSR) as bundled, trained
     (48 px patches: ELAN-light pads to a multiple of 16, RefER pools by 3)."""

@@ -7,6 +7,7 @@
 * save/load keeps the table exactly (fp16 weights do not touch it);
 * ``train qat --scheme cabm`` and ``train refqsr --scheme cabm`` fine-tune from CADyQ model files.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.cabm import CabmTable, attach_cabm, build_cabm_table, edge_score
 from refqsr_engine.models.checkpoint import load_model, model_config, save_model
@@ -23,7 +23,6 @@ from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.models.quant_cadyq import CadyqConv2d, Delta, Selection, dynamic_convs
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
-
 from training_helpers import tiny_training_setup
 
 GRAY = np.array([0.299, 0.587, 0.114])
@@ -80,7 +79,9 @@ def patches(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:
     return (base * 0.5 + 0.25 + amp * (torch.rand(n, 3, size, size, generator=g) - 0.5)).clamp(0, 1)
 
 
-def expected_table(x: np.ndarray, thresholds: list[tuple[float, float]], n_bins: int) -> tuple[np.ndarray, list[list[int]]]:
+def expected_table(
+    x: np.ndarray, thresholds: list[tuple[float, float]], n_bins: int
+) -> tuple[np.ndarray, list[list[int]]]:
     scores, grads = np_edge_score(x), np_grad_sum(x)
     edges = np.quantile(scores, np.arange(1, n_bins) / n_bins)
     bins = np.searchsorted(edges, scores, side="left")
@@ -104,8 +105,11 @@ def test_edge_score_matches_numpy_laplacian():
 @pytest.mark.parametrize("kind", ["sr", "refqsr"])
 def test_table_from_known_selectors(kind):
     torch.manual_seed(0)
-    model = (build_sr("srresnet", "cadyq", n_blocks=3, n_feats=4) if kind == "sr"
-             else build_refqsr("srresnet", "cadyq", 8, 3, n_blocks=4, n_feats=4, n_refer=1))
+    model = (
+        build_sr("srresnet", "cadyq", n_blocks=3, n_feats=4)
+        if kind == "sr"
+        else build_refqsr("srresnet", "cadyq", 8, 3, n_blocks=4, n_feats=4, n_refer=1)
+    )
     thresholds = forced(model)
     x = patches(40)
     table = build_cabm_table(model, x, n_bins=4, batch=16)
@@ -143,8 +147,11 @@ def test_inference_uses_the_table_not_the_selectors():
 @pytest.mark.parametrize("kind", ["sr", "refqsr"])
 def test_table_survives_save_and_load(tmp_path, kind):
     torch.manual_seed(0)
-    model = (build_sr("carn", "cadyq", n_blocks=4, n_feats=8) if kind == "sr"
-             else build_refqsr("srresnet", "cadyq", 8, 4, n_blocks=4, n_feats=8, n_refer=1))
+    model = (
+        build_sr("carn", "cadyq", n_blocks=4, n_feats=8)
+        if kind == "sr"
+        else build_refqsr("srresnet", "cadyq", 8, 4, n_blocks=4, n_feats=8, n_refer=1)
+    )
     forced(model)
     x = patches(24)
     attach_cabm(model, build_cabm_table(model, x, n_bins=3))
@@ -184,17 +191,43 @@ def _cfg(setup, out: Path, task: str, bits: str, steps: int, **kw):
     from refqsr_engine.training.loop import TrainConfig
 
     root = setup["root"]
-    return TrainConfig(data=str(root), out=str(out), steps=steps, task=task, bits=bits, batch=2, lr_patch=16,
-                       teacher=str(root / "teacher.pt"), val_every=steps, val_crop=64, ckpt_every=1, quiet=True,
-                       clustblock=str(root / "clust.pt") if task == "refqsr" else None, tau=-1.0, **kw)
+    return TrainConfig(
+        data=str(root),
+        out=str(out),
+        steps=steps,
+        task=task,
+        bits=bits,
+        batch=2,
+        lr_patch=16,
+        teacher=str(root / "teacher.pt"),
+        val_every=steps,
+        val_crop=64,
+        ckpt_every=1,
+        quiet=True,
+        clustblock=str(root / "clust.pt") if task == "refqsr" else None,
+        tau=-1.0,
+        **kw,
+    )
 
 
 def test_cabm_fine_tuning_from_a_cadyq_model(setup, tmp_path):
     from refqsr_engine.training.loop import train
 
     root = setup["root"]
-    train(_cfg(setup, tmp_path / "cabm", "qat", "delta", 2, scheme="cabm", init_from=str(root / "cadyq.pt"),
-               cabm_bins=3, cabm_calib=24), log=lambda s: None)
+    train(
+        _cfg(
+            setup,
+            tmp_path / "cabm",
+            "qat",
+            "delta",
+            2,
+            scheme="cabm",
+            init_from=str(root / "cadyq.pt"),
+            cabm_bins=3,
+            cabm_calib=24,
+        ),
+        log=lambda s: None,
+    )
     model, card = load_model(tmp_path / "cabm" / "best.pt")
     source, _ = load_model(root / "cadyq.pt")
     assert model.cabm.n_bins == 3 and model.cabm.n_layers == 8 and card["cabm_bins"] == 3
@@ -202,8 +235,19 @@ def test_cabm_fine_tuning_from_a_cadyq_model(setup, tmp_path):
     for a, b in zip(dynamic_convs(model), dynamic_convs(source)):  # selectors are not trained under a table
         assert torch.equal(a.selector.linear.weight, b.selector.linear.weight)
     # a CABM model as --init-from keeps its table
-    train(_cfg(setup, tmp_path / "again", "qat", "delta", 1, scheme="cabm", init_from=str(tmp_path / "cabm" / "best.pt"),
-               cabm_bins=5), log=lambda s: None)
+    train(
+        _cfg(
+            setup,
+            tmp_path / "again",
+            "qat",
+            "delta",
+            1,
+            scheme="cabm",
+            init_from=str(tmp_path / "cabm" / "best.pt"),
+            cabm_bins=5,
+        ),
+        log=lambda s: None,
+    )
     again, _ = load_model(tmp_path / "again" / "best.pt")
     assert torch.equal(again.cabm.bits, model.cabm.bits)
     with pytest.raises(RefQSRError, match="trained CADyQ model"):
@@ -213,8 +257,20 @@ def test_cabm_fine_tuning_from_a_cadyq_model(setup, tmp_path):
 def test_cabm_refqsr_fine_tuning_from_a_cadyq_refqsr_model(setup, tmp_path):
     from refqsr_engine.training.loop import train
 
-    train(_cfg(setup, tmp_path / "rq", "refqsr", "delta-3", 1, scheme="cabm",
-               init_from=str(setup["root"] / "cadyq_refqsr.pt"), cabm_bins=2, cabm_calib=8), log=lambda s: None)
+    train(
+        _cfg(
+            setup,
+            tmp_path / "rq",
+            "refqsr",
+            "delta-3",
+            1,
+            scheme="cabm",
+            init_from=str(setup["root"] / "cadyq_refqsr.pt"),
+            cabm_bins=2,
+            cabm_calib=8,
+        ),
+        log=lambda s: None,
+    )
     model, card = load_model(tmp_path / "rq" / "best.pt")
     assert isinstance(model, RefQSR) and model.dynamic and model.cabm.bits.shape == (2, 8 + 4)
     assert card["bits"] == "delta-3" and np.isfinite(card["val_psnr_y"])

@@ -8,6 +8,7 @@
 * BitOPs/FQR from the bits actually chosen, against hand counts;
 * 3-step training runs of ``train qat --scheme cadyq`` and ``train refqsr --scheme cadyq --bits delta-3``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.bitops import PatchBits, Precision, count_bitops, patch_bits_of_run
 from refqsr_engine.models.checkpoint import bits_label, load_model, model_config, save_model
@@ -32,7 +31,7 @@ from refqsr_engine.models.quant_cadyq import (
 )
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
-
+from torch import nn
 from training_helpers import tiny_training_setup
 
 GRAY = np.array([0.299, 0.587, 0.114])
@@ -99,7 +98,9 @@ def test_image_gradient_features_match_numpy_sobel():
 def test_selector_logits_and_the_untrained_choice():
     conv = CadyqConv2d(4, 4, 3)
     x, images = torch.randn(3, 4, 6, 6), _images(3)
-    feats = np.concatenate([np_image_grad(images.numpy()), x.numpy().astype(np.float64).std(axis=(2, 3), ddof=1)], axis=1)
+    feats = np.concatenate(
+        [np_image_grad(images.numpy()), x.numpy().astype(np.float64).std(axis=(2, 3), ddof=1)], axis=1
+    )
     w, b = (p.detach().double().numpy() for p in (conv.selector.linear.weight, conv.selector.linear.bias))
     logits = conv.selector(image_gradient_features(images), x)
     np.testing.assert_allclose(logits.detach().numpy(), feats @ w.T + b, rtol=1e-5)
@@ -110,7 +111,9 @@ def test_selector_logits_and_the_untrained_choice():
 
 def _twin_choice(conv: CadyqConv2d, x: torch.Tensor, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(bits chosen per sample, softmax probabilities) from numpy features and the selector's weights."""
-    feats = np.concatenate([np_image_grad(images.numpy()), x.detach().numpy().astype(np.float64).std(axis=(2, 3), ddof=1)], axis=1)
+    feats = np.concatenate(
+        [np_image_grad(images.numpy()), x.detach().numpy().astype(np.float64).std(axis=(2, 3), ddof=1)], axis=1
+    )
     w, b = (p.detach().double().numpy() for p in (conv.selector.linear.weight, conv.selector.linear.bias))
     z = feats @ w.T + b
     p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -298,8 +301,20 @@ def test_bitops_from_chosen_bits_by_hand():
     low = BitSpec(3, 6)
     ref = PatchBits(((b, b),) * 4)
     query = PatchBits(((a, b), (low, low)), ((a, a), (b, a)), 3)
-    report = count_bitops("srresnet", (16, 32), "delta-3", 16, 0, "engine", is_reference=[True, False],
-                          reference_of=[0, 0], patch_bits=[ref, query], n_blocks=4, n_feats=n_feats, n_refer=2)
+    report = count_bitops(
+        "srresnet",
+        (16, 32),
+        "delta-3",
+        16,
+        0,
+        "engine",
+        is_reference=[True, False],
+        reference_of=[0, 0],
+        patch_bits=[ref, query],
+        n_blocks=4,
+        n_feats=n_feats,
+        n_refer=2,
+    )
     conv = lambda act, w: 2 * macs * 256 * (w / 32) * (act / 32)  # noqa: E731
     positions = 6 * 6  # ceil(16 / 3) squared, for query and reference alike
     ref_convs = [(8, 8)] * 8
@@ -328,9 +343,15 @@ def test_patch_bits_of_a_run_are_the_recorded_choices():
     net = model.backbone
     for i, pb in enumerate(patch_bits_of_run(model, sel_q, "query")):
         assert len(pb.blocks) == model.first_refer and len(pb.refers) == 2 and pb.match_bits == 3
-        assert [s.act for s in pb.blocks[0]] == [int(net.blocks[0].conv1.last_bits[i]), int(net.blocks[0].conv2.last_bits[i])]
+        assert [s.act for s in pb.blocks[0]] == [
+            int(net.blocks[0].conv1.last_bits[i]),
+            int(net.blocks[0].conv2.last_bits[i]),
+        ]
         assert all(s == BitSpec(3, 6) for blk in pb.blocks[1:] for s in blk)
-        assert [s.act for s in pb.refers[1]] == [int(model.refers[1].conv1.last_bits[i]), int(model.refers[1].conv2.last_bits[i])]
+        assert [s.act for s in pb.refers[1]] == [
+            int(model.refers[1].conv1.last_bits[i]),
+            int(model.refers[1].conv2.last_bits[i]),
+        ]
 
 
 # --------------------------------------------------------------------------- training
@@ -344,9 +365,23 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def _cfg(setup, out: Path, task: str, bits: str, steps: int, **kw):
     from refqsr_engine.training.loop import TrainConfig
 
-    return TrainConfig(data=str(setup["root"]), out=str(out), steps=steps, task=task, bits=bits, batch=2, lr_patch=16,
-                       teacher=str(setup["teacher"]), val_every=steps, val_crop=64, ckpt_every=1, quiet=True,
-                       clustblock=str(setup["clust"]) if task == "refqsr" else None, tau=-1.0, **kw)
+    return TrainConfig(
+        data=str(setup["root"]),
+        out=str(out),
+        steps=steps,
+        task=task,
+        bits=bits,
+        batch=2,
+        lr_patch=16,
+        teacher=str(setup["teacher"]),
+        val_every=steps,
+        val_crop=64,
+        ckpt_every=1,
+        quiet=True,
+        clustblock=str(setup["clust"]) if task == "refqsr" else None,
+        tau=-1.0,
+        **kw,
+    )
 
 
 def test_train_qat_cadyq_three_steps(setup, tmp_path):
@@ -402,7 +437,8 @@ def _varied_selectors(model: nn.Module) -> nn.Module:
 
 def _photo_lr(size: int = 40) -> np.ndarray:
     from skimage import data
-    img = data.astronaut()[100:100 + 4 * size, 150:150 + 4 * size]
+
+    img = data.astronaut()[100 : 100 + 4 * size, 150 : 150 + 4 * size]
     return np.ascontiguousarray(img[::4, ::4].transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
@@ -428,7 +464,9 @@ def test_patchwise_delta_records_each_patchs_bits_as_a_lone_run_chooses():
         seen |= {s.act for blk in pb.blocks for s in blk}
     assert len(seen) > 1  # the test image makes the selectors differ between patches
     ops = model_bitops(net, lr.shape[1:], 16, 2, patch_bits=result.patch_bits)
-    lo, hi = (model_bitops(build_sr("srresnet", "ddtb", (b,), n_blocks=4, n_feats=8), lr.shape[1:], 16, 2) for b in (4, 8))
+    lo, hi = (
+        model_bitops(build_sr("srresnet", "ddtb", (b,), n_blocks=4, n_feats=8), lr.shape[1:], 16, 2) for b in (4, 8)
+    )
     assert lo.gbitops <= ops.gbitops <= hi.gbitops and ops.gbitops not in (lo.gbitops, hi.gbitops)
 
 

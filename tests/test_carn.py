@@ -11,17 +11,16 @@ ONNX export.
 * BitOPs: paper Table IV (1280x720 output, 72-px patches) and a RefQSR query patch by hand.
 * Save/load round trip; a 4-block CARN exported to ONNX runs in ONNX Runtime like PyTorch.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from compile_helpers import assert_images_match, ort_session, small_refqsr
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.bitops import count_bitops
@@ -31,6 +30,7 @@ from refqsr_engine.models.matching import POOL, pooled_size
 from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
+from torch import nn
 
 PATCH = 24
 SMALL = 4  # residual blocks of the small test models: 2 cascading blocks x 2
@@ -93,6 +93,7 @@ def np_pams(x: np.ndarray, alpha: float, bits: int) -> np.ndarray:
 
 def pams_block(net: CARN, act_bits: int, weight_bits: int) -> Block:
     """Residual block with both conv inputs and weights PAMS-quantized in numpy (float64)."""
+
     def qconv(f: torch.Tensor, qc) -> torch.Tensor:
         alpha = float(qc.act_quant[str(act_bits)].alpha.detach().abs())
         w = qc.conv.weight.detach().double().numpy()
@@ -119,7 +120,12 @@ def _assert_conv(conv: nn.Module, cin: int, cout: int, k: int) -> None:
 def test_carn_structure() -> None:
     net = build_sr("carn", "pams", (8, 4))
     assert isinstance(net, CARN) and net.arch == "carn"
-    assert net.n_blocks == 9 and net.groups == 3 and net.scale == 4 and net.sizes() == {"n_blocks": 9, "n_feats": 64, "scale": 4}
+    assert (
+        net.n_blocks == 9
+        and net.groups == 3
+        and net.scale == 4
+        and net.sizes() == {"n_blocks": 9, "n_feats": 64, "scale": 4}
+    )
     _assert_conv(net.entry, 3, 64, 3)
     for block in net.blocks:  # the only quantized convs: both 3x3 convs of every residual block
         for qc in (block.conv1, block.conv2):
@@ -151,7 +157,8 @@ def test_carn_parameter_count() -> None:
     expected = (
         conv(3, 64, 3)  # entry
         + 9 * 2 * conv(64, 64, 3)  # residual blocks
-        + 3 * fusions + fusions  # three local cascades, the global one
+        + 3 * fusions
+        + fusions  # three local cascades, the global one
         + 2 * conv(64, 256, 3)  # x4 upsampler
         + conv(64, 3, 3)  # exit
     )
@@ -213,8 +220,12 @@ def test_quantized_carn_matches_numpy_pams_twin(bits: BitSpec) -> None:
     net.eval()
     convs = [qc for b in net.blocks for qc in (b.conv1, b.conv2)]
     seen: dict = {}
-    hooks = [qc.act_quant[str(bits.act)].register_forward_hook(
-                 lambda mod, args, out, k=k: seen.setdefault(k, {}).update(x=args[0], xq=out)) for k, qc in enumerate(convs)]
+    hooks = [
+        qc.act_quant[str(bits.act)].register_forward_hook(
+            lambda mod, args, out, k=k: seen.setdefault(k, {}).update(x=args[0], xq=out)
+        )
+        for k, qc in enumerate(convs)
+    ]
     hooks += [qc.register_forward_hook(lambda mod, args, out, k=k: seen[k].update(y=out)) for k, qc in enumerate(convs)]
     with torch.no_grad():
         got = net(x, bits)
@@ -232,8 +243,9 @@ def test_quantized_carn_matches_numpy_pams_twin(bits: BitSpec) -> None:
         assert float((off > 1e-6).double().mean()) < 1e-4 and float(off.max()) <= step * 1.001, k
         w = qc.conv.weight.detach().double().numpy()
         wq = torch.from_numpy(np_pams(w, float(np.abs(w).max()), bits.weight))
-        torch.testing.assert_close(seen[k]["y"].double(), F.conv2d(xq, wq, qc.conv.bias.detach().double(), padding=1),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            seen[k]["y"].double(), F.conv2d(xq, wq, qc.conv.bias.detach().double(), padding=1), rtol=1e-5, atol=1e-5
+        )
     twin_block = pams_block(net, bits.act, bits.weight)
     # the whole network: a tie that flips early spreads through the cascades, so compare by PSNR;
     # the quantization error (full precision vs the twin) is far larger than any such flip
@@ -327,9 +339,15 @@ def test_refqsr_carn_training_forward_and_backward() -> None:
     assert sr_q.shape == sr_r.shape == (2, 3, 72, 72)
     (sr_q.abs().mean() + sr_r.abs().mean()).backward()
     params = dict(model.named_parameters())
-    for name in ("refers.0.conv1.conv.weight", "backbone.blocks.1.conv1.conv.weight",
-                 "backbone.blocks.1.conv2.act_quant.3.lower", "backbone.blocks.3.conv1.act_quant.8.upper",
-                 "backbone.local_fusions.1.1.weight", "backbone.global_fusions.0.weight", "backbone.exit.weight"):
+    for name in (
+        "refers.0.conv1.conv.weight",
+        "backbone.blocks.1.conv1.conv.weight",
+        "backbone.blocks.1.conv2.act_quant.3.lower",
+        "backbone.blocks.3.conv1.act_quant.8.upper",
+        "backbone.local_fusions.1.1.weight",
+        "backbone.global_fusions.0.weight",
+        "backbone.exit.weight",
+    ):
         assert params[name].grad is not None and float(params[name].grad.abs().sum()) > 0, name
 
 
@@ -345,18 +363,27 @@ def test_bitops_paper_table_iv(bits: str, expected: float) -> None:
     assert report.total.network == pytest.approx(338 * 186 * 18 * 2 * 64 * 64 * 9 * (int(bits) / 32) ** 2)
 
 
-@pytest.mark.parametrize("lr_size, bits, expected", [
-    ((270, 512), "32", 196.33), ((270, 512), "8", 12.27), ((270, 512), "4", 3.07),  # Test2K
-    ((540, 1024), "32", 811.35), ((540, 1024), "8", 50.71), ((540, 1024), "4", 12.68),  # Test4K
-])
+@pytest.mark.parametrize(
+    "lr_size, bits, expected",
+    [
+        ((270, 512), "32", 196.33),
+        ((270, 512), "8", 12.27),
+        ((270, 512), "4", 3.07),  # Test2K
+        ((540, 1024), "32", 811.35),
+        ((540, 1024), "8", 50.71),
+        ((540, 1024), "4", 12.68),  # Test4K
+    ],
+)
 def test_bitops_paper_table_iv_2k_4k(lr_size: tuple[int, int], bits: str, expected: float) -> None:
     # 96-px patches; within one unit of the last printed digit (Test4K FP is 811.3595 exactly,
     # printed 811.35, as SRResNet's 1442.4166 is printed 1442.41)
     assert abs(count_bitops("carn", lr_size, bits, 96, 6, "paper").gbitops - expected) <= 0.0100001
 
 
-@pytest.mark.parametrize("bits, paper_g, paper_fqr", [("8-5", 4.20, 6.85), ("8-4", 4.02, 6.48), ("8-3", 3.83, 6.09),
-                                                      ("4-3", 1.22, 3.62), ("4-2", 1.03, 3.23)])
+@pytest.mark.parametrize(
+    "bits, paper_g, paper_fqr",
+    [("8-5", 4.20, 6.85), ("8-4", 4.02, 6.48), ("8-3", 3.83, 6.09), ("4-3", 1.22, 3.62), ("4-2", 1.03, 3.23)],
+)
 def test_bitops_refqsr_rows_of_table_iv(bits: str, paper_g: float, paper_fqr: float) -> None:
     # Urban100 (1280x720 output), DDTB/PAMS-RefQSR rows: with one reference share for every row
     # (51%, the share the paper's FQR column implies), our FQR is the paper's, and its BitOPs are
@@ -397,8 +424,12 @@ def test_save_load_round_trip(tmp_path) -> None:
         want_hr, want_feats = model.reference_forward(x)
         got_hr, got_feats = loaded.reference_forward(x)
         torch.testing.assert_close(got_hr, want_hr, rtol=0, atol=0)
-        torch.testing.assert_close(loaded.query_forward(x.flip(-1), got_feats, True),
-                                   model.query_forward(x.flip(-1), want_feats, True), rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.query_forward(x.flip(-1), got_feats, True),
+            model.query_forward(x.flip(-1), want_feats, True),
+            rtol=0,
+            atol=0,
+        )
     sr = build_sr("carn", "pams", (4,), n_blocks=1).eval()
     save_model(tmp_path / "sr.pt", sr)  # fp16 storage
     loaded_sr, _ = load_model(tmp_path / "sr.pt")

@@ -6,13 +6,13 @@
   min/max quantization written in numpy (ranges = min/max of the calibration activations, widened
   to contain 0; weights: their own min/max).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.models import qconv
 from refqsr_engine.models.clustblock import ClustBlock, affinity, cluster_patches
 

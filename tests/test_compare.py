@@ -1,4 +1,5 @@
 """`python -m refqsr_engine.training.compare`: the Tables II/V quality table of trained models."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from refqsr_engine.metrics import bicubic_degrade, psnr_y
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.clustblock import ClustBlock
@@ -44,9 +44,21 @@ def setup(tmp_path_factory):
 def test_table_rows_match_an_independent_evaluation(setup, tmp_path):
     root, hr, sr8 = setup
     out = tmp_path / "t.md"
-    res = CliRunner().invoke(main, ["--val", str(root / "val"), "--row", f"D8={root / 'd8.pt'}",
-                                    "--row", f"Ref={root / 'r.pt'}", "--row", f"Self={root / 'r.pt'}@self",
-                                    "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "--val",
+            str(root / "val"),
+            "--row",
+            f"D8={root / 'd8.pt'}",
+            "--row",
+            f"Ref={root / 'r.pt'}",
+            "--row",
+            f"Self={root / 'r.pt'}@self",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in rows] == ["D8", "Ref", "Self"] and rows[2]["self_reference"]

@@ -1,22 +1,21 @@
 """CADyQ and CABM SR networks and δ-RefQSR (bits chosen per patch and layer) through export and
 the compiled engine: the ONNX graphs in ONNX Runtime and the compiled artifact give PyTorch's
 images and the bits PyTorch chose, and `upscale` reports the BitOPs of those bits."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from compile_helpers import compile_saved, psnr, small_refqsr
 from PIL import Image
-
 from refqsr_engine.engine.tiling import extract_patches, make_grid
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.cabm import attach_cabm, build_cabm_table
 from refqsr_engine.models.qconv import QuantConv2d
 from refqsr_engine.models.quant_cadyq import Delta, Selection, dynamic_convs, image_gradient_features
 from refqsr_engine.models.registry import build_sr
-
-from compile_helpers import compile_saved, psnr, small_refqsr
 from test_cadyq import _photo_lr, grad_selector
 
 PATCH = 24
@@ -152,7 +151,7 @@ def test_compiled_delta_refqsr_upscales_as_pytorch_and_counts_the_chosen_bits(tm
     blocks, graphs = model.backbone.blocks, report["graphs"]
     # every quantized conv an integer kernel (per-patch scales at δ), each RefER's warp fused
     assert graphs["reference"]["integer_convs"] == quantized(*blocks)
-    assert graphs["query"]["integer_convs"] == quantized(*blocks[:model.first_refer], *model.refers)
+    assert graphs["query"]["integer_convs"] == quantized(*blocks[: model.first_refer], *model.refers)
     assert graphs["query"]["refer_warps"] == model.n_refer
     reports, got, want = upscale_both_engines(tmp_path, monkeypatch, tmp_path / "model.pt")
     assert np.abs(got - want).max() <= 1 and (got == want).mean() > 0.99
@@ -168,13 +167,12 @@ def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_dp4a_and_its_twin_equals
     the CPU, returns ONNX Runtime's image and exactly its chosen bits."""
     import onnx
     import tvm
-    from tvm import relax
-
     from refqsr_engine.engine.compiler import cuda_build as cb
     from refqsr_engine.engine.compiler.compile_model import compile_model
     from refqsr_engine.engine.compiler.options import CompileOptions
     from refqsr_engine.kernels import cuda_toolchain
     from refqsr_engine.models.checkpoint import save_model
+    from tvm import relax
 
     if not cuda_toolchain.nvcc_available():
         pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")
@@ -183,14 +181,18 @@ def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_dp4a_and_its_twin_equals
     opts = CompileOptions(model=str(tmp_path / "model.pt"), target="cuda", arch="sm_80", patch=PATCH, batch=4)
     report = compile_model(opts, tmp_path / "artifact")
     blocks = model.backbone.blocks
-    for name, n in (("reference", quantized(*blocks)), ("query", quantized(*blocks[:model.first_refer], *model.refers))):
+    for name, n in (
+        ("reference", quantized(*blocks)),
+        ("query", quantized(*blocks[: model.first_refer], *model.refers)),
+    ):
         graph = report["graphs"][name]
         assert graph["variants"].count("dp4a") == graph["integer_convs"] == n and graph["outputs"][-1] == "bits"
     graph = onnx.load(str(tmp_path / "artifact" / "reference.onnx"))
     exe, _ = cb.build_graph_twin(graph, 4)
     x = _photo_patches()[:4].numpy()
     hr, *_, bits = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x))
-    want_hr, *_, want_bits = ort.InferenceSession(str(tmp_path / "artifact" / "reference.onnx"),
-                                                  providers=["CPUExecutionProvider"]).run(None, {"patches": x})
+    want_hr, *_, want_bits = ort.InferenceSession(
+        str(tmp_path / "artifact" / "reference.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, {"patches": x})
     np.testing.assert_array_equal(bits.numpy(), want_bits)
     assert psnr(hr.numpy(), want_hr) >= 50.0

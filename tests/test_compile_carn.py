@@ -8,17 +8,21 @@ checks SRResNet. CUDA (nvcc, no GPU needed): a PAMS 4-3 model is built and its m
 checked, and the CUDA rewrite of its query graph, run on the CPU with the kernels' LLVM twins,
 against ONNX Runtime; on a machine with a GPU the artifact itself against PyTorch.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from skimage import data
-
 from compile_helpers import (
-    assert_compiled_image_matches, assert_images_match, close_patches, compile_saved, psnr,
-    small_refqsr, torch_paths,
+    assert_compiled_image_matches,
+    assert_images_match,
+    close_patches,
+    compile_saved,
+    psnr,
+    small_refqsr,
+    torch_paths,
 )
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
@@ -28,6 +32,7 @@ from refqsr_engine.engine.runtime import CompiledModel
 from refqsr_engine.kernels import cuda_toolchain
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.registry import build_sr
+from skimage import data
 
 PATCH = 24
 BATCH = 4
@@ -36,8 +41,26 @@ CUDA = {"kind": "cuda", "arch": "sm_80"}
 #: (block 2c: conv1 conv2, local fusion, block 2c+1: conv1 conv2, local fusion) and its global
 #: fusion, then 2 upsampler convs and the exit; the query graph is the same with RefER's two
 #: refinement convs in place of block 3's
-QUANTIZED = [False, True, True, False, True, True, False, False, True, True, False, True, True, False, False,
-             False, False, False]
+QUANTIZED = [
+    False,
+    True,
+    True,
+    False,
+    True,
+    True,
+    False,
+    False,
+    True,
+    True,
+    False,
+    True,
+    True,
+    False,
+    False,
+    False,
+    False,
+    False,
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,10 +113,9 @@ def test_cascade_fusion_conv_is_scheduled_and_matches_torch():
     conv (no padding: its "pad" is a plain copy, inlined) gets the row-vector schedule (parallel,
     vectorized) instead of staying a serial loop nest, and computes torch's values."""
     import tvm
-    from tvm import relax
-
     from refqsr_engine.engine.compiler.build import cpu_pipeline
     from refqsr_engine.engine.compiler.cpu_schedule import cpu_schedule_pass
+    from tvm import relax
 
     rng = np.random.default_rng(7)
     a, b = (rng.standard_normal((2, 16, 8, 24)).astype(np.float32) for _ in range(2))
@@ -110,17 +132,29 @@ def test_cascade_fusion_conv_is_scheduled_and_matches_torch():
     mod = bb.get()
     tgt = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2})
     with tgt:
-        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        fused = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
         scheduled = cpu_schedule_pass(2, 8)(fused)
-    convs = [f.script() for f in scheduled.functions.values()
-             if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nchw" in f.script()]
+    convs = [
+        f.script()
+        for f in scheduled.functions.values()
+        if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nchw" in f.script()
+    ]
     assert len(convs) == 1
     assert "T.parallel" in convs[0] and "T.vectorized" in convs[0] and 'sblock("pad_temp")' not in convs[0]
     vm = relax.VirtualMachine(tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
-    want = torch.relu(torch.nn.functional.conv2d(torch.cat([torch.from_numpy(a), torch.from_numpy(b)], 1),
-                                                 torch.from_numpy(w), torch.from_numpy(bias)))
+    want = torch.relu(
+        torch.nn.functional.conv2d(
+            torch.cat([torch.from_numpy(a), torch.from_numpy(b)], 1), torch.from_numpy(w), torch.from_numpy(bias)
+        )
+    )
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -186,7 +220,9 @@ def test_cuda_rewrite_of_query_graph_on_llvm_equals_onnxruntime(cuda_compiled):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     def onnxruntime(name, feeds):
-        return ort.InferenceSession(str(artifact / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+        return ort.InferenceSession(str(artifact / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )
 
     refs, queries = close_patches(BATCH, PATCH, 5)
     _, feat = onnxruntime("reference", {"patches": refs})

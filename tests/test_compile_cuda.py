@@ -6,6 +6,7 @@ ONNX Runtime) and, only where a GPU exists, the artifact itself vs PyTorch.
 A full CUDA artifact takes ~40 s on the 2-core test box, so by default only the 4-3 model is
 compiled (its ClustBlock has the 8-bit dp4a convs); ``REFQSR_SLOW_TESTS=1`` adds the whole 8-4
 artifact and a separate look at the 8-4 reference graph's PTX and library."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from compile_helpers import PATCH, psnr, small_refqsr
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
@@ -82,9 +82,11 @@ def test_variant_choice_is_exact_by_ranges():
 
 
 def test_ptx_instruction_count():
-    ptx = ("dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"
-           "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {..};\n"
-           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {..};")
+    ptx = (
+        "dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"
+        "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {..};\n"
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {..};"
+    )
     assert cb.count_integer_instructions(ptx) == {"dp4a": 2, "mma_s4": 1}
 
 

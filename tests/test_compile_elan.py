@@ -6,21 +6,25 @@ partition's Reshape/Transpose, the shifted windows' roll as Slice/Concat), the s
 Pad/Slice/Concat, BatchNorm folded into the 1x1 projections, and attention shared by the two
 modules of a pair. The patch (48) is a multiple of every window (16) and of the RefER pooling.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from skimage import data
-
 from compile_helpers import (
-    assert_compiled_image_matches, assert_images_match, close_patches, compile_saved, torch_paths,
+    assert_compiled_image_matches,
+    assert_images_match,
+    close_patches,
+    compile_saved,
+    torch_paths,
 )
-from test_elan import _calibrated_refqsr
 from refqsr_engine.engine.compiler.compile_model import compile_model
 from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.runtime import CompiledModel
 from refqsr_engine.kernels import cuda_toolchain
 from refqsr_engine.models.checkpoint import save_model
+from skimage import data
+from test_elan import _calibrated_refqsr
 
 PATCH = 48
 BATCH = 2

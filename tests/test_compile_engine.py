@@ -2,6 +2,7 @@
 checked against the PyTorch reference (same patches, same clustering), plus what the compiler must
 guarantee: integer convs in the built code, our RefER kernel in place of the ONNX subgraph, the
 clustering kernel's bucket padding, and artifacts that refuse the wrong target."""
+
 from __future__ import annotations
 
 import re
@@ -13,16 +14,19 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from skimage import data
-
 from compile_helpers import (
-    PATCH, assert_compiled_image_matches, assert_images_match, close_patches, compile_saved,
-    small_refqsr, torch_paths,
+    PATCH,
+    assert_compiled_image_matches,
+    assert_images_match,
+    close_patches,
+    compile_saved,
+    small_refqsr,
+    torch_paths,
 )
 from refqsr_engine.engine.cli import main
 from refqsr_engine.engine.compiler.compile_model import compile_model
-from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.compiler.onnx_prep import prepare_onnx
+from refqsr_engine.engine.compiler.options import CompileOptions
 from refqsr_engine.engine.compiler.refer_fuse import OP, fuse_refer_warps
 from refqsr_engine.engine.compiler.relax_import import static_input_shapes
 from refqsr_engine.engine.runtime import CompiledModel
@@ -30,6 +34,7 @@ from refqsr_engine.errors import RefQSRError
 from refqsr_engine.kernels.conv2d_int8 import target_has_avx512_vnni
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.clustblock import cluster_patches
+from skimage import data
 
 BATCH = 4
 
@@ -37,7 +42,11 @@ BATCH = 4
 @pytest.fixture(scope="module", params=["ddtb", "pams"])
 def compiled(request, tmp_path_factory):
     model = small_refqsr(request.param)
-    return (request.param, model, *compile_saved(model, tmp_path_factory.mktemp(f"compiled_{request.param}"), PATCH, BATCH))
+    return (
+        request.param,
+        model,
+        *compile_saved(model, tmp_path_factory.mktemp(f"compiled_{request.param}"), PATCH, BATCH),
+    )
 
 
 def _lr_image() -> np.ndarray:
@@ -82,8 +91,12 @@ def test_quantized_convs_are_integer_in_the_built_code(compiled):
         assert "lowbit" in query["variants"] or "int8pair" in query["variants"]
     if shutil.which("objdump") is None:
         pytest.skip("objdump not available")
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(artifact / f"query_b{BATCH}.so")],
-                         capture_output=True, text=True, check=True).stdout
+    asm = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(artifact / f"query_b{BATCH}.so")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     bodies = re.split(r"\n(?=[0-9a-f]+ <)", asm)
     qconv = "\n".join(b for b in bodies if re.match(r"[0-9a-f]+ <qconv_", b))
     assert qconv, "no qconv kernels in the library"
@@ -145,12 +158,24 @@ def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkey
     save_model(tmp_path / "m.pt", model, {}, half=False)
     lr = (_lr_image().transpose(1, 2, 0) * 255).round().astype(np.uint8)
     Image.fromarray(lr).save(tmp_path / "in.png")
-    common = ["--model", str(tmp_path / "m.pt"), "--patch", str(PATCH), "--batch", str(BATCH), "--threads", "2",
-              "--json", "--quiet"]
+    common = [
+        "--model",
+        str(tmp_path / "m.pt"),
+        "--patch",
+        str(PATCH),
+        "--batch",
+        str(BATCH),
+        "--threads",
+        "2",
+        "--json",
+        "--quiet",
+    ]
     runner = CliRunner()
     reports = []
     for engine, out in (("tvm", "tvm1.png"), ("tvm", "tvm2.png"), ("torch", "torch.png")):
-        result = runner.invoke(main, ["upscale", str(tmp_path / "in.png"), str(tmp_path / out), "--engine", engine, *common])
+        result = runner.invoke(
+            main, ["upscale", str(tmp_path / "in.png"), str(tmp_path / out), "--engine", engine, *common]
+        )
         assert result.exit_code == 0, result.output
         reports.append(__import__("json").loads(result.output))
     assert reports[0]["compiled_now"] and not reports[1]["compiled_now"]  # cached after the first run
@@ -160,7 +185,7 @@ def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkey
     assert got.shape == want.shape == (lr.shape[0] * 4, lr.shape[1] * 4, 3)
     assert np.mean(np.abs(got - want) <= 1) >= 0.999
     # the cached engine on a 16-bit grayscale PNG: written back as 16-bit gray
-    gray16 = (lr[..., 1].astype(np.uint16) * 257)
+    gray16 = lr[..., 1].astype(np.uint16) * 257
     la = Image.fromarray(gray16).convert("I;16")
     la.save(tmp_path / "g16.png")
     result = runner.invoke(main, ["upscale", str(tmp_path / "g16.png"), str(tmp_path / "g16_x4.png"), *common])
@@ -186,8 +211,10 @@ def test_parallel_graph_builds_give_the_same_artifact(tmp_path):
     save_model(tmp_path / "fp.pt", net, {}, half=False)
     outs = []
     for jobs in (1, 2):
-        compile_model(CompileOptions(model=str(tmp_path / "fp.pt"), patch=15, batch=4, threads=1, jobs=jobs),
-                      tmp_path / f"a{jobs}")
+        compile_model(
+            CompileOptions(model=str(tmp_path / "fp.pt"), patch=15, batch=4, threads=1, jobs=jobs),
+            tmp_path / f"a{jobs}",
+        )
         engine = CompiledModel.load(tmp_path / f"a{jobs}")
         x = np.random.default_rng(0).random((5, 3, 15, 15), dtype=np.float32)
         outs.append(engine.sr(x))  # runs a 4-batch and a padded 1-batch
@@ -202,8 +229,9 @@ def _rss_probe(model: str, src, dst, *extra: str) -> dict:
     from pathlib import Path
 
     probe = Path(__file__).with_name("rss_probe.py")
-    out = subprocess.run([sys.executable, str(probe), model, str(src), str(dst), *extra],
-                         capture_output=True, text=True, timeout=3000)
+    out = subprocess.run(
+        [sys.executable, str(probe), model, str(src), str(dst), *extra], capture_output=True, text=True, timeout=3000
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -229,8 +257,17 @@ def test_peak_memory_grows_with_the_output_not_the_patch_count(compiled, tmp_pat
     runs = {}
     for name, size in (("small", (72, 48)), ("large", (640, 360))):
         _photo_lr(*size).save(tmp_path / f"{name}.png")
-        runs[name] = _rss_probe(model, tmp_path / f"{name}.png", tmp_path / f"{name}_x4.png", "--artifact",
-                                str(artifact), "--patch", str(PATCH), "--batch", str(BATCH))
+        runs[name] = _rss_probe(
+            model,
+            tmp_path / f"{name}.png",
+            tmp_path / f"{name}_x4.png",
+            "--artifact",
+            str(artifact),
+            "--patch",
+            str(PATCH),
+            "--batch",
+            str(BATCH),
+        )
     small, large = runs["small"], runs["large"]
     assert large["patches"] > 500 and large["hr_size"] == [1440, 2560]
     extra_small = small["peak_mib"] - small["rss_before_mib"]

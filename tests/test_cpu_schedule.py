@@ -5,26 +5,27 @@ Every schedule variant is built through the engine's own Relax pipeline: the row
 time or (weight not a constant) packed per call, with a fused bias / residual epilogue, and the
 channel-vector fallback for strided convs and rows without a whole vector.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import tvm
+from refqsr_engine.engine.compiler.build import cpu_pipeline
+from refqsr_engine.engine.compiler.cpu_schedule import ConvTile, conv_tile, cpu_schedule_pass, vector_lanes
+from refqsr_engine.engine.compiler.options import CompileOptions, host_mcpu
+from refqsr_engine.kernels.layouts import pack_conv_weights_oc, unpack_conv_weights_oc
 from tvm import relax
 from tvm.target import codegen
-
-from refqsr_engine.engine.compiler.build import cpu_pipeline
-from refqsr_engine.engine.compiler.options import CompileOptions, host_mcpu
-from refqsr_engine.engine.compiler.cpu_schedule import ConvTile, conv_tile, cpu_schedule_pass, vector_lanes
-from refqsr_engine.kernels.layouts import pack_conv_weights_oc, unpack_conv_weights_oc
 
 AVX2 = {"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2}
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
 HOST_HAS_AVX512 = bool(codegen.target_has_features("avx512f", tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})))
-TARGETS = [pytest.param(AVX2, id="avx2"),
-           pytest.param(AVX512, id="avx512",
-                        marks=pytest.mark.skipif(not HOST_HAS_AVX512, reason="this CPU has no AVX-512"))]
+TARGETS = [
+    pytest.param(AVX2, id="avx2"),
+    pytest.param(AVX512, id="avx512", marks=pytest.mark.skipif(not HOST_HAS_AVX512, reason="this CPU has no AVX-512")),
+]
 
 
 def _conv_module(x_shape, w, b, pad, stride=1, residual=False, weight_input=False):
@@ -60,23 +61,27 @@ def _run_case(target, n, cin, cout, k, size, stride=1, residual=False, weight_in
     args = [tvm.runtime.tensor(x)] + ([tvm.runtime.tensor(w)] if weight_input else [])
     got = vm["main"](*args).numpy()
     with torch.no_grad():
-        want = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b),
-                                          stride=stride, padding=pad)
+        want = torch.nn.functional.conv2d(
+            torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), stride=stride, padding=pad
+        )
         if residual:
             want = want + torch.from_numpy(x)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("case", [
-    pytest.param(dict(n=2, cin=3, cout=64, k=9, size=32), id="head-3to64-9x9"),
-    pytest.param(dict(n=1, cin=64, cout=3, k=9, size=32), id="tail-64to3-9x9"),
-    pytest.param(dict(n=2, cin=64, cout=64, k=3, size=16, residual=True), id="body-3x3-residual"),
-    pytest.param(dict(n=1, cin=16, cout=256, k=3, size=24), id="upsampler-3x3-row24"),
-    pytest.param(dict(n=1, cin=8, cout=16, k=3, size=15), id="row15-channel-fallback"),
-    pytest.param(dict(n=1, cin=8, cout=16, k=3, size=32, stride=2), id="stride2-channel-fallback"),
-    pytest.param(dict(n=1, cin=8, cout=16, k=3, size=32, weight_input=True), id="weight-input-packed-per-call"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(dict(n=2, cin=3, cout=64, k=9, size=32), id="head-3to64-9x9"),
+        pytest.param(dict(n=1, cin=64, cout=3, k=9, size=32), id="tail-64to3-9x9"),
+        pytest.param(dict(n=2, cin=64, cout=64, k=3, size=16, residual=True), id="body-3x3-residual"),
+        pytest.param(dict(n=1, cin=16, cout=256, k=3, size=24), id="upsampler-3x3-row24"),
+        pytest.param(dict(n=1, cin=8, cout=16, k=3, size=15), id="row15-channel-fallback"),
+        pytest.param(dict(n=1, cin=8, cout=16, k=3, size=32, stride=2), id="stride2-channel-fallback"),
+        pytest.param(dict(n=1, cin=8, cout=16, k=3, size=32, weight_input=True), id="weight-input-packed-per-call"),
+    ],
+)
 def test_scheduled_float_conv_matches_torch(target, case):
     _run_case(target, **case)
 
@@ -86,8 +91,13 @@ def _scheduled(target, cin, cout, k, size):
     mod = _conv_module((1, cin, size, size), w, np.zeros(cout, np.float32), k // 2)
     tgt = tvm.target.Target(target)
     with tgt:
-        seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-               relax.transform.FuseTIR(), cpu_schedule_pass(2, vector_lanes(tgt))]
+        seq = [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            cpu_schedule_pass(2, vector_lanes(tgt)),
+        ]
         return tvm.transform.Sequential(seq)(mod)
 
 
@@ -100,7 +110,7 @@ def test_constant_weight_is_prepacked_epilogue_fused_padding_decomposed():
     np.testing.assert_array_equal(unpack_conv_weights_oc(weight.value.numpy()), np.ones((32, 16, 3, 3), np.float32))
     prim = mod[call.args[0].name_hint]
     script = prim.script()
-    assert "sblock(\"T_add\")" not in script  # the bias add happens in the conv's store
+    assert 'sblock("T_add")' not in script  # the bias add happens in the conv's store
     assert "pad_temp_pad_const" in script  # padding: zero fill + branch-free interior copy
     assert sum(isinstance(f, relax.Function) for f in mod.functions.values()) == 1
 
@@ -139,8 +149,14 @@ def test_default_mcpu_is_the_host_and_the_baseline_stays():
 def _scheduled_primfuncs(mod: tvm.IRModule, tgt: tvm.target.Target) -> list:
     """The PrimFuncs of ``mod`` after the pipeline's legalize + fuse steps and our CPU schedule."""
     with tgt:
-        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+        fused = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
         scheduled = cpu_schedule_pass(2, 8)(fused)
     return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
 
@@ -195,9 +211,14 @@ def test_spatial_mean_is_vectorized_and_matches_torch():
     np.testing.assert_allclose(got, torch.from_numpy(xv).mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shapes", [((6, 64, 20), (6, 20, 64)),    # ELAN's q.q^T (window 8, 20 channels)
-                                    ((6, 64, 64), (6, 64, 20)),    # A.V: a 20-wide output row
-                                    ((2, 3, 16, 12), (2, 3, 12, 16))])  # two batch axes
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((6, 64, 20), (6, 20, 64)),  # ELAN's q.q^T (window 8, 20 channels)
+        ((6, 64, 64), (6, 64, 20)),  # A.V: a 20-wide output row
+        ((2, 3, 16, 12), (2, 3, 12, 16)),
+    ],
+)  # two batch axes
 def test_window_attention_matmul_softmax_is_tiled_and_matches_torch(shapes):
     """ELAN's attention: the matmul gets a register tile with vectors along its output row, the
     softmax its exp once (polynomial, vectorized) and vector max/sum over the last axis."""
@@ -230,8 +251,13 @@ def _scheduled_primfuncs_cpu_legalize(mod: tvm.IRModule, tgt: tvm.target.Target)
     from refqsr_engine.engine.compiler.build import CPU_LEGALIZE
 
     with tgt:
-        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(customize_legalize_map=CPU_LEGALIZE),
-                                          relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
-                                          relax.transform.FuseTIR()])(mod)
+        fused = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(customize_legalize_map=CPU_LEGALIZE),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
         scheduled = cpu_schedule_pass(2, 8)(fused)
     return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]

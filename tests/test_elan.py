@@ -11,6 +11,7 @@
 * BitOPs: the paper's Table IV ELAN numbers (Urban100, Test2K, Test4K) reproduced by
   paper_style_bitops; count_bitops for elan_light against closed-form counts.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,8 +21,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from compile_helpers import assert_images_match, ort_session
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
@@ -32,6 +31,7 @@ from refqsr_engine.models.elan import GMSA, RGB_MEAN, ELANLight, paper_style_bit
 from refqsr_engine.models.qconv import BitSpec, QuantConv2d
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
+from torch import nn
 
 SMALL = {"n_blocks": 4, "n_feats": 30}  # 2 pairs (one plain, one shifted); 30 = 5 shift groups x 6
 
@@ -64,8 +64,9 @@ def twin_shift(x: torch.Tensor) -> torch.Tensor:
         dy, dx = SHIFT_OFFSETS[min(ch // g, 4)]
         rows, cols = torch.arange(h) + dy, torch.arange(w) + dx
         ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
-        out[:, ch][:, ok_r.nonzero()[:, 0].unsqueeze(1), ok_c.nonzero()[:, 0]] = \
-            x[:, ch][:, rows[ok_r].unsqueeze(1), cols[ok_c]]
+        out[:, ch][:, ok_r.nonzero()[:, 0].unsqueeze(1), ok_c.nonzero()[:, 0]] = x[:, ch][
+            :, rows[ok_r].unsqueeze(1), cols[ok_c]
+        ]
     return out
 
 
@@ -90,7 +91,7 @@ def twin_gmsa(x: torch.Tensor, mod: GMSA, shared: list | None) -> tuple[torch.Te
     b, _, h, w = x.shape
     outs, maps = [], []
     for k, size in enumerate(mod.window_sizes):
-        grp = proj[:, k * width:(k + 1) * width]
+        grp = proj[:, k * width : (k + 1) * width]
         if mod.shifted:
             grp = torch.roll(grp, (-(size // 2), -(size // 2)), (2, 3))
         c = width // 2 if shared is None else width
@@ -98,14 +99,14 @@ def twin_gmsa(x: torch.Tensor, mod: GMSA, shared: list | None) -> tuple[torch.Te
         group_maps = {}
         for r in range(0, h, size):
             for s in range(0, w, size):
-                tokens = grp[:, :, r:r + size, s:s + size].reshape(b, width, size * size).transpose(1, 2)
+                tokens = grp[:, :, r : r + size, s : s + size].reshape(b, width, size * size).transpose(1, 2)
                 if shared is None:
                     q, v = tokens[..., :c], tokens[..., c:]
                     attn = torch.softmax(q @ q.transpose(1, 2), dim=-1)
                 else:
                     attn, v = shared[k][(r, s)], tokens
                 group_maps[(r, s)] = attn
-                out[:, :, r:r + size, s:s + size] = (attn @ v).transpose(1, 2).reshape(b, c, size, size)
+                out[:, :, r : r + size, s : s + size] = (attn @ v).transpose(1, 2).reshape(b, c, size, size)
         if mod.shifted:
             out = torch.roll(out, (size // 2, size // 2), (2, 3))
         outs.append(out)
@@ -344,7 +345,9 @@ def test_model_file_round_trip(refqsr_elan: RefQSR, tmp_path) -> None:
         a, fa = refqsr_elan.reference_forward(x)
         b, fb = loaded.reference_forward(x)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-        torch.testing.assert_close(refqsr_elan.query_forward(x, fa, True), loaded.query_forward(x, fb, True), rtol=0, atol=0)
+        torch.testing.assert_close(
+            refqsr_elan.query_forward(x, fa, True), loaded.query_forward(x, fb, True), rtol=0, atol=0
+        )
     # a non-default window layout is rebuilt from the file, not replaced by the preset's
     net = build_sr("elan_light", n_blocks=2, n_feats=12, window_sizes=(2, 4, 8)).eval()
     save_model(tmp_path / "sr.pt", net, half=False)
@@ -395,7 +398,6 @@ def test_export_refqsr_runs_in_onnx_runtime(tmp_path) -> None:
     assert query_ops["Softmax"] == 2 * 3 and "BatchNormalization" not in query_ops
 
 
-
 def test_export_refqsr_refuses_a_patch_whose_padded_features_do_not_pool(tmp_path) -> None:
     """24 px pads to 32 inside ELAN-light, which RefER's 3x3 pooling cannot tile: one clear error."""
     with pytest.raises(RefQSRError, match="patch size 24 gives .* 32x32 px, not a multiple of 3"):
@@ -425,8 +427,13 @@ def test_paper_style_bitops_breakdown() -> None:
     got = paper_style_bitops((180, 320), 72, 6, 32)
     per_px = {k: v * 1e9 / (2 * pixels) for k, v in got.items()}
     window = (16 + 64 + 256) * 20  # per pixel of one window matmul, 20 channels per group
-    expected = {"lfe": 24 * 2 * 60 * 120, "gmsa_projections": 12 * 5 * 60 * 60, "attention_scores": 12 * window,
-                "tail": 60 * 48 * 9, "attention_apply": 24 * window}
+    expected = {
+        "lfe": 24 * 2 * 60 * 120,
+        "gmsa_projections": 12 * 5 * 60 * 60,
+        "attention_scores": 12 * window,
+        "tail": 60 * 48 * 9,
+        "attention_apply": 24 * window,
+    }
     for k, v in expected.items():
         assert per_px[k] == pytest.approx(v, rel=1e-12), k
     assert per_px["total"] == pytest.approx(829_440, rel=1e-12)

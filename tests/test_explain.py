@@ -1,4 +1,5 @@
 """`refqsr-engine explain`: the patch-assignment picture (paper Fig. 5) and its errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-
 from refqsr_engine.engine import explain as X
 from refqsr_engine.engine.cli import main
 from refqsr_engine.errors import RefQSRError

@@ -1,5 +1,6 @@
 """ONNX export: ONNX Runtime runs the exported QDQ graphs and matches PyTorch; the graphs carry
 integer weights, QDQ activations in 8-bit containers and per-conv bit metadata."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
-
 from compile_helpers import assert_images_match, ort_session, small_refqsr
+from onnx import numpy_helper
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.clustblock import ClustBlock
@@ -107,7 +107,11 @@ def test_low_bit_activations_use_few_levels(exported):
     node = next(n for n in graph.graph.node if n.name in convs and convs[n.name]["act_bits"] == 4)
     producers = {o: n for n in graph.graph.node for o in n.output}
     q_name = producers[node.input[0]].input[0]  # DequantizeLinear's integer input
-    graph.graph.output.append(onnx.helper.make_tensor_value_info(q_name, onnx.TensorProto.UINT8 if scheme == "ddtb" else onnx.TensorProto.INT8, None))
+    graph.graph.output.append(
+        onnx.helper.make_tensor_value_info(
+            q_name, onnx.TensorProto.UINT8 if scheme == "ddtb" else onnx.TensorProto.INT8, None
+        )
+    )
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     torch.manual_seed(5)
     feeds = {"patches": np.random.rand(2, 3, PATCH, PATCH).astype(np.float32)}

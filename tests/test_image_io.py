@@ -1,4 +1,5 @@
 """engine/image_io: bit depths, modes, EXIF/ICC, output formats, bad input, folder helpers."""
+
 from __future__ import annotations
 
 import struct
@@ -8,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps
-
 from refqsr_engine.engine.image_io import list_images, output_path_for, read_image, upscale_alpha, write_image
 from refqsr_engine.errors import RefQSRError
 
@@ -34,7 +34,16 @@ def _png_by_hand(samples: np.ndarray, bits: int = 16, width: int | None = None, 
     h, w, c = samples.shape
     rows = samples.astype(">u2" if bits == 16 else np.uint8).view(np.uint8).reshape(h, -1)
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
-    ihdr = struct.pack(">IIBBBBB", w if width is None else width, h if height is None else height, bits, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    ihdr = struct.pack(
+        ">IIBBBBB",
+        w if width is None else width,
+        h if height is None else height,
+        bits,
+        {1: 0, 2: 4, 3: 2, 4: 6}[c],
+        0,
+        0,
+        0,
+    )
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
 
 
@@ -51,6 +60,7 @@ def _write_loaded(path: Path, image) -> None:
 
 
 # -- bit depth ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_16bit_png_read_write_keeps_exact_values(tmp_path, channels):
@@ -100,6 +110,7 @@ def test_16bit_input_gives_8bit_where_the_format_has_no_16bit(tmp_path):
 
 
 # -- modes ----------------------------------------------------------------------------------------
+
 
 def test_gray_stays_gray(tmp_path):
     gray = _photo()[..., 1]
@@ -174,6 +185,7 @@ def test_cmyk_and_16bit_gray(tmp_path):
 
 # -- metadata -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
 def test_exif_orientation_applied_and_written_back_as_1(tmp_path, fmt):
     rgb = np.random.default_rng(2).integers(0, 256, (4, 6, 3)).astype(np.uint8)
@@ -211,6 +223,7 @@ def test_icc_profile_carried(tmp_path, ext, depth):
 
 # -- bad input ------------------------------------------------------------------------------------
 
+
 def _truncated(path: Path, fmt: str) -> None:
     Image.fromarray(_photo(40, 40)).save(path, fmt)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -225,11 +238,30 @@ def _truncated(path: Path, fmt: str) -> None:
         (lambda p: p.write_bytes(b""), "not an image Pillow can read"),
         (lambda p: _truncated(p, "PNG"), "cannot read the image (image file is truncated"),
         (lambda p: _truncated(p, "JPEG"), "cannot read the image"),
-        (lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=0)), "not an image Pillow can read"),
-        (lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=100_000, height=100_000)), "decompression bomb"),
-        (lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=9000, height=9000)), "exceeds the limit of 64000000"),
+        (
+            lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=0)),
+            "not an image Pillow can read",
+        ),
+        (
+            lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=100_000, height=100_000)),
+            "decompression bomb",
+        ),
+        (
+            lambda p: p.write_bytes(_png_by_hand(np.zeros((1, 1, 3), np.uint8), 8, width=9000, height=9000)),
+            "exceeds the limit of 64000000",
+        ),
     ],
-    ids=["missing", "directory", "text", "empty", "truncated-png", "truncated-jpeg", "zero-size", "bomb", "over-max-pixels"],
+    ids=[
+        "missing",
+        "directory",
+        "text",
+        "empty",
+        "truncated-png",
+        "truncated-jpeg",
+        "zero-size",
+        "bomb",
+        "over-max-pixels",
+    ],
 )
 def test_bad_input_is_one_line_error_and_no_file(tmp_path, make, message):
     src, dst = tmp_path / "in.png", tmp_path / "out.png"
@@ -272,7 +304,11 @@ def test_failed_writes_leave_old_output_and_no_temp_file(tmp_path, monkeypatch):
         write_image(dst, rgb)
     monkeypatch.undo()
     (tmp_path / "folder.png").mkdir()
-    for bad, message in (("nope/o.png", "does not exist"), ("o.gif", "unknown output format"), ("folder.png", "output is a folder")):
+    for bad, message in (
+        ("nope/o.png", "does not exist"),
+        ("o.gif", "unknown output format"),
+        ("folder.png", "output is a folder"),
+    ):
         with pytest.raises(RefQSRError, match=message):
             write_image(tmp_path / bad, rgb)
     write_image(dst, rgb)  # success replaces the old file
@@ -281,6 +317,7 @@ def test_failed_writes_leave_old_output_and_no_temp_file(tmp_path, monkeypatch):
 
 
 # -- folder helpers -------------------------------------------------------------------------------
+
 
 def test_list_images_and_output_path_for(tmp_path):
     for name in ("b.PNG", "a.jpg", "c.Tiff", ".hidden.png", "notes.txt", "d.webp", "e.jpeg"):

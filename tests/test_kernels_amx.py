@@ -3,6 +3,7 @@ conv of the same integers, worst-case operands included), the split-bf16 float c
 float64 torch conv: fp32-grade error) and the Relax pass that puts a graph's float convs on them
 (against ONNX-free torch). Kernel tests are skipped on CPUs without AMX or where Linux does not
 grant the tile state; the pure-Python parts (packing, target choice, runtime guard) run anywhere."""
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
-from tvm import relax
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.kernels import amx
 from refqsr_engine.kernels.conv2d_int8 import Conv2dShape
@@ -28,22 +27,24 @@ from refqsr_engine.kernels.conv_amx_bf16 import (
 )
 from refqsr_engine.kernels.qconv_amx import amx_fits, pack_amx_weights
 from refqsr_engine.kernels.qconv_fused import QConvSpec, choose_variant, pack_qconv_weights, qconv_primfunc
+from tvm import relax
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cpu_schedule import _conv_module  # noqa: E402
 from test_kernels_qconv import case_problem  # noqa: E402
 
 AMX_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
-needs_amx = pytest.mark.skipif(not (amx.host_has_amx() and amx.enable_amx()),
-                               reason="CPU without AMX, or Linux did not grant the tile state")
+needs_amx = pytest.mark.skipif(
+    not (amx.host_has_amx() and amx.enable_amx()), reason="CPU without AMX, or Linux did not grant the tile state"
+)
 
 # N, C, O, H, W, K, stride, pad, bits, signed container, weight range (the CASES layout of
 # test_kernels_qconv, at widths the AMX conv covers)
 AMX_CASES = [
-    (2, 64, 64, 8, 32, 3, 1, 1, 8, False, (-255, 0)),    # DDTB asymmetric 8-bit weights: shifted into s8
+    (2, 64, 64, 8, 32, 3, 1, 1, 8, False, (-255, 0)),  # DDTB asymmetric 8-bit weights: shifted into s8
     (2, 64, 64, 8, 32, 3, 1, 1, 8, False, (-200, 55)),
-    (2, 64, 64, 8, 32, 3, 1, 1, 8, True, (-127, 127)),   # PAMS 8-bit
-    (2, 64, 64, 8, 32, 3, 1, 1, 4, False, (-31, 32)),    # DDTB 4-bit activations, 6-bit weights
+    (2, 64, 64, 8, 32, 3, 1, 1, 8, True, (-127, 127)),  # PAMS 8-bit
+    (2, 64, 64, 8, 32, 3, 1, 1, 4, False, (-31, 32)),  # DDTB 4-bit activations, 6-bit weights
     (1, 128, 96, 5, 64, 3, 1, 1, 8, False, (-128, 127)),  # two K blocks, three output tile pairs
     (2, 64, 32, 6, 32, 1, 1, 0, 8, False, (-128, 127)),  # 1x1
 ]
@@ -62,8 +63,9 @@ def _run(func, args, out_shape):
 def test_amx_qconv_matches_float64_conv(case):
     spec, x, s, z, w, ws, want = case_problem(case)
     assert amx_fits(spec.shape)
-    variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, True, spec.shape.kernel, spec.shape.c8,
-                             avx512=True, amx=True)
+    variant = choose_variant(
+        spec.act_max, spec.w_min, spec.w_max, True, spec.shape.kernel, spec.shape.c8, avx512=True, amx=True
+    )
     assert variant == "amx"
     packed, sums = pack_qconv_weights(w, variant, spec.weight_shift)
     got = _run(qconv_primfunc(spec, variant), (x, s, z, packed, sums, ws), want.shape)
@@ -98,8 +100,12 @@ def _float_problem(n, c, o, h, w, k, seed=0):
 
 
 def _float64_conv(x, w, b, residual=None):
-    y = F.conv2d(torch.tensor(x, dtype=torch.float64), torch.tensor(w, dtype=torch.float64),
-                 torch.tensor(b, dtype=torch.float64), padding=w.shape[-1] // 2)
+    y = F.conv2d(
+        torch.tensor(x, dtype=torch.float64),
+        torch.tensor(w, dtype=torch.float64),
+        torch.tensor(b, dtype=torch.float64),
+        padding=w.shape[-1] // 2,
+    )
     if residual is not None:
         y = y + torch.tensor(residual, dtype=torch.float64)
     return y.numpy()
@@ -144,7 +150,12 @@ def test_float_conv_pass_moves_covered_convs_and_matches_torch():
     from refqsr_engine.engine.compiler.float_conv_amx import rewrite_float_convs
 
     tgt = tvm.target.Target(AMX_TARGET)
-    for (c, o, k, size), moved in (((64, 64, 3, 32), 1), ((64, 3, 9, 32), 1), ((3, 64, 9, 32), 0), ((64, 64, 3, 24), 0)):
+    for (c, o, k, size), moved in (
+        ((64, 64, 3, 32), 1),
+        ((64, 3, 9, 32), 1),
+        ((3, 64, 9, 32), 0),
+        ((64, 64, 3, 24), 0),
+    ):
         x, w, b = _float_problem(1, c, o, size, size, k, seed=c + o + k)
         mod = _conv_module(x.shape, w, b, k // 2)
         mod, n = rewrite_float_convs(mod)
@@ -194,9 +205,8 @@ def test_runtime_refuses_an_amx_artifact_where_amx_is_not_granted(monkeypatch):
 
 
 def test_host_mcpu_names_an_amx_cpu_from_its_flags(monkeypatch):
-    from tvm.target import codegen
-
     from refqsr_engine.kernels import host_cpu
+    from tvm.target import codegen
 
     monkeypatch.setattr(host_cpu, "host_cpu_flags", lambda: host_cpu.SAPPHIRE_RAPIDS_FLAGS | {"avx2"})
     monkeypatch.setattr(amx, "enable_amx", lambda: True)

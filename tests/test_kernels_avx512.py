@@ -2,6 +2,7 @@
 conv of the same integers, worst-case operands included (the no-overflow bounds), the fused
 kernel's weight shift for weights beyond s8, and that the code really runs in zmm registers.
 Skipped on CPUs without AVX-512 F+BW+VNNI (checked in /proc/cpuinfo)."""
+
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
-
 from refqsr_engine.kernels.conv2d_int8 import (
     Conv2dShape,
     build_conv2d_int8,
@@ -36,8 +36,9 @@ def _host_target():
 
 def _int_conv(q, w, stride=1, pad=1):
     """sum q * w over each window (q already zero-point shifted), exact in float64 -> int64."""
-    y = F.conv2d(torch.tensor(np.asarray(q, np.float64)), torch.tensor(np.asarray(w, np.float64)),
-                 stride=stride, padding=pad)
+    y = F.conv2d(
+        torch.tensor(np.asarray(q, np.float64)), torch.tensor(np.asarray(w, np.float64)), stride=stride, padding=pad
+    )
     return y.numpy().astype(np.int64)
 
 
@@ -65,9 +66,11 @@ def _raw_reference(x, w, zp):
 # packed kernels
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 64, 12, 12), (1, 64, 24, 5, 7), (1, 3, 64, 6, 10), (1, 64, 3, 5, 8),
-                                   (1, 16, 40, 5, 5, 1)],
-                         ids=["64to64", "64to24-odd", "3to64", "64to3", "1x1"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 64, 64, 12, 12), (1, 64, 24, 5, 7), (1, 3, 64, 6, 10), (1, 64, 3, 5, 8), (1, 16, 40, 5, 5, 1)],
+    ids=["64to64", "64to24-odd", "3to64", "64to3", "1x1"],
+)
 def test_vnni512_random_full_u8_s8(shape):
     k = _kernel(shape, "vnni512")
     n, c, o, h, w_ = shape[:5]
@@ -156,8 +159,9 @@ def test_fused_vnni512_weight_shift_worst_case_bit_exact(w_range):
             w = np.full((64, 64, 3, 3), wlo if pattern == "lo" else whi)
             if pattern == "mixed":
                 w[::2] = wlo
-            y = _run_fused(spec, "vnni512", x, np.ones(1, np.float32), np.full(1, zp, np.float32), w,
-                           np.ones(64, np.float32))
+            y = _run_fused(
+                spec, "vnni512", x, np.ones(1, np.float32), np.full(1, zp, np.float32), w, np.ones(64, np.float32)
+            )
             want = _int_conv(np.full((1, 64, 4, 16), 255.0) - zp, w).astype(np.float32)
             np.testing.assert_array_equal(y, want)
 

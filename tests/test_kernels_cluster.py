@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from refqsr_engine.kernels.cluster_kernels import (
     assign,
     build_affinity_kernel,

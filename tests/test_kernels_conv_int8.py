@@ -4,12 +4,11 @@ worst cases, packed layouts, and that the built code really uses the integer SIM
 import numpy as np
 import pytest
 import torch
-
 from refqsr_engine.kernels import host_cpu, layouts
 from refqsr_engine.kernels.conv_int8_avx2 import (
     build_conv2d_int8,
-    host_has_vnni,
     build_conv2d_lowbit,
+    host_has_vnni,
     int8_is_exact,
     lowbit_chunk_steps,
     pack_activations,
@@ -214,11 +213,13 @@ def test_vnni_variant_exact_full_range():
     full u8 x s8 range when built for this host and run. Only the host build runs: "sapphirerapids"
     emits the VEX form (AVX-VNNI), which CPUs with only AVX512-VNNI + VL (AMD Zen 4) lack; for
     them LLVM emits the EVEX form of the same instruction."""
-    spr = build_conv2d_int8(1, 64, 64, 6, 8, variant="vnni",
-                            target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    spr = build_conv2d_int8(
+        1, 64, 64, 6, 8, variant="vnni", target={"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+    )
     assert "vpdpbusd" in spr.asm() and "%zmm" not in spr.asm()
-    k = build_conv2d_int8(1, 64, 64, 6, 8, variant="vnni",
-                          target={"kind": "llvm", "mcpu": host_cpu.host_mcpu(), "num-cores": 2})
+    k = build_conv2d_int8(
+        1, 64, 64, 6, 8, variant="vnni", target={"kind": "llvm", "mcpu": host_cpu.host_mcpu(), "num-cores": 2}
+    )
     assert "vpdpbusd" in k.asm()
     x = np.full((1, 64, 6, 8), 255)
     for v in (-128, 127):

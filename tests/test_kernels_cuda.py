@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-
 from refqsr_engine.kernels import conv2d_cuda as cc
 from refqsr_engine.kernels import cuda_toolchain
 
@@ -159,8 +158,10 @@ BUILDS = {
 def cuda_kernels():
     if not HAS_NVCC:
         pytest.skip("nvcc is not on PATH: CUDA kernels cannot be built")
-    return {name: cc.build_conv2d_cuda(shape, variant, "sm_80", signed)
-            for name, (shape, variant, signed, _) in BUILDS.items()}
+    return {
+        name: cc.build_conv2d_cuda(shape, variant, "sm_80", signed)
+        for name, (shape, variant, signed, _) in BUILDS.items()
+    }
 
 
 @needs_nvcc
@@ -203,8 +204,10 @@ def test_scheduled_prim_funcs_build_inside_relax_call_tir():
     w4 = relax.Var("w4", relax.TensorType(s.weight_shape("s4mma"), "uint32"))
     with bb.function("main", [a8, w8, a4, w4]):
         outs = []
-        for variant, make, args in (("dp4a", cc.conv2d_dp4a_primfunc, [a8, w8]),
-                                    ("s4mma", cc.conv2d_s4mma_primfunc, [a4, w4])):
+        for variant, make, args in (
+            ("dp4a", cc.conv2d_dp4a_primfunc, [a8, w8]),
+            ("s4mma", cc.conv2d_s4mma_primfunc, [a4, w4]),
+        ):
             gv = bb.add_func(make(s), f"conv2d_{variant}")
             outs.append(bb.emit(relax.call_tir(gv, args, relax.TensorType(s.out_shape(variant), "int32"))))
         bb.emit_func_output(relax.Tuple(outs))

@@ -1,6 +1,7 @@
 """The fused quantized conv (quantize + pack -> integer conv -> dequantize) against a float64
 PyTorch conv of the same integer grid values, for every variant it picks, worst-case ranges
 included."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tvm
-
 from refqsr_engine.kernels.conv2d_int8 import Conv2dShape, default_target
 from refqsr_engine.kernels.qconv_fused import QConvSpec, choose_variant, pack_qconv_weights, qconv_primfunc
 
@@ -23,12 +23,12 @@ def _reference(x, s, z, w, ws, lo, hi, stride, pad):
 CASES = [
     # N, C, O, H, W, K, stride, pad, bits, signed container, weight range
     (2, 64, 64, 12, 12, 3, 1, 1, 8, False, (-255, 255)),  # asymmetric 8-bit weights beyond s8
-    (2, 64, 64, 12, 12, 3, 1, 1, 8, True, (-127, 127)),   # PAMS 8-bit
-    (2, 64, 64, 12, 12, 3, 1, 1, 4, False, (-31, 32)),    # DDTB 4-bit activations, 6-bit weights
-    (2, 64, 64, 12, 12, 3, 1, 1, 4, True, (-7, 7)),       # PAMS 4-bit
+    (2, 64, 64, 12, 12, 3, 1, 1, 8, True, (-127, 127)),  # PAMS 8-bit
+    (2, 64, 64, 12, 12, 3, 1, 1, 4, False, (-31, 32)),  # DDTB 4-bit activations, 6-bit weights
+    (2, 64, 64, 12, 12, 3, 1, 1, 4, True, (-7, 7)),  # PAMS 4-bit
     (2, 64, 64, 12, 12, 3, 1, 1, 7, False, (-64, 63)),
-    (2, 3, 64, 24, 24, 3, 3, 0, 8, False, (-128, 127)),   # ClustBlock conv 1: stride 3, no padding, 3 channels
-    (2, 32, 47, 1, 1, 1, 1, 0, 8, False, (-128, 127)),    # ClustBlock FC as a 1x1 conv, 47 classes
+    (2, 3, 64, 24, 24, 3, 3, 0, 8, False, (-128, 127)),  # ClustBlock conv 1: stride 3, no padding, 3 channels
+    (2, 32, 47, 1, 1, 1, 1, 0, 8, False, (-128, 127)),  # ClustBlock FC as a 1x1 conv, 47 classes
 ]
 
 
@@ -65,30 +65,36 @@ def test_fused_qconv_matches_float64_conv(case):
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("ranges, vnni, expected", [
-    ((255, -128, 127), False, "int16"),
-    ((255, -255, 255), True, "int16"),   # weights beyond s8: only the 16-bit kernel holds them
-    ((255, -128, 127), True, "vnni"),
-    ((15, -8, 7), False, "lowbit"),
-    ((15, -31, 32), False, "lowbit"),
-    ((127, -64, 63), False, "int8pair"),
-    ((127, -128, 127), False, "int8"),
-])
+@pytest.mark.parametrize(
+    "ranges, vnni, expected",
+    [
+        ((255, -128, 127), False, "int16"),
+        ((255, -255, 255), True, "int16"),  # weights beyond s8: only the 16-bit kernel holds them
+        ((255, -128, 127), True, "vnni"),
+        ((15, -8, 7), False, "lowbit"),
+        ((15, -31, 32), False, "lowbit"),
+        ((127, -64, 63), False, "int8pair"),
+        ((127, -128, 127), False, "int8"),
+    ],
+)
 def test_variant_choice_is_exact_and_fastest(ranges, vnni, expected):
     assert choose_variant(*ranges, vnni=vnni) == expected
     assert choose_variant(*ranges, vnni=vnni, avx512=False) == expected  # AVX2 targets unchanged
 
 
-@pytest.mark.parametrize("ranges, channel_groups, expected", [
-    ((255, -200, 55), 8, "vnni512"),   # DDTB 8-bit: 256 weight values beyond s8, shifted into s8
-    ((255, 0, 255), 8, "vnni512"),
-    ((255, -255, 0), 8, "vnni512"),
-    ((255, -255, 255), 8, "int16"),    # 511 values: no s8 shift
-    ((255, -128, 127), 8, "vnni512"),
-    ((15, -31, 32), 8, "vnni512"),     # low-bit: vpdpbusd zmm beat the int16-chunk lowbit512
-    ((15, -8, 7), 8, "vnni512"),
-    ((255, -128, 127), 4096, "vnni"),  # 294912 taps: 255 * (128 + 128) * taps overflows int32
-])
+@pytest.mark.parametrize(
+    "ranges, channel_groups, expected",
+    [
+        ((255, -200, 55), 8, "vnni512"),  # DDTB 8-bit: 256 weight values beyond s8, shifted into s8
+        ((255, 0, 255), 8, "vnni512"),
+        ((255, -255, 0), 8, "vnni512"),
+        ((255, -255, 255), 8, "int16"),  # 511 values: no s8 shift
+        ((255, -128, 127), 8, "vnni512"),
+        ((15, -31, 32), 8, "vnni512"),  # low-bit: vpdpbusd zmm beat the int16-chunk lowbit512
+        ((15, -8, 7), 8, "vnni512"),
+        ((255, -128, 127), 4096, "vnni"),  # 294912 taps: 255 * (128 + 128) * taps overflows int32
+    ],
+)
 def test_variant_choice_avx512(ranges, channel_groups, expected):
     assert choose_variant(*ranges, vnni=True, channel_groups=channel_groups, avx512=True) == expected
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.kernels import refer_kernels as rk
 from refqsr_engine.models.matching import (
     argmax_positions,
@@ -162,8 +161,9 @@ def test_match_generic_variant():
     n, c, h, w = ODD
     q, r = int_features(ODD, 4, -7, 7)
     k = cached("build_match", n, c, h // 3, w // 3, variant="generic")
-    np.testing.assert_array_equal(k(q.numpy().astype(np.int16), r.numpy().astype(np.int16)),
-                                  argmax_positions(q, r).numpy())
+    np.testing.assert_array_equal(
+        k(q.numpy().astype(np.int16), r.numpy().astype(np.int16)), argmax_positions(q, r).numpy()
+    )
 
 
 @pytest.mark.parametrize("shape", [SMALL, ODD])
@@ -345,8 +345,8 @@ def test_shared_flow_finds_a_known_shift_and_itself():
     dy, dx = 6, -3
     flow = k(fq.numpy(), torch.roll(fq, shifts=(dy, dx), dims=(2, 3)).numpy())
     m = 3 * 2 + 6
-    np.testing.assert_allclose(flow[:, 0, m:H - m, m:W - m], dx, atol=1e-5)
-    np.testing.assert_allclose(flow[:, 1, m:H - m, m:W - m], dy, atol=1e-5)
+    np.testing.assert_allclose(flow[:, 0, m : H - m, m : W - m], dx, atol=1e-5)
+    np.testing.assert_allclose(flow[:, 1, m : H - m, m : W - m], dy, atol=1e-5)
 
 
 def test_backward_warp_primfunc_is_the_warp_kernel():

@@ -1,5 +1,6 @@
 """`python -m refqsr_engine.benchmarks.matching_variants`: how often RefER matching variants find
 the right flow, on pairs whose flow is known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from refqsr_engine.benchmarks.matching_variants import main, matched_share
 from refqsr_engine.models.checkpoint import save_model
-
 from refqsr_helpers import small_refqsr
 
 

@@ -12,12 +12,11 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from refqsr_engine.errors import RefQSRError
+from refqsr_engine.metrics import bicubic_degrade, imresize, psnr_y, rgb_to_y, ssim_map, ssim_y
 from scipy import ndimage
 from skimage import color, data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-from refqsr_engine.errors import RefQSRError
-from refqsr_engine.metrics import bicubic_degrade, imresize, psnr_y, rgb_to_y, ssim_map, ssim_y
 
 SHAVE = 4
 # Our metrics and skimage's do the same float64 arithmetic and differ only in summation
@@ -182,6 +181,7 @@ def test_imresize_matches_pillow_interior(kwargs: dict, out_hw: tuple[int, int])
 
 def _direct_matlab_1d(x: np.ndarray, out_len: int, scale: float) -> np.ndarray:
     """Per-pixel evaluation of MATLAB's formula with np.pad 'symmetric' borders (slow, clear)."""
+
     def keys(t: float) -> float:
         t = abs(t)
         if t <= 1:

@@ -6,6 +6,7 @@ ClustBlock's outputs on the returned LR crops; crops equal the image regions the
 image; the HR crop degraded on its own matches the LR crop away from the border. The search gives
 up cleanly (RefQSRError, bounded time) when no pair can exist.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import bicubic_degrade
 from refqsr_engine.models.clustblock import ClustBlock
@@ -96,7 +96,10 @@ def test_pairs_exceed_tau_and_are_aligned(hr_images, clust, calibrated: bool) ->
     lrs = [bicubic_degrade(hr, S) for hr in hr_images]
     for k in range(12):
         img = st.images[k]
-        for lr_t, hr_t, (t, l) in ((out.query_lr[k], out.query_hr[k], st.query_boxes[k]), (out.ref_lr[k], out.ref_hr[k], st.ref_boxes[k])):
+        for lr_t, hr_t, (t, l) in (
+            (out.query_lr[k], out.query_hr[k], st.query_boxes[k]),
+            (out.ref_lr[k], out.ref_hr[k], st.ref_boxes[k]),
+        ):
             lr_c, hr_c = _u8(lr_t), _u8(hr_t)
             # same image: the crop is this image's region at its box, and no other image's
             np.testing.assert_array_equal(lr_c, lrs[img][t : t + P, l : l + P])
@@ -123,7 +126,9 @@ def test_accepts_lr_hr_pairs_and_sampler_object(hr_images, clust) -> None:
 def test_gives_up_cleanly_when_tau_unreachable(hr_images, clust) -> None:
     t0 = time.perf_counter()
     with pytest.raises(RefQSRError, match="no query/reference pair"):
-        sample_pairs(hr_images, clust, batch=4, lr_patch=P, scale=S, tau=1.01, max_tries=8, rng=np.random.default_rng(0))
+        sample_pairs(
+            hr_images, clust, batch=4, lr_patch=P, scale=S, tau=1.01, max_tries=8, rng=np.random.default_rng(0)
+        )
     assert time.perf_counter() - t0 < 10.0
     # a zero feature vector has no direction: similarity 0, never a match (and no NaN crash)
     zero = ClustBlock(16)
@@ -132,7 +137,9 @@ def test_gives_up_cleanly_when_tau_unreachable(hr_images, clust) -> None:
         zero.fc.conv.bias.zero_()
     assert float(cosine_similarity(torch.zeros(3), torch.ones(3))) == 0.0
     with pytest.raises(RefQSRError):
-        sample_pairs(hr_images[:1], zero, batch=2, lr_patch=P, scale=S, tau=0.0, max_tries=4, rng=np.random.default_rng(0))
+        sample_pairs(
+            hr_images[:1], zero, batch=2, lr_patch=P, scale=S, tau=0.0, max_tries=4, rng=np.random.default_rng(0)
+        )
 
 
 def test_uniform_black_image_and_fallback_to_other_images(hr_images, clust) -> None:
@@ -143,7 +150,14 @@ def test_uniform_black_image_and_fallback_to_other_images(hr_images, clust) -> N
     np.testing.assert_allclose(out.stats.similarity, 1.0, atol=1e-6)
     # a tau no texture crop pair reaches: slots give up on the texture image and use the black one
     out = sample_pairs(
-        [hr_images[0], black], clust, batch=4, lr_patch=P, scale=S, tau=0.99999, max_tries=6, rng=np.random.default_rng(1)
+        [hr_images[0], black],
+        clust,
+        batch=4,
+        lr_patch=P,
+        scale=S,
+        tau=0.99999,
+        max_tries=6,
+        rng=np.random.default_rng(1),
     )
     assert out.stats.images == [1, 1, 1, 1] and out.stats.gave_up >= 1
 
@@ -151,7 +165,9 @@ def test_uniform_black_image_and_fallback_to_other_images(hr_images, clust) -> N
 def test_budget_exhausted_after_some_pairs_repeats_them(clust) -> None:
     black = np.zeros((128, 128, 3), np.uint8)
     with pytest.warns(RuntimeWarning, match="repeating found pairs"):
-        out = sample_pairs([black], clust, batch=4, lr_patch=P, scale=S, tau=0.5, max_total_tries=2, rng=np.random.default_rng(0))
+        out = sample_pairs(
+            [black], clust, batch=4, lr_patch=P, scale=S, tau=0.5, max_total_tries=2, rng=np.random.default_rng(0)
+        )
     assert out.stats.duplicated == 2 and out.query_lr.shape[0] == 4 and out.stats.evaluated == 2
 
 

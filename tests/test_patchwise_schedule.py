@@ -1,9 +1,9 @@
 """The streaming order of the patch-wise runtime: every patch once, each query after its
 reference, and reference features alive for a bounded number of patches whatever the image size."""
+
 import numpy as np
 import pytest
 import torch
-
 from refqsr_engine.models.clustblock import Clustering
 from refqsr_engine.models.patchwise import query_schedule, run_patchwise
 
@@ -13,8 +13,9 @@ def _random_clustering(n: int, n_refs: int, seed: int) -> Clustering:
     refs = np.sort(rng.choice(n, n_refs, replace=False))
     reference_of = np.array([i if i in refs else rng.choice(refs) for i in range(n)])
     is_ref = np.isin(np.arange(n), refs)
-    return Clustering(torch.from_numpy(reference_of), torch.from_numpy(is_ref),
-                      torch.ones(n), torch.from_numpy(reference_of))
+    return Clustering(
+        torch.from_numpy(reference_of), torch.from_numpy(is_ref), torch.ones(n), torch.from_numpy(reference_of)
+    )
 
 
 def _replay(clustering: Clustering, batch: int) -> int:
@@ -92,9 +93,9 @@ def test_queries_get_their_own_reference_features():
         r = int(clustering.reference_of[i])
         ri, ci = divmod(r, 5)
         qi, qc = divmod(i, 5)
-        ref_patch = lr[0, ri * 8:(ri + 1) * 8, ci * 8:(ci + 1) * 8]
-        got = out[:, qi * 16:(qi + 1) * 16:2, qc * 16:(qc + 1) * 16:2]
+        ref_patch = lr[0, ri * 8 : (ri + 1) * 8, ci * 8 : (ci + 1) * 8]
+        got = out[:, qi * 16 : (qi + 1) * 16 : 2, qc * 16 : (qc + 1) * 16 : 2]
         if i == r:  # references pass through their own pixels
-            np.testing.assert_allclose(got, lr[:, qi * 8:(qi + 1) * 8, qc * 8:(qc + 1) * 8], atol=1e-6)
+            np.testing.assert_allclose(got, lr[:, qi * 8 : (qi + 1) * 8, qc * 8 : (qc + 1) * 8], atol=1e-6)
         else:  # queries show their reference's first channel
             np.testing.assert_allclose(got, np.broadcast_to(ref_patch, (3, 8, 8)), atol=1e-6)

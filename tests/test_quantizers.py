@@ -14,13 +14,13 @@ The code works in float32 and the twins in float64, so an input whose rounding a
 within ~1e-4 of a .5 tie could round the other way; ``_away_from_ties`` nudges such inputs
 (or the test asserts there are none) so that the comparison is exact up to float32 noise.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.benchmarks.train_memory import composed_fake_quantize
 from refqsr_engine.models.qconv import BitSpec, QuantConv2d
 from refqsr_engine.models.quant_ddtb import DdtbActivation, DdtbWeight
@@ -145,9 +145,7 @@ def test_ddtb_dynamic_gate_zero_init_equals_static() -> None:
         dyn.lower.fill_(-1.1)
         dyn.upper.fill_(1.6)
         np.testing.assert_array_equal(dyn(x).numpy(), _static_ddtb(4, -1.1, 1.6, 6)(x).numpy())
-    np.testing.assert_allclose(
-        dyn(x).detach().numpy(), np_asym(x.numpy(), -1.1, 1.6, 4), rtol=0, atol=1e-5
-    )
+    np.testing.assert_allclose(dyn(x).detach().numpy(), np_asym(x.numpy(), -1.1, 1.6, 4), rtol=0, atol=1e-5)
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:

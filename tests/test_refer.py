@@ -8,13 +8,13 @@ integer shift for the arg-max flow, and a float64 re-implementation of the whole
 Flow convention (matching.py): flow[:, 0] = dx, flow[:, 1] = dy, and a query pixel p reads the
 reference at p + flow(p).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.models import refer as refer_module
 from refqsr_engine.models.matching import (
     backward_warp,
@@ -31,9 +31,7 @@ from refqsr_engine.models.refer import RefER
 def gs_warp(feat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Backward warp via grid_sample: pixel coordinates + flow, normalised for align_corners=True."""
     n, _, h, w = feat.shape
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=feat.dtype), torch.arange(w, dtype=feat.dtype), indexing="ij"
-    )
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=feat.dtype), torch.arange(w, dtype=feat.dtype), indexing="ij")
     gx = 2 * (xs + flow[:, 0]) / (w - 1) - 1
     gy = 2 * (ys + flow[:, 1]) / (h - 1) - 1
     grid = torch.stack([gx, gy], dim=-1)
@@ -128,7 +126,9 @@ def test_cost_volume_matches_einsum() -> None:
     q = rng.standard_normal((2, 16, 5, 7)).astype(np.float32)
     r = rng.standard_normal((2, 16, 6, 4)).astype(np.float32)
     out = cost_volume(torch.from_numpy(q), torch.from_numpy(r)).numpy()
-    expected = np.einsum("nci,ncj->nij", q.reshape(2, 16, -1).astype(np.float64), r.reshape(2, 16, -1).astype(np.float64))
+    expected = np.einsum(
+        "nci,ncj->nij", q.reshape(2, 16, -1).astype(np.float64), r.reshape(2, 16, -1).astype(np.float64)
+    )
     assert out.shape == (2, 35, 24)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     # E(i, j) = Fq(i) . Fr(j) with i, j row-major positions
@@ -276,8 +276,12 @@ def test_refer_eval_uses_hard_matching(monkeypatch) -> None:
     # values (value / scale) so that the arg-max sees exact integer dot products
     alpha = m.match_quant.alpha.item()
     step = alpha / (2 ** (4 - 1) - 1)
-    np.testing.assert_allclose(q.numpy(), np.round(np_pams(np_normalize_and_pool(query.numpy()), alpha, 4) / step), atol=1e-6)
-    np.testing.assert_allclose(r.numpy(), np.round(np_pams(np_normalize_and_pool(ref.numpy()), alpha, 4) / step), atol=1e-6)
+    np.testing.assert_allclose(
+        q.numpy(), np.round(np_pams(np_normalize_and_pool(query.numpy()), alpha, 4) / step), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        r.numpy(), np.round(np_pams(np_normalize_and_pool(ref.numpy()), alpha, 4) / step), atol=1e-6
+    )
     # hard flow: one displacement per pooled cell, a difference of cell centres (multiples of 3)
     hard_flow = pooled_flow(q, r, (24, 24), hard=True)
     torch.testing.assert_close(pooled, hard_flow, rtol=0, atol=0)
@@ -347,7 +351,10 @@ def test_refer_training_forward_matches_float64_twin() -> None:
         err = (y_out.double() - qconv(x_in, getattr(m, k))).abs()
         assert float((err > 1e-4).double().mean()) < 1e-3, k
     torch.testing.assert_close(
-        seen["conv2"][0].double(), F.prelu(seen["conv1"][1].double(), m.act.weight.detach().double()), rtol=1e-6, atol=1e-6
+        seen["conv2"][0].double(),
+        F.prelu(seen["conv1"][1].double(), m.act.weight.detach().double()),
+        rtol=1e-6,
+        atol=1e-6,
     )
     torch.testing.assert_close(out.double(), qd + seen["conv2"][1].double(), rtol=1e-6, atol=1e-6)
     # end to end

@@ -3,6 +3,7 @@
 Each mode is checked against the network run by hand on the query patch (``query_forward`` /
 ``reference_forward`` with explicit features), and the CLI's ``high`` row against the backbone run
 at b_high on every patch by the plain SR path."""
+
 from __future__ import annotations
 
 import copy
@@ -12,14 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.patchwise import TorchRunner, upscale_patchwise
 from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.training.datasets import PairedFolder
 from refqsr_engine.training.refer_probe import main, probe
-
 from refqsr_helpers import small_refqsr
 
 
@@ -82,7 +81,9 @@ def test_cli_table_and_the_high_row_is_the_backbone_at_b_high(model, tmp_path):
 
     res = CliRunner().invoke(main, [str(tmp_path / "r.pt"), "--val", str(tmp_path / "val")])
     assert res.exit_code == 0, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("| ") and "RefER input" not in ln and "---" not in ln]
+    lines = [
+        ln for ln in res.output.splitlines() if ln.startswith("| ") and "RefER input" not in ln and "---" not in ln
+    ]
     assert [ln.split("|")[1].strip() for ln in lines] == ["assigned", "self", "aligned", "high", "skip"]
     assert float(lines[3].split("|")[2]) == pytest.approx(result["modes"]["high"]["psnr_y"], abs=1e-3)
     room = result["modes"]["high"]["psnr_y"] - result["modes"]["skip"]["psnr_y"]
@@ -153,10 +154,13 @@ def test_feature_error_runner_scores_the_last_refer_against_the_block_at_b_high(
     with torch.no_grad():
         ref_feats = [f.numpy() for f in model.reference_forward(torch.from_numpy(ref))[1]]
     kept: dict[str, torch.Tensor] = {}
-    handles = [model.refers[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("refer", o)),
-               model.backbone.blocks[model.first_refer - 1].register_forward_hook(
-                   lambda m, a, o: kept.setdefault("before", o)),
-               model.backbone.blocks[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("high", o))]
+    handles = [
+        model.refers[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("refer", o)),
+        model.backbone.blocks[model.first_refer - 1].register_forward_hook(
+            lambda m, a, o: kept.setdefault("before", o)
+        ),
+        model.backbone.blocks[-1].register_forward_hook(lambda m, a, o: kept.__setitem__("high", o)),
+    ]
     errors = {}
     for mode in ("assigned", "self", "skip"):
         kept.clear()

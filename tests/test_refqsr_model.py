@@ -8,6 +8,7 @@
 * RefQSR: b_medium from the paper's formula, which BitSpec each ResBlock receives on each path
   (forward pre-hooks), which reference features RefER receives, the training forward and backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from refqsr_engine.models.qconv import BitSpec, QuantConv2d
 from refqsr_engine.models.refqsr import RefQSR, medium_bits
 from refqsr_engine.models.registry import build_refqsr, build_sr
 from refqsr_engine.models.srresnet import SRResNet
+from torch import nn
 
 
 def _smooth_image(n: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -87,7 +87,8 @@ def test_srresnet_parameter_count() -> None:
     conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731  (weights + bias)
     prelu = 1  # one shared slope per PReLU
     expected = (
-        conv(3, 64, 9) + prelu  # head
+        conv(3, 64, 9)
+        + prelu  # head
         + 16 * (2 * conv(64, 64, 3) + prelu)  # ResBlocks
         + conv(64, 64, 3)  # body end
         + 2 * (conv(64, 256, 3) + prelu)  # upsampler
@@ -382,8 +383,9 @@ def test_highbit_tail_bitops_count_the_tail_at_high_bits():
     assert rep.total.refer_convs == 0 and rep.total.cost_volume == 0
 
 
-@pytest.mark.parametrize("arch,matching", [("srresnet", "paper"), ("srresnet", "shared"), ("carn", "shared"),
-                                           ("elan_light", "paper")])
+@pytest.mark.parametrize(
+    "arch,matching", [("srresnet", "paper"), ("srresnet", "shared"), ("carn", "shared"), ("elan_light", "paper")]
+)
 def test_features_only_passes_stop_before_the_unneeded_work(arch: str, matching: str) -> None:
     """reference_features gives reference_forward's features without running the last block or
     the upsampler; high_block_outputs gives the outputs of the replaced blocks (forward hooks on a
@@ -398,7 +400,9 @@ def test_features_only_passes_stop_before_the_unneeded_work(arch: str, matching:
     model.eval()
     net, last = model.backbone, model.backbone.n_blocks - 1
     outputs: dict[int, torch.Tensor] = {}
-    handles = [b.register_forward_hook(lambda mod, a, o, k=k: outputs.__setitem__(k, o)) for k, b in enumerate(net.blocks)]
+    handles = [
+        b.register_forward_hook(lambda mod, a, o, k=k: outputs.__setitem__(k, o)) for k, b in enumerate(net.blocks)
+    ]
     with torch.no_grad():
         _, want = model.reference_forward(x)
         net(x, BitSpec(8, 8))

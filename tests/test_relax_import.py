@@ -1,15 +1,15 @@
 """ONNX -> Relax import details that matter for speed: the quantizers' per-sample clip."""
+
 from __future__ import annotations
 
 import numpy as np
 import tvm
 from onnx import TensorProto, helper
+from refqsr_engine.engine.compiler.relax_import import import_graph
 from tvm import relax
 
-from refqsr_engine.engine.compiler.relax_import import import_graph
 
-
-def _clip_graph() -> "helper.ModelProto":
+def _clip_graph() -> helper.ModelProto:
     """y = Min(Max(x, lo), hi) with per-sample bounds, as the DDTB quantizers export it."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 8])
     lo = helper.make_tensor_value_info("lo", TensorProto.FLOAT, [2, 1, 1, 1])
@@ -42,9 +42,17 @@ def test_constant_scalar_gathers_become_slices_and_match_numpy():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])
-    inits = [helper.make_tensor("k0", TensorProto.INT64, [], [0]), helper.make_tensor("km1", TensorProto.INT64, [], [-1])]
-    nodes = [helper.make_node("Gather", ["x", "k0"], ["a"], axis=1), helper.make_node("Gather", ["x", "km1"], ["b"], axis=1)]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [a, b], inits), opset_imports=[helper.make_opsetid("", 17)])
+    inits = [
+        helper.make_tensor("k0", TensorProto.INT64, [], [0]),
+        helper.make_tensor("km1", TensorProto.INT64, [], [-1]),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["x", "k0"], ["a"], axis=1),
+        helper.make_node("Gather", ["x", "km1"], ["b"], axis=1),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [a, b], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     mod, _ = import_graph(model, {"x": [3, 2]})
     assert "R.take" not in mod.script()
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())

@@ -2,14 +2,21 @@
 input of block 1, used by every RefER. Checked against independent computations: a numpy
 cosine arg-max, the backbone's own blocks run by hand, hand-counted BitOPs, ONNX Runtime and the
 compiled engine against PyTorch."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 import torch
-
-from compile_helpers import PATCH, assert_compiled_image_matches, assert_images_match, compile_saved, ort_session, small_refqsr
+from compile_helpers import (
+    PATCH,
+    assert_compiled_image_matches,
+    assert_images_match,
+    compile_saved,
+    ort_session,
+    small_refqsr,
+)
 from refqsr_engine.engine.compiler.onnx_prep import prepare_onnx
 from refqsr_engine.engine.compiler.refer_fuse import MATCHER_SCOPE, SHARED_FLOW_OP, WARP_OP, fuse_refer_warps
 from refqsr_engine.engine.compiler.relax_import import static_input_shapes
@@ -28,11 +35,13 @@ def model():
 
 def _numpy_cosine_argmax(q: np.ndarray, r: np.ndarray) -> np.ndarray:
     """First arg-max over reference cells of the cosine of 3x3-mean-pooled unit pixel vectors."""
+
     def cells(f):
         n, c, h, w = f.shape
         u = f / np.linalg.norm(f, axis=1, keepdims=True)
         p = u.reshape(n, c, h // 3, 3, w // 3, 3).mean(axis=(3, 5)).reshape(n, c, -1)
         return p / np.linalg.norm(p, axis=1, keepdims=True)
+
     return np.einsum("nci,ncj->nij", cells(q.astype(np.float64)), cells(r.astype(np.float64))).argmax(axis=2)
 
 
@@ -127,8 +136,16 @@ def test_bad_matching_is_refused():
 def test_bitops_count_one_8_bit_cost_volume_per_query():
     """72-px patches: 24 x 24 pooled cells each side, 64 channels. Paper matching: two RefER cost
     volumes at 4 bits; shared: one at 8 bits. BitOPs = 2 * MACs * (b/32)^2."""
-    kw = dict(arch="srresnet", lr_size=(72, 72), bits="8-4", patch=72, overlap=6, grid="engine", is_reference=[False],
-              reference_of=[0])
+    kw = dict(
+        arch="srresnet",
+        lr_size=(72, 72),
+        bits="8-4",
+        patch=72,
+        overlap=6,
+        grid="engine",
+        is_reference=[False],
+        reference_of=[0],
+    )
     paper = count_bitops(**kw, matching="paper").as_dict()
     shared = count_bitops(**kw, matching="shared").as_dict()
     macs = (24 * 24) ** 2 * 64
@@ -182,10 +199,9 @@ def test_cuda_build_keeps_the_matcher_as_relax_ops_and_its_twin_equals_onnxrunti
     build rewrites it (matcher and warps left as standard ops), built for the CPU, returns ONNX
     Runtime's image."""
     import tvm
-    from tvm import relax
-
     from refqsr_engine.engine.compiler import cuda_build as cb
     from refqsr_engine.kernels import cuda_toolchain
+    from tvm import relax
 
     if not cuda_toolchain.nvcc_available():
         pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")

@@ -1,9 +1,9 @@
 """interpolation_init: an untrained SRResNet that already upscales like x2-x2 bilinear."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from refqsr_engine.models.registry import build_sr
 from refqsr_engine.models.srresnet import interpolation_init
 
@@ -14,8 +14,12 @@ def test_interpolation_init_matches_bilinear_twice():
     x = torch.rand(2, 3, 20, 20)
     with torch.no_grad():
         out = net(x)
-    twin = F.interpolate(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), scale_factor=2,
-                         mode="bilinear", align_corners=False)
+    twin = F.interpolate(
+        F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+        scale_factor=2,
+        mode="bilinear",
+        align_corners=False,
+    )
     interior = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # zero padding differs at borders
     assert (out[interior] - twin[interior]).abs().max() < 0.02
 

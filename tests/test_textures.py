@@ -7,6 +7,7 @@
 * train_clust: one step lowers the loss on a fixed batch; the BatchNorm twin folds exactly into
   ClustBlock; an interrupted-and-resumed run ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.clustblock import ClustBlock
@@ -166,7 +166,12 @@ def test_dtd_loader_on_fake_folder(tmp_path: Path) -> None:
     # a crop without rescaling is an exact window of the image
     img = np.asarray(Image.open(ds.files[0]).convert("RGB"))
     crop = random_crop(img, 20, np.random.default_rng(0))
-    hits = [(t, l) for t in range(img.shape[0] - 19) for l in range(img.shape[1] - 19) if np.array_equal(img[t : t + 20, l : l + 20], crop)]
+    hits = [
+        (t, l)
+        for t in range(img.shape[0] - 19)
+        for l in range(img.shape[1] - 19)
+        if np.array_equal(img[t : t + 20, l : l + 20], crop)
+    ]
     assert hits
     # split: every 2nd image of a class held out with val_fraction 0.5
     tr, va = DTDDataset(root, split="train", val_fraction=0.5), DTDDataset(root, split="val", val_fraction=0.5)
@@ -214,8 +219,19 @@ def test_bn_twin_folds_exactly_into_clustblock() -> None:
 
 def _tiny_cfg(out: Path, steps: int, **kw) -> ClustTrainConfig:
     base = dict(
-        out=str(out), classes=5, steps=steps, batch=4, sizes=(24, 30), val_per_class=1, val_every=2,
-        log_every=1, ckpt_every=1, calib_samples=8, warmup=1, quiet=True, threads=1,
+        out=str(out),
+        classes=5,
+        steps=steps,
+        batch=4,
+        sizes=(24, 30),
+        val_per_class=1,
+        val_every=2,
+        log_every=1,
+        ckpt_every=1,
+        calib_samples=8,
+        warmup=1,
+        quiet=True,
+        threads=1,
     )
     base.update(kw)
     return ClustTrainConfig(**base)

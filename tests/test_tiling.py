@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from refqsr_engine.engine.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
 from refqsr_engine.errors import RefQSRError
 

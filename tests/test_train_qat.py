@@ -1,4 +1,5 @@
 """Quantization-aware training tasks: fixed-precision QAT and RefQSR (loss (9) on Algorithm-1 pairs)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.clustblock import ClustBlock
@@ -38,9 +38,23 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
 
 def _cfg(setup, out: Path, task: str, bits: str, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(data=str(setup["root"]), out=str(out), steps=steps, task=task, bits=bits, batch=2, lr_patch=24,
-                       teacher=str(setup["teacher"]), val_every=steps, val_crop=64, ckpt_every=1, quiet=True,
-                       clustblock=str(setup["clust"]) if task == "refqsr" else None, tau=-1.0, **kw)
+    return TrainConfig(
+        data=str(setup["root"]),
+        out=str(out),
+        steps=steps,
+        task=task,
+        bits=bits,
+        batch=2,
+        lr_patch=24,
+        teacher=str(setup["teacher"]),
+        val_every=steps,
+        val_crop=64,
+        ckpt_every=1,
+        quiet=True,
+        clustblock=str(setup["clust"]) if task == "refqsr" else None,
+        tau=-1.0,
+        **kw,
+    )
 
 
 def test_qat_trains_resumes_and_saves_a_quantized_model(setup, tmp_path):
@@ -180,7 +194,9 @@ def test_refqsr_training_starts_each_refer_near_skipping_its_block(setup, tmp_pa
     from refqsr_engine.training.datasets import HRFolderDataset
     from refqsr_engine.training.tasks import REFER_INIT_SCALE, make_task
 
-    task = make_task(_cfg(setup, tmp_path / "unused", "refqsr", "8-4", 1), HRFolderDataset(setup["root"] / "train", 4, 24))
+    task = make_task(
+        _cfg(setup, tmp_path / "unused", "refqsr", "8-4", 1), HRFolderDataset(setup["root"] / "train", 4, 24)
+    )
     assert len(task.model.refers) == 2
     for refer in task.model.refers:
         last, first = refer.conv2.conv.weight.detach(), refer.conv1.conv.weight.detach()
@@ -239,8 +255,18 @@ def test_refer_only_training_moves_the_refers_and_nothing_else(setup, tmp_path):
     source_run = tmp_path / "source"
     train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared"), log=lambda s: None)
     source = source_run / "best.pt"
-    cfg = _cfg(setup, tmp_path / "refer", "refqsr", "8-4", 2, matching="shared", init_from=str(source),
-               train_part="refer", lr=1e-2, lr_quant=1e-2)
+    cfg = _cfg(
+        setup,
+        tmp_path / "refer",
+        "refqsr",
+        "8-4",
+        2,
+        matching="shared",
+        init_from=str(source),
+        train_part="refer",
+        lr=1e-2,
+        lr_quant=1e-2,
+    )
     task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
     batch = next(task.batches(0, 1))
     task.model.train()
@@ -264,11 +290,15 @@ def test_refer_only_training_moves_the_refers_and_nothing_else(setup, tmp_path):
             assert torch.equal(value, before[key]), key
     assert not torch.equal(after["refers.0.conv1.conv.weight"], before["refers.0.conv1.conv.weight"])
     with pytest.raises(RefQSRError, match="train_part=refer run"):
-        train(_cfg(setup, tmp_path / "refer", "refqsr", "8-4", 3, matching="shared", init_from=str(source)),
-              log=lambda s: None)
+        train(
+            _cfg(setup, tmp_path / "refer", "refqsr", "8-4", 3, matching="shared", init_from=str(source)),
+            log=lambda s: None,
+        )
     with pytest.raises(RefQSRError, match="highbit ablation has none"):
-        train(_cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", init_from=str(source), train_part="refer"),
-              log=lambda s: None)
+        train(
+            _cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", init_from=str(source), train_part="refer"),
+            log=lambda s: None,
+        )
     with pytest.raises(RefQSRError, match="--init-from"):
         train(_cfg(setup, tmp_path / "y", "refqsr", "8-4", 1, train_part="refer"), log=lambda s: None)
 
@@ -282,8 +312,16 @@ def test_fresh_refer_keeps_the_source_backbone_and_restarts_the_refers(setup, tm
     source_run = tmp_path / "source"
     train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared", lr=1e-2), log=lambda s: None)
     source, _ = load_model(source_run / "best.pt")
-    cfg = _cfg(setup, tmp_path / "unused", "refqsr", "8-4", 1, matching="shared",
-               init_from=str(source_run / "best.pt"), fresh_refer=True)
+    cfg = _cfg(
+        setup,
+        tmp_path / "unused",
+        "refqsr",
+        "8-4",
+        1,
+        matching="shared",
+        init_from=str(source_run / "best.pt"),
+        fresh_refer=True,
+    )
     model = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24)).model
     before, after = source.state_dict(), model.state_dict()
     for key in after:
@@ -307,8 +345,17 @@ def test_refer_kd_adds_the_feature_target_of_each_refer(setup, tmp_path):
     source_run = tmp_path / "source"
     train(_cfg(setup, source_run, "refqsr", "8-4", 1, matching="shared"), log=lambda s: None)
     weight = 0.5
-    cfg = _cfg(setup, tmp_path / "kd", "refqsr", "8-4", 1, matching="shared", init_from=str(source_run / "best.pt"),
-               train_part="refer", refer_kd=weight)
+    cfg = _cfg(
+        setup,
+        tmp_path / "kd",
+        "refqsr",
+        "8-4",
+        1,
+        matching="shared",
+        init_from=str(source_run / "best.pt"),
+        train_part="refer",
+        refer_kd=weight,
+    )
     task = make_task(cfg, HRFolderDataset(setup["root"] / "train", 4, 24))
     batch = next(task.batches(0, 1))
     task.model.train()
@@ -316,9 +363,11 @@ def test_refer_kd_adds_the_feature_target_of_each_refer(setup, tmp_path):
 
     model, hooked = task.model, {}
     first = model.backbone.n_blocks - len(model.refers)
-    handles = [m.register_forward_hook(lambda mod, args, out, key=key: hooked.__setitem__(key, out.detach()))
-               for key, m in [(("refer", k), r) for k, r in enumerate(model.refers)]
-               + [(("high", k), model.backbone.blocks[first + k]) for k in range(len(model.refers))]]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, key=key: hooked.__setitem__(key, out.detach()))
+        for key, m in [(("refer", k), r) for k, r in enumerate(model.refers)]
+        + [(("high", k), model.backbone.blocks[first + k]) for k in range(len(model.refers))]
+    ]
     l1 = torch.nn.functional.l1_loss
     with torch.no_grad():
         sr_q, _ = model(batch["query_lr"], batch["ref_lr"])
@@ -331,5 +380,7 @@ def test_refer_kd_adds_the_feature_target_of_each_refer(setup, tmp_path):
     assert loss == pytest.approx(float(image + weight * feature), rel=1e-5)
 
     with pytest.raises(RefQSRError, match="--refer-kd needs RefER blocks"):
-        make_task(_cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", refer_kd=weight),
-                  HRFolderDataset(setup["root"] / "train", 4, 24))
+        make_task(
+            _cfg(setup, tmp_path / "x", "refqsr", "8-4", 1, tail="highbit", refer_kd=weight),
+            HRFolderDataset(setup["root"] / "train", 4, 24),
+        )

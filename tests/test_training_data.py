@@ -5,6 +5,7 @@ bicubic LR) and against an independent re-degradation of the HR crop (MATLAB bic
 the crop border, where the kernel does not see outside the crop). The trainer is checked to
 resume exactly: 2 + 2 steps (also after a SIGKILL) log the same losses as 4 uninterrupted steps.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data as skdata
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import bicubic_degrade
 from refqsr_engine.training.datasets import (
@@ -34,6 +33,7 @@ from refqsr_engine.training.datasets import (
 )
 from refqsr_engine.training.loop import TrainConfig, train
 from refqsr_engine.training.runlog import read_log
+from skimage import data as skdata
 
 SCALE = 4
 # MATLAB bicubic x1/4 with antialiasing: kernel width 4 * 4 = 16 HR px, i.e. +-2 LR px plus one
@@ -120,7 +120,7 @@ def test_load_rgb_modes(hr_folder: Path, tmp_path: Path) -> None:
     assert np.array_equal(gray[..., 0], skdata.camera()) and np.array_equal(gray[..., 0], gray[..., 2])
     rgba = load_rgb(hr_folder / "rgba_astronaut.png")
     assert np.array_equal(rgba, skdata.astronaut()[:300, :260])  # alpha dropped, colour untouched
-    sixteen = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    sixteen = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
     Image.fromarray(sixteen).save(tmp_path / "g16.png")
     g16 = load_rgb(tmp_path / "g16.png")
     assert g16.shape == (64, 64, 3)
@@ -132,8 +132,12 @@ def test_load_rgb_modes(hr_folder: Path, tmp_path: Path) -> None:
 
 def test_dihedral_covers_the_8_transforms() -> None:
     x = np.arange(2 * 3 * 1).reshape(2, 3, 1)
-    outs = {dihedral(x, h, v, t).tobytes() + bytes(dihedral(x, h, v, t).shape) for h in (0, 1) for v in (0, 1)
-            for t in (0, 1)}
+    outs = {
+        dihedral(x, h, v, t).tobytes() + bytes(dihedral(x, h, v, t).shape)
+        for h in (0, 1)
+        for v in (0, 1)
+        for t in (0, 1)
+    }
     assert len(outs) == 8
     assert np.array_equal(dihedral(x, True, True, False), np.rot90(x, 2))
 
@@ -310,8 +314,14 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
     Image.fromarray(np.full((300, 400, 4), 255, np.uint8), "RGBA").save(mate / "Flat.png")
     out = tmp_path / "out"
     lines: list[str] = []
-    m = prep.prepare(out, mate_dir=tmp_path / "mate", max_side=512, log=lines.append, use_test=False,
-                     val_names=("skimage_astronaut", "skimage_coffee", "mate_nature_Dune"))
+    m = prep.prepare(
+        out,
+        mate_dir=tmp_path / "mate",
+        max_side=512,
+        log=lines.append,
+        use_test=False,
+        val_names=("skimage_astronaut", "skimage_coffee", "mate_nature_Dune"),
+    )
     val = sorted(p.stem for p in (out / "val").glob("*.png"))
     train_ = sorted(p.stem for p in (out / "train").glob("*.png"))
     assert val == ["mate_nature_Dune", "skimage_astronaut", "skimage_coffee"]
@@ -329,8 +339,9 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(prep, "fetch_mate", lambda dest: None)
     monkeypatch.setattr(prep, "fetch_test", lambda dest: None)
     lines.clear()
-    m2 = prep.prepare(tmp_path / "out2", mate_dir=tmp_path / "nowhere", max_side=512, log=lines.append,
-                      test_dir=tmp_path / "nowhere")
+    m2 = prep.prepare(
+        tmp_path / "out2", mate_dir=tmp_path / "nowhere", max_side=512, log=lines.append, test_dir=tmp_path / "nowhere"
+    )
     assert all(r["origin"].startswith("skimage") for r in m2["images"])
     assert any("scikit-image images only" in s for s in lines)
     assert any("no test split" in s for s in lines)
@@ -350,16 +361,35 @@ def test_prepare_puts_the_test_package_in_test_only(tmp_path: Path, monkeypatch:
     Image.fromarray(skdata.chelsea()).save(lomiri / "cat_copy.png")  # already a training image
     Image.fromarray(_synthetic(400, 600, 7)).save(lomiri / "contest" / "nested.png")  # not the package's top level
     out = tmp_path / "out"
-    m = prep.prepare(out, mate_dir=None, use_mate=False, max_side=512, log=lambda s: None, test_dir=lomiri,
-                     val_names=("skimage_astronaut",))
+    m = prep.prepare(
+        out,
+        mate_dir=None,
+        use_mate=False,
+        max_side=512,
+        log=lambda s: None,
+        test_dir=lomiri,
+        val_names=("skimage_astronaut",),
+    )
     assert sorted(p.stem for p in (out / "test").glob("*.png")) == ["test_Bridge_by_Someone", "test_sunset"]
     assert sorted(p.stem for p in (out / "train").glob("*.png")) == ["skimage_chelsea"]
     assert sorted(p.stem for p in (out / "val").glob("*.png")) == ["skimage_astronaut"]
-    assert m["n_test"] == 2 and "duplicate of skimage_chelsea" in {s["name"]: s["why"] for s in m["skipped"]}["test_cat_copy"]
+    assert (
+        m["n_test"] == 2
+        and "duplicate of skimage_chelsea" in {s["name"]: s["why"] for s in m["skipped"]}["test_cat_copy"]
+    )
     bridge = next(r for r in m["images"] if r["name"] == "test_Bridge_by_Someone")
-    assert bridge["split"] == "test" and bridge["hw"] == [256, 512] and bridge["origin"].endswith("Bridge_by_Someone.jpg")
-    m2 = prep.prepare(out, mate_dir=None, use_mate=False, max_side=512, log=lambda s: None, use_test=False,
-                      val_names=("skimage_astronaut",))
+    assert (
+        bridge["split"] == "test" and bridge["hw"] == [256, 512] and bridge["origin"].endswith("Bridge_by_Someone.jpg")
+    )
+    m2 = prep.prepare(
+        out,
+        mate_dir=None,
+        use_mate=False,
+        max_side=512,
+        log=lambda s: None,
+        use_test=False,
+        val_names=("skimage_astronaut",),
+    )
     assert m2["n_test"] == 0 and not list((out / "test").glob("*.png"))
 
 
@@ -380,8 +410,18 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, out: Path, steps: int) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), steps=steps, batch=2, lr_patch=24, val_every=2,
-                       ckpt_every=1, val_crop=64, threads=1, quiet=True)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        steps=steps,
+        batch=2,
+        lr_patch=24,
+        val_every=2,
+        ckpt_every=1,
+        val_crop=64,
+        threads=1,
+        quiet=True,
+    )
 
 
 def _losses(out: Path) -> list[tuple[int, str]]:
@@ -420,9 +460,30 @@ def test_trainer_resumes_exactly(train_data: Path, tmp_path: Path) -> None:
 def test_trainer_resumes_after_kill(train_data: Path, tmp_path: Path) -> None:
     """SIGKILL a training process mid-run; the restart continues from its last checkpoint."""
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "refqsr_engine.training.train_fp", "--data", str(train_data), "--out", str(run),
-           "--steps", "1000", "--batch", "2", "--lr-patch", "24", "--val-every", "1000", "--val-crop", "64",
-           "--ckpt-every", "2", "--threads", "1", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refqsr_engine.training.train_fp",
+        "--data",
+        str(train_data),
+        "--out",
+        str(run),
+        "--steps",
+        "1000",
+        "--batch",
+        "2",
+        "--lr-patch",
+        "24",
+        "--val-every",
+        "1000",
+        "--val-crop",
+        "64",
+        "--ckpt-every",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -449,8 +510,9 @@ def test_trainer_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(RefQSRError, match="no images"):
-        train(TrainConfig(data=str(tmp_path / "empty"), out=str(tmp_path / "o"), steps=1, quiet=True),
-              log=lambda s: None)
+        train(
+            TrainConfig(data=str(tmp_path / "empty"), out=str(tmp_path / "o"), steps=1, quiet=True), log=lambda s: None
+        )
     for argv, msg in (
         (["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--steps", "1", "--quiet"], "no images"),
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--steps", "1"], "does not exist"),

@@ -1,4 +1,5 @@
 """`refqsr-engine upscale` with the PyTorch reference: output, patch-wise equivalence, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from refqsr_engine.engine.cli import main
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import upscale_patchwise
@@ -82,12 +82,18 @@ def test_upscale_writes_x4_image(tmp_path, fp_model_file):
 def test_upscale_keeps_alpha_and_gray(tmp_path, fp_model_file):
     rgba = np.dstack([_photo(20, 24), np.full((20, 24), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    assert run("upscale", str(tmp_path / "a.png"), str(tmp_path / "a4.png"), "--model", str(fp_model_file), "-q").exit_code == 0
+    assert (
+        run("upscale", str(tmp_path / "a.png"), str(tmp_path / "a4.png"), "--model", str(fp_model_file), "-q").exit_code
+        == 0
+    )
     with Image.open(tmp_path / "a4.png") as im:
         assert im.mode == "RGBA" and im.size == (96, 80)
         assert np.asarray(im)[..., 3].min() == 128  # a flat alpha stays flat
     Image.fromarray(_photo(20, 24)[..., 0]).save(tmp_path / "g.png")
-    assert run("upscale", str(tmp_path / "g.png"), str(tmp_path / "g4.png"), "--model", str(fp_model_file), "-q").exit_code == 0
+    assert (
+        run("upscale", str(tmp_path / "g.png"), str(tmp_path / "g4.png"), "--model", str(fp_model_file), "-q").exit_code
+        == 0
+    )
     with Image.open(tmp_path / "g4.png") as im:
         assert im.mode == "L"
 
@@ -96,7 +102,9 @@ def test_json_report(tmp_path, fp_model_file):
     import json
 
     Image.fromarray(_photo(30, 30)).save(tmp_path / "in.png")
-    result = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--json", "-q")
+    result = run(
+        "upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--json", "-q"
+    )
     report = json.loads(result.output)
     assert report["hr_size"] == [120, 120] and report["patches"] == 1
     assert report["bitops"]["fqr"] == 32.0
@@ -144,13 +152,24 @@ def test_bad_options(tmp_path, fp_model_file):
         assert result.exit_code == 2 and message in result.output, result.output
     out = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.xyz"), "--model", str(fp_model_file), "-q")
     assert out.exit_code == 2 and "unknown output format" in out.output
-    missing_dir = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "nope" / "o.png"), "--model", str(fp_model_file), "-q")
+    missing_dir = run(
+        "upscale", str(tmp_path / "in.png"), str(tmp_path / "nope" / "o.png"), "--model", str(fp_model_file), "-q"
+    )
     assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.output
 
 
 def test_pixel_limit(tmp_path, fp_model_file):
     Image.fromarray(_photo(30, 30)).save(tmp_path / "in.png")
-    result = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--max-pixels", "100", "-q")
+    result = run(
+        "upscale",
+        str(tmp_path / "in.png"),
+        str(tmp_path / "o.png"),
+        "--model",
+        str(fp_model_file),
+        "--max-pixels",
+        "100",
+        "-q",
+    )
     assert result.exit_code == 2 and "exceeds the limit" in result.output
 
 
@@ -158,14 +177,22 @@ def test_16bit_and_exif_orientation_through_the_cli(tmp_path, fp_model_file):
     from refqsr_engine.engine.image_io import read_image, write_image
 
     write_image(tmp_path / "in16.png", _photo(20, 24).astype(np.float32) / 255, bit_depth=16)
-    assert run("upscale", str(tmp_path / "in16.png"), str(tmp_path / "o16.png"), "--model", str(fp_model_file), "-q").exit_code == 0
+    assert (
+        run(
+            "upscale", str(tmp_path / "in16.png"), str(tmp_path / "o16.png"), "--model", str(fp_model_file), "-q"
+        ).exit_code
+        == 0
+    )
     assert (tmp_path / "o16.png").read_bytes()[24] == 16  # IHDR bit depth
     out = read_image(tmp_path / "o16.png")
     assert out.bit_depth == 16 and out.rgb.shape == (80, 96, 3)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: 20 x 24 on disk, 24 x 20 upright
     Image.fromarray(_photo(20, 24)).save(tmp_path / "r.jpg", exif=exif.tobytes())
-    assert run("upscale", str(tmp_path / "r.jpg"), str(tmp_path / "r4.jpg"), "--model", str(fp_model_file), "-q").exit_code == 0
+    assert (
+        run("upscale", str(tmp_path / "r.jpg"), str(tmp_path / "r4.jpg"), "--model", str(fp_model_file), "-q").exit_code
+        == 0
+    )
     with Image.open(tmp_path / "r4.jpg") as im:
         assert im.size == (80, 96) and im.getexif()[0x0112] == 1
 
@@ -177,8 +204,21 @@ def test_folder_mode_upscales_all_and_skips_unreadable(fp_model_file, tmp_path):
     Image.fromarray(_photo(16, 16)).convert("L").save(src / "b.jpg")
     (src / "broken.png").write_bytes(b"not a png")
     (src / "notes.txt").write_text("ignored: not an image extension")
-    result = run("upscale", str(src), str(tmp_path / "out"), "--model", str(fp_model_file), "--patch", "12",
-                 "--overlap", "2", "--ext", "png", "--json", "--quiet")
+    result = run(
+        "upscale",
+        str(src),
+        str(tmp_path / "out"),
+        "--model",
+        str(fp_model_file),
+        "--patch",
+        "12",
+        "--overlap",
+        "2",
+        "--ext",
+        "png",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 1  # something was skipped
     report = __import__("json").loads(result.output)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]
@@ -194,14 +234,41 @@ def test_bits_option_picks_or_checks_the_model(fp_model_file, tmp_path):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "in.png")
     bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "4-3")
     assert bad.exit_code == 2 and "no bundled model runs at 4-3 bits" in bad.output
-    picked = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "p.png"), "--bits", "4", "--engine", "torch",
-                 "--patch", "12", "--overlap", "2", "--json", "--quiet")
+    picked = run(
+        "upscale",
+        str(tmp_path / "in.png"),
+        str(tmp_path / "p.png"),
+        "--bits",
+        "4",
+        "--engine",
+        "torch",
+        "--patch",
+        "12",
+        "--overlap",
+        "2",
+        "--json",
+        "--quiet",
+    )
     assert picked.exit_code == 0, picked.output
     assert json.loads(picked.output)["bitops"]["bits"] == "4"  # the bundled DDTB-4 model ran
-    wrong = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "8")
+    wrong = run(
+        "upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "8"
+    )
     assert wrong.exit_code == 2 and "runs at 32 bits, not 8" in wrong.output
-    ok = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--model", str(fp_model_file), "--bits", "32",
-             "--patch", "12", "--overlap", "2", "--quiet")
+    ok = run(
+        "upscale",
+        str(tmp_path / "in.png"),
+        str(tmp_path / "o.png"),
+        "--model",
+        str(fp_model_file),
+        "--bits",
+        "32",
+        "--patch",
+        "12",
+        "--overlap",
+        "2",
+        "--quiet",
+    )
     assert ok.exit_code == 0 and not (tmp_path / "x.png").exists()
     gpu = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "g.png"), "--target", "cuda")
     assert gpu.exit_code == 2 and "--engine tvm" in gpu.output

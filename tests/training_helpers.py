@@ -1,17 +1,17 @@
 """A tiny training set-up shared by the CADyQ and CABM training tests: two photo crops to train on,
 one to validate on, a 4-block SRResNet teacher (bilinear start) and a calibrated ClustBlock."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from PIL import Image
-from skimage import data
-
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.registry import build_sr
 from refqsr_engine.models.srresnet import SRResNet, interpolation_init
+from skimage import data
 
 
 def tiny_training_setup(root: Path) -> tuple[dict[str, Path], SRResNet]:

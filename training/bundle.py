@@ -4,6 +4,7 @@
 
 Run: ``python -m refqsr_engine.training.bundle RUN/best.pt NAME --val DIR``.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ from typing import Any
 import click
 import numpy as np
 import torch
-
 from refqsr_engine.engine.models_store import bundled_dir
-from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bits, model_bitops, uniform8_bitops
+from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bitops, model_bits, uniform8_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, sr_to_uint8, ssim_y
 from refqsr_engine.models.bitops import count_bitops
@@ -28,8 +28,9 @@ from refqsr_engine.training.datasets import Pair, PairedFolder
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
 
 
-def upscale_pair(model: torch.nn.Module, pair: Pair, patch: int, overlap: int,
-                 reference: str = "assigned") -> tuple[np.ndarray, PatchwiseResult]:
+def upscale_pair(
+    model: torch.nn.Module, pair: Pair, patch: int, overlap: int, reference: str = "assigned"
+) -> tuple[np.ndarray, PatchwiseResult]:
     """SR of one validation pair's LR (HWC uint8), patch-wise at the model's own bits."""
     return run_pair(TorchRunner(model, model_bits(model), reference), pair, patch, overlap)
 
@@ -41,8 +42,9 @@ def run_pair(runner: PatchRunner, pair: Pair, patch: int, overlap: int) -> tuple
     return sr_to_uint8(result.image), result
 
 
-def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6,
-             self_reference: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6, self_reference: bool = False
+) -> dict[str, Any]:
     """Mean PSNR/SSIM (Y, shave 4) of the model, run patch-wise at its own bits as the engine runs
     it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic.
     ``self_reference`` (RefQSR): RefER gets each query's own features (Table V ablation)."""
@@ -52,12 +54,19 @@ def evaluate(model: torch.nn.Module, folder: PairedFolder, patch: int = 96, over
         sr, result = upscale_pair(model, pair, patch, overlap, "self" if self_reference else "assigned")
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
         ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering, patch_bits=result.patch_bits)
-        rows.append({
-            "image": pair.name, "psnr_y": psnr_y(sr, pair.hr, 4), "ssim_y": ssim_y(sr, pair.hr, 4),
-            "bicubic_psnr_y": psnr_y(bic, pair.hr, 4), "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
-            "bitops_g": ops.gbitops, "fqr": ops.total.fqr, "reference_share": ops.num_references / ops.num_patches,
-            "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap).gbitops,
-        })
+        rows.append(
+            {
+                "image": pair.name,
+                "psnr_y": psnr_y(sr, pair.hr, 4),
+                "ssim_y": ssim_y(sr, pair.hr, 4),
+                "bicubic_psnr_y": psnr_y(bic, pair.hr, 4),
+                "bicubic_ssim_y": ssim_y(bic, pair.hr, 4),
+                "bitops_g": ops.gbitops,
+                "fqr": ops.total.fqr,
+                "reference_share": ops.num_references / ops.num_patches,
+                "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap).gbitops,
+            }
+        )
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
 
@@ -71,15 +80,27 @@ def urban100_bitops(model: torch.nn.Module, mean: dict[str, float]) -> dict[str,
     if is_dynamic(model):
         at8 = uniform8_bitops(model, URBAN100_LR, 72, 6, "paper")
         ratio = mean["bitops_g"] / mean["bitops8_g"]
-        return {"bits": setting, "lr_size": list(URBAN100_LR), "patch": 72, "overlap": 6,
-                "bitops_g": round(at8.gbitops * ratio, 4), "fqr": round(mean["fqr"], 4),
-                "estimate": "8-bit BitOPs at this setting x (chosen-bits BitOPs / 8-bit BitOPs) on validation"}
+        return {
+            "bits": setting,
+            "lr_size": list(URBAN100_LR),
+            "patch": 72,
+            "overlap": 6,
+            "bitops_g": round(at8.gbitops * ratio, 4),
+            "fqr": round(mean["fqr"], 4),
+            "estimate": "8-bit BitOPs at this setting x (chosen-bits BitOPs / 8-bit BitOPs) on validation",
+        }
     share = mean["reference_share"] if isinstance(model, RefQSR) else None
     return count_bitops(arch, URBAN100_LR, setting, 72, 6, "paper", ref_fraction=share, **sizes).as_dict()
 
 
-def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | None = None,
-           out_dir: str | Path | None = None, note: str | None = None) -> Path:
+def bundle(
+    model_path: str | Path,
+    name: str,
+    val: str | Path,
+    val_crop: int | None = None,
+    out_dir: str | Path | None = None,
+    note: str | None = None,
+) -> Path:
     """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models)."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
@@ -97,7 +118,9 @@ def bundle(model_path: str | Path, name: str, val: str | Path, val_crop: int | N
 @click.command()
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
 @click.argument("name")
-@click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR validation images.")
+@click.option(
+    "--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR validation images."
+)
 @click.option("--val-crop", type=int, default=None, help="Centre-crop validation images to this HR size.")
 @click.option("--note", default=None, help="A line for the model card (where and how it was trained).")
 def main(model_path: str, name: str, val: str, val_crop: int | None, note: str | None) -> None:
@@ -108,7 +131,9 @@ def main(model_path: str, name: str, val: str, val_crop: int | None, note: str |
         sys.exit(2)
     card = json.loads(out.with_suffix(".json").read_text())
     m = card["validation"]["mean"]
-    click.echo(f"wrote {out}: PSNR-Y {m['psnr_y']:.3f} dB (bicubic {m['bicubic_psnr_y']:.3f}), SSIM-Y {m['ssim_y']:.4f}")
+    click.echo(
+        f"wrote {out}: PSNR-Y {m['psnr_y']:.3f} dB (bicubic {m['bicubic_psnr_y']:.3f}), SSIM-Y {m['ssim_y']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ images; ``@self`` runs a RefQSR model with each query's own features fed to RefE
 grid, mean over images) and at the paper's Urban100 setting (1280x720 output, 72 px patches, the
 reference share measured here), PSNR/SSIM on Y (shave 4), and bicubic for comparison.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model
@@ -48,32 +48,55 @@ def compare_row(label: str, path: str, self_reference: bool, folder: PairedFolde
     mean = quality["mean"]
     paper = urban100_bitops(model, mean)
     return {
-        "label": label, "model": path, "self_reference": self_reference, "bits": paper["bits"],
-        "steps": card.get("steps"), "bitops_g": mean["bitops_g"], "fqr": mean["fqr"],
-        "bitops_urban100_g": paper["bitops_g"], "fqr_urban100": paper["fqr"],
-        "reference_share": mean["reference_share"], "psnr_y": mean["psnr_y"], "ssim_y": mean["ssim_y"],
-        "bicubic_psnr_y": mean["bicubic_psnr_y"], "bicubic_ssim_y": mean["bicubic_ssim_y"], "images": quality["images"],
+        "label": label,
+        "model": path,
+        "self_reference": self_reference,
+        "bits": paper["bits"],
+        "steps": card.get("steps"),
+        "bitops_g": mean["bitops_g"],
+        "fqr": mean["fqr"],
+        "bitops_urban100_g": paper["bitops_g"],
+        "fqr_urban100": paper["fqr"],
+        "reference_share": mean["reference_share"],
+        "psnr_y": mean["psnr_y"],
+        "ssim_y": mean["ssim_y"],
+        "bicubic_psnr_y": mean["bicubic_psnr_y"],
+        "bicubic_ssim_y": mean["bicubic_ssim_y"],
+        "images": quality["images"],
     }
 
 
 def markdown(rows: list[dict[str, Any]], val: str) -> str:
-    head = ("| model | bits | train steps | BitOPs (G, val) | FQR (val) | BitOPs (G, Urban100 setting) "
-            "| PSNR-Y (dB) | SSIM-Y |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    head = (
+        "| model | bits | train steps | BitOPs (G, val) | FQR (val) | BitOPs (G, Urban100 setting) "
+        "| PSNR-Y (dB) | SSIM-Y |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
     bic = rows[0]
     lines = [f"| bicubic | - | - | - | - | - | {bic['bicubic_psnr_y']:.3f} | {bic['bicubic_ssim_y']:.4f} |"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['bits']} | {r['steps'] if r['steps'] is not None else '-'} | "
-                     f"{r['bitops_g']:.3f} | {r['fqr']:.2f} | {r['bitops_urban100_g']:.2f} | "
-                     f"{r['psnr_y']:.3f} | {r['ssim_y']:.4f} |")
+        lines.append(
+            f"| {r['label']} | {r['bits']} | {r['steps'] if r['steps'] is not None else '-'} | "
+            f"{r['bitops_g']:.3f} | {r['fqr']:.2f} | {r['bitops_urban100_g']:.2f} | "
+            f"{r['psnr_y']:.3f} | {r['ssim_y']:.4f} |"
+        )
     n = len(bic["images"])
     return f"Validation: {val} ({n} images, whole, x4, patch-wise 96 px)\n\n" + head + "\n".join(lines) + "\n"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out).")
-@click.option("--row", "rows", multiple=True, required=True,
-              help=f"LABEL=MODEL[{SELF_SUFFIX}] (a bundled model's name or a model file), in table order.")
-@click.option("--val-crop", type=click.IntRange(min=0), default=0, help="Centre-crop to this HR size (0: whole images).")
+@click.option(
+    "--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out)."
+)
+@click.option(
+    "--row",
+    "rows",
+    multiple=True,
+    required=True,
+    help=f"LABEL=MODEL[{SELF_SUFFIX}] (a bundled model's name or a model file), in table order.",
+)
+@click.option(
+    "--val-crop", type=click.IntRange(min=0), default=0, help="Centre-crop to this HR size (0: whole images)."
+)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table (and OUT.json).")
 def main(val: str, rows: tuple[str, ...], val_crop: int, out: str | None) -> None:
     """Evaluate trained models side by side and print the markdown table."""

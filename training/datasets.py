@@ -11,20 +11,21 @@
 Images are always RGB: alpha is dropped, gray is expanded, 16-bit is rescaled to 8-bit,
 EXIF orientation is applied.
 """
+
 from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, Sampler
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import bicubic_degrade
+from torch.utils.data import Dataset, Sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -48,9 +49,7 @@ def find_images(folder: str | Path) -> list[Path]:
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:
-        raise RefQSRError(
-            f"no images found in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise RefQSRError(f"no images found in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -144,9 +143,7 @@ def _match_lr(hr_root: Path, hr_path: Path, lr_dir: Path, lr_index: dict[str, Pa
     for cand in (rel.as_posix() + f"x{scale}", rel.as_posix()):
         if cand in lr_index:
             return lr_index[cand]
-    raise RefQSRError(
-        f"no LR image for {hr_path.name} in {lr_dir} (expected {rel.name}x{scale}.png or {rel.name}.png)"
-    )
+    raise RefQSRError(f"no LR image for {hr_path.name} in {lr_dir} (expected {rel.name}x{scale}.png or {rel.name}.png)")
 
 
 def _lr_paths(hr_root: Path, hr_files: Sequence[Path], lr_root: str | Path, scale: int) -> list[Path]:
@@ -224,8 +221,7 @@ class HRFolderDataset(Dataset):
                 keep.append((hr_path, lr_path))
         if skipped:
             warnings.warn(
-                f"{len(skipped)} image(s) smaller than the {self.hr_patch}px HR patch skipped: "
-                + ", ".join(skipped),
+                f"{len(skipped)} image(s) smaller than the {self.hr_patch}px HR patch skipped: " + ", ".join(skipped),
                 stacklevel=2,
             )
         if not keep:
@@ -272,7 +268,9 @@ class HRFolderDataset(Dataset):
             lr = load_rgb(lr_path)
             hr = np.ascontiguousarray(_checked_pair(hr, lr, self.scale, hr_path, lr_path))
         if min(lr.shape[:2]) < self.lr_patch:
-            raise RefQSRError(f"{hr_path.name}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {self.lr_patch}px patch")
+            raise RefQSRError(
+                f"{hr_path.name}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the {self.lr_patch}px patch"
+            )
         if self.cache:
             with self._lock:
                 self._cache[image_index] = (lr, hr)
@@ -398,7 +396,8 @@ class PairedFolder:
         self.scale = int(scale)
         self.hr_files = find_images(self.hr_dir)
         self.lr_files: list[Path | None] = (
-            list(_lr_paths(self.hr_dir, self.hr_files, lr_dir, self.scale)) if lr_dir is not None
+            list(_lr_paths(self.hr_dir, self.hr_files, lr_dir, self.scale))
+            if lr_dir is not None
             else [None] * len(self.hr_files)
         )
         if center_crop is not None and center_crop < self.scale:

@@ -10,6 +10,7 @@ random down-scaling (``scale_range``; ClustBlock sees LR patches, DTD photos are
 with the short side resized up to ``size`` first when the image is smaller than the crop.
 Sample ``i`` comes from image ``i % n_images``; ``len == n_images * repeat``.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from refqsr_engine.training.labelled import LabelledImageSet
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.training.datasets import IMAGE_EXTENSIONS, load_rgb
+from refqsr_engine.training.labelled import LabelledImageSet
 
 SPLITS = ("train", "val", "all")
 

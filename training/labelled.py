@@ -1,9 +1,10 @@
 """Base of the texture-classification sets (procedural textures, DTD): subclasses say how to
 render sample i at a size and what its label is; batching and indexing live here once."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

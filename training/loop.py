@@ -25,6 +25,7 @@ Commands: ``python -m refqsr_engine.training.train_fp`` (or ``refqsr-engine trai
 :mod:`refqsr_engine.training.prepare`, a DIV2K-style root (``DIV2K_train_HR``
 [+ ``DIV2K_train_LR_bicubic/X4``], ``DIV2K_valid_HR``), or a plain folder of HR images (then pass ``--val``).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -34,27 +35,27 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y
 from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
-from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
 from refqsr_engine.models.registry import arch_config, arch_names
-from refqsr_engine.training.tasks import make_task
 from refqsr_engine.training.datasets import (
     HRFolderDataset,
     PairedFolder,
     div2k_layout,
     to_tensor,
 )
+from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
+from refqsr_engine.training.tasks import make_task
+from tqdm import tqdm
 
 LOG_FIELDS = ("step", "loss", "val_psnr", "bicubic_psnr", "seconds", "lr")
 CKPT_VERSION = 1
@@ -147,8 +148,13 @@ def resolve_data(cfg: TrainConfig) -> None:
 
 
 def _data_card(cfg: TrainConfig, n_train: int) -> dict[str, Any]:
-    card: dict[str, Any] = {"train_hr": cfg.train_hr, "train_lr": cfg.train_lr or "bicubic_degrade",
-                            "n_train_images": n_train, "val": cfg.val, "val_crop": cfg.val_crop}
+    card: dict[str, Any] = {
+        "train_hr": cfg.train_hr,
+        "train_lr": cfg.train_lr or "bicubic_degrade",
+        "n_train_images": n_train,
+        "val": cfg.val,
+        "val_crop": cfg.val_crop,
+    }
     manifest = Path(cfg.data) / "manifest.json"
     if manifest.is_file():
         try:
@@ -235,7 +241,7 @@ class _StopFlag:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -296,7 +302,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         old = ckpt.get("config", {})
         for key in ("arch", "task", "scheme", "bits", "tail", "matching", "train_part", "cabm_bins", "cabm_calib"):
             if old.get(key, getattr(cfg, key)) != getattr(cfg, key) and (key in ("arch", "task") or cfg.task != "fp"):
-                raise RefQSRError(f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}")
+                raise RefQSRError(
+                    f"{last_path} is a {key}={old.get(key)} run; use another --out for {key}={getattr(cfg, key)}"
+                )
         changed = [k for k in _STREAM_KEYS if k in old and old[k] != getattr(cfg, k)]
         if changed:
             log(f"warning: resuming with changed {', '.join(changed)}: the data stream differs from the original run")
@@ -311,29 +319,56 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         log(f"resuming {out} from step {step} (best val PSNR-Y {_fmt(best_psnr, 3) or '-'} dB)")
     else:
         rewrite_log(log_path, LOG_FIELDS, [])
-        log(f"starting {out}: {cfg.arch} x{scale}, {dataset.n_images} train images, "
-            f"{len(validator.pairs) if validator else 0} val images")
+        log(
+            f"starting {out}: {cfg.arch} x{scale}, {dataset.n_images} train images, "
+            f"{len(validator.pairs) if validator else 0} val images"
+        )
     if validator is not None:
         log(f"bicubic val PSNR-Y: {validator.bicubic_psnr:.3f} dB")
 
     def save_last() -> None:
-        atomic_torch_save({
-            "version": CKPT_VERSION, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": _rng_state(), "seconds": elapsed_before + (time.time() - t0), "best_psnr": best_psnr,
-            "best_step": best_step, "config": asdict(cfg),
-        }, last_path)
+        atomic_torch_save(
+            {
+                "version": CKPT_VERSION,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": _rng_state(),
+                "seconds": elapsed_before + (time.time() - t0),
+                "best_psnr": best_psnr,
+                "best_step": best_step,
+                "config": asdict(cfg),
+            },
+            last_path,
+        )
 
     def save_best(val_psnr: float | None) -> None:
         card = {
             **task.card(),
-            "arch": cfg.arch, "scale": scale, "precision": "fp32 trained, stored fp16", "steps": step,
-            "val_psnr_y": val_psnr, "bicubic_psnr_y": validator.bicubic_psnr if validator else None,
-            "val_images": validator.names if validator else [], "metric": f"PSNR on Y, shave {scale}, SR rounded to 8 bit",
-            "optimizer": {"name": "Adam", "lr": cfg.lr, "lr_quant": cfg.lr_quant, "betas": list(cfg.betas),
-                          "eps": cfg.eps, "halve_every": cfg.halve_every, "warmup": cfg.warmup},
-            "batch": cfg.batch, "lr_patch": cfg.lr_patch, "seed": cfg.seed, "amp": cfg.amp,
+            "arch": cfg.arch,
+            "scale": scale,
+            "precision": "fp32 trained, stored fp16",
+            "steps": step,
+            "val_psnr_y": val_psnr,
+            "bicubic_psnr_y": validator.bicubic_psnr if validator else None,
+            "val_images": validator.names if validator else [],
+            "metric": f"PSNR on Y, shave {scale}, SR rounded to 8 bit",
+            "optimizer": {
+                "name": "Adam",
+                "lr": cfg.lr,
+                "lr_quant": cfg.lr_quant,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "halve_every": cfg.halve_every,
+                "warmup": cfg.warmup,
+            },
+            "batch": cfg.batch,
+            "lr_patch": cfg.lr_patch,
+            "seed": cfg.seed,
+            "amp": cfg.amp,
             "wall_seconds": round(elapsed_before + time.time() - t0, 1),
-            "data": _data_card(cfg, dataset.n_images), "torch": torch.__version__,
+            "data": _data_card(cfg, dataset.n_images),
+            "torch": torch.__version__,
             "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         save_model(best_path, model, card)  # the project's one model format (fp16 weights + config + card)
@@ -373,14 +408,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                     best_psnr, best_step = val_psnr, step
                     save_best(val_psnr)
                 if not cfg.quiet:
-                    bar.write(f"step {step}: val PSNR-Y {val_psnr:.3f} dB (bicubic {validator.bicubic_psnr:.3f}, "
-                              f"best {best_psnr:.3f} @ {best_step})")
+                    bar.write(
+                        f"step {step}: val PSNR-Y {val_psnr:.3f} dB (bicubic {validator.bicubic_psnr:.3f}, "
+                        f"best {best_psnr:.3f} @ {best_step})"
+                    )
             if step % cfg.log_every == 0 or val_psnr is not None or step == cfg.steps or stop.signum:
-                append_log(log_path, LOG_FIELDS, {
-                    "step": step, "loss": _fmt(loss_sum / loss_n, 6), "val_psnr": _fmt(val_psnr, 4),
-                    "bicubic_psnr": _fmt(validator.bicubic_psnr, 4) if val_psnr is not None else "",
-                    "seconds": _fmt(elapsed_before + time.time() - t0, 1), "lr": f"{lr_now:.3g}",
-                })
+                append_log(
+                    log_path,
+                    LOG_FIELDS,
+                    {
+                        "step": step,
+                        "loss": _fmt(loss_sum / loss_n, 6),
+                        "val_psnr": _fmt(val_psnr, 4),
+                        "bicubic_psnr": _fmt(validator.bicubic_psnr, 4) if val_psnr is not None else "",
+                        "seconds": _fmt(elapsed_before + time.time() - t0, 1),
+                        "lr": f"{lr_now:.3g}",
+                    },
+                )
                 loss_sum, loss_n = 0.0, 0
             bar.set_postfix(loss=f"{loss_v:.4f}", psnr=_fmt(last_val, 2) or "-")
             out_of_time = cfg.time_limit is not None and time.time() - t0 >= cfg.time_limit
@@ -404,90 +448,203 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 TASK_HELP = {
     "fp": "Train a full-precision x4 SR network with L1 loss (resumable).",
     "qat": "Quantization-aware training at fixed bits (PAMS/DDTB) or per-patch bits (CADyQ/CABM) from the FP model, "
-           "L1 + KD (resumable).",
+    "L1 + KD (resumable).",
     "refqsr": "RefQSR quantization-aware training on Algorithm-1 pairs, loss (9) (resumable); b_high may be δ (CADyQ/CABM).",
 }
 
 
 def _options(task: str) -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     common = [
-        click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-                     help="prepare.py output (train/, val/), a DIV2K-style root, or a folder of HR images."),
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if last.pt exists)."),
+        click.option(
+            "--data",
+            required=True,
+            type=click.Path(exists=True, file_okay=False),
+            help="prepare.py output (train/, val/), a DIV2K-style root, or a folder of HR images.",
+        ),
+        click.option(
+            "--out", required=True, type=click.Path(file_okay=False), help="Run folder (resumed if last.pt exists)."
+        ),
         click.option("--steps", required=True, type=click.IntRange(min=0), help="Total optimizer steps."),
         click.option("--arch", type=click.Choice(arch_names()), default="srresnet", show_default=True),
         click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--lr-patch", type=click.IntRange(min=4), default=48, show_default=True, help="LR crop size."),
         click.option("--lr", "lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True),
-        click.option("--warmup", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Ramp the learning rate up linearly over this many steps (for runs starting from trained weights)."),
-        click.option("--halve-every", type=click.IntRange(min=1), default=200_000, show_default=True,
-                     help="Halve the learning rate every N steps."),
-        click.option("--val", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Validation HR folder (default: DATA/val or DATA/DIV2K_valid_HR)."),
-        click.option("--val-crop", type=click.IntRange(min=0), default=256, show_default=True,
-                     help="Centre-crop val images to at most this many HR px (0: whole images)."),
-        click.option("--val-max-images", type=click.IntRange(min=1), default=None, help="Use only the first N val images."),
+        click.option(
+            "--warmup",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Ramp the learning rate up linearly over this many steps (for runs starting from trained weights).",
+        ),
+        click.option(
+            "--halve-every",
+            type=click.IntRange(min=1),
+            default=200_000,
+            show_default=True,
+            help="Halve the learning rate every N steps.",
+        ),
+        click.option(
+            "--val",
+            type=click.Path(exists=True, file_okay=False),
+            default=None,
+            help="Validation HR folder (default: DATA/val or DATA/DIV2K_valid_HR).",
+        ),
+        click.option(
+            "--val-crop",
+            type=click.IntRange(min=0),
+            default=256,
+            show_default=True,
+            help="Centre-crop val images to at most this many HR px (0: whole images).",
+        ),
+        click.option(
+            "--val-max-images", type=click.IntRange(min=1), default=None, help="Use only the first N val images."
+        ),
         click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True),
         click.option("--ckpt-every", type=click.IntRange(min=1), default=100, show_default=True),
         click.option("--log-every", type=click.IntRange(min=1), default=1, show_default=True),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per image per epoch."),
+        click.option(
+            "--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per image per epoch."
+        ),
         click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N for a GPU."),
-        click.option("--amp", type=click.Choice(["none", "bf16"]), default="none", show_default=True,
-                     help="Mixed precision: bf16 forward (fp32 weights/optimizer); fast with AMX or a GPU."),
+        click.option(
+            "--amp",
+            type=click.Choice(["none", "bf16"]),
+            default="none",
+            show_default=True,
+            help="Mixed precision: bf16 forward (fp32 weights/optimizer); fast with AMX or a GPU.",
+        ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
-        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Stop (checkpointed; run again to resume) after this many seconds of training."),
+        click.option(
+            "--time-limit",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Stop (checkpointed; run again to resume) after this many seconds of training.",
+        ),
     ]
     if task == "fp":
-        return common + [click.option("--init", type=click.Choice(["interp", "random"]), default="interp", show_default=True,
-                                      help="Start from a bilinear-upscaling network (interp) or plain random weights."),
-                         click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
-                                      help="Start from this full-precision model file instead (fine-tune or continue).")]
+        return common + [
+            click.option(
+                "--init",
+                type=click.Choice(["interp", "random"]),
+                default="interp",
+                show_default=True,
+                help="Start from a bilinear-upscaling network (interp) or plain random weights.",
+            ),
+            click.option(
+                "--init-from",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="Start from this full-precision model file instead (fine-tune or continue).",
+            ),
+        ]
     quant = [
-        click.option("--scheme", type=click.Choice(["pams", "ddtb", "cadyq", "cabm"]), default="ddtb", show_default=True,
-                     help="cadyq: bits chosen per patch and layer (CADyQ); cabm: CADyQ's choices as an edge-score "
-                          "lookup table (CABM), from --init-from a CADyQ model."),
-        click.option("--bits", default=None,
-                     help="qat: one width (8, 4, ...; default 8) or delta (cadyq/cabm, the default there); refqsr: "
-                          "b_high-b_low (8-4, 4-3, ...; default 8-4) or delta-b_low (delta-3, delta-4; default delta-3)."),
-        click.option("--teacher", required=True, type=click.Path(exists=True, dir_okay=False),
-                     help="Full-precision model file (KD target; also the starting weights)."),
-        click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Start from these weights instead of the teacher's."),
+        click.option(
+            "--scheme",
+            type=click.Choice(["pams", "ddtb", "cadyq", "cabm"]),
+            default="ddtb",
+            show_default=True,
+            help="cadyq: bits chosen per patch and layer (CADyQ); cabm: CADyQ's choices as an edge-score "
+            "lookup table (CABM), from --init-from a CADyQ model.",
+        ),
+        click.option(
+            "--bits",
+            default=None,
+            help="qat: one width (8, 4, ...; default 8) or delta (cadyq/cabm, the default there); refqsr: "
+            "b_high-b_low (8-4, 4-3, ...; default 8-4) or delta-b_low (delta-3, delta-4; default delta-3).",
+        ),
+        click.option(
+            "--teacher",
+            required=True,
+            type=click.Path(exists=True, dir_okay=False),
+            help="Full-precision model file (KD target; also the starting weights).",
+        ),
+        click.option(
+            "--init-from",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Start from these weights instead of the teacher's.",
+        ),
         click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True),
-        click.option("--lr-quant", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
-                     help="Learning rate of the quantizer bounds."),
-        click.option("--bit-weight", type=click.FloatRange(min=0), default=6.3e-7, show_default=True,
-                     help="cadyq: weight of CADyQ's bit loss (its 1e-5 rescaled to mean-over-batch L1 on [0, 1] pixels)."),
-        click.option("--cabm-bins", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="cabm: edge-score bins of the lookup table."),
-        click.option("--cabm-calib", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="cabm: training crops the lookup table is calibrated on."),
+        click.option(
+            "--lr-quant",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1e-2,
+            show_default=True,
+            help="Learning rate of the quantizer bounds.",
+        ),
+        click.option(
+            "--bit-weight",
+            type=click.FloatRange(min=0),
+            default=6.3e-7,
+            show_default=True,
+            help="cadyq: weight of CADyQ's bit loss (its 1e-5 rescaled to mean-over-batch L1 on [0, 1] pixels).",
+        ),
+        click.option(
+            "--cabm-bins",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="cabm: edge-score bins of the lookup table.",
+        ),
+        click.option(
+            "--cabm-calib",
+            type=click.IntRange(min=1),
+            default=256,
+            show_default=True,
+            help="cabm: training crops the lookup table is calibrated on.",
+        ),
     ]
     if task == "refqsr":
         quant += [
-            click.option("--clustblock", required=True, type=click.Path(exists=True, dir_okay=False),
-                         help="Trained ClustBlock file (train clust)."),
+            click.option(
+                "--clustblock",
+                required=True,
+                type=click.Path(exists=True, dir_okay=False),
+                help="Trained ClustBlock file (train clust).",
+            ),
             click.option("--tau", type=click.FloatRange(-1, 1), default=0.5, show_default=True),
-            click.option("--tail", type=click.Choice(["refer", "highbit"]), default="refer", show_default=True,
-                         help="highbit: Table V's 'w/o RefER' ablation (query path's last blocks at b_high, no RefER)."),
-            click.option("--matching", type=click.Choice(["paper", "shared"]), default="paper", show_default=True,
-                         help="RefER's flow: each RefER's own matching (paper eqs. 4-6) or one 8-bit cosine flow per "
-                              "query from the first block's output, shared by the RefERs (see models/refqsr.py)."),
-            click.option("--train", "train_part", type=click.Choice(["all", "refer"]), default="all", show_default=True,
-                         help="refer: train only the RefER blocks; the backbone (weights and quantizer bounds of both "
-                              "paths) stays as --init-from gives it, and loss (9) keeps its query terms. About 2x "
-                              "faster steps: what a CPU can afford on a trained model."),
-            click.option("--fresh-refer", is_flag=True,
-                         help="Start the RefER blocks afresh (each as 'skip the replaced block', refinement near "
-                              "zero) also when --init-from is a RefQSR model, whose backbone is kept."),
-            click.option("--refer-kd", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                         help="Weight of a feature target added to loss (9): L1 between each RefER's output and the "
-                              "output of the block it replaces with the query patch wholly at b_high (fixed bits)."),
+            click.option(
+                "--tail",
+                type=click.Choice(["refer", "highbit"]),
+                default="refer",
+                show_default=True,
+                help="highbit: Table V's 'w/o RefER' ablation (query path's last blocks at b_high, no RefER).",
+            ),
+            click.option(
+                "--matching",
+                type=click.Choice(["paper", "shared"]),
+                default="paper",
+                show_default=True,
+                help="RefER's flow: each RefER's own matching (paper eqs. 4-6) or one 8-bit cosine flow per "
+                "query from the first block's output, shared by the RefERs (see models/refqsr.py).",
+            ),
+            click.option(
+                "--train",
+                "train_part",
+                type=click.Choice(["all", "refer"]),
+                default="all",
+                show_default=True,
+                help="refer: train only the RefER blocks; the backbone (weights and quantizer bounds of both "
+                "paths) stays as --init-from gives it, and loss (9) keeps its query terms. About 2x "
+                "faster steps: what a CPU can afford on a trained model.",
+            ),
+            click.option(
+                "--fresh-refer",
+                is_flag=True,
+                help="Start the RefER blocks afresh (each as 'skip the replaced block', refinement near "
+                "zero) also when --init-from is a RefQSR model, whose backbone is kept.",
+            ),
+            click.option(
+                "--refer-kd",
+                type=click.FloatRange(min=0),
+                default=0.0,
+                show_default=True,
+                help="Weight of a feature target added to loss (9): L1 between each RefER's output and the "
+                "output of the block it replaces with the query patch wholly at b_high (fixed bits).",
+            ),
         ]
     return common + quant
 

@@ -20,6 +20,7 @@ The accepted reference is the *first* candidate above tau in drawing order, so b
 change which pair Algorithm 1 would return for the same draws; candidates drawn after it are
 computed and discarded (``stats.evaluated`` counts them, ``stats.tries`` does not).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -28,7 +29,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import bicubic_degrade
 from refqsr_engine.models.clustblock import DEFAULT_TAU, ClustBlock
@@ -74,9 +74,7 @@ class ImagePairs:
         lr, hr = np.asarray(lr), np.asarray(hr)
         lh, lw = lr.shape[:2]
         if hr.shape[0] // self.scale != lh or hr.shape[1] // self.scale != lw:
-            raise RefQSRError(
-                f"image {i}: HR {hr.shape[1]}x{hr.shape[0]} is not x{self.scale} of LR {lw}x{lh}"
-            )
+            raise RefQSRError(f"image {i}: HR {hr.shape[1]}x{hr.shape[0]} is not x{self.scale} of LR {lw}x{lh}")
         pair = (lr, hr[: lh * self.scale, : lw * self.scale])
         self._cache[i] = pair
         return pair
@@ -298,7 +296,9 @@ def sample_pairs(
 class PairSampler:
     """Repeated :func:`sample_pairs` over one image set (LR cached), with running statistics."""
 
-    def __init__(self, images: Any, clustblock: ClustBlock, scale: int = 4, seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, images: Any, clustblock: ClustBlock, scale: int = 4, seed: int | None = None, **kwargs: Any
+    ) -> None:
         self.images = images if isinstance(images, ImagePairs) else ImagePairs(images, scale)
         self.clustblock = clustblock
         self.scale = scale
@@ -320,4 +320,3 @@ class PairSampler:
     @property
     def mean_tries(self) -> float:
         return self.tries / self.pairs if self.pairs else float("nan")
-

@@ -24,6 +24,7 @@ the training data set makes them with MATLAB-style bicubic.
 
 Run: ``python -m refqsr_engine.training.prepare OUT_DIR``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,14 +36,13 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import click
 import numpy as np
 from PIL import Image
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.training.datasets import find_images, load_rgb
 
@@ -55,8 +55,21 @@ TEST_SUBDIR = "usr/share/backgrounds"
 
 # scikit-image sample images shipped inside the wheel (no download). `cat` is `chelsea`.
 SKIMAGE_NAMES = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-    "retina", "colorwheel", "camera", "brick", "grass", "gravel", "coins", "moon", "clock",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "moon",
+    "clock",
     "stereo_motorcycle",
 )
 # Held out for validation (name = output file stem).
@@ -108,13 +121,11 @@ def fetch_package(package: str, subdir: str, dest: Path) -> Path | None:
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         return None
     try:
-        subprocess.run(["apt-get", "download", package], cwd=dest, check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "download", package], cwd=dest, check=True, capture_output=True, timeout=300)
         debs = sorted(dest.glob(f"{package}_*.deb"))
         if not debs:
             return None
-        subprocess.run(["dpkg", "-x", str(debs[-1]), str(dest / package)], check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(dest / package)], check=True, capture_output=True, timeout=300)
     except (subprocess.SubprocessError, OSError) as exc:
         print(f"could not fetch {package}: {exc}", file=sys.stderr)
         return None
@@ -132,9 +143,16 @@ def fetch_test(dest: Path) -> Path | None:
 
 def testset_sources(folder: Path) -> list[Source]:
     """Every image directly in ``folder`` (the test package's photos), for ``test/``."""
-    return [Source("test_" + re.sub(r"[^A-Za-z0-9_-]+", "_", p.stem), f"{TEST_PACKAGE}:{p.name}",
-                   (lambda p=p: load_rgb(p)), split="test")
-            for p in sorted(find_images(folder)) if p.parent == folder]
+    return [
+        Source(
+            "test_" + re.sub(r"[^A-Za-z0-9_-]+", "_", p.stem),
+            f"{TEST_PACKAGE}:{p.name}",
+            (lambda p=p: load_rgb(p)),
+            split="test",
+        )
+        for p in sorted(find_images(folder))
+        if p.parent == folder
+    ]
 
 
 def mate_sources(folder: Path) -> list[Source]:
@@ -146,14 +164,16 @@ def mate_sources(folder: Path) -> list[Source]:
         groups.setdefault(key, []).append(path)
     sources = []
     for key, paths in sorted(groups.items()):
+
         def pixels(p: Path) -> int:
             with Image.open(p) as im:
                 return im.size[0] * im.size[1]
 
         best = max(paths, key=pixels)
         name = "mate_" + re.sub(r"[^A-Za-z0-9_-]+", "_", key.replace("/", "_"))
-        sources.append(Source(name, f"{MATE_PACKAGE}:{best.relative_to(folder).as_posix()}",
-                              (lambda p=best: load_rgb(p))))
+        sources.append(
+            Source(name, f"{MATE_PACKAGE}:{best.relative_to(folder).as_posix()}", (lambda p=best: load_rgb(p)))
+        )
     return sources
 
 
@@ -179,8 +199,9 @@ def _write_png(img: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _package_folder(given: Path | None, package: str, fetch: Callable[[Path], Path | None], tmp: Path,
-                    log: Callable[[str], None]) -> Path | None:
+def _package_folder(
+    given: Path | None, package: str, fetch: Callable[[Path], Path | None], tmp: Path, log: Callable[[str], None]
+) -> Path | None:
     """``given`` if it is a folder, else the package fetched into ``tmp`` (None when unavailable)."""
     if given is not None and given.is_dir():
         log(f"{package}: {given}")
@@ -192,8 +213,9 @@ def _package_folder(given: Path | None, package: str, fetch: Callable[[Path], Pa
     return folder
 
 
-def _iter_sources(mate_dir: Path | None, use_mate: bool, test_dir: Path | None, use_test: bool, tmp: Path,
-                  log: Callable[[str], None]) -> Iterator[Source]:
+def _iter_sources(
+    mate_dir: Path | None, use_mate: bool, test_dir: Path | None, use_test: bool, tmp: Path, log: Callable[[str], None]
+) -> Iterator[Source]:
     yield from skimage_sources()
     if not use_mate:
         log("mate-backgrounds: not used (--no-mate)")
@@ -228,8 +250,14 @@ def prepare(
         folder.mkdir(parents=True, exist_ok=True)
     records, skipped, seen = [], [], {}
     with tempfile.TemporaryDirectory(prefix="refqsr-prepare-") as tmp:
-        for src in _iter_sources(Path(mate_dir) if mate_dir else None, use_mate,
-                                 Path(test_dir) if test_dir else None, use_test, Path(tmp), log):
+        for src in _iter_sources(
+            Path(mate_dir) if mate_dir else None,
+            use_mate,
+            Path(test_dir) if test_dir else None,
+            use_test,
+            Path(tmp),
+            log,
+        ):
             try:
                 img = src.load()
             except Exception as exc:  # one unreadable sample must not stop the build
@@ -252,10 +280,15 @@ def prepare(
             split = src.split or ("val" if src.name in val_names else "train")
             path = dirs[split] / f"{src.name}.png"
             _write_png(img, path)
-            records.append({
-                "name": src.name, "split": split, "origin": src.origin,
-                "original_hw": list(orig), "hw": list(img.shape[:2]),
-            })
+            records.append(
+                {
+                    "name": src.name,
+                    "split": split,
+                    "origin": src.origin,
+                    "original_hw": list(orig),
+                    "hw": list(img.shape[:2]),
+                }
+            )
     # Leave no stale image from an earlier run with other settings.
     written = {(r["split"], r["name"]) for r in records}
     for split, folder in dirs.items():
@@ -267,8 +300,13 @@ def prepare(
     if n_train == 0:
         raise RefQSRError("no training image could be prepared")
     manifest = {
-        "max_side": max_side, "min_side": min_side, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-        "images": records, "skipped": [{"name": n, "why": w} for n, w in skipped],
+        "max_side": max_side,
+        "min_side": min_side,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "images": records,
+        "skipped": [{"name": n, "why": w} for n, w in skipped],
     }
     tmp_manifest = out / ".manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
@@ -282,24 +320,48 @@ def prepare(
     if missing_val:
         log(f"warning: validation images not available: {', '.join(missing_val)}")
     train_px = sum(r["hw"][0] * r["hw"][1] for r in records if r["split"] == "train")
-    log(f"\n{n_train} train images ({train_px / 1e6:.1f} Mpx) -> {dirs['train']}\n{n_val} val images -> {dirs['val']}"
-        f"\n{n_test} test images -> {dirs['test']}")
+    log(
+        f"\n{n_train} train images ({train_px / 1e6:.1f} Mpx) -> {dirs['train']}\n{n_val} val images -> {dirs['val']}"
+        f"\n{n_test} test images -> {dirs['test']}"
+    )
     return manifest
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--mate-dir", type=click.Path(path_type=Path), default=DEFAULT_MATE_DIR, show_default=True,
-              help="Extracted mate-backgrounds folder (usr/share/backgrounds/mate).")
+@click.option(
+    "--mate-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_MATE_DIR,
+    show_default=True,
+    help="Extracted mate-backgrounds folder (usr/share/backgrounds/mate).",
+)
 @click.option("--no-mate", is_flag=True, help="Use scikit-image images only.")
-@click.option("--test-dir", type=click.Path(path_type=Path), default=DEFAULT_TEST_DIR, show_default=True,
-              help=f"Extracted {TEST_PACKAGE} folder (usr/share/backgrounds): the test split's photos.")
+@click.option(
+    "--test-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_TEST_DIR,
+    show_default=True,
+    help=f"Extracted {TEST_PACKAGE} folder (usr/share/backgrounds): the test split's photos.",
+)
 @click.option("--no-test", is_flag=True, help="Build no test split.")
-@click.option("--max-side", type=click.IntRange(min=64), default=1024, show_default=True,
-              help="Downscale (LANCZOS) so the long side is at most this.")
-@click.option("--min-side", type=click.IntRange(min=1), default=192, show_default=True,
-              help="Leave out images whose short side is below this (after downscaling).")
-def _cli(out_dir: Path, mate_dir: Path, no_mate: bool, test_dir: Path, no_test: bool, max_side: int, min_side: int) -> None:
+@click.option(
+    "--max-side",
+    type=click.IntRange(min=64),
+    default=1024,
+    show_default=True,
+    help="Downscale (LANCZOS) so the long side is at most this.",
+)
+@click.option(
+    "--min-side",
+    type=click.IntRange(min=1),
+    default=192,
+    show_default=True,
+    help="Leave out images whose short side is below this (after downscaling).",
+)
+def _cli(
+    out_dir: Path, mate_dir: Path, no_mate: bool, test_dir: Path, no_test: bool, max_side: int, min_side: int
+) -> None:
     """Build OUT_DIR/train, OUT_DIR/val and OUT_DIR/test (HR PNGs) from offline images."""
     try:
         prepare(out_dir, mate_dir, not no_mate, max_side, min_side, test_dir=test_dir, use_test=not no_test)

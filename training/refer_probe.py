@@ -27,6 +27,7 @@ nothing to repair that the image shows. The probe also scores the matching step 
 ``aligned`` mode the right flow is zero everywhere, so the share of query pixels whose arg-max flow
 stays under half a pooling cell says whether the cost volume can find even an identical patch.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,10 +36,9 @@ from typing import Any
 import click
 import numpy as np
 import torch
-
 from refqsr_engine.engine.models_store import resolve_model
-from refqsr_engine.errors import RefQSRError
 from refqsr_engine.engine.upscale import model_bits
+from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.patchwise import REFERENCE_MODES, TorchRunner
@@ -46,7 +46,6 @@ from refqsr_engine.models.quant_cadyq import Selection
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.bundle import run_pair
 from refqsr_engine.training.datasets import PairedFolder
-
 
 # A query pixel "finds itself" when its inference-time (arg-max) flow against its own b_high
 # features is under half a pooling cell: a match to any other cell moves it by >= 3 px.
@@ -76,11 +75,13 @@ class SelfMatchCounter:
     def _refer_hook(self, k: int):
         def hook(refer: torch.nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
             self._count(k, refer.flow(inputs[0], inputs[1], hard=True))
+
         return hook
 
     def _shared_hook(self, k: int):
         def hook(_matcher: torch.nn.Module, _inputs: tuple, flow: torch.Tensor) -> None:
             self._count(k, flow)
+
         return hook
 
     def shares(self) -> list[float]:
@@ -101,8 +102,13 @@ class FeatureErrorRunner(TorchRunner):
         super().__init__(model, model_bits(model), reference)
         self.abs_sum, self.count = 0.0, 0
 
-    def _query_forward(self, x: torch.Tensor, features: list[torch.Tensor] | None, selection: Selection | None,
-                       refer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def _query_forward(
+        self,
+        x: torch.Tensor,
+        features: list[torch.Tensor] | None,
+        selection: Selection | None,
+        refer_outputs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         outputs: list[torch.Tensor] = [] if refer_outputs is None else refer_outputs
         out = super()._query_forward(x, features, selection, outputs)
         target = self.model.high_block_outputs(x)[-1]
@@ -143,8 +149,14 @@ def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6
 def markdown(result: dict[str, Any]) -> str:
     head = "| RefER input | PSNR-Y (dB) | last RefER feature L1 to b_high | " + " | ".join(result["images"]) + " |\n"
     head += "| --- | ---: | ---: |" + " ---: |" * len(result["images"]) + "\n"
-    rows = [f"| {mode} | {r['psnr_y']:.3f} | " + ("-" if r["feature_l1"] is None else f"{r['feature_l1']:.4f}")
-            + " | " + " | ".join(f"{p:.3f}" for p in r["images"]) + " |" for mode, r in result["modes"].items()]
+    rows = [
+        f"| {mode} | {r['psnr_y']:.3f} | "
+        + ("-" if r["feature_l1"] is None else f"{r['feature_l1']:.4f}")
+        + " | "
+        + " | ".join(f"{p:.3f}" for p in r["images"])
+        + " |"
+        for mode, r in result["modes"].items()
+    ]
     shares = result["self_match"]
     if result.get("matching") == "shared":
         match = f"shared flow {shares[0]:.1%}"
@@ -152,15 +164,19 @@ def markdown(result: dict[str, Any]) -> str:
         match = ", ".join(f"RefER {k + 1} {share:.1%}" for k, share in enumerate(shares))
     modes = result["modes"]
     room = modes["high"]["psnr_y"] - modes["skip"]["psnr_y"]
-    return (head + "\n".join(rows) + f"\n\nRoom for RefER (high - skip): {room:+.3f} dB; what it takes of it "
-            f"(assigned - skip): {modes['assigned']['psnr_y'] - modes['skip']['psnr_y']:+.3f} dB\n"
-            "\nQuery pixels that the matching maps onto themselves in aligned mode "
-            f"(arg-max flow under {SELF_MATCH_PX} px): {match}\n")
+    return (
+        head + "\n".join(rows) + f"\n\nRoom for RefER (high - skip): {room:+.3f} dB; what it takes of it "
+        f"(assigned - skip): {modes['assigned']['psnr_y'] - modes['skip']['psnr_y']:+.3f} dB\n"
+        "\nQuery pixels that the matching maps onto themselves in aligned mode "
+        f"(arg-max flow under {SELF_MATCH_PX} px): {match}\n"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model_name")
-@click.option("--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out).")
+@click.option(
+    "--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out)."
+)
 @click.option("--patch", type=click.IntRange(min=8), default=96, show_default=True, help="LR patch size.")
 def main(model_name: str, val: str, patch: int) -> None:
     """PSNR of a RefQSR model with its RefER fed the assigned, self, aligned or no reference, or skipped."""

@@ -1,12 +1,14 @@
 """The CSV curve every training command writes (one row per logged step), kept consistent with
 the checkpoint: on resume, rows past the checkpoint's step are dropped."""
+
 from __future__ import annotations
 
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def atomic_write_text(text: str, path: Path) -> None:

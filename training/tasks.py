@@ -23,29 +23,31 @@ Mixed precision (``--scheme cadyq|cabm``, bits "delta" for qat, "delta-3"/"delta
   patches in ``--cabm-bins`` bins (models/cabm.py), or its table is kept if it already has one,
   and training runs with the table's fixed bits (no bit loss).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.models.backbone import SRBackbone
 from refqsr_engine.models.bitops import Precision
 from refqsr_engine.models.cabm import attach_cabm, build_cabm_table
 from refqsr_engine.models.checkpoint import load_model, read_config
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.qconv import FP, BitSpec
-from refqsr_engine.models.quant_cadyq import SCHEME as CADYQ, Delta, Selection, dynamic_convs
+from refqsr_engine.models.quant_cadyq import SCHEME as CADYQ
+from refqsr_engine.models.quant_cadyq import Delta, Selection, dynamic_convs
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
-from refqsr_engine.models.backbone import SRBackbone
 from refqsr_engine.training.datasets import HRFolderDataset, StepBatchSampler, collate
 from refqsr_engine.training.pairs import ImagePairs, sample_pairs
+from torch import nn
+from torch.utils.data import DataLoader
 
 QUANT_PARAM_SUFFIXES = (".alpha", ".lower", ".upper")  # learnable quantizer bounds (own learning rate)
 VAL_PATCH = 48  # RefQSR validation runs patch-wise, as the engine does
@@ -102,7 +104,7 @@ class Task:
     def card(self) -> dict[str, Any]:
         return {"task": self.name}
 
-    def to(self, device: torch.device) -> "Task":
+    def to(self, device: torch.device) -> Task:
         for module in self.__dict__.values():
             if isinstance(module, nn.Module):
                 module.to(device)
@@ -163,8 +165,12 @@ class _Distilled(Task):
         fresh unless the source has them. Returns the source network."""
         source = _load_sr(self.cfg.init_from, "--init-from") if self.cfg.init_from else self.teacher
         missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or any(not k.split(".")[-1] in ("alpha", "lower", "upper", "initialized") and ".gate." not in k
-                             and ".selector." not in k for k in missing):
+        if unexpected or any(
+            k.split(".")[-1] not in ("alpha", "lower", "upper", "initialized")
+            and ".gate." not in k
+            and ".selector." not in k
+            for k in missing
+        ):
             raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return source
 
@@ -243,9 +249,16 @@ class QATTask(_Distilled):
         return self.model(lr, self.bits)
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "loss": "L1 + KD (eq. 8)",
-                "kd_weight": self.cfg.kd_weight, "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
-                **self.bits_card()}
+        return {
+            "task": self.name,
+            "scheme": self.cfg.scheme,
+            "bits": self.cfg.bits,
+            "loss": "L1 + KD (eq. 8)",
+            "kd_weight": self.cfg.kd_weight,
+            "teacher": self.cfg.teacher,
+            "init_from": self.cfg.init_from or self.cfg.teacher,
+            **self.bits_card(),
+        }
 
 
 # RefER's refinement starts at this fraction of its default initialisation: with a full-size random
@@ -284,9 +297,20 @@ class RefQSRTask(_Distilled):
         if not isinstance(clust, ClustBlock):
             raise RefQSRError(f"{cfg.clustblock} is not a ClustBlock")
         scheme = CADYQ if self.dynamic else cfg.scheme
-        self.model: RefQSR = build_refqsr(cfg.arch, scheme, p.b_high, p.b_low, clust.eval(), cfg.tau,
-                                          tail=cfg.tail, matching=cfg.matching, **self.sizes)
-        source = load_model(cfg.init_from)[0] if cfg.init_from and read_config(cfg.init_from)["kind"] == "refqsr" else None
+        self.model: RefQSR = build_refqsr(
+            cfg.arch,
+            scheme,
+            p.b_high,
+            p.b_low,
+            clust.eval(),
+            cfg.tau,
+            tail=cfg.tail,
+            matching=cfg.matching,
+            **self.sizes,
+        )
+        source = (
+            load_model(cfg.init_from)[0] if cfg.init_from and read_config(cfg.init_from)["kind"] == "refqsr" else None
+        )
         if isinstance(source, RefQSR):
             self._init_refqsr(self.model, source)
         else:
@@ -318,8 +342,11 @@ class RefQSRTask(_Distilled):
             kind = "a δ-RefQSR" if model.dynamic else "a fixed-precision RefQSR"
             raise RefQSRError(f"--init-from {self.cfg.init_from} is not {kind} model")
         fresh = ("clustblock.", "refers.") if self.cfg.fresh_refer else ("clustblock.",)
-        state = {k: v for k, v in source.state_dict().items() if not k.startswith(fresh)
-                 and not (model.shared and ".match_quant." in k)}
+        state = {
+            k: v
+            for k, v in source.state_dict().items()
+            if not k.startswith(fresh) and not (model.shared and ".match_quant." in k)
+        }
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(fresh) for k in missing):
             raise RefQSRError(f"weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -333,11 +360,22 @@ class RefQSRTask(_Distilled):
     def batches(self, start_step: int, steps: int) -> Iterator[dict[str, torch.Tensor]]:
         for step in range(start_step, start_step + steps):
             rng = np.random.default_rng((self.cfg.seed, 0xA1, step))  # Algorithm 1, a pure function of the step
-            pairs = sample_pairs(self.images, self.model.clustblock, batch=self.cfg.batch, lr_patch=self.cfg.lr_patch,
-                                 scale=self.dataset.scale, tau=self.cfg.tau, rng=rng)
+            pairs = sample_pairs(
+                self.images,
+                self.model.clustblock,
+                batch=self.cfg.batch,
+                lr_patch=self.cfg.lr_patch,
+                scale=self.dataset.scale,
+                tau=self.cfg.tau,
+                rng=rng,
+            )
             kq, kr = (int(k) for k in rng.integers(0, 8, size=2))
-            yield {"query_lr": _dihedral(pairs.query_lr, kq), "query_hr": _dihedral(pairs.query_hr, kq),
-                   "ref_lr": _dihedral(pairs.ref_lr, kr), "ref_hr": _dihedral(pairs.ref_hr, kr)}
+            yield {
+                "query_lr": _dihedral(pairs.query_lr, kq),
+                "query_hr": _dihedral(pairs.query_hr, kq),
+                "ref_lr": _dihedral(pairs.ref_lr, kr),
+                "ref_hr": _dihedral(pairs.ref_hr, kr),
+            }
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Paper eq. (9): L1 and KD on both the query and the reference outputs (δ: plus the
@@ -370,13 +408,26 @@ class RefQSRTask(_Distilled):
         return torch.from_numpy(out.image).unsqueeze(0)
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "scheme": self.cfg.scheme, "bits": self.cfg.bits, "tau": self.cfg.tau, "tail": self.cfg.tail,
-                "matching": self.cfg.matching, "trained": "RefER blocks only" if self.refer_only else "all",
-                "fresh_refer": self.cfg.fresh_refer, "refer_kd": self.cfg.refer_kd,
-                "loss": "L1 + KD on the query outputs (eq. 9's query terms)" if self.refer_only
-                else "L1 + KD on query and reference outputs (eq. 9)", "kd_weight": self.cfg.kd_weight,
-                "teacher": self.cfg.teacher, "init_from": self.cfg.init_from or self.cfg.teacher,
-                "clustblock": self.cfg.clustblock, "pairs": "Algorithm 1 (ClustBlock cosine > tau)", **self.bits_card()}
+        return {
+            "task": self.name,
+            "scheme": self.cfg.scheme,
+            "bits": self.cfg.bits,
+            "tau": self.cfg.tau,
+            "tail": self.cfg.tail,
+            "matching": self.cfg.matching,
+            "trained": "RefER blocks only" if self.refer_only else "all",
+            "fresh_refer": self.cfg.fresh_refer,
+            "refer_kd": self.cfg.refer_kd,
+            "loss": "L1 + KD on the query outputs (eq. 9's query terms)"
+            if self.refer_only
+            else "L1 + KD on query and reference outputs (eq. 9)",
+            "kd_weight": self.cfg.kd_weight,
+            "teacher": self.cfg.teacher,
+            "init_from": self.cfg.init_from or self.cfg.teacher,
+            "clustblock": self.cfg.clustblock,
+            "pairs": "Algorithm 1 (ClustBlock cosine > tau)",
+            **self.bits_card(),
+        }
 
 
 TASKS: dict[str, Callable[[Any, HRFolderDataset], Task]] = {"fp": FPTask, "qat": QATTask, "refqsr": RefQSRTask}

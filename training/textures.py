@@ -14,17 +14,17 @@ rendered at another size keeps its parameters (only the canvas changes).
 
 Rendering is numpy only: a 96x96 sample takes about a millisecond.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
-
-from refqsr_engine.training.labelled import LabelledImageSet
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.training.labelled import LabelledImageSet
 
 Field = np.ndarray  # HxW (grey field in [0, 1], colourised later) or HxWx3 (RGB in [0, 1])
 Generator = Callable[[np.random.Generator, int, float], Field]
@@ -714,4 +714,3 @@ class TextureDataset(LabelledImageSet):
         fam, band, n_bands = self._specs[self.label(index)]
         rng = np.random.default_rng((self.seed, int(index)))
         return render_texture(fam, rng, self.size if size is None else int(size), band, n_bands)
-

@@ -24,6 +24,7 @@ Running the command again on the same folder resumes from ``last.pt`` (``--steps
 the batches are a pure function of ``(seed, step)``, so a resumed run trains on exactly what an
 uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,13 @@ import click
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
 from refqsr_engine.models.clustblock import ClustBlock
 from refqsr_engine.training.dtd import DTDDataset
 from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
 from refqsr_engine.training.textures import TextureDataset
+from torch import nn
 
 CKPT_FORMAT = "refqsr-engine/train-clust-1"
 LOG_FIELDS = ("step", "lr", "loss", "train_acc", "val_acc", "val_acc_by_size", "elapsed_s")
@@ -159,7 +159,9 @@ def lr_at(step: int, cfg: ClustTrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
     """One full-precision cross-entropy step on ``(x, y)``; returns (loss, accuracy) before the update."""
     model.train()
     logits = model(x, quantized=False)
@@ -180,13 +182,24 @@ def step_batch_spec(step: int, cfg: ClustTrainConfig) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor], quantized: bool, device: str = "cpu", chunk: int = 64) -> float:
+def accuracy(
+    model: nn.Module,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    quantized: bool,
+    device: str = "cpu",
+    chunk: int = 64,
+) -> float:
     """Top-1 accuracy over the (x, y) batches."""
     model.eval()
     right = total = 0
     for x, y in zip(xs, ys):
         for i in range(0, len(x), chunk):
-            xb = x[i : i + chunk].to(device).float().div_(255.0) if x.dtype == torch.uint8 else x[i : i + chunk].to(device)
+            xb = (
+                x[i : i + chunk].to(device).float().div_(255.0)
+                if x.dtype == torch.uint8
+                else x[i : i + chunk].to(device)
+            )
             pred = model(xb, quantized=quantized).argmax(1).cpu()
             right += int((pred == y[i : i + chunk]).sum())
             total += len(pred)
@@ -205,9 +218,13 @@ def build_sources(cfg: ClustTrainConfig) -> tuple[Source, Source, int]:
     if cfg.dtd:
         train = DTDDataset(cfg.dtd, size=cfg.sizes[0], split="train", seed=cfg.seed, scale_range=cfg.dtd_scale_range)
         try:
-            val: Source = DTDDataset(cfg.dtd, size=cfg.sizes[0], split="val", seed=cfg.seed + 1, scale_range=cfg.dtd_scale_range)
+            val: Source = DTDDataset(
+                cfg.dtd, size=cfg.sizes[0], split="val", seed=cfg.seed + 1, scale_range=cfg.dtd_scale_range
+            )
         except RefQSRError:  # a tiny DTD-like folder without a validation split
-            val = DTDDataset(cfg.dtd, size=cfg.sizes[0], split="all", seed=cfg.seed + 1, scale_range=cfg.dtd_scale_range)
+            val = DTDDataset(
+                cfg.dtd, size=cfg.sizes[0], split="all", seed=cfg.seed + 1, scale_range=cfg.dtd_scale_range
+            )
         if cfg.classes is not None and cfg.classes != train.num_classes:
             raise RefQSRError(f"--classes {cfg.classes} does not match the {train.num_classes} classes in {cfg.dtd}")
         return train, val, train.num_classes
@@ -251,7 +268,15 @@ def _config_dict(cfg: ClustTrainConfig) -> dict[str, Any]:
     return d
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, elapsed: float, cfg: ClustTrainConfig, num_classes: int) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    elapsed: float,
+    cfg: ClustTrainConfig,
+    num_classes: int,
+) -> None:
     atomic_torch_save(
         {
             "format": CKPT_FORMAT,
@@ -468,8 +493,12 @@ def _parse_sizes(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--batch", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--no-bn", is_flag=True, help="train ClustBlock directly instead of the BatchNorm twin folded afterwards")
-@click.option("--sizes", default="48,72,96", show_default=True, callback=_parse_sizes, help="LR crop sizes, cycled per step")
-@click.option("--dtd", type=click.Path(exists=True, file_okay=False), default=None, help="train on DTD (images/<class>/*.jpg)")
+@click.option(
+    "--sizes", default="48,72,96", show_default=True, callback=_parse_sizes, help="LR crop sizes, cycled per step"
+)
+@click.option(
+    "--dtd", type=click.Path(exists=True, file_okay=False), default=None, help="train on DTD (images/<class>/*.jpg)"
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -480,12 +509,45 @@ def _parse_sizes(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--restart", is_flag=True, help="ignore an existing checkpoint and start over")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print the model card as JSON")
-def main(out, classes, steps, batch, lr, no_bn, sizes, dtd, device, threads, seed, val_every, log_every, ckpt_every, calib_samples, restart, quiet, as_json) -> None:
+def main(
+    out,
+    classes,
+    steps,
+    batch,
+    lr,
+    no_bn,
+    sizes,
+    dtd,
+    device,
+    threads,
+    seed,
+    val_every,
+    log_every,
+    ckpt_every,
+    calib_samples,
+    restart,
+    quiet,
+    as_json,
+) -> None:
     """Pre-train ClustBlock (paper Sec. III-C-2) and calibrate it to 8 bits."""
     cfg = ClustTrainConfig(
-        out=out, classes=classes, steps=steps, batch=batch, lr=lr, bn=not no_bn, sizes=sizes, dtd=dtd, device=device,
-        threads=threads, seed=seed, val_every=val_every, log_every=log_every, ckpt_every=ckpt_every,
-        calib_samples=calib_samples, quiet=quiet, restart=restart,
+        out=out,
+        classes=classes,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        bn=not no_bn,
+        sizes=sizes,
+        dtd=dtd,
+        device=device,
+        threads=threads,
+        seed=seed,
+        val_every=val_every,
+        log_every=log_every,
+        ckpt_every=ckpt_every,
+        calib_samples=calib_samples,
+        quiet=quiet,
+        restart=restart,
     )
 
     def _term(_sig, _frame):  # SIGTERM: checkpoint and stop like Ctrl-C

@@ -1,4 +1,5 @@
 """`python -m refqsr_engine.training.train_fp`: full-precision training (see training/loop.py)."""
+
 from __future__ import annotations
 
 from refqsr_engine.training.loop import make_command, run_command

@@ -5,6 +5,7 @@
 
 The Relax pipeline is spelled out (the CPU default would leave every legalized op serial).
 """
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,8 @@ from tvm import relax
 
 from ...kernels.amx import target_has_amx
 from ...kernels.tir_build import as_target
-from .float_conv_amx import DEFAULT_TERMS, rewrite_float_convs
 from .cpu_schedule import cpu_schedule_pass, vector_lanes
+from .float_conv_amx import DEFAULT_TERMS, rewrite_float_convs
 from .qdq_conv import ConvReport, rewrite_qdq_convs
 from .relax_import import graph_metadata, import_graph, static_input_shapes
 
@@ -80,8 +81,12 @@ def cpu_pipeline(target: tvm.target.Target, float_terms: int = DEFAULT_TERMS) ->
                 # the CPU default's legalize passes minus FoldConstant: constants were folded in
                 # ONNX already, and Relax's folder compiles and runs a kernel per constant
                 # expression (12 of 18 s of a 4-block graph's build)
-                + [relax.transform.LegalizeOps(customize_legalize_map=CPU_LEGALIZE), relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FuseOps(), relax.transform.FuseTIR()]
+                + [
+                    relax.transform.LegalizeOps(customize_legalize_map=CPU_LEGALIZE),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                ]
                 + [cpu_schedule_pass(num_cores, vector_lanes(target))]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
@@ -91,8 +96,9 @@ def cpu_pipeline(target: tvm.target.Target, float_terms: int = DEFAULT_TERMS) ->
     return _pipeline
 
 
-def build_graph(model: onnx.ModelProto, name: str, batch: int, target=None,
-                float_terms: int = DEFAULT_TERMS) -> GraphBuild:
+def build_graph(
+    model: onnx.ModelProto, name: str, batch: int, target=None, float_terms: int = DEFAULT_TERMS
+) -> GraphBuild:
     """Compile ``model`` for ``batch`` patches per call on an LLVM ``target`` (``float_terms``: see
     :func:`cpu_pipeline`)."""
     tgt = as_target(target)

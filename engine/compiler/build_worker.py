@@ -4,6 +4,7 @@
 
 Writes the library to ``lib`` and ``{"report": ..., "device_code": ...}`` to ``result``.
 """
+
 from __future__ import annotations
 
 import json

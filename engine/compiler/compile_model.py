@@ -8,15 +8,17 @@ of that (:func:`batch_sizes`), so that an image's last, short batch of reference
 not pay for a full batch of padding (a 720p output has 8 patches of 96 px: 3 references and 5
 queries ran as 2 x 16 slots with one size, 2 x 4 + 1 x 4 with two).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch
@@ -43,7 +45,9 @@ Progress = Callable[[str], None]
 def _check_bits(model: torch.nn.Module, requested: str | None) -> str:
     have = bits_label(model_config(model))
     if requested is not None and requested.replace("fp", "32") != have:
-        raise RefQSRError(f"this model was trained for {have} bits, not {requested}; pick a model trained at those bits")
+        raise RefQSRError(
+            f"this model was trained for {have} bits, not {requested}; pick a model trained at those bits"
+        )
     return have
 
 
@@ -68,8 +72,9 @@ def _check_patch(patch: int, batch: int) -> None:
 
 
 def _build_cluster_library(classes: int, target: tvm.target.Target, path: Path) -> list[int]:
-    funcs = {f"cluster_{n}": cluster_primfunc(n, classes).with_attr("global_symbol", f"cluster_{n}")
-             for n in CLUSTER_BUCKETS}
+    funcs = {
+        f"cluster_{n}": cluster_primfunc(n, classes).with_attr("global_symbol", f"cluster_{n}") for n in CLUSTER_BUCKETS
+    }
     tvm.compile(tvm.IRModule(funcs), target=target).export_library(str(path))
     return list(CLUSTER_BUCKETS)
 
@@ -98,8 +103,10 @@ class _GraphBuilder:
             self.target = tvm.target.Target(opts.target_dict())
             self.cluster_target, self.cluster_extra = self.target, {"device": "same"}
         if opts.float_math != "fp32" and (self.cuda or not target_has_amx(self.target)):
-            raise RefQSRError(f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
-                              f"sapphirerapids); other targets compute float convs in fp32 only")
+            raise RefQSRError(
+                f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
+                f"sapphirerapids); other targets compute float convs in fp32 only"
+            )
 
     def build(self, graph: onnx.ModelProto, name: str, batch: int, lib: Path) -> dict[str, Any]:
         """Compile and export ``graph`` to ``lib``; returns the graph's report."""
@@ -141,8 +148,12 @@ def _run_jobs(opts: CompileOptions, builder: _GraphBuilder, jobs: list, say: Pro
                 job = pending.pop(0)
                 result = Path(job[3]).with_suffix(".json")
                 spec = json.dumps({"options": dataclasses.asdict(opts), "job": job, "result": str(result)})
-                proc = subprocess.Popen([sys.executable, "-m", "refqsr_engine.engine.compiler.build_worker", spec],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "refqsr_engine.engine.compiler.build_worker", spec],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 running.append((proc, job, result))
             proc, job, result = running.pop(0)
             _, err = proc.communicate()
@@ -194,8 +205,11 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
         report["seconds"]["export"] = time.perf_counter() - t
         files: dict[str, Path] = {f"{name}.onnx": path for name, path in graphs.items()}  # the graphs compiled
-        jobs = [(name, str(path), b, str(tmp / graph_file(name, b)))
-                for name, path in graphs.items() for b in batch_sizes(opts.batch, opts.target)]
+        jobs = [
+            (name, str(path), b, str(tmp / graph_file(name, b)))
+            for name, path in graphs.items()
+            for b in batch_sizes(opts.batch, opts.target)
+        ]
         for name, b, graph_report, device_code in _run_jobs(opts, builder, jobs, say):
             files[graph_file(name, b)] = tmp / graph_file(name, b)
             report["seconds"][f"{name}_b{b}"] = graph_report.pop("build_seconds")
@@ -213,8 +227,13 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         report["seconds"]["total"] = time.perf_counter() - t0
         manifest = {
             "target": target_dict,
-            "model": {"name": opts.model, "file": model_path.name, "sha256": sha256_file(model_path),
-                      "config": model_config(model), "card": card},
+            "model": {
+                "name": opts.model,
+                "file": model_path.name,
+                "sha256": sha256_file(model_path),
+                "config": model_config(model),
+                "card": card,
+            },
             "kind": "refqsr" if isinstance(model, RefQSR) else "sr",
             "bits": bits,
             "float_math": opts.float_math,

@@ -26,10 +26,11 @@ after them, PReLU, the DDTB gate -- gets a schedule here:
   vectorized when it is the last loop of an injective block; reductions over trailing axes that
   run along memory (H x W means, softmax's max and sum over the last axis) accumulate in vectors.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import tvm
 from tvm import relax, tirx
@@ -193,8 +194,9 @@ def _schedule_pad(sch: tvm.s_tir.Schedule, conv, lanes: int) -> None:
         _vectorize_row(sch, sch.get_loops(block)[-1], lanes)
 
 
-def _schedule_conv_rows(sch: tvm.s_tir.Schedule, block, tile: ConvTile, w_param: int | None,
-                        const_params: frozenset[int]) -> PackInfo | None:
+def _schedule_conv_rows(
+    sch: tvm.s_tir.Schedule, block, tile: ConvTile, w_param: int | None, const_params: frozenset[int]
+) -> PackInfo | None:
     """The row-vector conv (see the module docstring); returns the packed weight, if any."""
     _schedule_pad(sch, block, tile.lanes)
     n, oc, oh, ow, ic, kh, kw = sch.get_loops(block)
@@ -218,11 +220,15 @@ def _schedule_conv_rows(sch: tvm.s_tir.Schedule, block, tile: ConvTile, w_param:
     return _pack_weight(sch, block, weight, tile.oc, w_param, const_params)
 
 
-def _pack_weight(sch: tvm.s_tir.Schedule, block, weight, oc_tile: int, w_param: int | None,
-                 const_params: frozenset[int]) -> PackInfo | None:
+def _pack_weight(
+    sch: tvm.s_tir.Schedule, block, weight, oc_tile: int, w_param: int | None, const_params: frozenset[int]
+) -> PackInfo | None:
     """Read the conv weight as ``[O/oc][I][kh][kw][oc]``: the parameter itself when every caller
     passes a constant (packed at compile time; returns (parameter index, oc)), else a copy per call."""
-    pack = (lambda o, i, h, w: (o // oc_tile, i, h, w, o % oc_tile))
+
+    def pack(o, i, h, w):
+        return (o // oc_tile, i, h, w, o % oc_tile)
+
     index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(weight))
     if w_param is not None and w_param in const_params:
         sch.transform_layout(block, ("read", index), pack)
@@ -276,8 +282,9 @@ def _schedule_conv_channels(sch: tvm.s_tir.Schedule, block, lanes: int) -> bool:
     return True
 
 
-def _schedule_conv(func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block, lanes: int,
-                   const_params: frozenset[int]) -> tuple[bool, PackInfo | None]:
+def _schedule_conv(
+    func: tirx.PrimFunc, sch: tvm.s_tir.Schedule, block, lanes: int, const_params: frozenset[int]
+) -> tuple[bool, PackInfo | None]:
     """Schedule one float conv2d_nchw block; returns (scheduled, packed weight)."""
     loops = sch.get_loops(block)
     if len(loops) != 7 or str(sch.get(block).reads[0].source.dtype) != "float32":
@@ -303,7 +310,10 @@ def _schedule_matmul(sch: tvm.s_tir.Schedule, block, lanes: int) -> bool:
         return False
     j_var = stmt.iter_vars[-2].var
     ana = tvm.sym.Analyzer()
-    if not (ana.can_prove_equal(stmt.reads[1].region[-1].min, j_var) and ana.can_prove_equal(stmt.writes[0].region[-1].min, j_var)):
+    if not (
+        ana.can_prove_equal(stmt.reads[1].region[-1].min, j_var)
+        and ana.can_prove_equal(stmt.writes[0].region[-1].min, j_var)
+    ):
         return False  # the output row is not contiguous in the right operand: leave it generic
     *batch, i, j, k = loops
     n_i, n_j = int(sch.get(i).extent), int(sch.get(j).extent)
@@ -330,7 +340,7 @@ def _schedule_matmul(sch: tvm.s_tir.Schedule, block, lanes: int) -> bool:
             sch.unroll(outer)
         sch.vectorize(inner)
         if b is not block:
-            for loop in sch.get_loops(b)[len(batch) + 2:-1]:
+            for loop in sch.get_loops(b)[len(batch) + 2 : -1]:
                 sch.unroll(loop)
     return True
 
@@ -388,7 +398,9 @@ def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
         return
     # reductions over trailing spatial axes (>= 2 of them: H x W): their innermost loop runs along
     # memory; a single reduced axis (channels of [N, C, H, W]) would become a strided gather
-    if (len(loops) - spatial >= 2 or _contiguous_reduction(sch, block, spatial)) and _vector_reduction(sch, block, spatial):
+    if (len(loops) - spatial >= 2 or _contiguous_reduction(sch, block, spatial)) and _vector_reduction(
+        sch, block, spatial
+    ):
         return
     # fuse leading spatial loops until there is enough parallel work, keep the last for vectors
     lead = 1
@@ -408,8 +420,9 @@ def _schedule_generic(sch: tvm.s_tir.Schedule, block, num_cores: int) -> None:
             sch.vectorize(inner)
 
 
-def schedule_func_packed(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANES,
-                         const_params: frozenset[int] = frozenset()) -> tuple[tirx.PrimFunc, PackInfo | None]:
+def schedule_func_packed(
+    func: tirx.PrimFunc, num_cores: int, lanes: int = _LANES, const_params: frozenset[int] = frozenset()
+) -> tuple[tirx.PrimFunc, PackInfo | None]:
     """Schedule ``func``; parameters in ``const_params`` are constants the caller can re-lay out.
     Returns the scheduled function and, when a conv weight parameter now takes the packed layout
     ``[O/oc][I][kh][kw][oc]``, (its index, oc)."""
@@ -520,8 +533,11 @@ class _PackConstants(relax.PyExprMutator):
 def _with_packed_weights(mod: tvm.IRModule, packs: dict[str, PackInfo]) -> tvm.IRModule:
     """``mod`` with the packed PrimFuncs under fresh GlobalVars (typed with the new signature) and
     their callers' weight constants packed."""
-    base = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint not in packs},
-                        attrs=mod.attrs, global_infos=mod.global_infos)
+    base = tvm.IRModule(
+        {gv: f for gv, f in mod.functions.items() if gv.name_hint not in packs},
+        attrs=mod.attrs,
+        global_infos=mod.global_infos,
+    )
     bb = relax.BlockBuilder(base)
     fresh = {name: (bb.add_func(mod[name], name), info) for name, info in packs.items()}
     out = bb.get()
@@ -543,8 +559,9 @@ def cpu_schedule_pass(num_cores: int, lanes: int = _LANES) -> tvm.transform.Pass
         for gv, func in mod.functions.items():
             if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
                 symbol = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else gv.name_hint
-                scheduled, packed = schedule_func_packed(func.with_attr("global_symbol", "main"), num_cores, lanes,
-                                                         consts.get(gv.name_hint, frozenset()))
+                scheduled, packed = schedule_func_packed(
+                    func.with_attr("global_symbol", "main"), num_cores, lanes, consts.get(gv.name_hint, frozenset())
+                )
                 updates[gv] = scheduled.with_attr("global_symbol", symbol)
                 if packed is not None:
                     packs[gv.name_hint] = packed

@@ -41,6 +41,7 @@ The same rewrite with ``twin=True`` calls the kernels' plain-TIR LLVM twins (sam
 so the whole rewritten graph can be built for the CPU and checked against ONNX Runtime on a
 machine without a GPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,9 +50,10 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -89,6 +91,7 @@ def import_graph_cuda(model: onnx.ModelProto, batch: int) -> tuple[tvm.IRModule,
 def choose_cuda_variant(act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape) -> str | None:
     """The integer kernel that is exact for these operands and fits ``shape`` ("s4mma", "dp4a"),
     or None: the conv stays float."""
+
     def fits(variant: str) -> bool:
         try:
             shape.check(variant)
@@ -139,7 +142,7 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 
 @mutator
 class _CudaRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: "CudaConvResult"):
+    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult):
         super().__init__(mod)
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
@@ -155,8 +158,11 @@ class _CudaRewriter(PyExprMutator):
             return call
         index = report.index
         plan = self._plan(call, matched, report)
-        variant = None if isinstance(plan, str) else choose_cuda_variant(
-            report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
+        variant = (
+            None
+            if isinstance(plan, str)
+            else choose_cuda_variant(report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
+        )
         if variant is None:
             why = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
             self.result.float_reasons[index] = why
@@ -170,7 +176,9 @@ class _CudaRewriter(PyExprMutator):
         wscale = _const(wdeq.args[1], "weight scale").astype(np.float32).reshape(-1)
         wzero = _const(wdeq.args[2], "weight zero point").astype(np.int64).reshape(-1)
         if wzero.size != 1 or wscale.size not in (1, wq.shape[0]):
-            raise RefQSRError(f"conv {report.index}: weights must be per-tensor (or per-output-channel scale) quantized")
+            raise RefQSRError(
+                f"conv {report.index}: weights must be per-tensor (or per-output-channel scale) quantized"
+            )
         w_int = wq - int(wzero[0])
         report.weight_range = (int(w_int.min()), int(w_int.max()))
         w_scale = np.broadcast_to(wscale, (wq.shape[0],)).astype(np.float32)
@@ -200,11 +208,20 @@ class _CudaRewriter(PyExprMutator):
         z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
         packed = self._pack_activations(x, s4, z4, plan, variant)
         out = relax.TensorType(plan.shape.out_shape(variant), "int32")
-        acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant),
-                                                [packed, self._weights(plan, variant)], out))
+        acc = self.builder_.emit(
+            relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant)], out)
+        )
         report.variant = variant
-        report.shape = (n, plan.shape.in_ch, plan.shape.out_ch, plan.shape.height, plan.shape.width,
-                        plan.shape.kernel, 1, *plan.pads)
+        report.shape = (
+            n,
+            plan.shape.in_ch,
+            plan.shape.out_ch,
+            plan.shape.height,
+            plan.shape.width,
+            plan.shape.kernel,
+            1,
+            *plan.pads,
+        )
         return self._epilogue(acc, s4, z4, plan, variant)
 
     def _kernel(self, shape: cc.Conv2dCudaShape, variant: str) -> tvm.ir.GlobalVar:
@@ -276,8 +293,9 @@ class CudaConvResult(QDQConvResult):
     float_reasons: dict[int, str] = field(default_factory=dict)
 
 
-def rewrite_qdq_convs_cuda(mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False,
-                           func_name: str = "main") -> tuple[tvm.IRModule, CudaConvResult]:
+def rewrite_qdq_convs_cuda(
+    mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False, func_name: str = "main"
+) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
     quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue."""
     result = CudaConvResult()
@@ -303,8 +321,12 @@ def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             # LegalizeOps, AnnotateTIROpPattern, FuseOps, FuseTIR, dlight's default GPU rules
             legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "FoldConstant"]
-            seq = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize
-                                           + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target)
+                + legalize
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
             return seq(mod)
 
     return _pipeline
@@ -330,14 +352,38 @@ def _compile_cuda_source(code: str, arch: str) -> tuple[str, bytes]:
         src, ptx_path, fatbin = (os.path.join(tmp, f) for f in ("k.cu", "k.ptx", "k.fatbin"))
         with open(src, "w") as f:
             f.write(code)
-        _nvcc(["--ptx", "-O3", "-arch", arch, "--expt-relaxed-constexpr", "--expt-extended-lambda",
-               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-               "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-               "-diag-suppress=177", "-o", ptx_path, src])
+        _nvcc(
+            [
+                "--ptx",
+                "-O3",
+                "-arch",
+                arch,
+                "--expt-relaxed-constexpr",
+                "--expt-extended-lambda",
+                "-U__CUDA_NO_HALF_OPERATORS__",
+                "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+                "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+                "-diag-suppress=177",
+                "-o",
+                ptx_path,
+                src,
+            ]
+        )
         ptxas = getattr(nvcc, "_ptxas_option_flags", lambda: [])()  # TVM's register-usage settings
-        _nvcc(["--fatbin", "-arch", arch, *([f"--ptxas-options={','.join(ptxas)}"] if ptxas else []),
-               "-o", fatbin, ptx_path])
+        _nvcc(
+            [
+                "--fatbin",
+                "-arch",
+                arch,
+                *([f"--ptxas-options={','.join(ptxas)}"] if ptxas else []),
+                "-o",
+                fatbin,
+                ptx_path,
+            ]
+        )
         with open(ptx_path) as f_ptx, open(fatbin, "rb") as f_bin:
             return f_ptx.read(), f_bin.read()
 

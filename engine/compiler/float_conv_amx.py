@@ -15,6 +15,7 @@ conv itself is at 2e-6). Convs with few outputs and a wide kernel (SRResNet's 9 
 take the folded variant (kernel columns as tile rows). Convs neither covers (input channels not a
 multiple of 32, strides, the 3-channel head) stay on the fp32 schedule.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,14 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ...kernels.conv_amx_bf16 import (bf16_fits, conv_bf16_compute, conv_bf16_fold_compute, fold_fits,
-                                      pack_bf16_weights, pack_fold_weights)
+from ...kernels.conv_amx_bf16 import (
+    bf16_fits,
+    conv_bf16_compute,
+    conv_bf16_fold_compute,
+    fold_fits,
+    pack_bf16_weights,
+    pack_fold_weights,
+)
 from .qdq_conv import _op_name
 
 #: products per MAC: 3 = bf16x3 (fp32-grade), 1 = plain bf16
@@ -66,9 +73,17 @@ class _Rewriter(PyExprMutator):
         x, weight = conv.args
         w = _constant(weight)
         a = conv.attrs
-        if (w is None or w.dtype != np.float32 or w.ndim != 4 or x.ty.dtype != "float32"
-                or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or int(a.groups) != 1
-                or [int(v) for v in a.dilation] != [1, 1] or [int(v) for v in a.strides] != [1, 1]):
+        if (
+            w is None
+            or w.dtype != np.float32
+            or w.ndim != 4
+            or x.ty.dtype != "float32"
+            or a.data_layout != "NCHW"
+            or a.kernel_layout != "OIHW"
+            or int(a.groups) != 1
+            or [int(v) for v in a.dilation] != [1, 1]
+            or [int(v) for v in a.strides] != [1, 1]
+        ):
             return call
         pad = [int(v) for v in a.padding]
         o, c, kh, kw = w.shape
@@ -95,8 +110,9 @@ class _Rewriter(PyExprMutator):
         return relax.call_tir(self.kernels[key], args, relax.TensorType(call.ty.shape, "float32"))
 
 
-def rewrite_float_convs(mod: tvm.IRModule, terms: int = DEFAULT_TERMS,
-                        func_name: str = "main") -> tuple[tvm.IRModule, int]:
+def rewrite_float_convs(
+    mod: tvm.IRModule, terms: int = DEFAULT_TERMS, func_name: str = "main"
+) -> tuple[tvm.IRModule, int]:
     """Replace every covered float conv + bias of ``mod[func_name]`` by the AMX bf16 kernel;
     returns the new module and how many convs moved."""
     rewriter = _Rewriter(mod, terms)

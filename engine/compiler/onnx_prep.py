@@ -8,9 +8,10 @@ engine compiles fixed batch shapes anyway, so the graph is first pinned to those
 everything that no longer depends on the data is folded into initializers. Quantize/dequantize
 pairs are never folded: they are the pattern the integer-conv pass looks for.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -95,9 +96,17 @@ def _scalar_gather_to_slice(graph: onnx.GraphProto) -> None:
         stem = node.output[0] + "__slice"
         for name, value in (("starts", k), ("ends", k + 1 if k != -1 else np.iinfo(np.int64).max), ("axes", axis)):
             graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), f"{stem}_{name}"))
-        nodes.append(helper.make_node("Slice", [node.input[0], f"{stem}_starts", f"{stem}_ends", f"{stem}_axes"],
-                                      [stem], name=node.name + "__slice"))
-        nodes.append(helper.make_node("Squeeze", [stem, f"{stem}_axes"], [node.output[0]], name=node.name + "__squeeze"))
+        nodes.append(
+            helper.make_node(
+                "Slice",
+                [node.input[0], f"{stem}_starts", f"{stem}_ends", f"{stem}_axes"],
+                [stem],
+                name=node.name + "__slice",
+            )
+        )
+        nodes.append(
+            helper.make_node("Squeeze", [stem, f"{stem}_axes"], [node.output[0]], name=node.name + "__squeeze")
+        )
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -142,9 +151,12 @@ def _fold_constants(model: onnx.ModelProto) -> int:
 def _evaluate(node: onnx.NodeProto, values: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     inputs = [i for i in node.input if i]
     sub = helper.make_graph(
-        [node], "fold",
-        [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), values[i].shape)
-         for i in inputs],
+        [node],
+        "fold",
+        [
+            helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(values[i].dtype), values[i].shape)
+            for i in inputs
+        ],
         [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
     )
     opset = [helper.make_opsetid("", 17)]

@@ -2,6 +2,7 @@
 
 Kept apart from :mod:`.compile_model` on purpose: loading a cached artifact needs these and nothing
 else, and must not import the kernel generators (parsing their TVMScript takes seconds)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import RefQSRError
-from ..models_store import resolve_model
 from ...kernels.host_cpu import host_mcpu  # noqa: F401 - the default mcpu (re-exported)
-
+from ..models_store import resolve_model
 
 #: --float-math -> bf16 products per MAC on AMX tiles
 FLOAT_MATH = {"fp32": 3, "bf16": 1}
@@ -52,8 +52,12 @@ class CompileOptions:
 
 # The packages whose code ends up in an artifact: the compiler passes and schedules, the kernels,
 # the exporter and the models it traces. A change to any of them must not reuse an older build.
-_COMPILED_PACKAGES = ("refqsr_engine.engine.compiler", "refqsr_engine.kernels", "refqsr_engine.export",
-                      "refqsr_engine.models")
+_COMPILED_PACKAGES = (
+    "refqsr_engine.engine.compiler",
+    "refqsr_engine.kernels",
+    "refqsr_engine.export",
+    "refqsr_engine.models",
+)
 
 
 def compiler_digest() -> str:
@@ -76,5 +80,12 @@ def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
 
     model_path = resolve_model(opts.model)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    return {"model_sha256": digest, "target": opts.target_dict(), "patch": opts.patch, "batch": opts.batch,
-            "float_math": opts.float_math, "tvm": tvm.__version__, "compiler": compiler_digest()}
+    return {
+        "model_sha256": digest,
+        "target": opts.target_dict(),
+        "patch": opts.patch,
+        "batch": opts.batch,
+        "float_math": opts.float_math,
+        "tvm": tvm.__version__,
+        "compiler": compiler_digest(),
+    }

@@ -16,10 +16,11 @@ b <= 8); the exporter writes it into the graph metadata ``refqsr.convs``, one en
 in node order, and the importer keeps that order, so the convs are matched to the table by
 position -- and checked: a table entry with b < 32 must meet a QDQ conv and vice versa.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import tvm
@@ -97,17 +98,28 @@ def classify_conv(call: relax.Call, table: Sequence[dict], result: QDQConvResult
     matched = match_qdq_conv(call, lookup)
     if report.act_bits >= FULL_PRECISION:
         if matched is not None:
-            raise RefQSRError(f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata")
+            raise RefQSRError(
+                f"conv {index} ({report.module}) is quantized in the graph but full precision in the metadata"
+            )
         return report, None
     if matched is None:
-        raise RefQSRError(f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern")
+        raise RefQSRError(
+            f"conv {index} ({report.module}) is {report.act_bits}-bit in the metadata but has no QDQ pattern"
+        )
     return report, matched
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], vnni: bool, result: QDQConvResult,
-                 avx512: bool = False, amx: bool = False):
+    def __init__(
+        self,
+        mod: tvm.IRModule,
+        table: Sequence[dict],
+        vnni: bool,
+        result: QDQConvResult,
+        avx512: bool = False,
+        amx: bool = False,
+    ):
         super().__init__(mod)
         self.amx = amx
         self.table = list(table)
@@ -145,14 +157,17 @@ class _Rewriter(PyExprMutator):
         if kh != kw or ci != c:
             raise RefQSRError(f"conv {report.index}: unsupported weight shape {wq.shape}")
         if wzero.size > 1 or wscale.size not in (1, o):
-            raise RefQSRError(f"conv {report.index}: weights must be per-tensor (or per-output-channel scale) quantized")
+            raise RefQSRError(
+                f"conv {report.index}: weights must be per-tensor (or per-output-channel scale) quantized"
+            )
         w_int = wq - int(wzero.reshape(-1)[0])
         shape = Conv2dShape(n, c, o, h, w, kh, stride[0], pad[0])
         spec = QConvSpec(shape, report.act_bits, container == "int8", int(w_int.min()), int(w_int.max()))
         # one kernel per (problem, grid, variant, int16 chunking): convs that differ only in
         # their weights share code
-        variant = choose_variant(spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8, self.avx512,
-                                 self.amx and amx_fits(shape))
+        variant = choose_variant(
+            spec.act_max, spec.w_min, spec.w_max, self.vnni, kh, shape.c8, self.avx512, self.amx and amx_fits(shape)
+        )
         # "vnni512" and "amx" bake their weight shift into the code
         shift = spec.weight_shift if variant in ("vnni512", "amx") else 0
         key = (shape, spec.act_bits, spec.signed_container, variant, chunk_groups_for(spec, variant), shift)
@@ -184,8 +199,9 @@ class _Rewriter(PyExprMutator):
         return self.builder_.emit(relax.op.broadcast_to(value, relax.ShapeExpr([n])))
 
 
-def rewrite_qdq_convs(mod: tvm.IRModule, conv_table: Sequence[dict], vnni: bool = False,
-                      func_name: str = "main", target=None) -> tuple[tvm.IRModule, QDQConvResult]:
+def rewrite_qdq_convs(
+    mod: tvm.IRModule, conv_table: Sequence[dict], vnni: bool = False, func_name: str = "main", target=None
+) -> tuple[tvm.IRModule, QDQConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` by the fused integer kernel; returns the new
     module (dead quantize/dequantize bindings removed) and a per-conv report.
 

@@ -15,6 +15,7 @@ of query and reference) becomes ``flow = refqsr.SharedFlow(query_match, referenc
 each RefER's warp ``aligned = refqsr.Warp(reference, flow)``. The Relax importer gets converters
 for these ops (``relax_import``).
 """
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def _scope_of(name: str) -> str | None:
 def _difference_node(graph: onnx.GraphProto, scope: str, consumers: dict[str, list[onnx.NodeProto]]) -> onnx.NodeProto:
     """The ``query - aligned`` Sub directly in ``scope`` whose result feeds the refinement conv1."""
     for node in graph.node:
-        if node.op_type == "Sub" and node.name.startswith(scope) and "/" not in node.name[len(scope):]:
+        if node.op_type == "Sub" and node.name.startswith(scope) and "/" not in node.name[len(scope) :]:
             if any(c.name.startswith(scope + "conv1/") for c in consumers.get(node.output[0], [])):
                 return node
     raise RefQSRError(f"{scope}: cannot find the RefER difference (query - aligned) in the graph")
@@ -64,27 +65,34 @@ def _ancestors(output: str, producer: dict[str, onnx.NodeProto], inside) -> dict
 
 def _in_warp(scope: str | None = None):
     """Name test: inside RefER ``scope`` (any RefER when None), refinement convs excluded."""
+
     def inside(name: str) -> bool:
         s = _scope_of(name)
-        return s is not None and (scope is None or s == scope) and not name[len(s):].startswith(_REFINEMENT)
+        return s is not None and (scope is None or s == scope) and not name[len(s) :].startswith(_REFINEMENT)
+
     return inside
 
 
 def _outside_features(sub: dict[str, onnx.NodeProto], producer: dict[str, onnx.NodeProto], values: dict) -> list[str]:
     """Non-constant values the subgraph reads from outside itself."""
-    outside = {i for n in sub.values() for i in n.input if i and (producer.get(i) is None or producer[i].name not in sub)}
+    outside = {
+        i for n in sub.values() for i in n.input if i and (producer.get(i) is None or producer[i].name not in sub)
+    }
     return sorted(i for i in outside if i not in values)
 
 
-def _check_closed(sub: dict[str, onnx.NodeProto], outputs: set[str], consumers: dict[str, list[onnx.NodeProto]],
-                  scope: str) -> None:
+def _check_closed(
+    sub: dict[str, onnx.NodeProto], outputs: set[str], consumers: dict[str, list[onnx.NodeProto]], scope: str
+) -> None:
     for n in sub.values():  # nothing computed here but ``outputs`` may be used outside the subgraph
         for o in n.output:
             if o not in outputs and any(c.name not in sub for c in consumers.get(o, [])):
                 raise RefQSRError(f"{scope}: {o} is used outside the RefER subgraph")
 
 
-def _replace(graph: onnx.GraphProto, sub: dict[str, onnx.NodeProto], node: onnx.NodeProto, before: onnx.NodeProto) -> None:
+def _replace(
+    graph: onnx.GraphProto, sub: dict[str, onnx.NodeProto], node: onnx.NodeProto, before: onnx.NodeProto
+) -> None:
     """Drop ``sub``'s nodes and put ``node`` just before ``before``, the first reader of its
     output (so after the producers of everything it reads)."""
     keep = [n for n in graph.node if n.name not in sub]
@@ -111,8 +119,12 @@ def _fuse_shared_flow(model: onnx.ModelProto, values: dict) -> str | None:
     scope_nodes = [n for n in graph.node if n.name.startswith(MATCHER_SCOPE)]
     if not scope_nodes:
         return None
-    outputs = {o for n in scope_nodes for o in n.output
-               if any(not c.name.startswith(MATCHER_SCOPE) for c in consumers.get(o, []))}
+    outputs = {
+        o
+        for n in scope_nodes
+        for o in n.output
+        if any(not c.name.startswith(MATCHER_SCOPE) for c in consumers.get(o, []))
+    }
     if len(outputs) != 1:
         raise RefQSRError(f"{MATCHER_SCOPE}: expected one flow leaving the shared matcher, found {sorted(outputs)}")
     flow = outputs.pop()
@@ -121,13 +133,15 @@ def _fuse_shared_flow(model: onnx.ModelProto, values: dict) -> str | None:
     graph_inputs = {i.name for i in graph.input}
     references = [f for f in feats if f in graph_inputs]
     if len(feats) != 2 or len(references) != 1:
-        raise RefQSRError(f"{MATCHER_SCOPE}: the shared matcher should read one query feature and one reference "
-                          f"input, reads {feats}")
+        raise RefQSRError(
+            f"{MATCHER_SCOPE}: the shared matcher should read one query feature and one reference input, reads {feats}"
+        )
     reference = references[0]
     query = next(f for f in feats if f != reference)
     _check_closed(sub, {flow}, consumers, MATCHER_SCOPE)
-    node = helper.make_node(SHARED_FLOW_OP, [query, reference], [flow], name=MATCHER_SCOPE + SHARED_FLOW_OP,
-                            domain=DOMAIN)
+    node = helper.make_node(
+        SHARED_FLOW_OP, [query, reference], [flow], name=MATCHER_SCOPE + SHARED_FLOW_OP, domain=DOMAIN
+    )
     first_reader = next(n for n in graph.node if n.name not in sub and flow in n.input)
     _replace(graph, sub, node, first_reader)
     return flow
@@ -161,8 +175,14 @@ def fuse_refer_warps(model: onnx.ModelProto) -> int:
     return fused
 
 
-def _fuse_warps_by_flow(graph: onnx.GraphProto, diffs: dict[str, onnx.NodeProto], flow: str,
-                        producer: dict[str, onnx.NodeProto], consumers: dict[str, list[onnx.NodeProto]], values: dict) -> None:
+def _fuse_warps_by_flow(
+    graph: onnx.GraphProto,
+    diffs: dict[str, onnx.NodeProto],
+    flow: str,
+    producer: dict[str, onnx.NodeProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    values: dict,
+) -> None:
     """Shared matching: each RefER's ``aligned`` becomes ``Warp(reference, flow)``. The warps'
     sampling coordinates depend on the flow alone, so the exporter computes them once, in the
     first RefER's scope, for all: the RefERs' warp subgraphs are removed together."""
@@ -176,15 +196,25 @@ def _fuse_warps_by_flow(graph: onnx.GraphProto, diffs: dict[str, onnx.NodeProto]
             raise RefQSRError(f"{scope}: the warp should read one reference feature and the shared flow, reads {feats}")
         reference = next(f for f in feats if f != flow)
         union.update(sub)
-        nodes.append((helper.make_node(WARP_OP, [reference, flow], [aligned], name=scope + WARP_OP, domain=DOMAIN), diff))
+        nodes.append(
+            (helper.make_node(WARP_OP, [reference, flow], [aligned], name=scope + WARP_OP, domain=DOMAIN), diff)
+        )
     _check_closed(union, {diff.input[1] for diff in diffs.values()}, consumers, "RefER warps")
     for node, diff in nodes:
         _replace(graph, union, node, diff)
         union = {}  # removed with the first
 
 
-def _refer_warp_node(graph: onnx.GraphProto, scope: str, sub: dict[str, onnx.NodeProto], feats: list[str], query: str,
-                     aligned: str, values: dict, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto:
+def _refer_warp_node(
+    graph: onnx.GraphProto,
+    scope: str,
+    sub: dict[str, onnx.NodeProto],
+    feats: list[str],
+    query: str,
+    aligned: str,
+    values: dict,
+    producer: dict[str, onnx.NodeProto],
+) -> onnx.NodeProto:
     """Paper matching: ``RefERWarp(query, reference, scale, zero_point)`` with the match quantizer's
     folded scale and zero point and its integer grid."""
     if query not in feats or len(feats) != 2:
@@ -208,5 +238,6 @@ def _refer_warp_node(graph: onnx.GraphProto, scope: str, sub: dict[str, onnx.Nod
     s_name, z_name = prefix + "__match_scale", prefix + "__match_zero_point"
     graph.initializer.append(numpy_helper.from_array(np.asarray([scale], np.float32), s_name))
     graph.initializer.append(numpy_helper.from_array(np.asarray([zp], np.float32), z_name))
-    return helper.make_node(OP, [query, reference, s_name, z_name], [aligned], name=scope + OP,
-                            domain=DOMAIN, qmin=qmin, qmax=qmax)
+    return helper.make_node(
+        OP, [query, reference, s_name, z_name], [aligned], name=scope + OP, domain=DOMAIN, qmin=qmin, qmax=qmax
+    )

@@ -1,10 +1,12 @@
 """An exported ONNX graph -> a Relax module with fixed shapes, plus the graph's refqsr metadata."""
+
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import onnx
 import tvm
@@ -22,7 +24,7 @@ def graph_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     meta = {}
     for prop in model.metadata_props:
         if prop.key.startswith("refqsr."):
-            meta[prop.key[len("refqsr."):]] = json.loads(prop.value)
+            meta[prop.key[len("refqsr.") :]] = json.loads(prop.value)
     if "convs" not in meta:
         raise RefQSRError("the ONNX graph carries no refqsr.convs metadata; export it with refqsr-engine")
     return meta
@@ -81,8 +83,11 @@ def _kernel_call(bb, prim, prefix: str, args: list, out_shape: tuple[int, ...] |
     shapes for a tuple), added under a fresh name."""
     name = f"{prefix}_{len([g for g in bb.get().functions if g.name_hint.startswith(prefix)])}"
     gv = bb.add_func(prim.with_attr("global_symbol", name), name)
-    sinfo = ([relax.TensorType(o, "float32") for o in out_shape] if isinstance(out_shape, list)
-             else relax.TensorType(out_shape, "float32"))
+    sinfo = (
+        [relax.TensorType(o, "float32") for o in out_shape]
+        if isinstance(out_shape, list)
+        else relax.TensorType(out_shape, "float32")
+    )
     return bb.emit(relax.call_tir(gv, args, sinfo))
 
 
@@ -103,8 +108,9 @@ def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
         def _impl_v1(cls, bb, inputs, attr, params):
             feat, flow = inputs
             n, c, h, w = (int(v) for v in feat.ty.shape)
-            return _kernel_call(bb, backward_warp_primfunc(n, c, h, w, target), "refer_warp_by_flow", [feat, flow],
-                                (n, c, h, w))
+            return _kernel_call(
+                bb, backward_warp_primfunc(n, c, h, w, target), "refer_warp_by_flow", [feat, flow], (n, c, h, w)
+            )
 
     return {SHARED_FLOW_OP: SharedFlow, WARP_OP: Warp}
 
@@ -149,8 +155,9 @@ def _extra_converters(extra: Mapping[str, Any]):
         onnx_frontend._get_convert_map = original
 
 
-def import_graph(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
-                 target: tvm.target.Target | None = None) -> tuple[tvm.IRModule, int]:
+def import_graph(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], target: tvm.target.Target | None = None
+) -> tuple[tvm.IRModule, int]:
     """Relax module of ``model`` at the given input shapes (parameters embedded as constants),
     with each RefER warp subgraph replaced by our kernel; returns (module, RefER warps fused)."""
     from tvm.relax.frontend.onnx import from_onnx
@@ -158,8 +165,12 @@ def import_graph(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]],
     prepared = prepare_onnx(model, shapes)
     warps = fuse_refer_warps(prepared)
     tgt = as_target(target)
-    converters = {OP: _refer_warp_converter(tgt), **_shared_matching_converters(tgt),
-                  "Max": _pairwise_converter("Max"), "Min": _pairwise_converter("Min")}
+    converters = {
+        OP: _refer_warp_converter(tgt),
+        **_shared_matching_converters(tgt),
+        "Max": _pairwise_converter("Max"),
+        "Min": _pairwise_converter("Min"),
+    }
     with _extra_converters(converters):
         # No FoldConstant here: it would turn the dequantized integer weights into float constants
         # (and compile a kernel per constant expression, ~15 s); the build pipeline folds later.
