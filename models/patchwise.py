@@ -108,7 +108,7 @@ class PatchRunner(Protocol):
 #: that matches every query pixel exactly (what RefER could do with a perfect reference);
 #: "high": no RefER, the query runs the reference path at b_high (the ceiling of the query path);
 #: "skip": every RefER passes its input through (the floor: the query path without the blocks
-#: RefER replaces). The last three are diagnostics (training.refer_probe), not ways to run a model.
+#: RefER replaces). The last three are diagnostics (research/refer_probe.py), not ways to run a model.
 REFERENCE_MODES = ("assigned", "self", "aligned", "high", "skip")
 
 

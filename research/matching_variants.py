@@ -1,6 +1,6 @@
 """Can RefER's matching find a patch's content in its reference? Matching variants on a trained model.
 
-    python -m refqsr_engine.benchmarks.matching_variants MODEL --val DIR
+    python -m research.matching_variants MODEL --val DIR
 
 Pairs whose right flow is known: for 96-px LR patches every 48 px of every validation image (where
 the shifted one fits), the reference is
@@ -13,7 +13,7 @@ the shifted one fits), the reference is
 The query side is the query path (self-reference mode, so it does not depend on an assignment),
 the reference side the b_high reference path, as RefER sees them. A pixel counts as matched when
 its arg-max flow is within half a pooling cell of the right one
-(:data:`~refqsr_engine.training.refer_probe.SELF_MATCH_PX`). Features matched:
+(:data:`~research.refer_probe.SELF_MATCH_PX`). Features matched:
 
 * ``head``, ``block 1``: the head conv's and the first ResBlock's output (both at b_high or full
   precision on both paths, so equal content gives equal features);
@@ -43,7 +43,8 @@ from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.matching import POOL, normalize_and_pool, pooled_flow, shared_flow, upsample_flow
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.datasets import PairedFolder
-from refqsr_engine.training.refer_probe import SELF_MATCH_PX
+
+from research.refer_probe import SELF_MATCH_PX
 
 PATCH = 96
 SHIFT = (30, 12)  # (dy, dx) LR px of the shifted reference; multiples of the 3-px pooling cell

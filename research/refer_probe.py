@@ -1,6 +1,6 @@
 """Does a trained RefQSR model's RefER use its reference? PSNR of the same model, five ways.
 
-    python -m refqsr_engine.training.refer_probe MODEL --val data/sr/val
+    python -m research.refer_probe MODEL --val data/sr/val
 
 Every row runs the same network patch-wise (96 px, 6 px overlap) on whole validation images with
 the same reference assignment; only what the query patches' RefER blocks get changes:

@@ -1,4 +1,4 @@
-"""`python -m refqsr_engine.benchmarks.matching_variants`: how often RefER matching variants find
+"""`python -m research.matching_variants`: how often RefER matching variants find
 the right flow, on pairs whose flow is known."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from refqsr_engine.benchmarks.matching_variants import main, matched_share
 from refqsr_engine.models.checkpoint import save_model
 from refqsr_helpers import small_refqsr
+
+from research.matching_variants import main, matched_share
 
 
 def _cells(rows: int, cols: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`python -m refqsr_engine.training.refer_probe`: what a RefQSR model's RefER gets, four ways.
+"""`python -m research.refer_probe`: what a RefQSR model's RefER gets, four ways.
 
 Each mode is checked against the network run by hand on the query patch (``query_forward`` /
 ``reference_forward`` with explicit features), and the CLI's ``high`` row against the backbone run
@@ -18,8 +18,9 @@ from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.patchwise import TorchRunner, upscale_patchwise
 from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.training.datasets import PairedFolder
-from refqsr_engine.training.refer_probe import main, probe
 from refqsr_helpers import small_refqsr
+
+from research.refer_probe import main, probe
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_cli_refuses_a_model_without_refer(tmp_path):
 
 
 def test_self_match_counter_scores_the_argmax_flow(model):
-    from refqsr_engine.training.refer_probe import SelfMatchCounter
+    from research.refer_probe import SelfMatchCounter
 
     # 4 x 4 pooling cells, each a different one-hot channel: every cell's best match is itself
     distinct = torch.zeros(1, 64, 12, 12)
@@ -128,7 +129,8 @@ def test_self_match_counter_scores_the_shared_flow():
     """With shared matching the counter reads the one flow per query: in aligned mode (the
     query's own block-1 features) an 8-bit cosine finds every cell of distinct features."""
     from compile_helpers import small_refqsr as compile_small_refqsr
-    from refqsr_engine.training.refer_probe import SelfMatchCounter
+
+    from research.refer_probe import SelfMatchCounter
 
     model = compile_small_refqsr("ddtb", matching="shared")
     counter = SelfMatchCounter(model)
@@ -146,7 +148,7 @@ def test_feature_error_runner_scores_the_last_refer_against_the_block_at_b_high(
     b_high|, both taken here with forward hooks (a plain backbone call at b_high for the target);
     in 'skip' the feature in the last RefER's place is the output of the last block before the
     RefERs; 'self' and 'assigned' give different errors; 'high' runs no RefER and scores nothing."""
-    from refqsr_engine.training.refer_probe import FeatureErrorRunner
+    from research.refer_probe import FeatureErrorRunner
 
     q = np.random.default_rng(2).random((2, 3, 24, 24), dtype=np.float32)
     ref = np.random.default_rng(3).random((2, 3, 24, 24), dtype=np.float32)
