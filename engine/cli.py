@@ -31,10 +31,18 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+MODEL_HELP = "Bundled model (list them with `refqsr-engine models`) or a model file (.pt)."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="refqsr-engine")
 def main() -> None:
-    """RefQSR: reference-based quantized x4 super-resolution."""
+    """RefQSR: reference-based quantized x4 super-resolution.
+
+    \b
+    refqsr-engine upscale IN.png OUT.png        # the default model, compiled for this CPU on first use
+    refqsr-engine models                        # the bundled models (--model NAME)
+    """
 
 
 @main.command()
@@ -67,7 +75,7 @@ def bitops(
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
-@click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels.")
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
 @click.option(
@@ -148,6 +156,10 @@ def upscale(
     )
     bar = None
 
+    def say(msg: str) -> None:  # the first-use compile: what, for which device, how long, where cached
+        if not quiet:
+            tqdm.write(f"refqsr-engine: {msg}", file=sys.stderr)
+
     def progress(n: int, total: int) -> None:
         nonlocal bar
         if bar is None or bar.total != total or bar.n >= bar.total:
@@ -167,7 +179,7 @@ def upscale(
                 tqdm.write(f"refqsr-engine: skipped {path.name}: {error}", file=sys.stderr)
 
         try:
-            report = upscale_folder(src, dst, opts, ext, on_image, progress)
+            report = upscale_folder(src, dst, opts, ext, on_image, progress, say)
         finally:
             images.close()
             if bar is not None:
@@ -182,7 +194,7 @@ def upscale(
     if ext is not None:
         raise RefQSRError("--ext applies to folder mode (SRC a folder); for one file, DST's extension decides")
     try:
-        report = upscale_file(src, dst, opts, progress)
+        report = upscale_file(src, dst, opts, progress, say)
     finally:
         if bar is not None:
             bar.close()
@@ -192,8 +204,19 @@ def upscale(
         click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
 
 
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@user_errors
+def models_cmd(as_json: bool) -> None:
+    """List the bundled models: architecture, bits, quality, BitOPs and size, from their cards."""
+    from .models_list import format_models, model_rows
+
+    rows = model_rows()
+    click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
+
+
 @main.command("compile")
-@click.option("--model", default="default", show_default=True, help="Bundled model name or a model file.")
+@click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
 @click.option(
     "--mcpu",

@@ -57,10 +57,15 @@ class UpscaleOptions:
     float_math: str = "fp32"  # tvm on AMX CPUs: "fp32" (bf16x3 float convs) or "bf16" (faster, ~1e-3 relative)
 
 
-def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> tuple[Any, bool]:
+def compiled_engine(
+    opts: UpscaleOptions, say: Callable[[str], None] | None = None, refqsr: bool = True
+) -> tuple[Any, bool]:
     """The cached compiled artifact of ``opts.model`` for this host (compiled now if missing or
-    ``opts.recompile``), loaded; returns (CompiledModel, compiled_now)."""
-    from .artifact import cache_key, cache_lock
+    ``opts.recompile``), loaded; returns (CompiledModel, compiled_now). A compile is announced
+    through ``say`` (what, for which device, about how long, where it is cached), then its stages."""
+    from . import compile_time
+    from .artifact import cache_dir, cache_key, cache_lock
+    from .compiler.compile_model import compile_stages
     from .compiler.options import CompileOptions, artifact_cache_parts
     from .runtime import CompiledModel
 
@@ -84,7 +89,16 @@ def compiled_engine(opts: UpscaleOptions, say: Callable[[str], None] | None = No
         if fresh:
             from .compiler.compile_model import compile_model  # the kernel generators: only when compiling
 
+            stages = compile_stages(3 if refqsr else 1, copts.batch, copts.target, refqsr)
+            if say is not None:
+                device = f"this CPU ({copts.mcpu})" if copts.target == "llvm" else f"the GPU ({copts.arch})"
+                why = "--recompile" if opts.recompile else "first use"
+                expected = compile_time.describe(compile_time.estimate_seconds(copts.target, stages))
+                name = resolve_model(opts.model).stem
+                say(f"compiling {name} for {device} ({why}, {expected}; cached in {cache_dir()})")
+            t0 = time.perf_counter()
             compile_model(copts, entry, say)
+            compile_time.record(copts.target, stages, time.perf_counter() - t0)
         return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
 
 
@@ -183,7 +197,7 @@ class Upscaler:
         self.compiled_now = False
         self.runner: PatchRunner
         if opts.engine == "tvm":
-            self.runner, self.compiled_now = compiled_engine(opts, say)
+            self.runner, self.compiled_now = compiled_engine(opts, say, refqsr=isinstance(self.model, RefQSR))
             if is_dynamic(self.model):  # keep each call's chosen bits for the BitOPs report
                 model, names = self.model, self.runner.dynamic_convs
                 weight = (model.high if isinstance(model, RefQSR) else self.bits).weight
@@ -241,10 +255,15 @@ class Upscaler:
 
 
 def upscale_file(
-    src: str | Path, dst: str | Path, opts: UpscaleOptions, progress: Callable[[int, int], None] | None = None
+    src: str | Path,
+    dst: str | Path,
+    opts: UpscaleOptions,
+    progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs)."""
-    return Upscaler(opts).upscale_file(src, dst, progress)
+    """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs).
+    ``say`` receives the compile announcement and stages when the engine is compiled first."""
+    return Upscaler(opts, say).upscale_file(src, dst, progress)
 
 
 def upscale_folder(
@@ -254,6 +273,7 @@ def upscale_folder(
     ext: str | None = None,
     on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Upscale every image in ``src_dir`` into ``dst_dir`` with one engine (compiled once). Files
     that cannot be read or written are skipped and reported, not fatal."""
@@ -262,7 +282,7 @@ def upscale_folder(
     if not images:
         raise RefQSRError(f"no images in {src_dir}")
     dst_dir.mkdir(parents=True, exist_ok=True)
-    upscaler = Upscaler(opts)
+    upscaler = Upscaler(opts, say)
     done, skipped = [], []
     for src in images:
         try:

@@ -171,14 +171,19 @@ def test_upscale_cli_tvm_engine_compiles_once_and_matches_torch(tmp_path, monkey
         "--quiet",
     ]
     runner = CliRunner()
-    reports = []
-    for engine, out in (("tvm", "tvm1.png"), ("tvm", "tvm2.png"), ("torch", "torch.png")):
-        result = runner.invoke(
-            main, ["upscale", str(tmp_path / "in.png"), str(tmp_path / out), "--engine", engine, *common]
-        )
+    reports, stderr = [], []
+    for engine, out, quiet in (("tvm", "tvm1.png", []), ("tvm", "tvm2.png", []), ("torch", "torch.png", ["-q"])):
+        argv = ["upscale", str(tmp_path / "in.png"), str(tmp_path / out), "--engine", engine, *common[:-1], *quiet]
+        result = runner.invoke(main, argv)
         assert result.exit_code == 0, result.output
-        reports.append(__import__("json").loads(result.output))
+        reports.append(__import__("json").loads(result.stdout))
+        stderr.append(result.stderr)
     assert reports[0]["compiled_now"] and not reports[1]["compiled_now"]  # cached after the first run
+    # the first use announces the compile (what, for which device, where cached) and numbers its stages
+    cache = str(tmp_path / "cache")
+    assert "compiling m for this CPU (" in stderr[0] and "first use" in stderr[0] and cache in stderr[0]
+    assert "[1/" in stderr[0] and "writing the artifact" in stderr[0], stderr[0]
+    assert "compiling" not in stderr[1] and stderr[2] == ""
     assert reports[0]["references"] == reports[2]["references"]
     got = np.asarray(Image.open(tmp_path / "tvm2.png"), dtype=np.int16)
     want = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)

@@ -124,14 +124,31 @@ class _GraphBuilder:
         return {**built.report(), "build_seconds": sum(built.seconds.values())}
 
 
-def _run_jobs(opts: CompileOptions, builder: _GraphBuilder, jobs: list, say: Progress):
+class _Stages:
+    """Numbers one compile's stage messages ("[3/8] compiling query ..."), so a user sees how far it is."""
+
+    def __init__(self, say: Progress, total: int) -> None:
+        self.say, self.total, self.done = say, total, 0
+
+    def __call__(self, msg: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {msg}")
+
+
+def compile_stages(n_graphs: int, batch: int, target: str, refqsr: bool) -> int:
+    """How many stages a compile has: the ONNX export, one build per graph and batch size, the
+    clustering kernel (RefQSR) and writing the artifact."""
+    return 1 + n_graphs * len(batch_sizes(batch, target)) + int(refqsr) + 1
+
+
+def _run_jobs(opts: CompileOptions, builder: _GraphBuilder, jobs: list, say: Progress, step: Progress):
     """Build every (graph, batch size). LLVM code generation is single-threaded, so independent
     builds run as ``opts.jobs`` worker processes (``python -m ...compiler.build_worker``: a fresh
     interpreter per build, so nothing depends on fork safety or on the caller's ``__main__``)."""
     workers = min(len(jobs), max(1, int(opts.jobs or 1)))
     if workers == 1:
         for name, path, b, lib in jobs:
-            say(f"compiling {name} for {opts.target} (batch {b}, {opts.patch}x{opts.patch})")
+            step(f"compiling {name} for {opts.target} (batch {b}, {opts.patch}x{opts.patch})")
             graph_report = builder.build(onnx.load(path), name, b, Path(lib))
             yield name, b, graph_report, builder.device_code.get(name)
         return
@@ -161,7 +178,7 @@ def _run_jobs(opts: CompileOptions, builder: _GraphBuilder, jobs: list, say: Pro
                 last = (err or "").strip().splitlines()[-1:] or ["no output"]
                 raise RefQSRError(f"building {job[0]} (batch {job[2]}) failed: {last[0]}")
             done = json.loads(result.read_text())
-            say(f"compiled {job[0]} (batch {job[2]}) in {done['report']['build_seconds']:.1f} s")
+            step(f"compiled {job[0]} (batch {job[2]}) in {done['report']['build_seconds']:.1f} s")
             yield job[0], job[2], done["report"], done["device_code"]
     finally:
         for proc, _, _ in running:
@@ -193,9 +210,11 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
     model.eval()
     bits = _check_bits(model, opts.bits)
     report: dict[str, Any] = {"graphs": {}, "seconds": {}}
+    refqsr = isinstance(model, RefQSR)
+    step = _Stages(say, compile_stages(3 if refqsr else 1, opts.batch, opts.target, refqsr))
     with tempfile.TemporaryDirectory(prefix="refqsr-compile-") as tmp_name:
         tmp = Path(tmp_name)
-        say("exporting ONNX graphs")
+        step("exporting ONNX graphs")
         t = time.perf_counter()
         if isinstance(model, RefQSR):
             graphs = export_refqsr(model, tmp / "onnx", opts.patch)
@@ -210,7 +229,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             for name, path in graphs.items()
             for b in batch_sizes(opts.batch, opts.target)
         ]
-        for name, b, graph_report, device_code in _run_jobs(opts, builder, jobs, say):
+        for name, b, graph_report, device_code in _run_jobs(opts, builder, jobs, say, step):
             files[graph_file(name, b)] = tmp / graph_file(name, b)
             report["seconds"][f"{name}_b{b}"] = graph_report.pop("build_seconds")
             report["graphs"].setdefault(name, graph_report)
@@ -218,7 +237,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
                 builder.device_code[name] = device_code
         cluster = None
         if isinstance(model, RefQSR):
-            say("compiling the clustering kernel")
+            step("compiling the clustering kernel")
             t = time.perf_counter()
             buckets = _build_cluster_library(model.clustblock.num_classes, builder.cluster_target, tmp / "cluster.so")
             files["cluster.so"] = tmp / "cluster.so"
@@ -253,7 +272,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
             manifest["dynamic_convs"] = dynamic
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
-        say("writing the artifact")
+        step("writing the artifact")
         write_artifact(out, files, manifest)
     report["artifact"] = str(out)
     report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
