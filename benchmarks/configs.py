@@ -475,7 +475,7 @@ def prepare_all(
 
 
 class OrtRunner:
-    """``PatchRunner`` over an ONNX Runtime session of ``sr.onnx`` (every patch through one graph).
+    """``PatchRunner`` over an ONNX Runtime ``InferenceSession`` of ``sr.onnx`` (every patch through one graph).
 
     ORT's graph optimisations are all on (``ORT_ENABLE_ALL``), so on a QDQ graph it may fuse
     DequantizeLinear -> Conv -> QuantizeLinear into its integer kernels; the op types of the

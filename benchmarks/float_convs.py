@@ -154,7 +154,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['shape']:<18} {r['size']:>4} {r['batch']:>5} {r['mcpu']:<11} {r['tvm_ms']:>9.2f} {r['torch_ms']:>9.2f} "
+            f"{r['shape']:<18} {r['size']:>4} {r['batch']:>5} {r['mcpu']:<11} "
+            f"{r['tvm_ms']:>9.2f} {r['torch_ms']:>9.2f} "
             f"{r['tvm_gflops']:>9.1f} {r['torch_gflops']:>10.1f} {r['ratio']:>6.2f} {r['max_abs_err']:>8.1e}"
         )
     return "\n".join(lines)

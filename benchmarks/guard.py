@@ -14,7 +14,7 @@ process does much less. Each check times the engine against a peer in one proces
 Floors live in ``benchmarks/results/guard_floors.json``, keyed by the CPU's LLVM name (the kernels,
 and so the ratios, differ per CPU); a ratio below ``floor * (1 - --tolerance)`` is a regression.
 A CPU without recorded floors is measured and reported, not judged. Even ratios move by ~20 % on
-this shared 2-core box, so the recorded floors are the lowest of several runs (``--update`` writes
+a 2-core VM shared with other work, so the recorded floors are the lowest of several runs (``--update`` writes
 one run's values: edit them down to the lowest you saw). They catch what matters: the AVX-512
 build instead of the AMX one measured 1.83x end to end and 0.89x fbgemm, below both floors.
 """

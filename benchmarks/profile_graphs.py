@@ -1,4 +1,4 @@
-"""Per-kernel time profile of a compiled artifact's graphs (issue 7: profile first, then fix the top item).
+"""Per-kernel time profile of a compiled artifact's graphs: which kernels a speed-up should start from.
 
     python -m refqsr_engine.benchmarks.profile_graphs ARTIFACT [--graph query] [--batch 8] [--top 15]
 

@@ -281,9 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Table II (BitOPs/FQR/PSNR/SSIM) and Table VII (patch sizes) for our models.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 4-block models, one small crop, patches 24/48")
-    p.add_argument(
-        "--val", help=f"HR validation folder (default {'/work/data/sr/val'} if present, else scikit-image photos)"
-    )
+    p.add_argument("--val", help="HR validation folder (default ./data/sr/val if present, else scikit-image photos)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS_DIR))
     return p

@@ -143,8 +143,10 @@ def markdown(results: dict[str, Any]) -> str:
         "Times: wall time of the whole pipeline per image (tiling, network batches, merge; RefQSR also "
         "clusters), in a process warmed up by one run on a crop; median / p90 / min over the runs. Per batch: "
         "every network call inside those runs timed on its own, statistics over the full batches of each stage "
-        "(`cluster` = ClustBlock batches; `reference`/`query` = RefQSR's; `sr` = everything else). CPU/wall: the process's CPU time over its wall time "
-        "(about the thread count when it had its cores to itself; less when other work shared the CPU). Peak RSS: VmHWM of the configuration's own "
+        "(`cluster` = ClustBlock batches; `reference`/`query` = RefQSR's; `sr` = everything else). "
+        "CPU/wall: the process's CPU time over its wall time "
+        "(about the thread count when it had its cores to itself; less when other work shared the CPU). "
+        "Peak RSS: VmHWM of the configuration's own "
         "process (imports included; `+model` = above the post-import baseline). On disk: what the runner "
         "loads (compiled libraries, ONNX graph or model file)."
     )
@@ -203,7 +205,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "ONNX Runtime's optimised graphs: "
             + "; ".join(
-                f"{configs[n]['label']}: {configs[n]['ort_integer_ops']} integer kernels (QLinearConv, ConvInteger, ...); "
+                f"{configs[n]['label']}: {configs[n]['ort_integer_ops']} integer kernels "
+                "(QLinearConv, ConvInteger, ...); "
                 "top ops " + ", ".join(f"{k} {v}" for k, v in list(configs[n]["ort_optimized_ops"].items())[:6])
                 for n in ort
             ),

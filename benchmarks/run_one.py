@@ -19,7 +19,7 @@ numpy/tensor conversions. Every network call inside the runs is timed as well
 (:class:`BatchTimer`), so one run of a large image gives many per-batch samples. Per-stage times come from
 ``PatchwiseResult.seconds``; the CPU time of the process during a run (``time.process_time``, all
 threads) is kept too: CPU / wall near the thread count means the run had its cores to itself.
-Loading the runner (model files, compiled libraries, ORT session) is
+Loading the runner (model files, compiled libraries, ORT ``InferenceSession``) is
 timed separately and not part of a run.
 
 Peak memory: ``VmHWM`` of /proc/self/status (the process's resident high-water mark) after every

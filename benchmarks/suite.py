@@ -55,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run of every step (tiny models and images)")
     p.add_argument("--out", default=str(latency.RESULTS_DIR), help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
-    p.add_argument(
-        "--val", help="HR validation folder (default /work/data/sr/val if present, else scikit-image photos)"
-    )
+    p.add_argument("--val", help="HR validation folder (default ./data/sr/val if present, else scikit-image photos)")
     p.add_argument("--budget-min", type=float, default=20.0, help="time budget in minutes (default 20)")
     p.add_argument("--configs", nargs="+", metavar="NAME", help="latency configurations (default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency/memory step (quality, pictures only)")

@@ -25,5 +25,14 @@ def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "
     return path
 
 
+def portable_paths(text: str) -> str:
+    """Report text without the paths of the machine that wrote it: the working folder's prefix
+    dropped (paths become relative to where the command ran), the home folder written ``~``."""
+    cwd, home = os.getcwd().rstrip(os.sep) + os.sep, str(Path.home()).rstrip(os.sep) + os.sep
+    text = text.replace(cwd, "")
+    return text.replace(home, "~" + os.sep) if home != os.sep else text
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    """Write a report file atomically, its machine paths made portable (:func:`portable_paths`)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(portable_paths(text)))

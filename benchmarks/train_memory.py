@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     print(
-        f"| kind | fake quantization | peak RSS (GB) | s/step |  (batch {args.batch}, {args.crop} px, {args.threads} threads)"
+        "| kind | fake quantization | peak RSS (GB) | s/step |  "
+        f"(batch {args.batch}, {args.crop} px, {args.threads} threads)"
     )
     print("| --- | --- | ---: | ---: |")
     for kind in args.kinds:

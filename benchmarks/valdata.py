@@ -1,9 +1,10 @@
 """The validation images of the quality tables: (name, LR, HR) uint8 pairs.
 
-``/work/data/sr/val`` (written by ``python -m refqsr_engine.training.prepare``) when it exists, or
-a folder given with ``--val``; otherwise the scikit-image photos that ``prepare`` puts into its
-validation folder (astronaut, coffee), made the same way (RGB, HR cropped to multiples of 4, LR by
-the project's MATLAB-style bicubic degradation), so that a fresh machine can run the suite.
+A folder given with ``--val``; else ``data/sr/val`` under the current directory (the repository's
+validation images, as ``python -m refqsr_engine.training.prepare data/sr`` writes them) when it
+holds images; otherwise the scikit-image photos that ``prepare`` puts into its validation folder
+(astronaut, coffee), made the same way (RGB, HR cropped to multiples of 4, LR by the project's
+MATLAB-style bicubic degradation), so that the suite also runs outside a repository checkout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-DEFAULT_VAL = Path("/work/data/sr/val")
+DEFAULT_VAL = Path("data/sr/val")  # relative to the current directory (a repository checkout)
 FALLBACK_PHOTOS = ("astronaut", "coffee")  # the scikit-image photos of prepare's VAL_NAMES
 SCALE = 4
 

@@ -1,15 +1,20 @@
 """The compiled-artifact format written by ``refqsr-engine compile`` and read before every run.
 
-An artifact is a directory::
+An artifact is a directory; ``refqsr-engine compile`` (``engine.compiler.compile_model``) puts in it::
 
     <artifact>/
-        reference.so  query.so  clustblock.so   compiled libraries (names chosen by the caller)
-        params.npz                              parameter files
-        manifest.json                           written last, describes everything above
+        GRAPH.onnx        each exported graph that was compiled: ``sr`` (a plain SR network), or
+                          ``clustblock``, ``reference`` and ``query`` (RefQSR)
+        GRAPH_bB.so       the graph compiled for batch size B (a Relax VM library, weights built
+                          in): B = ``--batch``, and on CPU targets also a quarter of it
+        cluster.so        RefQSR only: the ClustBlock clustering kernel (eqs. (2)-(3))
+        manifest.json     written last, describes everything above
 
 ``manifest.json`` holds ``format`` (``ARTIFACT_FORMAT``), ``created`` (UTC, ISO 8601), the versions
 it was built with (``refqsr_engine``, ``tvm``, ``tvm_ffi``), ``files`` (``{name: {"sha256", "bytes"}}``
-for every file) and whatever the compiler adds (``target``, bits, patch size, batch, ...).
+for every file) and what the compiler adds: ``target``, the model (name, file, SHA-256, config,
+card), ``kind``, ``bits``, ``patch``, ``batch``/``batches``, the clustering kernel's buckets, per-graph
+reports and the compile options. This module itself takes any set of files and keys.
 
 A compiled library only runs under the TVM it was built with and on the target it was built for,
 so ``load_artifact`` checks both and turns every mismatch into a one-line ``RefQSRError`` that
@@ -87,7 +92,7 @@ def package_version() -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in chunks (libraries and params can be large)."""
+    """SHA-256 hex digest of a file, read in chunks (compiled libraries can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):

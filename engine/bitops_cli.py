@@ -9,9 +9,11 @@ from ..models.bitops import count_bitops, hr_to_lr, parse_size
 from ..models.registry import arch_config
 
 COUNTED = (
-    "counted: 2*MACs*(b_w/32)*(b_a/32) over the quantized block convs (ResBlocks; ELAN: LFEs); for RefQSR also the RefER "
+    "counted: 2*MACs*(b_w/32)*(b_a/32) over the quantized block convs (ResBlocks; ELAN: LFEs); "
+    "for RefQSR also the RefER "
     "refinement convs (b_high) and the RefER cost volume (b_low operands), with overlapping patch "
-    "pixels counted in every patch. Not counted: full-precision parts (head, upsampler, tail; CARN's 1x1 fusions; ELAN's GMSA), normalisation, "
+    "pixels counted in every patch. Not counted: full-precision parts "
+    "(head, upsampler, tail; CARN's 1x1 fusions; ELAN's GMSA), normalisation, "
     "pooling, arg-max, flow upsampling, warping. ClustBlock (8-bit) is listed on its own."
 )
 
@@ -46,13 +48,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"{r0['arch']} x4, LR {r0['lr_size'][1]}x{r0['lr_size'][0]}, overlap {r0['overlap']}",
         "",
-        "| bits | grid | patch | patches | BitOPs (G) | FQR | blocks (G) | RefER convs (G) | cost volume (G) | ClustBlock (G) |",
+        "| bits | grid | patch | patches | BitOPs (G) | FQR | blocks (G) "
+        "| RefER convs (G) | cost volume (G) | ClustBlock (G) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['bits']} | {r['grid']} | {r['patch'] or 'full'} | {r['patches']} | {r['bitops_g']:.2f} | {r['fqr']:.2f} "
-            f"| {r['resblocks_g']:.2f} | {r['refer_convs_g']:.2f} | {r['cost_volume_g']:.3f} | {r['clustblock_g']:.3f} |"
+            f"| {r['bits']} | {r['grid']} | {r['patch'] or 'full'} | {r['patches']} "
+            f"| {r['bitops_g']:.2f} | {r['fqr']:.2f} "
+            f"| {r['resblocks_g']:.2f} | {r['refer_convs_g']:.2f} "
+            f"| {r['cost_volume_g']:.3f} | {r['clustblock_g']:.3f} |"
         )
     return "\n".join(lines + [""] + paper_style_note(rows) + [COUNTED])
 

@@ -124,7 +124,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
             with Image.open(path) as im:
                 if im.width * im.height > max_pixels:
                     raise RefQSRError(
-                        f"{path}: {im.width}x{im.height} exceeds the limit of {max_pixels} pixels (raise it with --max-pixels)"
+                        f"{path}: {im.width}x{im.height} exceeds the limit of {max_pixels} pixels "
+                        "(raise it with --max-pixels)"
                     )
                 if im.width == 0 or im.height == 0:
                     raise RefQSRError(f"{path}: the image is empty (0 pixels)")
@@ -138,7 +139,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         raise RefQSRError(f"{path}: not an image Pillow can read") from None
     except Image.DecompressionBombError:
         raise RefQSRError(
-            f"{path}: over {2 * Image.MAX_IMAGE_PIXELS} pixels, refused as a likely decompression bomb (Pillow's own limit)"
+            f"{path}: over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
+            "refused as a likely decompression bomb (Pillow's own limit)"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as err:  # truncated / corrupt data
         raise RefQSRError(f"{path}: cannot read the image ({_one_line(err)})") from None

@@ -15,7 +15,7 @@ the operand ranges they are built for, which are checked):
                int16 for as many steps as the ranges allow (``layouts.lowbit_chunk_steps``), one
                ``vpmaddwd`` per chunk: ~1.7x "int8".
 ``"vnni"``     not AVX2: one ``vpdpbusd ymm`` per 32 MACs, exact for full u8 x s8; only for CPUs
-               with AVX-VNNI / AVX512-VNNI (e.g. the Sapphire-Rapids-class test box).
+               with AVX-VNNI / AVX512-VNNI (e.g. Intel Sapphire Rapids).
 ``"vnni512"``  AVX-512 BW + VNNI: one ``vpdpbusd zmm`` per 64 MACs, 16 output channels per register
                (output ``[N][O/16][H][W][16]``, weight tiles ``[16][4]``); exact for full u8 x s8.
 ``"lowbit512"`` the "lowbit" scheme in zmm: ``vpmaddubsw zmm`` + ``vpaddw zmm`` int16 chunks,
@@ -279,7 +279,7 @@ def choose_tile(shape: Conv2dShape, accumulators: int = 8, prefer: str = "channe
     with pixels | width and groups | O/8; ties go to more channel groups (``prefer="channels"``)
     or to 2 pixels (``"pixels"``, the probe's 2 x 4).
 
-    For the u8 kernels 1 pixel x 8 groups beat or tied 2 x 4 on the 2-core test box (48x48 and
+    For the u8 kernels 1 pixel x 8 groups beat or tied 2 x 4 on a 2-core Sapphire Rapids VM (48x48 and
     96x96): one broadcast per step, every weight tile used straight from memory by
     ``vpmaddubsw``, fewer spills (LLVM reassociates the 2 x 4 sums and spills), and no constraint
     on the width. The "int16" kernel, whose weights are twice as large, prefers 2 x 4.
@@ -300,7 +300,8 @@ def choose_tile(shape: Conv2dShape, accumulators: int = 8, prefer: str = "channe
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Knobs of :func:`schedule_conv2d` (defaults measured on the 2-core AVX2 box, see the bench)."""
+    """Knobs of :func:`schedule_conv2d` (defaults measured with the AVX2 build on a 2-core Sapphire Rapids
+    VM, see the bench)."""
 
     px: int | None = None  # pixels per register tile (None: choose_tile)
     og: int | None = None  # 8-channel output groups per register tile
@@ -318,7 +319,7 @@ class ScheduleConfig:
     accumulators: int = 8
 
 
-#: Defaults per variant (tile from :func:`choose_tile`). On the 2-core test box the int8 kernel
+#: Defaults per variant (tile from :func:`choose_tile`). On a 2-core Sapphire Rapids VM the int8 kernel
 #: runs at the vpmaddubsw + vpmaddwd port limit measured with a register-only C loop; the loop
 #: orders tried (chunk inner/outer, chunk sizes, TIR unrolling of kw/hf) were within noise, so
 #: the simplest stays; for lowbit the chunk-outer order (weights of one chunk L1-resident, fewer

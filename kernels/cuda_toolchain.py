@@ -14,7 +14,7 @@ What TVM 0.27 needs to produce a real CUDA binary (read from the installed packa
   the library links ``cuDeviceGetName cuFuncSetAttribute cuGetErrorName cuGetErrorString
   cuLaunchKernelEx cuModuleGetFunction cuModuleLoadData cuModuleUnload cuTensorMapEncodeTiled``.
 
-So on a driverless build box :func:`ensure_cuda_build_env` compiles a tiny stub ``libcuda.so.1``
+So on a build machine without the driver :func:`ensure_cuda_build_env` compiles a tiny stub ``libcuda.so.1``
 (soname ``libcuda.so.1``; every entry point returns ``CUDA_ERROR_STUB_LIBRARY``) into a cache
 directory, preloads it with ``RTLD_GLOBAL`` (the dynamic linker then satisfies the runtime
 library's ``DT_NEEDED`` with it), puts the directory on ``LD_LIBRARY_PATH`` for child processes,
@@ -24,7 +24,7 @@ used and no stub is made.
 
 :func:`build_cuda` records the CUDA C source and the fatbin that the hook returned (this is also
 the proof that a binary was built), and :func:`device_code` turns them into PTX text (``nvcc
---ptx`` of the same source) plus SASS when ``cuobjdump`` is installed (it is not on the CPU box).
+--ptx`` of the same source) plus SASS when ``cuobjdump`` is installed (CPU-only installs often lack it).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ CUresult cuInit(unsigned flags) { (void)flags; return STUB_ERR; }
 CUresult cuDeviceGetCount(int *n) { if (n) *n = 0; return STUB_ERR; }
 CUresult cuDeviceGetName(char *s, int len, int dev) { (void)dev; if (s && len > 0) s[0] = 0; return STUB_ERR; }
 CUresult cuFuncSetAttribute(void *f, int a, int v) { (void)f; (void)a; (void)v; return STUB_ERR; }
-CUresult cuLaunchKernelEx(const void *c, void *f, void **p, void **e) { (void)c; (void)f; (void)p; (void)e; return STUB_ERR; }
+CUresult cuLaunchKernelEx(const void *c, void *f, void **p, void **e) {
+    (void)c; (void)f; (void)p; (void)e; return STUB_ERR; }
 CUresult cuModuleGetFunction(void **f, void *m, const char *n) { (void)m; (void)n; if (f) *f = 0; return STUB_ERR; }
 CUresult cuModuleLoadData(void **m, const void *img) { (void)img; if (m) *m = 0; return STUB_ERR; }
 CUresult cuModuleUnload(void *m) { (void)m; return STUB_ERR; }

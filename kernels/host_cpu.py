@@ -49,8 +49,8 @@ def host_mcpu() -> str:
         return "core-avx2"
     if not ok or cpu == "generic":
         return "core-avx2"
-    # Some hypervisors show a Sapphire Rapids as an older model (LLVM says "rocketlake" on this
-    # project's test box): trust the CPU flags for the AMX generation
+    # Some hypervisors show a Sapphire Rapids as an older model (LLVM said "rocketlake" on a
+    # Sapphire Rapids VM): trust the CPU flags for the AMX generation
     if not has_amx and SAPPHIRE_RAPIDS_FLAGS <= host_cpu_flags():
         from .amx import enable_amx
 

@@ -139,7 +139,7 @@ def choose_variant(
     (weights spanning <= 256 values, shifted into s8). With ``vpdpbusd zmm`` a u8 x s8 MAC costs
     what a u4 x s6 one does, and it measured faster than the int16-chunk "lowbit512" at every
     bit width (``bench_conv_int8 --mcpu host``), so low-bit layers take it too.
-    Otherwise (AVX2 order, measured on the test box): "lowbit" when the int16 chunks hold at least
+    Otherwise (AVX2 order, measured on a 2-core Sapphire Rapids VM): "lowbit" when the int16 chunks hold at least
     one 8-channel group, "vnni" where the CPU has it, "int8pair", "int8", and the exact 16-bit
     "int16" (full u8 x s8, or weights beyond s8) as the fallback.
     """

@@ -3,8 +3,9 @@
 BitOPs = sum over the quantized feature-extraction convs of 2 * MACs * (b_w / 32) * (b_a / 32),
 counted per patch (overlapping pixels are counted in every patch that computes them). For RefQSR
 the RefER refinement convs (at b_high) and the RefER cost volume (both operands at b_low; with
-shared matching one 8-bit cost volume per query instead of one per RefER) are counted too; ClustBlock is reported on its own line, as the paper's Table III does. Not counted:
-the full-precision head, body-end conv, upsampler and tail (no method quantizes them), L2
+shared matching one 8-bit cost volume per query instead of one per RefER) are counted too;
+ClustBlock is reported on its own line, as the paper's Table III does. Not counted: the
+full-precision head, body-end conv, upsampler and tail (no method quantizes them), L2
 normalisation, pooling, arg-max, flow upsampling and warping (no weight multiplies, O(HWC) each).
 FQR = mean activation bit width over the quantized convs, weighted by their MACs (all SRResNet
 and CARN block convs have equal MACs, so within a patch this is the plain mean over layers).

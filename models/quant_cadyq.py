@@ -192,12 +192,6 @@ class Selection(PerSampleBits):
             return torch.zeros((), device=device)
         return torch.stack(terms).sum()
 
-    def mean_bits(self) -> torch.Tensor:
-        """Average activation bits per sample over the recorded convs ([N]; CADyQ's 'avg bit')."""
-        if not self.records:
-            raise ValueError("no CADyQ conv has run with this Selection")
-        return torch.stack([r.bits for r in self.records]).float().mean(dim=0)
-
 
 class CadyqConv2d(QuantConv2d):
     """PAMS QuantConv2d plus a bit selector: called with a bound :class:`Selection` it quantizes

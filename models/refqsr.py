@@ -11,12 +11,11 @@ last ``n_refer`` ResBlocks replaced by RefER blocks fed with the reference path'
   per-pixel-normalised vectors.
 * ``"shared"``: one flow per query, computed where both paths still run at b_high -- the input of
   ResBlock 1 (the output of the first block) -- by an 8-bit cosine (``matching.shared_flow``), and
-  used by every RefER. Measured on the bundled paper-matching models
-  (``benchmarks/results/refer_matching_session9.md``): eq. (5) finds only 55-57 % of an identical
-  patch even on identical features (larger pooled norms win the arg-max; a cosine finds 100 %),
-  and at RefER depth a query's b_low features do not match the same patch's b_high features
-  (0.1-17 % even with a cosine), so the paper's flow is close to random and RefER does not use its
-  reference (``benchmarks/results/refer_matching_session10.md``: with shared matching it does).
+  used by every RefER. Measured on the bundled paper-matching models (see docs/experiments, RefER
+  matching): eq. (5) finds only 55-57 % of an identical patch even on identical features (larger
+  pooled norms win the arg-max; a cosine finds 100 %), and at RefER depth a query's b_low features
+  do not match the same patch's b_high features (0.1-17 % even with a cosine), so the paper's flow
+  is close to random and RefER does not use its reference (with shared matching it does).
   One 8-bit cost volume per query replaces ``n_refer`` b_low ones.
 
 ``tail="highbit"`` is the paper's Table V "w/o RefER" ablation: the query path's last ``n_refer``

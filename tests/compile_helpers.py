@@ -1,5 +1,5 @@
 """Shared by the export, compile and runtime tests: small models (4 blocks keep export and compile
-quick), ONNX Runtime sessions and the image-match criterion."""
+quick), ONNX Runtime runners (``InferenceSession``) and the image-match criterion."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def assert_images_match(got: np.ndarray, want: np.ndarray, within_one: float = 0
 
 
 def ort_session(path, optimize: bool = False):
-    """An ONNX Runtime CPU session, 2 threads; without optimisation (plain QDQ semantics) unless
+    """An ONNX Runtime CPU ``InferenceSession``, 2 threads; without optimisation (plain QDQ semantics) unless
     ``optimize`` (then ORT fuses QDQ into its int8 kernels)."""
     import onnxruntime as ort
 

@@ -422,3 +422,21 @@ def test_guard_judges_ratios_against_floors():
     floors = {"end_to_end": 2.9, "int8_conv": 1.5}
     assert judge(measured, floors, 0.15) == {"end_to_end": "ok", "int8_conv": "REGRESSION", "new": "no floor yet"}
     assert judge(measured, floors, 0.10)["end_to_end"] == "REGRESSION"  # 2.5 < 2.9 * 0.9
+
+
+def test_report_files_hold_no_machine_paths(tmp_path, monkeypatch) -> None:
+    """Result files name paths relative to where the command ran, and the home folder as ``~``."""
+    import os
+
+    from refqsr_engine.benchmarks.textio import write_text_atomic
+
+    home = tmp_path / "home" / "alice"
+    work = home / "refqsr"
+    work.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    text = f"Command: `bench --out {work}/runs/x`\nartifact: {home}/.cache/refqsr-engine/a1\nother: /opt/data\n"
+    out = write_text_atomic(tmp_path / "r.md", text)
+    assert out.read_text() == (
+        "Command: `bench --out runs/x`\nartifact: ~" + os.sep + ".cache/refqsr-engine/a1\nother: /opt/data\n"
+    )

@@ -3,7 +3,7 @@ manifests and PTX (4-3: int4 tensor cores in reference/query, dp4a in ClustBlock
 CUDA rewrite's math checked on the CPU (the same rewritten graph with the kernels' LLVM twins vs
 ONNX Runtime) and, only where a GPU exists, the artifact itself vs PyTorch.
 
-A full CUDA artifact takes ~40 s on the 2-core test box, so by default only the 4-3 model is
+A full CUDA artifact takes ~40 s on a 2-core Sapphire Rapids VM, so by default only the 4-3 model is
 compiled (its ClustBlock has the 8-bit dp4a convs); ``REFQSR_SLOW_TESTS=1`` adds the whole 8-4
 artifact and a separate look at the 8-4 reference graph's PTX and library."""
 

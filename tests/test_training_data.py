@@ -455,6 +455,10 @@ def test_trainer_resumes_exactly(train_data: Path, tmp_path: Path) -> None:
 
     card = json.loads((run / "best.json").read_text())
     assert card["steps"] in (2, 4) and card["bicubic_psnr_y"] > 20 and card["data"]["n_train_images"] == 3
+    # the card names the data from the data folder on, never by the machine's absolute path
+    name = train_data.name
+    assert (card["data"]["train_hr"], card["data"]["val"]) == (f"{name}/train", f"{name}/val")
+    assert card["device"].startswith("cpu (")
 
 
 def test_trainer_resumes_after_kill(train_data: Path, tmp_path: Path) -> None:
@@ -545,7 +549,7 @@ def test_fp_training_continues_from_a_model_file(train_data: Path, tmp_path: Pat
     cfg.init_from, cfg.lr, cfg.warmup = str(tmp_path / "src.pt"), 1e-3, 1000  # first step at 1e-6
     train(cfg, log=lambda s: None)
     trained, card = load_model(tmp_path / "run" / "best.pt")
-    assert (trained.n_blocks, trained.sizes()) == (2, source.sizes()) and card["init"] == str(tmp_path / "src.pt")
+    assert (trained.n_blocks, trained.sizes()) == (2, source.sizes()) and card["init"] == f"{tmp_path.name}/src.pt"
     for (name, a), b in zip(source.state_dict().items(), trained.state_dict().values()):
         np.testing.assert_allclose(b.float().numpy(), a.numpy(), atol=2e-3, rtol=2e-3, err_msg=name)
     quantized = build_sr("srresnet", "ddtb", (8,), n_blocks=2, n_feats=16)

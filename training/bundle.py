@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +100,18 @@ def bundle(
     val: str | Path,
     val_crop: int | None = None,
     out_dir: str | Path | None = None,
-    note: str | None = None,
+    history: Sequence[str] = (),
 ) -> Path:
-    """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models)."""
+    """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models).
+    ``history``: facts of the model's training beyond the run's own card (where its starting
+    weights came from, earlier stages, the device), appended to the card's ``history`` list."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
     bitops = urban100_bitops(model, quality["mean"])
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
-    if note:
-        card["note"] = note
+    if history:
+        card["history"] = [*card.get("history", []), *history]
     out = Path(out_dir or bundled_dir()) / f"{name}.pt"
     save_model(out, model, card)
     (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
@@ -122,10 +125,14 @@ def bundle(
     "--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR validation images."
 )
 @click.option("--val-crop", type=int, default=None, help="Centre-crop validation images to this HR size.")
-@click.option("--note", default=None, help="A line for the model card (where and how it was trained).")
-def main(model_path: str, name: str, val: str, val_crop: int | None, note: str | None) -> None:
+@click.option(
+    "--history",
+    multiple=True,
+    help="A fact of the model's training for the card's history list (repeatable), e.g. its starting weights.",
+)
+def main(model_path: str, name: str, val: str, val_crop: int | None, history: tuple[str, ...]) -> None:
     try:
-        out = bundle(model_path, name, val, val_crop, note=note)
+        out = bundle(model_path, name, val, val_crop, history=history)
     except RefQSRError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

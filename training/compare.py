@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from refqsr_engine.benchmarks.textio import write_text_atomic
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import load_model
@@ -113,8 +114,8 @@ def main(val: str, rows: tuple[str, ...], val_crop: int, out: str | None) -> Non
     table = markdown(results, val)
     click.echo(table)
     if out:
-        Path(out).write_text(table)
-        Path(out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(out, table)
+        write_text_atomic(Path(out).with_suffix(".json"), json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

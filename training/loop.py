@@ -11,7 +11,7 @@ every ``--halve-every`` steps, batches of 16 random 48x48 LR crops (192x192 HR) 
   so a resumed run sees the batches an uninterrupted one would.
 * ``log.csv``   -- ``step,loss,val_psnr,bicubic_psnr,seconds,lr``: one row every ``--log-every``
   steps (loss = mean over those steps; val columns filled on validation steps; seconds =
-  cumulative wall time over all sessions). Rows past the checkpoint are dropped on resume.
+  cumulative wall time over every resumed run). Rows past the checkpoint are dropped on resume.
 * ``best.pt`` + ``best.json`` -- the best validation PSNR-Y model (``models.checkpoint`` format, fp16)
   and its model card (task, steps, wall time, val PSNR, bicubic PSNR, data used).
 
@@ -47,6 +47,7 @@ from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y
 from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
 from refqsr_engine.models.registry import arch_config, arch_names
+from refqsr_engine.training.card_paths import card_path
 from refqsr_engine.training.datasets import (
     HRFolderDataset,
     PairedFolder,
@@ -112,8 +113,8 @@ class TrainConfig:
     # steps on CPUs with AMX/AVX512-BF16 and on GPUs; "none" is plain fp32.
     amp: str = "none"
     quiet: bool = False
-    # Stop (checkpointed, resumable) once this session has trained this many seconds: for leases
-    # of fixed length (a borrowed GPU, a CI slot). None: no limit.
+    # Stop (checkpointed, resumable) once this process has trained this many seconds: for machines
+    # held for a fixed time (a CI slot, a GPU job with a wall-clock limit). None: no limit.
     time_limit: float | None = None
     # filled in by resolve_data
     train_hr: str = ""
@@ -148,11 +149,12 @@ def resolve_data(cfg: TrainConfig) -> None:
 
 
 def _data_card(cfg: TrainConfig, n_train: int) -> dict[str, Any]:
+    """The data facts of the model card; paths as :func:`card_path` writes them (no machine paths)."""
     card: dict[str, Any] = {
-        "train_hr": cfg.train_hr,
-        "train_lr": cfg.train_lr or "bicubic_degrade",
+        "train_hr": card_path(cfg.train_hr, cfg.data),
+        "train_lr": card_path(cfg.train_lr, cfg.data) or "bicubic_degrade",
         "n_train_images": n_train,
-        "val": cfg.val,
+        "val": card_path(cfg.val, cfg.data),
         "val_crop": cfg.val_crop,
     }
     manifest = Path(cfg.data) / "manifest.json"
@@ -161,10 +163,17 @@ def _data_card(cfg: TrainConfig, n_train: int) -> dict[str, Any]:
             m = json.loads(manifest.read_text())
             origins = sorted({r["origin"].split(":")[0].split(".data.")[0] for r in m.get("images", [])})
             card["sources"] = origins
-            card["manifest"] = str(manifest)
+            card["manifest"] = card_path(manifest, cfg.data)
         except (ValueError, KeyError, TypeError):
             pass
     return card
+
+
+def _device_card(device: torch.device) -> str:
+    """What the model card says trained it: ``cuda (GPU name)`` or ``cpu (N threads)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------------------- validation
@@ -366,6 +375,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             "lr_patch": cfg.lr_patch,
             "seed": cfg.seed,
             "amp": cfg.amp,
+            "device": _device_card(device),
             "wall_seconds": round(elapsed_before + time.time() - t0, 1),
             "data": _data_card(cfg, dataset.n_images),
             "torch": torch.__version__,
@@ -449,7 +459,8 @@ TASK_HELP = {
     "fp": "Train a full-precision x4 SR network with L1 loss (resumable).",
     "qat": "Quantization-aware training at fixed bits (PAMS/DDTB) or per-patch bits (CADyQ/CABM) from the FP model, "
     "L1 + KD (resumable).",
-    "refqsr": "RefQSR quantization-aware training on Algorithm-1 pairs, loss (9) (resumable); b_high may be δ (CADyQ/CABM).",
+    "refqsr": "RefQSR quantization-aware training on Algorithm-1 pairs, loss (9) (resumable); "
+    "b_high may be δ (CADyQ/CABM).",
 }
 
 

@@ -4,12 +4,13 @@ Sources, all available without a network:
 
 * scikit-image's bundled sample photos (``skimage.data``; gray ones expanded to RGB);
 * the Debian package ``mate-backgrounds`` (photos and artwork, 1280-5640 px wide), read from
-  ``--mate-dir`` (default ``/work/data/mate/usr/share/backgrounds/mate``); when that folder is
-  missing the script tries ``apt-get download mate-backgrounds`` + ``dpkg -x`` in a temporary
-  folder, and otherwise goes on with scikit-image only;
+  ``--mate-dir`` (default ``data/mate/usr/share/backgrounds/mate``, the package extracted with
+  ``dpkg -x`` into ``data/mate`` of the current directory); when that folder is missing the
+  script tries ``apt-get download mate-backgrounds`` + ``dpkg -x`` in a temporary folder, and
+  otherwise goes on with scikit-image only;
 * for a test split from another source than the training photos: the Debian package
   ``lomiri-wallpapers-16.04`` (the Ubuntu 16.04 community wallpapers: 15 photos, 1920-4896 px wide),
-  read from ``--test-dir`` (default ``/work/data/lomiri/usr/share/backgrounds``) or fetched the
+  read from ``--test-dir`` (default ``data/lomiri/usr/share/backgrounds``, likewise) or fetched the
   same way; every image of it goes to ``test/``, none to ``train/``. Without it, no test split.
 
 Images are made RGB (alpha dropped), downscaled with Pillow LANCZOS so the long side is at most
@@ -46,10 +47,10 @@ from PIL import Image
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.training.datasets import find_images, load_rgb
 
-DEFAULT_MATE_DIR = Path("/work/data/mate/usr/share/backgrounds/mate")
+DEFAULT_MATE_DIR = Path("data/mate/usr/share/backgrounds/mate")  # relative to the current directory
 MATE_PACKAGE = "mate-backgrounds"
 MATE_SUBDIR = "usr/share/backgrounds/mate"
-DEFAULT_TEST_DIR = Path("/work/data/lomiri/usr/share/backgrounds")
+DEFAULT_TEST_DIR = Path("data/lomiri/usr/share/backgrounds")
 TEST_PACKAGE = "lomiri-wallpapers-16.04"
 TEST_SUBDIR = "usr/share/backgrounds"
 

@@ -44,6 +44,7 @@ from refqsr_engine.models.quant_cadyq import SCHEME as CADYQ
 from refqsr_engine.models.quant_cadyq import Delta, Selection, dynamic_convs
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.models.registry import build_refqsr, build_sr
+from refqsr_engine.training.card_paths import card_path
 from refqsr_engine.training.datasets import HRFolderDataset, StepBatchSampler, collate
 from refqsr_engine.training.pairs import ImagePairs, sample_pairs
 from torch import nn
@@ -131,7 +132,7 @@ class FPTask(Task):
         return torch.nn.functional.l1_loss(self.model(batch["lr"]), batch["hr"])
 
     def card(self) -> dict[str, Any]:
-        return {"task": self.name, "loss": "L1", "init": self.cfg.init_from or self.cfg.init}
+        return {"task": self.name, "loss": "L1", "init": card_path(self.cfg.init_from) or self.cfg.init}
 
 
 class _Distilled(Task):
@@ -255,8 +256,8 @@ class QATTask(_Distilled):
             "bits": self.cfg.bits,
             "loss": "L1 + KD (eq. 8)",
             "kd_weight": self.cfg.kd_weight,
-            "teacher": self.cfg.teacher,
-            "init_from": self.cfg.init_from or self.cfg.teacher,
+            "teacher": card_path(self.cfg.teacher),
+            "init_from": card_path(self.cfg.init_from or self.cfg.teacher),
             **self.bits_card(),
         }
 
@@ -422,9 +423,9 @@ class RefQSRTask(_Distilled):
             if self.refer_only
             else "L1 + KD on query and reference outputs (eq. 9)",
             "kd_weight": self.cfg.kd_weight,
-            "teacher": self.cfg.teacher,
-            "init_from": self.cfg.init_from or self.cfg.teacher,
-            "clustblock": self.cfg.clustblock,
+            "teacher": card_path(self.cfg.teacher),
+            "init_from": card_path(self.cfg.init_from or self.cfg.teacher),
+            "clustblock": card_path(self.cfg.clustblock),
             "pairs": "Algorithm 1 (ClustBlock cosine > tau)",
             **self.bits_card(),
         }

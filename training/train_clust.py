@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.models.checkpoint import atomic_torch_save, save_model
 from refqsr_engine.models.clustblock import ClustBlock
+from refqsr_engine.training.card_paths import card_path
 from refqsr_engine.training.dtd import DTDDataset
 from refqsr_engine.training.runlog import append_log, atomic_write_text, read_log, rewrite_log
 from refqsr_engine.training.textures import TextureDataset
@@ -447,7 +448,9 @@ def train_clust(cfg: ClustTrainConfig) -> dict[str, Any]:
         "paper": "RefQSR Sec. III-C-2, Table I",
         "classes": num_classes,
         "class_names": list(train.classes),
-        "dataset": f"DTD ({cfg.dtd})" if cfg.dtd else "procedural textures (refqsr_engine.training.textures)",
+        "dataset": (
+            f"DTD ({card_path(cfg.dtd)})" if cfg.dtd else "procedural textures (refqsr_engine.training.textures)"
+        ),
         "steps": step,
         "batch": cfg.batch,
         "crop_sizes": list(cfg.sizes),

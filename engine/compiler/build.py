@@ -118,11 +118,3 @@ def build_graph(
     times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
     outputs = [o.name for o in model.graph.output]
     return GraphBuild(name, exe, shapes, outputs, result.convs, warps, times)
-
-
-def load_vm(path_or_exe, device=None) -> relax.VirtualMachine:
-    """A VM over a built executable or an exported library file."""
-    dev = device or tvm.cpu()
-    if isinstance(path_or_exe, (str, bytes)) or hasattr(path_or_exe, "__fspath__"):
-        path_or_exe = tvm.runtime.load_module(str(path_or_exe))
-    return relax.VirtualMachine(path_or_exe, dev)

@@ -1,6 +1,8 @@
 """One graph build of `refqsr-engine compile`, run in its own process (see compile_model._run_jobs).
 
-    python -m refqsr_engine.engine.compiler.build_worker '{"options": {...}, "job": [name, onnx, batch, lib], "result": path}'
+    python -m refqsr_engine.engine.compiler.build_worker JSON
+
+with ``JSON`` = ``{"options": {...}, "job": [name, onnx, batch, lib], "result": path}``.
 
 Writes the library to ``lib`` and ``{"report": ..., "device_code": ...}`` to ``result``.
 """

@@ -456,11 +456,6 @@ def schedule_func_packed(
     return sch.mod["main"].with_attr("tirx.is_scheduled", True), packed
 
 
-def schedule_func(func: tirx.PrimFunc, num_cores: int, lanes: int = _LANES) -> tirx.PrimFunc:
-    """Schedule ``func`` without changing its signature (weights packed per call)."""
-    return schedule_func_packed(func, num_cores, lanes)[0]
-
-
 def _is_parallel(sch: tvm.s_tir.Schedule, block) -> bool:
     return any(int(sch.get(loop).kind) == int(tirx.ForKind.PARALLEL) for loop in sch.get_loops(block))
 

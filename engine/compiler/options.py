@@ -29,7 +29,7 @@ class CompileOptions:
     patch: int = 96
     batch: int = 16
     threads: int | None = None  # llvm: cores the parallel loops are sized for
-    jobs: int = 1  # graph builds at once (worker processes): worth it with more cores than this 2-core box
+    jobs: int = 1  # graph builds at once (worker processes): worth it from about 4 cores on (one build is serial)
     # llvm on AMX CPUs: "fp32" = fp32-grade float convs (bf16x3 tiles), "bf16" = one bf16 product per MAC
     float_math: str = "fp32"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -28,15 +27,6 @@ def graph_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     if "convs" not in meta:
         raise RefQSRError("the ONNX graph carries no refqsr.convs metadata; export it with refqsr-engine")
     return meta
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except FileNotFoundError:
-        raise RefQSRError(f"ONNX graph not found: {path}") from None
-    except Exception as err:  # protobuf decode errors have no common type
-        raise RefQSRError(f"{path}: not a readable ONNX graph ({type(err).__name__})") from None
 
 
 def input_names(model: onnx.ModelProto) -> list[str]:

@@ -14,8 +14,8 @@
 #   Q_INIT_DIR=core/data/models training/recipes/bundled.sh quant   # re-teach the bundled models
 #
 # Every run is resumable: run the same stage again and it continues from its last.pt. The
-# *_TIME variables cap one session's training (seconds, for leases of fixed length); the step
-# counts and the halving schedule are what a run converges to when given the time.
+# *_TIME variables cap the training of one invocation (seconds, for machines held for a fixed
+# time); the step counts and the halving schedule are what a run converges to when given the time.
 # Then: python -m refqsr_engine.training.bundle RUN/best.pt NAME --val DATA/val
 set -euo pipefail
 
@@ -54,7 +54,7 @@ MATCHING=${MATCHING:-shared}          # RefER's flow for the RefQSR runs: shared
 Q_INIT_DIR=${Q_INIT_DIR:-}
 # 1: RefQSR runs keep the backbone they start from but start their RefER blocks afresh (--fresh-refer).
 # The bundled SRResNet 8-4's RefERs were still at their random initialisation, and zeroing their
-# refinement scored higher (benchmarks/results/training_cpu_session12.md).
+# refinement scored higher (see docs/experiments, RefER random refinement).
 FRESH_REFER=${FRESH_REFER:-0}
 QUANT_RUNS=${QUANT_RUNS:-ddtb8 ddtb4 refqsr84$( [ "$ABLATION" = 1 ] && echo " norefer84")}
 PY=${PYTHON:-python}

@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# The bundled SRResNet models' recipe (their model cards name this file): bundled.sh with ARCH=srresnet
-# and the run folder those models were trained in.
+# The bundled SRResNet models' recipe: bundled.sh with ARCH=srresnet and runs/bundled as the run folder
+# (RUNS overrides it).
 RUNS=${RUNS:-runs/bundled} ARCH=srresnet exec "$(dirname "$0")/bundled.sh" "$@"
