@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.models_store import resolve_model
     from ..engine.runtime import CompiledModel
     from ..models.checkpoint import load_model
-    from ..models.patchwise import run_patchwise
+    from ..pipeline.patchwise import run_patchwise
     from .configs import make_lr
     from .latency import parse_size
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quality(runners: dict, args: argparse.Namespace) -> None:
     from ..metrics.quality import psnr_y, ssim_y
-    from ..models.patchwise import run_patchwise
+    from ..pipeline.patchwise import run_patchwise
     from .valdata import validation_set
 
     pairs, info = validation_set(args.val)

@@ -354,9 +354,9 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
     exported_now = not path.is_file()
     t = time.perf_counter()
     if exported_now:
-        from ..engine.upscale import model_bits
         from ..export.onnx_export import export_sr
         from ..models.checkpoint import load_model
+        from ..models.model_info import model_bits
 
         model, _ = load_model(model_path)
         tmp = out.with_name(out.name + ".tmp")
@@ -527,8 +527,8 @@ class WholeImage:
 
 def load_torch(model_path: str):
     """(model, the BitSpec it runs at)."""
-    from ..engine.upscale import model_bits
     from ..models.checkpoint import load_model
+    from ..models.model_info import model_bits
 
     model, _ = load_model(model_path)
     return model, model_bits(model)

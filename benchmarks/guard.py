@@ -9,7 +9,7 @@ process does much less. Each check times the engine against a peer in one proces
 ``end_to_end``  the default model, compiled for this CPU (the upscale cache), on a 320x180 LR
                 photo vs PyTorch eager fp32 of the FP SRResNet (whole image), median of 3;
 ``int8_conv``   the fused int8 conv the compiler picks for a 64->64 3x3 layer (batch 8 of 96-px
-                patches) vs PyTorch's fbgemm int8 conv (``bench_conv_int8 --fused``).
+                patches) vs PyTorch's fbgemm int8 conv (``benchmarks.conv_int8 --fused``).
 
 Floors live in ``benchmarks/results/guard_floors.json``, keyed by the CPU's LLVM name (the kernels,
 and so the ratios, differ per CPU); a ratio below ``floor * (1 - --tolerance)`` is a regression.
@@ -56,7 +56,7 @@ def end_to_end_ratio(threads: int, runs: int = 3) -> dict[str, float]:
     from ..engine.models_store import resolve_model
     from ..engine.upscale import UpscaleOptions, compiled_engine
     from ..models.checkpoint import load_model
-    from ..models.patchwise import run_patchwise
+    from ..pipeline.patchwise import run_patchwise
     from .configs import make_lr
 
     torch.set_num_threads(threads)
@@ -88,8 +88,8 @@ def int8_conv_ratio(threads: int) -> dict[str, float]:
     """Median GOP/s of the engine's fused int8 conv (the variant the compiler picks for an 8-bit
     DDTB layer here) / fbgemm's."""
     from ..kernels.amx import enable_amx, target_has_amx
-    from ..kernels.bench_conv_int8 import main as bench
     from ..kernels.conv2d_int8 import default_target, host_mcpu, target_has_avx512_vnni
+    from .conv_int8 import main as bench
 
     target = default_target(host_mcpu(), threads)
     variant = (

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..files import write_atomic
 from .report import timed
-from .textio import write_atomic
 
 #: Fig. 1's dashed lines: from a fixed-precision baseline to its RefQSR variants
 FAMILIES = {"ddtb-8": ("refqsr-8-5", "refqsr-8-4", "refqsr-8-3"), "ddtb-4": ("refqsr-4-3", "refqsr-4-2")}

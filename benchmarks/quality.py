@@ -73,12 +73,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def image_bitops(model: Any, lr_hw: tuple[int, int], patch: int | None, overlap: int, clustering: Any) -> Any:
     """BitOPs report of one image: the engine grid with the actual assignment, or the whole image."""
-    from ..engine.upscale import model_bitops, model_bits
     from ..models.bitops import count_bitops
+    from ..models.model_info import describe, model_bits
     from ..models.refqsr import RefQSR
 
     if patch is not None:
-        return model_bitops(model, lr_hw, patch, overlap, clustering, grid="engine")
+        return describe(model, "evaluated").image_bitops(lr_hw, patch, overlap, clustering)
     if isinstance(model, RefQSR):
         raise ValueError("RefQSR works on patches; it has no whole-image row")
     bits = model_bits(model)
@@ -92,8 +92,8 @@ def run_pass(model: Any, pairs: list, patch: int | None, overlap: int, batch: in
     per image PSNR/SSIM on Y (shave 4), BitOPs/FQR parts and the reference assignment."""
     import torch
 
-    from ..engine.upscale import model_bits
     from ..metrics import psnr_y, sr_to_uint8, ssim_y
+    from ..models.model_info import model_bits
     from ..models.patchwise import upscale_patchwise
 
     bits = model_bits(model)
@@ -171,7 +171,7 @@ class Runner:
 
     def pixels(self, patch: int | None) -> int:
         """LR pixels one pass computes: every patch in full (padding, overlaps) or the images."""
-        from ..engine.tiling import make_grid
+        from ..pipeline.tiling import make_grid
 
         if patch is None:
             return sum(p.lr.shape[0] * p.lr.shape[1] for p in self.pairs)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .textio import write_text_atomic
+from ..files import write_text_atomic
 
 
 def _header(results: dict[str, Any]) -> list[str]:

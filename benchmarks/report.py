@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .textio import write_text_atomic
+from ..files import write_text_atomic
 
 WARMUP = {
     "full": "one run on this image",

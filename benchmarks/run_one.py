@@ -169,7 +169,7 @@ def run_once(runner: Any, lr: np.ndarray, patch: int, overlap: int, batch: int) 
             "references": None,
             "clustering": None,
         }
-    from ..models.patchwise import run_patchwise
+    from ..pipeline.patchwise import run_patchwise
 
     t, cpu = time.perf_counter(), time.process_time()
     result = run_patchwise(runner, lr, patch, overlap, batch)
@@ -192,7 +192,8 @@ def twin_check(
     """Run the PyTorch model the configuration was built from (same file, same grid) once, untimed
     as a benchmark, and compare its 8-bit HR image with the configuration's (``got["hr"]``, a
     saved 8-bit image; ``got["reference_of"]``, its clustering)."""
-    from ..models.patchwise import TorchRunner, run_patchwise
+    from ..models.patchwise import TorchRunner
+    from ..pipeline.patchwise import run_patchwise
 
     model, bits = C.load_torch(prepared["model_path"])
     t = time.perf_counter()
@@ -200,7 +201,7 @@ def twin_check(
     twin_seconds = time.perf_counter() - t
     out = {**compare_8bit(np.load(got["hr"]), to_8bit(want.image)), "twin_seconds": round(twin_seconds, 4)}
     if got["reference_of"] is not None:
-        out["same_clustering"] = bool(np.array_equal(got["reference_of"], want.clustering.reference_of.numpy()))
+        out["same_clustering"] = bool(np.array_equal(got["reference_of"], np.asarray(want.clustering.reference_of)))
     return out
 
 
@@ -286,7 +287,7 @@ def measure(spec: dict[str, Any], name: str) -> dict[str, Any]:
             checks[key] = {
                 "hr": hr_path,
                 "on": "image" if check is True or check == "image" else "crop",
-                "reference_of": None if clustering is None else clustering.reference_of.numpy(),
+                "reference_of": None if clustering is None else np.asarray(clustering.reference_of),
             }
         del image, clustering
         stats = summarize([r["seconds"] for r in runs])

@@ -36,8 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..files import write_text_atomic
 from . import latency, report
-from .textio import write_text_atomic
 
 LATENCY_SHARE = 0.62  # of the budget, for preparing + latency; quality gets the rest
 TAIL_RESERVE_S = 45.0  # explain picture, plots, summary

@@ -1,8 +1,10 @@
-"""Publishing a finished temp file: the last step of every atomic write in the project."""
+"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -13,3 +15,31 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def portable_paths(text: str) -> str:
+    """Report text without the paths of the machine that wrote it: the working folder's prefix
+    dropped (paths become relative to where the command ran), the home folder written ``~``."""
+    cwd, home = os.getcwd().rstrip(os.sep) + os.sep, str(Path.home()).rstrip(os.sep) + os.sep
+    text = text.replace(cwd, "")
+    return text.replace(home, "~" + os.sep) if home != os.sep else text
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a report file atomically, its machine paths made portable (:func:`portable_paths`)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(portable_paths(text)))

@@ -86,7 +86,7 @@ def assign(
     import torch
 
     from ..models.clustblock import cluster_patches
-    from .tiling import extract_patches, make_grid
+    from ..pipeline.tiling import extract_patches, make_grid
 
     grid = make_grid(lr.shape[1], lr.shape[2], patch, overlap)
     idx = list(range(grid.num_patches))
@@ -206,8 +206,8 @@ def explain_file(
 ) -> dict[str, Any]:
     """Write the assignment picture of image ``src`` to ``dst`` atomically; returns its summary."""
     from ..files import publish
+    from ..pipeline.tiling import make_grid
     from .image_io import output_format, read_image
-    from .tiling import make_grid
 
     fmt = output_format(dst)  # a bad output path fails before any work
     make_grid(1, 1, patch, overlap)  # as do bad patch/overlap values

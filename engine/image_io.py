@@ -168,6 +168,8 @@ def output_format(path: str | Path) -> str:
         raise RefQSRError(f"output folder does not exist: {path.parent}")
     if path.is_dir():
         raise RefQSRError(f"output is a folder: {path}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise RefQSRError(f"output folder is not writable: {path.parent}")
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise RefQSRError(f"unknown output format for {path.name}: use .png, .jpg, .webp, .tif or .bmp")

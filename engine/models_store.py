@@ -35,18 +35,18 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def bundled_with_bits(bits: str) -> str:
-    """The bundled model that runs at ``bits`` ("8-4", "8", "32" or "fp"); the default one if it does."""
-    from ..models.checkpoint import bits_label, read_config
+    """The bundled model that runs at ``bits`` ("8-4", "8", "32" or "fp"); the default one if it
+    does. Read from the model cards (no model is loaded)."""
+    from .models_list import model_rows
 
     want = "32" if bits == "fp" else bits
-    configs = {n: read_config(bundled_dir() / f"{n}.pt") for n in bundled_models()}
-    arch = configs.get(DEFAULT_ALIAS, {}).get("arch")
+    rows = {r["name"]: r for r in model_rows()}
+    arch = rows.get(DEFAULT_ALIAS, {}).get("arch")
     # The default first, then its architecture's siblings: `--bits 8` means the default network at
     # 8 bits, not whichever architecture sorts first.
-    order = sorted(configs, key=lambda n: (n != DEFAULT_ALIAS, configs[n].get("arch") != arch, n))
-    have = {n: bits_label(configs[n]) for n in order}
+    order = sorted(rows, key=lambda n: (n != DEFAULT_ALIAS, rows[n]["arch"] != arch, n))
     for name in order:
-        if have[name] == want:
+        if rows[name]["bits"].replace("delta", "δ") == want.replace("delta", "δ"):
             return name
-    listing = ", ".join(f"{n} ({b})" for n, b in have.items()) or "none"
+    listing = ", ".join(f"{n} ({rows[n]['bits']})" for n in order) or "none"
     raise RefQSRError(f"no bundled model runs at {bits} bits; bundled: {listing}")

@@ -11,17 +11,21 @@ into exact zeros, so a padded patch is never anyone's reference.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import RefQSRError
-from ..models.clustblock import Clustering, assign_references
+from ..pipeline.bitops import PatchBits
+from ..pipeline.clustering import Clustering, assign_references
+from ..pipeline.model_info import ModelInfo
+from . import tvm_runtime
 from .artifact import Artifact, format_target, load_artifact
 
 PAD_LOGIT = -1.0e30
+RECOMPILE_HINT = "rebuild it with refqsr-engine compile (or upscale --recompile)"
 
 
 def use_all_cpus_by_default() -> None:
@@ -38,12 +42,13 @@ def use_all_cpus_by_default() -> None:
         os.environ["TVM_NUM_THREADS"] = str(n)
 
 
-def _enable_amx_for(target: dict) -> None:
+def _enable_amx_for(manifest: Mapping[str, Any]) -> None:
     """AMX kernels raise SIGILL unless Linux granted this process the tile state: ask for it when
-    the artifact's target has AMX, and refuse (one clear error) when it cannot be had."""
-    from ..kernels.amx import enable_amx, target_has_amx
+    the artifact was built with AMX kernels, and refuse (one clear error) when it cannot be had."""
+    from ..kernels import host_cpu
 
-    if target_has_amx(target) and not enable_amx():
+    target = manifest["target"]
+    if manifest.get("amx") and not host_cpu.enable_amx():
         raise RefQSRError(
             f"this artifact was built with AMX kernels ({format_target(target)}), and this "
             f"process cannot use AMX here: recompile with --mcpu core-avx2 (or this CPU's name)"
@@ -51,45 +56,45 @@ def _enable_amx_for(target: dict) -> None:
 
 
 class CompiledModel:
-    """A loaded artifact; implements ``models.patchwise.PatchRunner``."""
+    """A loaded artifact; implements :class:`~refqsr_engine.pipeline.patchwise.PatchRunner`.
+
+    Everything it needs is in the artifact: the compiled graphs and the manifest's ``model_info``
+    (kind, bits, tau, the network's sizes for BitOPs, the δ bits layout). It runs on the TVM
+    runtime alone (:mod:`.tvm_runtime`), without PyTorch or the TVM compiler."""
 
     def __init__(self, artifact: Artifact, tau: float | None = None) -> None:
         use_all_cpus_by_default()
-        import tvm
-        from tvm import relax
-
-        self.artifact = artifact
         m = artifact.manifest
-        self.manifest = m
-        self.kind = m["kind"]
-        self.refqsr = self.kind == "refqsr"
-        self.scale = int(m.get("scale", 4))
+        if "model_info" not in m:
+            raise RefQSRError(f"{artifact.path}: artifact from an older refqsr-engine; {RECOMPILE_HINT}")
+        self.artifact, self.manifest = artifact, m
+        self.info = ModelInfo.from_dict(m["model_info"])
+        self.kind = self.info.kind
+        self.refqsr = self.info.refqsr
+        self.scale = self.info.scale
         self.patch = int(m["patch"])
         self.batch = int(m["batch"])
         self.batches = [int(b) for b in m.get("batches", [self.batch])]
-        self.tau = float(m["tau"] if tau is None else tau) if self.refqsr else None
-        dev = tvm.cpu() if m["target"]["kind"] == "llvm" else tvm.cuda()
-        if m["target"]["kind"] == "llvm":
-            _enable_amx_for(m["target"])
-        self._tvm = tvm
-        self.device = dev
+        self.tau = float(self.info.tau if tau is None else tau) if self.refqsr else None
+        on_cpu = m["target"]["kind"] == "llvm"
+        if on_cpu:
+            _enable_amx_for(m)
+        self.device = tvm_runtime.device("cpu" if on_cpu else "cuda")
         names = ("clustblock", "reference", "query") if self.refqsr else ("sr",)
         self.vms = {
-            (n, b): relax.VirtualMachine(tvm.runtime.load_module(str(artifact.file(f"{n}_b{b}.so"))), dev)
+            (n, b): tvm_runtime.VirtualMachine(artifact.file(f"{n}_b{b}.so"), self.device)
             for n in names
             for b in self.batches
         }
-        self.cluster_lib = tvm.runtime.load_module(str(artifact.file("cluster.so"))) if self.refqsr else None
+        self.cluster_lib = tvm_runtime.load_module(artifact.file("cluster.so")) if self.refqsr else None
         # CUDA artifacts run the (CPU-scheduled) clustering kernel on the host
         host = self.refqsr and m["cluster"].get("device") == "host"
-        self.cluster_device = tvm.cpu() if host else dev
+        self.cluster_device = tvm_runtime.device("cpu") if host or on_cpu else self.device
         self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
-        # δ (CADyQ/CABM) graphs also return the bits each patch chose per CADyQ conv ([N, L]);
-        # with a decoder set (the PyTorch model knows the layer structure), every call's bits
-        # are kept as PatchBits for the BitOPs count (see models.patchwise.PatchRunner)
-        self.dynamic_convs: dict[str, list[str]] | None = m.get("dynamic_convs")  # graph -> conv names
-        self.decode_bits: Callable[[np.ndarray, str], list[Any]] | None = None
-        self.chosen: list[list[Any]] | None = None
+        # δ (CADyQ/CABM) graphs also return the bits each patch chose per CADyQ conv ([N, L]); every
+        # call's bits are kept as PatchBits for the BitOPs count (see pipeline.patchwise.PatchRunner)
+        self.dynamic_graphs = set(self.info.delta_columns or ())
+        self.chosen: list[list[PatchBits]] | None = [] if self.dynamic_graphs else None
 
     @classmethod
     def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> CompiledModel:
@@ -118,26 +123,19 @@ class CompiledModel:
                 x = x[start : start + m]
                 if m < b:  # pad the short last batch
                     x = np.concatenate([x, np.zeros((b - m, *x.shape[1:]), x.dtype)])
-                args.append(self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
-            out = self.vms[(graph, b)]["main"](*args)
-            results.append([o.numpy()[:m] for o in ([out] if hasattr(out, "numpy") else list(out))])
+                args.append(tvm_runtime.to_device(np.ascontiguousarray(x, dtype=np.float32), self.device))
+            outs = self.vms[(graph, b)](*args)
+            results.append([tvm_runtime.to_numpy(o)[:m] for o in outs])
             start += m
         return [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*results)]
 
     # -- PatchRunner ------------------------------------------------------------------------------
-    def set_bits_decoder(self, decode: Callable[[np.ndarray, str], list[Any]]) -> None:
-        """Keep the bits of every δ call, decoded by ``decode(bits [N, L], path)``."""
-        if self.dynamic_convs is None:
-            raise RefQSRError("this artifact's graphs do not choose bits per patch")
-        self.decode_bits, self.chosen = decode, []
-
     def _run_keeping_bits(self, graph: str, *inputs: np.ndarray) -> list[np.ndarray]:
         """_run, with a δ graph's last output (the chosen bits) taken off and kept (decoded)."""
         outs = self._run(graph, *inputs)
-        if self.dynamic_convs is None or graph not in self.dynamic_convs:
+        if graph not in self.dynamic_graphs:
             return outs
-        if self.decode_bits is not None:
-            self.chosen.append(self.decode_bits(outs[-1], graph))
+        self.chosen.append(self.info.decode_bits(outs[-1], graph))
         return outs[:-1]
 
     def sr(self, x: np.ndarray) -> np.ndarray:
@@ -162,13 +160,8 @@ class CompiledModel:
             )
         padded = np.full((bucket, c), PAD_LOGIT, dtype=np.float32)
         padded[:n] = v
-        tvm = self._tvm
         dev = self.cluster_device
-        ref = tvm.runtime.empty((bucket,), "int32", dev)
-        cos = tvm.runtime.empty((bucket,), "float32", dev)
-        self.cluster_lib[f"cluster_{bucket}"](tvm.runtime.tensor(padded, dev), ref, cos)
-        import torch
-
-        return assign_references(
-            torch.from_numpy(ref.numpy()[:n].copy()), torch.from_numpy(cos.numpy()[:n].copy()), self.tau
-        )
+        ref = tvm_runtime.empty((bucket,), "int32", dev)
+        cos = tvm_runtime.empty((bucket,), "float32", dev)
+        self.cluster_lib[f"cluster_{bucket}"](tvm_runtime.to_device(padded, dev), ref, cos)
+        return assign_references(tvm_runtime.to_numpy(ref)[:n].copy(), tvm_runtime.to_numpy(cos)[:n].copy(), self.tau)

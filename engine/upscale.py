@@ -1,8 +1,12 @@
 """`refqsr-engine upscale`: read, tile, run the patches on an engine, merge, write.
 
-Engines: ``torch`` (the PyTorch reference models) or ``tvm`` (the compiled artifact of the same
-model, compiled for this host on first use and cached, see :func:`compiled_engine`). Both go
-through the one patch-wise algorithm of :mod:`refqsr_engine.models.patchwise`."""
+Engines: ``tvm`` (a compiled artifact: ``--artifact``, or the model compiled for this host on first
+use and cached, see :func:`compiled_engine`) or ``torch`` (the PyTorch reference models). Both go
+through the one patch-wise algorithm of :mod:`refqsr_engine.pipeline.patchwise`.
+
+The compiled engine runs from the artifact alone: with a cached or given artifact nothing here
+imports PyTorch, ONNX or the TVM compiler (see :mod:`.tvm_runtime`); they load only to compile.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import RefQSRError
-from ..models.bitops import BitOpsReport, PatchBits, count_bitops, patch_bits_of_columns
-from ..models.checkpoint import bits_label, load_model, model_config
-from ..models.clustblock import Clustering
-from ..models.patchwise import PatchRunner, TorchRunner, run_patchwise
-from ..models.qconv import FP, BitSpec
-from ..models.quant_cadyq import SCHEME as CADYQ
-from ..models.quant_cadyq import Delta
-from ..models.refqsr import RefQSR
+from ..pipeline.model_info import ModelInfo
+from ..pipeline.patchwise import PatchRunner, run_patchwise
+from ..pipeline.tiling import make_grid
 from .image_io import (
     DEFAULT_MAX_PIXELS,
+    LoadedImage,
     list_images,
     output_format,
     output_path_for,
@@ -35,18 +34,22 @@ from .image_io import (
     upscale_alpha,
     write_image,
 )
-from .models_store import DEFAULT_MODEL, bundled_with_bits, resolve_model
-from .tiling import make_grid
+from .models_store import DEFAULT_MODEL, bundled_with_bits
+
+DEFAULT_PATCH = 96
+# 8, not 16: a 16-patch batch's HR intermediates (upsampler, tail: 16 x 64 x 384 x 384 fp32 =
+# 600 MB each) took an 8K upscale to 3.3 GiB beyond its output; 8 stays under 2 GiB
+DEFAULT_BATCH = 8
+Say = Callable[[str], None]
+Progress = Callable[[int, int], None]
 
 
 @dataclass
 class UpscaleOptions:
     model: str = DEFAULT_MODEL
-    patch: int = 96
+    patch: int | None = None  # None: an --artifact's own, else DEFAULT_PATCH
     overlap: int = 6
-    # 8, not 16: a 16-patch batch's HR intermediates (upsampler, tail: 16 x 64 x 384 x 384 fp32 =
-    # 600 MB each) took an 8K upscale to 3.3 GiB beyond its output; 8 stays under 2 GiB
-    batch: int = 8
+    batch: int | None = None  # None: an --artifact's own, else DEFAULT_BATCH
     tau: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
@@ -55,28 +58,23 @@ class UpscaleOptions:
     bits: str | None = None  # "8-4", "8", "32": pick the bundled model with these bits / check the model's
     target: str = "llvm"  # tvm: "llvm" (this CPU) or "cuda"
     float_math: str = "fp32"  # tvm on AMX CPUs: "fp32" (bf16x3 float convs) or "bf16" (faster, ~1e-3 relative)
+    artifact: str | None = None  # tvm: run this prebuilt artifact (made by `compile`) instead of the cache
 
 
-def compiled_engine(
-    opts: UpscaleOptions, say: Callable[[str], None] | None = None, refqsr: bool = True
-) -> tuple[Any, bool]:
+def compiled_engine(opts: UpscaleOptions, say: Say | None = None) -> tuple[Any, bool]:
     """The cached compiled artifact of ``opts.model`` for this host (compiled now if missing or
     ``opts.recompile``), loaded; returns (CompiledModel, compiled_now). A compile is announced
     through ``say`` (what, for which device, about how long, where it is cached), then its stages."""
-    from . import compile_time
     from .artifact import cache_dir, cache_key, cache_lock
-    from .compiler.compile_model import compile_stages
     from .compiler.options import CompileOptions, artifact_cache_parts
+    from .host_target import host_mcpu_cached
+    from .models_store import resolve_model
     from .runtime import CompiledModel
 
-    if opts.target == "cuda":
-        import tvm
-
-        if not tvm.cuda().exist:
-            raise RefQSRError("--target cuda: no CUDA GPU is visible to TVM on this machine")
     copts = CompileOptions(
         model=opts.model,
         target=opts.target,
+        mcpu=host_mcpu_cached() if opts.target == "llvm" else "core-avx2",
         bits=opts.bits,
         patch=opts.patch,
         batch=opts.batch,
@@ -87,8 +85,17 @@ def compiled_engine(
     with cache_lock(key) as entry:
         fresh = opts.recompile or not (entry / "manifest.json").is_file()
         if fresh:
-            from .compiler.compile_model import compile_model  # the kernel generators: only when compiling
+            from . import compile_time, tvm_runtime
+            from .compiler.compile_model import compile_model, compile_stages, model_kind
 
+            tvm_runtime.lean_imports = False  # the compiler needs all of tvm_ffi
+            if opts.target == "cuda":
+                import tvm
+
+                if not tvm.cuda().exist:
+                    raise RefQSRError("--target cuda: no CUDA GPU is visible to TVM on this machine")
+
+            refqsr = model_kind(copts.model) == "refqsr"
             stages = compile_stages(3 if refqsr else 1, copts.batch, copts.target, refqsr)
             if say is not None:
                 device = f"this CPU ({copts.mcpu})" if copts.target == "llvm" else f"the GPU ({copts.arch})"
@@ -102,120 +109,89 @@ def compiled_engine(
         return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
 
 
-def is_dynamic(model: torch.nn.Module) -> bool:
-    """A δ model: CADyQ/CABM bits chosen per patch and layer (an SR network or δ-RefQSR)."""
-    net = model.backbone if isinstance(model, RefQSR) else model
-    return getattr(net, "scheme", None) == CADYQ
+def prebuilt_engine(opts: UpscaleOptions) -> Any:
+    """``opts.artifact`` loaded: integrity checked, built for ``opts.target``'s kind, and runnable
+    on this CPU (its instruction set) or a visible GPU."""
+    from .artifact import load_artifact
+    from .runtime import CompiledModel
+
+    artifact = load_artifact(opts.artifact)
+    kind = artifact.manifest.get("target", {}).get("kind")
+    if kind != opts.target:
+        raise RefQSRError(f"{opts.artifact} was built for --target {kind}, not {opts.target}")
+    built_patch = artifact.manifest.get("patch")
+    if opts.patch is not None and opts.patch != built_patch:
+        raise RefQSRError(f"{opts.artifact} was compiled for --patch {built_patch}, not {opts.patch}")
+    return CompiledModel(artifact, opts.tau)
 
 
-def model_bits(model: torch.nn.Module) -> BitSpec | Delta:
-    """The bits a model runs at: its single trained activation width, FP for RefQSR (it sets its
-    own bits per path), or δ (``Delta``) for a CADyQ/CABM network."""
-    if is_dynamic(model):
-        return FP if isinstance(model, RefQSR) else Delta()
-    if isinstance(model, RefQSR) or getattr(model, "scheme", None) is None:
-        return FP
-    bits = model.act_bits()
-    if len(bits) != 1:
-        raise RefQSRError(f"model has several activation bit widths {bits}; it is not a fixed-precision model")
-    return BitSpec.uniform(bits[0])
+def check_paths(src: str | Path, dst: str | Path) -> None:
+    """DST names a writable place of a known format, and is not SRC (the input is never replaced)."""
+    output_format(dst)
+    if Path(dst).exists() and Path(src).exists() and Path(dst).resolve() == Path(src).resolve():
+        raise RefQSRError(f"output {dst} is the input: choose another output file")
 
 
-def bitops_setting(model: torch.nn.Module) -> tuple[str, str, dict[str, int | str]]:
-    """What ``count_bitops`` needs of a model: its architecture, its bits ("8-4", "8", "32",
-    "delta", "delta-3") and its network sizes."""
-    if isinstance(model, RefQSR):
-        high = "delta" if model.dynamic else str(model.b_high)
-        return model.backbone.arch, f"{high}-{model.b_low}", model.cost_sizes()
-    return model.arch, "delta" if is_dynamic(model) else str(model_bits(model).act), model.sizes()
-
-
-def model_bitops(
-    model: torch.nn.Module,
-    lr_size: tuple[int, int],
-    patch: int,
-    overlap: int,
-    clustering: Clustering | None = None,
-    grid: str = "engine",
-    patch_bits: list[PatchBits] | None = None,
-) -> BitOpsReport:
-    """BitOPs/FQR of running ``model`` on one LR image; RefQSR needs that image's clustering, δ
-    models the bits each patch ran at (``PatchwiseResult.patch_bits``)."""
-    arch, setting, sizes = bitops_setting(model)
-    if is_dynamic(model) and patch_bits is None:
-        raise ValueError("δ models' BitOPs need the bits each patch ran at")
-    if isinstance(model, RefQSR):
-        if clustering is None:
-            raise ValueError("RefQSR BitOPs need the image's reference assignment")
-        return count_bitops(
-            arch,
-            lr_size,
-            setting,
-            patch,
-            overlap,
-            grid,
-            clustering.is_reference.tolist(),
-            clustering.reference_of.tolist(),
-            patch_bits=patch_bits,
-            **sizes,
-        )
-    return count_bitops(arch, lr_size, setting, patch, overlap, grid, patch_bits=patch_bits, **sizes)
-
-
-def uniform8_bitops(
-    model: torch.nn.Module, lr_size: tuple[int, int], patch: int, overlap: int, grid: str = "engine"
-) -> BitOpsReport:
-    """The BitOPs of the model's network (RefQSR: its backbone) at 8 bits everywhere: what the
-    model's savings are measured against."""
-    net = model.backbone if isinstance(model, RefQSR) else model
-    return count_bitops(net.arch, lr_size, "8", patch, overlap, grid, **net.sizes())
+def _check_against_model(info: ModelInfo, opts: UpscaleOptions) -> None:
+    if opts.bits is not None and info.label != opts.bits.replace("fp", "32"):
+        raise RefQSRError(f"{info.name} runs at {info.label} bits, not {opts.bits}")
+    if opts.tau is not None and not info.refqsr:
+        raise RefQSRError("--tau applies to RefQSR models only")
 
 
 class Upscaler:
     """One model on one engine, loaded (and for ``tvm`` compiled or taken from the cache) once,
     then used for any number of images."""
 
-    def __init__(self, opts: UpscaleOptions, say: Callable[[str], None] | None = None) -> None:
+    def __init__(self, opts: UpscaleOptions, say: Say | None = None) -> None:
         if opts.engine not in ("torch", "tvm"):
             raise RefQSRError(f"unknown engine {opts.engine!r}: choose torch or tvm")
-        make_grid(1, 1, opts.patch, opts.overlap)  # bad patch/overlap fail here, not once per image
+        if opts.artifact is not None and opts.engine != "tvm":
+            raise RefQSRError("--artifact applies to --engine tvm")
+        if opts.artifact is None:
+            opts = dataclasses.replace(opts, patch=opts.patch or DEFAULT_PATCH, batch=opts.batch or DEFAULT_BATCH)
+            make_grid(1, 1, opts.patch, opts.overlap)  # bad patch/overlap fail here, not once per image
         if opts.threads:
-            torch.set_num_threads(opts.threads)
             os.environ["TVM_NUM_THREADS"] = str(opts.threads)  # read when TVM's thread pool starts
         t0 = time.perf_counter()
-        if opts.bits is not None and opts.model == DEFAULT_MODEL:  # the bundled model with those bits
-            opts = dataclasses.replace(opts, model=bundled_with_bits(opts.bits))
+        if opts.bits is not None and opts.model == DEFAULT_MODEL and opts.artifact is None:
+            opts = dataclasses.replace(opts, model=bundled_with_bits(opts.bits))  # the bundled model with those bits
         self.opts = opts
-        self.model, self.card = load_model(resolve_model(opts.model))
-        if opts.bits is not None and bits_label(model_config(self.model)) != opts.bits.replace("fp", "32"):
-            raise RefQSRError(f"{opts.model} runs at {bits_label(model_config(self.model))} bits, not {opts.bits}")
-        if opts.tau is not None:
-            if not isinstance(self.model, RefQSR):
-                raise RefQSRError("--tau applies to RefQSR models only")
-            self.model.tau = opts.tau
-        self.bits = model_bits(self.model)
         self.compiled_now = False
         self.runner: PatchRunner
-        if opts.engine == "tvm":
-            self.runner, self.compiled_now = compiled_engine(opts, say, refqsr=isinstance(self.model, RefQSR))
-            if is_dynamic(self.model):  # keep each call's chosen bits for the BitOPs report
-                model, names = self.model, self.runner.dynamic_convs
-                weight = (model.high if isinstance(model, RefQSR) else self.bits).weight
-                self.runner.set_bits_decoder(
-                    lambda bits, path: patch_bits_of_columns(model, names[path], bits, weight, path)
-                )
+        if opts.engine == "torch":
+            from .torch_engine import torch_engine
+
+            self.runner, self.info = torch_engine(opts.model, opts.bits, opts.tau, opts.threads)
         else:
-            self.runner = TorchRunner(self.model, self.bits)
+            if opts.artifact is not None:
+                self.runner = prebuilt_engine(opts)
+                opts = dataclasses.replace(opts, patch=self.runner.patch, batch=opts.batch or self.runner.batch)
+                make_grid(1, 1, opts.patch, opts.overlap)
+                self.opts = opts
+            else:
+                self.runner, self.compiled_now = compiled_engine(opts, say)
+            self.info = self.runner.info
+            _check_against_model(self.info, opts)
         self.setup_seconds = time.perf_counter() - t0
 
-    def upscale_file(
-        self, src: str | Path, dst: str | Path, progress: Callable[[int, int], None] | None = None
-    ) -> dict[str, Any]:
+    def upscale_file(self, src: str | Path, dst: str | Path, progress: Progress | None = None) -> dict[str, Any]:
         """Upscale one image file x4 and write it atomically; returns a report."""
-        opts = self.opts
         t0 = time.perf_counter()
-        output_format(dst)
-        image = read_image(src, opts.max_pixels)
+        check_paths(src, dst)
+        image = read_image(src, self.opts.max_pixels)
+        return self.upscale_image(image, src, dst, progress, time.perf_counter() - t0)
+
+    def upscale_image(
+        self,
+        image: LoadedImage,
+        src: str | Path,
+        dst: str | Path,
+        progress: Progress | None = None,
+        read_seconds: float = 0.0,
+    ) -> dict[str, Any]:
+        """Upscale an image already read from ``src`` x4 and write it to ``dst`` atomically."""
+        opts, info = self.opts, self.info
         t_read = time.perf_counter()
         lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
         h, w = image.rgb.shape[:2]
@@ -226,13 +202,14 @@ class Upscaler:
         write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
         t_end = time.perf_counter()
         clustering = result.clustering
-        bitops = model_bitops(self.model, (h, w), opts.patch, opts.overlap, clustering, patch_bits=result.patch_bits)
-        bitops_8 = uniform8_bitops(self.model, (h, w), opts.patch, opts.overlap)
+        bitops = info.image_bitops((h, w), opts.patch, opts.overlap, clustering, result.patch_bits)
+        bitops_8 = info.uniform8_bitops((h, w), opts.patch, opts.overlap)
         return {
             "input": str(src),
             "output": str(dst),
-            "model": opts.model,
-            "model_card": self.card,
+            "model": info.name,
+            "bits": info.label,
+            "model_card": info.card,
             "engine": opts.engine,
             "compiled_now": self.compiled_now,
             "lr_size": [h, w],
@@ -243,10 +220,10 @@ class Upscaler:
             "queries": clustering.num_queries if clustering is not None else 0,
             "seconds": {
                 "setup": round(self.setup_seconds, 4),
-                "read": round(t_read - t0, 4),
+                "read": round(read_seconds, 4),
                 **{k: round(v, 4) for k, v in result.seconds.items()},
                 "write": round(t_end - t_run, 4),
-                "total": round(t_end - t0, 4),
+                "total": round(read_seconds + t_end - t_read, 4),
             },
             "bitops": bitops.as_dict(),
             "bitops_8bit_only": bitops_8.as_dict(),
@@ -258,12 +235,17 @@ def upscale_file(
     src: str | Path,
     dst: str | Path,
     opts: UpscaleOptions,
-    progress: Callable[[int, int], None] | None = None,
-    say: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs).
-    ``say`` receives the compile announcement and stages when the engine is compiled first."""
-    return Upscaler(opts, say).upscale_file(src, dst, progress)
+    The input and the output path are checked before any engine loads, so a bad file or path fails
+    at once. ``say`` receives the compile announcement and stages when the engine is compiled first."""
+    t0 = time.perf_counter()
+    check_paths(src, dst)
+    image = read_image(src, opts.max_pixels)
+    read_seconds = time.perf_counter() - t0
+    return Upscaler(opts, say).upscale_image(image, src, dst, progress, read_seconds)
 
 
 def upscale_folder(
@@ -272,8 +254,8 @@ def upscale_folder(
     opts: UpscaleOptions,
     ext: str | None = None,
     on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    say: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """Upscale every image in ``src_dir`` into ``dst_dir`` with one engine (compiled once). Files
     that cannot be read or written are skipped and reported, not fatal."""

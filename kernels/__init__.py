@@ -2,7 +2,8 @@
 
 * Integer convs on x86: :mod:`.conv2d_int8` (AVX2 u8 x s8, int8-pair, int16 and low-bit variants,
   AVX-VNNI and AVX-512), public API :mod:`.conv_int8_avx2`, layouts and exactness bounds
-  :mod:`.layouts`, tensor intrinsics :mod:`.x86_intrin`, throughput bench :mod:`.bench_conv_int8`.
+  :mod:`.layouts`, tensor intrinsics :mod:`.x86_intrin` (throughput bench:
+  ``python -m refqsr_engine.benchmarks.conv_int8``).
 * The fused quantized conv the graphs call (float in, float out, integer arithmetic inside):
   :mod:`.qconv_fused`, and its Intel AMX variant :mod:`.qconv_amx`.
 * Float convs on Intel AMX bf16 tiles (fp32-grade by splitting): :mod:`.conv_amx_bf16`; AMX

@@ -18,18 +18,7 @@ The kernels name tile registers by immediates (``llvm.x86.tileloadd64`` & co. wi
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
-from . import host_cpu
-from .host_cpu import AMX_FEATURES
-
-_SYS_ARCH_PRCTL = 158  # x86-64
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-
-#: /proc/cpuinfo flags of the AMX int8 + bf16 kernels
-AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+from .host_cpu import AMX_FEATURES, AMX_FLAGS, enable_amx, host_has_amx  # noqa: F401 - re-exported
 
 # LLVM intrinsics (tile numbers are i8 immediates)
 LDTILECFG = "llvm.x86.ldtilecfg"
@@ -41,11 +30,6 @@ TDPBSUD = "llvm.x86.tdpbsud"  # C[m][n] += sum_k s8(A[m][k]) * u8(B[k/4][4n + k%
 TDPBF16PS = "llvm.x86.tdpbf16ps"  # the same for bf16 pairs into fp32
 
 
-def host_has_amx() -> bool:
-    """Whether this (Linux) CPU has AMX tiles with int8 and bf16."""
-    return AMX_FLAGS <= host_cpu.host_cpu_flags()
-
-
 def target_has_amx(target) -> bool:
     """Whether an LLVM target may use the AMX kernels."""
     import tvm
@@ -54,17 +38,6 @@ def target_has_amx(target) -> bool:
     if isinstance(target, dict):
         target = tvm.target.Target(target)
     return target.kind.name == "llvm" and all(codegen.target_has_features(f, target) for f in AMX_FEATURES)
-
-
-@functools.cache
-def enable_amx() -> bool:
-    """Ask Linux for the AMX tile state for this process; True when granted (or already held).
-
-    Call before running any AMX kernel (the runtime does when an artifact uses them)."""
-    if not host_has_amx():
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
 
 
 def palette_byte(b):

@@ -8,12 +8,12 @@ From the class logits ``V`` (N patches x C classes, float32) one PrimFunc comput
   the product: each parallel task computes one row of M in a stack buffer, never the N x N matrix
 * ``cos[i] = cosine(V_i, V_ref[i])``   (as ``F.cosine_similarity``: each row over its norm, eps 1e-8)
 
-and :func:`assign` does the O(N) bookkeeping of ``cluster_patches`` in numpy (every arg-max target
-is a reference; a query whose similarity is below ``tau`` becomes an isolated reference).
+The O(N) bookkeeping that follows (every arg-max target is a reference; a query whose similarity
+is below ``tau`` becomes an isolated reference) is ``models.clustblock.assign_references``, applied
+by the caller to the kernel's outputs.
 
     k = build_cluster_kernel(num_patches=600, num_classes=47)
     ref, cos = k(v)                       # int32 [N], float32 [N]
-    result = cluster(k, v, tau=0.5)       # reference_of / is_reference / similarity, as numpy
 
 ``k.prim_func`` is ``main(V, ref, cos)`` for ``R.call_tir`` (outputs ``[N] int32``, ``[N] float32``).
 :func:`build_affinity_kernel` materialises M (for tests and inspection only).
@@ -21,19 +21,14 @@ is a reference; a query whose similarity is below ``tau`` becomes an isolated re
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 import tvm
 from tvm import te, tirx
 
-from ..models.clustblock import Clustering, assign_references
 from .tir_build import TirKernel, build_kernel
 
 __all__ = [
-    "assign",
     "build_affinity_kernel",
     "build_cluster_kernel",
-    "cluster",
     "cluster_primfunc",
     "cluster_compute",
     "schedule_cluster",
@@ -169,17 +164,3 @@ def build_affinity_kernel(num_patches: int, num_classes: int = 47, target=None) 
     func = cluster_compute(num_patches, num_classes, affinity_only=True)
     sch = schedule_cluster(func, affinity_only=True)
     return build_kernel("clust_affinity", sch, 1, target, {"num_patches": num_patches, "num_classes": num_classes})
-
-
-def assign(ref: np.ndarray, cos: np.ndarray, tau: float = 0.5) -> Clustering:
-    """The O(N) bookkeeping of ``cluster_patches`` on the kernel's outputs (one implementation:
-    ``models.clustblock.assign_references``)."""
-    return assign_references(
-        torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(cos, dtype=np.float32)), tau
-    )
-
-
-def cluster(kernel: TirKernel, v, tau: float = 0.5) -> Clustering:
-    """Run the compiled clustering kernel on logits ``v`` ([N, C]) and assign references."""
-    ref, cos = kernel(np.asarray(v, dtype=np.float32))
-    return assign(ref, cos, tau)

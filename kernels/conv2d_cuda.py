@@ -76,7 +76,6 @@ __all__ = [
     "pack_nibbles",
     "pack_weights_dp4a",
     "pack_weights_s4",
-    "reference_conv",
     "s4mma_config",
     "unpack_activations_dp4a",
     "unpack_activations_s4",
@@ -283,17 +282,6 @@ def unpack_output(y, variant: str) -> np.ndarray:
     if _check_variant(variant) == "s4mma":
         y = y.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(y)
-
-
-def reference_conv(x, w, pad_value: int = 0) -> np.ndarray:
-    """What the kernels compute, NCHW int64: ``sum x * w`` over the window, the border = ``pad_value``
-    (float64 torch conv of the padded tensor: exact below 2**53)."""
-    import torch
-
-    x, w = _as_int(x, "x"), _as_int(w, "w")
-    xp = torch.from_numpy(_pad_nchw(x, pad_value, w.shape[-1]).astype(np.float64))
-    out = torch.nn.functional.conv2d(xp, torch.from_numpy(w.astype(np.float64)))
-    return out.numpy().astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ the kernels are exact by construction of the operand ranges, which are checked -
 
 See :mod:`.layouts` (packed layouts, bounds), :mod:`.x86_intrin` (tensor intrinsics),
 :mod:`.conv2d_int8` (TIR compute, schedule, build); speed: ``python -m
-refqsr_engine.kernels.bench_conv_int8``.
+refqsr_engine.benchmarks.conv_int8``.
 """
 
 from .conv2d_int8 import (

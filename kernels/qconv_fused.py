@@ -133,12 +133,12 @@ def choose_variant(
 
     ``amx`` (target with AMX and a problem :func:`.qconv_amx.amx_fits` covers): "amx" under the
     same int32 bound as "vnni512" -- a 16 x 16 x 64 tile product per instruction, 2.3-2.8x the
-    fused "vnni512" conv here (``bench_conv_int8 --fused``).
+    fused "vnni512" conv here (``benchmarks.conv_int8 --fused``).
 
     ``avx512`` (target with AVX-512 F+BW+VNNI): "vnni512" for every range it is exact for
     (weights spanning <= 256 values, shifted into s8). With ``vpdpbusd zmm`` a u8 x s8 MAC costs
     what a u4 x s6 one does, and it measured faster than the int16-chunk "lowbit512" at every
-    bit width (``bench_conv_int8 --mcpu host``), so low-bit layers take it too.
+    bit width (``benchmarks.conv_int8 --mcpu host``), so low-bit layers take it too.
     Otherwise (AVX2 order, measured on a 2-core Sapphire Rapids VM): "lowbit" when the int16 chunks hold at least
     one 8-channel group, "vnni" where the CPU has it, "int8pair", "int8", and the exact 16-bit
     "int16" (full u8 x s8, or weights beyond s8) as the fallback.

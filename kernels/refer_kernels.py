@@ -2,7 +2,8 @@
 models/refer.py ``RefER.flow(hard=True)`` and ``backward_warp``).
 
 For one batch of query features ``Fq`` and gathered reference features ``Fr`` ([N, C, H, W] float32,
-H and W multiples of the pooling size 3; h = H/3, w = W/3, hw = h*w):
+H and W multiples of the pooling size ``pool``, by default :data:`POOL` = 3, the value of
+``models.matching.POOL``; h = H/pool, w = W/pool, hw = h*w):
 
 a) ``normalize_pool``  per-pixel L2 normalisation over channels, 3x3 average pooling, stride 3 ->
    [N, C, h, w]. Bit-identical to ``F.normalize`` + ``F.avg_pool2d``: sum of squares in channel
@@ -38,6 +39,11 @@ destination-passing style for ``R.call_tir``)::
     build_upsample_flow(N, h, w, H, W)                   (flow) -> flow_up[N, 2, H, W]
     build_backward_warp(N, C, H, W)                      (feat, flow_up) -> warped[N, C, H, W]
     build_refer_pipeline(N, C, H, W, qmin, qmax)         (Fq, Fr, scale[1], zp[1]) -> (warped, flow_up)
+    build_shared_flow(N, C, H, W, cosine_grid=G)         (Fq, Fr) -> flow_up[N, 2, H, W]
+
+Every builder takes ``pool`` (keyword). The caller passes the model's constants (the compiler:
+``models.matching.POOL`` and, for the shared matching, ``models.matching.COSINE_GRID``); this
+module imports nothing from the models.
 
 The pipeline is one PrimFunc: (b) is fused into the packing of (c) (pooled values quantized on
 the fly into the int16 layouts of the matcher); (c) + (d) write the pooled flow; (e) is computed
@@ -59,7 +65,6 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from ..models.matching import COSINE_GRID
 from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, no_contract, target_has_avx2
 
 __all__ = [
@@ -75,14 +80,13 @@ __all__ = [
     "build_quantize",
     "build_refer_pipeline",
     "build_upsample_flow",
-    "benchmark_pipeline",
     "refer_compute",
     "refer_pipeline_primfunc",
     "schedule_refer",
     "torch_upsample_order",
 ]
 
-POOL = 3
+POOL = 3  # default pooling size; equal to models.matching.POOL (checked by tests/test_kernels_refer.py)
 NORM_EPS = 1e-12
 _LANES = 8  # reference cells per vpmaddwd tile (8 x int32 lanes)
 _QUERY_ROWS = 16  # query cells per parallel task of the matcher (they share each L1 block of references)
@@ -204,10 +208,20 @@ def _unit_cells_te(F, s: RefERShape, prefix: str):
     return pooled, _channel_norm_te(pooled, f"{prefix}cnorm")
 
 
-def _cosine_grid_expr(unit):
-    """``matching.cosine_cells``' grid value: round(clamp(127 * u, -127, 127)) as int16."""
-    t = no_contract(unit * tirx.const(float(COSINE_GRID), "float32"))
-    lim = float(COSINE_GRID)
+def _check_cosine_grid(cosine_grid) -> int:
+    """The shared matching's grid half-width G (cells on ``round(clamp(G * u, -G, G))``): at most 8
+    bits + sign, as the matcher's int16 operands and int32 costs assume."""
+    if cosine_grid is None:
+        raise ValueError("the shared_flow stage needs cosine_grid (models.matching.COSINE_GRID)")
+    if not 1 <= int(cosine_grid) <= 256:
+        raise ValueError(f"cosine_grid must be in 1..256, got {cosine_grid}")
+    return int(cosine_grid)
+
+
+def _cosine_grid_expr(unit, grid: int):
+    """``matching.cosine_cells``' grid value: round(clamp(G * u, -G, G)) as int16, G = ``grid``."""
+    t = no_contract(unit * tirx.const(float(grid), "float32"))
+    lim = float(grid)
     t = te.min(te.max(t, tirx.const(-lim, "float32")), tirx.const(lim, "float32"))
     return te.round(t).astype("int16")
 
@@ -398,9 +412,17 @@ def _warp_te(s: RefERShape, feat, flow):
 
 
 def refer_compute(
-    stage: str, shape: RefERShape, *, qmin: int = -7, qmax: int = 7, dtype: str = "int16", return_index: bool = False
+    stage: str,
+    shape: RefERShape,
+    *,
+    qmin: int = -7,
+    qmax: int = 7,
+    dtype: str = "int16",
+    return_index: bool = False,
+    cosine_grid: int | None = None,
 ) -> tuple[tvm.tirx.PrimFunc, int]:
-    """Unscheduled PrimFunc of one stage (or ``"pipeline"``) and its number of inputs."""
+    """Unscheduled PrimFunc of one stage (or ``"pipeline"``) and its number of inputs.
+    ``cosine_grid`` (required by ``"shared_flow"``) is the grid half-width of the unit cells."""
     s = shape
     if stage == "normalize_pool":
         F = te.placeholder(s.feat_shape, "float32", name="feat")
@@ -429,14 +451,15 @@ def refer_compute(
         flow = te.placeholder((s.batch, 2, s.height, s.width), "float32", name="flow")
         return te.create_prim_func([feat, flow, _warp_te(s, feat, flow)]), 2
     if stage == "shared_flow":
+        grid = _check_cosine_grid(cosine_grid)
         Fq = te.placeholder(s.feat_shape, "float32", name="fq")
         Fr = te.placeholder(s.feat_shape, "float32", name="fr")
         Pq, Nq = _unit_cells_te(Fq, s, "q_")
         Pr, Nr = _unit_cells_te(Fr, s, "r_")
         idx = _match_te(
             s,
-            lambda n, c, i, j: _cosine_grid_expr(Pq[n, c, i, j] / Nq[n, i, j]),
-            lambda n, c, i, j: _cosine_grid_expr(Pr[n, c, i, j] / Nr[n, i, j]),
+            lambda n, c, i, j: _cosine_grid_expr(Pq[n, c, i, j] / Nq[n, i, j], grid),
+            lambda n, c, i, j: _cosine_grid_expr(Pr[n, c, i, j] / Nr[n, i, j], grid),
         )
         flow = _upsample_te(s, _pooled_flow_te(s, idx))
         outs = [flow]
@@ -664,21 +687,25 @@ def _build(stage: str, shape: RefERShape, target, variant: str | None = None, **
 
 
 def refer_pipeline_primfunc(
-    batch: int, channels: int, height: int, width: int, qmin: int, qmax: int, target=None
+    batch: int, channels: int, height: int, width: int, qmin: int, qmax: int, target=None, *, pool: int = POOL
 ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of :func:`build_refer_pipeline` (for ``R.call_tir`` in a graph):
     ``main(fq, fr, scale[1], zero_point[1], warped, flow)``."""
-    return _scheduled("pipeline", RefERShape(batch, channels, height, width), target, qmin=qmin, qmax=qmax)
+    return _scheduled("pipeline", RefERShape(batch, channels, height, width, pool), target, qmin=qmin, qmax=qmax)
 
 
-def shared_flow_primfunc(batch: int, channels: int, height: int, width: int, target=None) -> tvm.tirx.PrimFunc:
+def shared_flow_primfunc(
+    batch: int, channels: int, height: int, width: int, target=None, *, cosine_grid: int, pool: int = POOL
+) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of :func:`build_shared_flow` (for ``R.call_tir``): ``main(fq, fr, flow)``."""
-    return _scheduled("shared_flow", RefERShape(batch, channels, height, width), target)
+    return _scheduled("shared_flow", RefERShape(batch, channels, height, width, pool), target, cosine_grid=cosine_grid)
 
 
-def backward_warp_primfunc(batch: int, channels: int, height: int, width: int, target=None) -> tvm.tirx.PrimFunc:
+def backward_warp_primfunc(
+    batch: int, channels: int, height: int, width: int, target=None, *, pool: int = POOL
+) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc of :func:`build_backward_warp` (for ``R.call_tir``): ``main(feat, flow, warped)``."""
-    return _scheduled("backward_warp", RefERShape(batch, channels, height, width), target)
+    return _scheduled("backward_warp", RefERShape(batch, channels, height, width, pool), target)
 
 
 def _scheduled(stage: str, shape: RefERShape, target, **kw) -> tvm.tirx.PrimFunc:
@@ -694,52 +721,87 @@ def build_shared_flow(
     target=None,
     variant: str | None = None,
     return_index: bool = False,
+    *,
+    cosine_grid: int,
+    pool: int = POOL,
 ) -> TirKernel:
     """``(fq, fr) -> flow[N, 2, H, W]``: RefQSR's shared matching, ``matching.shared_flow(fq, fr)``
-    (unit cells on the fixed 8-bit grid, first arg-max of their integer dot products, cell flow
-    upsampled). ``return_index`` adds the arg-max reference cell of every query cell [N, h*w]."""
-    return _build("shared_flow", RefERShape(batch, channels, height, width), target, variant, return_index=return_index)
+    (unit cells on the fixed grid ``round(clamp(G * u, -G, G))``, G = ``cosine_grid``, i.e.
+    ``matching.COSINE_GRID``; first arg-max of their integer dot products, cell flow upsampled).
+    ``return_index`` adds the arg-max reference cell of every query cell [N, h*w]."""
+    return _build(
+        "shared_flow",
+        RefERShape(batch, channels, height, width, pool),
+        target,
+        variant,
+        return_index=return_index,
+        cosine_grid=cosine_grid,
+    )
 
 
-def build_normalize_pool(batch: int, channels: int, height: int, width: int, target=None) -> TirKernel:
-    """``(feat[N, C, H, W]) -> pooled[N, C, H/3, W/3]``: L2-normalise over channels, 3x3 average pool."""
-    return _build("normalize_pool", RefERShape(batch, channels, height, width), target)
+def build_normalize_pool(
+    batch: int, channels: int, height: int, width: int, target=None, *, pool: int = POOL
+) -> TirKernel:
+    """``(feat[N, C, H, W]) -> pooled[N, C, H/pool, W/pool]``: L2-normalise over channels, pool x pool
+    average pool."""
+    return _build("normalize_pool", RefERShape(batch, channels, height, width, pool), target)
 
 
 def build_quantize(
-    batch: int, channels: int, h: int, w: int, qmin: int, qmax: int, dtype: str = "int16", target=None
+    batch: int,
+    channels: int,
+    h: int,
+    w: int,
+    qmin: int,
+    qmax: int,
+    dtype: str = "int16",
+    target=None,
+    *,
+    pool: int = POOL,
 ) -> TirKernel:
     """``(pooled[N, C, h, w], scale[1], zero_point[1]) -> q[N, C, h, w]`` integer grid values."""
     return _build(
-        "quantize", RefERShape(batch, channels, h * POOL, w * POOL), target, qmin=qmin, qmax=qmax, dtype=dtype
+        "quantize", RefERShape(batch, channels, h * pool, w * pool, pool), target, qmin=qmin, qmax=qmax, dtype=dtype
     )
 
 
 def build_match(
-    batch: int, channels: int, h: int, w: int, dtype: str = "int16", target=None, variant: str | None = None
+    batch: int,
+    channels: int,
+    h: int,
+    w: int,
+    dtype: str = "int16",
+    target=None,
+    variant: str | None = None,
+    *,
+    pool: int = POOL,
 ) -> TirKernel:
     """``(q[N, C, h, w], r[N, C, h, w]) -> idx[N, h*w] int32``: first arg-max of the integer cost
     volume per query cell. Values are cast to int16 (grid values of at most 8 bits + sign; int32
     inputs outside int16 are not supported)."""
-    return _build("match", RefERShape(batch, channels, h * POOL, w * POOL), target, variant, dtype=dtype)
+    return _build("match", RefERShape(batch, channels, h * pool, w * pool, pool), target, variant, dtype=dtype)
 
 
-def build_pooled_flow(batch: int, h: int, w: int, target=None) -> TirKernel:
+def build_pooled_flow(batch: int, h: int, w: int, target=None, *, pool: int = POOL) -> TirKernel:
     """``(idx[N, h*w]) -> flow[N, 2, h, w]`` (dx, dy) in full-resolution pixels."""
-    return _build("pooled_flow", RefERShape(batch, 1, h * POOL, w * POOL), target)
+    return _build("pooled_flow", RefERShape(batch, 1, h * pool, w * pool, pool), target)
 
 
-def build_upsample_flow(batch: int, h: int, w: int, height: int, width: int, target=None) -> TirKernel:
+def build_upsample_flow(
+    batch: int, h: int, w: int, height: int, width: int, target=None, *, pool: int = POOL
+) -> TirKernel:
     """``(flow[N, 2, h, w]) -> flow_up[N, 2, H, W]``, bilinear, align_corners=False."""
-    shape = RefERShape(batch, 1, height, width)
+    shape = RefERShape(batch, 1, height, width, pool)
     if (shape.h, shape.w) != (h, w):
-        raise ValueError(f"{height}x{width} pooled by {POOL} is {shape.h}x{shape.w}, not {h}x{w}")
+        raise ValueError(f"{height}x{width} pooled by {pool} is {shape.h}x{shape.w}, not {h}x{w}")
     return _build("upsample_flow", shape, target)
 
 
-def build_backward_warp(batch: int, channels: int, height: int, width: int, target=None) -> TirKernel:
+def build_backward_warp(
+    batch: int, channels: int, height: int, width: int, target=None, *, pool: int = POOL
+) -> TirKernel:
     """``(feat[N, C, H, W], flow[N, 2, H, W]) -> warped[N, C, H, W]``."""
-    return _build("backward_warp", RefERShape(batch, channels, height, width), target)
+    return _build("backward_warp", RefERShape(batch, channels, height, width, pool), target)
 
 
 def build_refer_pipeline(
@@ -752,6 +814,8 @@ def build_refer_pipeline(
     target=None,
     variant: str | None = None,
     return_index: bool = False,
+    *,
+    pool: int = POOL,
 ) -> TirKernel:
     """``(fq, fr, scale[1], zero_point[1]) -> (warped[N, C, H, W], flow[N, 2, H, W])``: the whole
     hard-matching path of RefER, ``backward_warp(fr, RefER.flow(fq, fr, hard=True))``, with the
@@ -760,97 +824,10 @@ def build_refer_pipeline(
     arg-max reference cell of every query cell ``[N, h*w]`` int32 (as ``argmax_positions``)."""
     return _build(
         "pipeline",
-        RefERShape(batch, channels, height, width),
+        RefERShape(batch, channels, height, width, pool),
         target,
         variant,
         qmin=qmin,
         qmax=qmax,
         return_index=return_index,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark
-
-
-def benchmark_pipeline(
-    batch: int = 16,
-    channels: int = 64,
-    height: int = 96,
-    width: int = 96,
-    *,
-    rounds: int = 5,
-    calls: int = 2,
-    torch_threads: int | None = None,
-    target=None,
-    seed: int = 0,
-) -> dict:
-    """Milliseconds per call of the compiled pipeline and of its PyTorch twin
-    (``backward_warp(fr, RefER.flow(fq, fr, hard=True))`` written out with models.matching and a
-    4-bit PAMS grid), interleaved round by round; best and median. TVM uses ``TVM_NUM_THREADS``
-    (default: the CPU count), torch ``torch_threads`` (default: the same count)."""
-    import os
-    import time
-
-    import torch
-
-    from ..models.matching import backward_warp, normalize_and_pool, pooled_flow, upsample_flow
-    from ..models.quant_base import fake_quantize
-
-    threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(int(torch_threads or threads))
-    rng = np.random.default_rng(seed)
-    fq = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
-    fr = rng.standard_normal((batch, channels, height, width), dtype=np.float32)
-    scale, zp, qmin, qmax = np.float32(0.3 / 7), np.float32(0.0), -7, 7
-    t0 = time.perf_counter()
-    kernel = build_refer_pipeline(batch, channels, height, width, qmin, qmax, target=target)
-    build_s = time.perf_counter() - t0
-
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(a, dev) for a in (fq, fr, np.array([scale]), np.array([zp]))]
-    outs = kernel.empty_outputs(dev)
-    tq, tr = torch.from_numpy(fq), torch.from_numpy(fr)
-    ts, tz = torch.tensor(scale), torch.tensor(zp)
-
-    def run_torch():
-        with torch.no_grad():
-            q = torch.round(fake_quantize(normalize_and_pool(tq), ts, tz, qmin, qmax) / ts)
-            r = torch.round(fake_quantize(normalize_and_pool(tr), ts, tz, qmin, qmax) / ts)
-            flow = upsample_flow(pooled_flow(q, r, (height, width), hard=True), (height, width))
-            return backward_warp(tr, flow), flow
-
-    def run_tvm():
-        kernel.func(*args, *outs)
-
-    run_torch()
-    run_tvm()
-    warped_t, flow_t = run_torch()
-    exact = bool(np.array_equal(outs[0].numpy(), warped_t.numpy()) and np.array_equal(outs[1].numpy(), flow_t.numpy()))
-    times = {"tvm": [], "torch": []}
-    for _ in range(rounds):
-        for name, fn in (("tvm", run_tvm), ("torch", run_torch)):
-            for _ in range(calls):
-                t = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t) * 1e3)
-    res = {
-        "shape": [batch, channels, height, width],
-        "tvm_threads": threads,
-        "torch_threads": torch.get_num_threads(),
-        "build_s": round(build_s, 2),
-        "bit_exact": exact,
-    }
-    for name, t in times.items():
-        res[f"{name}_ms"] = round(float(np.median(t)), 2)
-        res[f"{name}_best_ms"] = round(float(np.min(t)), 2)
-    res["speedup_median"] = round(res["torch_ms"] / res["tvm_ms"], 2)
-    return res
-
-
-if __name__ == "__main__":  # python -m refqsr_engine.kernels.refer_kernels [N C H W]
-    import json
-    import sys
-
-    dims = [int(a) for a in sys.argv[1:5]] or [16, 64, 96, 96]
-    print(json.dumps(benchmark_pipeline(*dims), indent=1))

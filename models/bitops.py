@@ -1,311 +1,45 @@
-"""BitOPs and FQR accounting (paper Sec. IV-A-3, following CADyQ's conventions).
-
-BitOPs = sum over the quantized feature-extraction convs of 2 * MACs * (b_w / 32) * (b_a / 32),
-counted per patch (overlapping pixels are counted in every patch that computes them). For RefQSR
-the RefER refinement convs (at b_high) and the RefER cost volume (both operands at b_low; with
-shared matching one 8-bit cost volume per query instead of one per RefER) are counted too;
-ClustBlock is reported on its own line, as the paper's Table III does. Not counted: the
-full-precision head, body-end conv, upsampler and tail (no method quantizes them), L2
-normalisation, pooling, arg-max, flow upsampling and warping (no weight multiplies, O(HWC) each).
-FQR = mean activation bit width over the quantized convs, weighted by their MACs (all SRResNet
-and CARN block convs have equal MACs, so within a patch this is the plain mean over layers).
-
-δ settings (CADyQ/CABM, "δ" or "δ-3"): activation bits differ per patch and layer, so their
-BitOPs/FQR are counted from the bits a run actually chose (``PatchBits`` per patch, e.g. from
-:func:`patch_bits_of_run`), passed to ``count_bitops(..., patch_bits=...)``.
-
-Grids: 'paper' is CADyQ's (patch origins every P - overlap LR px, floor((L - P) / step) + 1 patches
-per axis, the last row/column stretched to the image edge), 'engine' is the runtime's fixed-size
-grid (every patch P x P, the last one shifted back to the edge), 'full' is the whole image at once.
-"""
+"""BitOPs of the PyTorch models: their :class:`~refqsr_engine.pipeline.bitops.NetworkCost`, and
+the bits a δ (CADyQ/CABM) model chose in a run. The accounting itself is
+:mod:`refqsr_engine.pipeline.bitops`, shared with the compiled engine."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from ..engine.tiling import make_grid
-from .matching import COSINE_BITS, POOL, pooled_size
+from ..pipeline import bitops as accounting
+from ..pipeline.bitops import (  # noqa: F401 - the accounting API, re-exported for model code and tests
+    GRIDS,
+    BitOpsReport,
+    NetworkCost,
+    PatchBits,
+    Precision,
+    grid_boxes,
+    hr_to_lr,
+    parse_size,
+)
+from .matching import COSINE_BITS
 from .qconv import BitSpec
-from .quant_base import FULL_PRECISION, check_bits
-from .quant_cadyq import WEIGHT_BITS, CadyqConv2d, Selection
-from .refqsr import RefQSR, medium_bits
+from .quant_cadyq import CadyqConv2d, Selection
+from .refqsr import RefQSR
 from .registry import arch_config
 
-GRIDS = ("paper", "engine", "full")
-CLUST_LAYERS = ((3, 64, 3, 3), (64, 64, 3, 1), (64, 32, 3, 1))  # (in, out, kernel, stride), Table I
-CLUST_BITS = 8
 
-
-DELTA_NAMES = ("delta", "δ")
-
-
-@dataclass(frozen=True)
-class Precision:
-    """'32' (full precision), '8' (fixed), '8-4' (RefQSR b_high-b_low), 'delta' / 'δ' (CADyQ/CABM:
-    activation bits chosen per patch and layer, weights at b_high = 8) or 'delta-3' / 'δ-3'
-    (δ-RefQSR: references at δ, queries at b_low)."""
-
-    b_high: int
-    b_low: int | None = None
-    dynamic: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> Precision:
-        text = str(text).strip()
-        name = next((n for n in DELTA_NAMES if text.lower().startswith(n)), None)
-        if name is not None:
-            rest = text[len(name) :]
-            if not rest:
-                return cls(WEIGHT_BITS, None, True)
-            try:
-                low = int(rest[1:]) if rest.startswith("-") else None
-            except ValueError:
-                low = None
-            if low is None or low not in range(2, WEIGHT_BITS + 1):
-                raise ValueError(
-                    f"bad δ bit setting {text!r}: use delta (δ) or delta-b_low with 2 <= b_low <= 8, e.g. delta-3"
-                )
-            return cls(WEIGHT_BITS, low, True)
-        parts = text.split("-")
-        try:
-            bits = [check_bits(int(p)) for p in parts]
-        except ValueError as err:
-            raise ValueError(f"bad bit setting {text!r}: use e.g. 32, 8, 4 or 8-4 ({err})") from None
-        if len(bits) == 1:
-            return cls(bits[0])
-        if len(bits) != 2 or FULL_PRECISION in bits or bits[1] > bits[0]:
-            raise ValueError(f"bad RefQSR bit setting {text!r}: use b_high-b_low with 2 <= b_low <= b_high <= 8")
-        return cls(bits[0], bits[1])
-
-    @property
-    def is_refqsr(self) -> bool:
-        return self.b_low is not None
-
-    @property
-    def label(self) -> str:
-        high = "δ" if self.dynamic else str(self.b_high)
-        return f"{high}-{self.b_low}" if self.is_refqsr else high
-
-
-@dataclass(frozen=True)
-class Box:
-    """A patch in LR pixels: origin and size."""
-
-    y: int
-    x: int
-    h: int
-    w: int
-
-    @property
-    def pixels(self) -> int:
-        return self.h * self.w
-
-
-def _paper_axis(length: int, patch: int, overlap: int) -> list[tuple[int, int]]:
-    if length <= patch:
-        return [(0, length)]
-    step = patch - overlap
-    count = (length - patch) // step + 1
-    spans = [(k * step, patch) for k in range(count)]
-    last_origin = spans[-1][0]
-    spans[-1] = (last_origin, length - last_origin)  # stretched to the edge
-    return spans
-
-
-def grid_boxes(height: int, width: int, patch: int, overlap: int, grid: str) -> list[Box]:
-    """Patches (row-major) of an LR image under one of GRIDS."""
-    if grid == "full":
-        return [Box(0, 0, height, width)]
-    if grid == "paper":
-        return [
-            Box(y, x, h, w)
-            for y, h in _paper_axis(height, patch, overlap)
-            for x, w in _paper_axis(width, patch, overlap)
-        ]
-    if grid == "engine":
-        g = make_grid(height, width, patch, overlap)
-        return [Box(y, x, patch, patch) for y, x in g.origins()]  # the engine computes padded pixels too
-    raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
-
-
-def conv_bitops(macs: float, bits: BitSpec) -> float:
-    return 2.0 * macs * (bits.weight / 32) * (bits.act / 32)
-
-
-@dataclass
-class Tally:
-    """BitOPs by component plus the MAC-weighted activation-bit sum that FQR is made of."""
-
-    resblocks: float = 0.0
-    refer_convs: float = 0.0
-    cost_volume: float = 0.0
-    clustblock: float = 0.0
-    act_bit_macs: float = 0.0
-    macs: float = 0.0
-
-    def add_conv(self, macs: float, bits: BitSpec, part: str) -> None:
-        setattr(self, part, getattr(self, part) + conv_bitops(macs, bits))
-        self.act_bit_macs += macs * bits.act
-        self.macs += macs
-
-    def scaled(self, weight: float) -> Tally:
-        return Tally(*(weight * v for v in self.__dict__.values()))
-
-    def __add__(self, other: Tally) -> Tally:
-        return Tally(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
-
-    @property
-    def network(self) -> float:
-        """Quantized feature extraction (ResBlocks + RefER), the paper's BitOPs column."""
-        return self.resblocks + self.refer_convs + self.cost_volume
-
-    @property
-    def fqr(self) -> float:
-        return self.act_bit_macs / self.macs if self.macs else 0.0
-
-
-def clustblock_macs(h: int, w: int, num_classes: int = 47) -> float:
-    macs = 0.0
-    for cin, cout, k, stride in CLUST_LAYERS:
-        h, w = (h - k) // stride + 1, (w - k) // stride + 1
-        macs += h * w * cin * cout * k * k
-    return macs + CLUST_LAYERS[-1][1] * num_classes
-
-
-@dataclass(frozen=True)
-class PatchBits:
-    """The bits one patch actually ran at. ``blocks[k][j]``: conv j of block k (the order of the
-    architecture's ``block_conv_macs``) for the blocks the patch's path ran as blocks;
-    ``refers[r][j]``: RefER r's refinement conv j (query patches of RefQSR); ``match_bits``: the
-    width of the RefER cost volume's operands (b_low; 8 with shared matching), needed when
-    ``refers`` is not empty; ``shared_match``: one cost volume for all RefERs (RefQSR's shared
-    matching) instead of one per RefER."""
-
-    blocks: tuple[tuple[BitSpec, ...], ...]
-    refers: tuple[tuple[BitSpec, ...], ...] = ()
-    match_bits: int | None = None
-    shared_match: bool = False
-
-
-class ArchCost:
-    """Per-patch BitOPs of one architecture: n_blocks blocks of quantized convs (their MACs per
-    pixel from the architecture's ``block_conv_macs``), n_refer RefERs on the query path."""
-
-    def __init__(self, arch: str, **sizes: int | str) -> None:
-        """``sizes`` override the preset (n_blocks, n_feats, n_refer), for non-default networks."""
-        cfg = {**arch_config(arch), **sizes}
-        self.n_blocks, self.feats, self.n_refer = cfg["n_blocks"], cfg["n_feats"], cfg["n_refer"]
-        self.tail = cfg.get("tail", "refer")  # "highbit": Table V's w/o-RefER query path
-        self.shared_match = cfg.get("matching", "paper") == "shared"  # one 8-bit cost volume per query
-        self.block_macs_per_px = cfg["cls"].block_conv_macs(self.feats)
-        self.refer_conv_macs_per_px = self.feats * self.feats * 9  # RefER's two 3x3 refinement convs
-
-    def _block(self, t: Tally, pixels: int, bits: BitSpec) -> None:
-        for macs in self.block_macs_per_px:
-            t.add_conv(macs * pixels, bits, "resblocks")
-
-    def uniform(self, box: Box, bits: BitSpec) -> Tally:
-        t = Tally()
-        for _ in range(self.n_blocks):
-            self._block(t, box.pixels, bits)
-        return t
-
-    def query(self, box: Box, ref_box: Box, p: Precision) -> Tally:
-        high = BitSpec.uniform(p.b_high)
-        low = BitSpec(p.b_low, medium_bits(p.b_high, p.b_low))  # type: ignore[arg-type]
-        t = Tally()
-        first_refer = self.n_blocks - self.n_refer
-        for block in range(first_refer):
-            self._block(t, box.pixels, high if block == 0 else low)
-        if self.tail == "highbit":  # the replaced blocks stay blocks, at b_high
-            for _ in range(self.n_refer):
-                self._block(t, box.pixels, high)
-            return t
-        positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
-        positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
-        volume = positions_q * positions_r * self.feats
-        for _ in range(self.n_refer):
-            t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
-            t.add_conv(self.refer_conv_macs_per_px * box.pixels, high, "refer_convs")
-            if not self.shared_match:
-                t.cost_volume += conv_bitops(volume, BitSpec.uniform(p.b_low))  # type: ignore[arg-type]
-        if self.shared_match:
-            t.cost_volume += conv_bitops(volume, BitSpec.uniform(COSINE_BITS))
-        return t
-
-    def chosen(self, box: Box, bits: PatchBits, ref_box: Box | None = None) -> Tally:
-        """Cost of a patch from the bits it actually ran at (δ settings); ``ref_box``: the
-        reference's box for a query's cost volume (default: the patch's own)."""
-        if len(bits.blocks) + len(bits.refers) != self.n_blocks:
-            raise ValueError(
-                f"{len(bits.blocks)} blocks + {len(bits.refers)} RefERs for a {self.n_blocks}-block network"
-            )
-        t = Tally()
-        for block in bits.blocks:
-            if len(block) != len(self.block_macs_per_px):
-                raise ValueError(
-                    f"a block has {len(self.block_macs_per_px)} quantized convs, got bits for {len(block)}"
-                )
-            for macs, b in zip(self.block_macs_per_px, block):
-                t.add_conv(macs * box.pixels, b, "resblocks")
-        if bits.refers:
-            if bits.match_bits is None:
-                raise ValueError("RefER bits need match_bits (b_low) for the cost volume")
-            ref_box = ref_box or box
-            positions_q = pooled_size(box.h, POOL) * pooled_size(box.w, POOL)
-            positions_r = pooled_size(ref_box.h, POOL) * pooled_size(ref_box.w, POOL)
-            for refer in bits.refers:
-                for b in refer:
-                    t.add_conv(self.refer_conv_macs_per_px * box.pixels, b, "refer_convs")
-            volumes = 1 if bits.shared_match else len(bits.refers)
-            t.cost_volume += volumes * conv_bitops(
-                positions_q * positions_r * self.feats, BitSpec.uniform(bits.match_bits)
-            )
-        return t
-
-    def clustblock(self, box: Box) -> Tally:
-        return Tally(clustblock=conv_bitops(clustblock_macs(box.h, box.w), BitSpec.uniform(CLUST_BITS)))
-
-
-@dataclass
-class BitOpsReport:
-    arch: str
-    precision: str
-    grid: str
-    lr_size: tuple[int, int]
-    patch: int | None
-    overlap: int
-    num_patches: int
-    num_references: float
-    total: Tally = field(default_factory=Tally)
-
-    @property
-    def gbitops(self) -> float:
-        return self.total.network / 1e9
-
-    def as_dict(self) -> dict:
-        t = self.total
-        return {
-            "arch": self.arch,
-            "bits": self.precision,
-            "grid": self.grid,
-            "lr_size": list(self.lr_size),
-            "patch": self.patch,
-            "overlap": self.overlap,
-            "patches": self.num_patches,
-            "references": self.num_references,
-            "bitops_g": round(self.gbitops, 4),
-            "fqr": round(t.fqr, 4),
-            "resblocks_g": round(t.resblocks / 1e9, 4),
-            "refer_convs_g": round(t.refer_convs / 1e9, 4),
-            "cost_volume_g": round(t.cost_volume / 1e9, 4),
-            "clustblock_g": round(t.clustblock / 1e9, 4),
-        }
+def network_cost(arch: str, **sizes: int | str) -> NetworkCost:
+    """The cost description of an architecture; ``sizes`` override its preset (n_blocks, n_feats,
+    n_refer, tail, matching), for non-default networks."""
+    cfg = {**arch_config(arch), **sizes}
+    return NetworkCost(
+        arch=arch,
+        n_blocks=int(cfg["n_blocks"]),
+        feats=int(cfg["n_feats"]),
+        n_refer=int(cfg["n_refer"]),
+        block_macs_per_px=tuple(int(m) for m in cfg["cls"].block_conv_macs(int(cfg["n_feats"]))),
+        tail=str(cfg.get("tail", "refer")),
+        shared_match=cfg.get("matching", "paper") == "shared",
+    )
 
 
 def count_bitops(
@@ -321,104 +55,27 @@ def count_bitops(
     patch_bits: Sequence[PatchBits] | None = None,
     **sizes: int | str,
 ) -> BitOpsReport:
-    """BitOPs/FQR of one LR image (height, width).
-
-    RefQSR needs the assignment: ``is_reference`` per patch (with ``reference_of`` giving each
-    query's reference index; without it a query's reference is taken to be its own size), or
-    ``ref_fraction``, the expected share of reference patches (every patch is then costed as
-    ref_fraction * reference + (1 - ref_fraction) * query).
-
-    δ settings need ``patch_bits``, the bits each patch of the grid actually ran at (RefQSR: with
-    ``is_reference`` / ``reference_of`` as above); any setting may be given them."""
-    p = bits if isinstance(bits, Precision) else Precision.parse(bits)
-    h, w = lr_size
-    if grid == "full" or patch is None:
-        grid, patch = "full", None
-    boxes = grid_boxes(h, w, patch or 0, overlap, grid)
-    cost = ArchCost(arch, **sizes)
-    total = Tally()
-    n_refs: float = len(boxes)
-    if patch_bits is not None:
-        if len(patch_bits) != len(boxes):
-            raise ValueError(f"patch_bits has {len(patch_bits)} entries for {len(boxes)} patches")
-        refs = reference_of if reference_of is not None else range(len(boxes))
-        for box, pb, ref_idx in zip(boxes, patch_bits, refs):
-            total = total + cost.chosen(box, pb, boxes[ref_idx])
-            if p.is_refqsr:
-                total = total + cost.clustblock(box)
-        if p.is_refqsr:
-            flags = is_reference if is_reference is not None else [not pb.refers for pb in patch_bits]
-            n_refs = float(sum(bool(r) for r in flags))
-    elif p.dynamic:
-        raise ValueError(
-            f"{p.label} bits are chosen per patch and layer: pass patch_bits (see bitops.patch_bits_of_run)"
-        )
-    elif not p.is_refqsr:
-        for box in boxes:
-            total = total + cost.uniform(box, BitSpec.uniform(p.b_high))
-    else:
-        if grid == "full":
-            raise ValueError("RefQSR works on patches: choose the paper or engine grid")
-        high = BitSpec.uniform(p.b_high)
-        if is_reference is not None:
-            if len(is_reference) != len(boxes):
-                raise ValueError(f"is_reference has {len(is_reference)} entries for {len(boxes)} patches")
-            refs = reference_of if reference_of is not None else range(len(boxes))
-            for i, (box, ref, ref_idx) in enumerate(zip(boxes, is_reference, refs)):
-                part = cost.uniform(box, high) if ref else cost.query(box, boxes[ref_idx if ref_idx != i else i], p)
-                total = total + part + cost.clustblock(box)
-            n_refs = float(sum(bool(r) for r in is_reference))
-        elif ref_fraction is not None:
-            if not 0.0 <= ref_fraction <= 1.0:
-                raise ValueError("ref_fraction must be in [0, 1]")
-            for box in boxes:
-                mixed = cost.uniform(box, high).scaled(ref_fraction) + cost.query(box, box, p).scaled(1 - ref_fraction)
-                total = total + mixed + cost.clustblock(box)
-            n_refs = ref_fraction * len(boxes)
-        else:
-            raise ValueError("RefQSR BitOPs need the patch assignment: is_reference per patch or ref_fraction")
-    return BitOpsReport(arch, p.label, grid, (h, w), patch, overlap, len(boxes), n_refs, total)
+    """:func:`refqsr_engine.pipeline.bitops.count_bitops` for an architecture by name."""
+    return accounting.count_bitops(
+        network_cost(arch, **sizes),
+        lr_size,
+        bits,
+        patch,
+        overlap,
+        grid,
+        is_reference,
+        reference_of,
+        ref_fraction,
+        patch_bits,
+    )
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'1280x720' (width x height) -> (height, width)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: use WIDTHxHEIGHT, e.g. 1280x720") from None
-    if w < 1 or h < 1:
-        raise ValueError(f"bad size {text!r}: width and height must be positive")
-    return h, w
-
-
-def hr_to_lr(hr_size: tuple[int, int], scale: int) -> tuple[int, int]:
-    """LR size of an HR size (HR dims that are not multiples of the scale are cropped, as in training)."""
-    return hr_size[0] // scale, hr_size[1] // scale
-
-
-def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") -> list[PatchBits]:
-    """Per-sample :class:`PatchBits` of one δ call of ``model`` recorded in ``selection``.
-
-    ``path``: "sr" (a CADyQ/CABM SR network called with the selection), "reference" or "query"
-    (the δ-RefQSR path the selection was passed to). Convs the path ran at fixed bits (the query
-    path's low blocks) get the model's (b_low, b_medium)."""
-    records = selection.by_conv()
-    if not records:
-        raise ValueError("the selection recorded no CADyQ conv: run the model with it first")
-    n = next(iter(records.values())).bits.shape[0]
-    w = selection.weight
-
-    def conv_bits(conv: nn.Module, fixed: BitSpec | None = None) -> list[BitSpec]:
-        r = records.get(id(conv))
-        if r is None:
-            if fixed is None:
-                raise ValueError("a conv of this path has no recorded bits (wrong model or path?)")
-            return [fixed] * n
-        return [BitSpec(int(b), w) for b in r.bits.tolist()]
-
-    def convs_of(module: nn.Module) -> list[nn.Module]:
-        return [m for m in module.modules() if isinstance(m, CadyqConv2d)]
-
+def _path_layout(
+    model: nn.Module, path: str
+) -> tuple[nn.Module, range, dict[int, BitSpec], list[nn.Module], int | None, bool]:
+    """Which convs a δ call of ``path`` ran and how: (network, blocks run as blocks, fixed bits of
+    blocks that ran at fixed widths, RefER modules run, the cost volume's operand width, shared
+    matching)."""
     if isinstance(model, RefQSR):
         net = model.backbone
         if path == "reference":
@@ -433,44 +90,84 @@ def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") 
         net, run_blocks, fixed, refers = model, range(model.n_blocks), {}, []
     else:
         raise ValueError(f"an SR network has the path 'sr', not {path!r}")
-    per_block = [[conv_bits(c, fixed.get(k)) for c in convs_of(net.blocks[k])] for k in run_blocks]
-    per_refer = [[conv_bits(c) for c in convs_of(r)] for r in refers]
     shared = isinstance(model, RefQSR) and model.shared
     match_bits = (COSINE_BITS if shared else model.b_low) if refers else None
+    return net, run_blocks, fixed, refers, match_bits, shared and bool(refers)
+
+
+def _cadyq_convs(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, CadyqConv2d)]
+
+
+def patch_bits_of_run(model: nn.Module, selection: Selection, path: str = "sr") -> list[PatchBits]:
+    """Per-sample :class:`PatchBits` of one δ call of ``model`` recorded in ``selection``.
+
+    ``path``: "sr" (a CADyQ/CABM SR network called with the selection), "reference" or "query"
+    (the δ-RefQSR path the selection was passed to). Convs the path ran at fixed bits (the query
+    path's low blocks) get the model's (b_low, b_medium)."""
+    records = selection.by_conv()
+    if not records:
+        raise ValueError("the selection recorded no CADyQ conv: run the model with it first")
+    n = next(iter(records.values())).bits.shape[0]
+    w = selection.weight
+    net, run_blocks, fixed, refers, match_bits, shared = _path_layout(model, path)
+
+    def conv_bits(conv: nn.Module, fixed_bits: BitSpec | None = None) -> list[BitSpec]:
+        r = records.get(id(conv))
+        if r is None:
+            if fixed_bits is None:
+                raise ValueError("a conv of this path has no recorded bits (wrong model or path?)")
+            return [fixed_bits] * n
+        return [BitSpec(int(b), w) for b in r.bits.tolist()]
+
+    per_block = [[conv_bits(c, fixed.get(k)) for c in _cadyq_convs(net.blocks[k])] for k in run_blocks]
+    per_refer = [[conv_bits(c) for c in _cadyq_convs(r)] for r in refers]
     return [
         PatchBits(
             tuple(tuple(c[i] for c in block) for block in per_block),
             tuple(tuple(c[i] for c in refer) for refer in per_refer),
             match_bits,
-            shared and bool(refers),
+            shared,
         )
         for i in range(n)
     ]
 
 
-def patch_bits_of_columns(
-    model: nn.Module, conv_names: Sequence[str], bits: np.ndarray, weight: int, path: str = "sr"
-) -> list[PatchBits]:
-    """:func:`patch_bits_of_run` for bits that a compiled graph returned: ``bits`` [N, L], column j
-    holding what conv ``conv_names[j]`` (a module name in ``model``) chose for each patch."""
+def column_map(model: nn.Module, conv_names: Sequence[str], weight: int, path: str = "sr") -> dict[str, Any]:
+    """How the bits a compiled δ graph returns (column j: what the conv named ``conv_names[j]``
+    chose for each patch) make the :class:`PatchBits` of :func:`patch_bits_of_run`, as plain data
+    for the artifact's manifest (read by :func:`refqsr_engine.pipeline.bitops.decode_columns`)."""
     modules = dict(model.named_modules())
-    if bits.ndim != 2 or bits.shape[1] != len(conv_names):
-        raise ValueError(f"expected bits of shape [N, {len(conv_names)}], got {list(bits.shape)}")
-    selection = Selection(weight)
-    for j, name in enumerate(conv_names):
-        selection.record(modules[name], torch.from_numpy(np.ascontiguousarray(bits[:, j])).long(), None)
-    return patch_bits_of_run(model, selection, path)
+    column_of = {id(modules[name]): j for j, name in enumerate(conv_names)}
+    net, run_blocks, fixed, refers, match_bits, shared = _path_layout(model, path)
+
+    def entry(conv: nn.Module, fixed_bits: BitSpec | None = None) -> int | list[int]:
+        if id(conv) in column_of:
+            return column_of[id(conv)]
+        if fixed_bits is None:
+            raise ValueError("a conv of this path is neither a column of the graph nor at fixed bits")
+        return [fixed_bits.act, fixed_bits.weight]
+
+    return {
+        "blocks": [[entry(c, fixed.get(k)) for c in _cadyq_convs(net.blocks[k])] for k in run_blocks],
+        "refers": [[entry(c) for c in _cadyq_convs(r)] for r in refers],
+        "match_bits": match_bits,
+        "shared_match": shared,
+        "weight": int(weight),
+    }
 
 
 __all__ = [
+    "GRIDS",
     "BitOpsReport",
+    "NetworkCost",
     "PatchBits",
     "Precision",
+    "column_map",
     "count_bitops",
     "grid_boxes",
-    "parse_size",
     "hr_to_lr",
-    "patch_bits_of_columns",
+    "network_cost",
+    "parse_size",
     "patch_bits_of_run",
-    "GRIDS",
 ]

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pipeline.clustering import DEFAULT_TAU  # noqa: F401 - re-exported
+from ..pipeline.clustering import assign_references as pipeline_assign
 from .qconv import FP, BitSpec, QuantConv2d
 
 CLUST_BITS = BitSpec.uniform(8)
-DEFAULT_TAU = 0.5
 
 
 class ClustBlock(nn.Module):
@@ -105,16 +106,14 @@ def cluster_patches(v: torch.Tensor, tau: float = DEFAULT_TAU) -> Clustering:
 
 
 def assign_references(argmax: torch.Tensor, similarity: torch.Tensor, tau: float = DEFAULT_TAU) -> Clustering:
-    """The O(N) bookkeeping after the arg-max (shared by the PyTorch path and the compiled kernel)."""
-    argmax = torch.as_tensor(argmax).long().reshape(-1)
-    similarity = torch.as_tensor(similarity).float().reshape(-1)
-    n = argmax.shape[0]
-    if similarity.shape[0] != n:
-        raise ValueError(f"argmax and similarity must have the same length, got {n} and {similarity.shape[0]}")
-    if n and (int(argmax.min()) < 0 or int(argmax.max()) >= n):
-        raise ValueError("argmax holds indices outside [0, N)")
-    is_reference = torch.zeros(n, dtype=torch.bool)
-    is_reference[argmax] = True
-    is_reference |= ~is_reference & (similarity < tau)  # isolated references
-    reference_of = torch.where(is_reference, torch.arange(n), argmax)
-    return Clustering(reference_of, is_reference, similarity, argmax)
+    """The O(N) bookkeeping after the arg-max (:func:`refqsr_engine.pipeline.clustering.assign_references`,
+    shared with the compiled engine), as tensors."""
+    a = torch.as_tensor(argmax).detach().cpu().numpy()
+    s = torch.as_tensor(similarity).detach().float().cpu().numpy()
+    c = pipeline_assign(a, s, tau)
+    return Clustering(
+        torch.from_numpy(c.reference_of),
+        torch.from_numpy(c.is_reference),
+        torch.from_numpy(c.similarity),
+        torch.from_numpy(c.argmax),
+    )

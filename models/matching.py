@@ -6,23 +6,17 @@ feature pixels, flows are (dx, dy) displacements from a query pixel to where it 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-POOL = 3
+from ..pipeline.bits import COSINE_BITS, POOL, pooled_size  # noqa: F401 - re-exported
+
 SOFTMAX_TEMPERATURE = 1000.0
 # Shared matching (RefQSR(matching="shared")): unit cell vectors on a fixed symmetric 8-bit grid.
 # Components of a unit vector lie in [-1, 1], so the grid needs no learned range; integer costs
 # are at most C * 127^2 (< 2^24 for C <= 1040), exact in float32 in any summation order.
-COSINE_BITS = 8
 COSINE_GRID = 2 ** (COSINE_BITS - 1) - 1
 ROWS_PER_CHUNK = 4096  # bounds the [rows x positions] slab of the hard-argmax cost volume
-
-
-def pooled_size(size: int, pool: int = POOL) -> int:
-    return math.ceil(size / pool)
 
 
 def normalize_and_pool(feat: torch.Tensor, pool: int = POOL) -> torch.Tensor:

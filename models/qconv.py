@@ -8,33 +8,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pipeline.bits import FP, BitSpec  # noqa: F401 - re-exported
 from .quant_base import FULL_PRECISION, check_bits
 from .quantizers import make_activation_quantizer, make_weight_quantizer
-
-
-@dataclass(frozen=True)
-class BitSpec:
-    """Bit widths of one conv call: activations (the conv input) and weights."""
-
-    act: int
-    weight: int
-
-    def __post_init__(self) -> None:
-        check_bits(self.act)
-        check_bits(self.weight)
-
-    @classmethod
-    def uniform(cls, bits: int) -> BitSpec:
-        return cls(bits, bits)
-
-
-FP = BitSpec(FULL_PRECISION, FULL_PRECISION)
 
 
 class PerSampleBits(ABC):

@@ -13,19 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FULL_PRECISION = 32
-SUPPORTED_BITS = range(2, 9)
+from ..pipeline.bits import FULL_PRECISION, SUPPORTED_BITS, check_bits  # noqa: F401 - re-exported
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() in the forward pass, identity gradient in the backward pass (straight-through)."""
     return x + (torch.round(x) - x).detach()
-
-
-def check_bits(bits: int) -> int:
-    if bits != FULL_PRECISION and bits not in SUPPORTED_BITS:
-        raise ValueError(f"bit width {bits} is not supported (2..8, or 32 for full precision)")
-    return bits
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pipeline.bits import DELTA_WEIGHT_BITS
 from .qconv import FP, BitSpec, PerSampleBits, QuantConv2d
 from .quant_base import check_bits, fake_quantize
 from .refer import RefER
 
 SCHEME = "cadyq"
 CANDIDATES = (4, 6, 8)  # CADyQ's search space
-WEIGHT_BITS = 8  # CADyQ's k_bits: the width of every weight under δ
+WEIGHT_BITS = DELTA_WEIGHT_BITS  # CADyQ's k_bits: the width of every weight under δ
 GRAD_SCALE = 1e3  # CADyQ scales the mean gradient magnitude by 1e3 before the selector
 
 _GRAY = (0.299, 0.587, 0.114)  # kornia.color.rgb_to_grayscale

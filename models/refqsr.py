@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..pipeline.bits import medium_bits  # noqa: F401 - re-exported
 from .backbone import SRBackbone, Step
 from .clustblock import DEFAULT_TAU, ClustBlock
 from .matching import shared_flow
@@ -43,14 +44,6 @@ from .qconv import BitSpec, PerSampleBits
 from .quant_cadyq import SCHEME as CADYQ
 from .quant_cadyq import Delta, DynamicRefER, Selection, model_candidates
 from .refer import RefER
-
-
-def medium_bits(b_high: int, b_low: int) -> int:
-    """b_medium = round((b_high + b_low) / 2) with Python's round (half to even): 8-5 -> 6,
-    8-3 -> 6, 4-3 -> 4, 4-2 -> 3. Half-to-even is what reproduces the paper's Table II BitOPs for
-    8-5 (65.49 G on Test4K needs 6-bit query weights, not 7)."""
-    return round((b_high + b_low) / 2)
-
 
 TAILS = ("refer", "highbit")
 MATCHINGS = ("paper", "shared")

@@ -37,15 +37,15 @@ import click
 import numpy as np
 import torch
 from refqsr_engine.engine.models_store import resolve_model
-from refqsr_engine.engine.upscale import model_bits
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import psnr_y
 from refqsr_engine.models.checkpoint import load_model
-from refqsr_engine.models.patchwise import REFERENCE_MODES, TorchRunner
+from refqsr_engine.models.model_info import model_bits
 from refqsr_engine.models.quant_cadyq import Selection
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.bundle import run_pair
 from refqsr_engine.training.datasets import PairedFolder
+from refqsr_engine.training.reference_modes import REFERENCE_MODES, ReferenceModeRunner
 
 # A query pixel "finds itself" when its inference-time (arg-max) flow against its own b_high
 # features is under half a pooling cell: a match to any other cell moves it by >= 3 px.
@@ -92,7 +92,7 @@ class SelfMatchCounter:
             handle.remove()
 
 
-class FeatureErrorRunner(TorchRunner):
+class FeatureErrorRunner(ReferenceModeRunner):
     """The patch runner of a RefQSR model that also scores every query batch: L1 between the last
     RefER's output (in ``skip`` mode the feature passed through in its place) and the replaced
     block's output with the same patches wholly at b_high (:meth:`RefQSR.high_block_outputs`).
@@ -131,7 +131,9 @@ def probe(model: RefQSR, folder: PairedFolder, patch: int = 96, overlap: int = 6
     out: dict[str, Any] = {"images": [folder[i].name for i in range(len(folder))], "modes": {}}
     for mode in REFERENCE_MODES:
         counter = SelfMatchCounter(model) if mode == "aligned" else None
-        runner = TorchRunner(model, model_bits(model), mode) if model.dynamic else FeatureErrorRunner(model, mode)
+        runner = (
+            ReferenceModeRunner(model, model_bits(model), mode) if model.dynamic else FeatureErrorRunner(model, mode)
+        )
         scores = []
         for i in range(len(folder)):
             pair = folder[i]

@@ -428,7 +428,7 @@ def test_report_files_hold_no_machine_paths(tmp_path, monkeypatch) -> None:
     """Result files name paths relative to where the command ran, and the home folder as ``~``."""
     import os
 
-    from refqsr_engine.benchmarks.textio import write_text_atomic
+    from refqsr_engine.files import write_text_atomic
 
     home = tmp_path / "home" / "alice"
     work = home / "refqsr"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from refqsr_engine.engine.cli import main
+from refqsr_engine.cli.main import main
 from refqsr_engine.models.bitops import Precision, count_bitops, grid_boxes
 
 MACS_PER_PX = 64 * 64 * 9  # one 3x3 64->64 conv
@@ -124,7 +124,7 @@ def test_console_script_runs():
         [
             sys.executable,
             "-m",
-            "refqsr_engine.engine.cli",
+            "refqsr_engine.cli.main",
             "bitops",
             "--hr-size",
             "4096x2160",

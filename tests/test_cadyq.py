@@ -445,9 +445,9 @@ def _photo_lr(size: int = 40) -> np.ndarray:
 def test_patchwise_delta_records_each_patchs_bits_as_a_lone_run_chooses():
     """Patch-wise inference of a CADyQ network in batches reports, per grid patch, the bits that
     the same patch chooses when run alone (the selectors read per-patch statistics only)."""
-    from refqsr_engine.engine.tiling import extract_patches
-    from refqsr_engine.engine.upscale import model_bitops, model_bits
+    from refqsr_engine.models.model_info import describe, model_bits
     from refqsr_engine.models.patchwise import upscale_patchwise
+    from refqsr_engine.pipeline.tiling import extract_patches
 
     torch.manual_seed(0)
     net = _varied_selectors(build_sr("srresnet", "cadyq", n_blocks=4, n_feats=8)).eval()
@@ -463,9 +463,10 @@ def test_patchwise_delta_records_each_patchs_bits_as_a_lone_run_chooses():
         assert pb == patch_bits_of_run(net, sel, "sr")[0]
         seen |= {s.act for blk in pb.blocks for s in blk}
     assert len(seen) > 1  # the test image makes the selectors differ between patches
-    ops = model_bitops(net, lr.shape[1:], 16, 2, patch_bits=result.patch_bits)
+    ops = describe(net, "net").image_bitops(lr.shape[1:], 16, 2, patch_bits=result.patch_bits)
     lo, hi = (
-        model_bitops(build_sr("srresnet", "ddtb", (b,), n_blocks=4, n_feats=8), lr.shape[1:], 16, 2) for b in (4, 8)
+        describe(build_sr("srresnet", "ddtb", (b,), n_blocks=4, n_feats=8), "q").image_bitops(lr.shape[1:], 16, 2)
+        for b in (4, 8)
     )
     assert lo.gbitops <= ops.gbitops <= hi.gbitops and ops.gbitops not in (lo.gbitops, hi.gbitops)
 
@@ -474,8 +475,10 @@ def test_upscale_with_the_torch_engine_runs_a_delta_refqsr_model(tmp_path):
     """δ-RefQSR through `upscale --engine torch`: the image is the patch-wise PyTorch result and the
     reported BitOPs are counted from the bits each patch chose (references δ, queries b_low)."""
     from PIL import Image
-    from refqsr_engine.engine.upscale import UpscaleOptions, Upscaler, model_bitops
+    from refqsr_engine.engine.upscale import UpscaleOptions, Upscaler
+    from refqsr_engine.models.checkpoint import load_model
     from refqsr_engine.models.clustblock import ClustBlock
+    from refqsr_engine.models.model_info import describe
     from refqsr_engine.models.patchwise import upscale_patchwise
 
     torch.manual_seed(0)
@@ -488,11 +491,12 @@ def test_upscale_with_the_torch_engine_runs_a_delta_refqsr_model(tmp_path):
     up = Upscaler(UpscaleOptions(model=str(tmp_path / "m.pt"), engine="torch", patch=16, overlap=2, batch=4))
     report = up.upscale_file(tmp_path / "in.png", tmp_path / "out.png")
     lr8 = np.asarray(Image.open(tmp_path / "in.png"), dtype=np.float32).transpose(2, 0, 1) / 255.0
-    want = upscale_patchwise(up.model, lr8, 16, 2, batch=4)
+    model = load_model(tmp_path / "m.pt")[0]
+    want = upscale_patchwise(model, lr8, 16, 2, batch=4)
     got = np.asarray(Image.open(tmp_path / "out.png"))
     assert np.abs(got.astype(int) - np.clip(np.round(want.image.transpose(1, 2, 0) * 255), 0, 255)).max() <= 1
     pb, refs = want.patch_bits, want.clustering.is_reference.tolist()
     assert all(not p.refers for p, r in zip(pb, refs) if r) and all(p.refers for p, r in zip(pb, refs) if not r)
     assert 0 < sum(refs) < len(refs)
-    ops = model_bitops(up.model, lr.shape[1:], 16, 2, want.clustering, patch_bits=pb)
+    ops = describe(model, "m").image_bitops(lr.shape[1:], 16, 2, want.clustering, pb)
     assert report["bitops"]["bitops_g"] == pytest.approx(ops.gbitops, abs=1e-4)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from compile_helpers import compile_saved, psnr, small_refqsr
 from PIL import Image
-from refqsr_engine.engine.tiling import extract_patches, make_grid
 from refqsr_engine.export.onnx_export import export_refqsr, export_sr
 from refqsr_engine.models.cabm import attach_cabm, build_cabm_table
 from refqsr_engine.models.qconv import QuantConv2d
 from refqsr_engine.models.quant_cadyq import Delta, Selection, dynamic_convs, image_gradient_features
 from refqsr_engine.models.registry import build_sr
+from refqsr_engine.pipeline.tiling import extract_patches, make_grid
 from test_cadyq import _photo_lr, grad_selector
 
 PATCH = 24

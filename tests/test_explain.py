@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from refqsr_engine.cli.main import main
 from refqsr_engine.engine import explain as X
-from refqsr_engine.engine.cli import main
 from refqsr_engine.errors import RefQSRError
 
 COFFEE = Path(__file__).resolve().parents[1] / "examples" / "coffee_lr.png"  # 150x100

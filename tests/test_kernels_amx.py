@@ -197,11 +197,12 @@ def test_amx_is_chosen_only_where_it_fits_and_is_exact():
 
 def test_runtime_refuses_an_amx_artifact_where_amx_is_not_granted(monkeypatch):
     from refqsr_engine.engine.runtime import _enable_amx_for
+    from refqsr_engine.kernels import host_cpu
 
-    monkeypatch.setattr(amx, "enable_amx", lambda: False)
+    monkeypatch.setattr(host_cpu, "enable_amx", lambda: False)
     with pytest.raises(RefQSRError, match="AMX"):
-        _enable_amx_for(AMX_TARGET)
-    _enable_amx_for({"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2})  # no AMX code: nothing asked
+        _enable_amx_for({"target": AMX_TARGET, "amx": True})
+    _enable_amx_for({"target": {"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2}, "amx": False})  # nothing asked
 
 
 def test_host_mcpu_names_an_amx_cpu_from_its_flags(monkeypatch):
@@ -209,9 +210,9 @@ def test_host_mcpu_names_an_amx_cpu_from_its_flags(monkeypatch):
     from tvm.target import codegen
 
     monkeypatch.setattr(host_cpu, "host_cpu_flags", lambda: host_cpu.SAPPHIRE_RAPIDS_FLAGS | {"avx2"})
-    monkeypatch.setattr(amx, "enable_amx", lambda: True)
+    monkeypatch.setattr(host_cpu, "enable_amx", lambda: True)
     assert amx.target_has_amx({"kind": "llvm", "mcpu": host_cpu.host_mcpu()})
-    monkeypatch.setattr(amx, "enable_amx", lambda: False)  # flags, but no tile state for this process
+    monkeypatch.setattr(host_cpu, "enable_amx", lambda: False)  # flags, but no tile state for this process
     assert host_cpu.host_mcpu() in (str(codegen.llvm_get_system_cpu()), "core-avx2")
     monkeypatch.setattr(host_cpu, "host_cpu_flags", lambda: frozenset())
     assert host_cpu.host_mcpu() in (str(codegen.llvm_get_system_cpu()), "core-avx2")

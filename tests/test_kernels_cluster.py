@@ -1,19 +1,15 @@
 """ClustBlock clustering kernel (refqsr_engine.kernels.cluster_kernels) against its PyTorch twin,
 models/clustblock.py (``affinity``, ``cluster_patches``): identical arg-max references and
-reference/query split, similarities within 1e-5; and the PrimFunc called from Relax via R.call_tir."""
+reference/query split, similarities within 1e-5; and the PrimFunc called from Relax via R.call_tir.
+The kernel's outputs go through ``assign_references``, the bookkeeping the engine applies to them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from refqsr_engine.kernels.cluster_kernels import (
-    assign,
-    build_affinity_kernel,
-    build_cluster_kernel,
-    cluster,
-)
-from refqsr_engine.models.clustblock import affinity, cluster_patches
+from refqsr_engine.kernels.cluster_kernels import build_affinity_kernel, build_cluster_kernel
+from refqsr_engine.models.clustblock import Clustering, affinity, assign_references, cluster_patches
 
 N_PATCHES, N_CLASSES = 600, 47
 _CACHE: dict = {}
@@ -23,6 +19,19 @@ def kernel(n: int, c: int = N_CLASSES):
     if (n, c) not in _CACHE:
         _CACHE[(n, c)] = build_cluster_kernel(n, c)
     return _CACHE[(n, c)]
+
+
+def assign(ref: np.ndarray, cos: np.ndarray, tau: float = 0.5) -> Clustering:
+    """``assign_references`` on the kernel's numpy outputs."""
+    return assign_references(
+        torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(cos, dtype=np.float32)), tau
+    )
+
+
+def cluster(k, v, tau: float = 0.5) -> Clustering:
+    """Run the compiled clustering kernel on logits ``v`` ([N, C]) and assign references."""
+    ref, cos = k(np.asarray(v, dtype=np.float32))
+    return assign(ref, cos, tau)
 
 
 def assert_same_clustering(v: np.ndarray, tau: float = 0.5) -> None:

@@ -37,6 +37,18 @@ def operands(shape, variant, signed, seed=0):
     return x, w, (a_lo if signed else a_hi)  # the border gets the extreme value too
 
 
+def reference_conv(x, w, pad_value: int = 0) -> np.ndarray:
+    """What the kernels compute, NCHW int64: ``sum x * w`` over the window, the border = ``pad_value``
+    (float64 torch conv of the padded tensor: exact below 2**53)."""
+    import torch
+
+    x, w = np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.int64)
+    p = w.shape[-1] // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=int(pad_value))
+    out = torch.nn.functional.conv2d(torch.from_numpy(xp.astype(np.float64)), torch.from_numpy(w.astype(np.float64)))
+    return out.numpy().astype(np.int64)
+
+
 def pack(variant, x, w, pad, signed):
     if variant == "dp4a":
         return cc.pack_activations_dp4a(x, pad, signed=signed), cc.pack_weights_dp4a(w)
@@ -118,7 +130,7 @@ def test_llvm_twin_matches_reference(variant, signed, channels):
     a, wp = pack(variant, x, w, pad, signed)
     y = cc.build_conv2d_twin(s, variant, signed)(a, wp)
     assert y.shape == s.out_shape(variant) and y.dtype == np.int32
-    np.testing.assert_array_equal(cc.unpack_output(y, variant), cc.reference_conv(x, w, pad))
+    np.testing.assert_array_equal(cc.unpack_output(y, variant), reference_conv(x, w, pad))
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -129,7 +141,7 @@ def test_s4mma_fragment_math_matches_reference(signed, channels):
     x, w, pad = operands(s, "s4mma", signed, seed=10 + channels)
     a, wp = pack("s4mma", x, w, pad, signed)
     y = cc.emulate_s4mma(s, a, wp, signed)
-    np.testing.assert_array_equal(cc.unpack_output(y, "s4mma"), cc.reference_conv(x, w, pad))
+    np.testing.assert_array_equal(cc.unpack_output(y, "s4mma"), reference_conv(x, w, pad))
 
 
 def test_s4mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
@@ -140,7 +152,7 @@ def test_s4mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
     right = cc._c_index
     monkeypatch.setattr(cc, "_c_index", lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1))
     y = cc.emulate_s4mma(s, a, wp)
-    assert not np.array_equal(cc.unpack_output(y, "s4mma"), cc.reference_conv(x, w, pad))
+    assert not np.array_equal(cc.unpack_output(y, "s4mma"), reference_conv(x, w, pad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +241,6 @@ def test_cuda_kernel_matches_twin_and_reference(cuda_kernels, name):
     x, w, pad = operands(shape, variant, signed, seed=7)
     a, wp = k.pack_activations(x, pad), k.pack_weights(w)
     y = k(a, wp)
-    np.testing.assert_array_equal(k.unpack_output(y), cc.reference_conv(x, w, pad))
+    np.testing.assert_array_equal(k.unpack_output(y), reference_conv(x, w, pad))
     if shape.height <= 24:  # the twin is a plain loop nest: only for the small shapes
         np.testing.assert_array_equal(y, cc.build_conv2d_twin(shape, variant, signed)(a, wp))

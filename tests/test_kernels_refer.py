@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from refqsr_engine.kernels import refer_kernels as rk
 from refqsr_engine.models.matching import (
+    COSINE_GRID,
+    POOL,
     argmax_positions,
     backward_warp,
     cosine_cells,
@@ -325,7 +327,7 @@ def test_shared_flow_equals_pytorch_and_numpy(shape):
     n, c, h, w = shape
     fq, fr = features(shape, 21)
     fr = 0.5 * fr + torch.roll(fq, shifts=(3, -6), dims=(2, 3))  # related, so the arg-max is not a coin toss
-    k = cached("build_shared_flow", n, c, h, w, return_index=True)
+    k = cached("build_shared_flow", n, c, h, w, return_index=True, cosine_grid=COSINE_GRID)
     flow, idx = k(fq.numpy(), fr.numpy())
     np.testing.assert_array_equal(flow, shared_flow(fq, fr).numpy())
     np.testing.assert_array_equal(idx, argmax_positions(cosine_cells(fq), cosine_cells(fr)).numpy())
@@ -339,7 +341,7 @@ def test_shared_flow_equals_pytorch_and_numpy(shape):
 def test_shared_flow_finds_a_known_shift_and_itself():
     n, c, H, W = LARGE
     fq, _ = features(LARGE, 22)
-    k = cached("build_shared_flow", n, c, H, W)
+    k = cached("build_shared_flow", n, c, H, W, cosine_grid=COSINE_GRID)
     flow = k(fq.numpy(), fq.numpy())
     assert not flow.any()  # a cosine is largest against itself: every cell finds itself
     dy, dx = 6, -3
@@ -369,6 +371,19 @@ def test_backward_warp_primfunc_is_the_warp_kernel():
     np.testing.assert_array_equal(got, backward_warp(feat, flow).numpy())
 
 
+def test_kernel_defaults_are_the_models_constants():
+    """The kernels import nothing from the models: their default pooling size is the models' own."""
+    assert rk.POOL == POOL
+
+
+def test_shared_flow_needs_the_cosine_grid():
+    """The shared matching's grid comes from the caller; it is not guessed."""
+    with pytest.raises(ValueError, match="cosine_grid"):
+        rk.refer_compute("shared_flow", rk.RefERShape(1, 4, 6, 6))
+    with pytest.raises(ValueError, match="cosine_grid"):
+        rk.refer_compute("shared_flow", rk.RefERShape(1, 4, 6, 6), cosine_grid=0)
+
+
 def test_shape_checks():
     with pytest.raises(ValueError):
         rk.RefERShape(1, 8, 10, 12)  # not a multiple of 3
@@ -384,6 +399,8 @@ def test_shape_checks():
 @pytest.mark.slow
 def test_benchmark_pipeline_vs_torch():
     """N=16, C=64, 96x96: compiled pipeline vs the PyTorch twin (printed, not asserted)."""
-    res = rk.benchmark_pipeline(16, 64, 96, 96)
+    from refqsr_engine.benchmarks.refer_pipeline import benchmark_pipeline
+
+    res = benchmark_pipeline(16, 64, 96, 96)
     print(res)
     assert res["tvm_ms"] > 0 and res["torch_ms"] > 0

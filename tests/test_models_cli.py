@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from refqsr_engine.engine.cli import main
+from refqsr_engine.cli.main import main
 
 MODELS = Path(__file__).resolve().parents[1] / "core" / "data" / "models"
 

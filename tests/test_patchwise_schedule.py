@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from refqsr_engine.models.clustblock import Clustering
-from refqsr_engine.models.patchwise import query_schedule, run_patchwise
+from refqsr_engine.pipeline.patchwise import query_schedule, run_patchwise
 
 
 def _random_clustering(n: int, n_refs: int, seed: int) -> Clustering:

@@ -18,6 +18,7 @@ from refqsr_engine.models.checkpoint import save_model
 from refqsr_engine.models.patchwise import TorchRunner, upscale_patchwise
 from refqsr_engine.models.qconv import BitSpec
 from refqsr_engine.training.datasets import PairedFolder
+from refqsr_engine.training.reference_modes import ReferenceModeRunner
 from refqsr_helpers import small_refqsr
 
 from research.refer_probe import main, probe
@@ -42,7 +43,8 @@ def test_each_mode_feeds_refer_what_it_says(model):
             "high": own_high_out,
             "skip": _refinement_zeroed(model).query_forward(xq, ref_feats),
         }
-    got = {m: TorchRunner(model, reference=m).query(q, [f.numpy() for f in ref_feats]) for m in want}
+    got = {m: ReferenceModeRunner(model, reference=m).query(q, [f.numpy() for f in ref_feats]) for m in want}
+    np.testing.assert_array_equal(TorchRunner(model).query(q, [f.numpy() for f in ref_feats]), got["assigned"])
     for mode in want:
         np.testing.assert_allclose(got[mode], want[mode].numpy(), rtol=0, atol=1e-6, err_msg=mode)
     assert not np.allclose(got["assigned"], got["aligned"])  # the modes are really different inputs
@@ -61,7 +63,7 @@ def _refinement_zeroed(model):
 
 def test_unknown_mode_is_refused(model):
     with pytest.raises(ValueError, match="reference must be one of"):
-        TorchRunner(model, reference="other")
+        ReferenceModeRunner(model, reference="other")
 
 
 def test_cli_table_and_the_high_row_is_the_backbone_at_b_high(model, tmp_path):

@@ -1,11 +1,11 @@
-"""Tests for engine/tiling.py: grid layout, extraction/padding, seamless streaming merge."""
+"""Tests for pipeline/tiling.py: grid layout, extraction/padding, seamless streaming merge."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from refqsr_engine.engine.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.pipeline.tiling import PatchGrid, PatchMerger, extract_patches, make_grid
 
 ODD_SIZES = [(1, 1), (5, 7), (71, 73), (97, 200), (181, 321)]
 PATCHES = [48, 72, 96]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from refqsr_engine.engine.cli import main
+from refqsr_engine.cli.main import main
 from refqsr_engine.models.checkpoint import load_model, save_model
 from refqsr_engine.models.patchwise import upscale_patchwise
 from refqsr_engine.models.registry import build_sr

@@ -17,13 +17,14 @@ import click
 import numpy as np
 import torch
 from refqsr_engine.engine.models_store import bundled_dir
-from refqsr_engine.engine.upscale import bitops_setting, is_dynamic, model_bitops, model_bits, uniform8_bitops
 from refqsr_engine.errors import RefQSRError
 from refqsr_engine.metrics import imresize, psnr_y, sr_to_uint8, ssim_y
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
-from refqsr_engine.models.patchwise import PatchRunner, PatchwiseResult, TorchRunner, run_patchwise
+from refqsr_engine.models.model_info import bitops_setting, describe, is_dynamic, model_bits
+from refqsr_engine.models.patchwise import TorchRunner
 from refqsr_engine.models.refqsr import RefQSR
+from refqsr_engine.pipeline.patchwise import PatchRunner, PatchwiseResult, run_patchwise
 from refqsr_engine.training.datasets import Pair, PairedFolder
 
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
@@ -33,7 +34,12 @@ def upscale_pair(
     model: torch.nn.Module, pair: Pair, patch: int, overlap: int, reference: str = "assigned"
 ) -> tuple[np.ndarray, PatchwiseResult]:
     """SR of one validation pair's LR (HWC uint8), patch-wise at the model's own bits."""
-    return run_pair(TorchRunner(model, model_bits(model), reference), pair, patch, overlap)
+    runner = TorchRunner(model, model_bits(model)) if reference == "assigned" else None
+    if runner is None:
+        from refqsr_engine.training.reference_modes import ReferenceModeRunner
+
+        runner = ReferenceModeRunner(model, model_bits(model), reference)
+    return run_pair(runner, pair, patch, overlap)
 
 
 def run_pair(runner: PatchRunner, pair: Pair, patch: int, overlap: int) -> tuple[np.ndarray, PatchwiseResult]:
@@ -49,12 +55,13 @@ def evaluate(
     """Mean PSNR/SSIM (Y, shave 4) of the model, run patch-wise at its own bits as the engine runs
     it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic.
     ``self_reference`` (RefQSR): RefER gets each query's own features (Table V ablation)."""
+    info = describe(model, "evaluated")
     rows = []
     for i in range(len(folder)):
         pair = folder[i]
         sr, result = upscale_pair(model, pair, patch, overlap, "self" if self_reference else "assigned")
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
-        ops = model_bitops(model, pair.lr.shape[:2], patch, overlap, result.clustering, patch_bits=result.patch_bits)
+        ops = info.image_bitops(pair.lr.shape[:2], patch, overlap, result.clustering, result.patch_bits)
         rows.append(
             {
                 "image": pair.name,
@@ -65,7 +72,7 @@ def evaluate(
                 "bitops_g": ops.gbitops,
                 "fqr": ops.total.fqr,
                 "reference_share": ops.num_references / ops.num_patches,
-                "bitops8_g": uniform8_bitops(model, pair.lr.shape[:2], patch, overlap).gbitops,
+                "bitops8_g": info.uniform8_bitops(pair.lr.shape[:2], patch, overlap).gbitops,
             }
         )
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
@@ -79,7 +86,7 @@ def urban100_bitops(model: torch.nn.Module, mean: dict[str, float]) -> dict[str,
     8-bit count there times validation's ratio of the chosen bits' BitOPs to 8-bit BitOPs."""
     arch, setting, sizes = bitops_setting(model)
     if is_dynamic(model):
-        at8 = uniform8_bitops(model, URBAN100_LR, 72, 6, "paper")
+        at8 = describe(model, "evaluated").uniform8_bitops(URBAN100_LR, 72, 6, "paper")
         ratio = mean["bitops_g"] / mean["bitops8_g"]
         return {
             "bits": setting,

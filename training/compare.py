@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from refqsr_engine.benchmarks.textio import write_text_atomic
 from refqsr_engine.engine.models_store import resolve_model
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.files import write_text_atomic
 from refqsr_engine.models.checkpoint import load_model
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.training.bundle import evaluate, urban100_bitops

@@ -28,7 +28,9 @@ from ...errors import RefQSRError
 from ...export.onnx_export import export_refqsr, export_sr
 from ...kernels.amx import target_has_amx
 from ...kernels.cluster_kernels import cluster_primfunc
+from ...kernels.host_cpu import required_cpu_flags
 from ...models.checkpoint import bits_label, load_model, model_config
+from ...models.model_info import describe
 from ...models.refqsr import RefQSR
 from ..artifact import sha256_file, write_artifact
 from ..models_store import resolve_model
@@ -135,6 +137,13 @@ class _Stages:
         self.say(f"[{self.done}/{self.total}] {msg}")
 
 
+def model_kind(model: str) -> str:
+    """ "refqsr" or "sr": what ``model`` (a bundled name or a file) is, from its saved config."""
+    from ...models.checkpoint import read_config
+
+    return read_config(resolve_model(model))["kind"]
+
+
 def compile_stages(n_graphs: int, batch: int, target: str, refqsr: bool) -> int:
     """How many stages a compile has: the ONNX export, one build per graph and batch size, the
     clustering kernel (RefQSR) and writing the artifact."""
@@ -219,7 +228,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         if isinstance(model, RefQSR):
             graphs = export_refqsr(model, tmp / "onnx", opts.patch)
         else:
-            from ..upscale import model_bits
+            from ...models.model_info import model_bits
 
             graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
         report["seconds"]["export"] = time.perf_counter() - t
@@ -270,6 +279,11 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         dynamic = _dynamic_convs(graphs)
         if dynamic is not None:
             manifest["dynamic_convs"] = dynamic
+        # what the runtime needs of the model, so the artifact runs without it (and without PyTorch)
+        manifest["model_info"] = describe(model, model_path.stem, card, dynamic).as_dict()
+        manifest["amx"] = opts.target == "llvm" and target_has_amx(target_dict)
+        if opts.target == "llvm":  # the host must have these, or the code faults (SIGILL)
+            manifest["cpu_flags"] = required_cpu_flags(tvm.target.Target(target_dict))
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
         step("writing the artifact")

@@ -51,23 +51,26 @@ class CompileOptions:
 
 
 # The packages whose code ends up in an artifact: the compiler passes and schedules, the kernels,
-# the exporter and the models it traces. A change to any of them must not reuse an older build.
+# the exporter, the models it traces and the model description the manifest carries. A change to
+# any of them must not reuse an older build.
 _COMPILED_PACKAGES = (
     "refqsr_engine.engine.compiler",
     "refqsr_engine.kernels",
     "refqsr_engine.export",
     "refqsr_engine.models",
+    "refqsr_engine.pipeline",
 )
 
 
 def compiler_digest() -> str:
     """SHA-256 over the source files that decide what a compile produces (_COMPILED_PACKAGES)."""
-    import importlib
+    import importlib.util
     from pathlib import Path
 
     h = hashlib.sha256()
-    for name in _COMPILED_PACKAGES:
-        for path in sorted(Path(importlib.import_module(name).__file__).parent.glob("*.py")):
+    for name in _COMPILED_PACKAGES:  # found, not imported: importing the compiler costs seconds
+        folder = Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
+        for path in sorted(folder.glob("*.py")):
             h.update(f"{name}/{path.name}\0".encode())
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -76,7 +79,7 @@ def compiler_digest() -> str:
 def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
     """What identifies a compiled default model in the cache (model bytes, target, shapes, the
     compiler's own sources)."""
-    import tvm
+    from ..artifact import tvm_version
 
     model_path = resolve_model(opts.model)
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
@@ -86,6 +89,6 @@ def artifact_cache_parts(opts: CompileOptions) -> dict[str, Any]:
         "patch": opts.patch,
         "batch": opts.batch,
         "float_math": opts.float_math,
-        "tvm": tvm.__version__,
+        "tvm": tvm_version(),
         "compiler": compiler_digest(),
     }

@@ -56,12 +56,14 @@ def _refer_warp_converter(target: tvm.target.Target):
     """Importer converter of ``refqsr.RefERWarp``: our RefER kernel through ``R.call_tir``."""
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+    from ...models.matching import POOL
+
     class RefERWarp(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             fq, fr, scale, zp = inputs
             n, c, h, w = (int(v) for v in fq.ty.shape)
-            prim = refer_pipeline_primfunc(n, c, h, w, int(attr["qmin"]), int(attr["qmax"]), target)
+            prim = refer_pipeline_primfunc(n, c, h, w, int(attr["qmin"]), int(attr["qmax"]), target, pool=POOL)
             out = _kernel_call(bb, prim, "refer_warp", [fq, fr, scale, zp], [(n, c, h, w), (n, 2, h, w)])
             return bb.emit(relax.TupleGetItem(out, 0))  # (warped, flow): the warped reference
 
@@ -83,15 +85,18 @@ def _kernel_call(bb, prim, prefix: str, args: list, out_shape: tuple[int, ...] |
 
 def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
     """Importer converters of ``refqsr.SharedFlow`` (the shared matching's flow) and ``refqsr.Warp``
-    (a RefER's warp by it): our kernels through ``R.call_tir``."""
+    (a RefER's warp by it): our kernels through ``R.call_tir``, with the matching's constants."""
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from ...models.matching import COSINE_GRID, POOL
 
     class SharedFlow(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             fq, fr = inputs
             n, c, h, w = (int(v) for v in fq.ty.shape)
-            return _kernel_call(bb, shared_flow_primfunc(n, c, h, w, target), "shared_flow", [fq, fr], (n, 2, h, w))
+            prim = shared_flow_primfunc(n, c, h, w, target, cosine_grid=COSINE_GRID, pool=POOL)
+            return _kernel_call(bb, prim, "shared_flow", [fq, fr], (n, 2, h, w))
 
     class Warp(OnnxOpConverter):
         @classmethod
@@ -99,7 +104,11 @@ def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
             feat, flow = inputs
             n, c, h, w = (int(v) for v in feat.ty.shape)
             return _kernel_call(
-                bb, backward_warp_primfunc(n, c, h, w, target), "refer_warp_by_flow", [feat, flow], (n, c, h, w)
+                bb,
+                backward_warp_primfunc(n, c, h, w, target, pool=POOL),
+                "refer_warp_by_flow",
+                [feat, flow],
+                (n, c, h, w),
             )
 
     return {SHARED_FLOW_OP: SharedFlow, WARP_OP: Warp}
