@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,8 @@ def main() -> None:
     refqsr-engine upscale IN.png OUT.png        # the default model, compiled for this CPU on first use
     refqsr-engine models                        # the bundled models (--model NAME)
     """
+    # SIGTERM ends the command like an exception: every atomic write and temp folder is cleaned up
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @main.command()
@@ -80,7 +83,7 @@ def bitops(
 @click.option("--overlap", type=int, default=6, show_default=True, help="Patch overlap in LR pixels.")
 @click.option(
     "--batch",
-    type=click.IntRange(1, 1024),
+    type=click.IntRange(1, 256),
     default=None,
     help="Patches per batch: 16 is ~10% faster on a CPU but needs ~1.7 GB more memory.  "
     "[default: 8, or the artifact's]",
@@ -166,6 +169,7 @@ def upscale(
 
         tvm_runtime.lean_imports = True
     bar = None
+    no_bars = quiet or as_json or not sys.stderr.isatty()  # bars only for a person at a terminal
 
     def say(msg: str) -> None:  # the first-use compile: what, for which device, how long, where cached
         if not quiet:
@@ -176,13 +180,13 @@ def upscale(
         if bar is None or bar.total != total or bar.n >= bar.total:
             if bar is not None:
                 bar.close()
-            bar = tqdm(total=total, unit="patch", desc="patches", file=sys.stderr, disable=quiet, leave=False)
+            bar = tqdm(total=total, unit="patch", desc="patches", file=sys.stderr, disable=no_bars, leave=False)
         bar.update(n)
 
     if Path(src).is_dir():
         from ..engine.image_io import list_images
 
-        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr, disable=quiet)
+        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr, disable=no_bars)
 
         def on_image(path, report, error) -> None:
             images.update(1)
@@ -226,6 +230,27 @@ def models_cmd(as_json: bool) -> None:
     click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
 
 
+@main.command("cache")
+@click.option(
+    "--prune", is_flag=True, help="Remove stale entries (older refqsr-engine, TVM or model) and damaged ones."
+)
+@click.option("--clear", is_flag=True, help="Remove every compiled model from the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries (or the removed ones) as JSON.")
+@user_errors
+def cache_cmd(prune: bool, clear: bool, as_json: bool) -> None:
+    """List the compiled models `upscale` keeps (REFQSR_ENGINE_CACHE, else ~/.cache/refqsr-engine),
+    or remove the ones no run will use again."""
+    from ..engine.cache_admin import cache_entries, format_entries, remove_entries
+
+    if prune or clear:
+        removed = remove_entries(everything=clear)
+        freed = sum(r["bytes"] for r in removed) / 1e6
+        click.echo(json.dumps(removed, indent=2) if as_json else f"removed {len(removed)} entries ({freed:.1f} MB)")
+        return
+    rows = cache_entries()
+    click.echo(json.dumps(rows, indent=2) if as_json else format_entries(rows))
+
+
 @main.command("compile")
 @click.option("--model", default="default", show_default=True, help=MODEL_HELP)
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True)
@@ -244,7 +269,7 @@ def models_cmd(as_json: bool) -> None:
 )
 @click.option("--bits", default=None, help="Check the model's bits (e.g. 8-4 for RefQSR, 8, 32).")
 @click.option("--patch", type=int, default=96, show_default=True, help="Patch size in LR pixels (multiple of 3).")
-@click.option("--batch", type=int, default=16, show_default=True, help="Patches per compiled batch.")
+@click.option("--batch", type=click.IntRange(1, 256), default=16, show_default=True, help="Patches per compiled batch.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="llvm: cores to parallelise for.")
 @click.option(
     "--float-math",
@@ -303,10 +328,8 @@ def bench(args: tuple[str, ...]) -> None:
     memory, BitOPs/quality tables, plots and the assignment picture into benchmarks/results;
     `refqsr-engine bench STEP --help` lists a step's options."""
     from ..benchmarks.dispatch import run
-    from ..benchmarks.latency import _exit_on_sigterm
 
-    _exit_on_sigterm()  # a killed run still stops its measuring child and removes its work folder
-    sys.exit(run(list(args)))
+    sys.exit(run(list(args)))  # SIGTERM (see main) still stops its measuring child and removes its work folder
 
 
 @main.command()
@@ -338,7 +361,7 @@ def explain(
         click.echo(json.dumps({k: v for k, v in info.items() if k != "cells"}, indent=2))
     else:
         click.echo(
-            f"wrote {dst} ({info['picture_size'][0]}x{info['picture_size'][1]}): {info['patches']} patches, "
+            f"wrote {dst} ({info['picture_size'][1]}x{info['picture_size'][0]}): {info['patches']} patches, "
             f"{info['references']} references ({info['isolated_references']} isolated), {info['queries']} queries, "
             f"{info['groups']} groups, tau {info['tau']:g}"
         )

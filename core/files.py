@@ -43,3 +43,37 @@ def portable_paths(text: str) -> str:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a report file atomically, its machine paths made portable (:func:`portable_paths`)."""
     return write_atomic(path, lambda tmp: Path(tmp).write_text(portable_paths(text)))
+
+
+def owned_temp_prefix(name: str) -> str:
+    """A temp-file prefix that names this process (``NAME.PID.tmp-``), so that a later run can
+    tell a leftover of a killed process (SIGKILL runs no cleanup) from a live one's file."""
+    return f"{name}.{os.getpid()}.tmp-"
+
+
+def remove_stale_temps(folder: str | Path, name: str) -> None:
+    """Remove ``NAME.PID.tmp-*`` entries in ``folder`` whose process no longer exists."""
+    import shutil
+
+    try:
+        entries = list(Path(folder).glob(f"{name}.*.tmp-*"))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(name) + 1 :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True

@@ -46,10 +46,12 @@ from ..errors import RefQSRError
 ARTIFACT_FORMAT = "refqsr-engine/artifact-1"
 MANIFEST = "manifest.json"
 # Keys write_artifact fills itself; a caller's manifest may not override them.
-RESERVED_KEYS = ("format", "created", "refqsr_engine", "tvm", "tvm_ffi", "files")
+RESERVED_KEYS = ("format", "created", "refqsr_engine", "tvm", "tvm_ffi", "files", "manifest_sha256")
 # Target attributes that are run-time choices, not code-generation ones, per target kind.
 RUNTIME_TARGET_KEYS = {"llvm": frozenset({"num-cores", "num_cores"})}
 RECOMPILE = "recompile with refqsr-engine compile"
+#: what to do about a damaged entry of the cache that `upscale` keeps
+REPAIR_CACHED = "repair it with refqsr-engine upscale ... --recompile"
 _CHUNK = 1 << 20
 
 
@@ -89,6 +91,13 @@ def package_version() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # hashing and names
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's fields except ``manifest_sha256`` itself (canonical JSON): the
+    manifest records it, so an edited field (a tau, a bit width) is detected like an edited file."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -145,14 +154,15 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(fout.fileno())
 
 
-def _replaceable(out_dir: Path) -> None:
+def _replaceable(out_dir: Path, owned: bool = False) -> None:
     """Refuse to replace anything but an earlier artifact or an empty directory: a mistyped
-    ``-o`` must not delete a user's folder."""
+    ``-o`` must not delete a user's folder. ``owned``: the directory is a cache entry, which only
+    this program writes, so a damaged one (its manifest broken) may be replaced too."""
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if not out_dir.is_dir():
         raise RefQSRError(f"cannot write the artifact to {out_dir}: it exists and is not a directory")
-    if not any(out_dir.iterdir()):
+    if owned or not any(out_dir.iterdir()):
         return
     try:
         old = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -163,13 +173,16 @@ def _replaceable(out_dir: Path) -> None:
         raise RefQSRError(f"refusing to replace {out_dir}: it is a non-empty directory, not a refqsr-engine artifact")
 
 
-def write_artifact(out_dir: str | Path, files: Mapping[str, str | Path | bytes], manifest: Mapping[str, Any]) -> Path:
+def write_artifact(
+    out_dir: str | Path, files: Mapping[str, str | Path | bytes], manifest: Mapping[str, Any], owned: bool = False
+) -> Path:
     """Write an artifact directory holding ``files`` (name -> source path or contents) and a
     manifest made of the standard fields plus ``manifest``; returns ``out_dir``.
 
     Everything is staged in a temp directory beside ``out_dir`` (same filesystem, so the final
     rename is atomic). An existing artifact is replaced only once the new one is complete; on
-    any failure it stays as it was and the staging directory is removed."""
+    any failure it stays as it was and the staging directory is removed. ``owned``: ``out_dir`` is a
+    cache entry (see :func:`_replaceable`)."""
     out_dir = Path(out_dir)
     for name in files:
         _check_file_name(name)
@@ -178,7 +191,7 @@ def write_artifact(out_dir: str | Path, files: Mapping[str, str | Path | bytes],
         raise ValueError(f"manifest keys {clash} are reserved (written by write_artifact)")
     if not out_dir.name or out_dir.name in (".", ".."):
         raise ValueError(f"artifact path must end in a directory name, got {str(out_dir)!r}")
-    _replaceable(out_dir)
+    _replaceable(out_dir, owned)
 
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +209,7 @@ def write_artifact(out_dir: str | Path, files: Mapping[str, str | Path | bytes],
                 _copy_file(Path(src), dst)
             # Hash what was stored, not the source: that is what load_artifact will check.
             entries[name] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-        full = {
+        full: dict[str, Any] = {
             "format": ARTIFACT_FORMAT,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "refqsr_engine": package_version(),
@@ -205,6 +218,7 @@ def write_artifact(out_dir: str | Path, files: Mapping[str, str | Path | bytes],
             "files": entries,
             **manifest,
         }
+        full["manifest_sha256"] = manifest_digest(full)
         # The manifest goes last: a staging directory with a manifest is a complete artifact.
         _write_bytes(tmp / MANIFEST, (json.dumps(full, indent=2, sort_keys=False) + "\n").encode("utf-8"))
         _fsync_dir(tmp)
@@ -287,9 +301,12 @@ def targets_match(built: Mapping[str, Any], requested: Mapping[str, Any]) -> boo
     return _codegen_view(built) == _codegen_view(requested)
 
 
-def load_artifact(path: str | Path, *, target: Mapping[str, Any] | None = None, verify: bool = True) -> Artifact:
-    """Read and check the artifact at ``path``: format, TVM / tvm-ffi versions, ``target`` (when
-    given), presence and size of every file and, with ``verify``, their SHA-256."""
+def load_artifact(
+    path: str | Path, *, target: Mapping[str, Any] | None = None, verify: bool = True, repair: str = RECOMPILE
+) -> Artifact:
+    """Read and check the artifact at ``path``: format, the manifest's own digest, TVM / tvm-ffi
+    versions, ``target`` (when given), presence and size of every file and, with ``verify``, their
+    SHA-256. Every refusal is one line ending in ``repair`` (what to do about it)."""
     path = Path(path)
     if not path.exists():
         raise RefQSRError(f"artifact not found: {path}")
@@ -297,49 +314,51 @@ def load_artifact(path: str | Path, *, target: Mapping[str, Any] | None = None, 
         raise RefQSRError(f"{path} is not an artifact directory")
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise RefQSRError(f"{path} is not a refqsr-engine artifact (no {MANIFEST}); {RECOMPILE}")
+        raise RefQSRError(f"{path} is not a refqsr-engine artifact (no {MANIFEST}); {repair}")
     try:
         man = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise RefQSRError(f"{mpath} is unreadable ({type(err).__name__}); {RECOMPILE}") from None
+        raise RefQSRError(f"{mpath} is unreadable ({type(err).__name__}); {repair}") from None
     if not isinstance(man, dict):
-        raise RefQSRError(f"{mpath} is not a manifest (not a JSON object); {RECOMPILE}")
+        raise RefQSRError(f"{mpath} is not a manifest (not a JSON object); {repair}")
     fmt = man.get("format")
     if fmt != ARTIFACT_FORMAT:
-        raise RefQSRError(
-            f"{path} has artifact format {fmt!r}, this refqsr-engine reads {ARTIFACT_FORMAT!r}; {RECOMPILE}"
-        )
+        raise RefQSRError(f"{path} has artifact format {fmt!r}, this refqsr-engine reads {ARTIFACT_FORMAT!r}; {repair}")
 
     # A library built by another TVM / tvm-ffi may fail to load or misbehave: refuse it up front.
     for key, label, current in (("tvm", "TVM", tvm_version()), ("tvm_ffi", "tvm-ffi", tvm_ffi_version())):
         built = man.get(key)
         if built != current:
-            raise RefQSRError(f"artifact {path} built with {label} {built}, this is {label} {current}; {RECOMPILE}")
+            raise RefQSRError(f"artifact {path} built with {label} {built}, this is {label} {current}; {repair}")
 
+    # after the format and versions (which say more about an artifact of another build), before
+    # anything the manifest says is trusted
+    if man.get("manifest_sha256") != manifest_digest(man):
+        raise RefQSRError(f"{mpath} fails its digest check (edited or damaged); {repair}")
     if target is not None:
         built_target = man.get("target")
         if not isinstance(built_target, Mapping):
-            raise RefQSRError(f"artifact {path} records no target, {format_target(target)} was requested; {RECOMPILE}")
+            raise RefQSRError(f"artifact {path} records no target, {format_target(target)} was requested; {repair}")
         if not targets_match(built_target, target):
             raise RefQSRError(
                 f"artifact {path} was compiled for target '{format_target(built_target)}', "
-                f"but target '{format_target(target)}' was requested; {RECOMPILE}"
+                f"but target '{format_target(target)}' was requested; {repair}"
             )
 
     entries = man.get("files")
     if not isinstance(entries, dict) or not all(
         _is_plain_name(n) and n != MANIFEST and isinstance(e, dict) for n, e in entries.items()
     ):
-        raise RefQSRError(f"{mpath} has a malformed file list; {RECOMPILE}")
+        raise RefQSRError(f"{mpath} has a malformed file list; {repair}")
     for name, entry in entries.items():
         fpath = path / name
         if not fpath.is_file():
-            raise RefQSRError(f"artifact {path} is missing {name}; {RECOMPILE}")
+            raise RefQSRError(f"artifact {path} is missing {name}; {repair}")
         # The size check is free and catches truncation even with verify=False.
         if fpath.stat().st_size != entry.get("bytes"):
-            raise RefQSRError(f"artifact file {fpath} has the wrong size (damaged or modified); {RECOMPILE}")
+            raise RefQSRError(f"artifact file {fpath} has the wrong size (damaged or modified); {repair}")
         if verify and sha256_file(fpath) != entry.get("sha256"):
-            raise RefQSRError(f"artifact file {fpath} fails its SHA-256 check (damaged or modified); {RECOMPILE}")
+            raise RefQSRError(f"artifact file {fpath} fails its SHA-256 check (damaged or modified); {repair}")
     return Artifact(path=path, manifest=man)
 
 
@@ -387,14 +406,23 @@ def cache_lock(key: str) -> Iterator[Path]:
     """Hold an exclusive lock on the cache entry ``key`` (``<entry>.lock``) so two processes do
     not compile into it at once; yields the entry path. Blocks until the lock is free."""
     entry = cached_artifact_path(key)
-    entry.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # no flock on this platform: atomic publishing still keeps entries whole
         yield entry
         return
-    # The lock file is never deleted: unlinking it would let a third process lock a new inode.
-    with open(entry.with_name(entry.name + ".lock"), "a+b") as f:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # The lock file is never deleted: unlinking it would let a third process lock a new inode.
+        f = open(entry.with_name(entry.name + ".lock"), "a+b")  # noqa: SIM115 - closed below
+    except OSError as err:
+        if (entry / MANIFEST).is_file():  # a read-only cache that holds the entry: reading needs no lock
+            yield entry
+            return
+        raise RefQSRError(
+            f"cannot write to the cache {cache_dir()} ({err.strerror}); set REFQSR_ENGINE_CACHE to a writable folder"
+        ) from None
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield entry

@@ -7,6 +7,8 @@ from typing import Any
 from ..errors import RefQSRError
 from ..models.bitops import count_bitops, hr_to_lr, parse_size
 from ..models.registry import arch_config
+from ..pipeline.bitops import Precision
+from ..pipeline.tiling import make_grid
 
 COUNTED = (
     "counted: 2*MACs*(b_w/32)*(b_a/32) over the quantized block convs (ResBlocks; ELAN: LFEs); "
@@ -25,6 +27,15 @@ def bitops_rows(
     settings = [b.strip() for b in bits.split(",") if b.strip()]
     if not settings:
         raise RefQSRError("--bits is empty: give e.g. 8, or a list such as 32,8,4,8-4")
+    for b in settings:  # an unsupported setting is named before anything else is asked for
+        try:
+            Precision.parse(b)
+        except ValueError as err:
+            raise RefQSRError(str(err)) from None
+    if patch != 0:
+        make_grid(1, 1, patch, overlap)  # patch and overlap checked (0 = the whole image)
+    elif overlap < 0:
+        raise RefQSRError(f"overlap must be >= 0, got {overlap}")
     if any("-" in b for b in settings) and ref_fraction is None:
         raise RefQSRError("RefQSR bits need --ref-fraction (the share of reference patches, e.g. 0.35)")
     try:

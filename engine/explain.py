@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import RefQSRError
+from ..pipeline.clustering import check_tau
+from ..pipeline.tiling import check_engine_patch
 
 DISPLAY_LONG_SIDE = 1024  # the picture's long side is about this (integer display scale, 1..8)
 ISOLATED_RGB = (150, 150, 150)
@@ -211,10 +213,8 @@ def explain_file(
 
     fmt = output_format(dst)  # a bad output path fails before any work
     make_grid(1, 1, patch, overlap)  # as do bad patch/overlap values
-    if patch < 15:
-        raise RefQSRError("the ClustBlock needs patches of at least 15 px")
-    if tau is not None and not -1.0 <= tau <= 1.0:
-        raise RefQSRError(f"--tau is a cosine-similarity threshold in [-1, 1], got {tau}")
+    check_engine_patch(patch)
+    check_tau(tau)
     image = read_image(src, max_pixels)
     clustblock, model_tau = load_clustering_model(model)
     from ..models.clustblock import DEFAULT_TAU
@@ -239,8 +239,8 @@ def explain_file(
     return {
         "input": str(src),
         "output": str(dst),
-        "lr_size": [w, h],
-        "picture_size": [w * scale, h * scale],
+        "lr_size": [h, w],  # (height, width), as upscale reports it
+        "picture_size": [h * scale, w * scale],
         "display_scale": scale,
         **a.summary(),
         "roles": a.roles,

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
 from ..errors import RefQSRError
-from ..files import publish
+from ..files import owned_temp_prefix, publish, remove_stale_temps
 
 DEFAULT_MAX_PIXELS = 64_000_000  # LR pixels; ~8K x 8K, far above any sensible SR input
 
@@ -110,8 +110,41 @@ class LoadedImage:
     info: dict  # "icc_profile" / "exif" (bytes) to carry over where the format allows
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
-    """Read any image Pillow knows (first frame), upright per its EXIF orientation."""
+#: what a run needs besides its output image: the engine, one batch's intermediates (measured:
+#: 1.8 GiB above the baseline for an 8K output at batch 8), headroom
+WORKING_BYTES = 3 << 30
+
+
+def output_bytes(width: int, height: int, scale: int) -> int:
+    """Bytes the upscaled image takes while it is merged: float32 RGB and alpha at ``scale``x."""
+    return width * height * scale * scale * 4 * 4
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_output_fits(path: Path, width: int, height: int, scale: int) -> None:
+    """Refuse, before any work, an image whose upscaled output would not fit in this machine's memory."""
+    need, have = output_bytes(width, height, scale), available_bytes()
+    if have is not None and need + WORKING_BYTES > have:
+        raise RefQSRError(
+            f"{path}: {width}x{height} upscaled x{scale} needs about {(need + WORKING_BYTES) / 2**30:.1f} GiB "
+            f"of memory, {have / 2**30:.1f} GiB is available"
+        )
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, output_scale: int | None = None) -> LoadedImage:
+    """Read any image Pillow knows (first frame), upright per its EXIF orientation. With
+    ``output_scale``, first check that its upscaled output fits in memory (:func:`check_output_fits`)."""
     path = Path(path)
     if not path.exists():
         raise RefQSRError(f"input not found: {path}")
@@ -129,6 +162,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
                     )
                 if im.width == 0 or im.height == 0:
                     raise RefQSRError(f"{path}: the image is empty (0 pixels)")
+                if output_scale is not None:
+                    check_output_fits(path, im.width, im.height, output_scale)
                 mode, rawmode = im.mode, _rawmode(im)  # the tile list is gone after load()
                 im.load()
                 data, bit_depth = _decode(im, path, rawmode)
@@ -200,7 +235,8 @@ def write_image(
         icc = None
     exif = info.get("exif") if fmt != "BMP" else None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+        remove_stale_temps(path.parent, f".{path.name}")  # left by a process killed while writing
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=owned_temp_prefix(f".{path.name}"), suffix=path.suffix)
     except OSError as err:
         raise RefQSRError(f"cannot write to {path.parent}: {err.strerror}") from None
     os.close(fd)
@@ -273,8 +309,11 @@ def list_images(folder: Path) -> list[Path]:
 
 def output_path_for(src: Path, out_dir: Path, ext: str | None) -> Path:
     """Where the batch mode writes ``src``: same stem in ``out_dir``, extension ``ext`` ("png" or
-    ".png") or the input's own; never the input file itself."""
+    ".png") or the input's own (a format that is read but not written, GIF, becomes PNG); never
+    the input file itself."""
     suffix = src.suffix if ext is None else "." + ext.lstrip(".")
+    if ext is None and suffix.lower() not in OUTPUT_FORMATS and suffix.lower() in INPUT_EXTENSIONS:
+        suffix = ".png"
     if suffix.lower() not in OUTPUT_FORMATS:
         raise RefQSRError(
             f"cannot write {suffix or 'extension-less'} files for {src.name}: choose .png, .jpg, .webp, .tif or .bmp"

@@ -22,7 +22,7 @@ from ..pipeline.bitops import PatchBits
 from ..pipeline.clustering import Clustering, assign_references
 from ..pipeline.model_info import ModelInfo
 from . import tvm_runtime
-from .artifact import Artifact, format_target, load_artifact
+from .artifact import RECOMPILE, Artifact, format_target, load_artifact
 
 PAD_LOGIT = -1.0e30
 RECOMPILE_HINT = "rebuild it with refqsr-engine compile (or upscale --recompile)"
@@ -97,8 +97,15 @@ class CompiledModel:
         self.chosen: list[list[PatchBits]] | None = [] if self.dynamic_graphs else None
 
     @classmethod
-    def load(cls, path: str | Path, target: Mapping[str, Any] | None = None, tau: float | None = None) -> CompiledModel:
-        return cls(load_artifact(path, target=target), tau)
+    def load(
+        cls,
+        path: str | Path,
+        target: Mapping[str, Any] | None = None,
+        tau: float | None = None,
+        repair: str = RECOMPILE,
+    ) -> CompiledModel:
+        """Load and check the artifact at ``path``; a refusal ends in ``repair`` (what to do)."""
+        return cls(load_artifact(path, target=target, repair=repair), tau)
 
     # -- plumbing --------------------------------------------------------------------------------
     def plan(self, n: int) -> list[int]:

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import RefQSRError
+from ..pipeline.clustering import check_tau
 from ..pipeline.model_info import ModelInfo
 from ..pipeline.patchwise import PatchRunner, run_patchwise
-from ..pipeline.tiling import make_grid
+from ..pipeline.tiling import check_engine_patch, make_grid
 from .image_io import (
     DEFAULT_MAX_PIXELS,
     LoadedImage,
@@ -65,7 +66,7 @@ def compiled_engine(opts: UpscaleOptions, say: Say | None = None) -> tuple[Any, 
     """The cached compiled artifact of ``opts.model`` for this host (compiled now if missing or
     ``opts.recompile``), loaded; returns (CompiledModel, compiled_now). A compile is announced
     through ``say`` (what, for which device, about how long, where it is cached), then its stages."""
-    from .artifact import cache_dir, cache_key, cache_lock
+    from .artifact import REPAIR_CACHED, cache_dir, cache_key, cache_lock
     from .compiler.options import CompileOptions, artifact_cache_parts
     from .host_target import host_mcpu_cached
     from .models_store import resolve_model
@@ -78,7 +79,9 @@ def compiled_engine(opts: UpscaleOptions, say: Say | None = None) -> tuple[Any, 
         bits=opts.bits,
         patch=opts.patch,
         batch=opts.batch,
-        threads=opts.threads,
+        # built for every core of this machine; --threads only sizes the thread pool at run time, so
+        # it never makes a second cache entry
+        threads=None,
         float_math=opts.float_math,
     )
     key = cache_key(**artifact_cache_parts(copts))
@@ -104,9 +107,9 @@ def compiled_engine(opts: UpscaleOptions, say: Say | None = None) -> tuple[Any, 
                 name = resolve_model(opts.model).stem
                 say(f"compiling {name} for {device} ({why}, {expected}; cached in {cache_dir()})")
             t0 = time.perf_counter()
-            compile_model(copts, entry, say)
+            compile_model(copts, entry, say, owned=True)
             compile_time.record(copts.target, stages, time.perf_counter() - t0)
-        return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau), fresh
+        return CompiledModel.load(entry, target=copts.target_dict(), tau=opts.tau, repair=REPAIR_CACHED), fresh
 
 
 def prebuilt_engine(opts: UpscaleOptions) -> Any:
@@ -148,6 +151,9 @@ class Upscaler:
             raise RefQSRError(f"unknown engine {opts.engine!r}: choose torch or tvm")
         if opts.artifact is not None and opts.engine != "tvm":
             raise RefQSRError("--artifact applies to --engine tvm")
+        check_tau(opts.tau)
+        if opts.patch is not None:
+            check_engine_patch(opts.patch, compiled=opts.engine == "tvm")
         if opts.artifact is None:
             opts = dataclasses.replace(opts, patch=opts.patch or DEFAULT_PATCH, batch=opts.batch or DEFAULT_BATCH)
             make_grid(1, 1, opts.patch, opts.overlap)  # bad patch/overlap fail here, not once per image
@@ -179,7 +185,7 @@ class Upscaler:
         """Upscale one image file x4 and write it atomically; returns a report."""
         t0 = time.perf_counter()
         check_paths(src, dst)
-        image = read_image(src, self.opts.max_pixels)
+        image = read_image(src, self.opts.max_pixels, self.info.scale)
         return self.upscale_image(image, src, dst, progress, time.perf_counter() - t0)
 
     def upscale_image(
@@ -243,7 +249,8 @@ def upscale_file(
     at once. ``say`` receives the compile announcement and stages when the engine is compiled first."""
     t0 = time.perf_counter()
     check_paths(src, dst)
-    image = read_image(src, opts.max_pixels)
+    # checked before the engine loads, at x4 (the presets' scale; a model file may set another)
+    image = read_image(src, opts.max_pixels, 4)
     read_seconds = time.perf_counter() - t0
     return Upscaler(opts, say).upscale_image(image, src, dst, progress, read_seconds)
 
@@ -263,7 +270,14 @@ def upscale_folder(
     images = list_images(src_dir)
     if not images:
         raise RefQSRError(f"no images in {src_dir}")
-    dst_dir.mkdir(parents=True, exist_ok=True)
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise RefQSRError(f"output {dst_dir} is a file: give a folder for a folder of images")
+    try:
+        dst_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RefQSRError(f"cannot create the output folder {dst_dir}: {err.strerror}") from None
+    if not os.access(dst_dir, os.W_OK | os.X_OK):
+        raise RefQSRError(f"output folder is not writable: {dst_dir}")
     upscaler = Upscaler(opts, say)
     done, skipped = [], []
     for src in images:

@@ -131,15 +131,8 @@ def bits_label(cfg: dict[str, Any]) -> str:
     return str(bits[0]) if cfg.get("scheme") and bits else "32"
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The rebuild config of a model file without building the model."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return dict(payload["config"])
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved at ``path`` (eval mode, float32) and return it with its card."""
-    path = Path(path)
+def _read_payload(path: Path) -> dict[str, Any]:
+    """A model file's contents, loaded weights-only (a pickle that would run code is refused)."""
     if not path.is_file():
         raise RefQSRError(f"model file not found: {path}")
     try:
@@ -148,6 +141,18 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise RefQSRError(f"{path} is not a readable model file ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RefQSRError(f"{path} is not a refqsr-engine model (expected format {FORMAT})")
+    return payload
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The rebuild config of a model file without building the model."""
+    return dict(_read_payload(Path(path))["config"])
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` (eval mode, float32) and return it with its card."""
+    path = Path(path)
+    payload = _read_payload(path)
     model = build_from_config(payload["config"])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
     try:

@@ -44,6 +44,12 @@ class Clustering:
         return int((self.is_reference & ~targeted).sum())
 
 
+def check_tau(tau: float | None) -> None:
+    """A user's tau: a cosine-similarity threshold, so in [-1, 1] (NaN refused)."""
+    if tau is not None and not -1.0 <= tau <= 1.0:
+        raise ValueError(f"--tau is a cosine-similarity threshold in [-1, 1], got {tau}")
+
+
 def assign_references(argmax: np.ndarray, similarity: np.ndarray, tau: float = DEFAULT_TAU) -> Clustering:
     """The O(N) bookkeeping after the arg-max (shared by the PyTorch path and the compiled kernel)."""
     argmax = np.asarray(argmax).astype(np.int64).reshape(-1)

@@ -65,6 +65,22 @@ def _axis_origins(length: int, patch: int, stride: int) -> tuple[int, ...]:
     return tuple(origins)
 
 
+#: The engine's patch sizes: ClustBlock's stride-3 convs and RefER's 3 x 3 pooling need a multiple
+#: of 3 and at least 15 px; above 384 px one batch's HR intermediates (64 channels at 4x the patch)
+#: take gigabytes, and larger patches gain nothing.
+ENGINE_PATCH = (15, 384)
+
+
+def check_engine_patch(patch: int, compiled: bool = True) -> int:
+    """``patch`` if the engine can run it, else a one-line error that states the rule. The PyTorch
+    reference (``compiled`` False) runs any size from MIN_PATCH up to the same maximum."""
+    lo, hi = ENGINE_PATCH if compiled else (MIN_PATCH, ENGINE_PATCH[1])
+    if not isinstance(patch, int) or not lo <= patch <= hi or (compiled and patch % 3):
+        rule = f"a multiple of 3 in {lo}..{hi}" if compiled else f"in {lo}..{hi} (--engine torch)"
+        raise RefQSRError(f"--patch must be {rule}, got {patch}")
+    return patch
+
+
 def make_grid(height: int, width: int, patch: int, overlap: int) -> PatchGrid:
     """Grid of same-size patches with stride patch - overlap (last patch shifted to the edge)."""
     height = _check_int("height", height, 1)

@@ -16,11 +16,13 @@ from refqsr_engine import __version__
 from refqsr_engine.engine import artifact as art
 from refqsr_engine.engine.artifact import (
     ARTIFACT_FORMAT,
+    REPAIR_CACHED,
     cache_dir,
     cache_key,
     cache_lock,
     cached_artifact_path,
     load_artifact,
+    manifest_digest,
     sha256_file,
     write_artifact,
 )
@@ -40,10 +42,26 @@ def _make(tmp_path: Path, name: str = "art", **extra) -> tuple[Path, dict[str, b
     return out, contents
 
 
-def _edit_manifest(path: Path, **changes) -> None:
+def _edit_manifest(path: Path, resign: bool = True, **changes) -> None:
+    """Change manifest fields; ``resign`` also updates its digest (a consistent manifest, to reach
+    the checks after the digest's)."""
     man = json.loads((path / "manifest.json").read_text())
     man.update(changes)
+    if resign:
+        man["manifest_sha256"] = manifest_digest(man)
     (path / "manifest.json").write_text(json.dumps(man))
+
+
+def test_an_edited_manifest_field_fails_the_digest(tmp_path):
+    out, _ = _make(tmp_path)
+    load_artifact(out)
+    _edit_manifest(out, resign=False, tau=1.9)
+    with pytest.raises(RefQSRError, match="digest"):
+        load_artifact(out)
+    with pytest.raises(RefQSRError, match="upscale ... --recompile"):
+        load_artifact(out, repair=REPAIR_CACHED)
+    _edit_manifest(out, resign=True)
+    load_artifact(out)
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

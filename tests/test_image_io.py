@@ -333,5 +333,6 @@ def test_list_images_and_output_path_for(tmp_path):
     assert output_path_for(tmp_path / "a.jpg", out, ".tif") == out / "a.tif"
     with pytest.raises(RefQSRError, match="overwrite the input"):
         output_path_for(tmp_path / "a.jpg", tmp_path, None)
+    assert output_path_for(tmp_path / "x.gif", out, None) == out / "x.png"  # GIF is read, not written
     with pytest.raises(RefQSRError, match="cannot write .gif"):
-        output_path_for(tmp_path / "x.gif", out, None)
+        output_path_for(tmp_path / "x.png", out, "gif")

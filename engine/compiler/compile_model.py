@@ -26,12 +26,14 @@ import tvm
 
 from ...errors import RefQSRError
 from ...export.onnx_export import export_refqsr, export_sr
+from ...files import owned_temp_prefix, remove_stale_temps
 from ...kernels.amx import target_has_amx
 from ...kernels.cluster_kernels import cluster_primfunc
 from ...kernels.host_cpu import required_cpu_flags
 from ...models.checkpoint import bits_label, load_model, model_config
 from ...models.model_info import describe
 from ...models.refqsr import RefQSR
+from ...pipeline.tiling import check_engine_patch
 from ..artifact import sha256_file, write_artifact
 from ..models_store import resolve_model
 from .build import build_graph
@@ -66,11 +68,14 @@ def graph_file(name: str, batch: int) -> str:
     return f"{name}_b{batch}.so"
 
 
+#: compiled batch sizes (``--batch``)
+BATCH_RANGE = (1, 256)
+
+
 def _check_patch(patch: int, batch: int) -> None:
-    if patch < 15 or patch % 3:
-        raise RefQSRError(f"--patch must be a multiple of 3 and >= 15 (got {patch})")
-    if not 1 <= batch <= 256:
-        raise RefQSRError(f"--batch must be in 1..256 (got {batch})")
+    check_engine_patch(patch)
+    if not BATCH_RANGE[0] <= batch <= BATCH_RANGE[1]:
+        raise RefQSRError(f"--batch must be in {BATCH_RANGE[0]}..{BATCH_RANGE[1]} (got {batch})")
 
 
 def _build_cluster_library(classes: int, target: tvm.target.Target, path: Path) -> list[int]:
@@ -207,8 +212,11 @@ def _dynamic_convs(graphs: dict[str, Path]) -> dict[str, list[str]] | None:
     return found or None
 
 
-def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report."""
+def compile_model(
+    opts: CompileOptions, out: str | Path, progress: Progress | None = None, owned: bool = False
+) -> dict[str, Any]:
+    """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report.
+    ``owned``: ``out`` is a cache entry, replaced even when damaged."""
     say = progress or (lambda msg: None)
     _check_patch(opts.patch, opts.batch)
     target_dict = opts.target_dict()
@@ -221,7 +229,8 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
     report: dict[str, Any] = {"graphs": {}, "seconds": {}}
     refqsr = isinstance(model, RefQSR)
     step = _Stages(say, compile_stages(3 if refqsr else 1, opts.batch, opts.target, refqsr))
-    with tempfile.TemporaryDirectory(prefix="refqsr-compile-") as tmp_name:
+    remove_stale_temps(tempfile.gettempdir(), "refqsr-compile")  # left by compiles that were killed
+    with tempfile.TemporaryDirectory(prefix=owned_temp_prefix("refqsr-compile")) as tmp_name:
         tmp = Path(tmp_name)
         step("exporting ONNX graphs")
         t = time.perf_counter()
@@ -287,7 +296,7 @@ def compile_model(opts: CompileOptions, out: str | Path, progress: Progress | No
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
         step("writing the artifact")
-        write_artifact(out, files, manifest)
+        write_artifact(out, files, manifest, owned)
     report["artifact"] = str(out)
     report["seconds"] = {k: round(v, 2) for k, v in report["seconds"].items()}
     return report
