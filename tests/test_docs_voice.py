@@ -19,7 +19,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = ("benchmarks", "core", "engine", "export", "kernels", "metrics", "models", "training", "research")
+PACKAGE_DIRS = (
+    "benchmarks",
+    "cli",
+    "core",
+    "engine",
+    "export",
+    "gpucheck",
+    "kernels",
+    "metrics",
+    "models",
+    "pipeline",
+    "training",
+    "research",
+)
 
 DIARY = re.compile(
     r"\bsessions?\b|\bwork periods?\b|\bloans?\b|\bon loan\b|\bleases?\b|\bleased\b|\bborrowed\b|\blent\b"

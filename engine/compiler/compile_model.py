@@ -213,10 +213,15 @@ def _dynamic_convs(graphs: dict[str, Path]) -> dict[str, list[str]] | None:
 
 
 def compile_model(
-    opts: CompileOptions, out: str | Path, progress: Progress | None = None, owned: bool = False
+    opts: CompileOptions,
+    out: str | Path,
+    progress: Progress | None = None,
+    owned: bool = False,
+    keep_onnx: bool = True,
 ) -> dict[str, Any]:
     """Compile ``opts.model`` into the artifact directory ``out``; returns the compile report.
-    ``owned``: ``out`` is a cache entry, replaced even when damaged."""
+    ``owned``: ``out`` is a cache entry, replaced even when damaged. ``keep_onnx``: also store
+    the ONNX graphs that were compiled (running the artifact does not need them)."""
     say = progress or (lambda msg: None)
     _check_patch(opts.patch, opts.batch)
     target_dict = opts.target_dict()
@@ -241,7 +246,8 @@ def compile_model(
 
             graphs = export_sr(model, model_bits(model), tmp / "onnx", opts.patch)
         report["seconds"]["export"] = time.perf_counter() - t
-        files: dict[str, Path] = {f"{name}.onnx": path for name, path in graphs.items()}  # the graphs compiled
+        # the graphs compiled, for inspection
+        files: dict[str, Path] = {f"{name}.onnx": path for name, path in graphs.items()} if keep_onnx else {}
         jobs = [
             (name, str(path), b, str(tmp / graph_file(name, b)))
             for name, path in graphs.items()

@@ -1,0 +1,266 @@
+"""`python -m gpucheck prepare`: on this machine (no GPU needed), everything the GPU host needs.
+
+1. The default model and DDTB-4 compiled for ``--arch`` (CUDA artifacts, without ONNX copies).
+2. Standalone integer conv kernels (dp4a u8/s8, int4 mma u4/s4) built for ``--arch``, with
+   worst-case operands, their expected outputs (the numpy/PyTorch reference) and the map from the
+   kernels' packed output layout to NCHW, so the host checks them bit for bit without TVM.
+3. TVM's runtime libraries (``libtvm_runtime``, its CUDA module, the CUDA runtime they link) and
+   the cp312 ``apache-tvm-ffi`` wheel.
+4. Packed into one xz archive; the working tree plus the archive must fit the carry limit.
+5. Static checks: the integer instructions each graph's device code uses, no local-memory spills
+   in the standalone kernels' PTX, and a runtime-only load of the bundle in a fresh process with a
+   libcuda stub (no TVM package, no PyTorch imported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import BUNDLE, CARRY_LIMIT, DESCRIPTION, CheckError
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {"default": "srresnet_ddtb_refqsr84", "ddtb4": "srresnet_ddtb4"}
+PATCH, BATCH = 96, 16
+CUDART = "libcudart.so.13"
+# the instructions that say which units a graph's convs run on
+PTX_OPS = {
+    "dp4a": r"\bdp4a\.",
+    "mma_s4": r"mma\.sync\.aligned\.\w+\.row\.col\.s32\.[us]4\.s4",
+    "mma_s8": r"mma\.sync\.aligned\.\w+\.row\.col\.s32\.[us]8\.s8",
+    "mma_f16": r"mma\.sync\.aligned\.\w+\.row\.col\.f32\.f16\.f16",
+    "fma_f32": r"\bfma\.rn\.f32\b",
+    "local_memory": r"\b(ld|st)\.local\b",
+}
+
+
+def tree_bytes() -> int:
+    """Bytes of what is carried with the tree: tracked files and untracked ones git does not ignore."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return sum((REPO / f).stat().st_size for f in out.decode().split("\0") if f and (REPO / f).is_file())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compile_models(into: Path, arch: str, say) -> dict[str, Any]:
+    from refqsr_engine.engine.compiler.compile_model import compile_model
+    from refqsr_engine.engine.compiler.options import CompileOptions
+
+    reports = {}
+    for key, model in MODELS.items():
+        say(f"compiling {model} for cuda {arch}")
+        opts = CompileOptions(model=model, target="cuda", arch=arch, patch=PATCH, batch=BATCH)
+        report = compile_model(opts, into / key, keep_onnx=False)
+        reports[key] = {"model": model, "seconds": report["seconds"]["total"], "graphs": report["graphs"]}
+    return reports
+
+
+def instruction_counts(code: str, patterns: dict[str, str]) -> dict[str, int]:
+    return {name: len(re.findall(rx, code)) for name, rx in patterns.items()}
+
+
+def device_code_checks(artifacts: Path) -> dict[str, Any]:
+    """Per artifact and graph, the integer instructions its device code uses, as the compiler
+    counted them (``device_code`` of the manifest): every RefQSR/DDTB graph must run integer convs."""
+    out: dict[str, Any] = {}
+    for art in sorted(p for p in artifacts.iterdir() if p.is_dir()):
+        manifest = json.loads((art / "manifest.json").read_text())
+        counts = manifest.get("device_code") or {}
+        if not counts or not all(sum(c.values()) > 0 for c in counts.values()):
+            raise CheckError(f"{art.name}: a graph has no integer instruction in its device code ({counts})")
+        out[art.name] = counts
+    return out
+
+
+def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
+    """The integer conv kernels the graphs use, standalone, with worst-case operands: every
+    activation at its extreme in sample 0 and on the border, half the filters at the most
+    negative weight; the expected output from a float64 PyTorch conv (exact below 2**53)."""
+    import torch
+    from refqsr_engine.kernels import conv2d_cuda as cc
+
+    into.mkdir(parents=True)
+    shape = cc.Conv2dCudaShape(2, 64, 64, 24, 24)
+    rows = []
+    for variant, signed in (("dp4a", False), ("dp4a", True), ("s4mma", False), ("s4mma", True)):
+        name = f"{variant}_{'s' if signed else 'u'}"
+        say(f"building kernel {name} for {arch}")
+        kernel = cc.build_conv2d_cuda(shape, variant, arch, signed)
+        bits = 8 if variant == "dp4a" else 4
+        a_lo, a_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        w_lo, w_hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        rng = np.random.default_rng(7)
+        x = rng.integers(a_lo, a_hi + 1, (shape.batch, shape.in_ch, shape.height, shape.width))
+        w = rng.integers(w_lo, w_hi + 1, (shape.out_ch, shape.in_ch, shape.kernel, shape.kernel))
+        pad = a_lo if signed else a_hi
+        x[0] = pad
+        w[: shape.out_ch // 2] = w_lo
+        a, wp = kernel.pack_activations(x, pad), kernel.pack_weights(w)
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=pad).astype(np.float64)
+        expected = torch.nn.functional.conv2d(torch.from_numpy(xp), torch.from_numpy(w.astype(np.float64)))
+        out_shape = shape.out_shape(variant)
+        order = cc.unpack_output(np.arange(int(np.prod(out_shape)), dtype=np.int64).reshape(out_shape), variant)
+        lib = into / f"{name}.so"
+        kernel.executable.export_library(str(lib))
+        np.savez(
+            into / f"{name}.npz",
+            a=a,
+            w=wp,
+            expected=expected.numpy().astype(np.int64),
+            order=order.astype(np.int64),
+            out_shape=np.array(out_shape),
+        )
+        ptx = instruction_counts(kernel.device_code, PTX_OPS)
+        if ptx["local_memory"]:
+            raise CheckError(f"kernel {name}: {ptx['local_memory']} local-memory instructions (register spills)")
+        rows.append({"name": name, "lib": lib.name, "variant": variant, "signed": signed, "ptx": ptx})
+    return rows
+
+
+def runtime_files(lib: Path, wheels: Path) -> dict[str, str]:
+    """TVM's runtime libraries, the CUDA runtime they link and the cp312 tvm_ffi wheel."""
+    import tvm_ffi
+
+    lib.mkdir(parents=True)
+    wheels.mkdir(parents=True)
+    spec_lib = Path(next(iter(__import__("importlib").util.find_spec("tvm").submodule_search_locations))) / "lib"
+    for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+        shutil.copy(spec_lib / name, lib / name)
+    cudart = next((p for p in _cudart_candidates() if p.is_file()), None)
+    if cudart is None:
+        raise CheckError(f"no {CUDART} found (install the CUDA 13 toolkit or the nvidia-cuda-runtime wheel)")
+    shutil.copy(cudart.resolve(), lib / CUDART)
+    version = metadata.version("apache-tvm-ffi")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), f"apache-tvm-ffi=={version}"]
+    cmd += ["--python-version", "3.12", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not list(wheels.glob("*.whl")):
+        raise CheckError(f"cannot download the cp312 apache-tvm-ffi {version} wheel: {proc.stderr.strip()[-200:]}")
+    return {"apache-tvm": metadata.version("apache-tvm"), "apache-tvm-ffi": version, "tvm_ffi": tvm_ffi.__version__}
+
+
+def _cudart_candidates() -> list[Path]:
+    found = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        found.append(Path(nvcc).resolve().parents[1] / "lib64" / CUDART)
+    found += [Path("/usr/local/cuda/lib64") / CUDART, Path("/usr/lib/x86_64-linux-gnu") / CUDART]
+    return found
+
+
+STATIC_LOAD = r"""
+import json, sys
+sys.modules["tvm"] = None  # the TVM package must not be needed
+sys.modules["torch"] = None
+sys.path.insert(0, sys.argv[1])
+from refqsr_engine.engine import tvm_runtime
+from refqsr_engine.engine.artifact import load_artifact
+from refqsr_engine.errors import RefQSRError
+tvm_runtime.load_runtime(cuda=True)
+ffi = tvm_runtime.load_runtime()
+assert ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None
+loaded = {p: sorted(load_artifact(p).manifest["files"]) for p in sys.argv[2:]}
+try:
+    tvm_runtime.device("cuda")
+    device = "found"
+except RefQSRError as err:
+    device = str(err)
+heavy = sorted(m for m in sys.modules if m.startswith(("torch", "tvm.")) and sys.modules[m] is not None)
+print(json.dumps({"artifacts": loaded, "device": device, "modules": heavy}))
+"""
+
+
+def static_load_check(unpacked: Path, work: Path) -> dict[str, Any]:
+    """Load the bundle's runtime and artifacts in a fresh process that cannot import TVM or PyTorch,
+    against a libcuda stub (this machine has no driver): libraries resolve, artifacts verify."""
+    from refqsr_engine.kernels import cuda_toolchain
+
+    from .bundle import PACKAGES
+
+    stub = cuda_toolchain._build_stub()
+    site = work / "site"
+    pkg = site / "refqsr_engine"
+    pkg.mkdir(parents=True)
+    for f in (REPO / "core").glob("*.py"):
+        shutil.copy(f, pkg / f.name)
+    for folder, name in PACKAGES.items():
+        (pkg / name).symlink_to(REPO / folder)
+    env = {"LD_LIBRARY_PATH": str(stub.parent), "REFQSR_ENGINE_TVM_LIB": str(unpacked / "lib"), "PATH": "/usr/bin:/bin"}
+    arts = [str(p) for p in sorted((unpacked / "artifacts").iterdir())]
+    proc = subprocess.run(
+        [sys.executable, "-c", STATIC_LOAD, str(site), *arts], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise CheckError(f"the bundle does not load without TVM: {proc.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(proc.stdout)
+    if result["modules"]:
+        raise CheckError(f"loading the bundle imported {result['modules']}")
+    return result
+
+
+def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
+    def say(msg: str) -> None:
+        print(f"gpucheck: {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="gpucheck-") as tmp_name:
+        stage = Path(tmp_name) / "bundle"
+        compiled = compile_models(stage / "artifacts", arch, say)
+        kernels = build_kernels(stage / "kernels", arch, say)
+        versions = runtime_files(stage / "lib", stage / "wheels")
+        (stage / "versions.json").write_text(json.dumps(versions))
+        device_code = device_code_checks(stage / "artifacts")
+        say("runtime-only load of the bundle (libcuda stub)")
+        static = static_load_check(stage, Path(tmp_name))
+        say("packing")
+        with tarfile.open(out / BUNDLE, "w:xz", preset=6) as tar:
+            for item in sorted(stage.iterdir()):
+                tar.add(item, arcname=item.name)
+        sizes = {str(p.relative_to(stage)): p.stat().st_size for p in sorted(stage.rglob("*")) if p.is_file()}
+    tree, bundle = tree_bytes(), (out / BUNDLE).stat().st_size
+    description = {
+        "arch": arch,
+        "models": compiled,
+        "kernels": kernels,
+        "versions": versions,
+        "device_code": device_code,
+        "static_load": static,
+        "files": sizes,
+        "bundle_bytes": bundle,
+        "bundle_sha256": _sha256(out / BUNDLE),
+        "tree_bytes": tree,
+        "carry_bytes": tree + bundle,
+        "carry_limit": CARRY_LIMIT,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
+    mib = 1 << 20
+    if tree + bundle > CARRY_LIMIT:
+        raise CheckError(
+            f"the tree ({tree / mib:.1f} MiB) plus the bundle ({bundle / mib:.1f} MiB) exceed "
+            f"the {CARRY_LIMIT / mib:.0f} MiB that can be carried"
+        )
+    say(f"wrote {out}: bundle {bundle / mib:.1f} MiB, with the tree {(tree + bundle) / mib:.1f} MiB")
+    return description

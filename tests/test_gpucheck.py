@@ -1,0 +1,94 @@
+"""The GPU check's measuring code, run on a CPU artifact (the same functions run on CUDA on a GPU
+host), its refusal without a GPU, and the bundle `prepare` writes (slow: two CUDA compiles)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from compile_helpers import compile_saved, small_refqsr
+from refqsr_engine.engine.runtime import CompiledModel
+from refqsr_engine.models.registry import build_sr
+
+from gpucheck import run as gpurun
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH, BATCH = 24, 4
+
+
+@pytest.fixture(scope="module")
+def cpu_engines(tmp_path_factory):
+    """A small RefQSR and a small DDTB-4 network, each compiled for this CPU, with the PyTorch model."""
+    root = tmp_path_factory.mktemp("gpucheck")
+    refqsr = small_refqsr("ddtb", seed=4)
+    torch.manual_seed(0)
+    sr = build_sr("srresnet", "ddtb", (4,), n_blocks=2, n_feats=16)
+    sr.train()
+    sr(torch.rand(4, 3, PATCH, PATCH))  # quantizer ranges
+    sr.eval()
+    return {
+        name: (CompiledModel.load(compile_saved(model, root / name, PATCH, BATCH)[0]), model)
+        for name, model in (("refqsr", refqsr), ("sr", sr))
+    }
+
+
+def test_graph_checks_pass_for_a_correct_engine_and_fail_for_a_wrong_one(cpu_engines):
+    engine, model = cpu_engines["refqsr"]
+    rows = gpurun.check_graphs(engine, model, torch.device("cpu"), BATCH)
+    assert set(rows) == {"clustblock", "reference", "query"} and gpurun.graphs_pass(rows), rows
+    assert rows["clustblock"]["assignment_equal"] and rows["reference"]["psnr_db"] >= 50
+    engine_sr, model_sr = cpu_engines["sr"]
+    assert gpurun.graphs_pass(gpurun.check_graphs(engine_sr, model_sr, torch.device("cpu"), BATCH))
+    other = small_refqsr("ddtb", seed=5)  # another network's weights: the check must fail
+    assert not gpurun.graphs_pass(gpurun.check_graphs(engine, other, torch.device("cpu"), BATCH))
+
+
+def test_timing_and_kernel_profile(cpu_engines):
+    engine, _ = cpu_engines["refqsr"]
+    times = gpurun.time_engine_graphs(engine, lambda: None, runs=3)
+    assert set(times) == {"clustblock", "reference", "query"}
+    assert all(0 < t["min_ms"] <= t["median_ms"] <= t["p90_ms"] for t in times.values())
+    profile = gpurun.kernel_profile(engine, "query", lambda: None)
+    assert profile and all(r["calls"] >= 1 and r["ms"] >= 0 for r in profile)
+    assert [r["ms"] for r in profile] == sorted((r["ms"] for r in profile), reverse=True)
+    assert any("conv" in r["function"] or "fused" in r["function"] for r in profile)
+    # the instrument is removed afterwards: a plain run still works and returns the same
+    x = gpurun.photo_patches(BATCH, PATCH)
+    np.testing.assert_array_equal(engine.logits(x), engine.logits(x))
+
+
+def test_timed_reports_sorted_statistics():
+    calls = []
+    t = gpurun.timed(lambda: calls.append(1), lambda: None, runs=20, warmup=2)
+    assert len(calls) == 22 and t["runs"] == 20 and t["min_ms"] <= t["median_ms"] <= t["p90_ms"]
+
+
+def test_run_refuses_without_a_gpu_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpucheck", "run", str(tmp_path / "bundle"), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
+    from gpucheck.prepare import prepare
+
+    desc = prepare(tmp_path / "bundle")
+    assert desc["carry_bytes"] <= desc["carry_limit"]
+    assert desc["static_load"]["modules"] == [] and "no CUDA device" in desc["static_load"]["device"]
+    assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
+    assert {k["name"] for k in desc["kernels"]} == {"dp4a_u", "dp4a_s", "s4mma_u", "s4mma_s"}
+    assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["bundle_sha256"] == desc["bundle_sha256"]
