@@ -126,6 +126,21 @@ def bitops(
 @click.option(
     "--ext", default=None, help="Folder mode: output format (png, jpg, webp, tif, bmp); default: the input's."
 )
+@click.option("--recursive", "-r", is_flag=True, help="Folder mode: subfolders too, mirrored in DST.")
+@click.option("--skip-existing", is_flag=True, help="Folder mode: leave images whose output exists alone.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Folder mode on a Ray cluster (ADDRESS, e.g. ray://head:10001 or auto; alone: a local one).",
+)
+@click.option("--workers", type=click.IntRange(1, 4096), default=2, show_default=True, help="--ray: actors.")
+@click.option("--codec", default=None, help="Video: encoder (default libx264; libvpx-vp9 for .webm).")
+@click.option("--crf", type=float, default=None, help="Video: constant quality (default 18 for x264, 32 for VP9).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, 64), default=0.0, help="--ray: GPUs per actor.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
@@ -146,11 +161,19 @@ def upscale(
     artifact: str | None,
     float_math: str,
     ext: str | None,
+    recursive: bool,
+    skip_existing: bool,
+    ray_address: str | None,
+    workers: int,
+    gpus_per_worker: float,
+    codec: str | None,
+    crf: float | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """Super-resolve SRC x4 into DST (format from DST's extension). With a folder as SRC, every
-    image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed)."""
+    image in it goes to the folder DST (one engine for all; unreadable files are skipped and listed;
+    --ray spreads them over a Ray cluster)."""
     from pathlib import Path
 
     from tqdm import tqdm
@@ -183,10 +206,38 @@ def upscale(
             bar = tqdm(total=total, unit="patch", desc="patches", file=sys.stderr, disable=no_bars, leave=False)
         bar.update(n)
 
+    from ..engine.video import is_video
+
+    if is_video(src) or is_video(dst):
+        if ext is not None or recursive or skip_existing or ray_address is not None:
+            raise RefQSRError("--ext, --recursive, --skip-existing and --ray apply to folders of images, not videos")
+        report = _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            r = report
+            click.echo(
+                f"wrote {dst} ({r['width_out']}x{r['height_out']}, {r['frames']} frames) "
+                f"in {r['seconds']['total']:.1f} s"
+            )
+        return
+    if codec is not None or crf is not None:
+        raise RefQSRError("--codec and --crf apply to videos (SRC and DST .mp4, .mkv, .webm, .mov, ...)")
+    folder_only = {"--recursive": recursive, "--skip-existing": skip_existing, "--ray": ray_address is not None}
+    if not Path(src).is_dir() and any(folder_only.values()):
+        raise RefQSRError(f"{', '.join(k for k, v in folder_only.items() if v)}: folder mode only (SRC a folder)")
+    if ray_address is not None:
+        from ..engine.distributed import upscale_folder_on_ray
+
+        address = None if ray_address == "local" else ray_address
+        report = upscale_folder_on_ray(src, dst, opts, address, workers, gpus_per_worker, ext, recursive, skip_existing)
+        _folder_summary(report, dst, as_json, quiet)
+        return
     if Path(src).is_dir():
         from ..engine.image_io import list_images
 
-        images = tqdm(total=len(list_images(Path(src))), unit="image", desc="images", file=sys.stderr, disable=no_bars)
+        total = len(list_images(Path(src), recursive, exclude=Path(dst)))
+        images = tqdm(total=total, unit="image", desc="images", file=sys.stderr, disable=no_bars)
 
         def on_image(path, report, error) -> None:
             images.update(1)
@@ -194,17 +245,12 @@ def upscale(
                 tqdm.write(f"refqsr-engine: skipped {path.name}: {error}", file=sys.stderr)
 
         try:
-            report = upscale_folder(src, dst, opts, ext, on_image, progress, say)
+            report = upscale_folder(src, dst, opts, ext, on_image, progress, say, recursive, skip_existing)
         finally:
             images.close()
             if bar is not None:
                 bar.close()
-        if as_json:
-            click.echo(json.dumps(report, indent=2))
-        elif not quiet:
-            click.echo(f"wrote {len(report['images'])} images to {dst}; skipped {len(report['skipped'])}")
-        if report["skipped"]:
-            sys.exit(1)
+        _folder_summary(report, dst, as_json, quiet)
         return
     if ext is not None:
         raise RefQSRError("--ext applies to folder mode (SRC a folder); for one file, DST's extension decides")
@@ -217,6 +263,43 @@ def upscale(
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
         click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
+
+
+def _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars) -> dict[str, Any]:
+    """A video through the engine: checked whole (streams, codec, output) before the engine loads."""
+    from tqdm import tqdm
+
+    from ..engine.upscale import Upscaler
+    from ..engine.video import probe_video, upscale_video
+
+    info = probe_video(src, dst, codec=codec, crf=crf)
+    if info["width"] * info["height"] > max_pixels:
+        raise RefQSRError(f"{src}: {info['width']}x{info['height']} frames exceed --max-pixels {max_pixels}")
+    upscaler = Upscaler(opts, say)
+    bar = tqdm(total=info["frames"], unit="frame", desc="frames", file=sys.stderr, disable=no_bars)
+    try:
+        return upscale_video(
+            src,
+            dst,
+            lambda rgb: upscaler.upscale_rgb(rgb)[0],
+            codec=codec,
+            crf=crf,
+            progress=lambda n, total: bar.update(1),
+            say=say,
+        )
+    finally:
+        bar.close()
+
+
+def _folder_summary(report: dict[str, Any], dst: str, as_json: bool, quiet: bool) -> None:
+    """Print a folder run's report; exit status 1 when an image was skipped."""
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        existing = f", {len(report['existing'])} existed" if report.get("existing") else ""
+        click.echo(f"wrote {len(report['images'])} images to {dst}; skipped {len(report['skipped'])}{existing}")
+    if report["skipped"]:
+        sys.exit(1)
 
 
 @main.command("models")

@@ -293,18 +293,31 @@ def _quantize_rows(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: s
     return samples
 
 
-def list_images(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (by extension, any case; hidden files skipped), sorted."""
+def list_images(folder: Path, recursive: bool = False, exclude: Path | None = None) -> list[Path]:
+    """The image files in ``folder`` (by extension, any case; hidden files and folders skipped),
+    sorted; with ``recursive`` also those in its subfolders, except under ``exclude`` (an output
+    folder inside the input one)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RefQSRError(f"not a folder: {folder}")
-    try:
-        entries = list(folder.iterdir())
-    except OSError as err:
-        raise RefQSRError(f"cannot list {folder}: {err.strerror}") from None
-    return sorted(
-        p for p in entries if not p.name.startswith(".") and p.suffix.lower() in INPUT_EXTENSIONS and p.is_file()
-    )
+    skip = exclude.resolve() if exclude is not None else None
+    found: list[Path] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = list(current.iterdir())
+        except OSError as err:
+            raise RefQSRError(f"cannot list {current}: {err.strerror}") from None
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                if recursive and not p.is_symlink() and (skip is None or p.resolve() != skip):
+                    pending.append(p)
+            elif p.suffix.lower() in INPUT_EXTENSIONS and p.is_file():
+                found.append(p)
+    return sorted(found)
 
 
 def output_path_for(src: Path, out_dir: Path, ext: str | None) -> Path:

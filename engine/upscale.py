@@ -23,14 +23,12 @@ import numpy as np
 from ..errors import RefQSRError
 from ..pipeline.clustering import check_tau
 from ..pipeline.model_info import ModelInfo
-from ..pipeline.patchwise import PatchRunner, run_patchwise
+from ..pipeline.patchwise import PatchRunner, PatchwiseResult, run_patchwise
 from ..pipeline.tiling import check_engine_patch, make_grid
 from .image_io import (
     DEFAULT_MAX_PIXELS,
     LoadedImage,
-    list_images,
     output_format,
-    output_path_for,
     read_image,
     upscale_alpha,
     write_image,
@@ -188,6 +186,14 @@ class Upscaler:
         image = read_image(src, self.opts.max_pixels, self.info.scale)
         return self.upscale_image(image, src, dst, progress, time.perf_counter() - t0)
 
+    def upscale_rgb(self, rgb: np.ndarray, progress: Progress | None = None) -> tuple[np.ndarray, PatchwiseResult]:
+        """Super-resolve one H x W x 3 float32 RGB image in [0, 1] (a decoded file or a video frame):
+        the (sH x sW x 3 float32, not clipped) result and the patch-wise run's record."""
+        opts = self.opts
+        lr = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+        result = run_patchwise(self.runner, lr, opts.patch, opts.overlap, opts.batch, progress)
+        return result.image.transpose(1, 2, 0), result
+
     def upscale_image(
         self,
         image: LoadedImage,
@@ -197,17 +203,16 @@ class Upscaler:
         read_seconds: float = 0.0,
     ) -> dict[str, Any]:
         """Upscale an image already read from ``src`` x4 and write it to ``dst`` atomically."""
-        opts, info = self.opts, self.info
+        opts = self.opts
         t_read = time.perf_counter()
-        lr = np.ascontiguousarray(image.rgb.transpose(2, 0, 1))  # float32 in [0, 1], 8- or 16-bit source
         h, w = image.rgb.shape[:2]
-        result = run_patchwise(self.runner, lr, opts.patch, opts.overlap, opts.batch, progress)
+        sr, result = self.upscale_rgb(image.rgb, progress)
         t_run = time.perf_counter()
-        sr = result.image.transpose(1, 2, 0)  # float; write_image clips and quantizes to the output depth
         alpha = upscale_alpha(image.alpha, sr.shape[:2]) if image.alpha is not None else None
         write_image(dst, sr, alpha, gray=image.gray, bit_depth=image.bit_depth, info=image.info)
         t_end = time.perf_counter()
         clustering = result.clustering
+        info = self.info
         bitops = info.image_bitops((h, w), opts.patch, opts.overlap, clustering, result.patch_bits)
         bitops_8 = info.uniform8_bitops((h, w), opts.patch, opts.overlap)
         return {
@@ -263,26 +268,25 @@ def upscale_folder(
     on_image: Callable[[Path, dict[str, Any] | None, str | None], None] | None = None,
     progress: Progress | None = None,
     say: Say | None = None,
+    recursive: bool = False,
+    skip_existing: bool = False,
 ) -> dict[str, Any]:
-    """Upscale every image in ``src_dir`` into ``dst_dir`` with one engine (compiled once). Files
-    that cannot be read or written are skipped and reported, not fatal."""
-    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    images = list_images(src_dir)
-    if not images:
-        raise RefQSRError(f"no images in {src_dir}")
-    if dst_dir.exists() and not dst_dir.is_dir():
-        raise RefQSRError(f"output {dst_dir} is a file: give a folder for a folder of images")
-    try:
-        dst_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RefQSRError(f"cannot create the output folder {dst_dir}: {err.strerror}") from None
-    if not os.access(dst_dir, os.W_OK | os.X_OK):
-        raise RefQSRError(f"output folder is not writable: {dst_dir}")
+    """Upscale every image in ``src_dir`` (``recursive``: and its subfolders, mirrored) into
+    ``dst_dir`` with one engine (compiled once). Files that cannot be read or written are skipped and
+    reported, not fatal; ``skip_existing`` leaves images whose output exists alone."""
+    from .folders import make_parent, plan_folder
+
+    plan = plan_folder(src_dir, dst_dir, ext, recursive, skip_existing)
+    skipped = [{"input": str(src), "error": why} for src, why in plan.refused]
+    for src, why in plan.refused:
+        if on_image is not None:
+            on_image(src, None, why)
     upscaler = Upscaler(opts, say)
-    done, skipped = [], []
-    for src in images:
+    done = []
+    for src, dst in plan.jobs:
         try:
-            report = upscaler.upscale_file(src, output_path_for(src, dst_dir, ext), progress)
+            make_parent(dst)
+            report = upscaler.upscale_file(src, dst, progress)
         except RefQSRError as err:
             skipped.append({"input": str(src), "error": str(err)})
             if on_image is not None:
@@ -291,4 +295,10 @@ def upscale_folder(
         done.append(report)
         if on_image is not None:
             on_image(src, report, None)
-    return {"images": done, "skipped": skipped, "engine": opts.engine, "compiled_now": upscaler.compiled_now}
+    return {
+        "images": done,
+        "skipped": skipped,
+        "existing": [str(p) for p in plan.existing],
+        "engine": opts.engine,
+        "compiled_now": upscaler.compiled_now,
+    }
