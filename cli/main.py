@@ -209,9 +209,12 @@ def upscale(
     from ..engine.video import is_video
 
     if is_video(src) or is_video(dst):
-        if ext is not None or recursive or skip_existing or ray_address is not None:
-            raise RefQSRError("--ext, --recursive, --skip-existing and --ray apply to folders of images, not videos")
-        report = _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars)
+        if ext is not None or recursive or skip_existing:
+            raise RefQSRError("--ext, --recursive and --skip-existing apply to folders of images, not videos")
+        ray = (
+            None if ray_address is None else (None if ray_address == "local" else ray_address, workers, gpus_per_worker)
+        )
+        report = _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars, ray)
         if as_json:
             click.echo(json.dumps(report, indent=2))
         elif not quiet:
@@ -265,8 +268,9 @@ def upscale(
         click.echo(f"wrote {dst} ({report['hr_size'][1]}x{report['hr_size'][0]}) in {report['seconds']['total']:.1f} s")
 
 
-def _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars) -> dict[str, Any]:
-    """A video through the engine: checked whole (streams, codec, output) before the engine loads."""
+def _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars, ray=None) -> dict[str, Any]:
+    """A video through the engine: checked whole (streams, codec, output) before the engine loads;
+    ``ray``: (address, workers, GPUs per worker) to upscale the frames on Ray actors."""
     from tqdm import tqdm
 
     from ..engine.upscale import Upscaler
@@ -275,8 +279,18 @@ def _upscale_video(src, dst, opts, codec, crf, max_pixels, say, no_bars) -> dict
     info = probe_video(src, dst, codec=codec, crf=crf)
     if info["width"] * info["height"] > max_pixels:
         raise RefQSRError(f"{src}: {info['width']}x{info['height']} frames exceed --max-pixels {max_pixels}")
-    upscaler = Upscaler(opts, say)
     bar = tqdm(total=info["frames"], unit="frame", desc="frames", file=sys.stderr, disable=no_bars)
+    if ray is not None:
+        from ..engine.distributed import upscale_video_on_ray
+
+        address, workers, gpus = ray
+        try:
+            return upscale_video_on_ray(
+                src, dst, opts, address, workers, gpus, codec, crf, lambda n, total: bar.update(1), say
+            )
+        finally:
+            bar.close()
+    upscaler = Upscaler(opts, say)
     try:
         return upscale_video(
             src,

@@ -106,3 +106,74 @@ def upscale_folder_on_ray(
             report["images"].append({"input": r["input"], "output": r["output"], "seconds": float(r["seconds"])})
     report["workers"] = workers
     return report
+
+
+class FrameActor:
+    """One engine per Ray worker for a video's frames."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.upscaler = Upscaler(UpscaleOptions(**options))
+
+    def upscale(self, rgb: np.ndarray) -> np.ndarray:
+        return self.upscaler.upscale_rgb(rgb)[0]
+
+
+class RayFrames:
+    """A :class:`~refqsr_engine.engine.video.FrameMapper` over a pool of :class:`FrameActor`: frames go
+    round-robin, two per actor in flight, and come back in order for the encoder."""
+
+    def __init__(self, ray: Any, actors: list[Any]) -> None:
+        self.ray, self.actors, self.sent = ray, actors, 0
+        self.window = 2 * len(actors)
+
+    def submit(self, rgb: np.ndarray) -> Any:
+        actor = self.actors[self.sent % len(self.actors)]
+        self.sent += 1
+        return actor.upscale.remote(rgb)
+
+    def result(self, handle: Any) -> np.ndarray:
+        return self.ray.get(handle)
+
+
+def upscale_video_on_ray(
+    src: str | Path,
+    dst: str | Path,
+    opts: UpscaleOptions,
+    address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    codec: str | None = None,
+    crf: float | None = None,
+    progress: Any = None,
+    say: Any = None,
+    actor: type = FrameActor,
+) -> dict[str, Any]:
+    """A video upscaled by ``workers`` Ray actors: this process decodes, sends the frames out
+    (streamed: at most two per actor in flight, so memory stays bounded), encodes the results in
+    order and copies the audio and subtitles, as :func:`~refqsr_engine.engine.video.upscale_video`.
+    A dead actor is restarted and its frames upscaled again."""
+    from .video import upscale_video
+
+    ray = _ray()
+    if workers < 1:
+        raise RefQSRError(f"--workers must be at least 1, got {workers}")
+    if opts.target == "cuda" and gpus_per_worker <= 0:
+        gpus_per_worker = 1.0
+    opts = dataclasses.replace(opts, threads=opts.threads or 1)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
+    pool = []
+    try:
+        remote = ray.remote(actor).options(
+            num_cpus=opts.threads, num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=-1
+        )
+        pool = [remote.remote(dataclasses.asdict(opts)) for _ in range(workers)]
+        report = upscale_video(src, dst, RayFrames(ray, pool), codec=codec, crf=crf, progress=progress, say=say)
+    finally:
+        for a in pool:
+            ray.kill(a)
+        if started_here:
+            ray.shutdown()
+    report["workers"] = workers
+    return report

@@ -28,11 +28,12 @@ import io
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,6 +66,33 @@ _VIDEO_STREAM_TAGS_DROPPED = ("encoder", "duration", "bps", "number_of_frames", 
 UpscaleRGB = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, "int | None"], None]
 Say = Callable[[str], None]
+
+
+class FrameMapper(Protocol):
+    """Frames upscaled elsewhere (e.g. a pool of Ray actors): ``submit(rgb)`` starts one and returns
+    a handle, ``result(handle)`` waits for its sH x sW x 3 float32 result; up to ``window`` frames
+    are in flight, and results are taken in submission order."""
+
+    window: int
+
+    def submit(self, rgb: np.ndarray) -> Any: ...
+
+    def result(self, handle: Any) -> np.ndarray: ...
+
+
+class _Synchronous:
+    """A plain ``upscale_rgb`` function as a :class:`FrameMapper` with nothing in flight."""
+
+    window = 0
+
+    def __init__(self, upscale_rgb: UpscaleRGB) -> None:
+        self.upscale_rgb = upscale_rgb
+
+    def submit(self, rgb: np.ndarray) -> np.ndarray:
+        return self.upscale_rgb(rgb)
+
+    def result(self, handle: np.ndarray) -> np.ndarray:
+        return handle
 
 
 def is_video(path: str | Path) -> bool:
@@ -116,7 +144,7 @@ def probe_video(
 def upscale_video(
     src: str | Path,
     dst: str | Path,
-    upscale_rgb: UpscaleRGB,
+    upscale_rgb: UpscaleRGB | FrameMapper,
     *,
     codec: str | None = None,
     crf: float | None = None,
@@ -126,7 +154,9 @@ def upscale_video(
     """Upscale every frame of ``src``'s first video stream with ``upscale_rgb`` and write ``dst``.
 
     ``upscale_rgb(rgb)`` takes an H x W x 3 float32 RGB frame in [0, 1] and returns the sH x sW x 3
-    float32 result (not clipped); the scale s is read from the first frame's result. ``codec`` is the
+    float32 result (not clipped); the scale s is read from the first frame's result. A
+    :class:`FrameMapper` instead keeps several frames in flight (frames are still encoded in order).
+    ``codec`` is the
     video encoder (default: :func:`default_codec`), ``crf`` its constant-quality setting (default
     :data:`DEFAULT_CRF` of the encoder; an encoder without a crf option takes none).
     ``progress(done, total)`` is called after each frame, ``total`` being the frame count the input
@@ -501,12 +531,38 @@ def _transcode(av, inp, in_v, src, dst, tmp, fmt, codec, crf, upscale_rgb, progr
 
 
 def _run(av, inp, in_v, out, out_v, copied, fmt, rate, total, upscale_rgb, progress, seconds, src, dst):
-    """The one pass: demux every stream in file order, decode and upscale the video, copy the rest."""
+    """The one pass: demux every stream in file order, decode and upscale the video, copy the rest.
+    Frames go to ``upscale_rgb`` (a function, or a :class:`FrameMapper` that keeps up to ``window``
+    frames in flight) and are encoded in their decoding order."""
+    mapper = upscale_rgb if hasattr(upscale_rgb, "submit") else _Synchronous(upscale_rgb)
     encoder: _Encoder | None = None
     pending = []  # copied packets read before the first frame sets the output up (a few, at the start)
+    in_flight: deque = deque()  # (decoded frame, handle of its upscale), in decoding order
     size = (0, 0)
     sr_size = (0, 0)
     done = 0
+
+    def finish_oldest() -> None:
+        nonlocal encoder, sr_size, done
+        frame, handle = in_flight.popleft()
+        t_up = time.perf_counter()
+        sr = mapper.result(handle)
+        t_enc = time.perf_counter()
+        seconds["upscale"] += t_enc - t_up
+        if encoder is None:
+            sr_size = (sr.shape[1], sr.shape[0])
+            encoder = _Encoder(av, out, out_v, in_v, frame, sr.shape, fmt, rate)
+            for held in pending:
+                out.mux(held)
+            pending.clear()
+        elif (sr.shape[1], sr.shape[0]) != sr_size:
+            raise RefQSRError(f"upscale_rgb returned {sr.shape[1]}x{sr.shape[0]} after {sr_size[0]}x{sr_size[1]}")
+        encoder.encode(sr, encoder.pts(frame))
+        seconds["encode"] += time.perf_counter() - t_enc
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     reading = [in_v, *(inp.streams[i] for i in copied)]
     demux = inp.demux(*reading)
     while True:
@@ -531,28 +587,18 @@ def _run(av, inp, in_v, out, out_v, copied, fmt, rate, total, upscale_rgb, progr
         seconds["decode"] += time.perf_counter() - t
         for frame in frames:
             t = time.perf_counter()
-            if encoder is None:
+            if size == (0, 0):
                 size = (frame.width, frame.height)
             rgb = _to_rgb(frame, *size)
             t_up = time.perf_counter()
             seconds["decode"] += t_up - t
-            sr = upscale_rgb(rgb)
-            t_enc = time.perf_counter()
-            seconds["upscale"] += t_enc - t_up
-            if encoder is None:
-                sr_size = (sr.shape[1], sr.shape[0])
-                encoder = _Encoder(av, out, out_v, in_v, frame, sr.shape, fmt, rate)
-                for held in pending:
-                    out.mux(held)
-                pending.clear()
-            elif (sr.shape[1], sr.shape[0]) != sr_size:
-                raise RefQSRError(f"upscale_rgb returned {sr.shape[1]}x{sr.shape[0]} after {sr_size[0]}x{sr_size[1]}")
-            encoder.encode(sr, encoder.pts(frame))
-            del rgb, sr
-            seconds["encode"] += time.perf_counter() - t_enc
-            done += 1
-            if progress is not None:
-                progress(done, total)
+            in_flight.append((frame, mapper.submit(rgb)))
+            seconds["upscale"] += time.perf_counter() - t_up
+            del rgb
+            while len(in_flight) > mapper.window:
+                finish_oldest()
+    while in_flight:
+        finish_oldest()
     if encoder is None:
         raise RefQSRError(f"{src}: no video frame could be decoded")
     t = time.perf_counter()

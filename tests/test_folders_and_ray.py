@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from compile_helpers import PATCH, small_refqsr
 from PIL import Image
@@ -156,3 +157,52 @@ def test_cli_upscales_a_video_through_the_engine_and_keeps_its_audio(tree, tmp_p
     assert bad.returncode == 2 and "not videos" in bad.stderr
     bad = cli("upscale", str(src / "x.png"), str(tmp_path / "o.png"), *args, "--crf", "20", cache=cache)
     assert bad.returncode == 2 and "apply to videos" in bad.stderr
+
+
+class FrameDiesOnce:
+    """FrameActor whose process dies (os._exit) at its third frame while a marker file does not
+    exist yet; the marker makes the retried call succeed."""
+
+    def __init__(self, options, marker):
+        from refqsr_engine.engine.distributed import FrameActor
+
+        self.inner = FrameActor(options)
+        self.marker, self.seen = Path(marker), 0
+
+    def upscale(self, rgb):
+        self.seen += 1
+        if self.seen == 3 and not self.marker.exists():
+            self.marker.write_text("died once")
+            os._exit(1)
+        return self.inner.upscale(rgb)
+
+
+def test_a_video_on_ray_equals_the_single_process_run_even_when_a_worker_dies(tree, tmp_path, ray_local, monkeypatch):
+    from ray import cloudpickle
+    from refqsr_engine.engine import distributed
+    from refqsr_engine.engine.upscale import UpscaleOptions
+    from test_video import decoded, make_clip, packets
+
+    src, args, cache = tree
+    monkeypatch.setenv("REFQSR_ENGINE_CACHE", str(cache))
+    clip = make_clip(tmp_path / "clip.mp4", frames=10)
+    single = cli("upscale", str(clip), str(tmp_path / "single.mp4"), *args, cache=cache)
+    assert single.returncode == 0, single.stderr
+    opts = UpscaleOptions(model=args[1], patch=PATCH, batch=BATCH, threads=1)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "died"
+
+    class Actor(FrameDiesOnce):
+        def __init__(self, options):
+            super().__init__(options, marker)
+
+    done = []
+    report = distributed.upscale_video_on_ray(
+        clip, tmp_path / "ray.mp4", opts, workers=2, actor=Actor, progress=lambda n, total: done.append(n)
+    )
+    assert marker.exists() and report["frames"] == 10 and report["workers"] == 2 and done == list(range(1, 11))
+    got, want = decoded(tmp_path / "ray.mp4"), decoded(tmp_path / "single.mp4")
+    assert [p for p, _ in got] == [p for p, _ in want]  # the same frames, in order
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert packets(tmp_path / "ray.mp4", "audio") == packets(clip, "audio")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
