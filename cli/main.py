@@ -403,6 +403,9 @@ def compile_cmd(
     quiet: bool,
 ) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
+    from ..pipeline.tiling import check_engine_patch
+
+    check_engine_patch(patch)  # before the compiler loads (seconds of imports)
     from ..engine.compiler.compile_model import compile_model
     from ..engine.compiler.options import CompileOptions, host_mcpu
 
