@@ -403,11 +403,10 @@ def compile_cmd(
     quiet: bool,
 ) -> None:
     """Compile a model into a self-describing artifact (libraries + manifest)."""
-    from ..pipeline.tiling import check_engine_patch
+    from ..engine.compiler.options import CompileOptions, check_shapes, host_mcpu
 
-    check_engine_patch(patch)  # before the compiler loads (seconds of imports)
+    check_shapes(patch, batch)  # before host_mcpu and the compiler load (seconds of imports)
     from ..engine.compiler.compile_model import compile_model
-    from ..engine.compiler.options import CompileOptions, host_mcpu
 
     def say(msg: str) -> None:
         if not quiet and not as_json:

@@ -8,10 +8,10 @@ estimate uses a stage time measured on a 2-core AVX2 CPU, the slowest machine th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from contextlib import suppress
 from pathlib import Path
 
+from ..files import write_atomic
 from .artifact import cache_dir
 
 # Seconds per compile stage with nothing learnt yet: the default model's 8 stages took about 100 s
@@ -40,18 +40,8 @@ def record(target: str, stages: int, seconds: float) -> None:
     """Remember a finished compile's time per stage; a cache that cannot be written is no error."""
     times = _read()
     times[target] = seconds / max(1, stages)
-    try:
-        path = _times_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".compile_times-", suffix=".json")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(times, f)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    with suppress(OSError):
+        write_atomic(_times_file(), lambda tmp: Path(tmp).write_text(json.dumps(times)))
 
 
 def describe(seconds: float) -> str:

@@ -11,8 +11,10 @@ image is written again whole, so no output is lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,33 @@ def _ray():
     return ray
 
 
+def _actor_options(opts: UpscaleOptions, workers: int, gpus_per_worker: float) -> tuple[UpscaleOptions, dict]:
+    """The engine options of each actor and the resources and restarts it asks Ray for: the cores
+    it runs on (``--threads``, default one: no oversubscription), a GPU each for CUDA artifacts, and
+    a replacement when it dies (its work is run again; outputs are written whole)."""
+    if workers < 1:
+        raise RefQSRError(f"--workers must be at least 1, got {workers}")
+    if opts.target == "cuda" and gpus_per_worker <= 0:
+        gpus_per_worker = 1.0
+    opts = dataclasses.replace(opts, threads=opts.threads or 1)
+    resources = {"num_cpus": opts.threads, "num_gpus": gpus_per_worker or None, "max_restarts": -1}
+    return opts, {**resources, "max_task_retries": -1}
+
+
+@contextlib.contextmanager
+def _ray_session(ray: Any, address: str | None) -> Iterator[None]:
+    """Ray as the caller left it: a local instance or ``address`` is started (and stopped) here
+    unless the process is connected already."""
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def upscale_folder_on_ray(
     src_dir: str | Path,
     dst_dir: str | Path,
@@ -67,38 +96,22 @@ def upscale_folder_on_ray(
     ``workers`` actors. Returns the report of the single-process folder mode (images, skipped,
     existing), with seconds per image as the actors measured them."""
     ray = _ray()
-    if workers < 1:
-        raise RefQSRError(f"--workers must be at least 1, got {workers}")
-    if opts.target == "cuda" and gpus_per_worker <= 0:
-        gpus_per_worker = 1.0
+    opts, resources = _actor_options(opts, workers, gpus_per_worker)
     plan = plan_folder(src_dir, dst_dir, ext, recursive, skip_existing)
     skipped = [{"input": str(src), "error": why} for src, why in plan.refused]
     report: dict[str, Any] = {"images": [], "skipped": skipped, "existing": [str(p) for p in plan.existing]}
     if not plan.jobs:
         return report
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
-    try:
+    with _ray_session(ray, address):
         rows = [{"input": str(src), "output": str(dst)} for src, dst in plan.jobs]
-        # each actor runs on the cores it reserves from Ray (default one): no oversubscription
-        opts = dataclasses.replace(opts, threads=opts.threads or 1)
-        per_worker_cpus = opts.threads
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * workers))
         results = ds.map_batches(
             actor,
             fn_constructor_kwargs={"options": dataclasses.asdict(opts)},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=per_worker_cpus,
-            num_gpus=gpus_per_worker or None,
-            # a dead actor is replaced and its batch run again (outputs are written atomically)
-            max_restarts=-1,
-            max_task_retries=-1,
+            **resources,
         ).take_all()
-    finally:
-        if started_here:
-            ray.shutdown()
     for r in sorted(results, key=lambda r: r["input"]):
         if r["error"]:
             report["skipped"].append({"input": r["input"], "error": r["error"]})
@@ -155,25 +168,14 @@ def upscale_video_on_ray(
     from .video import upscale_video
 
     ray = _ray()
-    if workers < 1:
-        raise RefQSRError(f"--workers must be at least 1, got {workers}")
-    if opts.target == "cuda" and gpus_per_worker <= 0:
-        gpus_per_worker = 1.0
-    opts = dataclasses.replace(opts, threads=opts.threads or 1)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
-    pool = []
-    try:
-        remote = ray.remote(actor).options(
-            num_cpus=opts.threads, num_gpus=gpus_per_worker or None, max_restarts=-1, max_task_retries=-1
-        )
+    opts, resources = _actor_options(opts, workers, gpus_per_worker)
+    with _ray_session(ray, address):
+        remote = ray.remote(actor).options(**resources)
         pool = [remote.remote(dataclasses.asdict(opts)) for _ in range(workers)]
-        report = upscale_video(src, dst, RayFrames(ray, pool), codec=codec, crf=crf, progress=progress, say=say)
-    finally:
-        for a in pool:
-            ray.kill(a)
-        if started_here:
-            ray.shutdown()
+        try:
+            report = upscale_video(src, dst, RayFrames(ray, pool), codec=codec, crf=crf, progress=progress, say=say)
+        finally:
+            for a in pool:
+                ray.kill(a)
     report["workers"] = workers
     return report

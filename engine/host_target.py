@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+from contextlib import suppress
 from pathlib import Path
 
+from ..files import write_atomic
 from ..kernels.host_cpu import host_cpu_flags
 from .artifact import cache_dir
 
@@ -41,13 +41,7 @@ def host_mcpu_cached() -> str:
     from ..kernels.host_cpu import host_mcpu  # asks LLVM: imports the TVM compiler
 
     mcpu = host_mcpu()
-    try:
-        path = _entry()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".host_mcpu-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"cpu": ident, "mcpu": mcpu}, f)
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: ask LLVM each time
-        pass
+    entry = json.dumps({"cpu": ident, "mcpu": mcpu})
+    with suppress(OSError):  # a read-only cache: ask LLVM each time
+        write_atomic(_entry(), lambda tmp: Path(tmp).write_text(entry))
     return mcpu

@@ -25,7 +25,6 @@ from . import tvm_runtime
 from .artifact import RECOMPILE, Artifact, format_target, load_artifact
 
 PAD_LOGIT = -1.0e30
-RECOMPILE_HINT = "rebuild it with refqsr-engine compile (or upscale --recompile)"
 
 
 def use_all_cpus_by_default() -> None:
@@ -62,11 +61,11 @@ class CompiledModel:
     (kind, bits, tau, the network's sizes for BitOPs, the δ bits layout). It runs on the TVM
     runtime alone (:mod:`.tvm_runtime`), without PyTorch or the TVM compiler."""
 
-    def __init__(self, artifact: Artifact, tau: float | None = None) -> None:
+    def __init__(self, artifact: Artifact, tau: float | None = None, repair: str = RECOMPILE) -> None:
         use_all_cpus_by_default()
         m = artifact.manifest
         if "model_info" not in m:
-            raise RefQSRError(f"{artifact.path}: artifact from an older refqsr-engine; {RECOMPILE_HINT}")
+            raise RefQSRError(f"{artifact.path}: artifact from an older refqsr-engine; {repair}")
         self.artifact, self.manifest = artifact, m
         self.info = ModelInfo.from_dict(m["model_info"])
         self.kind = self.info.kind
@@ -105,7 +104,7 @@ class CompiledModel:
         repair: str = RECOMPILE,
     ) -> CompiledModel:
         """Load and check the artifact at ``path``; a refusal ends in ``repair`` (what to do)."""
-        return cls(load_artifact(path, target=target, repair=repair), tau)
+        return cls(load_artifact(path, target=target, repair=repair), tau, repair)
 
     # -- plumbing --------------------------------------------------------------------------------
     def plan(self, n: int) -> list[int]:

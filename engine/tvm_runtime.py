@@ -11,6 +11,7 @@ the VM through the functions the libraries register, so a host that runs artifac
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -101,6 +102,7 @@ def device(kind: str, index: int = 0) -> Any:
     return dev
 
 
+@functools.cache
 def _global(name: str) -> Any:
     func = load_runtime().get_global_func(name, allow_missing=True)
     if func is None:

@@ -126,11 +126,15 @@ def prebuilt_engine(opts: UpscaleOptions) -> Any:
     return CompiledModel(artifact, opts.tau)
 
 
-def check_paths(src: str | Path, dst: str | Path) -> None:
-    """DST names a writable place of a known format, and is not SRC (the input is never replaced)."""
+def read_input(src: str | Path, dst: str | Path, max_pixels: int, scale: int) -> tuple[LoadedImage, float]:
+    """SRC decoded, after checking that DST names a writable place of a known format and is not
+    SRC (the input is never replaced) and that the x``scale`` output fits in memory; with the
+    seconds it took."""
+    t0 = time.perf_counter()
     output_format(dst)
     if Path(dst).exists() and Path(src).exists() and Path(dst).resolve() == Path(src).resolve():
         raise RefQSRError(f"output {dst} is the input: choose another output file")
+    return read_image(src, max_pixels, scale), time.perf_counter() - t0
 
 
 def _check_against_model(info: ModelInfo, opts: UpscaleOptions) -> None:
@@ -181,10 +185,8 @@ class Upscaler:
 
     def upscale_file(self, src: str | Path, dst: str | Path, progress: Progress | None = None) -> dict[str, Any]:
         """Upscale one image file x4 and write it atomically; returns a report."""
-        t0 = time.perf_counter()
-        check_paths(src, dst)
-        image = read_image(src, self.opts.max_pixels, self.info.scale)
-        return self.upscale_image(image, src, dst, progress, time.perf_counter() - t0)
+        image, read_seconds = read_input(src, dst, self.opts.max_pixels, self.info.scale)
+        return self.upscale_image(image, src, dst, progress, read_seconds)
 
     def upscale_rgb(self, rgb: np.ndarray, progress: Progress | None = None) -> tuple[np.ndarray, PatchwiseResult]:
         """Super-resolve one H x W x 3 float32 RGB image in [0, 1] (a decoded file or a video frame):
@@ -252,11 +254,8 @@ def upscale_file(
     """Upscale one image file x4 and write it atomically; returns a report (timings, patches, BitOPs).
     The input and the output path are checked before any engine loads, so a bad file or path fails
     at once. ``say`` receives the compile announcement and stages when the engine is compiled first."""
-    t0 = time.perf_counter()
-    check_paths(src, dst)
-    # checked before the engine loads, at x4 (the presets' scale; a model file may set another)
-    image = read_image(src, opts.max_pixels, 4)
-    read_seconds = time.perf_counter() - t0
+    # read before the engine loads, the memory checked at x4 (the presets' scale; a model may set another)
+    image, read_seconds = read_input(src, dst, opts.max_pixels, 4)
     return Upscaler(opts, say).upscale_image(image, src, dst, progress, read_seconds)
 
 

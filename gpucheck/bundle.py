@@ -48,10 +48,9 @@ def unpack(bundle_dir: Path, into: Path) -> dict:
     return json.loads(desc.read_text())
 
 
-def build_site(repo: Path, unpacked: Path, site: Path) -> None:
-    """An import folder for this process: ``refqsr_engine`` made of the repository's folders (as
-    installed, without installing), ``tvm_ffi`` from the bundled wheel, and the metadata of the
-    TVM version the artifacts were built with (its runtime library is the bundled one)."""
+def link_package(repo: Path, site: Path) -> None:
+    """``site/refqsr_engine``: the package made of the repository's folders as setup.cfg installs
+    them (the root's modules copied, the subpackages and the bundled data linked)."""
     pkg = site / "refqsr_engine"
     pkg.mkdir(parents=True, exist_ok=True)
     for f in (repo / "core").glob("*.py"):
@@ -61,6 +60,13 @@ def build_site(repo: Path, unpacked: Path, site: Path) -> None:
     for folder, name in PACKAGES.items():
         if not (pkg / name).exists():
             os.symlink(repo / folder, pkg / name)
+
+
+def build_site(repo: Path, unpacked: Path, site: Path) -> None:
+    """An import folder for this process: ``refqsr_engine`` made of the repository's folders (as
+    installed, without installing), ``tvm_ffi`` from the bundled wheel, and the metadata of the
+    TVM version the artifacts were built with (its runtime library is the bundled one)."""
+    link_package(repo, site)
     wheels = sorted((unpacked / "wheels").glob("apache_tvm_ffi-*.whl"))
     if not wheels:
         raise CheckError("the bundle has no apache-tvm-ffi wheel")

@@ -194,16 +194,11 @@ def static_load_check(unpacked: Path, work: Path) -> dict[str, Any]:
     against a libcuda stub (this machine has no driver): libraries resolve, artifacts verify."""
     from refqsr_engine.kernels import cuda_toolchain
 
-    from .bundle import PACKAGES
+    from .bundle import link_package
 
     stub = cuda_toolchain._build_stub()
     site = work / "site"
-    pkg = site / "refqsr_engine"
-    pkg.mkdir(parents=True)
-    for f in (REPO / "core").glob("*.py"):
-        shutil.copy(f, pkg / f.name)
-    for folder, name in PACKAGES.items():
-        (pkg / name).symlink_to(REPO / folder)
+    link_package(REPO, site)  # this machine's own tvm_ffi stands in for the cp312 wheel
     env = {"LD_LIBRARY_PATH": str(stub.parent), "REFQSR_ENGINE_TVM_LIB": str(unpacked / "lib"), "PATH": "/usr/bin:/bin"}
     arts = [str(p) for p in sorted((unpacked / "artifacts").iterdir())]
     proc = subprocess.run(

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..pipeline.bits import medium_bits  # noqa: F401 - re-exported
+from ..pipeline.bits import medium_bits
 from .backbone import SRBackbone, Step
 from .clustblock import DEFAULT_TAU, ClustBlock
 from .matching import shared_flow

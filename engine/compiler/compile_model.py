@@ -33,7 +33,6 @@ from ...kernels.host_cpu import required_cpu_flags
 from ...models.checkpoint import bits_label, load_model, model_config
 from ...models.model_info import describe
 from ...models.refqsr import RefQSR
-from ...pipeline.tiling import check_engine_patch
 from ..artifact import sha256_file, write_artifact
 from ..models_store import resolve_model
 from .build import build_graph
@@ -66,16 +65,6 @@ def batch_sizes(batch: int, target: str = "llvm") -> list[int]:
 
 def graph_file(name: str, batch: int) -> str:
     return f"{name}_b{batch}.so"
-
-
-#: compiled batch sizes (``--batch``)
-BATCH_RANGE = (1, 256)
-
-
-def _check_patch(patch: int, batch: int) -> None:
-    check_engine_patch(patch)
-    if not BATCH_RANGE[0] <= batch <= BATCH_RANGE[1]:
-        raise RefQSRError(f"--batch must be in {BATCH_RANGE[0]}..{BATCH_RANGE[1]} (got {batch})")
 
 
 def _build_cluster_library(classes: int, target: tvm.target.Target, path: Path) -> list[int]:
@@ -223,7 +212,6 @@ def compile_model(
     ``owned``: ``out`` is a cache entry, replaced even when damaged. ``keep_onnx``: also store
     the ONNX graphs that were compiled (running the artifact does not need them)."""
     say = progress or (lambda msg: None)
-    _check_patch(opts.patch, opts.batch)
     target_dict = opts.target_dict()
     builder = _GraphBuilder(opts)
     t0 = time.perf_counter()

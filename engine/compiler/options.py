@@ -12,8 +12,11 @@ from typing import Any
 
 from ...errors import RefQSRError
 from ...kernels.host_cpu import host_mcpu  # noqa: F401 - the default mcpu (re-exported)
+from ...pipeline.tiling import check_engine_patch
 from ..models_store import resolve_model
 
+#: compiled batch sizes (``--batch``)
+BATCH_RANGE = (1, 256)
 #: --float-math -> bf16 products per MAC on AMX tiles
 FLOAT_MATH = {"fp32": 3, "bf16": 1}
 
@@ -34,6 +37,7 @@ class CompileOptions:
     float_math: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_shapes(self.patch, self.batch)
         if self.float_math not in FLOAT_MATH:
             raise RefQSRError(f"--float-math must be one of {', '.join(FLOAT_MATH)}, got {self.float_math!r}")
 
@@ -48,6 +52,14 @@ class CompileOptions:
         if self.target == "cuda":
             return {"kind": "cuda", "arch": self.arch}
         raise RefQSRError(f"unknown target {self.target!r}: choose llvm or cuda")
+
+
+def check_shapes(patch: int, batch: int) -> None:
+    """The compiled shapes a compile accepts: the engine's patch rule and 1..256 patches a batch.
+    Cheap on purpose: the CLI checks its options with it before the compiler loads."""
+    check_engine_patch(patch)
+    if not BATCH_RANGE[0] <= batch <= BATCH_RANGE[1]:
+        raise RefQSRError(f"--batch must be in {BATCH_RANGE[0]}..{BATCH_RANGE[1]} (got {batch})")
 
 
 # The packages whose code ends up in an artifact: the compiler passes and schedules, the kernels,
