@@ -84,3 +84,29 @@ def test_bad_rows_are_one_line_errors(setup):
     assert res.exit_code == 2 and "needs a RefQSR model" in res.output
     res = runner.invoke(main, ["--val", str(root / "val"), "--row", f"x={root / 'missing.pt'}"])
     assert res.exit_code == 2 and "neither a bundled model" in res.output
+
+
+def test_a_second_set_gets_its_own_column(setup, tmp_path):
+    """--val twice: the second folder's PSNR-Y is the network's on that image (independent forward)."""
+    from skimage import data
+
+    root, _, sr8 = setup
+    hc = tmp_path / "hicontrast"
+    hc.mkdir()
+    hr2 = data.camera()[100:484, 50:434]
+    hr2 = np.repeat(hr2[..., None], 3, axis=2).copy()
+    Image.fromarray(hr2).save(hc / "b.png")
+    out = tmp_path / "t.md"
+    res = CliRunner().invoke(
+        main, ["--val", str(root / "val"), "--val", str(hc), "--row", f"D8={root / 'd8.pt'}", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    row = json.loads(out.with_suffix(".json").read_text())[0]
+    lr = bicubic_degrade(hr2, 4).transpose(2, 0, 1).astype(np.float32) / 255.0
+    with torch.no_grad():
+        want = sr8(torch.from_numpy(lr)[None], BitSpec(8, 8))[0].numpy()
+    want8 = np.clip(np.round(want * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    assert row["more"]["hicontrast"]["psnr_y"] == pytest.approx(psnr_y(want8, hr2, 4), abs=1e-6)
+    assert "PSNR-Y, hicontrast |" in out.read_text()
+    same = CliRunner().invoke(main, ["--val", str(hc), "--val", str(hc), "--row", f"D8={root / 'd8.pt'}"])
+    assert same.exit_code == 2 and "its own name" in same.output

@@ -320,6 +320,7 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
         max_side=512,
         log=lines.append,
         use_test=False,
+        use_hicontrast=False,
         val_names=("skimage_astronaut", "skimage_coffee", "mate_nature_Dune"),
     )
     val = sorted(p.stem for p in (out / "val").glob("*.png"))
@@ -340,7 +341,12 @@ def test_prepare_builds_train_and_val(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(prep, "fetch_test", lambda dest: None)
     lines.clear()
     m2 = prep.prepare(
-        tmp_path / "out2", mate_dir=tmp_path / "nowhere", max_side=512, log=lines.append, test_dir=tmp_path / "nowhere"
+        tmp_path / "out2",
+        mate_dir=tmp_path / "nowhere",
+        max_side=512,
+        log=lines.append,
+        test_dir=tmp_path / "nowhere",
+        use_hicontrast=False,
     )
     assert all(r["origin"].startswith("skimage") for r in m2["images"])
     assert any("scikit-image images only" in s for s in lines)
@@ -368,6 +374,7 @@ def test_prepare_puts_the_test_package_in_test_only(tmp_path: Path, monkeypatch:
         max_side=512,
         log=lambda s: None,
         test_dir=lomiri,
+        use_hicontrast=False,
         val_names=("skimage_astronaut",),
     )
     assert sorted(p.stem for p in (out / "test").glob("*.png")) == ["test_Bridge_by_Someone", "test_sunset"]
@@ -388,6 +395,7 @@ def test_prepare_puts_the_test_package_in_test_only(tmp_path: Path, monkeypatch:
         max_side=512,
         log=lambda s: None,
         use_test=False,
+        use_hicontrast=False,
         val_names=("skimage_astronaut",),
     )
     assert m2["n_test"] == 0 and not list((out / "test").glob("*.png"))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from refqsr_engine.engine.models_store import bundled_dir
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.files import write_text_atomic
 from refqsr_engine.metrics import imresize, psnr_y, sr_to_uint8, ssim_y
 from refqsr_engine.models.bitops import count_bitops
 from refqsr_engine.models.checkpoint import load_model, save_model
@@ -28,6 +29,8 @@ from refqsr_engine.pipeline.patchwise import PatchRunner, PatchwiseResult, run_p
 from refqsr_engine.training.datasets import Pair, PairedFolder
 
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
+# The held-out sets every card is scored on (``training.prepare`` writes them under one folder).
+EVAL_SETS = ("val", "test", "hicontrast")
 
 
 def upscale_pair(
@@ -50,16 +53,28 @@ def run_pair(runner: PatchRunner, pair: Pair, patch: int, overlap: int) -> tuple
 
 
 def evaluate(
-    model: torch.nn.Module, folder: PairedFolder, patch: int = 96, overlap: int = 6, self_reference: bool = False
+    model: torch.nn.Module | None,
+    folder: PairedFolder,
+    patch: int = 96,
+    overlap: int = 6,
+    self_reference: bool = False,
+    runner: PatchRunner | None = None,
 ) -> dict[str, Any]:
     """Mean PSNR/SSIM (Y, shave 4) of the model, run patch-wise at its own bits as the engine runs
     it, with each image's BitOPs/FQR (engine grid, actual reference assignment), and of bicubic.
-    ``self_reference`` (RefQSR): RefER gets each query's own features (Table V ablation)."""
-    info = describe(model, "evaluated")
+    ``self_reference`` (RefQSR): RefER gets each query's own features (Table V ablation).
+    ``runner``: run the patches on it (e.g. the compiled engine's) instead of PyTorch; it carries
+    its model's ``info``, and ``model`` may be None."""
+    if runner is not None and self_reference:
+        raise RefQSRError("self-reference runs on the PyTorch model only")
+    info = runner.info if runner is not None else describe(model, "evaluated")
     rows = []
     for i in range(len(folder)):
         pair = folder[i]
-        sr, result = upscale_pair(model, pair, patch, overlap, "self" if self_reference else "assigned")
+        if runner is not None:
+            sr, result = run_pair(runner, pair, patch, overlap)
+        else:
+            sr, result = upscale_pair(model, pair, patch, overlap, "self" if self_reference else "assigned")
         bic = np.floor(np.clip(imresize(pair.lr, scale=4.0), 0, 255) + 0.5).astype(np.uint8)
         ops = info.image_bitops(pair.lr.shape[:2], patch, overlap, result.clustering, result.patch_bits)
         rows.append(
@@ -77,6 +92,31 @@ def evaluate(
         )
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     return {"mean": mean, "images": rows, "patch": patch, "overlap": overlap}
+
+
+def evaluate_sets(
+    model: torch.nn.Module | None,
+    data: str | Path,
+    sets: Sequence[str] = EVAL_SETS,
+    runner: PatchRunner | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` on each held-out set ``data/NAME`` (whole images): per set its folder, the
+    mean PSNR/SSIM on Y with bicubic's, and each image's PSNR-Y. Raises if a set is missing."""
+    out: dict[str, Any] = {}
+    for name in sets:
+        folder = Path(data) / name
+        if not folder.is_dir():
+            raise RefQSRError(f"evaluation set {folder} is missing (python -m refqsr_engine.training.prepare {data})")
+        quality = evaluate(model, PairedFolder(folder, 4), runner=runner)
+        mean = quality["mean"]
+        out[name] = {
+            "folder": f"{Path(data).name}/{name}",
+            "psnr_y": mean["psnr_y"],
+            "ssim_y": mean["ssim_y"],
+            "bicubic_psnr_y": mean["bicubic_psnr_y"],
+            "images": {r["image"]: round(r["psnr_y"], 4) for r in quality["images"]},
+        }
+    return out
 
 
 def urban100_bitops(model: torch.nn.Module, mean: dict[str, float]) -> dict[str, Any]:
@@ -108,21 +148,30 @@ def bundle(
     val_crop: int | None = None,
     out_dir: str | Path | None = None,
     history: Sequence[str] = (),
+    data: str | Path | None = None,
 ) -> Path:
     """Write NAME.pt + NAME.json into ``out_dir`` (default: the package's bundled models).
     ``history``: facts of the model's training beyond the run's own card (where its starting
-    weights came from, earlier stages, the device), appended to the card's ``history`` list."""
+    weights came from, earlier stages, the device), appended to the card's ``history`` list.
+    ``data``: the folder holding the held-out sets (:data:`EVAL_SETS`), scored into ``evaluation``."""
     model, card = load_model(model_path)
     folder = PairedFolder(val, 4, None, val_crop)
     quality = evaluate(model, folder)
     bitops = urban100_bitops(model, quality["mean"])
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
+    if data is not None:
+        card["evaluation"] = evaluate_sets(model, data)
     if history:
         card["history"] = [*card.get("history", []), *history]
     out = Path(out_dir or bundled_dir()) / f"{name}.pt"
-    save_model(out, model, card)
-    (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out, model, card)
     return out
+
+
+def write_card(out: Path, model: torch.nn.Module, card: dict[str, Any]) -> None:
+    """The model file with ``card`` inside and the same card beside it as ``NAME.json``."""
+    save_model(out, model, card)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
 
 
 @click.command()
@@ -133,13 +182,21 @@ def bundle(
 )
 @click.option("--val-crop", type=int, default=None, help="Centre-crop validation images to this HR size.")
 @click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help=f"Folder holding the held-out sets ({', '.join(EVAL_SETS)}), scored into the card's evaluation.",
+)
+@click.option(
     "--history",
     multiple=True,
     help="A fact of the model's training for the card's history list (repeatable), e.g. its starting weights.",
 )
-def main(model_path: str, name: str, val: str, val_crop: int | None, history: tuple[str, ...]) -> None:
+def main(
+    model_path: str, name: str, val: str, val_crop: int | None, data: str | None, history: tuple[str, ...]
+) -> None:
     try:
-        out = bundle(model_path, name, val, val_crop, history=history)
+        out = bundle(model_path, name, val, val_crop, history=history, data=data)
     except RefQSRError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -1,6 +1,6 @@
-"""Quality table of trained models on a held-out folder (the paper's Tables II and V on our data).
+"""Quality table of trained models on held-out folders (the paper's Tables II and V on our data).
 
-    python -m refqsr_engine.training.compare --val data/sr/val \\
+    python -m refqsr_engine.training.compare --val data/sr/val [--val data/sr/hicontrast ...] \\
         --row "FP=srresnet_fp" --row "DDTB-8=runs/ddtb8/best.pt" \\
         --row "RefQSR 8-4=runs/refqsr84/best.pt" --row "Self-reference=runs/refqsr84/best.pt@self" \\
         --row "w/o RefER=runs/norefer84/best.pt" --out table.md
@@ -9,7 +9,9 @@ Every model runs patch-wise (96 px, 6 px overlap) at its own bits, as the engine
 images; ``@self`` runs a RefQSR model with each query's own features fed to RefER (Table V's
 "self-reference"). Columns: BitOPs and FQR from each image's actual reference assignment (engine
 grid, mean over images) and at the paper's Urban100 setting (1280x720 output, 72 px patches, the
-reference share measured here), PSNR/SSIM on Y (shave 4), and bicubic for comparison.
+reference share measured here), PSNR/SSIM on Y (shave 4), and bicubic for comparison. A repeated
+``--val`` (e.g. the test and high-contrast sets beside the validation set) adds a PSNR-Y column per
+further folder; BitOPs, FQR and SSIM are those of the first.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def parse_row(text: str) -> tuple[str, str, bool]:
     return label.strip(), path[: -len(SELF_SUFFIX)] if self_ref else path, self_ref
 
 
-def compare_row(label: str, path: str, self_reference: bool, folder: PairedFolder) -> dict[str, Any]:
-    """One table row: the model's quality and BitOPs on ``folder``."""
+def compare_row(
+    label: str, path: str, self_reference: bool, folder: PairedFolder, more: dict[str, PairedFolder] | None = None
+) -> dict[str, Any]:
+    """One table row: the model's quality and BitOPs on ``folder``, and its PSNR-Y on each of ``more``."""
     model, card = load_model(resolve_model(path))
     if self_reference and not (isinstance(model, RefQSR) and model.tail == "refer"):
         raise RefQSRError(f"{path}: {SELF_SUFFIX} needs a RefQSR model with RefER blocks")
@@ -64,21 +68,33 @@ def compare_row(label: str, path: str, self_reference: bool, folder: PairedFolde
         "bicubic_psnr_y": mean["bicubic_psnr_y"],
         "bicubic_ssim_y": mean["bicubic_ssim_y"],
         "images": quality["images"],
+        "more": {
+            name: {"psnr_y": q["mean"]["psnr_y"], "bicubic_psnr_y": q["mean"]["bicubic_psnr_y"], "images": q["images"]}
+            for name, q in ((n, evaluate(model, f, self_reference=self_reference)) for n, f in (more or {}).items())
+        },
     }
 
 
 def markdown(rows: list[dict[str, Any]], val: str) -> str:
+    more = list(rows[0]["more"])
     head = (
         "| model | bits | train steps | BitOPs (G, val) | FQR (val) | BitOPs (G, Urban100 setting) "
-        "| PSNR-Y (dB) | SSIM-Y |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| PSNR-Y (dB) | SSIM-Y |"
+        + "".join(f" PSNR-Y, {name} |" for name in more)
+        + "\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + " ---: |" * len(more)
+        + "\n"
     )
     bic = rows[0]
-    lines = [f"| bicubic | - | - | - | - | - | {bic['bicubic_psnr_y']:.3f} | {bic['bicubic_ssim_y']:.4f} |"]
+    lines = [
+        f"| bicubic | - | - | - | - | - | {bic['bicubic_psnr_y']:.3f} | {bic['bicubic_ssim_y']:.4f} |"
+        + "".join(f" {bic['more'][name]['bicubic_psnr_y']:.3f} |" for name in more)
+    ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['bits']} | {r['steps'] if r['steps'] is not None else '-'} | "
             f"{r['bitops_g']:.3f} | {r['fqr']:.2f} | {r['bitops_urban100_g']:.2f} | "
-            f"{r['psnr_y']:.3f} | {r['ssim_y']:.4f} |"
+            f"{r['psnr_y']:.3f} | {r['ssim_y']:.4f} |" + "".join(f" {r['more'][name]['psnr_y']:.3f} |" for name in more)
         )
     n = len(bic["images"])
     return f"Validation: {val} ({n} images, whole, x4, patch-wise 96 px)\n\n" + head + "\n".join(lines) + "\n"
@@ -86,7 +102,12 @@ def markdown(rows: list[dict[str, Any]], val: str) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--val", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of HR images (held out)."
+    "--val",
+    "vals",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of HR images (held out); repeat for more sets (a PSNR-Y column each).",
 )
 @click.option(
     "--row",
@@ -99,15 +120,19 @@ def markdown(rows: list[dict[str, Any]], val: str) -> str:
     "--val-crop", type=click.IntRange(min=0), default=0, help="Centre-crop to this HR size (0: whole images)."
 )
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table (and OUT.json).")
-def main(val: str, rows: tuple[str, ...], val_crop: int, out: str | None) -> None:
+def main(vals: tuple[str, ...], rows: tuple[str, ...], val_crop: int, out: str | None) -> None:
     """Evaluate trained models side by side and print the markdown table."""
+    val = vals[0]
     try:
         folder = PairedFolder(val, 4, None, val_crop or None)
+        more = {Path(v).name: PairedFolder(v, 4, None, val_crop or None) for v in vals[1:]}
+        if len(more) != len(vals) - 1 or Path(val).name in more:
+            raise RefQSRError("each --val folder needs its own name (it heads a column)")
         results = []
         for text in rows:
             label, path, self_ref = parse_row(text)
             click.echo(f"evaluating {label} ({path}{' , self-reference' if self_ref else ''})", err=True)
-            results.append(compare_row(label, path, self_ref, folder))
+            results.append(compare_row(label, path, self_ref, folder, more))
     except RefQSRError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -11,7 +11,13 @@ Sources, all available without a network:
 * for a test split from another source than the training photos: the Debian package
   ``lomiri-wallpapers-16.04`` (the Ubuntu 16.04 community wallpapers: 15 photos, 1920-4896 px wide),
   read from ``--test-dir`` (default ``data/lomiri/usr/share/backgrounds``, likewise) or fetched the
-  same way; every image of it goes to ``test/``, none to ``train/``. Without it, no test split.
+  same way; every image of it goes to ``test/``, none to ``train/``. Without it, no test split;
+* for the high-contrast evaluation set ``hicontrast/`` (:mod:`.hicontrast`): renderings of text, line
+  art, grids, sharp shapes over gradients and facades, and crops of the graphic wallpapers of
+  ``gnome-backgrounds``, ``ukui-wallpapers`` and ``lomiri-wallpapers-20.04`` (read from
+  ``--hicontrast-dir``, default ``data/hicontrast-src/PACKAGE``, or fetched likewise). The wallpapers
+  not chosen for evaluation and renderings of other seeds go to ``train/``. ``--no-hicontrast``
+  leaves both out.
 
 Images are made RGB (alpha dropped), downscaled with Pillow LANCZOS so the long side is at most
 ``--max-side`` (1024) px, and written as PNG. Nearly flat images (mean absolute neighbour
@@ -20,7 +26,8 @@ and images smaller than ``--min-side`` are left out; of a wallpaper shipped at s
 resolutions (``Name.jpg``, ``Name_3840x2160.jpg``) only the largest is used. A fixed list of
 images (:data:`VAL_NAMES`) goes to ``val/``, the rest to ``train/``, the test package to ``test/``
 (a second held-out set, larger than ``val/`` and from photographers the training set never saw, for
-comparisons finer than four images can settle). LR images are not written:
+comparisons finer than four images can settle), the high-contrast set to ``hicontrast/`` (each
+image its busiest 744 px window). LR images are not written:
 the training data set makes them with MATLAB-style bicubic.
 
 Run: ``python -m refqsr_engine.training.prepare OUT_DIR``.
@@ -45,6 +52,7 @@ import click
 import numpy as np
 from PIL import Image
 from refqsr_engine.errors import RefQSRError
+from refqsr_engine.training import hicontrast
 from refqsr_engine.training.datasets import find_images, load_rgb
 
 DEFAULT_MATE_DIR = Path("data/mate/usr/share/backgrounds/mate")  # relative to the current directory
@@ -53,6 +61,8 @@ MATE_SUBDIR = "usr/share/backgrounds/mate"
 DEFAULT_TEST_DIR = Path("data/lomiri/usr/share/backgrounds")
 TEST_PACKAGE = "lomiri-wallpapers-16.04"
 TEST_SUBDIR = "usr/share/backgrounds"
+DEFAULT_HICONTRAST_DIR = Path("data/hicontrast-src")  # holds PACKAGE/ (each extracted with dpkg -x)
+SPLITS = ("train", "val", "test", "hicontrast")
 
 # scikit-image sample images shipped inside the wheel (no download). `cat` is `chelsea`.
 SKIMAGE_NAMES = (
@@ -84,7 +94,9 @@ class Source:
     name: str  # output stem
     origin: str  # human-readable origin
     load: Callable[[], np.ndarray]  # -> HxWx3 uint8
-    split: str | None = None  # "test" for the test package; else val if named in VAL_NAMES, train otherwise
+    split: str | None = None  # "test"/"hicontrast" as given; else val if named in VAL_NAMES, train otherwise
+    crop: bool = False  # keep only the busiest hicontrast.SIZE window (after downscaling)
+    graphic: bool = False  # flat areas with sharp edges: judged by its share of strong edges, not flatness
 
 
 def _to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
@@ -178,6 +190,38 @@ def mate_sources(folder: Path) -> list[Source]:
     return sources
 
 
+def hicontrast_sources(root: Path | None, tmp: Path, log: Callable[[str], None]) -> Iterator[Source]:
+    """The synthetic renderings and the graphic wallpapers (:mod:`.hicontrast`): evaluation images
+    to ``hicontrast``, the other seeds and wallpapers to ``train``."""
+    for split, seeds in (("hicontrast", hicontrast.EVAL_SEEDS), ("train", hicontrast.TRAIN_SEEDS)):
+        for kind in hicontrast.KINDS:
+            for seed in seeds:
+                yield Source(
+                    f"synth_{kind}_{seed}",
+                    f"hicontrast.synthetic_image({kind!r}, {seed})",
+                    (lambda k=kind, s=seed: hicontrast.synthetic_image(k, s, hicontrast.SIZE)),
+                    split=split,
+                    graphic=True,
+                )
+    for package, subdir in hicontrast.PACKAGES:
+        given = root / package / subdir if root is not None else None
+        fetch = lambda dest, package=package, subdir=subdir: fetch_package(package, subdir, dest)  # noqa: E731
+        folder = _package_folder(given, package, fetch, tmp, log)
+        if folder is None:
+            log(f"{package}: unavailable; its wallpapers are left out")
+            continue
+        for path in sorted(find_images(folder)):
+            chosen = hicontrast.is_eval_wallpaper(path)
+            yield Source(
+                "hc_" + re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem),
+                f"{package}:{path.relative_to(folder).as_posix()}",
+                (lambda p=path: load_rgb(p)),
+                split="hicontrast" if chosen else "train",
+                crop=chosen,
+                graphic=True,
+            )
+
+
 def downscale(img: np.ndarray, max_side: int) -> np.ndarray:
     """Pillow LANCZOS so that max(h, w) <= max_side (unchanged if already small)."""
     h, w = img.shape[:2]
@@ -215,7 +259,14 @@ def _package_folder(
 
 
 def _iter_sources(
-    mate_dir: Path | None, use_mate: bool, test_dir: Path | None, use_test: bool, tmp: Path, log: Callable[[str], None]
+    mate_dir: Path | None,
+    use_mate: bool,
+    test_dir: Path | None,
+    use_test: bool,
+    tmp: Path,
+    log: Callable[[str], None],
+    hicontrast_dir: Path | None = None,
+    use_hicontrast: bool = True,
 ) -> Iterator[Source]:
     yield from skimage_sources()
     if not use_mate:
@@ -230,6 +281,10 @@ def _iter_sources(
         log(f"{TEST_PACKAGE}: unavailable; no test split")
     else:
         yield from testset_sources(folder)
+    if use_hicontrast:
+        yield from hicontrast_sources(hicontrast_dir, tmp, log)
+    else:
+        log("high-contrast set: not built (--no-hicontrast)")
 
 
 def prepare(
@@ -242,11 +297,13 @@ def prepare(
     log: Callable[[str], None] = print,
     test_dir: str | Path | None = DEFAULT_TEST_DIR,
     use_test: bool = True,
+    hicontrast_dir: str | Path | None = DEFAULT_HICONTRAST_DIR,
+    use_hicontrast: bool = True,
 ) -> dict:
-    """Write ``out_dir/train``, ``out_dir/val``, ``out_dir/test`` (when the test package is there)
-    and ``out_dir/manifest.json``; return the manifest."""
+    """Write ``out_dir/train``, ``out_dir/val``, ``out_dir/test`` (when the test package is there),
+    ``out_dir/hicontrast`` and ``out_dir/manifest.json``; return the manifest."""
     out = Path(out_dir)
-    dirs = {split: out / split for split in ("train", "val", "test")}
+    dirs = {split: out / split for split in SPLITS}
     for folder in dirs.values():
         folder.mkdir(parents=True, exist_ok=True)
     records, skipped, seen = [], [], {}
@@ -258,6 +315,8 @@ def prepare(
             use_test,
             Path(tmp),
             log,
+            Path(hicontrast_dir) if hicontrast_dir else None,
+            use_hicontrast,
         ):
             try:
                 img = src.load()
@@ -266,11 +325,17 @@ def prepare(
                 continue
             orig = img.shape[:2]
             img = downscale(img, max_side)
+            if src.crop:
+                img = hicontrast.busiest_crop(img, hicontrast.SIZE)
             if min(img.shape[:2]) < min_side:
                 skipped.append((src.name, f"too small ({img.shape[1]}x{img.shape[0]} < {min_side})"))
                 continue
-            flat = flatness(img)
-            if flat < 1.0:
+            if src.graphic:
+                share = hicontrast.strong_edge_share(img)
+                if share < hicontrast.MIN_STRONG_EDGES:
+                    skipped.append((src.name, f"few strong edges ({100 * share:.2f} % of pixels)"))
+                    continue
+            elif (flat := flatness(img)) < 1.0:
                 skipped.append((src.name, f"nearly flat (mean |grad| {flat:.2f})"))
                 continue
             digest = hashlib.sha256(img.tobytes()).hexdigest()
@@ -297,7 +362,7 @@ def prepare(
             if (split, p.stem) not in written:
                 p.unlink()
     missing_val = sorted(set(val_names) - {r["name"] for r in records if r["split"] == "val"})
-    n_train, n_val, n_test = (sum(r["split"] == split for r in records) for split in ("train", "val", "test"))
+    n_train, n_val, n_test, n_hicontrast = (sum(r["split"] == split for r in records) for split in SPLITS)
     if n_train == 0:
         raise RefQSRError("no training image could be prepared")
     manifest = {
@@ -306,6 +371,7 @@ def prepare(
         "n_train": n_train,
         "n_val": n_val,
         "n_test": n_test,
+        "n_hicontrast": n_hicontrast,
         "images": records,
         "skipped": [{"name": n, "why": w} for n, w in skipped],
     }
@@ -314,7 +380,7 @@ def prepare(
     os.replace(tmp_manifest, out / "manifest.json")
 
     log(f"\n{'split':5s}  {'image':44s} {'size':>10s}  origin")
-    for r in sorted(records, key=lambda r: ({"val": 0, "test": 1}.get(r["split"], 2), r["name"])):
+    for r in sorted(records, key=lambda r: ({"val": 0, "test": 1, "hicontrast": 2}.get(r["split"], 3), r["name"])):
         log(f"{r['split']:5s}  {r['name']:44s} {r['hw'][1]:>4d}x{r['hw'][0]:<5d}  {r['origin']}")
     for name, why in skipped:
         log(f"skip   {name:44s} {why}")
@@ -323,7 +389,7 @@ def prepare(
     train_px = sum(r["hw"][0] * r["hw"][1] for r in records if r["split"] == "train")
     log(
         f"\n{n_train} train images ({train_px / 1e6:.1f} Mpx) -> {dirs['train']}\n{n_val} val images -> {dirs['val']}"
-        f"\n{n_test} test images -> {dirs['test']}"
+        f"\n{n_test} test images -> {dirs['test']}\n{n_hicontrast} high-contrast images -> {dirs['hicontrast']}"
     )
     return manifest
 
@@ -347,6 +413,14 @@ def prepare(
 )
 @click.option("--no-test", is_flag=True, help="Build no test split.")
 @click.option(
+    "--hicontrast-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_HICONTRAST_DIR,
+    show_default=True,
+    help="Folder holding the extracted wallpaper packages of the high-contrast set (PACKAGE/usr/share/...).",
+)
+@click.option("--no-hicontrast", is_flag=True, help="Build no high-contrast set (and none of its siblings in train).")
+@click.option(
     "--max-side",
     type=click.IntRange(min=64),
     default=1024,
@@ -361,11 +435,29 @@ def prepare(
     help="Leave out images whose short side is below this (after downscaling).",
 )
 def _cli(
-    out_dir: Path, mate_dir: Path, no_mate: bool, test_dir: Path, no_test: bool, max_side: int, min_side: int
+    out_dir: Path,
+    mate_dir: Path,
+    no_mate: bool,
+    test_dir: Path,
+    no_test: bool,
+    hicontrast_dir: Path,
+    no_hicontrast: bool,
+    max_side: int,
+    min_side: int,
 ) -> None:
-    """Build OUT_DIR/train, OUT_DIR/val and OUT_DIR/test (HR PNGs) from offline images."""
+    """Build OUT_DIR/train, OUT_DIR/val, OUT_DIR/test and OUT_DIR/hicontrast (HR PNGs) from offline images."""
     try:
-        prepare(out_dir, mate_dir, not no_mate, max_side, min_side, test_dir=test_dir, use_test=not no_test)
+        prepare(
+            out_dir,
+            mate_dir,
+            not no_mate,
+            max_side,
+            min_side,
+            test_dir=test_dir,
+            use_test=not no_test,
+            hicontrast_dir=hicontrast_dir,
+            use_hicontrast=not no_hicontrast,
+        )
     except RefQSRError as exc:
         raise click.ClickException(str(exc)) from exc
 
