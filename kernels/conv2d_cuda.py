@@ -534,15 +534,22 @@ _MMA_SHAPES = {("s4mma", 2): "m16n8k64", ("s4mma", 1): "m16n8k32", ("s8mma", 2):
 
 @dataclass(frozen=True)
 class MmaConfig:
-    """Geometry of a tensor-core kernel for one shape."""
+    """Geometry of a tensor-core kernel for one shape.
+
+    A warp computes ``16*mt`` pixels x ``8*nt`` output channels; a block has ``bp x bg`` warps
+    (``bp`` pixel tiles x ``bg`` channel tiles) and per mma step stages its A tile (``bm`` pixel
+    rows x ``kw`` words) and B tile (``bn`` channels x ``kw`` words) in shared memory, two
+    buffers deep."""
 
     mma_shape: str  # s4: "m16n8k64" (two 32-channel chunks per mma) or "m16n8k32"; s8: "m16n8k32" / "m16n8k16"
     chunks_per_mma: int
     ksteps: int  # mma steps along K = K*K * C / (chunk * chunks_per_mma)
     mt: int  # 16-pixel tiles per warp
     nt: int  # 8-channel tiles per warp
-    warps: int  # warps per block (threadIdx.y)
+    warps: int  # warps per block (threadIdx.y) = bp * bg
     bits: int = 4  # bits per operand element: 4 ("s4mma") or 8 ("s8mma")
+    bp: int = 1  # warp tiles of a block along the pixels
+    bg: int = 1  # warp tiles of a block along the output channels
 
     @property
     def chunk(self) -> int:  # input channels per K chunk
@@ -556,21 +563,52 @@ class MmaConfig:
     def b_regs(self) -> int:
         return self.chunks_per_mma
 
+    @property
+    def kw(self) -> int:  # 32-bit words of one pixel (or channel) row per mma step
+        return 4 * self.chunks_per_mma
+
+    @property
+    def stride(self) -> int:
+        """Words between two rows of a shared-memory tile: the 8 rows x 4 words a fragment load
+        reads (row ``lane//4``, word ``lane%4``) fall in 32 distinct banks for strides 4 and 12."""
+        return 4 if self.kw == 4 else 12
+
+    @property
+    def bm(self) -> int:  # pixel rows of a block tile
+        return self.bp * 16 * self.mt
+
+    @property
+    def bn(self) -> int:  # output channels of a block tile
+        return self.bg * 8 * self.nt
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def a_loads(self) -> int:  # words of the A stage each thread copies (the last pass guarded)
+        return -(-self.bm * self.kw // self.threads)
+
+    @property
+    def b_loads(self) -> int:
+        return -(-self.bn * self.kw // self.threads)
+
 
 S4MmaConfig = MmaConfig
 
 
 def mma_config(shape: Conv2dCudaShape, variant: str = "s4mma") -> MmaConfig:
     """Tiles of the tensor-core kernel ``variant`` for ``shape``: up to 2 x 4 mma tiles a warp,
-    up to 4 warps a block."""
+    up to 4 warps a block (channel tiles first, then pixel tiles)."""
     shape.check(variant)
     bits = MMA_BITS[variant]
     chunks = shape.kernel**2 * shape.in_ch // mma_chunk_channels(variant)
     cpm = 2 if chunks % 2 == 0 else 1
     mt = divisor_at_most(shape.pixels // 16, 2)
     nt = divisor_at_most(shape.out_ch // 8, 4)
-    tiles = (shape.pixels // (16 * mt)) * (shape.out_ch // (8 * nt))
-    return MmaConfig(_MMA_SHAPES[variant, cpm], cpm, chunks // cpm, mt, nt, divisor_at_most(tiles, 4), bits)
+    bg = divisor_at_most(shape.out_ch // (8 * nt), 4)
+    bp = divisor_at_most(shape.pixels // (16 * mt), 4 // bg)
+    return MmaConfig(_MMA_SHAPES[variant, cpm], cpm, chunks // cpm, mt, nt, bp * bg, bits, bp, bg)
 
 
 def s4mma_config(shape: Conv2dCudaShape) -> MmaConfig:
@@ -579,6 +617,11 @@ def s4mma_config(shape: Conv2dCudaShape) -> MmaConfig:
 
 def s8mma_config(shape: Conv2dCudaShape) -> MmaConfig:
     return mma_config(shape, "s8mma")
+
+
+def _grid(shape: Conv2dCudaShape, cfg: MmaConfig) -> tuple[int, int]:
+    """(blocks along the pixels, blocks along the output channels)."""
+    return shape.pixels // cfg.bm, shape.out_ch // cfg.bn
 
 
 def _chunk(shape: Conv2dCudaShape, cfg: MmaConfig, ks, half):
@@ -594,20 +637,29 @@ def _pixel(shape: Conv2dCudaShape, p):
     return p // hw, (p // shape.width) % shape.height, p % shape.width
 
 
-def _a_word(shape, cfg, m0, ks, lane, reg):
-    """Index into the activation words of A-fragment register ``reg`` of ``lane`` (PTX: row
-    ``lane//4`` (+8 for odd ``reg``), K columns ``e*(lane%4)``..``+e-1`` of K half ``reg//2``,
-    e = 32 / bits elements a word: one word of the chunk)."""
-    n, h, w = _pixel(shape, m0 + lane // 4 + 8 * (reg % 2))
-    kh, kw, cb = _chunk(shape, cfg, ks, reg // 2)
-    return n, h + kh, w + kw, cb * 4 + lane % 4
+def _block_m0(shape, cfg, bx):
+    """First pixel of block ``bx``'s tile."""
+    return (bx // _grid(shape, cfg)[1]) * cfg.bm
 
 
-def _b_word(shape, cfg, o0, ks, lane, reg):
-    """Index into the weight words of B-fragment register ``reg`` (column ``lane//4``, K rows
+def _block_o0(shape, cfg, bx):
+    """First output channel of block ``bx``'s tile."""
+    return (bx % _grid(shape, cfg)[1]) * cfg.bn
+
+
+def _a_frag(cfg, wm, mi, lane, reg):
+    """Shared-memory offset of A-fragment register ``reg`` of ``lane`` for the warp's 16-pixel
+    tile ``mi`` (PTX: row ``lane//4`` (+8 for odd ``reg``), K columns ``e*(lane%4)``..``+e-1`` of
+    K half ``reg//2``: word ``4*(reg//2) + lane%4`` of the row)."""
+    row = wm * 16 * cfg.mt + 16 * mi + lane // 4 + 8 * (reg % 2)
+    return row * cfg.stride + 4 * (reg // 2) + lane % 4
+
+
+def _b_frag(cfg, wn, ni, lane, reg):
+    """Shared-memory offset of B-fragment register ``reg`` (column ``lane//4``, K rows
     ``e*(lane%4)``..``+e-1`` of K half ``reg``)."""
-    kh, kw, cb = _chunk(shape, cfg, ks, reg)
-    return o0 + lane // 4, kh * shape.kernel + kw, cb * 4 + lane % 4
+    row = wn * 8 * cfg.nt + 8 * ni + lane // 4
+    return row * cfg.stride + 4 * reg + lane % 4
 
 
 def _c_index(shape, m0, o0, lane, reg):
@@ -617,15 +669,28 @@ def _c_index(shape, m0, o0, lane, reg):
     return n, h, w, o0 + 2 * (lane % 4) + reg % 2
 
 
-def _warp_m0(shape, cfg, warp):
-    """First pixel of a warp's 16*mt x 8*nt tile; warps next to each other share pixels (their
-    activation loads hit the same cache lines) and differ in output channels."""
-    return (warp // (shape.out_ch // (8 * cfg.nt))) * 16 * cfg.mt
+def _a_src(shape, cfg, m0, ks, idx):
+    """Index into the activation words of word ``idx`` (row ``idx // kw``, word ``idx % kw``) of
+    the A stage of step ``ks``, for the block whose pixels start at ``m0``. Word ``k`` of a row
+    is word ``k % 4`` of K chunk ``k // 4``: K columns ``e*k``..``e*k+e-1`` of the step, e = 32 /
+    bits elements a word."""
+    row, k = idx // cfg.kw, idx % cfg.kw
+    n, h, w = _pixel(shape, m0 + row)
+    kh, kw, cb = _chunk(shape, cfg, ks, k // 4)
+    return n, h + kh, w + kw, cb * 4 + k % 4
 
 
-def _warp_o0(shape, cfg, warp):
-    """First output channel of a warp's tile."""
-    return (warp % (shape.out_ch // (8 * cfg.nt))) * 8 * cfg.nt
+def _b_src(shape, cfg, o0, ks, idx):
+    """Index into the weight words of word ``idx`` of the B stage of step ``ks``, for the block
+    whose output channels start at ``o0``."""
+    row, k = idx // cfg.kw, idx % cfg.kw
+    kh, kw, cb = _chunk(shape, cfg, ks, k // 4)
+    return o0 + row, kh * shape.kernel + kw, cb * 4 + k % 4
+
+
+def _stage_dst(cfg, idx):
+    """Shared-memory offset (within one buffer) of word ``idx`` of an A or B stage."""
+    return (idx // cfg.kw) * cfg.stride + idx % cfg.kw
 
 
 def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
@@ -668,13 +733,18 @@ def conv2d_s8_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.t
 
 
 def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
-    """A CUDA implicit-GEMM conv on tensor cores: one warp per 16*mt x 8*nt output tile,
-    fragments loaded straight from global memory (one word per register), then ``mma.sync``;
-    the index math is :func:`_a_word` / :func:`_b_word` / :func:`_c_index`."""
+    """A CUDA implicit-GEMM conv on tensor cores. Per mma step the block's threads copy the A and
+    B tiles of the *next* step from global memory into registers, run the current step's mmas on
+    fragments read from one shared-memory buffer, then store the registers into the other buffer
+    and synchronise: global loads overlap the mmas, one barrier a step. The index math is
+    :func:`_a_src` / :func:`_b_src` / :func:`_stage_dst` (staging), :func:`_a_frag` /
+    :func:`_b_frag` (fragments) and :func:`_c_index` (output)."""
     s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
-    tiles = (s.pixels // (16 * mt)) * (s.out_ch // (8 * nt))
-    blocks, warps = tiles // cfg.warps, cfg.warps
+    gm, gn = _grid(s, cfg)
+    blocks, warps, threads, bg = gm * gn, cfg.warps, cfg.threads, cfg.bg
+    a_total, b_total, na, nb = cfg.bm * cfg.kw, cfg.bn * cfg.kw, cfg.a_loads, cfg.b_loads
+    a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
     if cfg.bits == 4:
         a_ty, b_ty = ("int4" if act_signed else "uint4"), "int4"
     else:
@@ -688,21 +758,43 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
-                    with T.sblock("warp_tile"):
+                    with T.sblock("block_tile"):
                         T.reads(A[:, :, :, :], W[:, :, :])
                         T.writes(conv[:, :, :, :])
+                        a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
+                        b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
                         acc = T.sblock_alloc_buffer((mt * nt * 4,), "int32", scope="local")
                         af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
                         bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
-                        m0 = _warp_m0(s, cfg, bx * warps + ty)
-                        o0 = _warp_o0(s, cfg, bx * warps + ty)
+                        a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
+                        b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
+                        m0 = _block_m0(s, cfg, bx)
+                        o0 = _block_o0(s, cfg, bx)
                         for i in T.unroll(mt * nt * 4):
                             acc[i] = 0
+                        for i in T.unroll(na):  # step 0 -> buffer 0
+                            if i * threads + ty * 32 + lane < a_total:
+                                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
+                                    _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                                ]
+                        for i in T.unroll(nb):
+                            if i * threads + ty * 32 + lane < b_total:
+                                b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
+                                    _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
+                                ]
+                        T.tvm_storage_sync("shared")
                         for ks in range(ksteps):
-                            for ar in T.unroll(mt * ra):  # fragments: one aligned word per register
-                                af[ar] = A[_a_word(s, cfg, m0 + 16 * (ar // ra), ks, lane, ar % ra)]
+                            if ks + 1 < ksteps:  # the next step's tiles: global -> registers
+                                for i in T.unroll(na):
+                                    if i * threads + ty * 32 + lane < a_total:
+                                        a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                                for i in T.unroll(nb):
+                                    if i * threads + ty * 32 + lane < b_total:
+                                        b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
+                            for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
+                                af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
                             for br in T.unroll(nt * rb):
-                                bf[br] = W[_b_word(s, cfg, o0 + 8 * (br // rb), ks, lane, br % rb)]
+                                bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
                             for mi in T.unroll(mt):
                                 for ni in T.unroll(nt):
                                     T.evaluate(
@@ -723,10 +815,28 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
                                             dtype="int32",
                                         )
                                     )
+                            if ks + 1 < ksteps:  # registers -> the other buffer
+                                for i in T.unroll(na):
+                                    if i * threads + ty * 32 + lane < a_total:
+                                        a_sh[((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
+                                            a_next[i]
+                                        )
+                                for i in T.unroll(nb):
+                                    if i * threads + ty * 32 + lane < b_total:
+                                        b_sh[((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
+                                            b_next[i]
+                                        )
+                            T.tvm_storage_sync("shared")
                         for cr in T.unroll(mt * nt * 4):
-                            conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[
-                                cr
-                            ]
+                            conv[
+                                _c_index(
+                                    s,
+                                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                    lane,
+                                    cr % 4,
+                                )
+                            ] = acc[cr]
 
     return main.with_attr("global_symbol", f"conv2d_{variant}")
 
@@ -775,34 +885,59 @@ def _mma_s4_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_s
 def emulate_mma(
     shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False, variant: str = "s4mma"
 ) -> np.ndarray:
-    """Replay the tensor-core kernel ``variant`` in numpy: the same warp tiling and fragment index
-    functions (``_a_word``, ``_b_word``, ``_c_index``), the mma itself per the PTX ISA
-    (:func:`_mma_reference`). Returns the NHWC int64 output. This checks the kernel's address
-    math on a CPU; what it cannot check is the hardware's agreement with our reading of the ISA."""
+    """Replay the tensor-core kernel ``variant`` in numpy, block by block: the same staging into
+    two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
+    the guarded last pass included), the same fragment reads (``_a_frag``, ``_b_frag``) and
+    output writes (``_c_index``), the mma itself per the PTX ISA (:func:`_mma_reference`).
+    Returns the NHWC int64 output. This checks the kernel's address math on a CPU; what it cannot
+    check is the hardware's agreement with our reading of the ISA, or the barriers."""
     cfg = mma_config(shape, variant)
-    lane = np.arange(32)
+    gm, gn = _grid(shape, cfg)
+    lane, tid = np.arange(32), np.arange(cfg.threads)
     a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
     out = np.zeros(shape.out_shape(variant), np.int64)
-    tiles = (shape.pixels // (16 * cfg.mt)) * (shape.out_ch // (8 * cfg.nt))
-    for warp in range(tiles):
-        m0, o0 = _warp_m0(shape, cfg, warp), _warp_o0(shape, cfg, warp)
-        acc = np.zeros((cfg.mt, cfg.nt, 32, 4), np.int64)
+    a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
+    for bx in range(gm * gn):
+        m0, o0 = _block_m0(shape, cfg, bx), _block_o0(shape, cfg, bx)
+        a_sh = np.zeros(2 * a_buf, np.uint32)
+        b_sh = np.zeros(2 * b_buf, np.uint32)
+
+        def stage(ks, m0=m0, o0=o0, a_sh=a_sh, b_sh=b_sh):
+            for i in range(cfg.a_loads):
+                idx = i * cfg.threads + tid
+                idx = idx[idx < cfg.bm * cfg.kw]
+                a_sh[(ks % 2) * a_buf + _stage_dst(cfg, idx)] = a_words[_a_src(shape, cfg, m0, ks, idx)]
+            for i in range(cfg.b_loads):
+                idx = i * cfg.threads + tid
+                idx = idx[idx < cfg.bn * cfg.kw]
+                b_sh[(ks % 2) * b_buf + _stage_dst(cfg, idx)] = w_words[_b_src(shape, cfg, o0, ks, idx)]
+
+        acc = np.zeros((cfg.warps, cfg.mt, cfg.nt, 32, 4), np.int64)
+        stage(0)
         for ks in range(cfg.ksteps):
-            af = [
-                np.stack([a_words[_a_word(shape, cfg, m0 + 16 * mi, ks, lane, r)] for r in range(cfg.a_regs)])
-                for mi in range(cfg.mt)
-            ]
-            bf = [
-                np.stack([w_words[_b_word(shape, cfg, o0 + 8 * ni, ks, lane, r)] for r in range(cfg.b_regs)])
-                for ni in range(cfg.nt)
-            ]
+            if ks + 1 < cfg.ksteps:  # the buffer of step ks - 1, read by then
+                stage(ks + 1)
+            base_a, base_b = (ks % 2) * a_buf, (ks % 2) * b_buf
+            for ty in range(cfg.warps):
+                wm, wn = ty // cfg.bg, ty % cfg.bg
+                af = [
+                    np.stack([a_sh[base_a + _a_frag(cfg, wm, mi, lane, r)] for r in range(cfg.a_regs)])
+                    for mi in range(cfg.mt)
+                ]
+                bf = [
+                    np.stack([b_sh[base_b + _b_frag(cfg, wn, ni, lane, r)] for r in range(cfg.b_regs)])
+                    for ni in range(cfg.nt)
+                ]
+                for mi in range(cfg.mt):
+                    for ni in range(cfg.nt):
+                        acc[ty, mi, ni] += _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
+        for ty in range(cfg.warps):
+            wm, wn = ty // cfg.bg, ty % cfg.bg
             for mi in range(cfg.mt):
                 for ni in range(cfg.nt):
-                    acc[mi, ni] += _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
-        for mi in range(cfg.mt):
-            for ni in range(cfg.nt):
-                for r in range(4):
-                    out[_c_index(shape, m0 + 16 * mi, o0 + 8 * ni, lane, r)] = acc[mi, ni, :, r]
+                    for r in range(4):
+                        m, o = m0 + wm * 16 * cfg.mt + 16 * mi, o0 + wn * 8 * cfg.nt + 8 * ni
+                        out[_c_index(shape, m, o, lane, r)] = acc[ty, mi, ni, :, r]
     return out
 
 

@@ -346,8 +346,8 @@ def _sass(binary: bytes) -> str | None:
 
 
 #: SASS opcodes counted per kernel: tensor-core MMAs (integer, half), the dp4a dot product
-#: (``IDP.4A``), local memory (register spills: ``LDL``/``STL``), shared and global memory
-SASS_OPCODES = ("IMMA", "HMMA", "IDP", "LDL", "STL", "LDS", "STS", "LDSM", "LDGSTS", "LDG", "STG")
+#: (``IDP.4A``), local memory (register spills: ``LDL``/``STL``), shared and global memory, barriers
+SASS_OPCODES = ("IMMA", "HMMA", "IDP", "LDL", "STL", "LDS", "STS", "LDSM", "LDGSTS", "LDG", "STG", "BAR")
 _SASS_FUNC = re.compile(r"^\s*Function : (\S+)", re.M)
 _SASS_INSN = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
 

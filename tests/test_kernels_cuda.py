@@ -169,39 +169,63 @@ def test_s8_packing_roundtrip_and_layout():
 
 
 def test_s8mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
-    """Negative controls for the s8 replay: the A-fragment's K word of a lane (s4's nibble layout
-    would put 8 elements a register where s8 has 4) and the accumulator columns must matter."""
+    """Negative controls for the s8 replay: the K halves of the A fragment, the shared-memory
+    rows of the staged words (rows 2i and 2i+1 exchanged), the accumulator columns, and the ISA
+    layout read with the s4 geometry (8 elements a register where s8 has 4) must each change the
+    result."""
     s = SMALL[32]
     x, w, pad = operands(s, "s8mma", False, seed=5)
     a, wp = pack("s8mma", x, w, pad, False)
     want = reference_conv(x, w, pad)
     np.testing.assert_array_equal(cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma"), want)
-    right_a = cc._a_word
+    cfg = cc.s8mma_config(s)
+    wrong = {
+        "_a_frag": lambda right: lambda cfg, wm, mi, lane, reg: right(cfg, wm, mi, lane, reg ^ 2),
+        "_stage_dst": lambda right: lambda cfg, idx: right(cfg, (idx // cfg.kw ^ 1) * cfg.kw + idx % cfg.kw),
+        "_c_index": lambda right: lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1),
+        "_unpack_words": lambda right: lambda words, bits, signed: cc.unpack_nibbles(words, signed)[..., :4],
+    }
+    assert cfg.stride == 12 and cfg.kw == 8  # m16n8k32: two 16-channel chunks a step
+    for name, make in wrong.items():
+        right = getattr(cc, name)
+        monkeypatch.setattr(cc, name, make(right))
+        got = cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma")
+        monkeypatch.setattr(cc, name, right)
+        assert not np.array_equal(got, want), name
 
-    def swapped_a(shape, cfg, m0, ks, lane, reg):  # K halves of the A fragment exchanged
-        return right_a(shape, cfg, m0, ks, lane, reg ^ 2)
 
-    monkeypatch.setattr(cc, "_a_word", swapped_a)
-    assert not np.array_equal(cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma"), want)
-    monkeypatch.setattr(cc, "_a_word", right_a)
-    right_c = cc._c_index
-    monkeypatch.setattr(cc, "_c_index", lambda shape, m0, o0, lane, reg: right_c(shape, m0, o0, lane, reg ^ 1))
-    assert not np.array_equal(cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma"), want)
-    monkeypatch.setattr(cc, "_c_index", right_c)
-    # the ISA layout read with the s4 geometry (8 elements a register) is caught as well
-    monkeypatch.setattr(cc, "_unpack_words", lambda words, bits, signed: cc.unpack_nibbles(words, signed)[..., :4])
-    assert not np.array_equal(cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma"), want)
-
-
-def test_s4mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
-    """Negative control: swapping the two accumulator columns of a lane must be caught."""
-    s = SMALL[32]
-    x, w, pad = operands(s, "s4mma", False, seed=3)
-    a, wp = pack("s4mma", x, w, pad, False)
-    right = cc._c_index
-    monkeypatch.setattr(cc, "_c_index", lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1))
-    y = cc.emulate_s4mma(s, a, wp)
-    assert not np.array_equal(cc.unpack_output(y, "s4mma"), reference_conv(x, w, pad))
+def test_mma_staging_covers_every_word_once():
+    """Each step's A and B tiles land in shared memory word for word: the threads' copies (the
+    guarded last pass included) reach every row and word of the tile exactly once, within one
+    buffer, and the fragment reads stay inside the rows that were written."""
+    for variant, shape in (("s8mma", SMALL[32]), ("s8mma", SMALL[16]), ("s4mma", SMALL[64]), ("s8mma", PRODUCTION)):
+        cfg = cc.mma_config(shape, variant)
+        for total, loads, rows in ((cfg.bm * cfg.kw, cfg.a_loads, cfg.bm), (cfg.bn * cfg.kw, cfg.b_loads, cfg.bn)):
+            idx = np.arange(loads * cfg.threads)
+            idx = idx[idx < total]
+            dst = cc._stage_dst(cfg, idx)
+            assert len(np.unique(dst)) == total and dst.max() < rows * cfg.stride
+        lane = np.arange(32)
+        a_rd = {
+            int(o)
+            for wm in range(cfg.bp)
+            for mi in range(cfg.mt)
+            for r in range(cfg.a_regs)
+            for o in cc._a_frag(cfg, wm, mi, lane, r)
+        }
+        b_rd = {
+            int(o)
+            for wn in range(cfg.bg)
+            for ni in range(cfg.nt)
+            for r in range(cfg.b_regs)
+            for o in cc._b_frag(cfg, wn, ni, lane, r)
+        }
+        all_a = np.arange(cfg.bm * cfg.kw)
+        all_b = np.arange(cfg.bn * cfg.kw)
+        assert a_rd == set(cc._stage_dst(cfg, all_a).tolist()) and b_rd == set(cc._stage_dst(cfg, all_b).tolist())
+        # fragment loads of one register: 32 lanes in 32 distinct banks (no bank conflicts)
+        assert len({int(o) % 32 for o in cc._a_frag(cfg, 0, 0, lane, 0)}) == 32
+        assert len({int(o) % 32 for o in cc._b_frag(cfg, 0, 0, lane, 0)}) == 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,9 +405,11 @@ SASS_CASES = [(v, a) for v in ("s8mma", "s4mma", "dp4a") for a in ("sm_80", "sm_
 @pytest.mark.parametrize("variant, arch", SASS_CASES, ids=[f"{v}-{a}" for v, a in SASS_CASES])
 def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
     """Every ``mma.sync`` of the s8 kernel is one ``IMMA`` on sm_80 and sm_90, and of the s4
-    kernel on sm_80; sm_90 has no int4 tensor cores (ptxas emulates ``mma ... .s4``, so the s4
-    kernel keeps only a few IMMA there and the compiler never picks it for sm_90); dp4a is
-    ``IDP.4A``. No kernel touches local memory."""
+    kernel on sm_80 (ptxas keeps the step loop, or unrolls it: a multiple of the mma tiles of one
+    step); sm_90 has no int4 tensor cores (ptxas emulates ``mma ... .s4``: fewer IMMA than mma
+    tiles a step, so the compiler never picks the s4 kernel for sm_90); dp4a is ``IDP.4A``. The
+    tensor-core kernels stage through shared memory (LDS, STS, BAR); no kernel touches local
+    memory (LDL, STL)."""
     k = cc.build_conv2d_cuda(PRODUCTION, variant, arch)
     sass = cuda_toolchain.sass_counts(cuda_toolchain.build_info(k.executable).binary)
     assert sass is not None and len(sass) == 1
@@ -393,9 +419,9 @@ def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
         assert counts["IDP"] > 0 and counts["IMMA"] == 0
         return
     cfg = cc.mma_config(PRODUCTION, variant)
-    mmas = cfg.ksteps * cfg.mt * cfg.nt  # one mma.sync per step and tile, all unrolled
-    assert counts["IDP"] == 0
+    tiles = cfg.mt * cfg.nt  # mma.sync per step
+    assert counts["IDP"] == 0 and counts["LDS"] > 0 and counts["STS"] > 0 and counts["BAR"] > 0
     if variant == "s4mma" and arch == "sm_90":
-        assert 0 < counts["IMMA"] < mmas
+        assert 0 < counts["IMMA"] < tiles
     else:
-        assert counts["IMMA"] == mmas
+        assert counts["IMMA"] % tiles == 0 and tiles <= counts["IMMA"] <= cfg.ksteps * tiles
