@@ -1,9 +1,11 @@
-"""CUDA integer 3x3 ("same", stride 1) convolutions for ``--target cuda``: dp4a (int8) and int4
-tensor cores (``mma.sync`` on packed s4/u4), plus an LLVM "twin" of each that runs on the CPU.
+"""CUDA integer ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4
+tensor cores (``mma.sync`` on packed u8/s8 and u4/s4 words) and dp4a, plus an LLVM "twin" of each
+that runs on the CPU.
 
-Both compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
+All compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
 (int32) over activations **pre-padded** by the caller (the pad value is the zero point; the
-zero-point term is removed outside, as for the CPU kernels in :mod:`.layouts`).
+zero-point term, and a weight shift if any, are handled outside, as for the CPU kernels in
+:mod:`.layouts`).
 
 Variant ``"dp4a"`` (int8; ``C % 4 == 0``)::
 
@@ -18,34 +20,42 @@ Variant ``"dp4a"`` (int8; ``C % 4 == 0``)::
   (ty, tx) holds 2 rows x 4 channels in registers; per chunk of 16 input channels the window
   of activations and the weights of the block are staged in shared memory.
 
-Variant ``"s4mma"`` (int4 tensor cores; ``C % 32 == 0``, ``O % 8 == 0``, ``N*H*W % 16 == 0``)::
+Variants ``"s4mma"`` (int4; ``C % 32 == 0``) and ``"s8mma"`` (int8; ``C % 16 == 0``), both with
+``O % 8 == 0`` and ``N*H*W % 16 == 0``::
 
-    activations  [N][H+2P][W+2P][C/8]      uint32, 8 channels per word   NHWC, nibble-packed
-    weights      [O][K*K][C/8]             uint32, 8 channels per word   O(kh kw)I, nibble-packed
+    activations  [N][H+2P][W+2P][C/e]      uint32, e channels per word   NHWC, packed
+    weights      [O][K*K][C/e]             uint32, e channels per word   O(kh kw)I, packed
     output       [N][H][W][O]              int32                         NHWC
 
-  Channel ``c`` is nibble ``c % 8`` (bits ``4*(c%8)``..) of word ``c // 8``; two's complement for
-  signed values. TVM's own ``int4`` buffers are not used (they give wrong results), so the
-  words are packed here (:func:`pack_nibbles`) and handed to ``mma`` as ``.b32`` registers.
+  e = 8 nibbles (s4) or 4 bytes (s8): channel ``c`` is element ``c % e`` (bits
+  ``(32/e)*(c%e)``..) of word ``c // e``, two's complement for signed values. TVM's own ``int4``
+  buffers are not used (they give wrong results), so the words are packed here
+  (:func:`pack_nibbles`, :func:`pack_bytes`) and handed to ``mma`` as ``.b32`` registers.
   Implicit GEMM: M = output pixels (n, h, w flattened), N = output channels, K = (kh, kw, c)
-  split into 32-channel chunks ``j -> (tap = j // (C/32), channel block = j % (C/32))``. One
-  ``mma.sync.aligned.m16n8k64`` consumes two chunks (when the chunk count ``9*C/32`` is even,
-  i.e. ``C % 64 == 0``), otherwise ``m16n8k32`` one. With NHWC words, the 8 consecutive K
-  elements a lane holds in one register (PTX ISA fragment layout: lane ``4*g + t`` holds row
-  ``g`` (+8), columns ``8t..8t+7`` of each 32-column half) are exactly one word: every fragment
-  register is one aligned 32-bit load, no shuffles. A warp computes 16*MT pixels x 8*NT channels
-  (MT <= 2, NT <= 4, up to 4 warps a block); fragments come straight from global memory (L1),
-  no shared-memory staging or software pipelining yet.
+  split into chunks of 4 words (32 channels for s4, 16 for s8) ``j -> (tap = j // (C/chunk),
+  channel block = j % (C/chunk))``. One mma consumes two chunks when the chunk count is even
+  (``m16n8k64`` s4, ``m16n8k32`` s8), otherwise one (``m16n8k32`` s4, ``m16n8k16`` s8). With NHWC
+  words, the e consecutive K elements a lane holds in one register (PTX ISA fragment layout: lane
+  ``4*g + t`` holds row ``g`` (+8), columns ``e*t..e*t+e-1`` of each K half) are exactly one
+  word: every fragment register is one aligned 32-bit word, no shuffles.
 
-  Activations are u4 (0..15, default) or s4 (-8..7, ``act_signed=True``); weights s4. PTX has
-  the mixed ``.u4.s4`` form (``mma...s32.u4.s4.s32``), so u4 x s4 needs no offset/correction
-  term (the alternative, s4 x s4 with activations shifted by -8 and ``8 * sum(w[o])`` added back,
-  is not used).
+  Schedule: a warp computes 16*MT pixels x 8*NT channels (MT <= 2, NT <= 4), a block BP x BG
+  warps (at most 4). Per mma step the block's threads copy the next step's A tile (BP*16*MT
+  pixel rows x 8 words) and B tile (BG*8*NT channel rows x 8 words) from global memory into
+  registers, run the current step's mmas on fragments read from one shared-memory buffer, store
+  the registers into the other buffer and synchronise (double buffering: the global loads are in
+  flight during the mmas). Shared-memory rows are 12 words apart (4 for one-chunk steps), so a
+  fragment load's 32 lanes hit 32 distinct banks.
+
+  Activations are unsigned (u4 0..15 / u8 0..255, default) or signed (``act_signed=True``);
+  weights signed. PTX has the mixed ``.u4.s4`` and ``.u8.s8`` forms, so unsigned activations
+  need no offset/correction term.
 
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
-:mod:`.cuda_toolchain` and checked by their PTX, while the twins (the same packed layouts, plain
-TIR, built for LLVM) and :func:`emulate_s4mma` (the s4 kernel's own fragment index math replayed
-in numpy against the PTX ISA fragment layouts) are tested bit-exact on the CPU.
+:mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
+layouts, plain TIR, built for LLVM) and :func:`emulate_mma` (the mma kernels' own staging,
+fragment and output index math replayed in numpy against the PTX ISA fragment layouts) are
+tested bit-exact on the CPU.
 """
 
 from __future__ import annotations

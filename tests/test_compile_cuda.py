@@ -102,6 +102,22 @@ def test_variant_choice_is_exact_by_ranges():
     assert cb.cuda_weight_shift("dp4a", -200, 100) is None
 
 
+def test_conv_roofline_against_hand_counts():
+    # SRResNet block conv at batch 16, 96 x 96: 16*96*96 px x 64 x 64 x 9 MACs; u8 activations
+    # 16*98*98*64 B + s8 weights 64*9*64 B + int32 output 16*96*96*64*4 B
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s8mma")
+    macs, moved = 5_435_817_984, 9_834_496 + 36_864 + 37_748_736
+    assert (r["useful_macs"], r["issued_macs"], r["bytes"]) == (macs, macs, moved)
+    assert r["A100_us"] == pytest.approx(max(macs / 312e12, moved / 2.039e12) * 1e6, abs=1e-3)
+    assert r["A100_bound"] == "memory" and r["H100_us"] == pytest.approx(moved / 3.35e12 * 1e6, abs=1e-3)
+    # ClustBlock's stride-3 conv as im2col: 27 real channels padded to 32, 64 -> 64 channels
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 32, 64, 32, 32, 1), 27, 64, "s8mma")
+    assert r["issued_over_useful"] == pytest.approx(32 / 27, abs=1e-4)
+    # 4-bit: packed nibbles; no H100 int4 peak -> memory time only
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s4mma")
+    assert r["bytes"] == 9_834_496 // 2 + 36_864 // 2 + 37_748_736 and r["H100_bound"] == "memory"
+
+
 def test_ptx_instruction_count():
     ptx = (
         "dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"
@@ -214,6 +230,9 @@ def test_bundled_model_convs_are_all_integer(bundled):
         # tensor cores for every conv at batch 16: int4 for DDTB-4 on sm_80, int8 otherwise
         mma = "s4mma" if (name, arch) == ("srresnet_ddtb4", "sm_80") else "s8mma"
         assert {v for v in graph["variants"] if v} == {mma} and graph["dp4a_why"] == {}
+        roof = graph["roofline"]
+        assert sorted(roof, key=int) == [str(i) for i, v in enumerate(graph["variants"]) if v]
+        assert all(1.0 <= r["issued_over_useful"] <= 1.2 and r["A100_us"] > 0 for r in roof.values())
     if name == "srresnet_ddtb_refqsr84":
         assert shifted > 0  # DDTB's asymmetric 8-bit weights beyond s8 are among them
     for counts in man["device_code"].values():

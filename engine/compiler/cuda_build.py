@@ -1,4 +1,4 @@
-"""``--target cuda``: exported graphs -> Relax -> integer convs on dp4a / int4 tensor cores -> CUDA.
+"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a -> CUDA.
 
 How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 
@@ -12,23 +12,25 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
      (0.0 quantizes exactly to the zero point, so the border gets ``u0 = z + offset``), then
      ``u = clamp(round(x / s) + z, qlo, qhi) + offset`` on the conv's b-bit grid (``R.round``
      lowers to ``nearbyint`` on LLVM and ``nearbyintf`` in CUDA C, round-half-even like ONNX
-     QuantizeLinear), cast and permuted into the kernel's layout -- for the int4 kernel 8
-     nibbles are shifted into one uint32 word (``strided_slice``, ``left_shift``, ``add``);
+     QuantizeLinear), cast and permuted into the kernel's layout -- for the tensor-core kernels
+     8 nibbles or 4 bytes are shifted into one uint32 word (``strided_slice``, ``left_shift``,
+     ``add``); a strided conv first stacks the K x K strided views of its input (im2col), and
+     with a weight shift ``c`` the window sums of ``u`` are computed beside the pack;
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
-     ``dp4a`` (u8 activations x s8 weights, ``dp4a.u32.s32``) or ``s4mma`` (u4 x s4,
-     ``mma.sync ... .u4.s4``), giving the raw int32 sums;
-  3. Relax ops for the epilogue ``y = float(acc - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
+     ``s8mma`` (u8 x s8, ``mma.sync ... .u8.s8``), ``s4mma`` (u4 x s4, ``mma.sync ... .u4.s4``)
+     or ``dp4a`` (``dp4a.u32.s32``) on the weights ``w - c``, giving raw int32 sums;
+  3. Relax ops for the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
 
   FuseOps merges the injective ops of 1 and 3 into one kernel each; the conv kernel itself is
   marked opaque so nothing is fused into its hand-written schedule.
-* **Variant choice** (:func:`choose_cuda_variant`) is by exact operand ranges: ``s4mma`` when the
-  activations have <= 4 bits, the integer weights (zero point removed) lie in -8..7 and the shape
-  fits the tensor-core tiling; else ``dp4a`` when the weights lie in -128..127. Weights are
-  negated (with their scale) when that fits better: asymmetric 8-bit weights minus their zero
-  point often span -127..128. Anything else stays the graph's float QDQ conv (exact
-  fake-quantized math, just not integer): asymmetric weights that reach beyond -128..128 (up to
-  +-255 in principle), strided convs (ClustBlock's first) and channel counts that are not
-  multiples of 4.
+* **Variant choice** (:func:`choose_cuda_variant_why`) is by exact operand ranges and the shape
+  with its channels padded to the layout: ``s4mma`` when the activations have <= 4 bits, the
+  integer weights (zero point removed) span at most 16 values and the arch has int4 tensor cores
+  (not sm_90); else ``s8mma`` for up to 8 bits and 256 weight values; ``dp4a`` where no mma tile
+  fits (fewer than 16 output pixels), with the reason recorded. Weights outside the operand's
+  signed range run shifted (:func:`cuda_weight_shift`). A conv whose int32 sums could overflow,
+  or that has dilation or groups, stays the graph's float QDQ conv (exact fake-quantized math,
+  just not integer); no bundled model has one.
 * The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
   the host (``cluster.so``, ``"device": "host"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
@@ -173,6 +175,42 @@ def choose_cuda_variant(
     return choose_cuda_variant_why(act_bits, w_min, w_max, shape, arch)[0]
 
 
+#: datasheet peaks of dense tensor-core MACs per second (half the TOPS) and of memory bytes per
+#: second: A100 SXM4 80 GB (INT8 624 TOPS, INT4 1248 TOPS, 2039 GB/s) and H100 SXM5 (INT8 1979
+#: TOPS, no INT4 tensor cores, 3.35 TB/s). dp4a has no datasheet figure: memory time only.
+DATASHEET_PEAKS = {
+    "A100": {"s8mma": 312e12, "s4mma": 624e12, "bytes": 2.039e12},
+    "H100": {"s8mma": 989.5e12, "bytes": 3.35e12},
+}
+
+
+def conv_roofline(shape: cc.Conv2dCudaShape, in_ch: int, out_ch: int, variant: str) -> dict[str, Any]:
+    """One integer conv kernel against the datasheet peaks: useful MACs (the real channels),
+    issued MACs (the padded channels the kernel computes), the bytes it must move at least (packed
+    activations with their border, packed weights, int32 output, each once) and, per GPU, the
+    lower bound on its time in microseconds: max(issued / peak MACs, bytes / bandwidth)."""
+    taps = shape.kernel**2
+    bits = cc.MMA_BITS.get(variant, 8)
+    hp, wp = shape.padded_hw
+    useful = shape.pixels * out_ch * in_ch * taps
+    issued = shape.pixels * shape.out_ch * shape.in_ch * taps
+    moved = (shape.batch * hp * wp * shape.in_ch + shape.out_ch * taps * shape.in_ch) * bits // 8
+    moved += shape.pixels * shape.out_ch * 4
+    out: dict[str, Any] = {
+        "variant": variant,
+        "useful_macs": useful,
+        "issued_macs": issued,
+        "issued_over_useful": round(issued / useful, 4),
+        "bytes": moved,
+    }
+    for gpu, peak in DATASHEET_PEAKS.items():
+        memory = moved / peak["bytes"] * 1e6
+        compute = issued / peak[variant] * 1e6 if variant in peak else None
+        out[f"{gpu}_us"] = round(max(memory, compute or 0.0), 3)
+        out[f"{gpu}_bound"] = "memory" if compute is None or memory >= compute else "compute"
+    return out
+
+
 @dataclass(frozen=True)
 class _ConvPlan:
     """One quantized conv as the rewrite sees it (after im2col and channel padding, if any)."""
@@ -305,6 +343,7 @@ class _CudaRewriter(PyExprMutator):
             *plan.pads,
         )
         self.result.weight_shifts[report.index] = shift
+        self.result.roofline[report.index] = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant)
         if plan.im2col:
             self.result.im2col[report.index] = list(plan.im2col)
         return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
@@ -429,6 +468,7 @@ class CudaConvResult(QDQConvResult):
     weight_shifts: dict[int, int] = field(default_factory=dict)  # conv index -> c of w - c
     no_mma_reasons: dict[int, str] = field(default_factory=dict)  # conv index -> why dp4a, not a tensor core
     im2col: dict[int, list[int]] = field(default_factory=dict)  # conv index -> [K, stride h, stride w]
+    roofline: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> conv_roofline(...)
 
 
 def rewrite_qdq_convs_cuda(
@@ -591,6 +631,7 @@ class CudaGraphBuild:
             "weight_shifts": [self.result.weight_shifts.get(c.index) for c in convs],
             "im2col": {str(i): v for i, v in self.result.im2col.items()},
             "dp4a_why": {str(i): why for i, why in self.result.no_mma_reasons.items()},
+            "roofline": {str(i): r for i, r in self.result.roofline.items()},
             "refer_warps": 0,  # left as Relax ops (no fused RefER kernel on CUDA)
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
