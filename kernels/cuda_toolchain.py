@@ -53,6 +53,7 @@ __all__ = [
     "build_cuda",
     "build_info",
     "cuda_tool",
+    "parse_res_usage",
     "parse_sass",
     "sass_counts",
     "cuda_target",
@@ -333,7 +334,7 @@ def cuda_tool(name: str) -> str | None:
     return None
 
 
-def _sass(binary: bytes) -> str | None:
+def _cuobjdump(binary: bytes, option: str) -> str | None:
     tool = cuda_tool("cuobjdump")
     if tool is None:
         return None
@@ -341,8 +342,12 @@ def _sass(binary: bytes) -> str | None:
         path = os.path.join(tmp, "kernel.fatbin")
         with open(path, "wb") as f:
             f.write(binary)
-        proc = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+        proc = subprocess.run([tool, option, path], capture_output=True, text=True)
     return proc.stdout if proc.returncode == 0 else None
+
+
+def _sass(binary: bytes) -> str | None:
+    return _cuobjdump(binary, "-sass")
 
 
 #: SASS opcodes counted per kernel: tensor-core MMAs (integer, half), the dp4a dot product
@@ -370,11 +375,34 @@ def parse_sass(dump: str) -> dict[str, dict[str, int]]:
     return out
 
 
+_RES_FUNC = re.compile(r"^\s*Function (\S+):\s*\n\s*(.*)$", re.M)
+#: ``cuobjdump -res-usage`` fields kept per kernel
+RESOURCES = {"REG": "registers", "STACK": "stack_bytes", "SHARED": "shared_bytes", "LOCAL": "local_bytes"}
+
+
+def parse_res_usage(dump: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump -res-usage`` text -> ``{kernel: {"registers": n, "stack_bytes": n,
+    "shared_bytes": n, "local_bytes": n}}`` (per thread: registers, stack, local memory; per block:
+    static shared memory)."""
+    out = {}
+    for name, fields in _RES_FUNC.findall(dump):
+        values = dict(f.split(":", 1) for f in fields.split() if ":" in f)
+        out[name] = {key: int(values[field]) for field, key in RESOURCES.items() if field in values}
+    return out
+
+
 def sass_counts(binary: bytes) -> dict[str, dict[str, int]] | None:
-    """Per-kernel SASS opcode counts of a fatbin / cubin (:func:`parse_sass`), or None when
-    ``cuobjdump`` is not installed (see :func:`cuda_tool`) or cannot read ``binary``."""
+    """Per-kernel SASS opcode counts of a fatbin / cubin (:func:`parse_sass`) with each kernel's
+    resource usage (:func:`parse_res_usage`), or None when ``cuobjdump`` is not installed (see
+    :func:`cuda_tool`) or cannot read ``binary``."""
     dump = _sass(binary)
-    return None if dump is None else parse_sass(dump)
+    if dump is None:
+        return None
+    counts = parse_sass(dump)
+    for name, res in parse_res_usage(_cuobjdump(binary, "-res-usage") or "").items():
+        if name in counts:
+            counts[name].update(res)
+    return counts
 
 
 def device_code(executable: tvm.runtime.Executable, sass: bool = True) -> str:

@@ -258,6 +258,7 @@ def test_bundled_model_sass_has_imma_and_no_spills(bundled):
         for kernel, counts in kernels.items():
             assert counts["IMMA"] > 0 and counts["IDP"] == 0, (graph_name, kernel, counts)
             assert counts["LDL"] == 0 and counts["STL"] == 0, (graph_name, kernel, counts)
+            assert counts["local_bytes"] == 0 and counts["shared_bytes"] > 0, (graph_name, kernel, counts)
         assert sass["conv_totals"]["IMMA"] == sum(c["IMMA"] for c in kernels.values())
         assert sass["local_memory"] == [] and sass["all_totals"]["LDL"] == sass["all_totals"]["STL"] == 0
 

@@ -398,6 +398,22 @@ def test_parse_sass_counts_opcodes_per_kernel():
     assert (b["IDP"], b["LDS"], b["IMMA"], b["total"]) == (1, 1, 0, 3)
 
 
+def test_parse_res_usage():
+    dump = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function main_kernel:
+  REG:72 STACK:0 SHARED:12272 LOCAL:0 CONSTANT[0]:376 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other_kernel:
+  REG:255 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert cuda_toolchain.parse_res_usage(dump) == {
+        "main_kernel": {"registers": 72, "stack_bytes": 0, "shared_bytes": 12272, "local_bytes": 0},
+        "other_kernel": {"registers": 255, "stack_bytes": 16, "shared_bytes": 0, "local_bytes": 24},
+    }
+
+
 SASS_CASES = [(v, a) for v in ("s8mma", "s4mma", "dp4a") for a in ("sm_80", "sm_90")]
 
 
@@ -415,12 +431,18 @@ def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
     assert sass is not None and len(sass) == 1
     (counts,) = sass.values()
     assert counts["LDL"] == 0 and counts["STL"] == 0
+    assert counts["local_bytes"] == counts["stack_bytes"] == 0 and 0 < counts["registers"] <= 255
     if variant == "dp4a":
         assert counts["IDP"] > 0 and counts["IMMA"] == 0
         return
     cfg = cc.mma_config(PRODUCTION, variant)
     tiles = cfg.mt * cfg.nt  # mma.sync per step
     assert counts["IDP"] == 0 and counts["LDS"] > 0 and counts["STS"] > 0 and counts["BAR"] > 0
+    # both buffers of the A and B tiles (TVM trims a buffer to its last word read); sm_90 adds
+    # the 1 KiB of shared memory it reserves per block
+    words = 2 * (cfg.bm + cfg.bn) * cfg.stride
+    reserved = 1024 if arch == "sm_90" else 0
+    assert 4 * (words - 2 * cfg.stride) + reserved <= counts["shared_bytes"] <= 4 * words + reserved + 64
     if variant == "s4mma" and arch == "sm_90":
         assert 0 < counts["IMMA"] < tiles
     else:

@@ -682,9 +682,10 @@ _CONV_KERNEL = re.compile(r"^qconv_(dp4a|s4mma|s8mma)_\d+_kernel$")
 
 
 def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | None:
-    """What the manifest records of a graph's SASS: the opcode counts of every integer conv
-    kernel, the totals over those and over all kernels of the graph, and the kernels that touch
-    local memory (``LDL``/``STL``: register spills). None when no SASS was read."""
+    """What the manifest records of a graph's SASS: the opcode counts and resource usage
+    (registers, shared / local / stack bytes) of every integer conv kernel, the opcode totals over
+    those and over all kernels of the graph, and the kernels that use local memory (``LDL``/``STL``
+    or local bytes: register spills). None when no SASS was read."""
     if sass is None:
         return None
     conv = {k: v for k, v in sorted(sass.items()) if _CONV_KERNEL.match(k)}
@@ -698,7 +699,7 @@ def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | Non
         "conv_kernels": conv,
         "conv_totals": total(conv),
         "all_totals": total(sass),
-        "local_memory": sorted(k for k, c in sass.items() if c["LDL"] or c["STL"]),
+        "local_memory": sorted(k for k, c in sass.items() if c["LDL"] or c["STL"] or c.get("local_bytes")),
     }
 
 
