@@ -604,9 +604,6 @@ class MmaConfig:
         return -(-self.bn * self.kw // self.threads)
 
 
-S4MmaConfig = MmaConfig
-
-
 def mma_config(shape: Conv2dCudaShape, variant: str = "s4mma") -> MmaConfig:
     """Tiles of the tensor-core kernel ``variant`` for ``shape``: up to 2 x 4 mma tiles a warp,
     up to 4 warps a block (channel tiles first, then pixel tiles)."""
@@ -886,10 +883,6 @@ def _mma_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_sign
         b_mat[(4 * e * r + e * t)[:, None] + el, g[:, None]] = _unpack_words(b_regs[r][:, None], bits, True)
     d = a_mat @ b_mat
     return np.stack([d[g + 8 * (r // 2), 2 * t + r % 2] for r in range(4)], axis=1)
-
-
-def _mma_s4_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_signed: bool) -> np.ndarray:
-    return _mma_reference(a_regs, b_regs, chunks, act_signed, 4)
 
 
 def emulate_mma(
