@@ -1,7 +1,7 @@
 """`python -m gpucheck prepare`: on this machine (no GPU needed), everything the GPU host needs.
 
 1. The default model and DDTB-4 compiled for ``--arch`` (CUDA artifacts, without ONNX copies).
-2. Standalone integer conv kernels (dp4a u8/s8, int4 mma u4/s4) built for ``--arch``, with
+2. Standalone integer conv kernels (dp4a u8/s8, int8 mma u8/s8, int4 mma u4/s4) built for ``--arch``, with
    worst-case operands, their expected outputs (the numpy/PyTorch reference) and the map from the
    kernels' packed output layout to NCHW, so the host checks them bit for bit without TVM.
 3. TVM's runtime libraries (``libtvm_runtime``, its CUDA module, the CUDA runtime they link) and
@@ -97,15 +97,17 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
     negative weight; the expected output from a float64 PyTorch conv (exact below 2**53)."""
     import torch
     from refqsr_engine.kernels import conv2d_cuda as cc
+    from refqsr_engine.kernels import cuda_toolchain
 
     into.mkdir(parents=True)
     shape = cc.Conv2dCudaShape(2, 64, 64, 24, 24)
     rows = []
-    for variant, signed in (("dp4a", False), ("dp4a", True), ("s4mma", False), ("s4mma", True)):
+    variants = [(v, signed) for v in ("dp4a", "s8mma", "s4mma") for signed in (False, True)]
+    for variant, signed in variants:
         name = f"{variant}_{'s' if signed else 'u'}"
         say(f"building kernel {name} for {arch}")
         kernel = cc.build_conv2d_cuda(shape, variant, arch, signed)
-        bits = 8 if variant == "dp4a" else 4
+        bits = 4 if variant == "s4mma" else 8
         a_lo, a_hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
         w_lo, w_hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         rng = np.random.default_rng(7)
@@ -132,7 +134,10 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
         ptx = instruction_counts(kernel.device_code, PTX_OPS)
         if ptx["local_memory"]:
             raise CheckError(f"kernel {name}: {ptx['local_memory']} local-memory instructions (register spills)")
-        rows.append({"name": name, "lib": lib.name, "variant": variant, "signed": signed, "ptx": ptx})
+        sass = cuda_toolchain.sass_counts(cuda_toolchain.build_info(kernel.executable).binary)
+        if sass and any(c["LDL"] or c["STL"] for c in sass.values()):
+            raise CheckError(f"kernel {name}: local-memory instructions in its SASS ({sass})")
+        rows.append({"name": name, "lib": lib.name, "variant": variant, "signed": signed, "ptx": ptx, "sass": sass})
     return rows
 
 

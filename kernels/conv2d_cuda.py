@@ -1,9 +1,11 @@
-"""CUDA integer 3x3 ("same", stride 1) convolutions for ``--target cuda``: dp4a (int8) and int4
-tensor cores (``mma.sync`` on packed s4/u4), plus an LLVM "twin" of each that runs on the CPU.
+"""CUDA integer ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4
+tensor cores (``mma.sync`` on packed u8/s8 and u4/s4 words) and dp4a, plus an LLVM "twin" of each
+that runs on the CPU.
 
-Both compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
+All compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
 (int32) over activations **pre-padded** by the caller (the pad value is the zero point; the
-zero-point term is removed outside, as for the CPU kernels in :mod:`.layouts`).
+zero-point term, and a weight shift if any, are handled outside, as for the CPU kernels in
+:mod:`.layouts`).
 
 Variant ``"dp4a"`` (int8; ``C % 4 == 0``)::
 
@@ -18,34 +20,42 @@ Variant ``"dp4a"`` (int8; ``C % 4 == 0``)::
   (ty, tx) holds 2 rows x 4 channels in registers; per chunk of 16 input channels the window
   of activations and the weights of the block are staged in shared memory.
 
-Variant ``"s4mma"`` (int4 tensor cores; ``C % 32 == 0``, ``O % 8 == 0``, ``N*H*W % 16 == 0``)::
+Variants ``"s4mma"`` (int4; ``C % 32 == 0``) and ``"s8mma"`` (int8; ``C % 16 == 0``), both with
+``O % 8 == 0`` and ``N*H*W % 16 == 0``::
 
-    activations  [N][H+2P][W+2P][C/8]      uint32, 8 channels per word   NHWC, nibble-packed
-    weights      [O][K*K][C/8]             uint32, 8 channels per word   O(kh kw)I, nibble-packed
+    activations  [N][H+2P][W+2P][C/e]      uint32, e channels per word   NHWC, packed
+    weights      [O][K*K][C/e]             uint32, e channels per word   O(kh kw)I, packed
     output       [N][H][W][O]              int32                         NHWC
 
-  Channel ``c`` is nibble ``c % 8`` (bits ``4*(c%8)``..) of word ``c // 8``; two's complement for
-  signed values. TVM's own ``int4`` buffers are not used (they give wrong results), so the
-  words are packed here (:func:`pack_nibbles`) and handed to ``mma`` as ``.b32`` registers.
+  e = 8 nibbles (s4) or 4 bytes (s8): channel ``c`` is element ``c % e`` (bits
+  ``(32/e)*(c%e)``..) of word ``c // e``, two's complement for signed values. TVM's own ``int4``
+  buffers are not used (they give wrong results), so the words are packed here
+  (:func:`pack_nibbles`, :func:`pack_bytes`) and handed to ``mma`` as ``.b32`` registers.
   Implicit GEMM: M = output pixels (n, h, w flattened), N = output channels, K = (kh, kw, c)
-  split into 32-channel chunks ``j -> (tap = j // (C/32), channel block = j % (C/32))``. One
-  ``mma.sync.aligned.m16n8k64`` consumes two chunks (when the chunk count ``9*C/32`` is even,
-  i.e. ``C % 64 == 0``), otherwise ``m16n8k32`` one. With NHWC words, the 8 consecutive K
-  elements a lane holds in one register (PTX ISA fragment layout: lane ``4*g + t`` holds row
-  ``g`` (+8), columns ``8t..8t+7`` of each 32-column half) are exactly one word: every fragment
-  register is one aligned 32-bit load, no shuffles. A warp computes 16*MT pixels x 8*NT channels
-  (MT <= 2, NT <= 4, up to 4 warps a block); fragments come straight from global memory (L1),
-  no shared-memory staging or software pipelining yet.
+  split into chunks of 4 words (32 channels for s4, 16 for s8) ``j -> (tap = j // (C/chunk),
+  channel block = j % (C/chunk))``. One mma consumes two chunks when the chunk count is even
+  (``m16n8k64`` s4, ``m16n8k32`` s8), otherwise one (``m16n8k32`` s4, ``m16n8k16`` s8). With NHWC
+  words, the e consecutive K elements a lane holds in one register (PTX ISA fragment layout: lane
+  ``4*g + t`` holds row ``g`` (+8), columns ``e*t..e*t+e-1`` of each K half) are exactly one
+  word: every fragment register is one aligned 32-bit word, no shuffles.
 
-  Activations are u4 (0..15, default) or s4 (-8..7, ``act_signed=True``); weights s4. PTX has
-  the mixed ``.u4.s4`` form (``mma...s32.u4.s4.s32``), so u4 x s4 needs no offset/correction
-  term (the alternative, s4 x s4 with activations shifted by -8 and ``8 * sum(w[o])`` added back,
-  is not used).
+  Schedule: a warp computes 16*MT pixels x 8*NT channels (MT <= 2, NT <= 4), a block BP x BG
+  warps (at most 4). Per mma step the block's threads copy the next step's A tile (BP*16*MT
+  pixel rows x 8 words) and B tile (BG*8*NT channel rows x 8 words) from global memory into
+  registers, run the current step's mmas on fragments read from one shared-memory buffer, store
+  the registers into the other buffer and synchronise (double buffering: the global loads are in
+  flight during the mmas). Shared-memory rows are 12 words apart (4 for one-chunk steps), so a
+  fragment load's 32 lanes hit 32 distinct banks.
+
+  Activations are unsigned (u4 0..15 / u8 0..255, default) or signed (``act_signed=True``);
+  weights signed. PTX has the mixed ``.u4.s4`` and ``.u8.s8`` forms, so unsigned activations
+  need no offset/correction term.
 
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
-:mod:`.cuda_toolchain` and checked by their PTX, while the twins (the same packed layouts, plain
-TIR, built for LLVM) and :func:`emulate_s4mma` (the s4 kernel's own fragment index math replayed
-in numpy against the PTX ISA fragment layouts) are tested bit-exact on the CPU.
+:mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
+layouts, plain TIR, built for LLVM) and :func:`emulate_mma` (the mma kernels' own staging,
+fragment and output index math replayed in numpy against the PTX ISA fragment layouts) are
+tested bit-exact on the CPU.
 """
 
 from __future__ import annotations
@@ -64,13 +74,31 @@ __all__ = [
     "VARIANTS",
     "Conv2dCudaShape",
     "CudaConvKernel",
+    "COMPUTES",
+    "MMA_BITS",
+    "PRIMFUNCS",
     "build_conv2d_cuda",
     "build_conv2d_twin",
     "conv2d_dp4a_compute",
     "conv2d_dp4a_primfunc",
     "conv2d_s4_compute",
     "conv2d_s4mma_primfunc",
+    "conv2d_s8_compute",
+    "conv2d_s8mma_primfunc",
+    "emulate_mma",
     "emulate_s4mma",
+    "emulate_s8mma",
+    "mma_chunk_channels",
+    "mma_config",
+    "pack_activations",
+    "pack_activations_s8",
+    "pack_bytes",
+    "pack_weights",
+    "pack_weights_s8",
+    "s8mma_config",
+    "unpack_activations_s8",
+    "unpack_bytes",
+    "unpack_weights_s8",
     "pack_activations_dp4a",
     "pack_activations_s4",
     "pack_nibbles",
@@ -85,7 +113,9 @@ __all__ = [
     "unpack_weights_s4",
 ]
 
-VARIANTS = ("dp4a", "s4mma")
+VARIANTS = ("dp4a", "s4mma", "s8mma")
+#: the tensor-core variants: bits per operand element
+MMA_BITS = {"s4mma": 4, "s8mma": 8}
 
 
 @dataclass(frozen=True)
@@ -125,22 +155,25 @@ class Conv2dCudaShape:
             if self.in_ch % 4 or self.out_ch % 4:
                 raise ValueError(f"dp4a needs in_ch and out_ch multiples of 4, got {self.in_ch}, {self.out_ch}")
         else:
-            if self.in_ch % 32 or self.out_ch % 8:
-                raise ValueError(f"s4mma needs in_ch % 32 == 0 and out_ch % 8 == 0, got {self.in_ch}, {self.out_ch}")
+            chunk = mma_chunk_channels(variant)
+            if self.in_ch % chunk or self.out_ch % 8:
+                raise ValueError(
+                    f"{variant} needs in_ch % {chunk} == 0 and out_ch % 8 == 0, got {self.in_ch}, {self.out_ch}"
+                )
             if self.pixels % 16:
-                raise ValueError(f"s4mma needs N*H*W % 16 == 0 (16-pixel MMA rows), got {self.pixels}")
+                raise ValueError(f"{variant} needs N*H*W % 16 == 0 (16-pixel MMA rows), got {self.pixels}")
 
     def act_shape(self, variant: str) -> tuple[int, ...]:
         hp, wp = self.padded_hw
         if _check_variant(variant) == "dp4a":
             return (self.batch, self.in_ch // 4, hp, wp, 4)
-        return (self.batch, hp, wp, self.in_ch // 8)
+        return (self.batch, hp, wp, self.in_ch // (32 // MMA_BITS[variant]))
 
     def weight_shape(self, variant: str) -> tuple[int, ...]:
         k = self.kernel
         if _check_variant(variant) == "dp4a":
             return (self.out_ch, self.in_ch // 4, k, k, 4)
-        return (self.out_ch, k * k, self.in_ch // 8)
+        return (self.out_ch, k * k, self.in_ch // (32 // MMA_BITS[variant]))
 
     def out_shape(self, variant: str) -> tuple[int, ...]:
         if _check_variant(variant) == "dp4a":
@@ -152,6 +185,12 @@ def _check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return variant
+
+
+def mma_chunk_channels(variant: str) -> int:
+    """Input channels of one K chunk of a tensor-core variant: 4 words of one fragment row
+    (32 nibbles for "s4mma", 16 bytes for "s8mma")."""
+    return 4 * (32 // MMA_BITS[variant])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,6 +283,81 @@ def unpack_nibbles(words: np.ndarray, signed: bool) -> np.ndarray:
     return v.reshape(*words.shape[:-1], words.shape[-1] * 8)
 
 
+def pack_bytes(v, signed: bool) -> np.ndarray:
+    """Pack the last axis (a multiple of 4) of 8-bit integers into uint32 words: element ``i`` of a
+    group of 4 in bits ``8i..8i+7`` (two's complement when ``signed``), the byte order of a
+    little-endian ``[..][4]`` int8 array."""
+    v = _as_int(v, "values")
+    if v.shape[-1] % 4:
+        raise ValueError(f"the packed axis must be a multiple of 4, got {v.shape[-1]}")
+    lo, hi = _act_range(8, signed)
+    _check_range(v, lo, hi, "8-bit values")
+    b = (v & 0xFF).astype(np.uint32).reshape(*v.shape[:-1], v.shape[-1] // 4, 4)
+    shifts = 8 * np.arange(4, dtype=np.uint32)
+    return np.ascontiguousarray(np.bitwise_or.reduce(b << shifts, axis=-1).astype(np.uint32))
+
+
+def unpack_bytes(words: np.ndarray, signed: bool) -> np.ndarray:
+    """Inverse of :func:`pack_bytes`: uint32 words -> int64 values, 4 per word along the last axis."""
+    words = np.asarray(words).astype(np.uint32)
+    v = ((words[..., None] >> (8 * np.arange(4, dtype=np.uint32))) & 0xFF).astype(np.int64)
+    if signed:
+        v = v - ((v & 0x80) << 1)
+    return v.reshape(*words.shape[:-1], words.shape[-1] * 4)
+
+
+def _pack_words(v, bits: int, signed: bool) -> np.ndarray:
+    return pack_nibbles(v, signed) if bits == 4 else pack_bytes(v, signed)
+
+
+def _unpack_words(words, bits: int, signed: bool) -> np.ndarray:
+    return unpack_nibbles(words, signed) if bits == 4 else unpack_bytes(words, signed)
+
+
+def pack_activations_s8(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """NCHW u8 (or s8 with ``signed``) activations -> ``[N][H+2P][W+2P][C/4]`` uint32 (4 channels a word)."""
+    x = _as_int(x, "x")
+    if x.ndim != 4 or x.shape[1] % 4:
+        raise ValueError(f"activations must be NCHW with C % 4 == 0, got shape {x.shape}")
+    lo, hi = _act_range(8, signed)
+    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
+    return pack_bytes(_pad_nchw(x, pad_value, kernel).transpose(0, 2, 3, 1), signed)
+
+
+def unpack_activations_s8(a: np.ndarray, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """Inverse of :func:`pack_activations_s8` (drops the border), int64 NCHW."""
+    p = kernel // 2
+    x = unpack_bytes(a, signed).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x[:, :, p : x.shape[2] - p, p : x.shape[3] - p])
+
+
+def pack_weights_s8(w) -> np.ndarray:
+    """OIHW s8 weights -> ``[O][K*K][I/4]`` uint32."""
+    w = _as_int(w, "w")
+    if w.ndim != 4 or w.shape[1] % 4:
+        raise ValueError(f"weights must be OIHW with I % 4 == 0, got shape {w.shape}")
+    o, i, kh, kw = w.shape
+    return pack_bytes(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i), signed=True)
+
+
+def unpack_weights_s8(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
+    o = wp.shape[0]
+    v = unpack_bytes(wp, signed=True)
+    return np.ascontiguousarray(v.reshape(o, kernel, kernel, -1).transpose(0, 3, 1, 2))
+
+
+def pack_activations(variant: str, x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
+    """The activations of ``variant`` packed (see the module docstring)."""
+    pack = {"dp4a": pack_activations_dp4a, "s4mma": pack_activations_s4, "s8mma": pack_activations_s8}
+    return pack[_check_variant(variant)](x, pad_value, kernel, signed)
+
+
+def pack_weights(variant: str, w) -> np.ndarray:
+    """The weights of ``variant`` packed (see the module docstring)."""
+    pack = {"dp4a": pack_weights_dp4a, "s4mma": pack_weights_s4, "s8mma": pack_weights_s8}
+    return pack[_check_variant(variant)](w)
+
+
 def pack_activations_s4(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """NCHW u4 (0..15, or s4 -8..7 with ``signed``) activations -> ``[N][H+2P][W+2P][C/8]`` uint32."""
     x = _as_int(x, "x")
@@ -277,9 +391,9 @@ def unpack_weights_s4(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
 
 
 def unpack_output(y, variant: str) -> np.ndarray:
-    """Kernel output -> NCHW int32 (``dp4a`` is NCHW already, ``s4mma`` is NHWC)."""
+    """Kernel output -> NCHW int32 (``dp4a`` is NCHW already, the mma variants are NHWC)."""
     y = np.asarray(y.numpy() if hasattr(y, "numpy") else y)
-    if _check_variant(variant) == "s4mma":
+    if _check_variant(variant) in MMA_BITS:
         y = y.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(y)
 
@@ -422,19 +536,34 @@ def conv2d_dp4a_primfunc(
 
 
 # ----------------------------------------------------------------------------------------------
-# s4 tensor cores: fragment index math (shared by the TIR kernel and the numpy emulation)
+# tensor cores (s4, s8): fragment index math (shared by the TIR kernels and the numpy emulation)
+
+#: mma shapes by (variant, chunks per mma): K = 4 words of the fragment row per chunk
+_MMA_SHAPES = {("s4mma", 2): "m16n8k64", ("s4mma", 1): "m16n8k32", ("s8mma", 2): "m16n8k32", ("s8mma", 1): "m16n8k16"}
 
 
 @dataclass(frozen=True)
-class S4MmaConfig:
-    """Geometry of the s4 kernel for one shape."""
+class MmaConfig:
+    """Geometry of a tensor-core kernel for one shape.
 
-    mma_shape: str  # "m16n8k64" (two 32-channel chunks per mma) or "m16n8k32" (one)
+    A warp computes ``16*mt`` pixels x ``8*nt`` output channels; a block has ``bp x bg`` warps
+    (``bp`` pixel tiles x ``bg`` channel tiles) and per mma step stages its A tile (``bm`` pixel
+    rows x ``kw`` words) and B tile (``bn`` channels x ``kw`` words) in shared memory, two
+    buffers deep."""
+
+    mma_shape: str  # s4: "m16n8k64" (two 32-channel chunks per mma) or "m16n8k32"; s8: "m16n8k32" / "m16n8k16"
     chunks_per_mma: int
-    ksteps: int  # mma steps along K = 9 * C / (32 * chunks_per_mma)
+    ksteps: int  # mma steps along K = K*K * C / (chunk * chunks_per_mma)
     mt: int  # 16-pixel tiles per warp
     nt: int  # 8-channel tiles per warp
-    warps: int  # warps per block (threadIdx.y)
+    warps: int  # warps per block (threadIdx.y) = bp * bg
+    bits: int = 4  # bits per operand element: 4 ("s4mma") or 8 ("s8mma")
+    bp: int = 1  # warp tiles of a block along the pixels
+    bg: int = 1  # warp tiles of a block along the output channels
+
+    @property
+    def chunk(self) -> int:  # input channels per K chunk
+        return 4 * (32 // self.bits)
 
     @property
     def a_regs(self) -> int:  # .b32 registers of one A fragment
@@ -444,20 +573,67 @@ class S4MmaConfig:
     def b_regs(self) -> int:
         return self.chunks_per_mma
 
+    @property
+    def kw(self) -> int:  # 32-bit words of one pixel (or channel) row per mma step
+        return 4 * self.chunks_per_mma
 
-def s4mma_config(shape: Conv2dCudaShape) -> S4MmaConfig:
-    shape.check("s4mma")
-    chunks = shape.kernel**2 * shape.in_ch // 32
+    @property
+    def stride(self) -> int:
+        """Words between two rows of a shared-memory tile: the 8 rows x 4 words a fragment load
+        reads (row ``lane//4``, word ``lane%4``) fall in 32 distinct banks for strides 4 and 12."""
+        return 4 if self.kw == 4 else 12
+
+    @property
+    def bm(self) -> int:  # pixel rows of a block tile
+        return self.bp * 16 * self.mt
+
+    @property
+    def bn(self) -> int:  # output channels of a block tile
+        return self.bg * 8 * self.nt
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def a_loads(self) -> int:  # words of the A stage each thread copies (the last pass guarded)
+        return -(-self.bm * self.kw // self.threads)
+
+    @property
+    def b_loads(self) -> int:
+        return -(-self.bn * self.kw // self.threads)
+
+
+def mma_config(shape: Conv2dCudaShape, variant: str = "s4mma") -> MmaConfig:
+    """Tiles of the tensor-core kernel ``variant`` for ``shape``: up to 2 x 4 mma tiles a warp,
+    up to 4 warps a block (channel tiles first, then pixel tiles)."""
+    shape.check(variant)
+    bits = MMA_BITS[variant]
+    chunks = shape.kernel**2 * shape.in_ch // mma_chunk_channels(variant)
     cpm = 2 if chunks % 2 == 0 else 1
     mt = divisor_at_most(shape.pixels // 16, 2)
     nt = divisor_at_most(shape.out_ch // 8, 4)
-    tiles = (shape.pixels // (16 * mt)) * (shape.out_ch // (8 * nt))
-    return S4MmaConfig("m16n8k64" if cpm == 2 else "m16n8k32", cpm, chunks // cpm, mt, nt, divisor_at_most(tiles, 4))
+    bg = divisor_at_most(shape.out_ch // (8 * nt), 4)
+    bp = divisor_at_most(shape.pixels // (16 * mt), 4 // bg)
+    return MmaConfig(_MMA_SHAPES[variant, cpm], cpm, chunks // cpm, mt, nt, bp * bg, bits, bp, bg)
 
 
-def _chunk(shape: Conv2dCudaShape, cfg: S4MmaConfig, ks, half):
-    """K chunk ``half`` (0..chunks_per_mma-1) of mma step ``ks`` -> (kh, kw, 32-channel block)."""
-    per_tap = shape.in_ch // 32
+def s4mma_config(shape: Conv2dCudaShape) -> MmaConfig:
+    return mma_config(shape, "s4mma")
+
+
+def s8mma_config(shape: Conv2dCudaShape) -> MmaConfig:
+    return mma_config(shape, "s8mma")
+
+
+def _grid(shape: Conv2dCudaShape, cfg: MmaConfig) -> tuple[int, int]:
+    """(blocks along the pixels, blocks along the output channels)."""
+    return shape.pixels // cfg.bm, shape.out_ch // cfg.bn
+
+
+def _chunk(shape: Conv2dCudaShape, cfg: MmaConfig, ks, half):
+    """K chunk ``half`` (0..chunks_per_mma-1) of mma step ``ks`` -> (kh, kw, channel block)."""
+    per_tap = shape.in_ch // cfg.chunk
     j = ks * cfg.chunks_per_mma + half
     tap = j // per_tap
     return tap // shape.kernel, tap % shape.kernel, j % per_tap
@@ -468,19 +644,29 @@ def _pixel(shape: Conv2dCudaShape, p):
     return p // hw, (p // shape.width) % shape.height, p % shape.width
 
 
-def _a_word(shape, cfg, m0, ks, lane, reg):
-    """Index into the activation words of A-fragment register ``reg`` of ``lane`` (PTX: row
-    ``lane//4`` (+8 for odd ``reg``), K columns ``8*(lane%4)``.. of 32-column half ``reg//2``)."""
-    n, h, w = _pixel(shape, m0 + lane // 4 + 8 * (reg % 2))
-    kh, kw, cb = _chunk(shape, cfg, ks, reg // 2)
-    return n, h + kh, w + kw, cb * 4 + lane % 4
+def _block_m0(shape, cfg, bx):
+    """First pixel of block ``bx``'s tile."""
+    return (bx // _grid(shape, cfg)[1]) * cfg.bm
 
 
-def _b_word(shape, cfg, o0, ks, lane, reg):
-    """Index into the weight words of B-fragment register ``reg`` (column ``lane//4``, K rows
-    ``8*(lane%4)``.. of 32-row half ``reg``)."""
-    kh, kw, cb = _chunk(shape, cfg, ks, reg)
-    return o0 + lane // 4, kh * shape.kernel + kw, cb * 4 + lane % 4
+def _block_o0(shape, cfg, bx):
+    """First output channel of block ``bx``'s tile."""
+    return (bx % _grid(shape, cfg)[1]) * cfg.bn
+
+
+def _a_frag(cfg, wm, mi, lane, reg):
+    """Shared-memory offset of A-fragment register ``reg`` of ``lane`` for the warp's 16-pixel
+    tile ``mi`` (PTX: row ``lane//4`` (+8 for odd ``reg``), K columns ``e*(lane%4)``..``+e-1`` of
+    K half ``reg//2``: word ``4*(reg//2) + lane%4`` of the row)."""
+    row = wm * 16 * cfg.mt + 16 * mi + lane // 4 + 8 * (reg % 2)
+    return row * cfg.stride + 4 * (reg // 2) + lane % 4
+
+
+def _b_frag(cfg, wn, ni, lane, reg):
+    """Shared-memory offset of B-fragment register ``reg`` (column ``lane//4``, K rows
+    ``e*(lane%4)``..``+e-1`` of K half ``reg``)."""
+    row = wn * 8 * cfg.nt + 8 * ni + lane // 4
+    return row * cfg.stride + 4 * reg + lane % 4
 
 
 def _c_index(shape, m0, o0, lane, reg):
@@ -490,36 +676,52 @@ def _c_index(shape, m0, o0, lane, reg):
     return n, h, w, o0 + 2 * (lane % 4) + reg % 2
 
 
-def _warp_m0(shape, cfg, warp):
-    """First pixel of a warp's 16*mt x 8*nt tile; warps next to each other share pixels (their
-    activation loads hit the same cache lines) and differ in output channels."""
-    return (warp // (shape.out_ch // (8 * cfg.nt))) * 16 * cfg.mt
+def _a_src(shape, cfg, m0, ks, idx):
+    """Index into the activation words of word ``idx`` (row ``idx // kw``, word ``idx % kw``) of
+    the A stage of step ``ks``, for the block whose pixels start at ``m0``. Word ``k`` of a row
+    is word ``k % 4`` of K chunk ``k // 4``: K columns ``e*k``..``e*k+e-1`` of the step, e = 32 /
+    bits elements a word."""
+    row, k = idx // cfg.kw, idx % cfg.kw
+    n, h, w = _pixel(shape, m0 + row)
+    kh, kw, cb = _chunk(shape, cfg, ks, k // 4)
+    return n, h + kh, w + kw, cb * 4 + k % 4
 
 
-def _warp_o0(shape, cfg, warp):
-    """First output channel of a warp's tile."""
-    return (warp % (shape.out_ch // (8 * cfg.nt))) * 8 * cfg.nt
+def _b_src(shape, cfg, o0, ks, idx):
+    """Index into the weight words of word ``idx`` of the B stage of step ``ks``, for the block
+    whose output channels start at ``o0``."""
+    row, k = idx // cfg.kw, idx % cfg.kw
+    kh, kw, cb = _chunk(shape, cfg, ks, k // 4)
+    return o0 + row, kh * shape.kernel + kw, cb * 4 + k % 4
 
 
-def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
-    """The s4 twin ``main(A, W, conv)``: the same packed words, nibbles unpacked with shifts."""
-    s = shape
-    s.check("s4mma")
-    A = te.placeholder(s.act_shape("s4mma"), "uint32", name="A")
-    Wt = te.placeholder(s.weight_shape("s4mma"), "uint32", name="W")
+def _stage_dst(cfg, idx):
+    """Shared-memory offset (within one buffer) of word ``idx`` of an A or B stage."""
+    return (idx // cfg.kw) * cfg.stride + idx % cfg.kw
+
+
+def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
+    """The twin of a tensor-core variant ``main(A, W, conv)``: the same packed words, elements
+    unpacked with shifts."""
+    s, bits = shape, MMA_BITS[variant]
+    per_word = 32 // bits
+    mask, sign = (1 << bits) - 1, 1 << (bits - 1)
+    s.check(variant)
+    A = te.placeholder(s.act_shape(variant), "uint32", name="A")
+    Wt = te.placeholder(s.weight_shape(variant), "uint32", name="W")
     kh = te.reduce_axis((0, s.kernel), "kh")
     kw = te.reduce_axis((0, s.kernel), "kw")
-    cw = te.reduce_axis((0, s.in_ch // 8), "cw")
-    ci = te.reduce_axis((0, 8), "ci")
+    cw = te.reduce_axis((0, s.in_ch // per_word), "cw")
+    ci = te.reduce_axis((0, per_word), "ci")
 
-    def nibble(word, i, signed):
-        v = ((word >> (i * 4).astype("uint32")) & tvm.tirx.const(15, "uint32")).astype("int32")
-        return v - ((v & 8) << 1) if signed else v
+    def element(word, i, signed):
+        v = ((word >> (i * bits).astype("uint32")) & tvm.tirx.const(mask, "uint32")).astype("int32")
+        return v - ((v & sign) << 1) if signed else v
 
     out = te.compute(
-        s.out_shape("s4mma"),
+        s.out_shape(variant),
         lambda n, h, w, o: te.sum(
-            nibble(A[n, h + kh, w + kw, cw], ci, act_signed) * nibble(Wt[o, kh * s.kernel + kw, cw], ci, True),
+            element(A[n, h + kh, w + kw, cw], ci, act_signed) * element(Wt[o, kh * s.kernel + kw, cw], ci, True),
             axis=[kh, kw, cw, ci],
         ),
         name="conv",
@@ -527,17 +729,35 @@ def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.t
     return te.create_prim_func([A, Wt, out])
 
 
-def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
-    """The CUDA s4 implicit-GEMM conv ``conv2d_s4mma(A, W, conv)``: one warp per 16*mt x 8*nt
-    output tile, fragments loaded straight from global memory (one word per register), then
-    ``mma.sync``; the index math is :func:`_a_word` / :func:`_b_word` / :func:`_c_index`."""
-    s, cfg = shape, s4mma_config(shape)
+def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The s4 twin ``main(A, W, conv)``: the same packed words, nibbles unpacked with shifts."""
+    return _mma_compute(shape, "s4mma", act_signed)
+
+
+def conv2d_s8_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The s8 twin ``main(A, W, conv)``: the same packed words, bytes unpacked with shifts."""
+    return _mma_compute(shape, "s8mma", act_signed)
+
+
+def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
+    """A CUDA implicit-GEMM conv on tensor cores. Per mma step the block's threads copy the A and
+    B tiles of the *next* step from global memory into registers, run the current step's mmas on
+    fragments read from one shared-memory buffer, then store the registers into the other buffer
+    and synchronise: global loads overlap the mmas, one barrier a step. The index math is
+    :func:`_a_src` / :func:`_b_src` / :func:`_stage_dst` (staging), :func:`_a_frag` /
+    :func:`_b_frag` (fragments) and :func:`_c_index` (output)."""
+    s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
-    tiles = (s.pixels // (16 * mt)) * (s.out_ch // (8 * nt))
-    blocks, warps = tiles // cfg.warps, cfg.warps
-    a_ty = "int4" if act_signed else "uint4"
+    gm, gn = _grid(s, cfg)
+    blocks, warps, threads, bg = gm * gn, cfg.warps, cfg.threads, cfg.bg
+    a_total, b_total, na, nb = cfg.bm * cfg.kw, cfg.bn * cfg.kw, cfg.a_loads, cfg.b_loads
+    a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
+    if cfg.bits == 4:
+        a_ty, b_ty = ("int4" if act_signed else "uint4"), "int4"
+    else:
+        a_ty, b_ty = ("int8" if act_signed else "uint8"), "int8"
     mma_shape = cfg.mma_shape
-    a_shape, w_shape, o_shape = s.act_shape("s4mma"), s.weight_shape("s4mma"), s.out_shape("s4mma")
+    a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
 
     @T.prim_func(s_tir=True)
     def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, "int32")):
@@ -545,21 +765,43 @@ def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
-                    with T.sblock("warp_tile"):
+                    with T.sblock("block_tile"):
                         T.reads(A[:, :, :, :], W[:, :, :])
                         T.writes(conv[:, :, :, :])
+                        a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
+                        b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
                         acc = T.sblock_alloc_buffer((mt * nt * 4,), "int32", scope="local")
                         af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
                         bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
-                        m0 = _warp_m0(s, cfg, bx * warps + ty)
-                        o0 = _warp_o0(s, cfg, bx * warps + ty)
+                        a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
+                        b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
+                        m0 = _block_m0(s, cfg, bx)
+                        o0 = _block_o0(s, cfg, bx)
                         for i in T.unroll(mt * nt * 4):
                             acc[i] = 0
+                        for i in T.unroll(na):  # step 0 -> buffer 0
+                            if i * threads + ty * 32 + lane < a_total:
+                                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
+                                    _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                                ]
+                        for i in T.unroll(nb):
+                            if i * threads + ty * 32 + lane < b_total:
+                                b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
+                                    _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
+                                ]
+                        T.tvm_storage_sync("shared")
                         for ks in range(ksteps):
-                            for ar in T.unroll(mt * ra):  # fragments: one aligned word per register
-                                af[ar] = A[_a_word(s, cfg, m0 + 16 * (ar // ra), ks, lane, ar % ra)]
+                            if ks + 1 < ksteps:  # the next step's tiles: global -> registers
+                                for i in T.unroll(na):
+                                    if i * threads + ty * 32 + lane < a_total:
+                                        a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                                for i in T.unroll(nb):
+                                    if i * threads + ty * 32 + lane < b_total:
+                                        b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
+                            for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
+                                af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
                             for br in T.unroll(nt * rb):
-                                bf[br] = W[_b_word(s, cfg, o0 + 8 * (br // rb), ks, lane, br % rb)]
+                                bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
                             for mi in T.unroll(mt):
                                 for ni in T.unroll(nt):
                                     T.evaluate(
@@ -568,7 +810,7 @@ def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
                                             "row",
                                             "col",
                                             a_ty,
-                                            "int4",
+                                            b_ty,
                                             "int32",
                                             af.data,
                                             mi * ra,
@@ -580,71 +822,140 @@ def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
                                             dtype="int32",
                                         )
                                     )
+                            if ks + 1 < ksteps:  # registers -> the other buffer
+                                for i in T.unroll(na):
+                                    if i * threads + ty * 32 + lane < a_total:
+                                        a_sh[((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
+                                            a_next[i]
+                                        )
+                                for i in T.unroll(nb):
+                                    if i * threads + ty * 32 + lane < b_total:
+                                        b_sh[((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
+                                            b_next[i]
+                                        )
+                            T.tvm_storage_sync("shared")
                         for cr in T.unroll(mt * nt * 4):
-                            conv[_c_index(s, m0 + 16 * (cr // (4 * nt)), o0 + 8 * (cr // 4 % nt), lane, cr % 4)] = acc[
-                                cr
-                            ]
+                            conv[
+                                _c_index(
+                                    s,
+                                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                    lane,
+                                    cr % 4,
+                                )
+                            ] = acc[cr]
 
-    return main.with_attr("global_symbol", "conv2d_s4mma")
+    return main.with_attr("global_symbol", f"conv2d_{variant}")
+
+
+def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The CUDA s4 implicit-GEMM conv ``conv2d_s4mma(A, W, conv)`` (u4/s4 x s4, ``m16n8k64``/``k32``)."""
+    return _mma_primfunc(shape, "s4mma", act_signed)
+
+
+def conv2d_s8mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The CUDA s8 implicit-GEMM conv ``conv2d_s8mma(A, W, conv)`` (u8/s8 x s8, ``m16n8k32``/``k16``)."""
+    return _mma_primfunc(shape, "s8mma", act_signed)
 
 
 # ----------------------------------------------------------------------------------------------
-# numpy emulation of the s4 kernel: its own index functions + the PTX ISA fragment layouts
+# numpy emulation of the tensor-core kernels: their own index functions + the PTX ISA fragment layouts
 
 
-def _mma_s4_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_signed: bool) -> np.ndarray:
-    """One warp-wide ``mma.m16n8k{32*chunks}`` on per-lane registers ``a_regs[2*chunks][32]``,
-    ``b_regs[chunks][32]`` (uint32), per the PTX ISA fragment layouts of .u4/.s4 operands:
-    A register r of lane 4g+t holds row g + 8*(r%2), columns 32*(r//2) + 8t .. +7; B register r
-    holds rows 32*r + 8t .. +7 of column g; accumulator r is row g + 8*(r//2), column 2t + r%2.
-    Element i of a register is its nibble i (bits 4i..4i+3). Returns ``[32][4]`` int64."""
+def _mma_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_signed: bool, bits: int) -> np.ndarray:
+    """One warp-wide ``mma.m16n8k{K}`` on per-lane registers ``a_regs[2*chunks][32]``,
+    ``b_regs[chunks][32]`` (uint32), per the PTX ISA fragment layouts of .u4/.s4 and .u8/.s8
+    operands, with e = 32 / bits elements a register and K = 4e per chunk: A register r of lane
+    4g+t holds row g + 8*(r%2), columns 4e*(r//2) + e*t .. +e-1; B register r holds rows
+    4e*r + e*t .. +e-1 of column g; accumulator r is row g + 8*(r//2), column 2t + r%2. Element
+    i of a register is bits ``bits*i``.. of the word. Returns ``[32][4]`` int64."""
+    e = 32 // bits
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
-    a_mat = np.zeros((16, 32 * chunks), np.int64)
-    b_mat = np.zeros((32 * chunks, 8), np.int64)
-    e = np.arange(8)
+    a_mat = np.zeros((16, 4 * e * chunks), np.int64)
+    b_mat = np.zeros((4 * e * chunks, 8), np.int64)
+    el = np.arange(e)
     for r in range(2 * chunks):
-        a_mat[(g + 8 * (r % 2))[:, None], (32 * (r // 2) + 8 * t)[:, None] + e] = unpack_nibbles(
-            a_regs[r][:, None], act_signed
+        a_mat[(g + 8 * (r % 2))[:, None], (4 * e * (r // 2) + e * t)[:, None] + el] = _unpack_words(
+            a_regs[r][:, None], bits, act_signed
         )
     for r in range(chunks):
-        b_mat[(32 * r + 8 * t)[:, None] + e, g[:, None]] = unpack_nibbles(b_regs[r][:, None], True)
+        b_mat[(4 * e * r + e * t)[:, None] + el, g[:, None]] = _unpack_words(b_regs[r][:, None], bits, True)
     d = a_mat @ b_mat
     return np.stack([d[g + 8 * (r // 2), 2 * t + r % 2] for r in range(4)], axis=1)
+
+
+def emulate_mma(
+    shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False, variant: str = "s4mma"
+) -> np.ndarray:
+    """Replay the tensor-core kernel ``variant`` in numpy, block by block: the same staging into
+    two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
+    the guarded last pass included), the same fragment reads (``_a_frag``, ``_b_frag``) and
+    output writes (``_c_index``), the mma itself per the PTX ISA (:func:`_mma_reference`).
+    Returns the NHWC int64 output. This checks the kernel's address math on a CPU; what it cannot
+    check is the hardware's agreement with our reading of the ISA, or the barriers."""
+    cfg = mma_config(shape, variant)
+    gm, gn = _grid(shape, cfg)
+    lane, tid = np.arange(32), np.arange(cfg.threads)
+    a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
+    out = np.zeros(shape.out_shape(variant), np.int64)
+    a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
+    for bx in range(gm * gn):
+        m0, o0 = _block_m0(shape, cfg, bx), _block_o0(shape, cfg, bx)
+        a_sh = np.zeros(2 * a_buf, np.uint32)
+        b_sh = np.zeros(2 * b_buf, np.uint32)
+
+        def stage(ks, m0=m0, o0=o0, a_sh=a_sh, b_sh=b_sh):
+            for i in range(cfg.a_loads):
+                idx = i * cfg.threads + tid
+                idx = idx[idx < cfg.bm * cfg.kw]
+                a_sh[(ks % 2) * a_buf + _stage_dst(cfg, idx)] = a_words[_a_src(shape, cfg, m0, ks, idx)]
+            for i in range(cfg.b_loads):
+                idx = i * cfg.threads + tid
+                idx = idx[idx < cfg.bn * cfg.kw]
+                b_sh[(ks % 2) * b_buf + _stage_dst(cfg, idx)] = w_words[_b_src(shape, cfg, o0, ks, idx)]
+
+        acc = np.zeros((cfg.warps, cfg.mt, cfg.nt, 32, 4), np.int64)
+        stage(0)
+        for ks in range(cfg.ksteps):
+            if ks + 1 < cfg.ksteps:  # the buffer of step ks - 1, read by then
+                stage(ks + 1)
+            base_a, base_b = (ks % 2) * a_buf, (ks % 2) * b_buf
+            for ty in range(cfg.warps):
+                wm, wn = ty // cfg.bg, ty % cfg.bg
+                af = [
+                    np.stack([a_sh[base_a + _a_frag(cfg, wm, mi, lane, r)] for r in range(cfg.a_regs)])
+                    for mi in range(cfg.mt)
+                ]
+                bf = [
+                    np.stack([b_sh[base_b + _b_frag(cfg, wn, ni, lane, r)] for r in range(cfg.b_regs)])
+                    for ni in range(cfg.nt)
+                ]
+                for mi in range(cfg.mt):
+                    for ni in range(cfg.nt):
+                        acc[ty, mi, ni] += _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
+        for ty in range(cfg.warps):
+            wm, wn = ty // cfg.bg, ty % cfg.bg
+            for mi in range(cfg.mt):
+                for ni in range(cfg.nt):
+                    for r in range(4):
+                        m, o = m0 + wm * 16 * cfg.mt + 16 * mi, o0 + wn * 8 * cfg.nt + 8 * ni
+                        out[_c_index(shape, m, o, lane, r)] = acc[ty, mi, ni, :, r]
+    return out
 
 
 def emulate_s4mma(
     shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False
 ) -> np.ndarray:
-    """Replay :func:`conv2d_s4mma_primfunc` in numpy: the same warp tiling and fragment index
-    functions (``_a_word``, ``_b_word``, ``_c_index``), the mma itself per the PTX ISA
-    (:func:`_mma_s4_reference`). Returns the NHWC int64 output. This checks the kernel's address
-    math on a CPU; what it cannot check is the hardware's agreement with our reading of the ISA."""
-    cfg = s4mma_config(shape)
-    lane = np.arange(32)
-    a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
-    out = np.zeros(shape.out_shape("s4mma"), np.int64)
-    tiles = (shape.pixels // (16 * cfg.mt)) * (shape.out_ch // (8 * cfg.nt))
-    for warp in range(tiles):
-        m0, o0 = _warp_m0(shape, cfg, warp), _warp_o0(shape, cfg, warp)
-        acc = np.zeros((cfg.mt, cfg.nt, 32, 4), np.int64)
-        for ks in range(cfg.ksteps):
-            af = [
-                np.stack([a_words[_a_word(shape, cfg, m0 + 16 * mi, ks, lane, r)] for r in range(cfg.a_regs)])
-                for mi in range(cfg.mt)
-            ]
-            bf = [
-                np.stack([w_words[_b_word(shape, cfg, o0 + 8 * ni, ks, lane, r)] for r in range(cfg.b_regs)])
-                for ni in range(cfg.nt)
-            ]
-            for mi in range(cfg.mt):
-                for ni in range(cfg.nt):
-                    acc[mi, ni] += _mma_s4_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed)
-        for mi in range(cfg.mt):
-            for ni in range(cfg.nt):
-                for r in range(4):
-                    out[_c_index(shape, m0 + 16 * mi, o0 + 8 * ni, lane, r)] = acc[mi, ni, :, r]
-    return out
+    """:func:`emulate_mma` of the s4 kernel."""
+    return emulate_mma(shape, a_words, w_words, act_signed, "s4mma")
+
+
+def emulate_s8mma(
+    shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False
+) -> np.ndarray:
+    """:func:`emulate_mma` of the s8 kernel."""
+    return emulate_mma(shape, a_words, w_words, act_signed, "s8mma")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,11 +964,15 @@ def emulate_s4mma(
 
 _TWIN_TARGET = {"kind": "llvm"}
 
+#: variant -> the unscheduled compute (the twin) and the CUDA-scheduled kernel
+COMPUTES = {"dp4a": conv2d_dp4a_compute, "s4mma": conv2d_s4_compute, "s8mma": conv2d_s8_compute}
+PRIMFUNCS = {"dp4a": conv2d_dp4a_primfunc, "s4mma": conv2d_s4mma_primfunc, "s8mma": conv2d_s8mma_primfunc}
+
 
 def build_conv2d_twin(shape: Conv2dCudaShape, variant: str = "dp4a", act_signed: bool = False) -> TirKernel:
     """The unscheduled compute of ``variant`` on the same packed layouts, built for LLVM (runs here):
     ``twin(a_packed, w_packed) -> out`` (numpy in, numpy out)."""
-    func = (conv2d_dp4a_compute if _check_variant(variant) == "dp4a" else conv2d_s4_compute)(shape, act_signed)
+    func = COMPUTES[_check_variant(variant)](shape, act_signed)
     return build_kernel(
         f"conv2d_{variant}_twin", func, 2, target=_TWIN_TARGET, info={"variant": variant, "act_signed": act_signed}
     )
@@ -700,16 +1015,15 @@ class CudaConvKernel:
 
     @property
     def act_dtype(self) -> str:
-        if self.variant == "s4mma":
+        if self.variant in MMA_BITS:
             return "uint32"
         return "int8" if self.act_signed else "uint8"
 
     def pack_activations(self, x, pad_value: int = 0) -> np.ndarray:
-        pack = pack_activations_dp4a if self.variant == "dp4a" else pack_activations_s4
-        return pack(x, pad_value, self.shape.kernel, self.act_signed)
+        return pack_activations(self.variant, x, pad_value, self.shape.kernel, self.act_signed)
 
     def pack_weights(self, w) -> np.ndarray:
-        return pack_weights_dp4a(w) if self.variant == "dp4a" else pack_weights_s4(w)
+        return pack_weights(self.variant, w)
 
     def unpack_output(self, y) -> np.ndarray:
         return unpack_output(y, self.variant)
@@ -719,7 +1033,7 @@ class CudaConvKernel:
         if not cuda_toolchain.has_cuda_device():
             raise RuntimeError("no CUDA device: this kernel can be built and inspected here, not run")
         s, dev = self.shape, tvm.cuda(0)
-        w_dtype = "uint32" if self.variant == "s4mma" else "int8"
+        w_dtype = "uint32" if self.variant in MMA_BITS else "int8"
         a_t = tvm.runtime.tensor(np.ascontiguousarray(a, dtype=self.act_dtype), dev)
         w_t = tvm.runtime.tensor(np.ascontiguousarray(w, dtype=w_dtype), dev)
         out = tvm.runtime.empty(s.out_shape(self.variant), "int32", dev)
@@ -738,11 +1052,11 @@ class CudaConvKernel:
 def build_conv2d_cuda(
     shape: Conv2dCudaShape, variant: str = "dp4a", arch: str = "sm_80", act_signed: bool = False
 ) -> CudaConvKernel:
-    """Schedule and compile ``variant`` ("dp4a": u8/s8 x s8, "s4mma": u4/s4 x s4) for ``arch``
+    """Schedule and compile ``variant`` ("dp4a": u8/s8 x s8, "s4mma": u4/s4 x s4, "s8mma": u8/s8 x
+    s8) for ``arch``
     with nvcc (see :mod:`.cuda_toolchain`; works without a GPU)."""
     _check_variant(variant)
     shape.check(variant)
-    make = conv2d_dp4a_primfunc if variant == "dp4a" else conv2d_s4mma_primfunc
-    func = make(shape, act_signed)
+    func = PRIMFUNCS[variant](shape, act_signed)
     exe = cuda_toolchain.build_cuda(func, arch)
     return CudaConvKernel(shape, variant, arch, act_signed, func, exe)

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -51,6 +52,10 @@ __all__ = [
     "CudaToolchainError",
     "build_cuda",
     "build_info",
+    "cuda_tool",
+    "parse_res_usage",
+    "parse_sass",
+    "sass_counts",
     "cuda_target",
     "device_code",
     "ensure_cuda_build_env",
@@ -308,21 +313,102 @@ def _compile_ptx(source: str, arch: str) -> str:
     return bytes(ptx).decode()
 
 
-def _sass(binary: bytes) -> str | None:
-    tool = shutil.which("cuobjdump")
+def cuda_tool(name: str) -> str | None:
+    """Path of a CUDA binary tool (``cuobjdump``, ``nvdisasm``): on ``PATH``, beside ``nvcc``, or
+    in the ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` wheels (``nvidia/cu*/bin``)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent / name)
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(Path(root).glob(f"*/bin/{name}"))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return None
+
+
+def _cuobjdump(binary: bytes, option: str) -> str | None:
+    tool = cuda_tool("cuobjdump")
     if tool is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.fatbin")
         with open(path, "wb") as f:
             f.write(binary)
-        proc = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
+        proc = subprocess.run([tool, option, path], capture_output=True, text=True)
     return proc.stdout if proc.returncode == 0 else None
+
+
+def _sass(binary: bytes) -> str | None:
+    return _cuobjdump(binary, "-sass")
+
+
+#: SASS opcodes counted per kernel: tensor-core MMAs (integer, half), the dp4a dot product
+#: (``IDP.4A``), local memory (register spills: ``LDL``/``STL``), shared and global memory, barriers
+SASS_OPCODES = ("IMMA", "HMMA", "IDP", "LDL", "STL", "LDS", "STS", "LDSM", "LDGSTS", "LDG", "STG", "BAR")
+_SASS_FUNC = re.compile(r"^\s*Function : (\S+)", re.M)
+_SASS_INSN = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.M)
+
+
+def parse_sass(dump: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump -sass`` text -> ``{kernel: {opcode: count, "total": n}}`` for
+    :data:`SASS_OPCODES` (the opcode without its modifiers: ``IMMA.16832.U8.S8`` counts as IMMA)."""
+    out: dict[str, dict[str, int]] = {}
+    starts = [(m.start(), m.group(1)) for m in _SASS_FUNC.finditer(dump)]
+    for i, (pos, name) in enumerate(starts):
+        body = dump[pos : starts[i + 1][0] if i + 1 < len(starts) else len(dump)]
+        ops = _SASS_INSN.findall(body)
+        counts = {op: 0 for op in SASS_OPCODES}
+        for op in ops:
+            if op in counts:
+                counts[op] += 1
+        counts["total"] = len(ops)
+        prev = out.get(name)
+        out[name] = counts if prev is None else {k: prev[k] + counts[k] for k in counts}
+    return out
+
+
+_RES_FUNC = re.compile(r"^\s*Function (\S+):\s*\n\s*(.*)$", re.M)
+#: ``cuobjdump -res-usage`` fields kept per kernel
+RESOURCES = {"REG": "registers", "STACK": "stack_bytes", "SHARED": "shared_bytes", "LOCAL": "local_bytes"}
+
+
+def parse_res_usage(dump: str) -> dict[str, dict[str, int]]:
+    """``cuobjdump -res-usage`` text -> ``{kernel: {"registers": n, "stack_bytes": n,
+    "shared_bytes": n, "local_bytes": n}}`` (per thread: registers, stack, local memory; per block:
+    static shared memory)."""
+    out = {}
+    for name, fields in _RES_FUNC.findall(dump):
+        values = dict(f.split(":", 1) for f in fields.split() if ":" in f)
+        out[name] = {key: int(values[field]) for field, key in RESOURCES.items() if field in values}
+    return out
+
+
+def sass_counts(binary: bytes) -> dict[str, dict[str, int]] | None:
+    """Per-kernel SASS opcode counts of a fatbin / cubin (:func:`parse_sass`) with each kernel's
+    resource usage (:func:`parse_res_usage`), or None when ``cuobjdump`` is not installed (see
+    :func:`cuda_tool`) or cannot read ``binary``."""
+    dump = _sass(binary)
+    if dump is None:
+        return None
+    counts = parse_sass(dump)
+    for name, res in parse_res_usage(_cuobjdump(binary, "-res-usage") or "").items():
+        if name in counts:
+            counts[name].update(res)
+    return counts
 
 
 def device_code(executable: tvm.runtime.Executable, sass: bool = True) -> str:
     """PTX of the kernel(s) in ``executable`` (nvcc ``--ptx`` of the exact CUDA source TVM built),
-    followed by the SASS of the built binary when ``cuobjdump`` is available and ``sass``."""
+    followed by the SASS of the built binary when ``cuobjdump`` is available (:func:`cuda_tool`)
+    and ``sass``."""
     info = build_info(executable)
     if info.ptx is None:
         info.ptx = _compile_ptx(info.source, info.arch)

@@ -173,9 +173,9 @@ def test_compiled_delta_refqsr_upscales_as_pytorch_and_counts_the_chosen_bits(tm
 
 
 @pytest.mark.slow
-def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_dp4a_and_its_twin_equals_onnxruntime(tmp_path):
+def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_int8_mma_and_its_twin_equals_onnxruntime(tmp_path):
     """The CUDA artifact (nvcc, no GPU needed): every quantized conv of both paths an integer
-    dp4a kernel with per-patch scales; the reference graph as the CUDA build rewrites it, built for
+    int8 tensor-core kernel with per-patch scales; the reference graph as the CUDA build rewrites it, built for
     the CPU, returns ONNX Runtime's image and exactly its chosen bits."""
     import onnx
     import tvm
@@ -198,7 +198,7 @@ def test_cuda_build_of_delta_refqsr_runs_delta_convs_on_dp4a_and_its_twin_equals
         ("query", quantized(*blocks[: model.first_refer], *model.refers)),
     ):
         graph = report["graphs"][name]
-        assert graph["variants"].count("dp4a") == graph["integer_convs"] == n and graph["outputs"][-1] == "bits"
+        assert graph["variants"].count("s8mma") == graph["integer_convs"] == n and graph["outputs"][-1] == "bits"
     graph = onnx.load(str(tmp_path / "artifact" / "reference.onnx"))
     exe, _ = cb.build_graph_twin(graph, 4)
     x = _photo_patches()[:4].numpy()

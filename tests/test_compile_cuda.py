@@ -57,10 +57,11 @@ def exported(tmp_path_factory):
 
     cache = {}
 
-    def get(bits):
-        if bits not in cache:
-            cache[bits] = export_refqsr(small_refqsr("pams", *bits), tmp_path_factory.mktemp("onnx"), PATCH)
-        return cache[bits]
+    def get(bits, scheme="pams"):
+        if (bits, scheme) not in cache:
+            model = small_refqsr(scheme, *bits)
+            cache[bits, scheme] = export_refqsr(model, tmp_path_factory.mktemp("onnx"), PATCH)
+        return cache[bits, scheme]
 
     return get
 
@@ -72,22 +73,60 @@ def exported(tmp_path_factory):
 def test_variant_choice_is_exact_by_ranges():
     s = cc.Conv2dCudaShape(4, 64, 64, 24, 24)
     assert cb.choose_cuda_variant(4, -8, 7, s) == "s4mma"
+    assert cb.choose_cuda_variant(4, -8, 7, s, "sm_90") == "s8mma"  # no int4 tensor cores on sm_90
     assert cb.choose_cuda_variant(3, -7, 7, s) == "s4mma"
-    assert cb.choose_cuda_variant(4, -31, 31, s) == "dp4a"  # 4-bit activations, 6-bit weights
-    assert cb.choose_cuda_variant(8, -8, 7, s) == "dp4a"
-    assert cb.choose_cuda_variant(8, -128, 127, s) == "dp4a"
-    assert cb.choose_cuda_variant(8, -255, 255, s) is None  # DDTB asymmetric weights: stays float
-    assert cb.choose_cuda_variant(8, -1, 1, cc.Conv2dCudaShape(4, 3, 64, 8, 8)) is None  # C % 4
-    assert cb.choose_cuda_variant(4, -8, 7, cc.Conv2dCudaShape(4, 16, 64, 8, 8)) == "dp4a"  # C % 32
+    assert cb.choose_cuda_variant(4, -31, 31, s) == "s8mma"  # 4-bit activations, 6-bit weights
+    assert cb.choose_cuda_variant(8, -8, 7, s) == "s8mma"
+    assert cb.choose_cuda_variant(8, -128, 127, s) == "s8mma"
+    assert cb.choose_cuda_variant(8, -130, 125, s) == "s8mma"  # DDTB asymmetric weights: shifted by -2
+    assert cb.choose_cuda_variant(4, -9, 6, s) == "s4mma"  # 16 values: shifted by -1
+    assert cb.choose_cuda_variant(4, -9, 7, s) == "s8mma"  # 17 values: no s4 shift
+    assert cb.choose_cuda_variant(8, -255, 255, s) is None  # 511 values: no s8 shift either
+    # channels are padded to the layout (3 -> 16, 48 -> 64 for s4), pixels are not
+    assert cb.choose_cuda_variant(8, -1, 1, cc.Conv2dCudaShape(4, 3, 64, 8, 8)) == "s8mma"
+    assert cb.choose_cuda_variant(4, -8, 7, cc.Conv2dCudaShape(4, 48, 64, 8, 8)) == "s4mma"
+    assert cb.padded_shape(cc.Conv2dCudaShape(4, 27, 10, 8, 8), "s8mma") == cc.Conv2dCudaShape(4, 32, 16, 8, 8)
+    fc = cc.Conv2dCudaShape(4, 32, 16, 1, 1, kernel=1)  # 4 pixels: no 16-row mma tile
+    variant, why = cb.choose_cuda_variant_why(8, -130, 125, fc)
+    assert variant == "dp4a" and "N*H*W % 16" in why
+    big = cc.Conv2dCudaShape(1, 4096, 64, 8, 8)  # 255 * 4096 * 9 * (128 + 2 + 130) > 2**31: overflow
+    assert cb.choose_cuda_variant(8, -130, 125, big) is None
+    assert "overflow" in cb.choose_cuda_variant_why(8, -130, 125, big)[1]
+    assert [cb.cuda_weight_shift("dp4a", *r) for r in ((-128, 127), (-130, 125), (-127, 128), (-175, 80))] == [
+        0,
+        -2,
+        1,
+        -47,
+    ]
+    assert cb.cuda_weight_shift("s4mma", -9, 6) == -1 and cb.cuda_weight_shift("s4mma", 0, 15) == 8
+    assert cb.cuda_weight_shift("dp4a", -200, 100) is None
+
+
+def test_conv_roofline_against_hand_counts():
+    # SRResNet block conv at batch 16, 96 x 96: 16*96*96 px x 64 x 64 x 9 MACs; u8 activations
+    # 16*98*98*64 B + s8 weights 64*9*64 B + int32 output 16*96*96*64*4 B
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s8mma")
+    macs, moved = 5_435_817_984, 9_834_496 + 36_864 + 37_748_736
+    assert (r["useful_macs"], r["issued_macs"], r["bytes"]) == (macs, macs, moved)
+    assert r["A100_us"] == pytest.approx(max(macs / 312e12, moved / 2.039e12) * 1e6, abs=1e-3)
+    assert r["A100_bound"] == "memory" and r["H100_us"] == pytest.approx(moved / 3.35e12 * 1e6, abs=1e-3)
+    # ClustBlock's stride-3 conv as im2col: 27 real channels padded to 32, 64 -> 64 channels
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 32, 64, 32, 32, 1), 27, 64, "s8mma")
+    assert r["issued_over_useful"] == pytest.approx(32 / 27, abs=1e-4)
+    # 4-bit: packed nibbles; no H100 int4 peak -> memory time only
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s4mma")
+    assert r["bytes"] == 9_834_496 // 2 + 36_864 // 2 + 37_748_736 and r["H100_bound"] == "memory"
 
 
 def test_ptx_instruction_count():
     ptx = (
         "dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"
         "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {..};\n"
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {..};\n"
+        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {..};\n"
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {..};"
     )
-    assert cb.count_integer_instructions(ptx) == {"dp4a": 2, "mma_s4": 1}
+    assert cb.count_integer_instructions(ptx) == {"dp4a": 2, "mma_s4": 1, "mma_s8": 2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,12 +144,14 @@ def test_artifact_manifest(compiled):
     assert set(man["device_code"]) == {"clustblock", "reference", "query"}
     with pytest.raises(RefQSRError, match="target"):
         load_artifact(artifact, target={"kind": "llvm", "mcpu": "core-avx2"})
-    for name, graph in man["graphs"].items():
-        for i, (act, variant) in enumerate(zip(graph["act_bits"], graph["variants"])):
+    for graph in man["graphs"].values():
+        for act, variant in zip(graph["act_bits"], graph["variants"]):
             if act == 32:
                 assert variant is None
-            elif variant is None:  # only ClustBlock's stride-3 first conv has no kernel
-                assert (name, i) == ("clustblock", 0), graph["float_quantized"]
+            else:  # every quantized conv, ClustBlock's stride-3 first conv included (im2col)
+                assert variant is not None, graph["float_quantized"]
+        assert graph["float_quantized"] == {}
+    assert man["graphs"]["clustblock"]["im2col"] == {"0": [3, 3, 3]}
     assert report["device_code"] == man["device_code"]
 
 
@@ -119,11 +160,14 @@ def test_device_code_has_integer_instructions(compiled):
     bits, _, _, report = compiled
     code = report["device_code"]
     graphs = report["graphs"]
-    assert code["clustblock"]["dp4a"] > 0 and code["clustblock"]["mma_s4"] == 0  # 8-bit ClustBlock
+    # 8-bit ClustBlock: int8 tensor cores, dp4a only for the FC on BATCH pooled pixels (< 16 rows)
+    assert code["clustblock"]["mma_s8"] > 0 and code["clustblock"]["mma_s4"] == 0
+    assert graphs["clustblock"]["variants"] == ["s8mma", "s8mma", "s8mma", "dp4a"]
+    assert list(graphs["clustblock"]["dp4a_why"]) == ["3"] and "N*H*W % 16" in graphs["clustblock"]["dp4a_why"]["3"]
     if bits == (8, 4):
         for name in ("reference", "query"):  # 8-bit blocks; 4-bit query convs have 6-bit weights
-            assert code[name]["dp4a"] > 0 and code[name]["mma_s4"] == 0
-            assert set(graphs[name]["variants"]) == {None, "dp4a"}
+            assert code[name]["mma_s8"] > 0 and code[name]["mma_s4"] == 0 and code[name]["dp4a"] == 0
+            assert set(graphs[name]["variants"]) == {None, "s8mma"}
     else:
         for name in ("reference", "query"):  # 4- and 3-bit activations, s4 weights: tensor cores
             assert code[name]["mma_s4"] > 0 and code[name]["dp4a"] == 0
@@ -133,13 +177,13 @@ def test_device_code_has_integer_instructions(compiled):
 
 @slow
 @needs_nvcc
-def test_8bit_graph_uses_dp4a_and_library_embeds_it(exported, tmp_path):
+def test_8bit_graph_uses_int8_tensor_cores_and_library_embeds_it(exported, tmp_path):
     built = cb.build_graph_cuda(onnx.load(str(exported((8, 4))["reference"])), "reference", BATCH, "sm_80")
     graph = built.report()
-    assert graph["act_bits"].count(8) == 8 and graph["variants"].count("dp4a") == 8
-    assert built.device_code["dp4a"] > 0 and built.device_code["mma_s4"] == 0
+    assert graph["act_bits"].count(8) == 8 and graph["variants"].count("s8mma") == 8
+    assert built.device_code["mma_s8"] > 0 and built.device_code["mma_s4"] == 0 and built.device_code["dp4a"] == 0
     ptx = cuda_toolchain.device_code(built.executable, sass=False)  # registered with the toolchain
-    assert ".target sm_80" in ptx and "dp4a.u32.s32" in ptx  # u8 activations x s8 weights
+    assert ".target sm_80" in ptx and "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32" in ptx  # u8 x s8
     assert "ld.local" not in ptx  # no register spills anywhere in the graph
     lib = tmp_path / "reference.so"
     built.executable.export_library(str(lib))
@@ -147,12 +191,92 @@ def test_8bit_graph_uses_dp4a_and_library_embeds_it(exported, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the bundled models: every quantized conv an integer kernel, for sm_80 and sm_90
+
+BUNDLED = ["srresnet_ddtb_refqsr84", "srresnet_ddtb4"]
+BUNDLED_CASES = [(m, a) for m in BUNDLED for a in ("sm_80", "sm_90")]
+
+
+@pytest.fixture(scope="module", params=BUNDLED_CASES, ids=[f"{m}-{a}" for m, a in BUNDLED_CASES])
+def bundled(request, tmp_path_factory):
+    """A bundled model compiled for CUDA at the shipped patch and batch (about a minute each)."""
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")
+    name, arch = request.param
+    out = tmp_path_factory.mktemp(f"{name}_{arch}") / "artifact"
+    opts = CompileOptions(model=name, target="cuda", arch=arch, patch=96, batch=16)
+    report = compile_model(opts, out, keep_onnx=False)
+    return name, arch, out, report
+
+
+@needs_nvcc
+def test_bundled_model_convs_are_all_integer(bundled):
+    name, arch, artifact, report = bundled
+    man = load_artifact(artifact, target={"kind": "cuda", "arch": arch}).manifest
+    expected = {"srresnet_ddtb_refqsr84": {"clustblock", "reference", "query"}, "srresnet_ddtb4": {"sr"}}[name]
+    assert set(man["graphs"]) == expected
+    shifted = 0
+    for graph_name, graph in man["graphs"].items():
+        assert graph["float_quantized"] == {}, (graph_name, graph["float_quantized"])
+        for act, variant, wr, shift in zip(
+            graph["act_bits"], graph["variants"], graph["weight_ranges"], graph["weight_shifts"]
+        ):
+            assert (variant is None) == (act == 32)
+            if variant is not None:
+                lo, hi = (-8, 7) if variant == "s4mma" else (-128, 127)
+                assert lo <= wr[0] - shift and wr[1] - shift <= hi  # the kernel's operand holds w - c
+                shifted += shift != 0
+        assert graph["integer_convs"] == sum(a < 32 for a in graph["act_bits"])
+        # tensor cores for every conv at batch 16: int4 for DDTB-4 on sm_80, int8 otherwise
+        mma = "s4mma" if (name, arch) == ("srresnet_ddtb4", "sm_80") else "s8mma"
+        assert {v for v in graph["variants"] if v} == {mma} and graph["dp4a_why"] == {}
+        roof = graph["roofline"]
+        assert sorted(roof, key=int) == [str(i) for i, v in enumerate(graph["variants"]) if v]
+        assert all(1.0 <= r["issued_over_useful"] <= 1.2 and r["A100_us"] > 0 for r in roof.values())
+    if name == "srresnet_ddtb_refqsr84":
+        assert shifted > 0  # DDTB's asymmetric 8-bit weights beyond s8 are among them
+    for counts in man["device_code"].values():
+        assert (
+            counts["dp4a"] == 0 and counts["mma_s4" if arch == "sm_80" and name == "srresnet_ddtb4" else "mma_s8"] > 0
+        )
+
+
+@needs_nvcc
+def test_bundled_model_sass_has_imma_and_no_spills(bundled):
+    """The compiled device code itself (``cuobjdump -sass`` of the fatbin): every integer conv
+    kernel issues tensor-core IMMA instructions, and no kernel of any graph spills registers to
+    local memory (LDL/STL)."""
+    if cuda_toolchain.cuda_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump missing (pip install nvidia-cuda-cuobjdump): no SASS counts")
+    name, arch, artifact, _ = bundled
+    man = load_artifact(artifact, target={"kind": "cuda", "arch": arch}).manifest
+    for graph_name, graph in man["graphs"].items():
+        sass = graph["sass"]
+        assert sass is not None and sass["kernels"] > 0
+        kernels = sass["conv_kernels"]
+        assert kernels  # convs of one shape share a kernel
+        for kernel, counts in kernels.items():
+            assert counts["IMMA"] > 0 and counts["IDP"] == 0, (graph_name, kernel, counts)
+            assert counts["LDL"] == 0 and counts["STL"] == 0, (graph_name, kernel, counts)
+            assert counts["local_bytes"] == 0 and counts["shared_bytes"] > 0, (graph_name, kernel, counts)
+        assert sass["conv_totals"]["IMMA"] == sum(c["IMMA"] for c in kernels.values())
+        assert sass["local_memory"] == [] and sass["all_totals"]["LDL"] == sass["all_totals"]["STL"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
 # the rewrite's math on the CPU: the same rewritten graph with LLVM twins vs ONNX Runtime
 
-#: 8-4 ClustBlock: dp4a on uint8 asymmetric activations, negated -127..128 weights, a 1x1 conv,
-#: "valid" padding and a strided conv left float; 4-3 query: s4 tensor cores on 3/4-bit grids of
-#: int8 containers (offset 4/8) and the RefER warp as plain Relax ops
-TWIN_CASES = [((8, 4), "clustblock"), ((4, 3), "query")]
+#: 8-4 ClustBlock: s8 tensor cores on uint8 asymmetric activations, shifted -127..128 weights,
+#: "valid" padding, the stride-3 3-channel conv as an im2col 1x1 conv (27 -> 32 channels) and the
+#: 1x1 FC on dp4a; 4-3 query: s4 tensor cores on 3/4-bit grids of int8 containers (offset 4/8)
+#: and the RefER warp as plain Relax ops, and the same on sm_90 with s8 tensor cores; DDTB 8-4
+#: reference: asymmetric 8-bit weights beyond s8 (weight shift)
+TWIN_CASES = [
+    ("pams", (8, 4), "clustblock", "sm_80"),
+    ("pams", (4, 3), "query", "sm_80"),
+    ("pams", (4, 3), "query", "sm_90"),
+    ("ddtb", (8, 4), "reference", "sm_80"),
+]
 
 
 def _onnxruntime(path, feeds):
@@ -173,21 +297,39 @@ def _feeds(graphs, name):
     return {"patches": queries, **{f"ref_feat_{k}": f for k, f in enumerate(feats)}}
 
 
-@pytest.mark.parametrize("bits, name", TWIN_CASES, ids=[f"{b[0]}-{b[1]}-{n}" for b, n in TWIN_CASES])
-def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, bits, name):
+@pytest.mark.parametrize(
+    "scheme, bits, name, arch", TWIN_CASES, ids=[f"{sc}-{b[0]}-{b[1]}-{n}-{a}" for sc, b, n, a in TWIN_CASES]
+)
+def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name, arch):
     import tvm
     from tvm import relax
 
-    graphs = exported(bits)
+    graphs = exported(bits, scheme)
     model = onnx.load(str(graphs[name]))
-    exe, result = cb.build_graph_twin(model, BATCH)
-    assert ("s4mma" if bits == (4, 3) else "dp4a") in [c.variant for c in result.convs]
+    exe, result = cb.build_graph_twin(model, BATCH, arch=arch)
+    variants = {c.variant for c in result.convs}
+    assert ("s4mma" if bits == (4, 3) and arch == "sm_80" else "s8mma") in variants
+    assert arch == "sm_80" or "s4mma" not in variants
+    assert not result.float_reasons  # every quantized conv is an integer conv
+    if name == "clustblock":
+        assert 0 in result.im2col and result.convs[0].variant == "s8mma"
+    if scheme == "ddtb":  # weights beyond s8 run shifted
+        beyond = [
+            c.index
+            for c in result.convs
+            if c.weight_range and not -128 <= min(c.weight_range) <= max(c.weight_range) <= 127
+        ]
+        assert beyond and all(result.weight_shifts[i] != 0 for i in beyond)
     feeds = _feeds(graphs, name)
     want = _onnxruntime(graphs[name], feeds)[0]
     out = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(feeds[i.name]) for i in model.graph.input])
     got = (out if hasattr(out, "numpy") else out[0]).numpy()
     if name == "clustblock":  # logits: no [0, 1] image range
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        # integer sums are exact, the float conv's are not: a value on a rounding tie of the next
+        # quantizer may move by one step in one sample, so most samples must agree to 1e-6
+        top = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * top)
+        assert np.sum(np.abs(got - want).max(axis=1) <= 1e-6 * top) >= BATCH - 1
     else:
         assert psnr(got, want) >= 50.0
 

@@ -75,8 +75,7 @@ def test_lfe_convs_are_integer_attention_stays_float(compiled):
 @pytest.mark.slow
 @pytest.mark.skipif(not cuda_toolchain.nvcc_available(), reason="nvcc is not on PATH: CUDA artifacts cannot be built")
 def test_cuda_build_puts_the_lfe_convs_on_integer_kernels(tmp_path):
-    """ELAN-light's real width (60 channels: dp4a needs input channels in fours, which the small
-    30-channel test model does not have)."""
+    """ELAN-light's real width (60 channels, padded to the int8 kernel's 16-channel chunks)."""
     model = _calibrated_refqsr(PATCH, n_feats=60)
     save_model(tmp_path / "model.pt", model, {}, half=False)
     opts = CompileOptions(model=str(tmp_path / "model.pt"), target="cuda", arch="sm_80", patch=PATCH, batch=BATCH)

@@ -14,13 +14,17 @@ HAS_GPU = cuda_toolchain.has_cuda_device()
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="nvcc is not on PATH: CUDA kernels cannot be built")
 gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device (the kernels are only built and inspected)")
 
-SMALL = {32: cc.Conv2dCudaShape(2, 32, 32, 12, 12), 64: cc.Conv2dCudaShape(2, 64, 64, 12, 12)}
+SMALL = {
+    16: cc.Conv2dCudaShape(2, 16, 16, 12, 12),
+    32: cc.Conv2dCudaShape(2, 32, 32, 12, 12),
+    64: cc.Conv2dCudaShape(2, 64, 64, 12, 12),
+}
 PRODUCTION = cc.Conv2dCudaShape(1, 64, 64, 96, 96)
 
 
 def ranges(variant, signed):
     """(activation lo, hi, weight lo, hi) of a variant."""
-    bits = 8 if variant == "dp4a" else 4
+    bits = 4 if variant == "s4mma" else 8
     act = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     return (*act, -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
 
@@ -50,9 +54,7 @@ def reference_conv(x, w, pad_value: int = 0) -> np.ndarray:
 
 
 def pack(variant, x, w, pad, signed):
-    if variant == "dp4a":
-        return cc.pack_activations_dp4a(x, pad, signed=signed), cc.pack_weights_dp4a(w)
-    return cc.pack_activations_s4(x, pad, signed=signed), cc.pack_weights_s4(w)
+    return cc.pack_activations(variant, x, pad, signed=signed), cc.pack_weights(variant, w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,26 +135,97 @@ def test_llvm_twin_matches_reference(variant, signed, channels):
     np.testing.assert_array_equal(cc.unpack_output(y, variant), reference_conv(x, w, pad))
 
 
+MMA_CASES = [("s4mma", 32), ("s4mma", 64), ("s8mma", 16), ("s8mma", 32), ("s8mma", 64)]
+
+
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("channels", [32, 64])
-def test_s4mma_fragment_math_matches_reference(signed, channels):
-    """The CUDA kernel's warp tiling and fragment addressing, replayed with the PTX ISA layouts."""
+@pytest.mark.parametrize("variant, channels", MMA_CASES)
+def test_mma_fragment_math_matches_reference(variant, signed, channels):
+    """The CUDA kernel's warp tiling and fragment addressing, replayed with the PTX ISA layouts
+    (s8: m16n8k16 for 16 channels, m16n8k32 otherwise)."""
     s = SMALL[channels]
-    x, w, pad = operands(s, "s4mma", signed, seed=10 + channels)
-    a, wp = pack("s4mma", x, w, pad, signed)
-    y = cc.emulate_s4mma(s, a, wp, signed)
-    np.testing.assert_array_equal(cc.unpack_output(y, "s4mma"), reference_conv(x, w, pad))
+    x, w, pad = operands(s, variant, signed, seed=10 + channels)
+    a, wp = pack(variant, x, w, pad, signed)
+    y = cc.emulate_mma(s, a, wp, signed, variant)
+    np.testing.assert_array_equal(cc.unpack_output(y, variant), reference_conv(x, w, pad))
 
 
-def test_s4mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
-    """Negative control: swapping the two accumulator columns of a lane must be caught."""
+def test_s8_packing_roundtrip_and_layout():
     s = SMALL[32]
-    x, w, pad = operands(s, "s4mma", False, seed=3)
-    a, wp = pack("s4mma", x, w, pad, False)
-    right = cc._c_index
-    monkeypatch.setattr(cc, "_c_index", lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1))
-    y = cc.emulate_s4mma(s, a, wp)
-    assert not np.array_equal(cc.unpack_output(y, "s4mma"), reference_conv(x, w, pad))
+    x, w, pad = operands(s, "s8mma", False, seed=4)
+    a = cc.pack_activations_s8(x, pad)
+    assert a.shape == s.act_shape("s8mma") == (2, 14, 14, 8) and a.dtype == np.uint32
+    word = int(a[1, 3 + 1, 5 + 1, 13 // 4])  # [n][h+1][w+1][c/4], channel c in byte c % 4
+    assert (word >> (8 * (13 % 4))) & 0xFF == x[1, 13, 3, 5]
+    np.testing.assert_array_equal(cc.unpack_activations_s8(a), x)
+    wp = cc.pack_weights_s8(w)
+    assert wp.shape == s.weight_shape("s8mma") == (32, 9, 8)
+    np.testing.assert_array_equal(cc.unpack_weights_s8(wp), w)
+    # the byte order of an int8 [..][4] array read as little-endian uint32
+    v = np.array([[-128, 127, -1, 5]])
+    assert cc.pack_bytes(v, signed=True)[0, 0] == np.array([-128, 127, -1, 5], np.int8).view("<u4")[0]
+    with pytest.raises(ValueError):
+        cc.pack_bytes(np.array([[128, 0, 0, 0]]), signed=True)
+
+
+def test_s8mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
+    """Negative controls for the s8 replay: the K halves of the A fragment, the shared-memory
+    rows of the staged words (rows 2i and 2i+1 exchanged), the accumulator columns, and the ISA
+    layout read with the s4 geometry (8 elements a register where s8 has 4) must each change the
+    result."""
+    s = SMALL[32]
+    x, w, pad = operands(s, "s8mma", False, seed=5)
+    a, wp = pack("s8mma", x, w, pad, False)
+    want = reference_conv(x, w, pad)
+    np.testing.assert_array_equal(cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma"), want)
+    cfg = cc.s8mma_config(s)
+    wrong = {
+        "_a_frag": lambda right: lambda cfg, wm, mi, lane, reg: right(cfg, wm, mi, lane, reg ^ 2),
+        "_stage_dst": lambda right: lambda cfg, idx: right(cfg, (idx // cfg.kw ^ 1) * cfg.kw + idx % cfg.kw),
+        "_c_index": lambda right: lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1),
+        "_unpack_words": lambda right: lambda words, bits, signed: cc.unpack_nibbles(words, signed)[..., :4],
+    }
+    assert cfg.stride == 12 and cfg.kw == 8  # m16n8k32: two 16-channel chunks a step
+    for name, make in wrong.items():
+        right = getattr(cc, name)
+        monkeypatch.setattr(cc, name, make(right))
+        got = cc.unpack_output(cc.emulate_s8mma(s, a, wp), "s8mma")
+        monkeypatch.setattr(cc, name, right)
+        assert not np.array_equal(got, want), name
+
+
+def test_mma_staging_covers_every_word_once():
+    """Each step's A and B tiles land in shared memory word for word: the threads' copies (the
+    guarded last pass included) reach every row and word of the tile exactly once, within one
+    buffer, and the fragment reads stay inside the rows that were written."""
+    for variant, shape in (("s8mma", SMALL[32]), ("s8mma", SMALL[16]), ("s4mma", SMALL[64]), ("s8mma", PRODUCTION)):
+        cfg = cc.mma_config(shape, variant)
+        for total, loads, rows in ((cfg.bm * cfg.kw, cfg.a_loads, cfg.bm), (cfg.bn * cfg.kw, cfg.b_loads, cfg.bn)):
+            idx = np.arange(loads * cfg.threads)
+            idx = idx[idx < total]
+            dst = cc._stage_dst(cfg, idx)
+            assert len(np.unique(dst)) == total and dst.max() < rows * cfg.stride
+        lane = np.arange(32)
+        a_rd = {
+            int(o)
+            for wm in range(cfg.bp)
+            for mi in range(cfg.mt)
+            for r in range(cfg.a_regs)
+            for o in cc._a_frag(cfg, wm, mi, lane, r)
+        }
+        b_rd = {
+            int(o)
+            for wn in range(cfg.bg)
+            for ni in range(cfg.nt)
+            for r in range(cfg.b_regs)
+            for o in cc._b_frag(cfg, wn, ni, lane, r)
+        }
+        all_a = np.arange(cfg.bm * cfg.kw)
+        all_b = np.arange(cfg.bn * cfg.kw)
+        assert a_rd == set(cc._stage_dst(cfg, all_a).tolist()) and b_rd == set(cc._stage_dst(cfg, all_b).tolist())
+        # fragment loads of one register: 32 lanes in 32 distinct banks (no bank conflicts)
+        assert len({int(o) % 32 for o in cc._a_frag(cfg, 0, 0, lane, 0)}) == 32
+        assert len({int(o) % 32 for o in cc._b_frag(cfg, 0, 0, lane, 0)}) == 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +236,8 @@ BUILDS = {
     "dp4a_s8": (SMALL[32], "dp4a", True, "dp4a.s32.s32"),
     "s4_u4": (PRODUCTION, "s4mma", False, "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32"),
     "s4_s4": (SMALL[32], "s4mma", True, "mma.sync.aligned.m16n8k32.row.col.s32.s4.s4.s32"),
+    "s8_u8": (PRODUCTION, "s8mma", False, "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"),
+    "s8_s8": (SMALL[16], "s8mma", True, "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32"),
 }
 
 
@@ -244,3 +319,131 @@ def test_cuda_kernel_matches_twin_and_reference(cuda_kernels, name):
     np.testing.assert_array_equal(k.unpack_output(y), reference_conv(x, w, pad))
     if shape.height <= 24:  # the twin is a plain loop nest: only for the small shapes
         np.testing.assert_array_equal(y, cc.build_conv2d_twin(shape, variant, signed)(a, wp))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: asymmetric weights through the weight shift (what the CUDA rewrite does), vs torch
+
+
+def window_sums(x, pad_value: int, kernel: int) -> np.ndarray:
+    """``[N][1][H][W]``: the sum of the padded activations over every output's K x K x C window."""
+    p = kernel // 2
+    xp = np.pad(np.asarray(x, np.int64), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=int(pad_value))
+    row = xp.sum(axis=1, keepdims=True)
+    h, w = x.shape[2], x.shape[3]
+    return sum(row[:, :, i : i + h, j : j + w] for i in range(kernel) for j in range(kernel))
+
+
+@pytest.mark.parametrize(
+    "variant, w_lo, w_hi, act_bits",
+    [
+        ("dp4a", -130, 125, 8),
+        ("dp4a", -175, 80, 8),
+        ("dp4a", -127, 128, 8),
+        ("s8mma", -130, 125, 8),
+        ("s4mma", -9, 6, 4),
+        ("s4mma", 0, 15, 4),
+    ],
+)
+def test_weight_shift_twin_matches_reference(variant, w_lo, w_hi, act_bits):
+    """DDTB's asymmetric weights (w - zero point beyond the kernel's signed range): the kernel
+    runs on ``w - c`` and ``c * window sum + u0 * sum w`` is corrected outside, as in the CUDA
+    graph; the result must equal torch's float64 conv of the zero-point-free operands."""
+    from refqsr_engine.engine.compiler import cuda_build as cb
+
+    s = SMALL[32]
+    rng = np.random.default_rng(w_lo + 1000)
+    u0 = (1 << (act_bits - 1)) + 3  # the activation zero point (border value)
+    u = rng.integers(0, 1 << act_bits, (s.batch, s.in_ch, s.height, s.width))
+    u[0] = (1 << act_bits) - 1
+    w = rng.integers(w_lo, w_hi + 1, (s.out_ch, s.in_ch, s.kernel, s.kernel))
+    w[: s.out_ch // 4] = w_lo
+    w[s.out_ch // 4 : s.out_ch // 2] = w_hi
+    c = cb.cuda_weight_shift(variant, w_lo, w_hi)
+    assert c != 0 and cb.why_not_variant(variant, act_bits, w_lo, w_hi, s) is None
+    a, wp = pack(variant, u, w - c, u0, False)
+    acc = cc.unpack_output(cc.build_conv2d_twin(s, variant, False)(a, wp), variant).astype(np.int64)
+    sum_w = w.reshape(s.out_ch, -1).sum(axis=1).reshape(1, -1, 1, 1)
+    got = acc + c * window_sums(u, u0, s.kernel) - u0 * sum_w
+    np.testing.assert_array_equal(got, reference_conv(u - u0, w, 0))
+    with pytest.raises(ValueError):  # unshifted, the weights do not fit the operand
+        pack(variant, u, w, u0, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# SASS (cuobjdump, no GPU needed)
+
+HAS_CUOBJDUMP = cuda_toolchain.cuda_tool("cuobjdump") is not None
+needs_sass = pytest.mark.skipif(
+    not (HAS_NVCC and HAS_CUOBJDUMP), reason="nvcc or cuobjdump missing (pip install nvidia-cuda-cuobjdump)"
+)
+
+
+def test_parse_sass_counts_opcodes_per_kernel():
+    dump = """
+\t\tFunction : conv_a_kernel
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;   /* 0x00000a0000017a02 */
+        /*0950*/                   IMMA.16832.U8.S8 R28, R44.ROW, R32.reuse.COL, RZ ;   /* 0x000000202c1c7237 */
+        /*0960*/              @!P0 STL [R1], R2 ;   /* 0x0000000201007387 */
+        /*0970*/                   LDL.64 R4, [R1] ;   /* 0x0000000001047983 */
+\t\tFunction : conv_b_kernel
+        /*0000*/                   IDP.4A.U8.S8 R5, R6, R7, R5 ;   /* 0x0000000706057226 */
+        /*0010*/               @P1 LDS.128 R8, [R2] ;   /* 0x0000000002087984 */
+        /*0020*/                   EXIT ;   /* 0x000000000000794d */
+"""
+    got = cuda_toolchain.parse_sass(dump)
+    assert set(got) == {"conv_a_kernel", "conv_b_kernel"}
+    a, b = got["conv_a_kernel"], got["conv_b_kernel"]
+    assert (a["IMMA"], a["STL"], a["LDL"], a["total"]) == (1, 1, 1, 4)
+    assert (b["IDP"], b["LDS"], b["IMMA"], b["total"]) == (1, 1, 0, 3)
+
+
+def test_parse_res_usage():
+    dump = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function main_kernel:
+  REG:72 STACK:0 SHARED:12272 LOCAL:0 CONSTANT[0]:376 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function other_kernel:
+  REG:255 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:368 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert cuda_toolchain.parse_res_usage(dump) == {
+        "main_kernel": {"registers": 72, "stack_bytes": 0, "shared_bytes": 12272, "local_bytes": 0},
+        "other_kernel": {"registers": 255, "stack_bytes": 16, "shared_bytes": 0, "local_bytes": 24},
+    }
+
+
+SASS_CASES = [(v, a) for v in ("s8mma", "s4mma", "dp4a") for a in ("sm_80", "sm_90")]
+
+
+@needs_sass
+@pytest.mark.parametrize("variant, arch", SASS_CASES, ids=[f"{v}-{a}" for v, a in SASS_CASES])
+def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
+    """Every ``mma.sync`` of the s8 kernel is one ``IMMA`` on sm_80 and sm_90, and of the s4
+    kernel on sm_80 (ptxas keeps the step loop, or unrolls it: a multiple of the mma tiles of one
+    step); sm_90 has no int4 tensor cores (ptxas emulates ``mma ... .s4``: fewer IMMA than mma
+    tiles a step, so the compiler never picks the s4 kernel for sm_90); dp4a is ``IDP.4A``. The
+    tensor-core kernels stage through shared memory (LDS, STS, BAR); no kernel touches local
+    memory (LDL, STL)."""
+    k = cc.build_conv2d_cuda(PRODUCTION, variant, arch)
+    sass = cuda_toolchain.sass_counts(cuda_toolchain.build_info(k.executable).binary)
+    assert sass is not None and len(sass) == 1
+    (counts,) = sass.values()
+    assert counts["LDL"] == 0 and counts["STL"] == 0
+    assert counts["local_bytes"] == counts["stack_bytes"] == 0 and 0 < counts["registers"] <= 255
+    if variant == "dp4a":
+        assert counts["IDP"] > 0 and counts["IMMA"] == 0
+        return
+    cfg = cc.mma_config(PRODUCTION, variant)
+    tiles = cfg.mt * cfg.nt  # mma.sync per step
+    assert counts["IDP"] == 0 and counts["LDS"] > 0 and counts["STS"] > 0 and counts["BAR"] > 0
+    # both buffers of the A and B tiles (TVM trims a buffer to its last word read); sm_90 adds
+    # the 1 KiB of shared memory it reserves per block
+    words = 2 * (cfg.bm + cfg.bn) * cfg.stride
+    reserved = 1024 if arch == "sm_90" else 0
+    assert 4 * (words - 2 * cfg.stride) + reserved <= counts["shared_bytes"] <= 4 * words + reserved + 64
+    if variant == "s4mma" and arch == "sm_90":
+        assert 0 < counts["IMMA"] < tiles
+    else:
+        assert counts["IMMA"] % tiles == 0 and tiles <= counts["IMMA"] <= cfg.ksteps * tiles

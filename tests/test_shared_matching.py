@@ -208,7 +208,7 @@ def test_cuda_build_keeps_the_matcher_as_relax_ops_and_its_twin_equals_onnxrunti
     paths = export_refqsr(model, tmp_path, PATCH)
     graph = onnx.load(str(paths["query"]))
     exe, result = cb.build_graph_twin(graph, 4)
-    assert "dp4a" in [c.variant for c in result.convs]
+    assert "s8mma" in [c.variant for c in result.convs]
     x = torch.rand(4, 3, PATCH, PATCH)
     with torch.no_grad():
         feats = model.reference_forward(torch.roll(x, shifts=(3, 6), dims=(2, 3)))[1]

@@ -1,4 +1,4 @@
-"""``--target cuda``: exported graphs -> Relax -> integer convs on dp4a / int4 tensor cores -> CUDA.
+"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a -> CUDA.
 
 How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 
@@ -12,23 +12,25 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
      (0.0 quantizes exactly to the zero point, so the border gets ``u0 = z + offset``), then
      ``u = clamp(round(x / s) + z, qlo, qhi) + offset`` on the conv's b-bit grid (``R.round``
      lowers to ``nearbyint`` on LLVM and ``nearbyintf`` in CUDA C, round-half-even like ONNX
-     QuantizeLinear), cast and permuted into the kernel's layout -- for the int4 kernel 8
-     nibbles are shifted into one uint32 word (``strided_slice``, ``left_shift``, ``add``);
+     QuantizeLinear), cast and permuted into the kernel's layout -- for the tensor-core kernels
+     8 nibbles or 4 bytes are shifted into one uint32 word (``strided_slice``, ``left_shift``,
+     ``add``); a strided conv first stacks the K x K strided views of its input (im2col), and
+     with a weight shift ``c`` the window sums of ``u`` are computed beside the pack;
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
-     ``dp4a`` (u8 activations x s8 weights, ``dp4a.u32.s32``) or ``s4mma`` (u4 x s4,
-     ``mma.sync ... .u4.s4``), giving the raw int32 sums;
-  3. Relax ops for the epilogue ``y = float(acc - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
+     ``s8mma`` (u8 x s8, ``mma.sync ... .u8.s8``), ``s4mma`` (u4 x s4, ``mma.sync ... .u4.s4``)
+     or ``dp4a`` (``dp4a.u32.s32``) on the weights ``w - c``, giving raw int32 sums;
+  3. Relax ops for the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
 
   FuseOps merges the injective ops of 1 and 3 into one kernel each; the conv kernel itself is
   marked opaque so nothing is fused into its hand-written schedule.
-* **Variant choice** (:func:`choose_cuda_variant`) is by exact operand ranges: ``s4mma`` when the
-  activations have <= 4 bits, the integer weights (zero point removed) lie in -8..7 and the shape
-  fits the tensor-core tiling; else ``dp4a`` when the weights lie in -128..127. Weights are
-  negated (with their scale) when that fits better: asymmetric 8-bit weights minus their zero
-  point often span -127..128. Anything else stays the graph's float QDQ conv (exact
-  fake-quantized math, just not integer): asymmetric weights that reach beyond -128..128 (up to
-  +-255 in principle), strided convs (ClustBlock's first) and channel counts that are not
-  multiples of 4.
+* **Variant choice** (:func:`choose_cuda_variant_why`) is by exact operand ranges and the shape
+  with its channels padded to the layout: ``s4mma`` when the activations have <= 4 bits, the
+  integer weights (zero point removed) span at most 16 values and the arch has int4 tensor cores
+  (not sm_90); else ``s8mma`` for up to 8 bits and 256 weight values; ``dp4a`` where no mma tile
+  fits (fewer than 16 output pixels), with the reason recorded. Weights outside the operand's
+  signed range run shifted (:func:`cuda_weight_shift`). A conv whose int32 sums could overflow,
+  or that has dilation or groups, stays the graph's float QDQ conv (exact fake-quantized math,
+  just not integer); no bundled model has one.
 * The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
   the host (``cluster.so``, ``"device": "host"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
@@ -45,6 +47,7 @@ machine without a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -72,6 +75,7 @@ from .relax_import import graph_metadata, static_input_shapes
 HOST_TARGET = {"kind": "llvm", "mcpu": "core-avx2"}
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 _S4_RANGE, _S8_RANGE = (-8, 7), (-128, 127)
+INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,34 +92,138 @@ def import_graph_cuda(model: onnx.ModelProto, batch: int) -> tuple[tvm.IRModule,
     return from_onnx(prepare_onnx(model, shapes), keep_params_in_input=False), shapes
 
 
-def choose_cuda_variant(act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape) -> str | None:
-    """The integer kernel that is exact for these operands and fits ``shape`` ("s4mma", "dp4a"),
-    or None: the conv stays float."""
+def cuda_weight_shift(variant: str, w_min: int, w_max: int) -> int | None:
+    """c such that every ``w - c`` fits the variant's signed weight operand (s4 for "s4mma", s8
+    otherwise): 0 when the weights fit as they are, None when their range is too wide. The
+    kernel runs on ``w - c`` and ``c * (window sum of u)`` is added back in the epilogue, the
+    same exact split as the CPU engine's AVX-512 kernels (:func:`~...kernels.qconv_fused.weight_shift`)."""
+    lo, hi = _S4_RANGE if variant == "s4mma" else _S8_RANGE
+    if lo <= w_min and w_max <= hi:
+        return 0
+    if w_max - w_min > hi - lo:
+        return None
+    return w_min - lo
 
-    def fits(variant: str) -> bool:
-        try:
-            shape.check(variant)
-            return True
-        except ValueError:
-            return False
 
-    if act_bits <= 4 and _S4_RANGE[0] <= w_min and w_max <= _S4_RANGE[1] and fits("s4mma"):
-        return "s4mma"
-    if act_bits <= 8 and _S8_RANGE[0] <= w_min and w_max <= _S8_RANGE[1] and fits("dp4a"):
-        return "dp4a"
+def integer_conv_is_exact(act_bits: int, w_min: int, w_max: int, shift: int, taps: int) -> bool:
+    """No int32 overflow in the kernel's sums, the shift term or the zero-point term over ``taps``
+    = C * K * K products per output (the bound of :func:`~...kernels.qconv_fused.vnni512_is_exact`)."""
+    act_max = 2**act_bits - 1
+    w_abs = max(abs(w_min), abs(w_max))
+    return act_max * taps * (128 + abs(shift) + w_abs) <= INT32_MAX
+
+
+#: input / output channel multiples of each kernel's layout
+CHANNEL_MULTIPLES = {"dp4a": (4, 4), "s4mma": (32, 8), "s8mma": (16, 8)}
+#: the arches whose tensor cores take int4 operands (sm_90 has none: there ``mma ... .s4`` is emulated)
+INT4_MMA_ARCHS = ("sm_80", "sm_86", "sm_89")
+
+
+def padded_shape(shape: cc.Conv2dCudaShape, variant: str) -> cc.Conv2dCudaShape:
+    """``shape`` with its channels rounded up to the multiples of ``variant``'s layout."""
+    mc, mo = CHANNEL_MULTIPLES[variant]
+    return dataclasses.replace(shape, in_ch=-(-shape.in_ch // mc) * mc, out_ch=-(-shape.out_ch // mo) * mo)
+
+
+def why_not_variant(variant: str, act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape) -> str | None:
+    """None when ``variant`` computes this conv exactly and its layout takes the (padded) shape,
+    else why not."""
+    try:
+        padded_shape(shape, variant).check(variant)
+    except ValueError as err:
+        return str(err)
+    shift = cuda_weight_shift(variant, w_min, w_max)
+    if shift is None:
+        return f"weights {w_min}..{w_max} span more values than the {variant} operand"
+    if not integer_conv_is_exact(act_bits, w_min, w_max, shift, shape.in_ch * shape.kernel**2):
+        return "int32 sums could overflow"
     return None
+
+
+def choose_cuda_variant_why(
+    act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape, arch: str = "sm_80"
+) -> tuple[str | None, str | None]:
+    """(variant, why no tensor core): the kernel that is exact for these operands and takes
+    ``shape`` once its channels are padded to the layout, tensor cores first -- "s4mma" (<= 4-bit
+    activations, weights within 16 values; not on sm_90), "s8mma" (<= 8 bits, 256 values),
+    "dp4a" -- or None: the conv stays float. Weights are taken with a shift
+    (:func:`cuda_weight_shift`). The second item says why a conv that got "dp4a" (or nothing)
+    has no tensor-core kernel."""
+    why = []
+    if act_bits <= 4 and arch in INT4_MMA_ARCHS:
+        reason = why_not_variant("s4mma", act_bits, w_min, w_max, shape)
+        if reason is None:
+            return "s4mma", None
+    if act_bits <= 8:
+        reason = why_not_variant("s8mma", act_bits, w_min, w_max, shape)
+        if reason is None:
+            return "s8mma", None
+        why.append(f"s8mma: {reason}")
+        reason = why_not_variant("dp4a", act_bits, w_min, w_max, shape)
+        if reason is None:
+            return "dp4a", "; ".join(why)
+        why.append(f"dp4a: {reason}")
+    else:
+        why.append(f"{act_bits}-bit activations")
+    return None, "; ".join(why)
+
+
+def choose_cuda_variant(
+    act_bits: int, w_min: int, w_max: int, shape: cc.Conv2dCudaShape, arch: str = "sm_80"
+) -> str | None:
+    """The variant of :func:`choose_cuda_variant_why`."""
+    return choose_cuda_variant_why(act_bits, w_min, w_max, shape, arch)[0]
+
+
+#: datasheet peaks of dense tensor-core MACs per second (half the TOPS) and of memory bytes per
+#: second: A100 SXM4 80 GB (INT8 624 TOPS, INT4 1248 TOPS, 2039 GB/s) and H100 SXM5 (INT8 1979
+#: TOPS, no INT4 tensor cores, 3.35 TB/s). dp4a has no datasheet figure: memory time only.
+DATASHEET_PEAKS = {
+    "A100": {"s8mma": 312e12, "s4mma": 624e12, "bytes": 2.039e12},
+    "H100": {"s8mma": 989.5e12, "bytes": 3.35e12},
+}
+
+
+def conv_roofline(shape: cc.Conv2dCudaShape, in_ch: int, out_ch: int, variant: str) -> dict[str, Any]:
+    """One integer conv kernel against the datasheet peaks: useful MACs (the real channels),
+    issued MACs (the padded channels the kernel computes), the bytes it must move at least (packed
+    activations with their border, packed weights, int32 output, each once) and, per GPU, the
+    lower bound on its time in microseconds: max(issued / peak MACs, bytes / bandwidth)."""
+    taps = shape.kernel**2
+    bits = cc.MMA_BITS.get(variant, 8)
+    hp, wp = shape.padded_hw
+    useful = shape.pixels * out_ch * in_ch * taps
+    issued = shape.pixels * shape.out_ch * shape.in_ch * taps
+    moved = (shape.batch * hp * wp * shape.in_ch + shape.out_ch * taps * shape.in_ch) * bits // 8
+    moved += shape.pixels * shape.out_ch * 4
+    out: dict[str, Any] = {
+        "variant": variant,
+        "useful_macs": useful,
+        "issued_macs": issued,
+        "issued_over_useful": round(issued / useful, 4),
+        "bytes": moved,
+    }
+    for gpu, peak in DATASHEET_PEAKS.items():
+        memory = moved / peak["bytes"] * 1e6
+        compute = issued / peak[variant] * 1e6 if variant in peak else None
+        out[f"{gpu}_us"] = round(max(memory, compute or 0.0), 3)
+        out[f"{gpu}_bound"] = "memory" if compute is None or memory >= compute else "compute"
+    return out
 
 
 @dataclass(frozen=True)
 class _ConvPlan:
-    """One quantized conv as the rewrite sees it."""
+    """One quantized conv as the rewrite sees it (after im2col and channel padding, if any)."""
 
-    shape: cc.Conv2dCudaShape  # the kernel's problem: output size, channels, kernel
+    shape: cc.Conv2dCudaShape  # the kernel's problem: output size, padded channels, kernel
     pads: tuple[int, int, int, int]  # top, left, bottom, right
     act_bits: int
     signed_container: bool
-    w_int: np.ndarray  # OIHW integer weights, zero point removed
-    w_scale: np.ndarray  # [O] float32
+    w_int: np.ndarray  # OIHW integer weights of the kernel's problem, zero point removed, padded with 0
+    w_scale: np.ndarray  # [O] float32 (0 for padded output channels)
+    in_ch: int  # real input channels of the kernel's problem (before padding to the layout)
+    out_ch: int  # real output channels of the conv
+    im2col: tuple[int, int, int] | None = None  # (K, stride h, stride w): a strided conv as a 1x1 conv
 
     @property
     def offset(self) -> int:
@@ -125,15 +233,21 @@ class _ConvPlan:
     def q_range(self) -> tuple[int, int]:
         return grid_range(self.act_bits, self.signed_container)
 
+    def padded(self, variant: str) -> _ConvPlan:
+        """The plan with channels padded to ``variant``'s layout: input channels hold u = 0,
+        output channels zero weights (sliced off after the epilogue)."""
+        shape = padded_shape(self.shape, variant)
+        c_pad, o_pad = shape.in_ch - self.shape.in_ch, shape.out_ch - self.shape.out_ch
+        w_int = np.pad(self.w_int, ((0, o_pad), (0, c_pad), (0, 0), (0, 0)))
+        return dataclasses.replace(self, shape=shape, w_int=w_int, w_scale=np.pad(self.w_scale, (0, o_pad)))
+
 
 def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
-    make = cc.conv2d_dp4a_primfunc if variant == "dp4a" else cc.conv2d_s4mma_primfunc
-    return make(shape, False).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
+    return cc.PRIMFUNCS[variant](shape, False).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
 
 
 def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
-    make = cc.conv2d_dp4a_compute if variant == "dp4a" else cc.conv2d_s4_compute
-    return make(shape, False)
+    return cc.COMPUTES[variant](shape, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +256,9 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 
 @mutator
 class _CudaRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult):
+    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str):
         super().__init__(mod)
+        self.arch = arch
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
@@ -158,16 +273,16 @@ class _CudaRewriter(PyExprMutator):
             return call
         index = report.index
         plan = self._plan(call, matched, report)
-        variant = (
-            None
-            if isinstance(plan, str)
-            else choose_cuda_variant(report.act_bits, int(plan.w_int.min()), int(plan.w_int.max()), plan.shape)
-        )
+        if isinstance(plan, str):
+            variant, why = None, plan
+        else:
+            variant, why = choose_cuda_variant_why(report.act_bits, *report.weight_range, plan.shape, self.arch)
         if variant is None:
-            why = plan if isinstance(plan, str) else "operand ranges or channels fit no kernel"
             self.result.float_reasons[index] = why
             return call  # the graph's own float QDQ conv: exact fake-quantized math
-        return self._integer_conv(matched[0], plan, variant, report)
+        if why:
+            self.result.no_mma_reasons[index] = why
+        return self._integer_conv(matched[0], plan.padded(variant), variant, report)
 
     def _plan(self, call: relax.Call, matched, report: ConvReport) -> _ConvPlan | str:
         """The conv's integer problem, or why it has none (a string)."""
@@ -182,34 +297,39 @@ class _CudaRewriter(PyExprMutator):
         w_int = wq - int(wzero[0])
         report.weight_range = (int(w_int.min()), int(w_int.max()))
         w_scale = np.broadcast_to(wscale, (wq.shape[0],)).astype(np.float32)
-        if sum(report.weight_range) > 0:
-            # two's complement grids reach one further below 0: asymmetric 8-bit weights that span
-            # -127..128 fit s8 negated, and w * ws == (-w) * (-ws) exactly
-            w_int, w_scale = -w_int, -w_scale
         a = call.attrs
-        if [int(v) for v in a.dilation] != [1, 1] or int(a.groups) != 1 or [int(v) for v in a.strides] != [1, 1]:
-            return "stride, dilation or groups other than 1"
+        if [int(v) for v in a.dilation] != [1, 1] or int(a.groups) != 1:
+            return "dilation or groups other than 1"
         if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
             return f"layout {a.data_layout}/{a.kernel_layout}"
         o, ci, kh, kw = w_int.shape
         if kh != kw or kh % 2 == 0:
             return f"kernel {kh}x{kw} (the kernels take odd square ones)"
         n, _, oh, ow = (int(v) for v in call.ty.shape)
-        shape = cc.Conv2dCudaShape(n, ci, o, oh, ow, kh)
-        # stride 1: the padded input is exactly the kernel's (OH+K-1) x (OW+K-1) window buffer
+        strides = tuple(int(v) for v in a.strides)
         pads = tuple(int(v) for v in a.padding)
-        return _ConvPlan(shape, pads, report.act_bits, quant.attrs.out_dtype == "int8", w_int, w_scale)
+        im2col, k = None, kh
+        if strides != (1, 1):
+            # a strided conv is a 1x1 conv on the K*K strided views of its padded input, stacked
+            # along the channels tap-major: channel (kh*K + kw)*C + c
+            w_int = w_int.transpose(0, 2, 3, 1).reshape(o, kh * kw * ci, 1, 1)
+            im2col, ci, k = (kh, *strides), kh * kw * ci, 1
+        # stride 1: the padded input is exactly the kernel's (OH+K-1) x (OW+K-1) window buffer;
+        # the channels are padded to the chosen kernel's layout later (_ConvPlan.padded)
+        shape = cc.Conv2dCudaShape(n, ci, o, oh, ow, k)
+        return _ConvPlan(shape, pads, report.act_bits, quant.attrs.out_dtype == "int8", w_int, w_scale, ci, o, im2col)
 
     # -- the three pieces ---------------------------------------------------------------------
     def _integer_conv(self, quant: relax.Call, plan: _ConvPlan, variant: str, report: ConvReport) -> relax.Expr:
         x, s, z = quant.args
         n = plan.shape.batch
+        shift = cuda_weight_shift(variant, *report.weight_range)
         s4 = self._per_sample(s, n, "float32", quant.attrs.axis)
         z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
-        packed = self._pack_activations(x, s4, z4, plan, variant)
+        packed, wsum = self._pack_activations(x, s4, z4, plan, variant, shift)
         out = relax.TensorType(plan.shape.out_shape(variant), "int32")
         acc = self.builder_.emit(
-            relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant)], out)
+            relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant, shift)], out)
         )
         report.variant = variant
         report.shape = (
@@ -222,7 +342,11 @@ class _CudaRewriter(PyExprMutator):
             1,
             *plan.pads,
         )
-        return self._epilogue(acc, s4, z4, plan, variant)
+        self.result.weight_shifts[report.index] = shift
+        self.result.roofline[report.index] = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant)
+        if plan.im2col:
+            self.result.im2col[report.index] = list(plan.im2col)
+        return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
 
     def _kernel(self, shape: cc.Conv2dCudaShape, variant: str) -> tvm.ir.GlobalVar:
         key = (shape, variant)  # convs that differ only in their weights share code
@@ -232,46 +356,96 @@ class _CudaRewriter(PyExprMutator):
             self.kernels[key] = self.builder_.add_func(prim, name)
         return self.kernels[key]
 
-    def _pack_activations(self, x, s4, z4, plan: _ConvPlan, variant: str) -> relax.Expr:
+    def _pack_activations(self, x, s4, z4, plan: _ConvPlan, variant: str, shift: int):
+        """(packed activations, window sums of u or None): the kernel's operand, and for a
+        shifted weight grid the ``[N][1][H][W]`` int32 sums of u under each window."""
         op, emit = relax.op, self.builder_.emit
         top, left, bottom, right = plan.pads
         if any(plan.pads):  # 0.0 quantizes to the zero point: the border holds u0, as the kernels expect
             x = emit(op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], "constant", 0.0))
+        if plan.im2col:
+            x = emit(self._im2col(x, plan))
         qlo, qhi = plan.q_range
         q = emit(op.add(op.round(op.divide(x, s4)), z4))
         q = emit(op.minimum(op.maximum(q, relax.const(float(qlo), "float32")), relax.const(float(qhi), "float32")))
         u = op.add(q, relax.const(float(plan.offset), "float32"))
+        wsum = None
+        if shift:
+            u = emit(u)
+            wsum = self._window_sum(u, plan)
         s = plan.shape
+        if s.in_ch != plan.in_ch:  # padded channels hold u = 0: no term of the sums sees them
+            u = emit(op.nn.pad(u, [0, 0, 0, s.in_ch - plan.in_ch, 0, 0, 0, 0], "constant", 0.0))
         hp, wp = s.padded_hw
         if variant == "dp4a":  # [N][C/4][Hp][Wp][4] u8
             u = op.reshape(emit(op.astype(u, "uint8")), [s.batch, s.in_ch // 4, 4, hp, wp])
-            return emit(op.permute_dims(u, [0, 1, 3, 4, 2]))
-        # s4mma: [N][Hp][Wp][C/8] uint32, channel c in nibble c % 8. Slices, shifts and adds
-        # (disjoint nibbles: add == or) are injective, so FuseOps makes the whole pack one kernel
-        # (a sum over the nibble axis, or take, would start a second one)
-        u = op.reshape(op.permute_dims(op.astype(u, "uint32"), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // 8, 8])
+            return emit(op.permute_dims(u, [0, 1, 3, 4, 2])), wsum
+        # s4mma / s8mma: [N][Hp][Wp][C/e] uint32, channel c in element c % e (e = 8 nibbles or
+        # 4 bytes). Slices, shifts and adds (disjoint bits: add == or) are injective, so FuseOps
+        # makes the whole pack one kernel (a sum over the element axis, or take, would start a second one)
+        bits = cc.MMA_BITS[variant]
+        e = 32 // bits
+        u = op.reshape(op.permute_dims(op.astype(u, "uint32"), [0, 2, 3, 1]), [s.batch, hp, wp, s.in_ch // e, e])
         u = emit(u)
         word = None
-        for i in range(8):
-            nibble = op.strided_slice(u, axes=[4], begin=[i], end=[i + 1])
-            nibble = op.left_shift(nibble, relax.const(4 * i, "uint32")) if i else nibble
-            word = nibble if word is None else op.add(word, nibble)
-        return emit(op.reshape(word, s.act_shape("s4mma")))
+        for i in range(e):
+            element = op.strided_slice(u, axes=[4], begin=[i], end=[i + 1])
+            element = op.left_shift(element, relax.const(bits * i, "uint32")) if i else element
+            word = element if word is None else op.add(word, element)
+        return emit(op.reshape(word, s.act_shape(variant))), wsum
 
-    def _weights(self, plan: _ConvPlan, variant: str) -> relax.Expr:
-        pack = cc.pack_weights_dp4a if variant == "dp4a" else cc.pack_weights_s4
-        return relax.const(pack(plan.w_int))
+    @staticmethod
+    def _im2col(x, plan: _ConvPlan) -> relax.Expr:
+        """``[N][K*K*C][OH][OW]``: the K*K strided views of the padded input, tap-major."""
+        k, sh, sw = plan.im2col
+        oh, ow = plan.shape.height, plan.shape.width
+        views = [
+            relax.op.strided_slice(
+                x, axes=[2, 3], begin=[i, j], end=[i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1], strides=[sh, sw]
+            )
+            for i in range(k)
+            for j in range(k)
+        ]
+        return relax.op.concat(views, axis=1)
 
-    def _epilogue(self, acc, s4, z4, plan: _ConvPlan, variant: str) -> relax.Expr:
+    def _window_sum(self, u, plan: _ConvPlan) -> relax.Expr:
+        """``[N][1][H][W]`` int32: the sum of u over the real channels and the K x K taps of each
+        output's window (exact: at most 255 * C * K * K)."""
+        op, emit = relax.op, self.builder_.emit
+        row = emit(op.sum(op.astype(u, "int32"), axis=[1], keepdims=True))  # [N][1][Hp][Wp]
+        k, h, w = plan.shape.kernel, plan.shape.height, plan.shape.width
+        if k == 1:
+            return row
+        total = None
+        for i in range(k):
+            for j in range(k):
+                tap = op.strided_slice(row, axes=[2, 3], begin=[i, j], end=[i + h, j + w])
+                total = tap if total is None else op.add(total, tap)
+        return emit(total)
+
+    def _weights(self, plan: _ConvPlan, variant: str, shift: int) -> relax.Expr:
+        w = plan.w_int - shift
+        w[plan.out_ch :] = 0  # padded output channels: sliced off
+        w[:, plan.in_ch :] = 0  # padded input channels: u = 0 there
+        return relax.const(cc.pack_weights(variant, w))
+
+    def _epilogue(self, acc, s4, z4, plan: _ConvPlan, variant: str, shift: int, wsum) -> relax.Expr:
+        """``y = float(acc + shift * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``, sum_w over the
+        unshifted weights: the CPU engine's epilogue."""
         op, emit = relax.op, self.builder_.emit
         o = plan.shape.out_ch
-        if variant == "s4mma":  # NHWC -> NCHW
+        if variant in cc.MMA_BITS:  # NHWC -> NCHW
             acc = op.permute_dims(acc, [0, 3, 1, 2])
         sum_w = plan.w_int.reshape(o, -1).sum(axis=1).astype(np.int32).reshape(1, o, 1, 1)
         u0 = op.astype(op.add(z4, relax.const(float(plan.offset), "float32")), "int32")
+        if shift:
+            acc = op.add(acc, op.multiply(wsum, relax.const(shift, "int32")))
         total = op.subtract(acc, op.multiply(u0, relax.const(sum_w)))
         scale = op.multiply(s4, relax.const(plan.w_scale.reshape(1, o, 1, 1)))
-        return emit(op.multiply(op.astype(total, "float32"), scale))
+        y = op.multiply(op.astype(total, "float32"), scale)
+        if o != plan.out_ch:
+            y = op.strided_slice(y, axes=[1], begin=[0], end=[plan.out_ch])
+        return emit(y)
 
     def _per_sample(self, value: relax.Expr, n: int, dtype: str, axis: int) -> relax.Expr:
         """A scalar or per-sample ([N], quantize axis 0) scale / zero point, broadcastable over NCHW."""
@@ -291,15 +465,20 @@ class CudaConvResult(QDQConvResult):
     """The per-conv report plus why quantized convs stayed float (conv index -> reason)."""
 
     float_reasons: dict[int, str] = field(default_factory=dict)
+    weight_shifts: dict[int, int] = field(default_factory=dict)  # conv index -> c of w - c
+    no_mma_reasons: dict[int, str] = field(default_factory=dict)  # conv index -> why dp4a, not a tensor core
+    im2col: dict[int, list[int]] = field(default_factory=dict)  # conv index -> [K, stride h, stride w]
+    roofline: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> conv_roofline(...)
 
 
 def rewrite_qdq_convs_cuda(
-    mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False, func_name: str = "main"
+    mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False, func_name: str = "main", arch: str = "sm_80"
 ) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
-    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue."""
+    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue;
+    ``arch`` decides which tensor cores the kernels may use."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result)
+    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch)
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func
@@ -411,11 +590,17 @@ def _cuda_compile_hook(arch: str, sink: list):
 
 _DP4A_RE = re.compile(r"\bdp4a\.[us]32\.[us]32\b")
 _MMA_S4_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:32|64)\.row\.col\.s32\.[us]4\.s4\.s32\b")
+_MMA_S8_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:16|32)\.row\.col\.s32\.[us]8\.s8\.s32\b")
 
 
 def count_integer_instructions(ptx: str) -> dict[str, int]:
-    """``{"dp4a": n, "mma_s4": n}``: integer dot-product / int4 tensor-core instructions in ``ptx``."""
-    return {"dp4a": len(_DP4A_RE.findall(ptx)), "mma_s4": len(_MMA_S4_RE.findall(ptx))}
+    """``{"dp4a": n, "mma_s4": n, "mma_s8": n}``: integer dot-product / int4 / int8 tensor-core
+    instructions in ``ptx``."""
+    return {
+        "dp4a": len(_DP4A_RE.findall(ptx)),
+        "mma_s4": len(_MMA_S4_RE.findall(ptx)),
+        "mma_s8": len(_MMA_S8_RE.findall(ptx)),
+    }
 
 
 @dataclass
@@ -430,6 +615,7 @@ class CudaGraphBuild:
     device_code: dict[str, int]
     binary: bytes  # the fatbin nvcc made (the proof that device code exists)
     seconds: dict[str, float] = field(default_factory=dict)
+    sass: dict[str, dict[str, int]] | None = None  # kernel -> SASS opcode counts; None: no cuobjdump
 
     def report(self) -> dict[str, Any]:
         convs = self.result.convs
@@ -442,8 +628,13 @@ class CudaGraphBuild:
             "act_bits": [c.act_bits for c in convs],
             "weight_ranges": [list(c.weight_range) if c.weight_range else None for c in convs],
             "float_quantized": {str(i): why for i, why in self.result.float_reasons.items()},
+            "weight_shifts": [self.result.weight_shifts.get(c.index) for c in convs],
+            "im2col": {str(i): v for i, v in self.result.im2col.items()},
+            "dp4a_why": {str(i): why for i, why in self.result.no_mma_reasons.items()},
+            "roofline": {str(i): r for i, r in self.result.roofline.items()},
             "refer_warps": 0,  # left as Relax ops (no fused RefER kernel on CUDA)
             "device_code": self.device_code,
+            "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -457,7 +648,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     meta = graph_metadata(model)
     mod, shapes = import_graph_cuda(model, batch)
     t1 = time.perf_counter()
-    mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"])
+    mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"], arch=arch)
     t2 = time.perf_counter()
     compiled: list = []
     with target, _cuda_compile_hook(arch, compiled):
@@ -474,10 +665,45 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     cuda_toolchain._BUILD_INFO[exe] = cuda_toolchain.CudaBuildInfo(arch, source, binary, t3 - t2, ptx)
     times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
     outputs = [o.name for o in model.graph.output]
-    return CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times)
+    sass = None
+    if cuda_toolchain.cuda_tool("cuobjdump"):
+        sass = {}
+        for _, _, fatbin in compiled:
+            counts = cuda_toolchain.sass_counts(fatbin)
+            if counts is None:
+                raise RefQSRError(f"{name}: cuobjdump could not disassemble the device binary")
+            sass.update(counts)
+    built = CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times, sass)
+    return built
 
 
-def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None):
+#: the SASS kernels of the integer convs: TVM names a PrimFunc's kernel ``<symbol>_kernel``
+_CONV_KERNEL = re.compile(r"^qconv_(dp4a|s4mma|s8mma)_\d+_kernel$")
+
+
+def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | None:
+    """What the manifest records of a graph's SASS: the opcode counts and resource usage
+    (registers, shared / local / stack bytes) of every integer conv kernel, the opcode totals over
+    those and over all kernels of the graph, and the kernels that use local memory (``LDL``/``STL``
+    or local bytes: register spills). None when no SASS was read."""
+    if sass is None:
+        return None
+    conv = {k: v for k, v in sorted(sass.items()) if _CONV_KERNEL.match(k)}
+
+    def total(kernels):
+        return {op: sum(c[op] for c in kernels.values()) for op in (*cuda_toolchain.SASS_OPCODES, "total")}
+
+    return {
+        "tool": "cuobjdump -sass",
+        "kernels": len(sass),
+        "conv_kernels": conv,
+        "conv_totals": total(conv),
+        "all_totals": total(sass),
+        "local_memory": sorted(k for k, c in sass.items() if c["LDL"] or c["STL"] or c.get("local_bytes")),
+    }
+
+
+def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80"):
     """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
     built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
     graph's math, runnable without a GPU. Returns ``(executable, CudaConvResult)``."""
@@ -485,7 +711,7 @@ def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None):
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _ = import_graph_cuda(model, batch)
-    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True)
+    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch)
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
 
