@@ -1,7 +1,7 @@
 """BitOPs / FQR / PSNR / SSIM of our models on the validation images: the paper's Table II layout
 (FP, DDTB-8, DDTB-4, RefQSR 8-5, 8-4, 8-3, 4-3, 4-2) and its Table VII patch-size study.
 
-    python -m refqsr_engine.benchmarks.quality [--quick] [--val DIR] [--threads 2] [--out benchmarks/results]
+    python -m refqsr_engine.benchmarks.quality [--quick] [--val DIR|val|test|hicontrast] [--threads 2] [--out DIR]
 
 Every model runs patch-wise in PyTorch at its own bits, as the engine runs it (the compiled
 engine matches its PyTorch twin within 1 LSB, checked by the latency benchmark), on the engine's
@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Table II (BitOPs/FQR/PSNR/SSIM) and Table VII (patch sizes) for our models.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 4-block models, one small crop, patches 24/48")
-    p.add_argument("--val", help="HR validation folder (default ./data/sr/val if present, else scikit-image photos)")
+    p.add_argument(
+        "--val",
+        help="HR folder, or a held-out set of data/sr: val, test, hicontrast (default ./data/sr/val if present, "
+        "else scikit-image photos)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS_DIR))
     return p

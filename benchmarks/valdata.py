@@ -1,6 +1,7 @@
 """The validation images of the quality tables: (name, LR, HR) uint8 pairs.
 
-A folder given with ``--val``; else ``data/sr/val`` under the current directory (the repository's
+A folder given with ``--val``, or the name of one of ``training.prepare``'s held-out sets (``val``,
+``test``, ``hicontrast``: ``data/sr/NAME``); else ``data/sr/val`` under the current directory (the repository's
 validation images, as ``python -m refqsr_engine.training.prepare data/sr`` writes them) when it
 holds images; otherwise the scikit-image photos that ``prepare`` puts into its validation folder
 (astronaut, coffee), made the same way (RGB, HR cropped to multiples of 4, LR by the project's
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 DEFAULT_VAL = Path("data/sr/val")  # relative to the current directory (a repository checkout)
+HELD_OUT_SETS = ("val", "test", "hicontrast")  # training.prepare's held-out folders under data/sr
 FALLBACK_PHOTOS = ("astronaut", "coffee")  # the scikit-image photos of prepare's VAL_NAMES
 SCALE = 4
 
@@ -70,6 +72,8 @@ def validation_set(
     from ..training.datasets import find_images
 
     folder = Path(val) if val is not None else DEFAULT_VAL
+    if val is not None and not folder.is_dir() and str(val) in HELD_OUT_SETS:
+        folder = DEFAULT_VAL.parent / str(val)
     if val is not None and not folder.is_dir():
         raise RefQSRError(f"validation folder {folder} does not exist")
     if folder.is_dir() and find_images(folder):

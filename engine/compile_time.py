@@ -14,7 +14,7 @@ from pathlib import Path
 from ..files import write_atomic
 from .artifact import cache_dir
 
-# Seconds per compile stage with nothing learnt yet: the default model's 8 stages took about 100 s
+# Seconds per compile stage with nothing learnt yet: srresnet_ddtb_refqsr84's 8 stages took about 100 s
 # on a 2-core AMD EPYC (Zen 3, AVX2 only).
 FALLBACK_STAGE_SECONDS = 13.0
 

@@ -16,6 +16,7 @@ _COLUMNS = (
     ("bits", "bits"),
     ("psnr_y", "PSNR-Y"),
     ("ssim_y", "SSIM-Y"),
+    ("hicontrast_psnr_y", "high-contrast"),
     ("bitops_g", "BitOPs (G)"),
     ("size_mb", "size (MB)"),
 )
@@ -31,6 +32,7 @@ def model_row(name: str, folder: Path | None = None) -> dict[str, Any]:
         raise RefQSRError(f"{card_path}: unreadable model card ({err})") from None
     mean = (card.get("validation") or {}).get("mean") or {}
     setting = card.get("bitops_urban100_setting") or {}
+    evaluation = card.get("evaluation") or {}
     return {
         "name": name,
         "default": name == DEFAULT_ALIAS,
@@ -41,6 +43,9 @@ def model_row(name: str, folder: Path | None = None) -> dict[str, Any]:
         "psnr_y": mean.get("psnr_y"),
         "ssim_y": mean.get("ssim_y"),
         "validation_images": len((card.get("validation") or {}).get("images") or []),
+        # PSNR-Y per held-out set (val, test, hicontrast) where the card was scored on them
+        "sets": {name: block["psnr_y"] for name, block in evaluation.items() if isinstance(block, dict)},
+        "hicontrast_psnr_y": (evaluation.get("hicontrast") or {}).get("psnr_y"),
         "bitops_g": setting.get("bitops_g"),
         # δ models choose bits per patch: their count at the Urban100 setting is scaled from validation.
         "bitops_estimated": "estimate" in setting,
@@ -61,7 +66,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return f"{row['size_bytes'] / 1e6:.1f}"
     if value is None:
         return "-"
-    if key == "psnr_y":
+    if key in ("psnr_y", "hicontrast_psnr_y"):
         return f"{value:.3f}"
     if key == "ssim_y":
         return f"{value:.4f}"
@@ -80,7 +85,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
     n_val = max((r["validation_images"] for r in rows), default=0)
     lines += [
         "",
-        f"PSNR-Y / SSIM-Y: mean over the {n_val} held-out validation photos (patch 96, shave 4).",
+        f"PSNR-Y / SSIM-Y: mean over the {n_val} held-out validation photos (patch 96, shave 4);",
+        "high-contrast: PSNR-Y on the high-contrast set (text, line art, grids, facades, graphics).",
         "BitOPs: quantized feature extraction of a 1280x720 output at patch 72 (the paper's Urban100 setting);",
         "* = a content-aware model's count, scaled from the bits it chose on the validation photos.",
         "Use one with: refqsr-engine upscale IN OUT --model NAME   (`default` is the one marked).",

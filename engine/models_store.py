@@ -8,8 +8,9 @@ from pathlib import Path
 from ..errors import RefQSRError
 
 DEFAULT_MODEL = "default"
-# The name `default` points at the bundled DDTB-RefQSR (8-4) SRResNet: the method this engine exists for.
-DEFAULT_ALIAS = "srresnet_ddtb_refqsr84"
+# The name `default` points at the bundled model that docs/models.md's rule picks from the model cards
+# (the RefQSR model with the best mean PSNR-Y over the held-out sets); tests/test_default_rule.py checks it.
+DEFAULT_ALIAS = "carn_ddtb_refqsr84"
 
 
 def bundled_dir() -> Path:

@@ -91,3 +91,19 @@ def test_prepare_writes_the_set_apart_from_training(tmp_path: Path, monkeypatch:
     assert "few strong edges" in {s["name"]: s["why"] for s in m["skipped"]}["hc_flat-l"]
     assert m["n_hicontrast"] == len(hc)
     assert any("ukui-wallpapers: unavailable" in s for s in lines)
+
+
+def test_quality_benchmark_takes_a_held_out_set_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from refqsr_engine.benchmarks import valdata
+
+    folder = tmp_path / "data" / "sr" / "hicontrast"
+    folder.mkdir(parents=True)
+    Image.fromarray(hicontrast.synthetic_image("grid", 0, 64)).save(folder / "g.png")
+    monkeypatch.chdir(tmp_path)
+    pairs, info = valdata.validation_set("hicontrast")
+    assert [p.name for p in pairs] == ["g"] and info["source"] == "data/sr/hicontrast"
+    assert pairs[0].hr.shape == (64, 64, 3) and pairs[0].lr.shape == (16, 16, 3)
+    from refqsr_engine.errors import RefQSRError
+
+    with pytest.raises(RefQSRError, match="does not exist"):
+        valdata.validation_set("nowhere")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from refqsr_engine.cli.main import main
+from refqsr_engine.engine.models_store import DEFAULT_ALIAS
 
 MODELS = Path(__file__).resolve().parents[1] / "core" / "data" / "models"
 
@@ -29,7 +30,9 @@ def test_json_lists_every_bundled_model_with_its_card_facts() -> None:
         assert row["psnr_y"] == pytest.approx(card["validation"]["mean"]["psnr_y"])
         assert row["bitops_g"] == pytest.approx(card["bitops_urban100_setting"]["bitops_g"])
         assert row["size_bytes"] == (MODELS / f"{name}.pt").stat().st_size
-    assert [n for n, r in rows.items() if r["default"]] == ["srresnet_ddtb_refqsr84"]
+        assert row["hicontrast_psnr_y"] == pytest.approx(card["evaluation"]["hicontrast"]["psnr_y"])
+        assert set(row["sets"]) == {"val", "test", "hicontrast"}
+    assert [n for n, r in rows.items() if r["default"]] == [DEFAULT_ALIAS]
 
 
 def test_text_table_has_one_line_per_model_and_marks_the_default() -> None:
@@ -39,7 +42,8 @@ def test_text_table_has_one_line_per_model_and_marks_the_default() -> None:
     for name, card in _cards().items():
         line = next(x for x in lines if x.split()[:1] == [name])
         assert f"{card['validation']['mean']['psnr_y']:.3f}" in line
-        assert ("(default)" in line) == (name == "srresnet_ddtb_refqsr84")
+        assert f"{card['evaluation']['hicontrast']['psnr_y']:.3f}" in line
+        assert ("(default)" in line) == (name == DEFAULT_ALIAS)
 
 
 @pytest.mark.parametrize("command", [[], ["upscale"], ["compile"]])

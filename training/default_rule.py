@@ -1,6 +1,6 @@
 """The rule that picks the bundled default model, applied to the model cards.
 
-    python -m refqsr_engine.training.default_rule      # the ranking and the model the rule picks
+    python -m refqsr_engine.training.default_rule      # every card's scores, and the model the rule picks
 
 Among the RefQSR models (cards with ``task == "refqsr"``), the default is the one with the highest
 mean PSNR-Y over the held-out sets (the mean of the validation, test and high-contrast set means, each
@@ -60,11 +60,46 @@ def bundled_cards(folder: Path | None = None) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+def fp_of(card: Mapping[str, Any]) -> str:
+    return f"{card['arch']}_fp"
+
+
+def score_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: each scored card's PSNR-Y per set, their mean, and the high-contrast and mean gaps to
+    the FP model of its architecture."""
+    head = "| model | bits | " + " | ".join(EVAL_SETS) + " | mean | hicontrast - FP | val, test - FP | BitOPs (G) |"
+    lines = [head, "| --- | --- |" + " ---: |" * (len(EVAL_SETS) + 4)]
+    for name, card in cards.items():
+        ev = card.get("evaluation")
+        if not ev:
+            continue
+        scores = [float(ev[s]["psnr_y"]) for s in EVAL_SETS]
+        fp = (cards.get(fp_of(card)) or {}).get("evaluation")
+        gap_hc = f"{scores[2] - fp['hicontrast']['psnr_y']:+.3f}" if fp and name != fp_of(card) else "-"
+        gap_vt = (
+            f"{scores[0] - fp['val']['psnr_y']:+.3f}, {scores[1] - fp['test']['psnr_y']:+.3f}"
+            if fp and name != fp_of(card)
+            else "-"
+        )
+        bitops = float(card["bitops_urban100_setting"]["bitops_g"])
+        lines.append(
+            f"| `{name}` | {card.get('bits') or 32} | "
+            + " | ".join(f"{v:.3f}" for v in scores)
+            + f" | {sum(scores) / len(scores):.3f} | {gap_hc} | {gap_vt} | {bitops:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     cards = bundled_cards()
-    print(f"{'model':28s} {'mean PSNR-Y':>11s} {'BitOPs (G)':>10s}")
-    for c in candidates(cards):
-        print(f"{c.name:28s} {c.score:11.3f} {c.bitops_g:10.2f}")
+    print(score_table(cards))
+    print()
+    try:
+        ranked = candidates(cards)
+    except ValueError as err:
+        raise SystemExit(f"error: {err} (python -m refqsr_engine.training.rescore --data data/sr NAME)") from None
+    for c in ranked:
+        print(f"{c.name:28s} mean {c.score:.3f} dB, {c.bitops_g:.2f} G BitOPs")
     print(f"default by the rule: {choose_default(cards)}")
 
 
