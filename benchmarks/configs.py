@@ -220,9 +220,9 @@ def bundled_model(key: str, n_blocks: int) -> Path | None:
 
 def fp_source() -> Path:
     """The trained full-precision SRResNet every PTQ model starts from."""
-    from ..engine.models_store import bundled_with_bits, resolve_model
+    from ..engine.models_store import resolve_model
 
-    return resolve_model(bundled_with_bits("32"))
+    return resolve_model("srresnet_fp")  # by name: `--bits 32` follows the default's architecture
 
 
 def _copy_fp_weights(net, fp_state: dict[str, Any]) -> None:

@@ -334,15 +334,26 @@ def cuda_tool(name: str) -> str | None:
     return None
 
 
+def sass_tools() -> tuple[str, str] | None:
+    """(cuobjdump, nvdisasm) when both are installed: cuobjdump runs nvdisasm to disassemble, and
+    fails without it."""
+    tool, disasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    return (tool, disasm) if tool and disasm else None
+
+
 def _cuobjdump(binary: bytes, option: str) -> str | None:
-    tool = cuda_tool("cuobjdump")
-    if tool is None:
+    tools = sass_tools()
+    if tools is None:
         return None
+    tool, disasm = tools
+    # the wheels' bin folders are not on PATH: tell cuobjdump where nvdisasm is
+    env = {**os.environ, "NVDISASM_PATH": os.path.dirname(disasm)}
+    env["PATH"] = os.path.dirname(disasm) + os.pathsep + env.get("PATH", "")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.fatbin")
         with open(path, "wb") as f:
             f.write(binary)
-        proc = subprocess.run([tool, option, path], capture_output=True, text=True)
+        proc = subprocess.run([tool, option, path], capture_output=True, text=True, env=env)
     return proc.stdout if proc.returncode == 0 else None
 
 

@@ -246,8 +246,10 @@ def test_bundled_model_sass_has_imma_and_no_spills(bundled):
     """The compiled device code itself (``cuobjdump -sass`` of the fatbin): every integer conv
     kernel issues tensor-core IMMA instructions, and no kernel of any graph spills registers to
     local memory (LDL/STL)."""
-    if cuda_toolchain.cuda_tool("cuobjdump") is None:
-        pytest.skip("cuobjdump missing (pip install nvidia-cuda-cuobjdump): no SASS counts")
+    if cuda_toolchain.sass_tools() is None:
+        pytest.skip(
+            "cuobjdump or nvdisasm missing (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): no SASS counts"
+        )
     name, arch, artifact, _ = bundled
     man = load_artifact(artifact, target={"kind": "cuda", "arch": arch}).manifest
     for graph_name, graph in man["graphs"].items():

@@ -373,9 +373,10 @@ def test_weight_shift_twin_matches_reference(variant, w_lo, w_hi, act_bits):
 # ----------------------------------------------------------------------------------------------
 # SASS (cuobjdump, no GPU needed)
 
-HAS_CUOBJDUMP = cuda_toolchain.cuda_tool("cuobjdump") is not None
+HAS_CUOBJDUMP = cuda_toolchain.sass_tools() is not None
 needs_sass = pytest.mark.skipif(
-    not (HAS_NVCC and HAS_CUOBJDUMP), reason="nvcc or cuobjdump missing (pip install nvidia-cuda-cuobjdump)"
+    not (HAS_NVCC and HAS_CUOBJDUMP),
+    reason="nvcc, cuobjdump or nvdisasm missing (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)",
 )
 
 

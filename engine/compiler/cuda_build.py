@@ -666,7 +666,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     times.update({"import": t1 - t0, "integer_convs": t2 - t1, "codegen": t3 - t2})
     outputs = [o.name for o in model.graph.output]
     sass = None
-    if cuda_toolchain.cuda_tool("cuobjdump"):
+    if cuda_toolchain.sass_tools():
         sass = {}
         for _, _, fatbin in compiled:
             counts = cuda_toolchain.sass_counts(fatbin)
