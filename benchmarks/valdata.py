@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 DEFAULT_VAL = Path("data/sr/val")  # relative to the current directory (a repository checkout)
-HELD_OUT_SETS = ("val", "test", "hicontrast")  # training.prepare's held-out folders under data/sr
 FALLBACK_PHOTOS = ("astronaut", "coffee")  # the scikit-image photos of prepare's VAL_NAMES
 SCALE = 4
 
@@ -70,9 +69,10 @@ def validation_set(
     it holds images, else the fallback photos)."""
     from ..errors import RefQSRError
     from ..training.datasets import find_images
+    from ..training.prepare import HELD_OUT
 
     folder = Path(val) if val is not None else DEFAULT_VAL
-    if val is not None and not folder.is_dir() and str(val) in HELD_OUT_SETS:
+    if val is not None and not folder.is_dir() and str(val) in HELD_OUT:
         folder = DEFAULT_VAL.parent / str(val)
     if val is not None and not folder.is_dir():
         raise RefQSRError(f"validation folder {folder} does not exist")

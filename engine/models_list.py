@@ -33,6 +33,7 @@ def model_row(name: str, folder: Path | None = None) -> dict[str, Any]:
     mean = (card.get("validation") or {}).get("mean") or {}
     setting = card.get("bitops_urban100_setting") or {}
     evaluation = card.get("evaluation") or {}
+    sets = {name: block["psnr_y"] for name, block in evaluation.items() if isinstance(block, dict)}
     return {
         "name": name,
         "default": name == DEFAULT_ALIAS,
@@ -44,8 +45,8 @@ def model_row(name: str, folder: Path | None = None) -> dict[str, Any]:
         "ssim_y": mean.get("ssim_y"),
         "validation_images": len((card.get("validation") or {}).get("images") or []),
         # PSNR-Y per held-out set (val, test, hicontrast) where the card was scored on them
-        "sets": {name: block["psnr_y"] for name, block in evaluation.items() if isinstance(block, dict)},
-        "hicontrast_psnr_y": (evaluation.get("hicontrast") or {}).get("psnr_y"),
+        "sets": sets,
+        "hicontrast_psnr_y": sets.get("hicontrast"),
         "bitops_g": setting.get("bitops_g"),
         # δ models choose bits per patch: their count at the Urban100 setting is scaled from validation.
         "bitops_estimated": "estimate" in setting,

@@ -314,36 +314,55 @@ def _unpack_words(words, bits: int, signed: bool) -> np.ndarray:
     return unpack_nibbles(words, signed) if bits == 4 else unpack_bytes(words, signed)
 
 
+def _pack_activations_mma(x, bits: int, pad_value: int, kernel: int, signed: bool) -> np.ndarray:
+    """NCHW activations of ``bits`` (8 or 4) -> ``[N][H+2P][W+2P][C/(32/bits)]`` uint32."""
+    x = _as_int(x, "x")
+    lanes = 32 // bits
+    if x.ndim != 4 or x.shape[1] % lanes:
+        raise ValueError(f"activations must be NCHW with C % {lanes} == 0, got shape {x.shape}")
+    lo, hi = _act_range(bits, signed)
+    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
+    return _pack_words(_pad_nchw(x, pad_value, kernel).transpose(0, 2, 3, 1), bits, signed)
+
+
+def _unpack_activations_mma(a: np.ndarray, bits: int, kernel: int, signed: bool) -> np.ndarray:
+    p = kernel // 2
+    x = _unpack_words(a, bits, signed).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x[:, :, p : x.shape[2] - p, p : x.shape[3] - p])
+
+
+def _pack_weights_mma(w, bits: int) -> np.ndarray:
+    """OIHW signed weights of ``bits`` -> ``[O][K*K][I/(32/bits)]`` uint32."""
+    w = _as_int(w, "w")
+    lanes = 32 // bits
+    if w.ndim != 4 or w.shape[1] % lanes:
+        raise ValueError(f"weights must be OIHW with I % {lanes} == 0, got shape {w.shape}")
+    o, i, kh, kw = w.shape
+    return _pack_words(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i), bits, signed=True)
+
+
+def _unpack_weights_mma(wp: np.ndarray, bits: int, kernel: int) -> np.ndarray:
+    v = _unpack_words(wp, bits, signed=True)
+    return np.ascontiguousarray(v.reshape(wp.shape[0], kernel, kernel, -1).transpose(0, 3, 1, 2))
+
+
 def pack_activations_s8(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """NCHW u8 (or s8 with ``signed``) activations -> ``[N][H+2P][W+2P][C/4]`` uint32 (4 channels a word)."""
-    x = _as_int(x, "x")
-    if x.ndim != 4 or x.shape[1] % 4:
-        raise ValueError(f"activations must be NCHW with C % 4 == 0, got shape {x.shape}")
-    lo, hi = _act_range(8, signed)
-    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
-    return pack_bytes(_pad_nchw(x, pad_value, kernel).transpose(0, 2, 3, 1), signed)
+    return _pack_activations_mma(x, 8, pad_value, kernel, signed)
 
 
 def unpack_activations_s8(a: np.ndarray, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """Inverse of :func:`pack_activations_s8` (drops the border), int64 NCHW."""
-    p = kernel // 2
-    x = unpack_bytes(a, signed).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x[:, :, p : x.shape[2] - p, p : x.shape[3] - p])
+    return _unpack_activations_mma(a, 8, kernel, signed)
 
 
 def pack_weights_s8(w) -> np.ndarray:
     """OIHW s8 weights -> ``[O][K*K][I/4]`` uint32."""
-    w = _as_int(w, "w")
-    if w.ndim != 4 or w.shape[1] % 4:
-        raise ValueError(f"weights must be OIHW with I % 4 == 0, got shape {w.shape}")
-    o, i, kh, kw = w.shape
-    return pack_bytes(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i), signed=True)
+    return _pack_weights_mma(w, 8)
 
 
 def unpack_weights_s8(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
-    o = wp.shape[0]
-    v = unpack_bytes(wp, signed=True)
-    return np.ascontiguousarray(v.reshape(o, kernel, kernel, -1).transpose(0, 3, 1, 2))
+    return _unpack_weights_mma(wp, 8, kernel)
 
 
 def pack_activations(variant: str, x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
@@ -360,34 +379,21 @@ def pack_weights(variant: str, w) -> np.ndarray:
 
 def pack_activations_s4(x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """NCHW u4 (0..15, or s4 -8..7 with ``signed``) activations -> ``[N][H+2P][W+2P][C/8]`` uint32."""
-    x = _as_int(x, "x")
-    if x.ndim != 4 or x.shape[1] % 8:
-        raise ValueError(f"activations must be NCHW with C % 8 == 0, got shape {x.shape}")
-    lo, hi = _act_range(4, signed)
-    _check_range(np.asarray([pad_value]), lo, hi, "pad_value")
-    return pack_nibbles(_pad_nchw(x, pad_value, kernel).transpose(0, 2, 3, 1), signed)
+    return _pack_activations_mma(x, 4, pad_value, kernel, signed)
 
 
 def unpack_activations_s4(a: np.ndarray, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """Inverse of :func:`pack_activations_s4` (drops the border), int64 NCHW."""
-    p = kernel // 2
-    x = unpack_nibbles(a, signed).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x[:, :, p : x.shape[2] - p, p : x.shape[3] - p])
+    return _unpack_activations_mma(a, 4, kernel, signed)
 
 
 def pack_weights_s4(w) -> np.ndarray:
     """OIHW s4 weights (-8..7) -> ``[O][K*K][I/8]`` uint32."""
-    w = _as_int(w, "w")
-    if w.ndim != 4 or w.shape[1] % 8:
-        raise ValueError(f"weights must be OIHW with I % 8 == 0, got shape {w.shape}")
-    o, i, kh, kw = w.shape
-    return pack_nibbles(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i), signed=True)
+    return _pack_weights_mma(w, 4)
 
 
 def unpack_weights_s4(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
-    o, taps, _ = wp.shape
-    v = unpack_nibbles(wp, signed=True)
-    return np.ascontiguousarray(v.reshape(o, kernel, kernel, -1).transpose(0, 3, 1, 2))
+    return _unpack_weights_mma(wp, 4, kernel)
 
 
 def unpack_output(y, variant: str) -> np.ndarray:

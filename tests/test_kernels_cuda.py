@@ -194,6 +194,12 @@ def test_s8mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
         assert not np.array_equal(got, want), name
 
 
+def _fragment_reads(frag, cfg, warps: int, tiles: int, regs: int) -> set[int]:
+    """Every shared-memory word the fragment loads of all warps, tiles, lanes and registers read."""
+    lane = np.arange(32)
+    return {int(o) for w in range(warps) for t in range(tiles) for r in range(regs) for o in frag(cfg, w, t, lane, r)}
+
+
 def test_mma_staging_covers_every_word_once():
     """Each step's A and B tiles land in shared memory word for word: the threads' copies (the
     guarded last pass included) reach every row and word of the tile exactly once, within one
@@ -206,20 +212,8 @@ def test_mma_staging_covers_every_word_once():
             dst = cc._stage_dst(cfg, idx)
             assert len(np.unique(dst)) == total and dst.max() < rows * cfg.stride
         lane = np.arange(32)
-        a_rd = {
-            int(o)
-            for wm in range(cfg.bp)
-            for mi in range(cfg.mt)
-            for r in range(cfg.a_regs)
-            for o in cc._a_frag(cfg, wm, mi, lane, r)
-        }
-        b_rd = {
-            int(o)
-            for wn in range(cfg.bg)
-            for ni in range(cfg.nt)
-            for r in range(cfg.b_regs)
-            for o in cc._b_frag(cfg, wn, ni, lane, r)
-        }
+        a_rd = _fragment_reads(cc._a_frag, cfg, cfg.bp, cfg.mt, cfg.a_regs)
+        b_rd = _fragment_reads(cc._b_frag, cfg, cfg.bg, cfg.nt, cfg.b_regs)
         all_a = np.arange(cfg.bm * cfg.kw)
         all_b = np.arange(cfg.bn * cfg.kw)
         assert a_rd == set(cc._stage_dst(cfg, all_a).tolist()) and b_rd == set(cc._stage_dst(cfg, all_b).tolist())

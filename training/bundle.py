@@ -27,10 +27,11 @@ from refqsr_engine.models.patchwise import TorchRunner
 from refqsr_engine.models.refqsr import RefQSR
 from refqsr_engine.pipeline.patchwise import PatchRunner, PatchwiseResult, run_patchwise
 from refqsr_engine.training.datasets import Pair, PairedFolder
+from refqsr_engine.training.prepare import HELD_OUT
 
 URBAN100_LR = (180, 320)  # the paper's BitOPs setting: 1280x720 output, 72 px patches
 # The held-out sets every card is scored on (``training.prepare`` writes them under one folder).
-EVAL_SETS = ("val", "test", "hicontrast")
+EVAL_SETS = HELD_OUT
 
 
 def upscale_pair(
@@ -99,15 +100,19 @@ def evaluate_sets(
     data: str | Path,
     sets: Sequence[str] = EVAL_SETS,
     runner: PatchRunner | None = None,
+    engine: str = "PyTorch (fake-quantized twin)",
+    patch: int = 96,
+    overlap: int = 6,
 ) -> dict[str, Any]:
-    """:func:`evaluate` on each held-out set ``data/NAME`` (whole images): per set its folder, the
-    mean PSNR/SSIM on Y with bicubic's, and each image's PSNR-Y. Raises if a set is missing."""
-    out: dict[str, Any] = {}
+    """:func:`evaluate` on each held-out set ``data/NAME`` (whole images): a card's ``evaluation``
+    block, which says what ran (``engine``, patch, overlap) and, per set, its folder, the mean
+    PSNR/SSIM on Y with bicubic's, and each image's PSNR-Y. Raises if a set is missing."""
+    out: dict[str, Any] = {"engine": engine, "patch": patch, "overlap": overlap}
     for name in sets:
         folder = Path(data) / name
         if not folder.is_dir():
             raise RefQSRError(f"evaluation set {folder} is missing (python -m refqsr_engine.training.prepare {data})")
-        quality = evaluate(model, PairedFolder(folder, 4), runner=runner)
+        quality = evaluate(model, PairedFolder(folder, 4), patch, overlap, runner=runner)
         mean = quality["mean"]
         out[name] = {
             "folder": f"{Path(data).name}/{name}",
@@ -160,8 +165,7 @@ def bundle(
     bitops = urban100_bitops(model, quality["mean"])
     card = {**card, "name": name, "validation": quality, "bitops_urban100_setting": bitops}
     if data is not None:
-        card["evaluation"] = {"engine": "PyTorch (fake-quantized twin)", "patch": 96, "overlap": 6}
-        card["evaluation"].update(evaluate_sets(model, data))
+        card["evaluation"] = evaluate_sets(model, data)
     if history:
         card["history"] = [*card.get("history", []), *history]
     out = Path(out_dir or bundled_dir()) / f"{name}.pt"

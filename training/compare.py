@@ -69,10 +69,15 @@ def compare_row(
         "bicubic_ssim_y": mean["bicubic_ssim_y"],
         "images": quality["images"],
         "more": {
-            name: {"psnr_y": q["mean"]["psnr_y"], "bicubic_psnr_y": q["mean"]["bicubic_psnr_y"], "images": q["images"]}
-            for name, q in ((n, evaluate(model, f, self_reference=self_reference)) for n, f in (more or {}).items())
+            name: _psnr_only(evaluate(model, f, self_reference=self_reference)) for name, f in (more or {}).items()
         },
     }
+
+
+def _psnr_only(quality: dict[str, Any]) -> dict[str, Any]:
+    """What a further set's column needs of :func:`evaluate`'s result."""
+    mean = quality["mean"]
+    return {"psnr_y": mean["psnr_y"], "bicubic_psnr_y": mean["bicubic_psnr_y"], "images": quality["images"]}
 
 
 def markdown(rows: list[dict[str, Any]], val: str) -> str:

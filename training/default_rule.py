@@ -60,32 +60,25 @@ def bundled_cards(folder: Path | None = None) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def fp_of(card: Mapping[str, Any]) -> str:
-    return f"{card['arch']}_fp"
-
-
 def score_table(cards: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: each scored card's PSNR-Y per set, their mean, and the high-contrast and mean gaps to
-    the FP model of its architecture."""
+    """Markdown: each scored card's PSNR-Y per set, their mean, and the high-contrast and val/test gaps
+    to the FP model of its architecture."""
     head = "| model | bits | " + " | ".join(EVAL_SETS) + " | mean | hicontrast - FP | val, test - FP | BitOPs (G) |"
     lines = [head, "| --- | --- |" + " ---: |" * (len(EVAL_SETS) + 4)]
     for name, card in cards.items():
         ev = card.get("evaluation")
         if not ev:
             continue
-        scores = [float(ev[s]["psnr_y"]) for s in EVAL_SETS]
-        fp = (cards.get(fp_of(card)) or {}).get("evaluation")
-        gap_hc = f"{scores[2] - fp['hicontrast']['psnr_y']:+.3f}" if fp and name != fp_of(card) else "-"
-        gap_vt = (
-            f"{scores[0] - fp['val']['psnr_y']:+.3f}, {scores[1] - fp['test']['psnr_y']:+.3f}"
-            if fp and name != fp_of(card)
-            else "-"
-        )
+        psnr = {s: float(ev[s]["psnr_y"]) for s in EVAL_SETS}
+        fp_name = f"{card['arch']}_fp"
+        fp = (cards.get(fp_name) or {}).get("evaluation") if name != fp_name else None
+        gap = {s: f"{psnr[s] - fp[s]['psnr_y']:+.3f}" for s in EVAL_SETS} if fp else dict.fromkeys(EVAL_SETS, "-")
+        gap_vt = f"{gap['val']}, {gap['test']}" if fp else "-"
         bitops = float(card["bitops_urban100_setting"]["bitops_g"])
         lines.append(
             f"| `{name}` | {card.get('bits') or 32} | "
-            + " | ".join(f"{v:.3f}" for v in scores)
-            + f" | {sum(scores) / len(scores):.3f} | {gap_hc} | {gap_vt} | {bitops:.2f} |"
+            + " | ".join(f"{psnr[s]:.3f}" for s in EVAL_SETS)
+            + f" | {sum(psnr.values()) / len(psnr):.3f} | {gap['hicontrast']} | {gap_vt} | {bitops:.2f} |"
         )
     return "\n".join(lines)
 

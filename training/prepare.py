@@ -62,7 +62,8 @@ DEFAULT_TEST_DIR = Path("data/lomiri/usr/share/backgrounds")
 TEST_PACKAGE = "lomiri-wallpapers-16.04"
 TEST_SUBDIR = "usr/share/backgrounds"
 DEFAULT_HICONTRAST_DIR = Path("data/hicontrast-src")  # holds PACKAGE/ (each extracted with dpkg -x)
-SPLITS = ("train", "val", "test", "hicontrast")
+HELD_OUT = ("val", "test", "hicontrast")  # the sets no training image comes from
+SPLITS = ("train", *HELD_OUT)
 
 # scikit-image sample images shipped inside the wheel (no download). `cat` is `chelsea`.
 SKIMAGE_NAMES = (

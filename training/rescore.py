@@ -32,18 +32,17 @@ def rescore(name: str, data: str, engine: str = "tvm") -> dict:
     if not path.is_file():
         raise RefQSRError(f"no bundled model {name!r} (bundled: {', '.join(bundled_models())})")
     model, card = load_model(path)
-    runner = None
+    runner, label = None, "PyTorch (fake-quantized twin)"
     if engine == "tvm":
         from refqsr_engine.engine.host_target import host_mcpu_cached
         from refqsr_engine.engine.upscale import UpscaleOptions, Upscaler
 
         runner = Upscaler(UpscaleOptions(model=name, patch=PATCH, overlap=OVERLAP)).runner
         label = f"compiled engine, llvm -mcpu={host_mcpu_cached()}"
-    else:
-        label = "PyTorch (fake-quantized twin)"
     with torch.no_grad():
-        block = evaluate_sets(None if runner else model, data, runner=runner)
-    card["evaluation"] = {"engine": label, "patch": PATCH, "overlap": OVERLAP, **block}
+        card["evaluation"] = evaluate_sets(
+            None if runner else model, data, runner=runner, engine=label, patch=PATCH, overlap=OVERLAP
+        )
     write_card(path, model, card)
     return card["evaluation"]
 
