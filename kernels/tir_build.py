@@ -13,13 +13,18 @@ Floating-point contraction: TVM's LLVM lowering turns ``a * b + c`` into ``llvm.
 on AVX2) and the backend fuses separate ``fmul``/``fadd`` too. Where a kernel must reproduce
 PyTorch's rounding bit for bit (sums of squares, bilinear taps), the product is wrapped in
 :func:`no_contract` (``llvm.arithmetic.fence``), which forbids that fusion at no run-time cost.
+
+The same TE computes also build for CUDA: inside :func:`device_math` ``("cuda")`` a fenced product
+is ``__fmul_rn(a, b)`` (nvcc never contracts it) and :func:`fma` is ``fmaf`` (TIR's ``fma`` has no
+CUDA lowering), so a kernel rounds exactly as on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +37,9 @@ __all__ = [
     "as_target",
     "build_kernel",
     "default_target",
+    "device_math",
     "divisor_at_most",
+    "fma",
     "no_contract",
     "target_has_avx2",
 ]
@@ -69,11 +76,40 @@ def target_has_avx2(target: tvm.target.Target) -> bool:
     return bool(codegen.target_has_features("avx2", target))
 
 
+_MATH = {"device": "llvm"}  # which lowering no_contract / fma emit (see device_math)
+
+
+@contextlib.contextmanager
+def device_math(device: str) -> Iterator[None]:
+    """While active, :func:`no_contract` and :func:`fma` emit ``device``'s form ("llvm" or "cuda")."""
+    if device not in ("llvm", "cuda"):
+        raise ValueError(f"device must be 'llvm' or 'cuda', got {device!r}")
+    before = _MATH["device"]
+    _MATH["device"] = device
+    try:
+        yield
+    finally:
+        _MATH["device"] = before
+
+
 def no_contract(expr):
     """``expr`` behind an ``llvm.arithmetic.fence``: LLVM may not fuse it into an FMA with the
-    operation that consumes it (so ``no_contract(a * b) + c`` rounds the product, as PyTorch does)."""
+    operation that consumes it (so ``no_contract(a * b) + c`` rounds the product, as PyTorch does).
+    Under ``device_math("cuda")`` a product ``a * b`` becomes ``__fmul_rn(a, b)``, the CUDA
+    multiply that nvcc never fuses."""
     dtype = str(getattr(expr, "dtype", None) or expr.ty)
+    if _MATH["device"] == "cuda":
+        if not isinstance(expr, tirx.Mul) or dtype != "float32":
+            raise ValueError("on CUDA only float32 products can be fenced")
+        return tirx.call_pure_extern(dtype, "__fmul_rn", expr.a, expr.b)
     return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", expr)
+
+
+def fma(a, b, c):
+    """``a * b + c`` rounded once: TIR's ``fma`` (LLVM), or ``fmaf`` under ``device_math("cuda")``."""
+    if _MATH["device"] == "cuda":
+        return tirx.call_pure_extern("float32", "fmaf", a, b, c)
+    return tirx.op.fma(a, b, c)
 
 
 def divisor_at_most(n: int, limit: int) -> int:

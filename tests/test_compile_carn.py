@@ -196,7 +196,7 @@ def test_cuda_artifact_has_tensor_core_convs(cuda_compiled):
     model, artifact, report = cuda_compiled
     man = load_artifact(artifact, target=CUDA).manifest
     assert man["target"] == CUDA and man["bits"] == "4-3" and man["n_refer"] == 1
-    assert man["cluster"]["device"] == "host"
+    assert man["cluster"]["device"] == "device" and man["clustering"] == "device"
     for name in ("reference", "query"):
         graph = report["graphs"][name]
         # 4- and 3-bit activations with s4 weights: every quantized conv on int4 tensor cores,

@@ -139,7 +139,8 @@ def test_artifact_manifest(compiled):
     art = load_artifact(artifact, target=CUDA)
     man = art.manifest
     assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}"
-    assert man["cluster"]["device"] == "host" and man["cluster"]["classes"] == model.clustblock.num_classes
+    assert man["cluster"]["device"] == "device" and man["clustering"] == "device"
+    assert man["cluster"]["classes"] == model.clustblock.num_classes
     assert {"clustblock_b4.so", "reference_b4.so", "query_b4.so", "cluster.so", "query.onnx"} <= set(art.files)
     assert set(man["device_code"]) == {"clustblock", "reference", "query"}
     with pytest.raises(RefQSRError, match="target"):
@@ -153,6 +154,10 @@ def test_artifact_manifest(compiled):
         assert graph["float_quantized"] == {}
     assert man["graphs"]["clustblock"]["im2col"] == {"0": [3, 3, 3]}
     assert report["device_code"] == man["device_code"]
+    # RefER matching + warp as the GPU-scheduled kernels in the query graph, the clustering on the device
+    assert man["graphs"]["query"]["refer_warps"] == model.n_refer > 0
+    assert man["graphs"]["reference"]["refer_warps"] == man["graphs"]["clustblock"]["refer_warps"] == 0
+    assert man["cluster"]["arch"] == "sm_80" and man["cluster"]["kernels"] >= len(man["cluster"]["buckets"])
 
 
 @needs_nvcc
