@@ -298,6 +298,11 @@ def compile_model(
             manifest["cpu_flags"] = required_cpu_flags(tvm.target.Target(target_dict))
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
+        if builder.cuda:  # the runtime keeps each batch on the GPU (engine.runtime.RESIDENT_COPIES)
+            from ..runtime import RESIDENT_COPIES
+
+            copies = {**RESIDENT_COPIES, "to_host": RESIDENT_COPIES["to_host"] + int(dynamic is not None)}
+            manifest["runtime"] = {"resident": True, "copies_per_batch": copies}
         step("writing the artifact")
         write_artifact(out, files, manifest, owned)
     report["artifact"] = str(out)
