@@ -39,6 +39,7 @@ __all__ = [
     "default_target",
     "device_math",
     "divisor_at_most",
+    "exp_f32",
     "fma",
     "no_contract",
     "target_has_avx2",
@@ -110,6 +111,36 @@ def fma(a, b, c):
     if _MATH["device"] == "cuda":
         return tirx.call_pure_extern("float32", "fmaf", a, b, c)
     return tirx.op.fma(a, b, c)
+
+
+#: exp_f32: ln 2 in two parts (C1 exact in 9 bits, so n * C1 is exact for |n| < 2**15) and the
+#: minimax polynomial of Cephes' expf on [-ln2/2, ln2/2]
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_MIN, _EXP_MAX = -87.0, 88.0
+
+
+def exp_f32(x):
+    """``exp(x)`` in float32 from IEEE additions, fenced products and explicit FMAs only (Cephes'
+    ``expf``: x = n ln2 + r, a degree-7 polynomial in r, times 2^n), so it rounds the same on
+    every target where :func:`fma` is one rounding -- unlike the math libraries' ``expf``, which
+    differ between the CPU and the GPU in the last bits. Within 2 ulp of exp; 0 below -87
+    (where exp is subnormal), x capped at 88."""
+    f32 = "float32"
+
+    def c(v):
+        return tirx.const(v, f32)
+
+    xc = tirx.min(tirx.max(x, c(_EXP_MIN)), c(_EXP_MAX))
+    n = tirx.floor(fma(xc, c(1.4426950408889634), c(0.5)))
+    r = fma(n, c(-_LN2_HI), xc)
+    r = fma(n, c(-_LN2_LO), r)
+    p = c(_EXP_POLY[0])
+    for coef in _EXP_POLY[1:]:
+        p = fma(p, r, c(coef))
+    y = fma(p, no_contract(r * r), r) + c(1.0)
+    two_n = tirx.reinterpret(f32, tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")))
+    return tirx.Select(x < c(_EXP_MIN), c(0.0), no_contract(y * two_n))
 
 
 def divisor_at_most(n: int, limit: int) -> int:
