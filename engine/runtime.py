@@ -48,6 +48,11 @@ class DeviceFeatures:
                 return [(t, i - start) for t in tensors]
         raise IndexError(f"patch {i} is not in this reference call")
 
+    def numpy(self) -> list[np.ndarray]:
+        """The features as host arrays [N, C, H, W] (for checks: the resident path never downloads them)."""
+        per_feature = zip(*[[tvm_runtime.to_numpy(t)[:count] for t in tensors] for _, count, tensors in self.parts])
+        return [np.concatenate(parts) for parts in per_feature]
+
 
 class DeviceRows(list):
     """Per query patch, :meth:`DeviceFeatures.row` of its reference: what the device-resident

@@ -92,3 +92,24 @@ def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
     assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
     assert {k["name"] for k in desc["kernels"]} == {"dp4a_u", "dp4a_s", "s4mma_u", "s4mma_s"}
     assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["bundle_sha256"] == desc["bundle_sha256"]
+
+
+@pytest.mark.slow
+def test_device_kernel_check_on_the_cpu_and_the_cuda_build(tmp_path):
+    """The RefER / clustering part of the check: its bundle built with the schedules for this CPU,
+    then checked by the run's code (bit-exact, and a changed expected value is caught); the CUDA
+    bundle builds with every kernel present."""
+    from gpucheck.prepare import build_device_kernels
+
+    folder = tmp_path / "cpu"
+    build_device_kernels(folder, "sm_90", lambda msg: None, kind="llvm")
+    rows = gpurun.check_device_kernels(folder, kind="cpu")
+    assert len(rows) == 8 and all(r["bit_exact"] for r in rows), rows
+    data = dict(np.load(folder / "device_kernels.npz"))
+    data["s_flow"] = data["s_flow"].copy()
+    data["s_flow"].flat[5] += 3.0
+    np.savez(folder / "device_kernels.npz", **data)
+    bad = {r["kernel"]: r["wrong"] for r in gpurun.check_device_kernels(folder, kind="cpu")}
+    assert bad["refer_shared_flow:s_flow"] == 1 and bad["refer_pipeline:flow"] == 0
+    rows = build_device_kernels(tmp_path / "cuda", "sm_90", lambda msg: None)
+    assert all(r["kernels"] >= 1 for r in rows[:-1]) and rows[-1]["ptx"]["fma_f32"] > 0
