@@ -6,6 +6,10 @@ dropped (quantizer ranges are per tensor or per sample, so padding never changes
 patches' results). The clustering kernel exists for a few patch-count buckets; an image's
 logits are padded to the next bucket with very negative rows, which the softmax over patches turns
 into exact zeros, so a padded patch is never anyone's reference.
+
+On a GPU the batches are device-resident (:data:`RESIDENT_COPIES`): the patches go up and the HR
+patches come down once per compiled batch, the RefER features stay on the device between the
+reference and the query graphs and are gathered there (:class:`DeviceFeatures`, :class:`DeviceRows`).
 """
 
 from __future__ import annotations

@@ -90,7 +90,9 @@ def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
     assert desc["carry_bytes"] <= desc["carry_limit"]
     assert desc["static_load"]["modules"] == [] and "no CUDA device" in desc["static_load"]["device"]
     assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
-    assert {k["name"] for k in desc["kernels"]} == {"dp4a_u", "dp4a_s", "s4mma_u", "s4mma_s"}
+    assert {k["name"] for k in desc["kernels"]} == {f"{v}_{s}" for v in ("dp4a", "s8mma", "s4mma") for s in "us"}
+    functions = {"refer_pipeline", "refer_shared_flow", "refer_warp", "cluster_1024"}
+    assert {k["function"] for k in desc["device_kernels"][:-1]} == functions
     assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["bundle_sha256"] == desc["bundle_sha256"]
 
 
