@@ -158,6 +158,8 @@ def test_artifact_manifest(compiled):
     assert man["graphs"]["query"]["refer_warps"] == model.n_refer > 0
     assert man["graphs"]["reference"]["refer_warps"] == man["graphs"]["clustblock"]["refer_warps"] == 0
     assert man["cluster"]["arch"] == "sm_80" and man["cluster"]["kernels"] >= len(man["cluster"]["buckets"])
+    # the runtime keeps each batch on the GPU: patches up, HR patches down, once per compiled batch
+    assert man["runtime"] == {"resident": True, "copies_per_batch": {"to_device": 1, "to_host": 1}}
 
 
 @needs_nvcc

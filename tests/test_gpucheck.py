@@ -48,6 +48,42 @@ def test_graph_checks_pass_for_a_correct_engine_and_fail_for_a_wrong_one(cpu_eng
     assert not gpurun.graphs_pass(gpurun.check_graphs(engine, other, torch.device("cpu"), BATCH))
 
 
+def test_resident_engine_passes_the_graph_checks_and_upscales_as_the_host_path(cpu_engines):
+    """The device-resident path on the CPU device with the compiled graphs: features downloaded only
+    for the check, queries on features gathered by device-to-device copies, the same image as the
+    host path with one upload and one download per compiled batch."""
+    from refqsr_engine.engine.runtime import RESIDENT_COPIES
+    from refqsr_engine.pipeline.patchwise import run_patchwise
+
+    engine, model = cpu_engines["refqsr"]
+    resident = CompiledModel.load(engine.artifact.path, resident=True)
+    rows = gpurun.check_graphs(resident, model, torch.device("cpu"), BATCH)
+    assert gpurun.graphs_pass(rows) and rows["query"]["gathered_equal"], rows
+    lr = np.ascontiguousarray(gpurun.photo_patches(1, 60, seed=3)[0])
+    host = CompiledModel.load(engine.artifact.path, resident=False)
+    want = run_patchwise(host, lr, PATCH, 4, BATCH)
+    resident.copies = {"to_device": 0, "to_host": 0}
+    got = run_patchwise(resident, lr, PATCH, 4, BATCH)
+    np.testing.assert_array_equal(got.image, want.image)
+    n_logit_batches = -(-got.grid.num_patches // BATCH)
+    assert got.clustering.num_references < got.grid.num_patches  # queries ran on gathered features
+    # the cluster call itself: one upload (logits), two downloads (reference, similarity)
+    per_batch = sum(len(resident.plan(n)) for n in _call_sizes(got, BATCH))
+    assert resident.copies["to_device"] == RESIDENT_COPIES["to_device"] * (n_logit_batches + per_batch) + 1
+    assert resident.copies["to_host"] == RESIDENT_COPIES["to_host"] * (n_logit_batches + per_batch) + 2
+
+
+def _call_sizes(result, batch: int) -> list[int]:
+    """Patches of each reference / query call of run_patchwise (its streaming order)."""
+    from refqsr_engine.pipeline.patchwise import query_schedule
+
+    sizes = []
+    for ref_idx, query_batches in query_schedule(result.clustering, batch):
+        sizes.append(len(ref_idx))
+        sizes += [len(q) for q in query_batches]
+    return sizes
+
+
 def test_timing_and_kernel_profile(cpu_engines):
     engine, _ = cpu_engines["refqsr"]
     times = gpurun.time_engine_graphs(engine, lambda: None, runs=3)

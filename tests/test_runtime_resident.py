@@ -145,3 +145,17 @@ def test_gather_pads_short_batches_with_a_real_row():
     _, (w0, w1) = ref_net(x)
     np.testing.assert_array_equal(f0, w0[[2, 0, 2, 2]])
     np.testing.assert_array_equal(f1, w1[[2, 0, 2, 2]])
+
+
+def test_device_features_come_back_whole_across_sub_batches():
+    model, _ = stand_in_model(True)
+    x = np.random.default_rng(1).random((6, 3, PATCH, PATCH), dtype=np.float32)  # plan: 4 + 1 + 1
+    assert model.plan(6) == [4, 1, 1]
+    hr, feats = model.reference(x)
+    want_hr, want = ref_net(x)
+    np.testing.assert_allclose(hr, want_hr, rtol=0, atol=0)
+    for got, w in zip(feats.numpy(), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+    assert [t.shape[0] for _, _, (t, _) in feats.parts] == [4, 1, 1]
+    with pytest.raises(IndexError):
+        feats.row(6)
