@@ -74,8 +74,6 @@ from ...kernels.qconv_fused import grid_offset, grid_range
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
-#: the host the clustering kernel of a CUDA artifact is built for
-HOST_TARGET = {"kind": "llvm", "mcpu": "core-avx2"}
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 _S4_RANGE, _S8_RANGE = (-8, 7), (-128, 127)
 INT32_MAX = 2**31 - 1
