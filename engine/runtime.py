@@ -129,7 +129,8 @@ class CompiledModel:
             for b in self.batches
         }
         self.cluster_lib = tvm_runtime.load_module(artifact.file("cluster.so")) if self.refqsr else None
-        # CUDA artifacts run the (CPU-scheduled) clustering kernel on the host
+        # the clustering kernel runs where it was built for: the GPU (cluster.device "device"), or
+        # the host for CUDA artifacts that carry a CPU-scheduled one ("host")
         host = self.refqsr and m["cluster"].get("device") == "host"
         self.cluster_device = tvm_runtime.device("cpu") if host or on_cpu else self.device
         self.buckets = list(m["cluster"]["buckets"]) if self.refqsr else []
