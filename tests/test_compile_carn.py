@@ -210,7 +210,7 @@ def test_cuda_artifact_has_tensor_core_convs(cuda_compiled):
 @needs_nvcc
 def test_cuda_rewrite_of_query_graph_on_llvm_equals_onnxruntime(cuda_compiled):
     """The query graph as the CUDA build rewrites it (quantize/pack ops, the int4 kernel's LLVM
-    twin, the dequantize epilogue; RefER as plain Relax ops) built for the CPU, vs ONNX Runtime."""
+    twin, the dequantize epilogue; the RefER kernel, CPU-scheduled) built for the CPU, vs ONNX Runtime."""
     import tvm
     from tvm import relax
 

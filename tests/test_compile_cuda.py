@@ -278,7 +278,7 @@ def test_bundled_model_sass_has_imma_and_no_spills(bundled):
 #: 8-4 ClustBlock: s8 tensor cores on uint8 asymmetric activations, shifted -127..128 weights,
 #: "valid" padding, the stride-3 3-channel conv as an im2col 1x1 conv (27 -> 32 channels) and the
 #: 1x1 FC on dp4a; 4-3 query: s4 tensor cores on 3/4-bit grids of int8 containers (offset 4/8)
-#: and the RefER warp as plain Relax ops, and the same on sm_90 with s8 tensor cores; DDTB 8-4
+#: and the RefER warps as the (CPU-scheduled) RefER kernels, and the same on sm_90 with s8 tensor cores; DDTB 8-4
 #: reference: asymmetric 8-bit weights beyond s8 (weight shift)
 TWIN_CASES = [
     ("pams", (8, 4), "clustblock", "sm_80"),
