@@ -147,6 +147,19 @@ def to_numpy(tensor: Any) -> np.ndarray:
     return out
 
 
+def view(tensor: Any, shape: tuple[int, ...], dtype: str, byte_offset: int) -> Any:
+    """A tensor of ``shape`` sharing ``tensor``'s memory from ``byte_offset`` bytes on (no copy)."""
+    ffi = load_runtime()
+    return _global("runtime.TVMTensorCreateView")(
+        tensor, ffi.Shape([int(d) for d in shape]), ffi.dtype(dtype), byte_offset
+    )
+
+
+def copy_tensor(src: Any, dst: Any) -> None:
+    """Copy ``src`` into ``dst`` (same shape and dtype), device to device where both live there."""
+    _global("runtime.TVMTensorCopyFromTo")(src, dst)
+
+
 def load_module(path: str | Path) -> Any:
     """A compiled library (``*.so``)."""
     return load_runtime().load_module(str(path))

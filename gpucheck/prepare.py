@@ -3,7 +3,9 @@
 1. The default model and DDTB-4 compiled for ``--arch`` (CUDA artifacts, without ONNX copies).
 2. Standalone integer conv kernels (dp4a u8/s8, int8 mma u8/s8, int4 mma u4/s4) built for ``--arch``, with
    worst-case operands, their expected outputs (the numpy/PyTorch reference) and the map from the
-   kernels' packed output layout to NCHW, so the host checks them bit for bit without TVM.
+   kernels' packed output layout to NCHW, so the host checks them bit for bit without TVM; and the
+   GPU schedules of the RefER kernels and the clustering kernel (``device_kernels/``) with inputs
+   and the CPU kernels' outputs, which must come back bit for bit.
 3. TVM's runtime libraries (``libtvm_runtime``, its CUDA module, the CUDA runtime they link) and
    the cp312 ``apache-tvm-ffi`` wheel.
 4. Packed into one xz archive; the working tree plus the archive must fit the carry limit.
@@ -141,6 +143,120 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
     return rows
 
 
+#: the RefER and clustering kernels' standalone problem: odd channel count, 11 x 13 pooled cells
+#: (not a multiple of the 8-cell tile); 600 patches in the 1024 bucket (padded rows, as the runtime)
+REFER_SHAPE, CLUSTER = (2, 15, 33, 39), (600, 1024, 47)
+REFER_GRID = (-7, 7, 0.02, 0.0)  # qmin, qmax, scale, zero point of the paper matching's quantizer
+
+
+def _device_funcs(kind: str, kw: dict[str, dict[str, Any]], cluster: tuple[int, int]) -> dict[str, Any]:
+    """The GPU-scheduled PrimFuncs (``kind`` "cuda"), or the same schedules with serial thread
+    loops and the CPU's float forms ("llvm": for a run of the check's code on the CPU)."""
+    from refqsr_engine.kernels import refer_cuda as rc
+    from refqsr_engine.kernels import refer_kernels as rk
+    from refqsr_engine.kernels.cluster_kernels import cluster_compute
+
+    n, c, h, w = REFER_SHAPE
+    if kind == "cuda":
+        funcs = {name: rc.refer_primfunc_cuda(stage, n, c, h, w, **a) for name, (stage, a) in kw.items()}
+        funcs[f"cluster_{cluster[0]}"] = rc.cluster_primfunc_cuda(*cluster)
+        return funcs
+    shape = rk.RefERShape(n, c, h, w)
+    funcs = {
+        name: rc.schedule_refer_cuda(rk.refer_compute(stage, shape, **a)[0], bind=False).mod["main"]
+        for name, (stage, a) in kw.items()
+    }
+    funcs[f"cluster_{cluster[0]}"] = rc.schedule_cluster_cuda(cluster_compute(*cluster), bind=False).mod["main"]
+    return {k: f.with_attr("global_symbol", k) for k, f in funcs.items()}
+
+
+def build_device_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[dict[str, Any]]:
+    """The GPU schedules of the RefER kernels (paper pipeline, shared flow, warp) and of the
+    clustering kernel in one CUDA library, their inputs, and the outputs of the CPU kernels as the
+    expected values (checked here against the PyTorch twins: flows, arg-max cells and warps bit for
+    bit, the clustering's reference assignment equal). ``calls.json`` says what to call with what.
+    ``kind`` "llvm" builds the schedules for this CPU instead (tests/test_gpucheck.py)."""
+    import torch
+    from refqsr_engine.engine.runtime import PAD_LOGIT
+    from refqsr_engine.kernels import cuda_toolchain
+    from refqsr_engine.kernels import refer_cuda as rc
+    from refqsr_engine.kernels import refer_kernels as rk
+    from refqsr_engine.kernels.cluster_kernels import build_cluster_kernel
+    from refqsr_engine.models import matching as mt
+    from refqsr_engine.models.clustblock import affinity
+    from refqsr_engine.models.quant_base import fake_quantize
+
+    into.mkdir(parents=True)
+    n, c, h, w = REFER_SHAPE
+    qmin, qmax, scale, zp = REFER_GRID
+    real, bucket, classes = CLUSTER
+    g = torch.Generator().manual_seed(11)
+    fr = torch.randn(n, c, h, w, generator=g)
+    fq = torch.roll(fr, shifts=(3, -6), dims=(2, 3)) + 0.5 * torch.randn(n, c, h, w, generator=g)
+    logits = np.full((bucket, classes), PAD_LOGIT, np.float32)
+    logits[:real] = np.random.default_rng(12).standard_normal((real, classes)).astype(np.float32) * 3
+    arrays = {"fq": fq.numpy(), "fr": fr.numpy(), "scale": np.float32([scale]), "zp": np.float32([zp])}
+    arrays["logits"] = logits
+
+    say("building the RefER and clustering kernels (CPU) for the expected values")
+    warped, flow, idx = rk.build_refer_pipeline(n, c, h, w, qmin, qmax, return_index=True)(
+        fq.numpy(), fr.numpy(), [scale], [zp]
+    )
+    s_flow, s_idx = rk.build_shared_flow(n, c, h, w, return_index=True, cosine_grid=mt.COSINE_GRID)(
+        fq.numpy(), fr.numpy()
+    )
+    s_warped = rk.build_backward_warp(n, c, h, w)(fr.numpy(), s_flow)
+    ref, cos = build_cluster_kernel(bucket, classes)(logits)
+    st, zt = torch.tensor(scale), torch.tensor(zp)
+    q, r = (torch.round(fake_quantize(mt.normalize_and_pool(x), st, zt, qmin, qmax) / st) for x in (fq, fr))
+    want_flow = mt.upsample_flow(mt.pooled_flow(q, r, (h, w), hard=True), (h, w))
+    agree = {
+        "pipeline": np.array_equal(flow, want_flow.numpy())
+        and np.array_equal(idx, mt.argmax_positions(q, r).numpy())
+        and np.array_equal(warped, mt.backward_warp(fr, want_flow).numpy()),
+        "shared_flow": np.array_equal(s_flow, mt.shared_flow(fq, fr).numpy()),
+        "warp": np.array_equal(s_warped, mt.backward_warp(fr, torch.from_numpy(s_flow)).numpy()),
+        "cluster": np.array_equal(ref[:real], affinity(torch.from_numpy(logits[:real])).numpy().argmax(axis=1)),
+    }
+    if not all(agree.values()):
+        raise CheckError(f"the CPU kernels disagree with the PyTorch twins: {agree}")
+    arrays.update(warped=warped, flow=flow, idx=idx, s_flow=s_flow, s_idx=s_idx, s_warped=s_warped, ref=ref, cos=cos)
+    calls = [
+        {"function": "refer_pipeline", "inputs": ["fq", "fr", "scale", "zp"], "outputs": ["warped", "flow", "idx"]},
+        {"function": "refer_shared_flow", "inputs": ["fq", "fr"], "outputs": ["s_flow", "s_idx"]},
+        {"function": "refer_warp", "inputs": ["fr", "s_flow"], "outputs": ["s_warped"]},
+        {"function": f"cluster_{bucket}", "inputs": ["logits"], "outputs": ["ref", "cos"]},
+    ]
+    say(f"building the RefER and clustering kernels for {arch if kind == 'cuda' else kind}")
+    kw = {
+        "refer_pipeline": ("pipeline", {"qmin": qmin, "qmax": qmax, "return_index": True}),
+        "refer_shared_flow": ("shared_flow", {"cosine_grid": mt.COSINE_GRID, "return_index": True}),
+        "refer_warp": ("backward_warp", {}),
+    }
+    funcs = _device_funcs(kind, kw, (bucket, classes))
+    np.savez(into / "device_kernels.npz", **arrays)
+    (into / "calls.json").write_text(json.dumps(calls, indent=1))
+    if kind != "cuda":
+        import tvm
+        from refqsr_engine.kernels.tir_build import as_target
+
+        tvm.compile(tvm.IRModule(funcs), target=as_target(None)).export_library(str(into / "device_kernels.so"))
+        return [{"function": call["function"]} for call in calls]
+    exe = rc.build_cuda_kernel(funcs, arch)
+    exe.export_library(str(into / "device_kernels.so"))
+    with rc.no_fast_math():
+        ptx = cuda_toolchain.device_code(exe, sass=False)
+    entries = re.findall(r"\.entry\s+(\w+)\(", ptx)
+    missing = [f for f in funcs if f"{f}_kernel" not in entries]
+    if missing or ".approx" in ptx:
+        raise CheckError(f"device kernels: missing {missing} or approximate math in the PTX")
+    counts = instruction_counts(ptx, PTX_OPS)
+    return [
+        {"function": call["function"], "kernels": sum(e.startswith(call["function"] + "_kernel") for e in entries)}
+        for call in calls
+    ] + [{"ptx": counts}]
+
+
 def runtime_files(lib: Path, wheels: Path) -> dict[str, str]:
     """TVM's runtime libraries, the CUDA runtime they link and the cp312 tvm_ffi wheel."""
     import tvm_ffi
@@ -229,6 +345,7 @@ def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
         stage = Path(tmp_name) / "bundle"
         compiled = compile_models(stage / "artifacts", arch, say)
         kernels = build_kernels(stage / "kernels", arch, say)
+        device_kernels = build_device_kernels(stage / "device_kernels", arch, say)
         versions = runtime_files(stage / "lib", stage / "wheels")
         (stage / "versions.json").write_text(json.dumps(versions))
         device_code = device_code_checks(stage / "artifacts")
@@ -244,6 +361,7 @@ def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
         "arch": arch,
         "models": compiled,
         "kernels": kernels,
+        "device_kernels": device_kernels,
         "versions": versions,
         "device_code": device_code,
         "static_load": static,

@@ -4,9 +4,11 @@ It loads the bundled artifacts with TVM's runtime library alone (no TVM package)
 ``OUT/report.json`` and ``OUT/report.md``:
 
 * every standalone integer conv kernel bit-exact against its reference on worst-case operands
-  (output buffers poisoned first, so an unwritten element shows);
+  (output buffers poisoned first, so an unwritten element shows), and the GPU schedules of the
+  RefER kernels and the clustering kernel bit-exact against the CPU kernels' outputs;
 * every graph against the PyTorch model on the same GPU (TF32 off): HR PSNR >= 50 dB, RefER
-  features close, ClustBlock logits close and the reference assignment equal;
+  features close, ClustBlock logits close and the reference assignment equal, the query on
+  features gathered on the device equal to it on host copies;
 * ``examples/coffee_lr.png`` and a 480x270 frame end to end (the images are written to OUT);
 * latency, synchronised with the device (warm-up, then median and p90 of 20 or more runs): the
   engine's graphs and end to end, beside PyTorch fp32, TF32 and fp16 (channels_last) eager on the
@@ -103,6 +105,29 @@ def check_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
+def check_device_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]]:
+    """The RefER and clustering kernels' GPU schedules (``calls.json``: function, input and
+    expected-output arrays), outputs poisoned first: each output bit for bit as the CPU kernel's?"""
+    from refqsr_engine.engine import tvm_runtime as rt
+
+    if not (folder / "calls.json").is_file():
+        return []
+    dev = rt.device(kind)
+    data = np.load(folder / "device_kernels.npz")
+    lib = rt.load_module(folder / "device_kernels.so")
+    rows = []
+    for call in json.loads((folder / "calls.json").read_text()):
+        inputs = [rt.to_device(data[name], dev) for name in call["inputs"]]
+        wants = [data[name] for name in call["outputs"]]  # float32 / int32: compared as 32-bit words
+        outs = [rt.to_device(np.full(w.shape, 0x7F7F7F7F, np.int32).view(w.dtype), dev) for w in wants]
+        lib[call["function"]](*inputs, *outs)
+        for name, out, want in zip(call["outputs"], outs, wants):
+            wrong = int((rt.to_numpy(out).view(np.int32) != want.view(np.int32)).sum())
+            row = {"kernel": f"{call['function']}:{name}", "elements": int(want.size), "wrong": wrong}
+            rows.append({**row, "bit_exact": wrong == 0})
+    return rows
+
+
 def check_graphs(engine: Any, model: Any, device: Any, batch: int) -> dict[str, Any]:
     """Every graph of ``engine`` (a CompiledModel) against the PyTorch ``model`` on ``device``,
     on the same photo patches: HR PSNR, feature and logit differences, the reference assignment."""
@@ -129,7 +154,8 @@ def check_graphs(engine: Any, model: Any, device: Any, batch: int) -> dict[str, 
             "max_abs_diff_rel": round(float(np.abs(logits - want_logits).max()) / scale, 6),
             "assignment_equal": bool(np.array_equal(got_c.reference_of, want_c.reference_of.numpy())),
         }
-        hr, feats = engine.reference(x)
+        hr, kept = engine.reference(x)
+        feats = kept if isinstance(kept, list) else kept.numpy()  # resident: the features stay on the device
         want_hr, want_feats = model.reference_forward(xt)
         rows["reference"] = {
             "psnr_db": round(psnr(np.clip(hr, 0, 1), np.clip(want_hr.cpu().numpy(), 0, 1)), 2),
@@ -141,11 +167,17 @@ def check_graphs(engine: Any, model: Any, device: Any, batch: int) -> dict[str, 
         got_q = engine.query(q, [w.cpu().numpy() for w in want_feats])
         want_q = model.query_forward(torch.from_numpy(q).to(device), list(want_feats), hard=True).cpu().numpy()
         rows["query"] = {"psnr_db": round(psnr(np.clip(got_q, 0, 1), np.clip(want_q, 0, 1)), 2)}
+        # the query on its references' features gathered on the device equals it on host copies
+        order = list(range(batch))[::-1]
+        rows_of = engine.gather_features([engine.keep_features(kept, i) for i in order])
+        on_device = engine.query(q, rows_of)
+        on_host = engine.query(q, [f[order] for f in feats])
+        rows["query"]["gathered_equal"] = bool(np.array_equal(on_device, on_host))
     return rows
 
 
 def graphs_pass(rows: dict[str, Any]) -> bool:
-    ok = all(r.get("psnr_db", PSNR_BAR) >= PSNR_BAR for r in rows.values())
+    ok = all(r.get("psnr_db", PSNR_BAR) >= PSNR_BAR and r.get("gathered_equal", True) for r in rows.values())
     c = rows.get("clustblock")
     return ok and (c is None or (c["assignment_equal"] and c["max_abs_diff_rel"] < 1e-3))
 
@@ -304,7 +336,7 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
 
     runs = 5 if quick else 20
     report: dict[str, Any] = {"environment": environment(), "bundle": {"arch": description["arch"]}}
-    report["kernels"] = check_kernels(unpacked / "kernels")
+    report["kernels"] = check_kernels(unpacked / "kernels") + check_device_kernels(unpacked / "device_kernels")
     report["graphs"], report["latency"], report["profile"] = {}, {"engine": {}}, {}
     engines = {}
     for key, name in MODELS.items():
@@ -313,6 +345,7 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
         engines[key] = engine
         rows = check_graphs(engine, model, cuda, engine.batches[0])
         report["graphs"][key] = {"model": name, "checks": rows, "pass": graphs_pass(rows)}
+        report["graphs"][key]["copies"] = dict(engine.copies)  # host<->device copies of these checks
         report["latency"]["engine"][key] = time_engine_graphs(engine, sync, runs)
         graphs = ("clustblock", "reference", "query") if engine.refqsr else ("sr",)
         report["profile"][key] = {g: kernel_profile(engine, g, sync)[:15] for g in graphs}

@@ -8,6 +8,10 @@ From the class logits ``V`` (N patches x C classes, float32) one PrimFunc comput
   the product: each parallel task computes one row of M in a stack buffer, never the N x N matrix
 * ``cos[i] = cosine(V_i, V_ref[i])``   (as ``F.cosine_similarity``: each row over its norm, eps 1e-8)
 
+The exponentials are :func:`~.tir_build.exp_f32` (IEEE operations and explicit FMAs, within
+1 ulp of exp), not the math library's ``expf``: the GPU schedule
+(:func:`~.refer_cuda.cluster_primfunc_cuda`) then computes the same bits as this CPU kernel.
+
 The O(N) bookkeeping that follows (every arg-max target is a reference; a query whose similarity
 is below ``tau`` becomes an isolated reference) is ``models.clustblock.assign_references``, applied
 by the caller to the kernel's outputs.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from .tir_build import TirKernel, build_kernel
+from .tir_build import TirKernel, build_kernel, exp_f32
 
 __all__ = [
     "build_affinity_kernel",
@@ -56,12 +60,12 @@ def _softmax_parts(V, n: int, c: int):
     k = te.reduce_axis((0, c), "k")
     rmax = te.compute((n,), lambda i: te.max(V[i, k], axis=k), name="row_max")
     k2 = te.reduce_axis((0, c), "k2")
-    rsum = te.compute((n,), lambda i: te.sum(te.exp(V[i, k2] - rmax[i]), axis=k2), name="row_sum")
-    A = te.compute((n, c), lambda i, j: te.exp(V[i, j] - rmax[i]) / rsum[i], name="A")
+    rsum = te.compute((n,), lambda i: te.sum(exp_f32(V[i, k2] - rmax[i]), axis=k2), name="row_sum")
+    A = te.compute((n, c), lambda i, j: exp_f32(V[i, j] - rmax[i]) / rsum[i], name="A")
     p = te.reduce_axis((0, n), "p")
     cmax = te.compute((c,), lambda j: te.max(V[p, j], axis=p), name="col_max")
     p2 = te.reduce_axis((0, n), "p2")
-    csum = te.compute((c,), lambda j: te.sum(te.exp(V[p2, j] - cmax[j]), axis=p2), name="col_sum")
+    csum = te.compute((c,), lambda j: te.sum(exp_f32(V[p2, j] - cmax[j]), axis=p2), name="col_sum")
     return A, cmax, csum
 
 
@@ -76,7 +80,7 @@ def cluster_compute(num_patches: int, num_classes: int, *, affinity_only: bool =
     # A'[c, j], zero-padded to a multiple of the vector width (the padded columns are masked out)
     At = te.compute(
         (c, npad),
-        lambda ci, j: tirx.if_then_else(j < n, te.exp(V[tirx.min(j, n - 1), ci] - cmax[ci]) / csum[ci], 0.0),
+        lambda ci, j: tirx.if_then_else(j < n, exp_f32(V[tirx.min(j, n - 1), ci] - cmax[ci]) / csum[ci], 0.0),
         name="At",
     )
     kc = te.reduce_axis((0, c), "kc")

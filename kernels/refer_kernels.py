@@ -65,7 +65,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, no_contract, target_has_avx2
+from .tir_build import TirKernel, as_target, build_kernel, divisor_at_most, fma, no_contract, target_has_avx2
 
 __all__ = [
     "POOL",
@@ -324,7 +324,7 @@ def _linear_tables(out_size: int, in_size: int, axis: str):
     def src(o):
         # PyTorch's kernel evaluates ratio * (o + 0.5) - 0.5 as one fused multiply-add (its lambdas
         # match the fused value bit for bit, measured), so the kernel does exactly that
-        s_ = tirx.op.fma(tirx.const(ratio, f32), o.astype(f32) + tirx.const(0.5, f32), tirx.const(-0.5, f32))
+        s_ = fma(tirx.const(ratio, f32), o.astype(f32) + tirx.const(0.5, f32), tirx.const(-0.5, f32))
         return te.max(s_, tirx.const(0.0, f32))
 
     i0 = te.compute((out_size,), lambda o: te.min(te.floor(src(o)).astype("int32"), in_size - 1), name=f"up_{axis}0")
@@ -352,7 +352,6 @@ def _upsample_te(s: RefERShape, flow_p, tables=None, name: str = "flow_up", orde
         order = torch_upsample_order(H, W)
     if order not in ("fused", "separable"):
         raise ValueError(f"order must be 'auto', 'fused' or 'separable', got {order!r}")
-    fma = tirx.op.fma
 
     def f(n, d, Y, X):
         ya, xa = y0[Y], x0[X]

@@ -13,13 +13,18 @@ Floating-point contraction: TVM's LLVM lowering turns ``a * b + c`` into ``llvm.
 on AVX2) and the backend fuses separate ``fmul``/``fadd`` too. Where a kernel must reproduce
 PyTorch's rounding bit for bit (sums of squares, bilinear taps), the product is wrapped in
 :func:`no_contract` (``llvm.arithmetic.fence``), which forbids that fusion at no run-time cost.
+
+The same TE computes also build for CUDA: inside :func:`device_math` ``("cuda")`` a fenced product
+is ``__fmul_rn(a, b)`` (nvcc never contracts it) and :func:`fma` is ``fmaf`` (TIR's ``fma`` has no
+CUDA lowering), so a kernel rounds exactly as on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +37,10 @@ __all__ = [
     "as_target",
     "build_kernel",
     "default_target",
+    "device_math",
     "divisor_at_most",
+    "exp_f32",
+    "fma",
     "no_contract",
     "target_has_avx2",
 ]
@@ -69,11 +77,70 @@ def target_has_avx2(target: tvm.target.Target) -> bool:
     return bool(codegen.target_has_features("avx2", target))
 
 
+_MATH = {"device": "llvm"}  # which lowering no_contract / fma emit (see device_math)
+
+
+@contextlib.contextmanager
+def device_math(device: str) -> Iterator[None]:
+    """While active, :func:`no_contract` and :func:`fma` emit ``device``'s form ("llvm" or "cuda")."""
+    if device not in ("llvm", "cuda"):
+        raise ValueError(f"device must be 'llvm' or 'cuda', got {device!r}")
+    before = _MATH["device"]
+    _MATH["device"] = device
+    try:
+        yield
+    finally:
+        _MATH["device"] = before
+
+
 def no_contract(expr):
     """``expr`` behind an ``llvm.arithmetic.fence``: LLVM may not fuse it into an FMA with the
-    operation that consumes it (so ``no_contract(a * b) + c`` rounds the product, as PyTorch does)."""
+    operation that consumes it (so ``no_contract(a * b) + c`` rounds the product, as PyTorch does).
+    Under ``device_math("cuda")`` a product ``a * b`` becomes ``__fmul_rn(a, b)``, the CUDA
+    multiply that nvcc never fuses."""
     dtype = str(getattr(expr, "dtype", None) or expr.ty)
+    if _MATH["device"] == "cuda":
+        if not isinstance(expr, tirx.Mul) or dtype != "float32":
+            raise ValueError("on CUDA only float32 products can be fenced")
+        return tirx.call_pure_extern(dtype, "__fmul_rn", expr.a, expr.b)
     return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", expr)
+
+
+def fma(a, b, c):
+    """``a * b + c`` rounded once: TIR's ``fma`` (LLVM), or ``fmaf`` under ``device_math("cuda")``."""
+    if _MATH["device"] == "cuda":
+        return tirx.call_pure_extern("float32", "fmaf", a, b, c)
+    return tirx.op.fma(a, b, c)
+
+
+#: exp_f32: ln 2 in two parts (C1 exact in 9 bits, so n * C1 is exact for |n| < 2**15) and the
+#: minimax polynomial of Cephes' expf on [-ln2/2, ln2/2]
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_MIN, _EXP_MAX = -87.0, 88.0
+
+
+def exp_f32(x):
+    """``exp(x)`` in float32 from IEEE additions, fenced products and explicit FMAs only (Cephes'
+    ``expf``: x = n ln2 + r, a degree-7 polynomial in r, times 2^n), so it rounds the same on
+    every target where :func:`fma` is one rounding -- unlike the math libraries' ``expf``, which
+    differ between the CPU and the GPU in the last bits. Within 2 ulp of exp; 0 below -87
+    (where exp is subnormal), x capped at 88."""
+    f32 = "float32"
+
+    def c(v):
+        return tirx.const(v, f32)
+
+    xc = tirx.min(tirx.max(x, c(_EXP_MIN)), c(_EXP_MAX))
+    n = tirx.floor(fma(xc, c(1.4426950408889634), c(0.5)))
+    r = fma(n, c(-_LN2_HI), xc)
+    r = fma(n, c(-_LN2_LO), r)
+    p = c(_EXP_POLY[0])
+    for coef in _EXP_POLY[1:]:
+        p = fma(p, r, c(coef))
+    y = fma(p, no_contract(r * r), r) + c(1.0)
+    two_n = tirx.reinterpret(f32, tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")))
+    return tirx.Select(x < c(_EXP_MIN), c(0.0), no_contract(y * two_n))
 
 
 def divisor_at_most(n: int, limit: int) -> int:

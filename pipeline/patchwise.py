@@ -77,6 +77,16 @@ def query_schedule(clustering: Clustering, batch: int) -> QuerySchedule:
     return QuerySchedule(steps, dict(collections.Counter(refs_of)))
 
 
+def keep_rows(features: list[np.ndarray], row: int) -> list[np.ndarray]:
+    """A copy of patch ``row``'s features (the default of ``PatchRunner.keep_features``)."""
+    return [f[row].copy() for f in features]
+
+
+def gather_rows(kept: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per feature, the kept rows stacked into a batch (the default of ``PatchRunner.gather_features``)."""
+    return [np.stack([rows[k] for rows in kept]) for k in range(len(kept[0]))]
+
+
 class PatchRunner(Protocol):
     """What the patch-wise algorithm needs from an engine (the PyTorch models or a compiled artifact)."""
 
@@ -95,6 +105,9 @@ class PatchRunner(Protocol):
 
     # Runners of δ models also have ``chosen: list[list[PatchBits]] | None``: the bits of every
     # patch of every call (sr / reference / query), in call order; run_patchwise empties it first.
+    # A runner may also have ``keep_features(features, row)`` and ``gather_features(kept)``, which
+    # default to keep_rows / gather_rows: a runner that keeps its features elsewhere (on a GPU)
+    # hands out its own handles there.
 
 
 def run_patchwise(
@@ -156,18 +169,20 @@ def run_patchwise(
     clustering = runner.cluster(v)
     seconds["cluster"] = time.perf_counter() - t
     order = query_schedule(clustering, batch)
-    kept: dict[int, list[np.ndarray]] = {}
+    keep = getattr(runner, "keep_features", keep_rows)
+    gather = getattr(runner, "gather_features", gather_rows)
+    kept: dict[int, Any] = {}
     for ref_idx, query_batches in order:
         calls.append(ref_idx)
         sr, features = timed("reference", runner.reference, patches(ref_idx))
         merger.add(ref_idx, sr)
         for row, i in enumerate(ref_idx):
             if i in order.readers:  # keep only the features some query will read
-                kept[i] = [f[row].copy() for f in features]
+                kept[i] = keep(features, row)
         done(len(ref_idx))
         for idx in query_batches:
             refs_of = [int(clustering.reference_of[i]) for i in idx]
-            gathered = [np.stack([kept[r][k] for r in refs_of]) for k in range(len(kept[refs_of[0]]))]
+            gathered = gather([kept[r] for r in refs_of])
             calls.append(idx)
             merger.add(idx, timed("query", runner.query, patches(idx), gathered))
             done(len(idx))

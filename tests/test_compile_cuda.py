@@ -139,7 +139,8 @@ def test_artifact_manifest(compiled):
     art = load_artifact(artifact, target=CUDA)
     man = art.manifest
     assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}"
-    assert man["cluster"]["device"] == "host" and man["cluster"]["classes"] == model.clustblock.num_classes
+    assert man["cluster"]["device"] == "device" and man["clustering"] == "device"
+    assert man["cluster"]["classes"] == model.clustblock.num_classes
     assert {"clustblock_b4.so", "reference_b4.so", "query_b4.so", "cluster.so", "query.onnx"} <= set(art.files)
     assert set(man["device_code"]) == {"clustblock", "reference", "query"}
     with pytest.raises(RefQSRError, match="target"):
@@ -153,6 +154,12 @@ def test_artifact_manifest(compiled):
         assert graph["float_quantized"] == {}
     assert man["graphs"]["clustblock"]["im2col"] == {"0": [3, 3, 3]}
     assert report["device_code"] == man["device_code"]
+    # RefER matching + warp as the GPU-scheduled kernels in the query graph, the clustering on the device
+    assert man["graphs"]["query"]["refer_warps"] == model.n_refer > 0
+    assert man["graphs"]["reference"]["refer_warps"] == man["graphs"]["clustblock"]["refer_warps"] == 0
+    assert man["cluster"]["arch"] == "sm_80" and man["cluster"]["kernels"] >= len(man["cluster"]["buckets"])
+    # the runtime keeps each batch on the GPU: patches up, HR patches down, once per compiled batch
+    assert man["runtime"] == {"resident": True, "copies_per_batch": {"to_device": 1, "to_host": 1}}
 
 
 @needs_nvcc
@@ -271,7 +278,7 @@ def test_bundled_model_sass_has_imma_and_no_spills(bundled):
 #: 8-4 ClustBlock: s8 tensor cores on uint8 asymmetric activations, shifted -127..128 weights,
 #: "valid" padding, the stride-3 3-channel conv as an im2col 1x1 conv (27 -> 32 channels) and the
 #: 1x1 FC on dp4a; 4-3 query: s4 tensor cores on 3/4-bit grids of int8 containers (offset 4/8)
-#: and the RefER warp as plain Relax ops, and the same on sm_90 with s8 tensor cores; DDTB 8-4
+#: and the RefER warps as the (CPU-scheduled) RefER kernels, and the same on sm_90 with s8 tensor cores; DDTB 8-4
 #: reference: asymmetric 8-bit weights beyond s8 (weight shift)
 TWIN_CASES = [
     ("pams", (8, 4), "clustblock", "sm_80"),

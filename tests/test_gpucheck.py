@@ -48,6 +48,42 @@ def test_graph_checks_pass_for_a_correct_engine_and_fail_for_a_wrong_one(cpu_eng
     assert not gpurun.graphs_pass(gpurun.check_graphs(engine, other, torch.device("cpu"), BATCH))
 
 
+def test_resident_engine_passes_the_graph_checks_and_upscales_as_the_host_path(cpu_engines):
+    """The device-resident path on the CPU device with the compiled graphs: features downloaded only
+    for the check, queries on features gathered by device-to-device copies, the same image as the
+    host path with one upload and one download per compiled batch."""
+    from refqsr_engine.engine.runtime import RESIDENT_COPIES
+    from refqsr_engine.pipeline.patchwise import run_patchwise
+
+    engine, model = cpu_engines["refqsr"]
+    resident = CompiledModel.load(engine.artifact.path, resident=True)
+    rows = gpurun.check_graphs(resident, model, torch.device("cpu"), BATCH)
+    assert gpurun.graphs_pass(rows) and rows["query"]["gathered_equal"], rows
+    lr = np.ascontiguousarray(gpurun.photo_patches(1, 60, seed=3)[0])
+    host = CompiledModel.load(engine.artifact.path, resident=False)
+    want = run_patchwise(host, lr, PATCH, 4, BATCH)
+    resident.copies = {"to_device": 0, "to_host": 0}
+    got = run_patchwise(resident, lr, PATCH, 4, BATCH)
+    np.testing.assert_array_equal(got.image, want.image)
+    n_logit_batches = -(-got.grid.num_patches // BATCH)
+    assert got.clustering.num_references < got.grid.num_patches  # queries ran on gathered features
+    # the cluster call itself: one upload (logits), two downloads (reference, similarity)
+    per_batch = sum(len(resident.plan(n)) for n in _call_sizes(got, BATCH))
+    assert resident.copies["to_device"] == RESIDENT_COPIES["to_device"] * (n_logit_batches + per_batch) + 1
+    assert resident.copies["to_host"] == RESIDENT_COPIES["to_host"] * (n_logit_batches + per_batch) + 2
+
+
+def _call_sizes(result, batch: int) -> list[int]:
+    """Patches of each reference / query call of run_patchwise (its streaming order)."""
+    from refqsr_engine.pipeline.patchwise import query_schedule
+
+    sizes = []
+    for ref_idx, query_batches in query_schedule(result.clustering, batch):
+        sizes.append(len(ref_idx))
+        sizes += [len(q) for q in query_batches]
+    return sizes
+
+
 def test_timing_and_kernel_profile(cpu_engines):
     engine, _ = cpu_engines["refqsr"]
     times = gpurun.time_engine_graphs(engine, lambda: None, runs=3)
@@ -90,5 +126,28 @@ def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
     assert desc["carry_bytes"] <= desc["carry_limit"]
     assert desc["static_load"]["modules"] == [] and "no CUDA device" in desc["static_load"]["device"]
     assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
-    assert {k["name"] for k in desc["kernels"]} == {"dp4a_u", "dp4a_s", "s4mma_u", "s4mma_s"}
+    assert {k["name"] for k in desc["kernels"]} == {f"{v}_{s}" for v in ("dp4a", "s8mma", "s4mma") for s in "us"}
+    functions = {"refer_pipeline", "refer_shared_flow", "refer_warp", "cluster_1024"}
+    assert {k["function"] for k in desc["device_kernels"][:-1]} == functions
     assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["bundle_sha256"] == desc["bundle_sha256"]
+
+
+@pytest.mark.slow
+def test_device_kernel_check_on_the_cpu_and_the_cuda_build(tmp_path):
+    """The RefER / clustering part of the check: its bundle built with the schedules for this CPU,
+    then checked by the run's code (bit-exact, and a changed expected value is caught); the CUDA
+    bundle builds with every kernel present."""
+    from gpucheck.prepare import build_device_kernels
+
+    folder = tmp_path / "cpu"
+    build_device_kernels(folder, "sm_90", lambda msg: None, kind="llvm")
+    rows = gpurun.check_device_kernels(folder, kind="cpu")
+    assert len(rows) == 8 and all(r["bit_exact"] for r in rows), rows
+    data = dict(np.load(folder / "device_kernels.npz"))
+    data["s_flow"] = data["s_flow"].copy()
+    data["s_flow"].flat[5] += 3.0
+    np.savez(folder / "device_kernels.npz", **data)
+    bad = {r["kernel"]: r["wrong"] for r in gpurun.check_device_kernels(folder, kind="cpu")}
+    assert bad["refer_shared_flow:s_flow"] == 1 and bad["refer_pipeline:flow"] == 0
+    rows = build_device_kernels(tmp_path / "cuda", "sm_90", lambda msg: None)
+    assert all(r["kernels"] >= 1 for r in rows[:-1]) and rows[-1]["ptx"]["fma_f32"] > 0

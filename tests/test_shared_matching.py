@@ -194,10 +194,10 @@ def test_match_block_is_computed_at_b_high_on_both_paths(model):
     assert MATCH_BLOCK == 1 and model.query_block_bits()[0] == model.high
 
 
-def test_cuda_build_keeps_the_matcher_as_relax_ops_and_its_twin_equals_onnxruntime(tmp_path, model):
-    """The CUDA build (nvcc, no GPU needed) compiles the shared query graph; the graph as the CUDA
-    build rewrites it (matcher and warps left as standard ops), built for the CPU, returns ONNX
-    Runtime's image."""
+def test_cuda_build_fuses_the_matcher_and_its_twin_equals_onnxruntime(tmp_path, model):
+    """The CUDA import collapses the shared matcher and every warp into our kernels; the graph as
+    the CUDA build rewrites it, built for the CPU (with the CPU kernels, whose GPU schedules
+    tests/test_kernels_refer_cuda.py checks), returns ONNX Runtime's image."""
     import tvm
     from refqsr_engine.engine.compiler import cuda_build as cb
     from refqsr_engine.kernels import cuda_toolchain
@@ -207,6 +207,7 @@ def test_cuda_build_keeps_the_matcher_as_relax_ops_and_its_twin_equals_onnxrunti
         pytest.skip("nvcc is not on PATH: CUDA artifacts cannot be built")
     paths = export_refqsr(model, tmp_path, PATCH)
     graph = onnx.load(str(paths["query"]))
+    assert cb.import_graph_cuda(graph, 4)[2] == model.n_refer
     exe, result = cb.build_graph_twin(graph, 4)
     assert "s8mma" in [c.variant for c in result.convs]
     x = torch.rand(4, 3, PATCH, PATCH)

@@ -90,11 +90,9 @@ class _GraphBuilder:
                 cuda_toolchain.ensure_cuda_build_env()
             except (ValueError, cuda_toolchain.CudaToolchainError) as err:
                 raise RefQSRError(f"cannot compile for CUDA: {err}") from None
-            from .cuda_build import HOST_TARGET
-
-            # the clustering kernel is CPU-scheduled: CUDA artifacts run it on the host
-            self.cluster_target = tvm.target.Target(HOST_TARGET)
-            self.cluster_extra = {"device": "host", "target": HOST_TARGET}
+            # the clustering kernel's GPU schedule: CUDA artifacts cluster on the device
+            self.cluster_target = cuda_toolchain.cuda_target(opts.arch)
+            self.cluster_extra = {"device": "device", "arch": opts.arch}
         else:
             self.target = tvm.target.Target(opts.target_dict())
             self.cluster_target, self.cluster_extra = self.target, {"device": "same"}
@@ -103,6 +101,15 @@ class _GraphBuilder:
                 f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
                 f"sapphirerapids); other targets compute float convs in fp32 only"
             )
+
+    def build_cluster(self, classes: int, path: Path) -> list[int]:
+        """The clustering kernel for every bucket, for this target, exported to ``path``."""
+        if not self.cuda:
+            return _build_cluster_library(classes, self.cluster_target, path)
+        from .cuda_build import build_cluster_library_cuda
+
+        self.cluster_extra.update(build_cluster_library_cuda(classes, CLUSTER_BUCKETS, self.opts.arch, path))
+        return list(CLUSTER_BUCKETS)
 
     def build(self, graph: onnx.ModelProto, name: str, batch: int, lib: Path) -> dict[str, Any]:
         """Compile and export ``graph`` to ``lib``; returns the graph's report."""
@@ -251,7 +258,7 @@ def compile_model(
         if isinstance(model, RefQSR):
             step("compiling the clustering kernel")
             t = time.perf_counter()
-            buckets = _build_cluster_library(model.clustblock.num_classes, builder.cluster_target, tmp / "cluster.so")
+            buckets = builder.build_cluster(model.clustblock.num_classes, tmp / "cluster.so")
             files["cluster.so"] = tmp / "cluster.so"
             cluster = {"buckets": buckets, "classes": model.clustblock.num_classes, **builder.cluster_extra}
             report["seconds"]["cluster"] = time.perf_counter() - t
@@ -275,6 +282,8 @@ def compile_model(
             "tau": float(model.tau) if isinstance(model, RefQSR) else None,
             "n_refer": model.n_refer if isinstance(model, RefQSR) else 0,
             "cluster": cluster,
+            # where the clustering kernel runs: "device" (CUDA artifacts), "cpu" (LLVM ones)
+            "clustering": ("device" if builder.cuda else "cpu") if cluster else None,
             "graphs": report["graphs"],
             "compile_seconds": round(report["seconds"]["total"], 2),
             "options": asdict(opts),
@@ -289,6 +298,11 @@ def compile_model(
             manifest["cpu_flags"] = required_cpu_flags(tvm.target.Target(target_dict))
         if builder.device_code:
             manifest["device_code"] = report["device_code"] = builder.device_code
+        if builder.cuda:  # the runtime keeps each batch on the GPU (engine.runtime.RESIDENT_COPIES)
+            from ..runtime import RESIDENT_COPIES
+
+            copies = {**RESIDENT_COPIES, "to_host": RESIDENT_COPIES["to_host"] + int(dynamic is not None)}
+            manifest["runtime"] = {"resident": True, "copies_per_batch": copies}
         step("writing the artifact")
         write_artifact(out, files, manifest, owned)
     report["artifact"] = str(out)

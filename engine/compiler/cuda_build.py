@@ -2,9 +2,11 @@
 
 How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 
-* **No RefER collapse.** The LLVM importer replaces each RefER warp subgraph by our AVX2 kernel;
-  here the graph is imported as is (:func:`import_graph_cuda`), so the warp stays standard Relax
-  ops (ReduceL2, ArgMax, GatherElements, Resize, ...) that dlight schedules for the GPU.
+* **RefER kernels, GPU-scheduled.** As on LLVM, each RefER's matching-and-warp subgraph (or the
+  shared matcher and its warps) is collapsed by :mod:`.refer_fuse` (:func:`import_graph_cuda`);
+  the ``R.call_tir`` calls get the GPU schedules of the CPU kernels' computes
+  (:mod:`refqsr_engine.kernels.refer_cuda`: same integer grid, arg-max and float32 rounding, so
+  the flow is the CPU kernel's), marked opaque so that FuseOps and dlight leave them alone.
 * **The integer conv is three pieces, not one fused kernel.** Each quantized conv
   ``conv2d(dequantize(quantize(x, s, z)), dequantize(Wq, ws, wz))`` becomes
 
@@ -31,8 +33,9 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   signed range run shifted (:func:`cuda_weight_shift`). A conv whose int32 sums could overflow,
   or that has dilation or groups, stays the graph's float QDQ conv (exact fake-quantized math,
   just not integer); no bundled model has one.
-* The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
-  the host (``cluster.so``, ``"device": "host"`` in the manifest).
+* The ClustBlock clustering kernel runs on the device: its GPU schedule
+  (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
+  for the arch (:func:`build_cluster_library_cuda`; ``"device": "device"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
   in ONNX already, and the folder compiles a kernel per constant expression). nvcc runs without
   ``--use_fast_math`` (IEEE division and sqrt, as in ONNX Runtime and PyTorch), in two steps --
@@ -71,8 +74,6 @@ from ...kernels.qconv_fused import grid_offset, grid_range
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
-#: the host the clustering kernel of a CUDA artifact is built for
-HOST_TARGET = {"kind": "llvm", "mcpu": "core-avx2"}
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 _S4_RANGE, _S8_RANGE = (-8, 7), (-128, 127)
 INT32_MAX = 2**31 - 1
@@ -82,14 +83,17 @@ INT32_MAX = 2**31 - 1
 # import and variant choice
 
 
-def import_graph_cuda(model: onnx.ModelProto, batch: int) -> tuple[tvm.IRModule, dict[str, list[int]]]:
-    """Relax module of ``model`` at ``batch`` patches, RefER warps left as standard Relax ops."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from .onnx_prep import prepare_onnx
+def import_graph_cuda(
+    model: onnx.ModelProto, batch: int, refer_target: tvm.target.Target | None = None
+) -> tuple[tvm.IRModule, dict[str, list[int]], int]:
+    """Relax module of ``model`` at ``batch`` patches with the RefER kernels scheduled for
+    ``refer_target`` (a CUDA target: the GPU schedules; None: the CPU kernels, for the LLVM twin);
+    returns (module, input shapes, RefER warps fused)."""
+    from .relax_import import import_graph
 
     shapes = static_input_shapes(model, batch)
-    return from_onnx(prepare_onnx(model, shapes), keep_params_in_input=False), shapes
+    mod, warps = import_graph(model, shapes, refer_target)
+    return mod, shapes, warps
 
 
 def cuda_weight_shift(variant: str, w_min: int, w_max: int) -> int | None:
@@ -616,6 +620,7 @@ class CudaGraphBuild:
     binary: bytes  # the fatbin nvcc made (the proof that device code exists)
     seconds: dict[str, float] = field(default_factory=dict)
     sass: dict[str, dict[str, int]] | None = None  # kernel -> SASS opcode counts; None: no cuobjdump
+    refer_warps: int = 0  # RefER warps (or shared-matching warps) run by the GPU-scheduled kernels
 
     def report(self) -> dict[str, Any]:
         convs = self.result.convs
@@ -632,7 +637,7 @@ class CudaGraphBuild:
             "im2col": {str(i): v for i, v in self.result.im2col.items()},
             "dp4a_why": {str(i): why for i, why in self.result.no_mma_reasons.items()},
             "roofline": {str(i): r for i, r in self.result.roofline.items()},
-            "refer_warps": 0,  # left as Relax ops (no fused RefER kernel on CUDA)
+            "refer_warps": self.refer_warps,
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -646,7 +651,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     times = {}
     t0 = time.perf_counter()
     meta = graph_metadata(model)
-    mod, shapes = import_graph_cuda(model, batch)
+    mod, shapes, warps = import_graph_cuda(model, batch, target)
     t1 = time.perf_counter()
     mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"], arch=arch)
     t2 = time.perf_counter()
@@ -674,6 +679,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
                 raise RefQSRError(f"{name}: cuobjdump could not disassemble the device binary")
             sass.update(counts)
     built = CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times, sass)
+    built.refer_warps = warps
     return built
 
 
@@ -710,9 +716,33 @@ def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arc
     from .build import cpu_pipeline
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
-    mod, _ = import_graph_cuda(model, batch)
+    mod, _, _ = import_graph_cuda(model, batch)
     mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch)
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
+
+
+def build_cluster_library_cuda(classes: int, buckets: Sequence[int], arch: str, path: str | Path) -> dict[str, int]:
+    """The clustering kernel's GPU schedule for every patch-count bucket (``cluster_<n>``), built
+    for CUDA ``arch`` with the graphs' nvcc settings and exported to ``path``; returns its device
+    kernel count (``{"kernels": n}``)."""
+    from ...kernels.refer_cuda import cluster_primfunc_cuda
+
+    cuda_toolchain.ensure_cuda_build_env()
+    target = cuda_toolchain.cuda_target(arch)
+    funcs = {
+        f"cluster_{n}": cluster_primfunc_cuda(n, classes).with_attr("global_symbol", f"cluster_{n}") for n in buckets
+    }
+    compiled: list = []
+    with target, _cuda_compile_hook(arch, compiled):
+        exe = tvm.compile(tvm.IRModule(funcs), target=target)
+    if not compiled or not all(binary for _, _, binary in compiled):
+        raise RefQSRError("clustering kernel: TVM kept CUDA source only; no device binary was built")
+    exe.export_library(str(path))
+    binary = b"".join(b for _, _, b in compiled)
+    if not library_has_binary(path, binary):
+        raise RefQSRError(f"{Path(path).name} does not embed the CUDA device binary")
+    ptx = "\n".join(p for _, p, _ in compiled)
+    return {"kernels": len(re.findall(r"^(?:\.visible\s+)?\.entry\s", ptx, flags=re.M))}
 
 
 def library_has_binary(lib: str | Path, binary: bytes) -> bool:

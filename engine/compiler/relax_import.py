@@ -52,18 +52,37 @@ def static_input_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[in
     return shapes
 
 
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
+
+
+def _refer_primfunc(stage: str, target: tvm.target.Target, shape: tuple[int, ...], **kw) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc of a RefER stage for ``target``: the CPU kernels on LLVM, their
+    GPU schedules (same computes, :mod:`~refqsr_engine.kernels.refer_cuda`) on CUDA, marked opaque
+    so that no fusion replaces the schedule."""
+    from ...models.matching import POOL
+
+    n, c, h, w = shape
+    if target.kind.name == "cuda":
+        from ...kernels.refer_cuda import refer_primfunc_cuda
+
+        return refer_primfunc_cuda(stage, n, c, h, w, pool=POOL, **kw).with_attr("op_pattern", _OPAQUE)
+    if stage == "pipeline":
+        return refer_pipeline_primfunc(n, c, h, w, kw["qmin"], kw["qmax"], target, pool=POOL)
+    if stage == "shared_flow":
+        return shared_flow_primfunc(n, c, h, w, target, pool=POOL, **kw)
+    return backward_warp_primfunc(n, c, h, w, target, pool=POOL)
+
+
 def _refer_warp_converter(target: tvm.target.Target):
     """Importer converter of ``refqsr.RefERWarp``: our RefER kernel through ``R.call_tir``."""
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
-
-    from ...models.matching import POOL
 
     class RefERWarp(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             fq, fr, scale, zp = inputs
             n, c, h, w = (int(v) for v in fq.ty.shape)
-            prim = refer_pipeline_primfunc(n, c, h, w, int(attr["qmin"]), int(attr["qmax"]), target, pool=POOL)
+            prim = _refer_primfunc("pipeline", target, (n, c, h, w), qmin=int(attr["qmin"]), qmax=int(attr["qmax"]))
             out = _kernel_call(bb, prim, "refer_warp", [fq, fr, scale, zp], [(n, c, h, w), (n, 2, h, w)])
             return bb.emit(relax.TupleGetItem(out, 0))  # (warped, flow): the warped reference
 
@@ -88,14 +107,14 @@ def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
     (a RefER's warp by it): our kernels through ``R.call_tir``, with the matching's constants."""
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    from ...models.matching import COSINE_GRID, POOL
+    from ...models.matching import COSINE_GRID
 
     class SharedFlow(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             fq, fr = inputs
             n, c, h, w = (int(v) for v in fq.ty.shape)
-            prim = shared_flow_primfunc(n, c, h, w, target, cosine_grid=COSINE_GRID, pool=POOL)
+            prim = _refer_primfunc("shared_flow", target, (n, c, h, w), cosine_grid=COSINE_GRID)
             return _kernel_call(bb, prim, "shared_flow", [fq, fr], (n, 2, h, w))
 
     class Warp(OnnxOpConverter):
@@ -105,7 +124,7 @@ def _shared_matching_converters(target: tvm.target.Target) -> dict[str, Any]:
             n, c, h, w = (int(v) for v in feat.ty.shape)
             return _kernel_call(
                 bb,
-                backward_warp_primfunc(n, c, h, w, target, pool=POOL),
+                _refer_primfunc("backward_warp", target, (n, c, h, w)),
                 "refer_warp_by_flow",
                 [feat, flow],
                 (n, c, h, w),
@@ -158,12 +177,13 @@ def import_graph(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], target: tvm.target.Target | None = None
 ) -> tuple[tvm.IRModule, int]:
     """Relax module of ``model`` at the given input shapes (parameters embedded as constants),
-    with each RefER warp subgraph replaced by our kernel; returns (module, RefER warps fused)."""
+    with each RefER warp subgraph replaced by our kernel (CPU-scheduled for an LLVM ``target``,
+    GPU-scheduled for a CUDA one); returns (module, RefER warps fused)."""
     from tvm.relax.frontend.onnx import from_onnx
 
     prepared = prepare_onnx(model, shapes)
     warps = fuse_refer_warps(prepared)
-    tgt = as_target(target)
+    tgt = target if isinstance(target, tvm.target.Target) and target.kind.name == "cuda" else as_target(target)
     converters = {
         OP: _refer_warp_converter(tgt),
         **_shared_matching_converters(tgt),
