@@ -231,8 +231,8 @@ def test_artifact_manifest(compiled):
         load_artifact(artifact, target={"kind": "llvm", "mcpu": "core-avx2"})
     for graph in man["graphs"].values():
         for act, variant in zip(graph["act_bits"], graph["variants"]):
-            if act == 32:
-                assert variant is None
+            if act == 32:  # full precision: fp16 tensor cores
+                assert variant == "f16mma"
             else:  # every quantized conv, ClustBlock's stride-3 first conv included (im2col)
                 assert variant is not None, graph["float_quantized"]
         assert graph["float_quantized"] == {}
@@ -252,11 +252,11 @@ def test_device_code_has_integer_instructions(compiled):
     if bits == (8, 4):
         for name in ("reference", "query"):  # 8-bit blocks; 4-bit query convs have 6-bit weights
             assert code[name]["mma_s8"] > 0 and code[name]["mma_s4"] == 0 and code[name]["dp4a"] == 0
-            assert set(graphs[name]["variants"]) == {None, "s8mma"}
+            assert set(graphs[name]["variants"]) == {"f16mma", "s8mma"} and code[name]["mma_f16"] > 0
     else:
         for name in ("reference", "query"):  # 4- and 3-bit activations, s4 weights: tensor cores
             assert code[name]["mma_s4"] > 0 and code[name]["dp4a"] == 0
-            assert set(graphs[name]["variants"]) == {None, "s4mma"}
+            assert set(graphs[name]["variants"]) == {"f16mma", "s4mma"} and code[name]["mma_f16"] > 0
         assert 3 in graphs["query"]["act_bits"]
 
 

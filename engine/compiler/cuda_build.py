@@ -359,9 +359,12 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 
 @mutator
 class _CudaRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str):
+    def __init__(
+        self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str, f16: bool = True
+    ):
         super().__init__(mod)
         self.arch = arch
+        self.f16 = f16
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
@@ -373,7 +376,7 @@ class _CudaRewriter(PyExprMutator):
             return call
         report, matched = classify_conv(call, self.table, self.result, self.lookup_binding)
         if matched is None:
-            return self._float_conv(call, report)
+            return self._float_conv(call, report) if self.f16 else call
         index = report.index
         plan = self._plan(call, matched, report)
         if isinstance(plan, str):
@@ -656,13 +659,19 @@ class CudaConvResult(QDQConvResult):
 
 
 def rewrite_qdq_convs_cuda(
-    mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False, func_name: str = "main", arch: str = "sm_80"
+    mod: tvm.IRModule,
+    conv_table: Sequence[dict],
+    twin: bool = False,
+    func_name: str = "main",
+    arch: str = "sm_80",
+    f16: bool = True,
 ) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
-    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue;
-    ``arch`` decides which tensor cores the kernels may use."""
+    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue, and
+    (``f16``) every full-precision conv by an f16mma kernel; ``arch`` decides which tensor cores
+    the kernels may use."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch)
+    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16)
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func
@@ -892,15 +901,16 @@ def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | Non
     }
 
 
-def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80"):
+def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80", f16: bool = True):
     """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
     built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
-    graph's math, runnable without a GPU. Returns ``(executable, CudaConvResult)``."""
+    graph's math, runnable without a GPU (``f16=False``: the full-precision convs left fp32).
+    Returns ``(executable, CudaConvResult)``."""
     from .build import cpu_pipeline
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _ = import_graph_cuda(model, batch)
-    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch)
+    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch, f16=f16)
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
 
