@@ -77,6 +77,7 @@ __all__ = [
     "conv2d_f16mma_primfunc",
     "emulate_f16mma",
     "f16_pack_compute",
+    "SPLIT_PARTS",
     "out_dtype",
     "pack_activations_f16",
     "pack_halves",
@@ -823,24 +824,37 @@ def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.
     return te.create_prim_func([A, Wt, out])
 
 
+#: the parts of x that the channel blocks of a split f16mma operand hold: hi = fp16(x), lo =
+#: fp16(x - hi); with weights [w_hi, w_hi, w_lo] the sum is x_hi*w_hi + x_lo*w_hi + x_hi*w_lo
+SPLIT_PARTS = ("hi", "lo", "hi")
+
+
 def f16_pack_compute(
-    batch: int, in_ch: int, height: int, width: int, pads: tuple[int, int, int, int], packed_ch: int
+    batch: int, in_ch: int, height: int, width: int, pads: tuple[int, int, int, int], packed_ch: int, split: int = 1
 ) -> tvm.tirx.PrimFunc:
     """``main(X, A)``: NCHW float32 activations ``[batch][in_ch][height][width]`` -> the f16mma
     operand ``[batch][top+height+bottom][left+width+right][packed_ch/2]`` uint32, each value
     rounded to fp16 (round to nearest even: ``cvt.rn.f16.f32`` in CUDA, ``fptrunc`` in LLVM),
     channel ``c`` in half ``c % 2`` of word ``c // 2``; the border and the channels from
-    ``in_ch`` to ``packed_ch`` hold 0.0. One elementwise kernel: conversion, padding and packing."""
+    ``split * in_ch`` to ``packed_ch`` hold 0.0. With ``split`` > 1 channel block ``b`` (channels
+    ``b*in_ch`` ..) holds part :data:`SPLIT_PARTS` ``[b]`` of x: a conv of few input channels
+    summed from fp16 pieces of its fp32 operands. One elementwise kernel: conversion, padding and
+    packing."""
     top, left, bottom, right = pads
-    if packed_ch % 2 or packed_ch < in_ch:
-        raise ValueError(f"packed_ch must be even and >= in_ch, got {packed_ch} for {in_ch}")
+    if packed_ch % 2 or packed_ch < split * in_ch or not 1 <= split <= len(SPLIT_PARTS):
+        raise ValueError(f"packed_ch must be even and >= split * in_ch, got {packed_ch} for {split} x {in_ch}")
     i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731 - Relax's legalized ops have int64 shapes: FuseTIR needs equal buffer types
     X = te.placeholder(tuple(map(i64, (batch, in_ch, height, width))), "float32", name="X")
 
-    def half(n, c, y, x):
-        inside = tvm.tirx.all(c < in_ch, y >= top, y < top + height, x >= left, x < left + width)
-        v = tvm.tirx.if_then_else(inside, X[n, tvm.te.min(c, in_ch - 1), y - top, x - left], tvm.tirx.const(0.0))
-        return tvm.tirx.reinterpret("uint16", v.astype("float16")).astype("uint32")
+    def half(n, m, y, x):
+        inside = tvm.tirx.all(m < split * in_ch, y >= top, y < top + height, x >= left, x < left + width)
+        c = tvm.te.min(m, split * in_ch - 1) % in_ch
+        v = tvm.tirx.if_then_else(inside, X[n, c, y - top, x - left], tvm.tirx.const(0.0))
+        h = v.astype("float16")
+        if split > 1:  # block 1: the remainder x - hi, rounded to fp16 in its turn
+            lo = (v - h.astype("float32")).astype("float16")
+            h = tvm.tirx.if_then_else(m // in_ch == 1, lo, h)
+        return tvm.tirx.reinterpret("uint16", h).astype("uint32")
 
     out = te.compute(
         tuple(map(i64, (batch, top + height + bottom, left + width + right, packed_ch // 2))),

@@ -130,7 +130,8 @@ def test_float_conv_folding_rule():
     """The least folding within 1.3x issued / useful MACs: SRResNet's 9 x 9 tail (64 -> 3 at 384 x
     384) folds the kernel columns (N = 27 -> 32, output rows 8 wider); CARN's 3 x 3 tail needs rows
     and columns (27 -> 32 over the padded image); convs with many outputs fold nothing; the
-    3-channel head (padded to 8) is over the limit whatever the folding: the fewest issued MACs."""
+    3-channel head, split in three fp16 pieces (9 channels, padded to 16), is over the limit
+    whatever the folding: the fewest issued MACs."""
     tail9 = cb.float_conv_plan(16, 64, 3, 9, 384, 384)[0]
     assert tail9.folding == "kw" and tail9.shape == cc.Conv2dCudaShape(16, 64, 32, 384, 392, 9, kernel_w=1)
     assert (
@@ -144,7 +145,8 @@ def test_float_conv_folding_rule():
     up = cb.float_conv_plan(16, 64, 256, 3, 192, 192)[0]
     assert up.folding == "none" and up.issued_macs == up.useful_macs
     head = cb.float_conv_plan(16, 3, 64, 9, 96, 96)[0]
-    assert head.folding == "none" and head.issued_macs * 3 == head.useful_macs * 8
+    assert head.folding == "none" and head.split == 3 and head.issued_macs * 3 == head.useful_macs * 16
+    assert tail9.split == tail3.split == up.split == 1
     plan, why = cb.float_conv_plan(1, 16, 16, 3, 5, 5)  # 25 pixels: no 16-row tile in any folding
     assert plan is None and "N*H*W % 16" in why
 
@@ -155,6 +157,43 @@ def _f16_conv(x, w):
     x16 = torch.from_numpy(np.asarray(x, np.float32).astype(np.float16).astype(np.float64))
     w16 = torch.from_numpy(np.asarray(w, np.float32).astype(np.float16).astype(np.float64))
     return torch.nn.functional.conv2d(x16, w16, padding=w.shape[-1] // 2).numpy()
+
+
+def test_split_head_pack_and_twin_graph_are_fp32_grade():
+    """A 3-channel head runs split: the pack kernel's channel blocks are fp16(x), fp16(x - fp16(x))
+    and fp16(x) again (numpy's round to nearest even), and the rewritten graph (pack, kernel twin)
+    is within fp32-grade error of a float64 conv of the unrounded operands, where plain fp16
+    operands are not."""
+    import tvm
+    from refqsr_engine.engine.compiler.build import cpu_pipeline
+    from refqsr_engine.kernels.tir_build import build_kernel
+    from tvm import relax
+
+    rng = np.random.default_rng(2)
+    x = rng.random((2, 3, 8, 8)).astype(np.float32)
+    pack = build_kernel("pack", cc.f16_pack_compute(2, 3, 8, 8, (1, 1, 1, 1), 16, split=3), 1, {"kind": "llvm"})
+    halves = cc.unpack_halves(pack(x))[:, 1:-1, 1:-1]  # [N][H][W][16]
+    hi = x.astype(np.float16).astype(np.float32).transpose(0, 2, 3, 1)
+    lo = (x.transpose(0, 2, 3, 1) - hi).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(halves, np.concatenate([hi, lo, hi, np.zeros((2, 8, 8, 7), np.float32)], axis=3))
+
+    wt = rng.standard_normal((64, 3, 3, 3)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((2, 3, 8, 8), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(xv, relax.const(wt), padding=[1] * 4)))
+        bb.emit_func_output(y)
+    mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "head"}], twin=True)
+    assert result.float_plans[0]["split"] == 3 and result.float_plans[0]["kernel_problem"][0] == 16
+    tgt = tvm.target.Target({"kind": "llvm"})
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    xt, wt64 = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(wt.astype(np.float64))
+    want = torch.nn.functional.conv2d(xt, wt64, padding=1).numpy()
+    bound = torch.nn.functional.conv2d(xt.abs(), wt64.abs(), padding=1).numpy()
+    assert np.all(np.abs(got - want) <= 2e-6 * bound)
+    assert np.abs(_f16_conv(x, wt) - want).max() > 1e-4 * bound.max()  # what the split removes
 
 
 FOLD_CASES = [(9, 4, 96, "kw"), (3, 46, 46, "khkw")]  # (K, H, W): sizes where the rule picks the folding
