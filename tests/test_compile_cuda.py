@@ -366,13 +366,18 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
                 assert 1.0 <= r["issued_over_useful"] <= 1.2
         assert graph["f16_fallback"] == {} and graph["f16mma_convs"] == graph["act_bits"].count(32)
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
+        splits = []
         for i, plan in graph["f16mma"].items():
             c, o = plan["kernel_problem"][:2]
-            if c >= 16 and o == 32:  # the 64 -> 3 tail, folded
+            if plan["split"] == 3:  # the RGB head: 3 x 3 channels padded to 16
+                splits.append(i)
+                assert c == 16 and plan["issued_over_useful"] == pytest.approx(16 / 3, abs=1e-4)
+            elif o == 32:  # the 64 -> 3 tail, folded
                 assert plan["folding"] != "none" and plan["issued_over_useful"] <= 1.3
-            elif c >= 16:
+            else:
                 assert plan["folding"] == "none" and plan["issued_over_useful"] == 1.0
             assert roof[i]["variant"] == "f16mma"
+        assert splits == (["0"] if graph["f16mma_convs"] else [])
         if graph["f16mma_convs"]:
             assert man["device_code"][graph_name]["mma_f16"] > 0
     if name == "carn_ddtb_refqsr84":
