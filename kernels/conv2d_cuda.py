@@ -1,6 +1,6 @@
-"""CUDA integer ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4
-tensor cores (``mma.sync`` on packed u8/s8 and u4/s4 words) and dp4a, plus an LLVM "twin" of each
-that runs on the CPU.
+"""CUDA ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4 tensor cores
+(``mma.sync`` on packed u8/s8 and u4/s4 words), dp4a, and fp16 tensor cores for the float convs
+(``f16mma``: packed fp16 pairs, fp32 sums), plus an LLVM "twin" of each that runs on the CPU.
 
 All compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
 (int32) over activations **pre-padded** by the caller (the pad value is the zero point; the
@@ -50,6 +50,13 @@ Variants ``"s4mma"`` (int4; ``C % 32 == 0``) and ``"s8mma"`` (int8; ``C % 16 == 
   Activations are unsigned (u4 0..15 / u8 0..255, default) or signed (``act_signed=True``);
   weights signed. PTX has the mixed ``.u4.s4`` and ``.u8.s8`` forms, so unsigned activations
   need no offset/correction term.
+
+Variant ``"f16mma"`` (float; ``C % 8 == 0``, ``O % 8 == 0``, ``N*H*W % 16 == 0``): the same
+implicit GEMM with e = 2 fp16 halves a word (channel ``c`` in bits ``16*(c%2)``.. of word ``c//2``,
+:func:`pack_halves`), chunks of 8 channels, ``mma.sync ... m16n8k16 .f32.f16.f16.f32`` (two chunks)
+or ``m16n8k8`` (one), fp32 accumulators and a float32 NHWC output of ``sum x16 * w16``. The kernel
+may have ``kernel_w`` columns other than its ``kernel`` rows (a K x 1 kernel for a folded tail);
+:func:`f16_pack_compute` is the elementwise kernel that rounds, pads and packs fp32 activations.
 
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed

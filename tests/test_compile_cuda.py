@@ -262,7 +262,7 @@ def test_artifact_manifest(compiled):
     bits, model, artifact, report = compiled
     art = load_artifact(artifact, target=CUDA)
     man = art.manifest
-    assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}"
+    assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}" and man["float_math"] == "f16mma"
     assert man["cluster"]["device"] == "host" and man["cluster"]["classes"] == model.clustblock.num_classes
     assert {"clustblock_b4.so", "reference_b4.so", "query_b4.so", "cluster.so", "query.onnx"} <= set(art.files)
     assert set(man["device_code"]) == {"clustblock", "reference", "query"}

@@ -1,4 +1,5 @@
-"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a -> CUDA.
+"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a,
+float convs on fp16 tensor cores -> CUDA.
 
 How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 
@@ -31,6 +32,13 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   signed range run shifted (:func:`cuda_weight_shift`). A conv whose int32 sums could overflow,
   or that has dilation or groups, stays the graph's float QDQ conv (exact fake-quantized math,
   just not integer); no bundled model has one.
+* **Full-precision convs** (``act_bits`` 32) become an fp16 pack kernel, the ``f16mma`` kernel
+  (fp16 operands, fp32 sums; weights rounded and packed at compile time) and NHWC -> NCHW; the
+  bias add stays in the graph. Few output channels fold kernel taps into the GEMM N dimension
+  (:func:`float_conv_plan`, :class:`FloatConvPlan`: the least folding within :data:`FOLD_LIMIT`
+  issued / useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16
+  products (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
+  in ``f16_fallback``.
 * The ClustBlock clustering kernel is CPU-scheduled TIR: a CUDA artifact carries it built for
   the host (``cluster.so``, ``"device": "host"`` in the manifest).
 * The Relax pipeline is the CUDA default's pieces minus ``FoldConstant`` (constants are folded
