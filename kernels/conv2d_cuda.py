@@ -1,6 +1,6 @@
-"""CUDA integer ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4
-tensor cores (``mma.sync`` on packed u8/s8 and u4/s4 words) and dp4a, plus an LLVM "twin" of each
-that runs on the CPU.
+"""CUDA ("same" or 1x1, stride 1) convolutions for ``--target cuda``: int8 and int4 tensor cores
+(``mma.sync`` on packed u8/s8 and u4/s4 words), dp4a, and fp16 tensor cores for the float convs
+(``f16mma``: packed fp16 pairs, fp32 sums), plus an LLVM "twin" of each that runs on the CPU.
 
 All compute the raw integer sum ``out[n,o,h,w] = sum_{c,kh,kw} a[n,c,h+kh,w+kw] * w[o,c,kh,kw]``
 (int32) over activations **pre-padded** by the caller (the pad value is the zero point; the
@@ -51,6 +51,13 @@ Variants ``"s4mma"`` (int4; ``C % 32 == 0``) and ``"s8mma"`` (int8; ``C % 16 == 
   weights signed. PTX has the mixed ``.u4.s4`` and ``.u8.s8`` forms, so unsigned activations
   need no offset/correction term.
 
+Variant ``"f16mma"`` (float; ``C % 8 == 0``, ``O % 8 == 0``, ``N*H*W % 16 == 0``): the same
+implicit GEMM with e = 2 fp16 halves a word (channel ``c`` in bits ``16*(c%2)``.. of word ``c//2``,
+:func:`pack_halves`), chunks of 8 channels, ``mma.sync ... m16n8k16 .f32.f16.f16.f32`` (two chunks)
+or ``m16n8k8`` (one), fp32 accumulators and a float32 NHWC output of ``sum x16 * w16``. The kernel
+may have ``kernel_w`` columns other than its ``kernel`` rows (a K x 1 kernel for a folded tail);
+:func:`f16_pack_compute` is the elementwise kernel that rounds, pads and packs fp32 activations.
+
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
 layouts, plain TIR, built for LLVM) and :func:`emulate_mma` (the mma kernels' own staging,
@@ -71,7 +78,18 @@ from . import cuda_toolchain
 from .tir_build import TirKernel, build_kernel, divisor_at_most
 
 __all__ = [
+    "FLOAT_VARIANTS",
     "VARIANTS",
+    "conv2d_f16_compute",
+    "conv2d_f16mma_primfunc",
+    "emulate_f16mma",
+    "f16_pack_compute",
+    "SPLIT_PARTS",
+    "out_dtype",
+    "pack_activations_f16",
+    "pack_halves",
+    "pack_weights_f16",
+    "unpack_halves",
     "Conv2dCudaShape",
     "CudaConvKernel",
     "COMPUTES",
@@ -113,9 +131,16 @@ __all__ = [
     "unpack_weights_s4",
 ]
 
-VARIANTS = ("dp4a", "s4mma", "s8mma")
+VARIANTS = ("dp4a", "s4mma", "s8mma", "f16mma")
 #: the tensor-core variants: bits per operand element
-MMA_BITS = {"s4mma": 4, "s8mma": 8}
+MMA_BITS = {"s4mma": 4, "s8mma": 8, "f16mma": 16}
+#: the tensor-core variants on float operands (fp16 halves, fp32 sums); the others are integer
+FLOAT_VARIANTS = ("f16mma",)
+
+
+def out_dtype(variant: str) -> str:
+    """Element type of a variant's output: fp32 sums for the float variants, int32 otherwise."""
+    return "float32" if variant in FLOAT_VARIANTS else "int32"
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,7 @@ class Conv2dCudaShape:
     height: int
     width: int
     kernel: int = 3
+    kernel_w: int = 0  # kernel columns when they differ from the rows (the tensor-core variants); 0: square
 
     def __post_init__(self):
         for name in ("batch", "in_ch", "out_ch", "height", "width"):
@@ -135,6 +161,17 @@ class Conv2dCudaShape:
                 raise ValueError(f"{name} must be >= 1")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
+        if self.kernel_w < 0 or (self.kernel_w and self.kernel_w % 2 == 0):
+            raise ValueError(f"kernel_w must be odd (or 0: square), got {self.kernel_w}")
+
+    @property
+    def kw_taps(self) -> int:
+        """Kernel columns (``kernel`` rows)."""
+        return self.kernel_w or self.kernel
+
+    @property
+    def taps(self) -> int:
+        return self.kernel * self.kw_taps
 
     @property
     def pad(self) -> int:
@@ -142,7 +179,7 @@ class Conv2dCudaShape:
 
     @property
     def padded_hw(self) -> tuple[int, int]:
-        return self.height + 2 * self.pad, self.width + 2 * self.pad
+        return self.height + self.kernel - 1, self.width + self.kw_taps - 1
 
     @property
     def pixels(self) -> int:
@@ -151,6 +188,8 @@ class Conv2dCudaShape:
     def check(self, variant: str) -> None:
         """Raise ``ValueError`` unless the variant's layout fits this shape."""
         _check_variant(variant)
+        if self.kernel_w and self.kernel_w != self.kernel and variant not in MMA_BITS:
+            raise ValueError(f"{variant} takes square kernels only")
         if variant == "dp4a":
             if self.in_ch % 4 or self.out_ch % 4:
                 raise ValueError(f"dp4a needs in_ch and out_ch multiples of 4, got {self.in_ch}, {self.out_ch}")
@@ -173,7 +212,7 @@ class Conv2dCudaShape:
         k = self.kernel
         if _check_variant(variant) == "dp4a":
             return (self.out_ch, self.in_ch // 4, k, k, 4)
-        return (self.out_ch, k * k, self.in_ch // (32 // MMA_BITS[variant]))
+        return (self.out_ch, self.taps, self.in_ch // (32 // MMA_BITS[variant]))
 
     def out_shape(self, variant: str) -> tuple[int, ...]:
         if _check_variant(variant) == "dp4a":
@@ -189,7 +228,7 @@ def _check_variant(variant: str) -> str:
 
 def mma_chunk_channels(variant: str) -> int:
     """Input channels of one K chunk of a tensor-core variant: 4 words of one fragment row
-    (32 nibbles for "s4mma", 16 bytes for "s8mma")."""
+    (32 nibbles for "s4mma", 16 bytes for "s8mma", 8 halves for "f16mma")."""
     return 4 * (32 // MMA_BITS[variant])
 
 
@@ -306,11 +345,30 @@ def unpack_bytes(words: np.ndarray, signed: bool) -> np.ndarray:
     return v.reshape(*words.shape[:-1], words.shape[-1] * 4)
 
 
+def pack_halves(v) -> np.ndarray:
+    """Round the last axis (a multiple of 2) to fp16 (round to nearest even, as ``cvt.rn.f16.f32``)
+    and pack it into uint32 words: element ``i`` of a pair in bits ``16i..16i+15``, the order of a
+    little-endian ``[..][2]`` float16 array."""
+    v = np.asarray(v, np.float32)
+    if v.shape[-1] % 2:
+        raise ValueError(f"the packed axis must be a multiple of 2, got {v.shape[-1]}")
+    return np.ascontiguousarray(v.astype(np.float16)).view(np.uint32).copy()
+
+
+def unpack_halves(words: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_halves`: uint32 words -> the fp16 values as float32, 2 per word."""
+    return np.ascontiguousarray(np.asarray(words, np.uint32)).view(np.float16).astype(np.float32)
+
+
 def _pack_words(v, bits: int, signed: bool) -> np.ndarray:
+    if bits == 16:
+        return pack_halves(v)
     return pack_nibbles(v, signed) if bits == 4 else pack_bytes(v, signed)
 
 
 def _unpack_words(words, bits: int, signed: bool) -> np.ndarray:
+    if bits == 16:
+        return unpack_halves(words)
     return unpack_nibbles(words, signed) if bits == 4 else unpack_bytes(words, signed)
 
 
@@ -365,15 +423,42 @@ def unpack_weights_s8(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
     return _unpack_weights_mma(wp, 8, kernel)
 
 
+def pack_activations_f16(x, kernel: int = 3, kernel_w: int = 0) -> np.ndarray:
+    """NCHW float activations -> ``[N][H+K-1][W+KW-1][C/2]`` uint32 of fp16 pairs, border 0.0
+    (``kernel_w`` 0: square kernel)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[1] % 2:
+        raise ValueError(f"activations must be NCHW with C % 2 == 0, got shape {x.shape}")
+    ph, pw = kernel // 2, (kernel_w or kernel) // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    return pack_halves(xp.transpose(0, 2, 3, 1))
+
+
+def pack_weights_f16(w) -> np.ndarray:
+    """OIHW float weights -> ``[O][KH*KW][I/2]`` uint32 of fp16 pairs."""
+    w = np.asarray(w, np.float32)
+    if w.ndim != 4 or w.shape[1] % 2:
+        raise ValueError(f"weights must be OIHW with I % 2 == 0, got shape {w.shape}")
+    o, i, kh, kw = w.shape
+    return pack_halves(w.transpose(0, 2, 3, 1).reshape(o, kh * kw, i))
+
+
 def pack_activations(variant: str, x, pad_value: int = 0, kernel: int = 3, signed: bool = False) -> np.ndarray:
     """The activations of ``variant`` packed (see the module docstring)."""
+    if _check_variant(variant) == "f16mma":
+        return pack_activations_f16(x, kernel)
     pack = {"dp4a": pack_activations_dp4a, "s4mma": pack_activations_s4, "s8mma": pack_activations_s8}
-    return pack[_check_variant(variant)](x, pad_value, kernel, signed)
+    return pack[variant](x, pad_value, kernel, signed)
 
 
 def pack_weights(variant: str, w) -> np.ndarray:
     """The weights of ``variant`` packed (see the module docstring)."""
-    pack = {"dp4a": pack_weights_dp4a, "s4mma": pack_weights_s4, "s8mma": pack_weights_s8}
+    pack = {
+        "dp4a": pack_weights_dp4a,
+        "s4mma": pack_weights_s4,
+        "s8mma": pack_weights_s8,
+        "f16mma": pack_weights_f16,
+    }
     return pack[_check_variant(variant)](w)
 
 
@@ -397,7 +482,7 @@ def unpack_weights_s4(wp: np.ndarray, kernel: int = 3) -> np.ndarray:
 
 
 def unpack_output(y, variant: str) -> np.ndarray:
-    """Kernel output -> NCHW int32 (``dp4a`` is NCHW already, the mma variants are NHWC)."""
+    """Kernel output -> NCHW (``dp4a`` is NCHW already, the mma variants are NHWC)."""
     y = np.asarray(y.numpy() if hasattr(y, "numpy") else y)
     if _check_variant(variant) in MMA_BITS:
         y = y.transpose(0, 3, 1, 2)
@@ -545,7 +630,14 @@ def conv2d_dp4a_primfunc(
 # tensor cores (s4, s8): fragment index math (shared by the TIR kernels and the numpy emulation)
 
 #: mma shapes by (variant, chunks per mma): K = 4 words of the fragment row per chunk
-_MMA_SHAPES = {("s4mma", 2): "m16n8k64", ("s4mma", 1): "m16n8k32", ("s8mma", 2): "m16n8k32", ("s8mma", 1): "m16n8k16"}
+_MMA_SHAPES = {
+    ("s4mma", 2): "m16n8k64",
+    ("s4mma", 1): "m16n8k32",
+    ("s8mma", 2): "m16n8k32",
+    ("s8mma", 1): "m16n8k16",
+    ("f16mma", 2): "m16n8k16",
+    ("f16mma", 1): "m16n8k8",
+}
 
 
 @dataclass(frozen=True)
@@ -563,7 +655,7 @@ class MmaConfig:
     mt: int  # 16-pixel tiles per warp
     nt: int  # 8-channel tiles per warp
     warps: int  # warps per block (threadIdx.y) = bp * bg
-    bits: int = 4  # bits per operand element: 4 ("s4mma") or 8 ("s8mma")
+    bits: int = 4  # bits per operand element: 4 ("s4mma"), 8 ("s8mma") or 16 ("f16mma")
     bp: int = 1  # warp tiles of a block along the pixels
     bg: int = 1  # warp tiles of a block along the output channels
 
@@ -615,7 +707,7 @@ def mma_config(shape: Conv2dCudaShape, variant: str = "s4mma") -> MmaConfig:
     up to 4 warps a block (channel tiles first, then pixel tiles)."""
     shape.check(variant)
     bits = MMA_BITS[variant]
-    chunks = shape.kernel**2 * shape.in_ch // mma_chunk_channels(variant)
+    chunks = shape.taps * shape.in_ch // mma_chunk_channels(variant)
     cpm = 2 if chunks % 2 == 0 else 1
     mt = divisor_at_most(shape.pixels // 16, 2)
     nt = divisor_at_most(shape.out_ch // 8, 4)
@@ -642,7 +734,7 @@ def _chunk(shape: Conv2dCudaShape, cfg: MmaConfig, ks, half):
     per_tap = shape.in_ch // cfg.chunk
     j = ks * cfg.chunks_per_mma + half
     tap = j // per_tap
-    return tap // shape.kernel, tap % shape.kernel, j % per_tap
+    return tap // shape.kw_taps, tap % shape.kw_taps, j % per_tap
 
 
 def _pixel(shape: Conv2dCudaShape, p):
@@ -698,7 +790,7 @@ def _b_src(shape, cfg, o0, ks, idx):
     whose output channels start at ``o0``."""
     row, k = idx // cfg.kw, idx % cfg.kw
     kh, kw, cb = _chunk(shape, cfg, ks, k // 4)
-    return o0 + row, kh * shape.kernel + kw, cb * 4 + k % 4
+    return o0 + row, kh * shape.kw_taps + kw, cb * 4 + k % 4
 
 
 def _stage_dst(cfg, idx):
@@ -708,7 +800,8 @@ def _stage_dst(cfg, idx):
 
 def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
     """The twin of a tensor-core variant ``main(A, W, conv)``: the same packed words, elements
-    unpacked with shifts."""
+    unpacked with shifts (fp16 halves reinterpreted and widened to fp32: the products of two
+    halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators)."""
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
     mask, sign = (1 << bits) - 1, 1 << (bits - 1)
@@ -716,23 +809,71 @@ def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.
     A = te.placeholder(s.act_shape(variant), "uint32", name="A")
     Wt = te.placeholder(s.weight_shape(variant), "uint32", name="W")
     kh = te.reduce_axis((0, s.kernel), "kh")
-    kw = te.reduce_axis((0, s.kernel), "kw")
+    kw = te.reduce_axis((0, s.kw_taps), "kw")
     cw = te.reduce_axis((0, s.in_ch // per_word), "cw")
     ci = te.reduce_axis((0, per_word), "ci")
 
     def element(word, i, signed):
-        v = ((word >> (i * bits).astype("uint32")) & tvm.tirx.const(mask, "uint32")).astype("int32")
+        v = (word >> (i * bits).astype("uint32")) & tvm.tirx.const(mask, "uint32")
+        if bits == 16:
+            return tvm.tirx.reinterpret("float16", v.astype("uint16")).astype("float32")
+        v = v.astype("int32")
         return v - ((v & sign) << 1) if signed else v
 
     out = te.compute(
         s.out_shape(variant),
         lambda n, h, w, o: te.sum(
-            element(A[n, h + kh, w + kw, cw], ci, act_signed) * element(Wt[o, kh * s.kernel + kw, cw], ci, True),
+            element(A[n, h + kh, w + kw, cw], ci, act_signed) * element(Wt[o, kh * s.kw_taps + kw, cw], ci, True),
             axis=[kh, kw, cw, ci],
         ),
         name="conv",
     )
     return te.create_prim_func([A, Wt, out])
+
+
+#: the parts of x that the channel blocks of a split f16mma operand hold: hi = fp16(x), lo =
+#: fp16(x - hi); with weights [w_hi, w_hi, w_lo] the sum is x_hi*w_hi + x_lo*w_hi + x_hi*w_lo
+SPLIT_PARTS = ("hi", "lo", "hi")
+
+
+def f16_pack_compute(
+    batch: int, in_ch: int, height: int, width: int, pads: tuple[int, int, int, int], packed_ch: int, split: int = 1
+) -> tvm.tirx.PrimFunc:
+    """``main(X, A)``: NCHW float32 activations ``[batch][in_ch][height][width]`` -> the f16mma
+    operand ``[batch][top+height+bottom][left+width+right][packed_ch/2]`` uint32, each value
+    rounded to fp16 (round to nearest even: ``cvt.rn.f16.f32`` in CUDA, ``fptrunc`` in LLVM),
+    channel ``c`` in half ``c % 2`` of word ``c // 2``; the border and the channels from
+    ``split * in_ch`` to ``packed_ch`` hold 0.0. With ``split`` > 1 channel block ``b`` (channels
+    ``b*in_ch`` ..) holds part :data:`SPLIT_PARTS` ``[b]`` of x: a conv of few input channels
+    summed from fp16 pieces of its fp32 operands. One elementwise kernel: conversion, padding and
+    packing."""
+    top, left, bottom, right = pads
+    if packed_ch % 2 or packed_ch < split * in_ch or not 1 <= split <= len(SPLIT_PARTS):
+        raise ValueError(f"packed_ch must be even and >= split * in_ch, got {packed_ch} for {split} x {in_ch}")
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731 - Relax's legalized ops have int64 shapes: FuseTIR needs equal buffer types
+    X = te.placeholder(tuple(map(i64, (batch, in_ch, height, width))), "float32", name="X")
+
+    def half(n, m, y, x):
+        inside = tvm.tirx.all(m < split * in_ch, y >= top, y < top + height, x >= left, x < left + width)
+        c = tvm.te.min(m, split * in_ch - 1) % in_ch
+        v = tvm.tirx.if_then_else(inside, X[n, c, y - top, x - left], tvm.tirx.const(0.0))
+        h = v.astype("float16")
+        if split > 1:  # block 1: the remainder x - hi, rounded to fp16 in its turn
+            lo = (v - h.astype("float32")).astype("float16")
+            h = tvm.tirx.if_then_else(m // in_ch == 1, lo, h)
+        return tvm.tirx.reinterpret("uint16", h).astype("uint32")
+
+    out = te.compute(
+        tuple(map(i64, (batch, top + height + bottom, left + width + right, packed_ch // 2))),
+        lambda n, y, x, cw: half(n, 2 * cw, y, x) | (half(n, 2 * cw + 1, y, x) << tvm.tirx.const(16, "uint32")),
+        name="pack",
+    )
+    return te.create_prim_func([X, out])
+
+
+def conv2d_f16_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The f16 twin ``main(A, W, conv)``: the same packed fp16 pairs, fp32 products and sums."""
+    return _mma_compute(shape, "f16mma", act_signed)
 
 
 def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
@@ -758,7 +899,10 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
     blocks, warps, threads, bg = gm * gn, cfg.warps, cfg.threads, cfg.bg
     a_total, b_total, na, nb = cfg.bm * cfg.kw, cfg.bn * cfg.kw, cfg.a_loads, cfg.b_loads
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
-    if cfg.bits == 4:
+    acc_ty = out_dtype(variant)
+    if cfg.bits == 16:
+        a_ty, b_ty = "fp16", "fp16"
+    elif cfg.bits == 4:
         a_ty, b_ty = ("int4" if act_signed else "uint4"), "int4"
     else:
         a_ty, b_ty = ("int8" if act_signed else "uint8"), "int8"
@@ -766,7 +910,7 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
     a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
 
     @T.prim_func(s_tir=True)
-    def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, "int32")):
+    def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, acc_ty)):
         T.func_attr({"tirx.noalias": True})
         for bx in T.thread_binding(blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
@@ -776,7 +920,7 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
                         T.writes(conv[:, :, :, :])
                         a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
                         b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
-                        acc = T.sblock_alloc_buffer((mt * nt * 4,), "int32", scope="local")
+                        acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
                         af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
                         bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
                         a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
@@ -784,7 +928,7 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
                         m0 = _block_m0(s, cfg, bx)
                         o0 = _block_o0(s, cfg, bx)
                         for i in T.unroll(mt * nt * 4):
-                            acc[i] = 0
+                            acc[i] = T.cast(0, acc_ty)
                         for i in T.unroll(na):  # step 0 -> buffer 0
                             if i * threads + ty * 32 + lane < a_total:
                                 a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
@@ -817,7 +961,7 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
                                             "col",
                                             a_ty,
                                             b_ty,
-                                            "int32",
+                                            "fp32" if acc_ty == "float32" else "int32",
                                             af.data,
                                             mi * ra,
                                             bf.data,
@@ -825,7 +969,7 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
                                             acc.data,
                                             (mi * nt + ni) * 4,
                                             False,
-                                            dtype="int32",
+                                            dtype=acc_ty,
                                         )
                                     )
                             if ks + 1 < ksteps:  # registers -> the other buffer
@@ -864,22 +1008,30 @@ def conv2d_s8mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> t
     return _mma_primfunc(shape, "s8mma", act_signed)
 
 
+def conv2d_f16mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+    """The CUDA fp16 implicit-GEMM conv ``conv2d_f16mma(A, W, conv)`` (f16 x f16 -> f32,
+    ``m16n8k16``/``k8``); ``act_signed`` has no meaning for float operands."""
+    return _mma_primfunc(shape, "f16mma", act_signed)
+
+
 # ----------------------------------------------------------------------------------------------
 # numpy emulation of the tensor-core kernels: their own index functions + the PTX ISA fragment layouts
 
 
 def _mma_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_signed: bool, bits: int) -> np.ndarray:
     """One warp-wide ``mma.m16n8k{K}`` on per-lane registers ``a_regs[2*chunks][32]``,
-    ``b_regs[chunks][32]`` (uint32), per the PTX ISA fragment layouts of .u4/.s4 and .u8/.s8
-    operands, with e = 32 / bits elements a register and K = 4e per chunk: A register r of lane
+    ``b_regs[chunks][32]`` (uint32), per the PTX ISA fragment layouts of .u4/.s4, .u8/.s8 and
+    .f16 operands, with e = 32 / bits elements a register and K = 4e per chunk: A register r of lane
     4g+t holds row g + 8*(r%2), columns 4e*(r//2) + e*t .. +e-1; B register r holds rows
     4e*r + e*t .. +e-1 of column g; accumulator r is row g + 8*(r//2), column 2t + r%2. Element
-    i of a register is bits ``bits*i``.. of the word. Returns ``[32][4]`` int64."""
+    i of a register is bits ``bits*i``.. of the word. Returns ``[32][4]`` int64 (float64 for fp16
+    operands: their products and a K <= 16 sum are exact in float64)."""
     e = 32 // bits
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
-    a_mat = np.zeros((16, 4 * e * chunks), np.int64)
-    b_mat = np.zeros((4 * e * chunks, 8), np.int64)
+    kind = np.float64 if bits == 16 else np.int64
+    a_mat = np.zeros((16, 4 * e * chunks), kind)
+    b_mat = np.zeros((4 * e * chunks, 8), kind)
     el = np.arange(e)
     for r in range(2 * chunks):
         a_mat[(g + 8 * (r % 2))[:, None], (4 * e * (r // 2) + e * t)[:, None] + el] = _unpack_words(
@@ -898,13 +1050,15 @@ def emulate_mma(
     two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
     the guarded last pass included), the same fragment reads (``_a_frag``, ``_b_frag``) and
     output writes (``_c_index``), the mma itself per the PTX ISA (:func:`_mma_reference`).
-    Returns the NHWC int64 output. This checks the kernel's address math on a CPU; what it cannot
-    check is the hardware's agreement with our reading of the ISA, or the barriers."""
+    Returns the NHWC int64 output (float32 for "f16mma": each mma's sum added to fp32
+    accumulators). This checks the kernel's address math on a CPU; what it cannot check is the
+    hardware's agreement with our reading of the ISA, or the barriers."""
     cfg = mma_config(shape, variant)
     gm, gn = _grid(shape, cfg)
     lane, tid = np.arange(32), np.arange(cfg.threads)
     a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
-    out = np.zeros(shape.out_shape(variant), np.int64)
+    acc_kind = np.float32 if variant in FLOAT_VARIANTS else np.int64
+    out = np.zeros(shape.out_shape(variant), acc_kind)
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
     for bx in range(gm * gn):
         m0, o0 = _block_m0(shape, cfg, bx), _block_o0(shape, cfg, bx)
@@ -921,7 +1075,7 @@ def emulate_mma(
                 idx = idx[idx < cfg.bn * cfg.kw]
                 b_sh[(ks % 2) * b_buf + _stage_dst(cfg, idx)] = w_words[_b_src(shape, cfg, o0, ks, idx)]
 
-        acc = np.zeros((cfg.warps, cfg.mt, cfg.nt, 32, 4), np.int64)
+        acc = np.zeros((cfg.warps, cfg.mt, cfg.nt, 32, 4), acc_kind)
         stage(0)
         for ks in range(cfg.ksteps):
             if ks + 1 < cfg.ksteps:  # the buffer of step ks - 1, read by then
@@ -939,7 +1093,8 @@ def emulate_mma(
                 ]
                 for mi in range(cfg.mt):
                     for ni in range(cfg.nt):
-                        acc[ty, mi, ni] += _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
+                        d = _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
+                        acc[ty, mi, ni] += d.astype(acc_kind)
         for ty in range(cfg.warps):
             wm, wn = ty // cfg.bg, ty % cfg.bg
             for mi in range(cfg.mt):
@@ -957,6 +1112,11 @@ def emulate_s4mma(
     return emulate_mma(shape, a_words, w_words, act_signed, "s4mma")
 
 
+def emulate_f16mma(shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray) -> np.ndarray:
+    """:func:`emulate_mma` of the fp16 kernel (float32 NHWC output)."""
+    return emulate_mma(shape, a_words, w_words, False, "f16mma")
+
+
 def emulate_s8mma(
     shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False
 ) -> np.ndarray:
@@ -971,8 +1131,18 @@ def emulate_s8mma(
 _TWIN_TARGET = {"kind": "llvm"}
 
 #: variant -> the unscheduled compute (the twin) and the CUDA-scheduled kernel
-COMPUTES = {"dp4a": conv2d_dp4a_compute, "s4mma": conv2d_s4_compute, "s8mma": conv2d_s8_compute}
-PRIMFUNCS = {"dp4a": conv2d_dp4a_primfunc, "s4mma": conv2d_s4mma_primfunc, "s8mma": conv2d_s8mma_primfunc}
+COMPUTES = {
+    "dp4a": conv2d_dp4a_compute,
+    "s4mma": conv2d_s4_compute,
+    "s8mma": conv2d_s8_compute,
+    "f16mma": conv2d_f16_compute,
+}
+PRIMFUNCS = {
+    "dp4a": conv2d_dp4a_primfunc,
+    "s4mma": conv2d_s4mma_primfunc,
+    "s8mma": conv2d_s8mma_primfunc,
+    "f16mma": conv2d_f16mma_primfunc,
+}
 
 
 def build_conv2d_twin(shape: Conv2dCudaShape, variant: str = "dp4a", act_signed: bool = False) -> TirKernel:
@@ -1026,6 +1196,8 @@ class CudaConvKernel:
         return "int8" if self.act_signed else "uint8"
 
     def pack_activations(self, x, pad_value: int = 0) -> np.ndarray:
+        if self.variant == "f16mma":
+            return pack_activations_f16(x, self.shape.kernel, self.shape.kernel_w)
         return pack_activations(self.variant, x, pad_value, self.shape.kernel, self.act_signed)
 
     def pack_weights(self, w) -> np.ndarray:
@@ -1042,7 +1214,7 @@ class CudaConvKernel:
         w_dtype = "uint32" if self.variant in MMA_BITS else "int8"
         a_t = tvm.runtime.tensor(np.ascontiguousarray(a, dtype=self.act_dtype), dev)
         w_t = tvm.runtime.tensor(np.ascontiguousarray(w, dtype=w_dtype), dev)
-        out = tvm.runtime.empty(s.out_shape(self.variant), "int32", dev)
+        out = tvm.runtime.empty(s.out_shape(self.variant), out_dtype(self.variant), dev)
         self.executable["main"](a_t, w_t, out)
         dev.sync()
         return out.numpy()

@@ -201,8 +201,9 @@ def test_cuda_artifact_has_tensor_core_convs(cuda_compiled):
         graph = report["graphs"][name]
         # 4- and 3-bit activations with s4 weights: every quantized conv on int4 tensor cores,
         # except RefER's b_high refinement convs on the query path (4-bit: also s4)
-        assert [v is not None for v in graph["variants"]] == QUANTIZED, name
-        assert set(graph["variants"]) == {None, "s4mma"} and graph["float_quantized"] == {}
+        assert [v not in (None, "f16mma") for v in graph["variants"]] == QUANTIZED, name
+        # full-precision convs on fp16 tensor cores
+        assert set(graph["variants"]) == {"f16mma", "s4mma"} and graph["float_quantized"] == {}
         assert report["device_code"][name]["mma_s4"] > 0
     assert 3 in report["graphs"]["query"]["act_bits"]
 

@@ -116,6 +116,130 @@ def test_conv_roofline_against_hand_counts():
     # 4-bit: packed nibbles; no H100 int4 peak -> memory time only
     r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s4mma")
     assert r["bytes"] == 9_834_496 // 2 + 36_864 // 2 + 37_748_736 and r["H100_bound"] == "memory"
+    # fp16 upsampler conv 64 -> 256 at 192 x 192: fp16 activations and weights, fp32 output;
+    # datasheet dense fp16: 312 TFLOPS (A100), 989.4 TFLOPS (H100)
+    r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 256, 192, 192), 64, 256, "f16mma")
+    macs = 16 * 192 * 192 * 256 * 64 * 9
+    moved = 16 * 194 * 194 * 64 * 2 + 256 * 9 * 64 * 2 + 16 * 192 * 192 * 256 * 4
+    assert (r["useful_macs"], r["bytes"]) == (macs, moved)
+    assert r["A100_us"] == pytest.approx(max(macs / 156e12, moved / 2.039e12) * 1e6, abs=1e-3)
+    assert r["H100_us"] == pytest.approx(max(macs / 494.7e12, moved / 3.35e12) * 1e6, abs=1e-3)
+
+
+def test_float_conv_folding_rule():
+    """The least folding within 1.3x issued / useful MACs: SRResNet's 9 x 9 tail (64 -> 3 at 384 x
+    384) folds the kernel columns (N = 27 -> 32, output rows 8 wider); CARN's 3 x 3 tail needs rows
+    and columns (27 -> 32 over the padded image); convs with many outputs fold nothing; the
+    3-channel head, split in three fp16 pieces (9 channels, padded to 16), is over the limit
+    whatever the folding: the fewest issued MACs."""
+    tail9 = cb.float_conv_plan(16, 64, 3, 9, 384, 384)[0]
+    assert tail9.folding == "kw" and tail9.shape == cc.Conv2dCudaShape(16, 64, 32, 384, 392, 9, kernel_w=1)
+    assert (
+        tail9.issued_macs / tail9.useful_macs == pytest.approx(32 / 27 * 392 / 384)
+        and tail9.issued_macs <= 1.3 * tail9.useful_macs
+    )
+    tail3 = cb.float_conv_plan(16, 64, 3, 3, 384, 384)[0]
+    assert tail3.folding == "khkw" and tail3.shape == cc.Conv2dCudaShape(16, 64, 32, 386, 386, 1)
+    assert tail3.issued_macs / tail3.useful_macs == pytest.approx(32 / 27 * (386 / 384) ** 2)
+    assert tail3.issued_macs <= 1.3 * tail3.useful_macs
+    up = cb.float_conv_plan(16, 64, 256, 3, 192, 192)[0]
+    assert up.folding == "none" and up.issued_macs == up.useful_macs
+    head = cb.float_conv_plan(16, 3, 64, 9, 96, 96)[0]
+    assert head.folding == "none" and head.split == 3 and head.issued_macs * 3 == head.useful_macs * 16
+    assert tail9.split == tail3.split == up.split == 1
+    plan, why = cb.float_conv_plan(1, 16, 16, 3, 5, 5)  # 25 pixels: no 16-row tile in any folding
+    assert plan is None and "N*H*W % 16" in why
+
+
+def _f16_conv(x, w):
+    """NCHW float64 conv of fp16-rounded operands ("same" padding): what f16mma computes, up to
+    the fp32 rounding of its sums."""
+    x16 = torch.from_numpy(np.asarray(x, np.float32).astype(np.float16).astype(np.float64))
+    w16 = torch.from_numpy(np.asarray(w, np.float32).astype(np.float16).astype(np.float64))
+    return torch.nn.functional.conv2d(x16, w16, padding=w.shape[-1] // 2).numpy()
+
+
+def test_split_head_pack_and_twin_graph_are_fp32_grade():
+    """A 3-channel head runs split: the pack kernel's channel blocks are fp16(x), fp16(x - fp16(x))
+    and fp16(x) again (numpy's round to nearest even), and the rewritten graph (pack, kernel twin)
+    is within fp32-grade error of a float64 conv of the unrounded operands, where plain fp16
+    operands are not."""
+    import tvm
+    from refqsr_engine.engine.compiler.build import cpu_pipeline
+    from refqsr_engine.kernels.tir_build import build_kernel
+    from tvm import relax
+
+    rng = np.random.default_rng(2)
+    x = rng.random((2, 3, 8, 8)).astype(np.float32)
+    pack = build_kernel("pack", cc.f16_pack_compute(2, 3, 8, 8, (1, 1, 1, 1), 16, split=3), 1, {"kind": "llvm"})
+    halves = cc.unpack_halves(pack(x))[:, 1:-1, 1:-1]  # [N][H][W][16]
+    hi = x.astype(np.float16).astype(np.float32).transpose(0, 2, 3, 1)
+    lo = (x.transpose(0, 2, 3, 1) - hi).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(halves, np.concatenate([hi, lo, hi, np.zeros((2, 8, 8, 7), np.float32)], axis=3))
+
+    wt = rng.standard_normal((64, 3, 3, 3)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((2, 3, 8, 8), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(xv, relax.const(wt), padding=[1] * 4)))
+        bb.emit_func_output(y)
+    mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "head"}], twin=True)
+    assert result.float_plans[0]["split"] == 3 and result.float_plans[0]["kernel_problem"][0] == 16
+    tgt = tvm.target.Target({"kind": "llvm"})
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    xt, wt64 = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(wt.astype(np.float64))
+    want = torch.nn.functional.conv2d(xt, wt64, padding=1).numpy()
+    bound = torch.nn.functional.conv2d(xt.abs(), wt64.abs(), padding=1).numpy()
+    assert np.all(np.abs(got - want) <= 2e-6 * bound)
+    assert np.abs(_f16_conv(x, wt) - want).max() > 1e-4 * bound.max()  # what the split removes
+
+
+FOLD_CASES = [(9, 4, 96, "kw"), (3, 46, 46, "khkw")]  # (K, H, W): sizes where the rule picks the folding
+
+
+@pytest.mark.parametrize("k, h, w, folding", FOLD_CASES, ids=[c[3] for c in FOLD_CASES])
+def test_folded_tail_replay_and_twin_graph_match_reference(k, h, w, folding):
+    """A 16 -> 3 tail conv through the folded schedule: the numpy replay of the f16mma kernel on
+    the folded weights plus the shift-add written out here from the documented index formula,
+    and the rewritten Relax graph (pack, kernel twin, shift-add) built for LLVM, both against a
+    float64 conv of the fp16-rounded operands; issued / useful <= 1.3."""
+    import tvm
+    from refqsr_engine.engine.compiler.build import cpu_pipeline
+    from tvm import relax
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((1, 16, h, w)).astype(np.float32)
+    wt = rng.standard_normal((3, 16, k, k)).astype(np.float32)
+    want = _f16_conv(x, wt)
+    bound = _f16_conv(np.abs(x), np.abs(wt))
+    plan = cb.float_conv_plan(1, 16, 3, k, h, w)[0]
+    assert plan.folding == folding and plan.issued_macs <= 1.3 * plan.useful_macs
+    part = cc.emulate_f16mma(plan.shape, cc.pack_activations_f16(x, k), cc.pack_weights_f16(plan.weights(wt)))
+    got = np.zeros((1, 3, h, w), np.float64)
+    for o in range(3):
+        for i in range(k):
+            for j in range(k):
+                if folding == "kw" and i == 0:
+                    got[:, o] += part[:, :, j : j + w, o * k + j]
+                elif folding == "khkw":
+                    got[:, o] += part[:, i : i + h, j : j + w, (o * k + i) * k + j]
+    assert np.all(np.abs(got - want) <= 2e-5 * bound)
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((1, 16, h, w), "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(xv, relax.const(wt), padding=[k // 2] * 4)))
+        bb.emit_func_output(y)
+    mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "tail"}], twin=True)
+    assert result.convs[0].variant == "f16mma" and result.float_plans[0]["folding"] == folding
+    assert result.float_plans[0]["issued_over_useful"] <= 1.3 and not result.f16_fallback
+    tgt = tvm.target.Target({"kind": "llvm"})
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt))
+    out = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert out.shape == want.shape and np.all(np.abs(out - want) <= 2e-5 * bound)
 
 
 def test_ptx_instruction_count():
@@ -126,7 +250,7 @@ def test_ptx_instruction_count():
         "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {..};\n"
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {..};"
     )
-    assert cb.count_integer_instructions(ptx) == {"dp4a": 2, "mma_s4": 1, "mma_s8": 2}
+    assert cb.count_integer_instructions(ptx) == {"dp4a": 2, "mma_s4": 1, "mma_s8": 2, "mma_f16": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +262,7 @@ def test_artifact_manifest(compiled):
     bits, model, artifact, report = compiled
     art = load_artifact(artifact, target=CUDA)
     man = art.manifest
-    assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}"
+    assert man["target"] == CUDA and man["bits"] == f"{bits[0]}-{bits[1]}" and man["float_math"] == "f16mma"
     assert man["cluster"]["device"] == "device" and man["clustering"] == "device"
     assert man["cluster"]["classes"] == model.clustblock.num_classes
     assert {"clustblock_b4.so", "reference_b4.so", "query_b4.so", "cluster.so", "query.onnx"} <= set(art.files)
@@ -147,8 +271,8 @@ def test_artifact_manifest(compiled):
         load_artifact(artifact, target={"kind": "llvm", "mcpu": "core-avx2"})
     for graph in man["graphs"].values():
         for act, variant in zip(graph["act_bits"], graph["variants"]):
-            if act == 32:
-                assert variant is None
+            if act == 32:  # full precision: fp16 tensor cores
+                assert variant == "f16mma"
             else:  # every quantized conv, ClustBlock's stride-3 first conv included (im2col)
                 assert variant is not None, graph["float_quantized"]
         assert graph["float_quantized"] == {}
@@ -174,11 +298,11 @@ def test_device_code_has_integer_instructions(compiled):
     if bits == (8, 4):
         for name in ("reference", "query"):  # 8-bit blocks; 4-bit query convs have 6-bit weights
             assert code[name]["mma_s8"] > 0 and code[name]["mma_s4"] == 0 and code[name]["dp4a"] == 0
-            assert set(graphs[name]["variants"]) == {None, "s8mma"}
+            assert set(graphs[name]["variants"]) == {"f16mma", "s8mma"} and code[name]["mma_f16"] > 0
     else:
         for name in ("reference", "query"):  # 4- and 3-bit activations, s4 weights: tensor cores
             assert code[name]["mma_s4"] > 0 and code[name]["dp4a"] == 0
-            assert set(graphs[name]["variants"]) == {None, "s4mma"}
+            assert set(graphs[name]["variants"]) == {"f16mma", "s4mma"} and code[name]["mma_f16"] > 0
         assert 3 in graphs["query"]["act_bits"]
 
 
@@ -200,8 +324,10 @@ def test_8bit_graph_uses_int8_tensor_cores_and_library_embeds_it(exported, tmp_p
 # ----------------------------------------------------------------------------------------------
 # the bundled models: every quantized conv an integer kernel, for sm_80 and sm_90
 
-BUNDLED = ["srresnet_ddtb_refqsr84", "srresnet_ddtb4"]
-BUNDLED_CASES = [(m, a) for m in BUNDLED for a in ("sm_80", "sm_90")]
+BUNDLED = ["carn_ddtb_refqsr84", "srresnet_ddtb4"]
+#: about 80 s a compile here: two by default (the default model on sm_80, DDTB-4 on sm_90), all
+#: four with REFQSR_SLOW_TESTS=1
+BUNDLED_CASES = [(m, a) for m in BUNDLED for a in ("sm_80", "sm_90") if SLOW or (m == BUNDLED[0]) == (a == "sm_80")]
 
 
 @pytest.fixture(scope="module", params=BUNDLED_CASES, ids=[f"{m}-{a}" for m, a in BUNDLED_CASES])
@@ -217,10 +343,12 @@ def bundled(request, tmp_path_factory):
 
 
 @needs_nvcc
-def test_bundled_model_convs_are_all_integer(bundled):
+def test_bundled_model_convs_are_all_tensor_core(bundled):
+    """Every quantized conv an integer tensor-core kernel, every full-precision conv f16mma (no
+    dlight fallback), each with its roofline; the tails' folding within 1.3x issued MACs."""
     name, arch, artifact, report = bundled
     man = load_artifact(artifact, target={"kind": "cuda", "arch": arch}).manifest
-    expected = {"srresnet_ddtb_refqsr84": {"clustblock", "reference", "query"}, "srresnet_ddtb4": {"sr"}}[name]
+    expected = {"carn_ddtb_refqsr84": {"clustblock", "reference", "query"}, "srresnet_ddtb4": {"sr"}}[name]
     assert set(man["graphs"]) == expected
     shifted = 0
     for graph_name, graph in man["graphs"].items():
@@ -228,19 +356,38 @@ def test_bundled_model_convs_are_all_integer(bundled):
         for act, variant, wr, shift in zip(
             graph["act_bits"], graph["variants"], graph["weight_ranges"], graph["weight_shifts"]
         ):
-            assert (variant is None) == (act == 32)
-            if variant is not None:
+            assert (variant == "f16mma") == (act == 32)
+            if variant != "f16mma":
                 lo, hi = (-8, 7) if variant == "s4mma" else (-128, 127)
                 assert lo <= wr[0] - shift and wr[1] - shift <= hi  # the kernel's operand holds w - c
                 shifted += shift != 0
         assert graph["integer_convs"] == sum(a < 32 for a in graph["act_bits"])
         # tensor cores for every conv at batch 16: int4 for DDTB-4 on sm_80, int8 otherwise
         mma = "s4mma" if (name, arch) == ("srresnet_ddtb4", "sm_80") else "s8mma"
-        assert {v for v in graph["variants"] if v} == {mma} and graph["dp4a_why"] == {}
+        assert {v for v in graph["variants"] if v != "f16mma"} == {mma} and graph["dp4a_why"] == {}
         roof = graph["roofline"]
         assert sorted(roof, key=int) == [str(i) for i, v in enumerate(graph["variants"]) if v]
-        assert all(1.0 <= r["issued_over_useful"] <= 1.2 and r["A100_us"] > 0 for r in roof.values())
-    if name == "srresnet_ddtb_refqsr84":
+        for i, r in roof.items():
+            assert r["A100_us"] > 0 and r["H100_us"] > 0
+            if graph["variants"][int(i)] != "f16mma":
+                assert 1.0 <= r["issued_over_useful"] <= 1.2
+        assert graph["f16_fallback"] == {} and graph["f16mma_convs"] == graph["act_bits"].count(32)
+        assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
+        splits = []
+        for i, plan in graph["f16mma"].items():
+            c, o = plan["kernel_problem"][:2]
+            if plan["split"] == 3:  # the RGB head: 3 x 3 channels padded to 16
+                splits.append(i)
+                assert c == 16 and plan["issued_over_useful"] == pytest.approx(16 / 3, abs=1e-4)
+            elif o == 32:  # the 64 -> 3 tail, folded
+                assert plan["folding"] != "none" and plan["issued_over_useful"] <= 1.3
+            else:
+                assert plan["folding"] == "none" and plan["issued_over_useful"] == 1.0
+            assert roof[i]["variant"] == "f16mma"
+        assert splits == (["0"] if graph["f16mma_convs"] else [])
+        if graph["f16mma_convs"]:
+            assert man["device_code"][graph_name]["mma_f16"] > 0
+    if name == "carn_ddtb_refqsr84":
         assert shifted > 0  # DDTB's asymmetric 8-bit weights beyond s8 are among them
     for counts in man["device_code"].values():
         assert (
@@ -249,10 +396,10 @@ def test_bundled_model_convs_are_all_integer(bundled):
 
 
 @needs_nvcc
-def test_bundled_model_sass_has_imma_and_no_spills(bundled):
+def test_bundled_model_sass_has_tensor_cores_and_no_spills(bundled):
     """The compiled device code itself (``cuobjdump -sass`` of the fatbin): every integer conv
-    kernel issues tensor-core IMMA instructions, and no kernel of any graph spills registers to
-    local memory (LDL/STL)."""
+    kernel issues tensor-core IMMA instructions and every float conv kernel HMMA, and no kernel
+    of any graph spills registers to local memory (LDL/STL)."""
     if cuda_toolchain.sass_tools() is None:
         pytest.skip(
             "cuobjdump or nvdisasm missing (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm): no SASS counts"
@@ -264,11 +411,15 @@ def test_bundled_model_sass_has_imma_and_no_spills(bundled):
         assert sass is not None and sass["kernels"] > 0
         kernels = sass["conv_kernels"]
         assert kernels  # convs of one shape share a kernel
+        floats = [k for k in kernels if k.startswith("fconv_f16mma_")]
+        assert bool(floats) == ("f16mma" in graph["variants"]), (graph_name, sorted(kernels))
         for kernel, counts in kernels.items():
-            assert counts["IMMA"] > 0 and counts["IDP"] == 0, (graph_name, kernel, counts)
+            mma, other = ("HMMA", "IMMA") if kernel in floats else ("IMMA", "HMMA")
+            assert counts[mma] > 0 and counts[other] == 0 and counts["IDP"] == 0, (graph_name, kernel, counts)
             assert counts["LDL"] == 0 and counts["STL"] == 0, (graph_name, kernel, counts)
             assert counts["local_bytes"] == 0 and counts["shared_bytes"] > 0, (graph_name, kernel, counts)
         assert sass["conv_totals"]["IMMA"] == sum(c["IMMA"] for c in kernels.values())
+        assert sass["conv_totals"]["HMMA"] == sum(c["HMMA"] for c in kernels.values())
         assert sass["local_memory"] == [] and sass["all_totals"]["LDL"] == sass["all_totals"]["STL"] == 0
 
 
@@ -320,6 +471,9 @@ def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name
     assert ("s4mma" if bits == (4, 3) and arch == "sm_80" else "s8mma") in variants
     assert arch == "sm_80" or "s4mma" not in variants
     assert not result.float_reasons  # every quantized conv is an integer conv
+    # every full-precision conv on fp16 tensor cores (their fp16 rounding is within the 50 dB below)
+    assert not result.f16_fallback
+    assert all((c.variant == "f16mma") == (c.act_bits == 32) for c in result.convs)
     if name == "clustblock":
         assert 0 in result.im2col and result.convs[0].variant == "s8mma"
     if scheme == "ddtb":  # weights beyond s8 run shifted

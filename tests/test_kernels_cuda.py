@@ -1,6 +1,7 @@
-"""CUDA integer conv kernels (refqsr_engine.kernels.conv2d_cuda): packing, the LLVM twins and the
-numpy replay of the s4 tensor-core kernel (bit-exact vs torch), the nvcc builds' PTX (dp4a, s4
-mma), and -- only where a GPU exists -- the kernels themselves."""
+"""CUDA conv kernels (refqsr_engine.kernels.conv2d_cuda): packing, the LLVM twins and the numpy
+replay of the tensor-core kernels (integer: bit-exact vs torch; fp16: vs a numpy fp16-in,
+fp32-accumulate conv), the nvcc builds' PTX and SASS (dp4a, s4 / s8 / f16 mma), and -- only where
+a GPU exists -- the kernels themselves."""
 
 import re
 
@@ -20,6 +21,7 @@ SMALL = {
     64: cc.Conv2dCudaShape(2, 64, 64, 12, 12),
 }
 PRODUCTION = cc.Conv2dCudaShape(1, 64, 64, 96, 96)
+INTEGER_VARIANTS = tuple(v for v in cc.VARIANTS if v not in cc.FLOAT_VARIANTS)
 
 
 def ranges(variant, signed):
@@ -123,7 +125,7 @@ def test_shape_and_arch_checks():
 # CPU: LLVM twins and the replay of the s4 kernel, bit-exact vs torch float64
 
 
-@pytest.mark.parametrize("variant", cc.VARIANTS)
+@pytest.mark.parametrize("variant", INTEGER_VARIANTS)
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("channels", [32, 64])
 def test_llvm_twin_matches_reference(variant, signed, channels):
@@ -409,7 +411,7 @@ Resource usage:
     }
 
 
-SASS_CASES = [(v, a) for v in ("s8mma", "s4mma", "dp4a") for a in ("sm_80", "sm_90")]
+SASS_CASES = [(v, a) for v in ("s8mma", "s4mma", "dp4a", "f16mma") for a in ("sm_80", "sm_90")]
 
 
 @needs_sass
@@ -418,7 +420,8 @@ def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
     """Every ``mma.sync`` of the s8 kernel is one ``IMMA`` on sm_80 and sm_90, and of the s4
     kernel on sm_80 (ptxas keeps the step loop, or unrolls it: a multiple of the mma tiles of one
     step); sm_90 has no int4 tensor cores (ptxas emulates ``mma ... .s4``: fewer IMMA than mma
-    tiles a step, so the compiler never picks the s4 kernel for sm_90); dp4a is ``IDP.4A``. The
+    tiles a step, so the compiler never picks the s4 kernel for sm_90); the f16 kernel's are
+    ``HMMA`` (fp32 accumulators) on both; dp4a is ``IDP.4A``. The
     tensor-core kernels stage through shared memory (LDS, STS, BAR); no kernel touches local
     memory (LDL, STL)."""
     k = cc.build_conv2d_cuda(PRODUCTION, variant, arch)
@@ -438,7 +441,138 @@ def test_sass_tensor_core_instructions_and_no_spills(variant, arch):
     words = 2 * (cfg.bm + cfg.bn) * cfg.stride
     reserved = 1024 if arch == "sm_90" else 0
     assert 4 * (words - 2 * cfg.stride) + reserved <= counts["shared_bytes"] <= 4 * words + reserved + 64
+    mma, other = ("HMMA", "IMMA") if variant == "f16mma" else ("IMMA", "HMMA")
+    assert counts[other] == 0
     if variant == "s4mma" and arch == "sm_90":
         assert 0 < counts["IMMA"] < tiles
     else:
-        assert counts["IMMA"] % tiles == 0 and tiles <= counts["IMMA"] <= cfg.ksteps * tiles
+        assert counts[mma] % tiles == 0 and tiles <= counts[mma] <= cfg.ksteps * tiles
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 tensor cores (f16mma): fp16 operands, fp32 sums
+
+
+F16_SHAPES = {
+    "k16": cc.Conv2dCudaShape(2, 16, 16, 12, 12),  # 18 chunks of 8 channels: m16n8k16
+    "k8": cc.Conv2dCudaShape(1, 8, 24, 8, 6),  # 9 chunks: m16n8k8
+    "kx1": cc.Conv2dCudaShape(1, 16, 32, 8, 10, 3, kernel_w=1),  # a K x 1 kernel (the folded tail)
+    "1x1": cc.Conv2dCudaShape(2, 24, 16, 4, 6, 1),  # 3 chunks: m16n8k8
+}
+
+
+def float_operands(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((shape.batch, shape.in_ch, shape.height, shape.width)).astype(np.float32)
+    w = rng.standard_normal((shape.out_ch, shape.in_ch, shape.kernel, shape.kw_taps)).astype(np.float32)
+    return x, w
+
+
+def f16_reference(x, w) -> np.ndarray:
+    """NCHW float32: operands rounded to fp16 (numpy, round to nearest even), each product exact
+    in fp32, summed in fp32 over (kh, kw, c) in that order -- the twin's loop order."""
+    x16 = np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    w16 = np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
+    n, c, h, wd = x16.shape
+    o, _, kh, kw = w16.shape
+    xp = np.pad(x16, ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+    acc = np.zeros((n, o, h, wd), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            for ci in range(c):
+                acc += xp[:, ci, None, i : i + h, j : j + wd] * w16[None, :, ci, i, j, None, None]
+    return acc
+
+
+def test_f16_packing_layout_and_rounding():
+    words = cc.pack_halves(np.array([[1.0, -2.0]]))
+    assert words.dtype == np.uint32 and words[0, 0] == 0xC0003C00  # element i in bits 16i..16i+15
+    tie = np.float32(1 + 2**-11)  # halfway between 1 and the next fp16: rounds to even (1.0)
+    assert cc.unpack_halves(cc.pack_halves(np.array([tie, 65504.0], np.float32)))[0] == 1.0
+    s = F16_SHAPES["kx1"]
+    x, w = float_operands(s, 1)
+    a = cc.pack_activations_f16(x, s.kernel, s.kernel_w)
+    assert a.shape == s.act_shape("f16mma") == (1, 10, 10, 8)  # rows padded by 1, columns not
+    word = int(a[0, 3 + 1, 5, 13 // 2])
+    assert np.float32(np.uint16(word >> 16).view(np.float16)) == np.float32(np.float16(x[0, 13, 3, 5]))
+    wp = cc.pack_weights_f16(w)
+    assert wp.shape == s.weight_shape("f16mma") == (32, 3, 8)
+    np.testing.assert_array_equal(
+        cc.unpack_halves(wp).reshape(32, 3, 16).transpose(0, 2, 1)[..., None], w.astype(np.float16)
+    )
+
+
+@pytest.mark.parametrize("name", list(F16_SHAPES))
+def test_f16mma_replay_and_twin_match_fp16_reference(name):
+    """The f16 kernel's staging and fragment math replayed with the PTX ISA layouts (e = 2 halves
+    a register) against a numpy fp16-in, fp32-accumulate conv (the replay sums each mma in
+    float64 first: a different fp32 rounding order, so within 1e-5 of the sum of |products|), and
+    the LLVM twin equal to the reference exactly (same fp16 rounding, same fp32 loop order)."""
+    s = F16_SHAPES[name]
+    x, w = float_operands(s, seed=len(name))
+    a, wp = cc.pack_activations_f16(x, s.kernel, s.kernel_w), cc.pack_weights_f16(w)
+    want = f16_reference(x, w)
+    bound = f16_reference(np.abs(x), np.abs(w))
+    cfg = cc.mma_config(s, "f16mma")
+    assert cfg.mma_shape == ("m16n8k8" if name in ("k8", "1x1") else "m16n8k16")  # odd / even chunk counts
+    got = cc.unpack_output(cc.emulate_f16mma(s, a, wp), "f16mma")
+    assert got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-30)
+    twin = cc.build_conv2d_twin(s, "f16mma")(a, wp)
+    assert twin.dtype == np.float32
+    np.testing.assert_array_equal(cc.unpack_output(twin, "f16mma"), want)
+
+
+def test_f16mma_replay_detects_a_wrong_fragment_mapping(monkeypatch):
+    """Negative controls for the f16 replay: the K halves of the A fragment swapped, the lane
+    mapping transposed (row ``lane % 8``, word ``lane // 8`` instead of ``lane // 4``, ``lane % 4``),
+    the staged rows exchanged, the accumulator columns swapped and the words read as bytes must
+    each move the result far from the reference."""
+    s = F16_SHAPES["k16"]
+    x, w = float_operands(s, seed=3)
+    a, wp = cc.pack_activations_f16(x, s.kernel), cc.pack_weights_f16(w)
+    want = f16_reference(x, w)
+    cfg = cc.mma_config(s, "f16mma")
+    assert cfg.kw == 8 and cfg.stride == 12
+
+    def transposed(right):
+        def frag(cfg, wm, mi, lane, reg):
+            lane_t = (lane % 8) * 4 + lane // 8
+            return right(cfg, wm, mi, lane_t, reg)
+
+        return frag
+
+    wrong = {
+        "_a_frag": lambda right: lambda cfg, wm, mi, lane, reg: right(cfg, wm, mi, lane, reg ^ 2),
+        "_b_frag": transposed,
+        "_stage_dst": lambda right: lambda cfg, idx: right(cfg, (idx // cfg.kw ^ 1) * cfg.kw + idx % cfg.kw),
+        "_c_index": lambda right: lambda shape, m0, o0, lane, reg: right(shape, m0, o0, lane, reg ^ 1),
+        "_unpack_words": lambda right: lambda words, bits, signed: cc.unpack_bytes(words, signed)[..., :2],
+    }
+    for name, make in wrong.items():
+        right = getattr(cc, name)
+        monkeypatch.setattr(cc, name, make(right))
+        got = cc.unpack_output(cc.emulate_f16mma(s, a, wp), "f16mma")
+        monkeypatch.setattr(cc, name, right)
+        assert np.abs(got - want).max() > 0.1, name
+
+
+F16_BUILDS = {
+    "f16_k16": (PRODUCTION, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+    "f16_k8": (F16_SHAPES["k8"], "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32"),
+}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", list(F16_BUILDS))
+def test_cuda_build_emits_f16_mma(name):
+    shape, instruction = F16_BUILDS[name]
+    k = cc.build_conv2d_cuda(shape, "f16mma", "sm_80")
+    ptx = k.device_code
+    assert instruction in ptx and ".target sm_80" in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    if HAS_GPU:  # the kernel itself against the numpy reference
+        x, w = float_operands(shape, seed=9)
+        y = k(k.pack_activations(x), k.pack_weights(w))
+        bound = f16_reference(np.abs(x), np.abs(w))
+        assert np.all(np.abs(k.unpack_output(y) - f16_reference(x, w)) <= 1e-5 * bound + 1e-30)

@@ -99,7 +99,8 @@ class _GraphBuilder:
         if opts.float_math != "fp32" and (self.cuda or not target_has_amx(self.target)):
             raise RefQSRError(
                 f"--float-math {opts.float_math} needs an AMX CPU target (llvm, e.g. --mcpu "
-                f"sapphirerapids); other targets compute float convs in fp32 only"
+                f"sapphirerapids); CUDA targets compute float convs on fp16 tensor cores (f16mma), other "
+                f"CPU targets in fp32"
             )
 
     def build_cluster(self, classes: int, path: Path) -> list[int]:
@@ -274,7 +275,8 @@ def compile_model(
             },
             "kind": "refqsr" if isinstance(model, RefQSR) else "sr",
             "bits": bits,
-            "float_math": opts.float_math,
+            # CUDA: full-precision convs on fp16 tensor cores (per conv under graphs.*.f16mma)
+            "float_math": "f16mma" if opts.target == "cuda" else opts.float_math,
             "patch": opts.patch,
             "batch": opts.batch,
             "batches": batch_sizes(opts.batch, opts.target),

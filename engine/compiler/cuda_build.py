@@ -1,4 +1,5 @@
-"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a -> CUDA.
+"""``--target cuda``: exported graphs -> Relax -> integer convs on int8 / int4 tensor cores or dp4a,
+float convs on fp16 tensor cores -> CUDA.
 
 How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 
@@ -33,6 +34,13 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   signed range run shifted (:func:`cuda_weight_shift`). A conv whose int32 sums could overflow,
   or that has dilation or groups, stays the graph's float QDQ conv (exact fake-quantized math,
   just not integer); no bundled model has one.
+* **Full-precision convs** (``act_bits`` 32) become an fp16 pack kernel, the ``f16mma`` kernel
+  (fp16 operands, fp32 sums; weights rounded and packed at compile time) and NHWC -> NCHW; the
+  bias add stays in the graph. Few output channels fold kernel taps into the GEMM N dimension
+  (:func:`float_conv_plan`, :class:`FloatConvPlan`: the least folding within :data:`FOLD_LIMIT`
+  issued / useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16
+  products (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
+  in ``f16_fallback``.
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
   for the arch (:func:`build_cluster_library_cuda`; ``"device": "device"`` in the manifest).
@@ -179,24 +187,29 @@ def choose_cuda_variant(
     return choose_cuda_variant_why(act_bits, w_min, w_max, shape, arch)[0]
 
 
-#: datasheet peaks of dense tensor-core MACs per second (half the TOPS) and of memory bytes per
-#: second: A100 SXM4 80 GB (INT8 624 TOPS, INT4 1248 TOPS, 2039 GB/s) and H100 SXM5 (INT8 1979
-#: TOPS, no INT4 tensor cores, 3.35 TB/s). dp4a has no datasheet figure: memory time only.
+#: datasheet peaks of dense tensor-core MACs per second (half the TOPS / TFLOPS) and of memory
+#: bytes per second, from the NVIDIA A100 and H100 datasheets: A100 SXM4 80 GB (INT8 624 TOPS,
+#: INT4 1248 TOPS, FP16 312 TFLOPS, 2039 GB/s) and H100 SXM5 (INT8 1979 TOPS, no INT4 tensor
+#: cores, FP16 989.4 TFLOPS, 3.35 TB/s), dense (no sparsity). dp4a has no datasheet figure:
+#: memory time only.
 DATASHEET_PEAKS = {
-    "A100": {"s8mma": 312e12, "s4mma": 624e12, "bytes": 2.039e12},
-    "H100": {"s8mma": 989.5e12, "bytes": 3.35e12},
+    "A100": {"s8mma": 312e12, "s4mma": 624e12, "f16mma": 156e12, "bytes": 2.039e12},
+    "H100": {"s8mma": 989.5e12, "f16mma": 494.7e12, "bytes": 3.35e12},
 }
 
 
-def conv_roofline(shape: cc.Conv2dCudaShape, in_ch: int, out_ch: int, variant: str) -> dict[str, Any]:
-    """One integer conv kernel against the datasheet peaks: useful MACs (the real channels),
-    issued MACs (the padded channels the kernel computes), the bytes it must move at least (packed
-    activations with their border, packed weights, int32 output, each once) and, per GPU, the
-    lower bound on its time in microseconds: max(issued / peak MACs, bytes / bandwidth)."""
-    taps = shape.kernel**2
+def conv_roofline(
+    shape: cc.Conv2dCudaShape, in_ch: int, out_ch: int, variant: str, useful_macs: int | None = None
+) -> dict[str, Any]:
+    """One conv kernel against the datasheet peaks: useful MACs (the real channels; given as
+    ``useful_macs`` for a folded float conv, whose kernel problem is not the conv's), issued MACs
+    (the padded problem the kernel computes), the bytes it must move at least (packed activations
+    with their border, packed weights, int32 / fp32 output, each once) and, per GPU, the lower
+    bound on its time in microseconds: max(issued / peak MACs, bytes / bandwidth)."""
+    taps = shape.taps
     bits = cc.MMA_BITS.get(variant, 8)
     hp, wp = shape.padded_hw
-    useful = shape.pixels * out_ch * in_ch * taps
+    useful = shape.pixels * out_ch * in_ch * taps if useful_macs is None else int(useful_macs)
     issued = shape.pixels * shape.out_ch * shape.in_ch * taps
     moved = (shape.batch * hp * wp * shape.in_ch + shape.out_ch * taps * shape.in_ch) * bits // 8
     moved += shape.pixels * shape.out_ch * 4
@@ -246,6 +259,121 @@ class _ConvPlan:
         return dataclasses.replace(self, shape=shape, w_int=w_int, w_scale=np.pad(self.w_scale, (0, o_pad)))
 
 
+#: issued / useful MACs up to which a float conv takes the least folding (few output channels)
+FOLD_LIMIT = 1.3
+#: the foldings of a float conv's kernel taps into the GEMM N dimension, least first: none;
+#: "kw", N = (o, kw), a K x 1 conv over the padded input; "khkw", N = (o, kh, kw), a 1 x 1 conv
+FOLDINGS = ("none", "kw", "khkw")
+
+
+def _ceil(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+@dataclass(frozen=True)
+class FloatConvPlan:
+    """A stride-1 float conv (``batch`` x ``in_ch`` -> ``out_ch``, ``kernel`` x ``kernel``,
+    ``height`` x ``width`` outputs) as an f16mma kernel problem ``shape`` with its kernel taps
+    folded into the output channels as ``folding`` says. The folded kernel writes partial sums
+    ``P[n][y][x][m]``: for "kw", ``m = o*K + j`` and ``out[n,o,h,w] = sum_j P[n,h,w+j,m]``; for
+    "khkw", ``m = (o*K + i)*K + j`` and ``out[n,o,h,w] = sum_{i,j} P[n,h+i,w+j,m]``."""
+
+    batch: int
+    in_ch: int
+    out_ch: int
+    kernel: int
+    height: int
+    width: int
+    folding: str = "none"
+    split: int = 1  # fp16 pieces per operand product (:data:`~...kernels.conv2d_cuda.SPLIT_PARTS`)
+
+    @property
+    def taps_folded(self) -> int:
+        return {"none": 1, "kw": self.kernel, "khkw": self.kernel**2}[self.folding]
+
+    @property
+    def shape(self) -> cc.Conv2dCudaShape:
+        b, k, h, w = self.batch, self.kernel, self.height, self.width
+        c = _ceil(self.split * self.in_ch, cc.mma_chunk_channels("f16mma"))  # zero channels up to a K chunk
+        o = _ceil(self.out_ch * self.taps_folded, 8)
+        if self.folding == "none":
+            return cc.Conv2dCudaShape(b, c, o, h, w, k)
+        if self.folding == "kw":
+            return cc.Conv2dCudaShape(b, c, o, h, w + k - 1, k, kernel_w=1)
+        return cc.Conv2dCudaShape(b, c, o, h + k - 1, w + k - 1, 1)
+
+    @property
+    def useful_macs(self) -> int:
+        return self.batch * self.height * self.width * self.out_ch * self.in_ch * self.kernel**2
+
+    @property
+    def issued_macs(self) -> int:
+        s = self.shape
+        return s.pixels * s.out_ch * s.in_ch * s.taps
+
+    def weights(self, w: np.ndarray) -> np.ndarray:
+        """OIHW float weights of the conv -> OIHW weights of the kernel problem (zero padded); with
+        ``split``, the input channel blocks [w_hi, w_hi, w_lo] (w_lo = w - fp16(w), rounded to
+        fp16 when packed) against the activation blocks [x_hi, x_lo, x_hi]."""
+        s, k, o = self.shape, self.kernel, self.out_ch
+        w = np.asarray(w, np.float32)
+        if self.split > 1:
+            hi = w.astype(np.float16).astype(np.float32)
+            w = np.concatenate([hi, hi, w - hi][: self.split], axis=1)
+        c = w.shape[1]
+        if self.folding == "none":
+            folded = w
+        elif self.folding == "kw":  # [o*K + j][c][i][0] = w[o][c][i][j]
+            folded = w.transpose(0, 3, 1, 2).reshape(o * k, c, k, 1)
+        else:  # [(o*K + i)*K + j][c][0][0] = w[o][c][i][j]
+            folded = w.transpose(0, 2, 3, 1).reshape(o * k * k, c, 1, 1)
+        pad = ((0, s.out_ch - folded.shape[0]), (0, s.in_ch - c), (0, 0), (0, 0))
+        return np.pad(folded.astype(np.float32), pad)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "variant": "f16mma",
+            "folding": self.folding,
+            "split": self.split,
+            "kernel_problem": [self.shape.in_ch, self.shape.out_ch, self.shape.kernel, self.shape.kw_taps],
+            "useful_macs": self.useful_macs,
+            "issued_macs": self.issued_macs,
+            "issued_over_useful": round(self.issued_macs / self.useful_macs, 4),
+        }
+
+
+#: input channels up to which a float conv runs split (3 fp16 products a MAC, fp32-grade sums):
+#: the RGB head, whose output feeds the first quantizer (fp16 rounding there moves activations
+#: across quantization steps: -0.016 dB PSNR-Y on DDTB-4 SRResNet), and whose 3 channels pad to
+#: 8 or 16 anyway
+SPLIT_MAX_CHANNELS = 5
+
+
+def float_conv_plan(
+    batch: int, in_ch: int, out_ch: int, kernel: int, height: int, width: int
+) -> tuple[FloatConvPlan | None, str | None]:
+    """(plan, why none): the least folding (:data:`FOLDINGS`) whose issued MACs are at most
+    :data:`FOLD_LIMIT` x the useful ones, else the one that issues the fewest (a 3-channel input
+    padded to 8 is over the limit whatever the folding); None with the reason when no f16mma
+    layout takes the conv. Convs of at most :data:`SPLIT_MAX_CHANNELS` input channels run split
+    in three (x_hi w_hi + x_lo w_hi + x_hi w_lo)."""
+    fits, why = [], None
+    split = 3 if in_ch <= SPLIT_MAX_CHANNELS else 1
+    for folding in FOLDINGS if kernel > 1 else ("none",):
+        plan = FloatConvPlan(batch, in_ch, out_ch, kernel, height, width, folding, split)
+        try:
+            plan.shape.check("f16mma")
+        except ValueError as err:
+            why = why or str(err)
+            continue
+        if plan.issued_macs <= FOLD_LIMIT * plan.useful_macs:
+            return plan, None
+        fits.append(plan)
+    if not fits:
+        return None, why
+    return min(fits, key=lambda p: p.issued_macs), None
+
+
 def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
     return cc.PRIMFUNCS[variant](shape, False).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
 
@@ -260,9 +388,12 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 
 @mutator
 class _CudaRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str):
+    def __init__(
+        self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str, f16: bool = True
+    ):
         super().__init__(mod)
         self.arch = arch
+        self.f16 = f16
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
@@ -274,7 +405,7 @@ class _CudaRewriter(PyExprMutator):
             return call
         report, matched = classify_conv(call, self.table, self.result, self.lookup_binding)
         if matched is None:
-            return call
+            return self._float_conv(call, report) if self.f16 else call
         index = report.index
         plan = self._plan(call, matched, report)
         if isinstance(plan, str):
@@ -352,10 +483,89 @@ class _CudaRewriter(PyExprMutator):
             self.result.im2col[report.index] = list(plan.im2col)
         return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
 
+    # -- full-precision convs: fp16 tensor cores ----------------------------------------------
+    def _float_plan(self, call: relax.Call) -> tuple[FloatConvPlan, np.ndarray] | str:
+        """The conv's f16mma plan and its OIHW fp32 weights, or why it has none (a string)."""
+        a = call.attrs
+        weight = call.args[1]
+        if isinstance(weight, relax.Var):
+            weight = self.lookup_binding(weight) or weight
+        if not isinstance(weight, tvm.ir.GenericConst):
+            return "weights are not a constant"
+        if [int(v) for v in a.dilation] != [1, 1] or int(a.groups) != 1:
+            return "dilation or groups other than 1"
+        if [int(v) for v in a.strides] != [1, 1]:
+            return "stride other than 1"
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or call.ty.dtype != "float32":
+            return f"layout {a.data_layout}/{a.kernel_layout} or dtype {call.ty.dtype}"
+        w = weight.value.numpy().astype(np.float32)
+        o, c, kh, kw = w.shape
+        if kh != kw or kh % 2 == 0:
+            return f"kernel {kh}x{kw} (f16mma takes odd square ones)"
+        n, _, oh, ow = (int(v) for v in call.ty.shape)
+        plan, why = float_conv_plan(n, c, o, kh, oh, ow)
+        return why if plan is None else (plan, w)
+
+    def _float_conv(self, call: relax.Call, report: ConvReport) -> relax.Expr:
+        """``conv2d(x, W)`` (fp32) -> fp16 pack of x, the f16mma kernel (fp32 sums), the shift-add
+        of a folded plan and NHWC -> NCHW; the bias add after it stays as it is."""
+        planned = self._float_plan(call)
+        if isinstance(planned, str):
+            self.result.f16_fallback[report.index] = planned
+            return call  # dlight's fp32 schedule
+        plan, w = planned
+        op, emit = relax.op, self.builder_.emit
+        s = plan.shape
+        x = call.args[0]
+        n, c, h, wd = (int(v) for v in x.ty.shape)
+        pads = tuple(int(v) for v in call.attrs.padding)
+        if (h + pads[0] + pads[2], wd + pads[1] + pads[3]) != s.padded_hw:
+            self.result.f16_fallback[report.index] = f"padding {pads} does not give the padded input {s.padded_hw}"
+            return call
+        key = ("pack", n, c, h, wd, pads, s.in_ch, plan.split)
+        if key not in self.kernels:
+            name = f"f16pack_{len(self.kernels)}"
+            prim = cc.f16_pack_compute(n, c, h, wd, pads, s.in_ch, plan.split).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder_.add_func(prim, name)
+        packed = emit(relax.call_tir(self.kernels[key], [x], relax.TensorType(s.act_shape("f16mma"), "uint32")))
+        weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
+        part = emit(
+            relax.call_tir(
+                self._kernel(s, "f16mma"), [packed, weights], relax.TensorType(s.out_shape("f16mma"), "float32")
+            )
+        )
+        y = self._unfold(part, plan)
+        report.variant = "f16mma"
+        report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
+        self.result.float_plans[report.index] = plan.report()
+        self.result.roofline[report.index] = conv_roofline(s, s.in_ch, s.out_ch, "f16mma", plan.useful_macs)
+        return emit(op.permute_dims(y, [0, 3, 1, 2]))
+
+    def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
+        """NHWC ``[N][H][W][O]`` conv output from the kernel's partial sums (see :class:`FloatConvPlan`):
+        strided slices of the channel axis (stride = folded taps) summed over the folded taps;
+        FuseOps makes it one elementwise kernel."""
+        op, o, k, h, w = relax.op, plan.out_ch, plan.kernel, plan.height, plan.width
+        if plan.folding == "none":
+            if plan.shape.out_ch == o:
+                return part
+            return self.builder_.emit(op.strided_slice(part, axes=[3], begin=[0], end=[o]))
+        t = plan.taps_folded
+        total = None
+        for i in range(k if plan.folding == "khkw" else 1):
+            for j in range(k):
+                m = i * k + j if plan.folding == "khkw" else j
+                tap = op.strided_slice(
+                    part, axes=[1, 2, 3], begin=[i, j, m], end=[i + h, j + w, m + t * (o - 1) + 1], strides=[1, 1, t]
+                )
+                total = tap if total is None else op.add(total, tap)
+        return self.builder_.emit(total)
+
     def _kernel(self, shape: cc.Conv2dCudaShape, variant: str) -> tvm.ir.GlobalVar:
         key = (shape, variant)  # convs that differ only in their weights share code
         if key not in self.kernels:
-            name = f"qconv_{variant}_{len(self.kernels)}"
+            prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
+            name = f"{prefix}_{variant}_{len(self.kernels)}"
             prim = self.make_kernel(shape, variant).with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
             self.kernels[key] = self.builder_.add_func(prim, name)
         return self.kernels[key]
@@ -473,16 +683,24 @@ class CudaConvResult(QDQConvResult):
     no_mma_reasons: dict[int, str] = field(default_factory=dict)  # conv index -> why dp4a, not a tensor core
     im2col: dict[int, list[int]] = field(default_factory=dict)  # conv index -> [K, stride h, stride w]
     roofline: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> conv_roofline(...)
+    float_plans: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> FloatConvPlan.report()
+    f16_fallback: dict[int, str] = field(default_factory=dict)  # full-precision conv index -> why not f16mma
 
 
 def rewrite_qdq_convs_cuda(
-    mod: tvm.IRModule, conv_table: Sequence[dict], twin: bool = False, func_name: str = "main", arch: str = "sm_80"
+    mod: tvm.IRModule,
+    conv_table: Sequence[dict],
+    twin: bool = False,
+    func_name: str = "main",
+    arch: str = "sm_80",
+    f16: bool = True,
 ) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
-    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue;
-    ``arch`` decides which tensor cores the kernels may use."""
+    quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue, and
+    (``f16``) every full-precision conv by an f16mma kernel; ``arch`` decides which tensor cores
+    the kernels may use."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch)
+    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16)
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func
@@ -595,15 +813,17 @@ def _cuda_compile_hook(arch: str, sink: list):
 _DP4A_RE = re.compile(r"\bdp4a\.[us]32\.[us]32\b")
 _MMA_S4_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:32|64)\.row\.col\.s32\.[us]4\.s4\.s32\b")
 _MMA_S8_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:16|32)\.row\.col\.s32\.[us]8\.s8\.s32\b")
+_MMA_F16_RE = re.compile(r"\bmma\.sync\.aligned\.m16n8k(?:8|16)\.row\.col\.f32\.f16\.f16\.f32\b")
 
 
 def count_integer_instructions(ptx: str) -> dict[str, int]:
-    """``{"dp4a": n, "mma_s4": n, "mma_s8": n}``: integer dot-product / int4 / int8 tensor-core
-    instructions in ``ptx``."""
+    """``{"dp4a": n, "mma_s4": n, "mma_s8": n, "mma_f16": n}``: integer dot-product / int4 / int8
+    tensor-core instructions in ``ptx``, and the fp16 ones (f32 accumulators) of the float convs."""
     return {
         "dp4a": len(_DP4A_RE.findall(ptx)),
         "mma_s4": len(_MMA_S4_RE.findall(ptx)),
         "mma_s8": len(_MMA_S8_RE.findall(ptx)),
+        "mma_f16": len(_MMA_F16_RE.findall(ptx)),
     }
 
 
@@ -627,8 +847,9 @@ class CudaGraphBuild:
         return {
             "inputs": self.inputs,
             "outputs": self.outputs,
-            "integer_convs": sum(c.variant is not None for c in convs),
-            "float_convs": sum(c.variant is None for c in convs),
+            "integer_convs": sum(c.variant is not None and c.variant not in cc.FLOAT_VARIANTS for c in convs),
+            "float_convs": sum(c.variant is None or c.variant in cc.FLOAT_VARIANTS for c in convs),
+            "f16mma_convs": sum(c.variant == "f16mma" for c in convs),
             "variants": [c.variant for c in convs],
             "act_bits": [c.act_bits for c in convs],
             "weight_ranges": [list(c.weight_range) if c.weight_range else None for c in convs],
@@ -637,6 +858,8 @@ class CudaGraphBuild:
             "im2col": {str(i): v for i, v in self.result.im2col.items()},
             "dp4a_why": {str(i): why for i, why in self.result.no_mma_reasons.items()},
             "roofline": {str(i): r for i, r in self.result.roofline.items()},
+            "f16mma": {str(i): p for i, p in self.result.float_plans.items()},
+            "f16_fallback": {str(i): why for i, why in self.result.f16_fallback.items()},
             "refer_warps": self.refer_warps,
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
@@ -684,7 +907,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
 
 
 #: the SASS kernels of the integer convs: TVM names a PrimFunc's kernel ``<symbol>_kernel``
-_CONV_KERNEL = re.compile(r"^qconv_(dp4a|s4mma|s8mma)_\d+_kernel$")
+_CONV_KERNEL = re.compile(r"^(?:qconv_(?:dp4a|s4mma|s8mma)|fconv_f16mma)_\d+_kernel$")
 
 
 def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | None:
@@ -709,15 +932,16 @@ def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | Non
     }
 
 
-def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80"):
+def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80", f16: bool = True):
     """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
     built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
-    graph's math, runnable without a GPU. Returns ``(executable, CudaConvResult)``."""
+    graph's math, runnable without a GPU (``f16=False``: the full-precision convs left fp32).
+    Returns ``(executable, CudaConvResult)``."""
     from .build import cpu_pipeline
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _, _ = import_graph_cuda(model, batch)
-    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch)
+    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch, f16=f16)
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
 

@@ -1,0 +1,92 @@
+"""Per-patch roofline of a CUDA artifact's conv kernels beside PyTorch fp16's bound.
+
+    python -m refqsr_engine.benchmarks.cuda_roofline                       # default model, sm_80, compiled here
+    python -m refqsr_engine.benchmarks.cuda_roofline --model srresnet_ddtb4 --arch sm_90
+    python -m refqsr_engine.benchmarks.cuda_roofline --artifact ART        # an artifact's manifest
+
+For every graph, the manifest's per-conv ``roofline`` (each conv kernel's lower bound on its time
+from datasheet peaks: max(issued MACs / tensor-core peak, bytes / bandwidth), integer convs on
+int8 / int4, full-precision convs on fp16 tensor cores) is summed and divided by the batch: the
+conv kernels' bound per patch on an A100 SXM4 and an H100 SXM5. Beside it, PyTorch fp16's bound:
+the graph's useful MACs (every conv, real channels) at the dense fp16 tensor-core peak, the best a
+network run in fp16 could do on the same GPU whatever its kernels. Neither counts the pack,
+epilogue and shift-add kernels or the RefER warps between the convs; both are bounds computed
+from shapes, not measurements (no GPU here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+GPUS = ("A100", "H100")
+
+
+def graph_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per graph of a CUDA artifact's manifest: convs, useful MACs per patch, and per GPU
+    the summed conv roofline and the fp16 bound per patch (microseconds)."""
+    from ..engine.compiler.cuda_build import DATASHEET_PEAKS
+
+    batch = int(manifest["batch"])
+    rows = []
+    for name, graph in manifest["graphs"].items():
+        roof = graph["roofline"]
+        useful = sum(r["useful_macs"] for r in roof.values())
+        row: dict[str, Any] = {
+            "graph": name,
+            "convs": len(roof),
+            "f16mma": graph.get("f16mma_convs", 0),
+            "useful_gmacs_per_patch": useful / batch / 1e9,
+        }
+        for gpu in GPUS:
+            row[f"{gpu}_us"] = sum(r[f"{gpu}_us"] for r in roof.values()) / batch
+            row[f"{gpu}_fp16_us"] = useful / DATASHEET_PEAKS[gpu]["f16mma"] * 1e6 / batch
+        rows.append(row)
+    return rows
+
+
+def _manifest(args) -> dict[str, Any]:
+    if args.artifact:
+        return json.loads((Path(args.artifact) / "manifest.json").read_text())
+    from ..engine.compiler.compile_model import compile_model
+    from ..engine.compiler.options import CompileOptions
+
+    opts = CompileOptions(model=args.model, target="cuda", arch=args.arch, patch=args.patch, batch=args.batch)
+    with tempfile.TemporaryDirectory(prefix="refqsr-roofline-") as tmp:
+        compile_model(opts, Path(tmp) / "artifact", keep_onnx=False)
+        return json.loads((Path(tmp) / "artifact" / "manifest.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="carn_ddtb_refqsr84")
+    ap.add_argument("--arch", default="sm_80", choices=["sm_80", "sm_86", "sm_89", "sm_90"])
+    ap.add_argument("--patch", type=int, default=96)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--artifact", help="read this CUDA artifact's manifest instead of compiling")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    man = _manifest(args)
+    rows = graph_rows(man)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    model = man.get("model", {}).get("name", args.model)
+    print(f"{model}, {man['target']['arch']}, patch {man['patch']}, batch {man['batch']}: microseconds per patch")
+    head = f"{'graph':<11}{'convs':>6}{'f16mma':>7}{'GMAC':>8}"
+    for gpu in GPUS:
+        head += f"{gpu + ' convs':>12}{gpu + ' fp16':>11}"
+    print(head)
+    for r in rows:
+        line = f"{r['graph']:<11}{r['convs']:>6}{r['f16mma']:>7}{r['useful_gmacs_per_patch']:>8.3f}"
+        for gpu in GPUS:
+            line += f"{r[gpu + '_us']:>12.2f}{r[gpu + '_fp16_us']:>11.2f}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""PSNR-Y of the CUDA graph's fp16 float convs against the same graph with fp32 float convs, on
+the CPU through the LLVM twins (no GPU needed).
+
+    python -m refqsr_engine.benchmarks.f16_gate                     # default model, 4 val images, 48 x 48 LR
+    python -m refqsr_engine.benchmarks.f16_gate --val data/sr/val --limit 4 --patch 48
+
+The model's reference graph (a whole 4x SR network: the graph that upscales reference patches) is
+exported at ``--patch`` and rewritten for CUDA twice (:func:`~..engine.compiler.cuda_build.build_graph_twin`):
+with every full-precision conv on f16mma (activations and weights rounded to fp16 as the GPU
+kernel rounds them, fp32 sums) and with them left fp32. Both run on the centre ``4*patch`` crops
+of the validation images (one LR patch each, the integer convs identical in both), and PSNR-Y
+(shave 4, 8-bit output) against the HR crop is reported per image and as the mean; the gate is a
+mean drop of at most 0.01 dB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+
+GATE_DB = 0.01
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="carn_ddtb_refqsr84")
+    ap.add_argument("--val", default=None, help="validation folder or held-out set name (default data/sr/val)")
+    ap.add_argument("--limit", type=int, default=4)
+    ap.add_argument("--patch", type=int, default=48)
+    ap.add_argument("--arch", default="sm_80")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import onnx
+    import tvm
+    from tvm import relax
+
+    from ..engine.compiler.cuda_build import build_graph_twin
+    from ..engine.models_store import resolve_model
+    from ..export.onnx_export import export_refqsr, export_sr
+    from ..metrics.quality import psnr_y, sr_to_uint8
+    from ..models.checkpoint import load_model
+    from ..models.refqsr import RefQSR
+    from .valdata import SCALE, validation_set
+
+    p = args.patch
+    pairs, info = validation_set(args.val, crop=(SCALE * p, SCALE * p), limit=args.limit)
+    pairs = [q for q in pairs if q.lr.shape[:2] == (p, p)]
+    lr = np.stack([q.lr.transpose(2, 0, 1) for q in pairs]).astype(np.float32) / 255.0
+    model, _ = load_model(resolve_model(args.model))
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="refqsr-f16gate-") as tmp:
+        if isinstance(model, RefQSR):
+            path = export_refqsr(model, f"{tmp}/onnx", p)["reference"]
+        else:
+            from ..models.model_info import model_bits
+
+            path = export_sr(model, model_bits(model), f"{tmp}/onnx", p)["sr"]
+        graph = onnx.load(str(path))
+    out: dict[str, dict[str, float]] = {}
+    seconds = {}
+    plans = {}
+    for f16 in (False, True):
+        t = time.perf_counter()
+        exe, result = build_graph_twin(graph, len(pairs), arch=args.arch, f16=f16)
+        y = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(lr))
+        sr = (y if hasattr(y, "numpy") else y[0]).numpy()
+        seconds["f16" if f16 else "fp32"] = round(time.perf_counter() - t, 1)
+        key = "f16mma" if f16 else "fp32"
+        out[key] = {q.name: psnr_y(sr_to_uint8(s), q.hr, shave=SCALE) for q, s in zip(pairs, sr)}
+        if f16:
+            plans = {str(i): v["folding"] for i, v in result.float_plans.items()}
+    mean = {k: float(np.mean(list(v.values()))) for k, v in out.items()}
+    drop = mean["fp32"] - mean["f16mma"]
+    report = {
+        "model": args.model,
+        "graph": "reference" if isinstance(model, RefQSR) else "sr",
+        "val": info["source"],
+        "lr_patch": p,
+        "images": {q.name: {k: round(out[k][q.name], 4) for k in out} for q in pairs},
+        "mean_psnr_y": {k: round(v, 4) for k, v in mean.items()},
+        "drop_db": round(drop, 4),
+        "gate_db": GATE_DB,
+        "passes": drop <= GATE_DB,
+        "f16mma_convs": len(plans),
+        "seconds": seconds,
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{args.model} {report['graph']} graph, {len(pairs)} images ({info['source']}), LR {p} x {p}")
+        for name, v in report["images"].items():
+            print(f"  {name:<32} fp32 {v['fp32']:.4f} dB   f16mma {v['f16mma']:.4f} dB")
+        print(
+            f"  mean PSNR-Y fp32 {mean['fp32']:.4f} dB, f16mma {mean['f16mma']:.4f} dB: drop {drop:.4f} dB "
+            f"(gate {GATE_DB} dB: {'pass' if report['passes'] else 'FAIL'}); {len(plans)} float convs on f16mma"
+        )
+    return 0 if report["passes"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
