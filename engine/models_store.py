@@ -10,7 +10,7 @@ from ..errors import RefQSRError
 DEFAULT_MODEL = "default"
 # The name `default` points at the bundled model that docs/models.md's rule picks from the model cards
 # (the RefQSR model with the best mean PSNR-Y over the held-out sets); tests/test_default_rule.py checks it.
-DEFAULT_ALIAS = "carn_ddtb_refqsr84"
+DEFAULT_ALIAS = "carn_ddtb_refqsr43"
 
 
 def bundled_dir() -> Path:

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from refqsr_engine.engine.models_store import DEFAULT_ALIAS
 
 from .bundle import BUNDLE, CARRY_LIMIT, DESCRIPTION, CheckError
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"default": "srresnet_ddtb_refqsr84", "ddtb4": "srresnet_ddtb4"}
+# the engine's default model and the int4 tensor-core DDTB-4 (the bundle names them for run)
+MODELS = {"default": DEFAULT_ALIAS, "ddtb4": "srresnet_ddtb4"}
 PATCH, BATCH = 96, 16
 CUDART = "libcudart.so.13"
 # the instructions that say which units a graph's convs run on

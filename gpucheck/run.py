@@ -38,7 +38,6 @@ from .bundle import CheckError, activate, build_site, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 PSNR_BAR = 50.0
-MODELS = {"default": "srresnet_ddtb_refqsr84", "ddtb4": "srresnet_ddtb4"}
 FP_MODEL = "srresnet_fp"
 
 
@@ -339,7 +338,8 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
     report["kernels"] = check_kernels(unpacked / "kernels") + check_device_kernels(unpacked / "device_kernels")
     report["graphs"], report["latency"], report["profile"] = {}, {"engine": {}}, {}
     engines = {}
-    for key, name in MODELS.items():
+    models = {key: m["model"] for key, m in description["models"].items()}  # as prepare compiled them
+    for key, name in models.items():
         engine = CompiledModel(load_artifact(unpacked / "artifacts" / key))
         model = load_model(resolve_model(name))[0].to(cuda).eval()
         engines[key] = engine
@@ -349,7 +349,7 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
         report["latency"]["engine"][key] = time_engine_graphs(engine, sync, runs)
         graphs = ("clustblock", "reference", "query") if engine.refqsr else ("sr",)
         report["profile"][key] = {g: kernel_profile(engine, g, sync)[:15] for g in graphs}
-    report["end_to_end"] = end_to_end(unpacked, out, cuda, sync, runs)
+    report["end_to_end"] = end_to_end(unpacked, out, cuda, sync, runs, models["default"])
     fp = load_model(resolve_model(FP_MODEL))[0].eval()
     frame = np.asarray(_frame_480x270(), np.float32).transpose(2, 0, 1) / 255.0
     report["latency"]["pytorch_" + FP_MODEL] = time_torch(fp, cuda, sync, np.ascontiguousarray(frame), runs)
@@ -372,7 +372,9 @@ def _frame_480x270():
     return Image.open(REPO / "examples" / "coffee_lr.png").convert("RGB").resize((480, 270), Image.BICUBIC)
 
 
-def end_to_end(unpacked: Path, out: Path, device: Any, sync: Callable[[], None], runs: int) -> dict[str, Any]:
+def end_to_end(
+    unpacked: Path, out: Path, device: Any, sync: Callable[[], None], runs: int, default_model: str
+) -> dict[str, Any]:
     """``upscale --artifact`` of the default model on the photo and a 480x270 frame (images written
     to ``out``), each against the PyTorch model run patch-wise on the same GPU."""
     from PIL import Image
@@ -387,7 +389,7 @@ def end_to_end(unpacked: Path, out: Path, device: Any, sync: Callable[[], None],
     frame = out / "frame_480x270.png"
     _frame_480x270().save(frame)
     up = Upscaler(UpscaleOptions(artifact=str(unpacked / "artifacts" / "default"), target="cuda"))
-    model = load_model(resolve_model(MODELS["default"]))[0].to(device).eval()
+    model = load_model(resolve_model(default_model))[0].to(device).eval()
     results = {}
     for name, src in (("coffee_150x100", REPO / "examples" / "coffee_lr.png"), ("frame_480x270", frame)):
         dst = out / f"{name}_x4.png"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,11 +36,12 @@ def test_bundled_models_beat_bicubic(photo, name):
     assert card["steps"] > 0 and card["validation"]["mean"]["psnr_y"] > card["validation"]["mean"]["bicubic_psnr_y"]
 
 
-def test_default_is_the_ddtb_refqsr_8_4_model():
+def test_default_is_a_ddtb_refqsr_model_at_its_card_bits():
     from refqsr_engine.models.refqsr import RefQSR
 
     model, card = load_model(resolve_model(DEFAULT_MODEL))
-    assert isinstance(model, RefQSR) and (model.b_high, model.b_low) == (8, 4) and model.backbone.scheme == "ddtb"
+    assert isinstance(model, RefQSR) and model.backbone.scheme == "ddtb"
+    assert f"{model.b_high}-{model.b_low}" == card["bits"]
     assert card["task"] == "refqsr" and card["tail"] == "refer" and model.clustblock is not None
 
 
@@ -124,19 +126,23 @@ def _pytorch_noise_floor(pytorch, x: np.ndarray, want8: np.ndarray) -> tuple[flo
     return float(np.mean(diff <= 1)), int(diff.max())
 
 
-def compiled_and_pytorch(name: str, lr: np.ndarray, root, patch: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def compiled_and_pytorch(
+    name: str, lr: np.ndarray, root, patch: int = 24, mcpu: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Bundled model ``name`` compiled for this CPU (``patch`` px patches, batch 4) and in PyTorch, on one
     LR image (uint8 HxWx3), checked equal: the same clustering, PSNR >= 50 dB, and 8-bit pixels
     within one level as often as PyTorch's own output under float-sized input noise
     (:func:`_pytorch_noise_floor`; at least 99.5 % where that is higher), none further apart than 3
-    levels or one more than that noise moves them. Returns both 8-bit images (compiled, PyTorch)."""
+    levels or one more than that noise moves them. ``mcpu`` compiles for another x86 CPU than this one
+    (it must run here). Returns both 8-bit images (compiled, PyTorch)."""
     from refqsr_engine.engine.compiler.compile_model import compile_model
     from refqsr_engine.engine.compiler.options import CompileOptions
     from refqsr_engine.engine.runtime import CompiledModel
     from refqsr_engine.pipeline.patchwise import run_patchwise
 
     x = lr.transpose(2, 0, 1).astype(np.float32) / 255.0
-    compile_model(CompileOptions(model=name, patch=patch, batch=4, threads=2), root / "art")
+    opts = CompileOptions(model=name, patch=patch, batch=4, threads=2)
+    compile_model(opts if mcpu is None else dataclasses.replace(opts, mcpu=mcpu), root / "art")
     run = run_patchwise(CompiledModel.load(root / "art"), x, patch, 6, 4)
     model, _ = load_model(resolve_model(name))
 
@@ -184,3 +190,21 @@ def test_bundled_models_of_every_kind_compiled_equal_pytorch(photo, tmp_path, na
     """Every architecture and every kind of bits (fixed, RefQSR, δ, δ-RefQSR) as bundled, trained
     (48 px patches: ELAN-light pads to a multiple of 16, RefER pools by 3)."""
     compiled_and_pytorch(name, bicubic_degrade(photo[:192, :256], 4), tmp_path, patch=48)
+
+
+@pytest.mark.parametrize("name", ["srresnet_ddtb_refqsr43", "carn_ddtb_refqsr43"])
+def test_4_3_models_run_wholly_on_the_low_bit_avx2_kernel_and_equal_pytorch(photo, tmp_path, name):
+    """The all-low-bit RefQSR models compiled for an AVX2-only CPU (core-avx2: no AVX-512, no VNNI):
+    the reference (4-bit) and query (3-bit activations, 4-bit weights) convs all on the u4 x s4
+    vpmaddubsw kernel, the ClustBlock's 8-bit convs integer, and the output PyTorch's."""
+    assert name in bundled_models()
+    compiled_and_pytorch(name, bicubic_degrade(photo[:96, :96], 4), tmp_path, mcpu="core-avx2")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    graphs = manifest["graphs"]
+    for graph in ("reference", "query"):
+        quantized = [v for b, v in zip(graphs[graph]["act_bits"], graphs[graph]["variants"]) if b != 32]
+        assert quantized and set(quantized) == {"lowbit"}, (graph, graphs[graph]["variants"])
+    # queries: 3-bit activations, the first block and RefER's convs at the reference's 4 bits
+    assert set(graphs["query"]["act_bits"]) - {32} == {3, 4} and set(graphs["reference"]["act_bits"]) - {32} == {4}
+    cb = graphs["clustblock"]
+    assert all(v is not None for b, v in zip(cb["act_bits"], cb["variants"]) if b != 32), cb["variants"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -65,3 +66,10 @@ def test_models_json_and_table_show_the_bounds() -> None:
     for name, card in _quantized(cards).items():
         line = next(x for x in table.splitlines() if x.startswith(name + " ") or x.startswith(name + "  "))
         assert line.rstrip().endswith("met" if card["quality_bounds"]["all_met"] else "missed"), line
+
+
+def test_the_docs_table_is_the_cards_table() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    start = "<!-- bounds: python -m refqsr_engine.training.quality_bounds -->\n"
+    block = text.split(start)[1].split("<!-- /bounds -->")[0]
+    assert block.strip() == qb.bounds_table(qb.all_blocks(_cards())).strip()

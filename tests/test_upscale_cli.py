@@ -232,8 +232,8 @@ def test_folder_mode_upscales_all_and_skips_unreadable(fp_model_file, tmp_path):
 
 def test_bits_option_picks_or_checks_the_model(fp_model_file, tmp_path):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "in.png")
-    bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "4-3")
-    assert bad.exit_code == 2 and "no bundled model runs at 4-3 bits" in bad.output
+    bad = run("upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), "--bits", "4-2")
+    assert bad.exit_code == 2 and "no bundled model runs at 4-2 bits" in bad.output
     picked = run(
         "upscale",
         str(tmp_path / "in.png"),
