@@ -34,7 +34,7 @@ GATE_DB = 0.01
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="carn_ddtb_refqsr84")
+    ap.add_argument("--model", default="default")
     ap.add_argument("--val", default=None, help="validation folder or held-out set name (default data/sr/val)")
     ap.add_argument("--limit", type=int, default=4)
     ap.add_argument("--patch", type=int, default=48)

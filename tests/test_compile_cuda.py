@@ -123,6 +123,13 @@ def test_conv_roofline_against_hand_counts():
     assert r["bytes"] == 9_834_496 // 2 + 36_864 // 2 + 37_748_736 // 2 + 8 * (16 + 64)
     r2 = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s4mma", epilogue="dequant_ws")
     assert r2["bytes"] == r["bytes"] + 16 * 96 * 96 * 4 and r2["epilogue"] == "dequant_ws"
+    # the elementwise kernels around it: the pack reads the fp32 input (16 x 64 x 96 x 96) and writes
+    # the nibbles with their border, the fp16 output is read back and the fp32 NCHW output written
+    g = cb.with_glue(
+        r, cc.Conv2dCudaShape(16, 64, 64, 96, 96), "s4mma", 16 * 64 * 96 * 96, 16 * 64 * 96 * 96, "dequant"
+    )
+    glue = 37_748_736 + 9_834_496 // 2 + 37_748_736 // 2 + 37_748_736
+    assert g["glue_bytes"] == glue and g["H100_glue_us"] == pytest.approx(glue / 3.35e12 * 1e6, abs=1e-3)
     # fp16 upsampler conv 64 -> 256 at 192 x 192: fp16 activations and weights, fp32 output;
     # datasheet dense fp16: 312 TFLOPS (A100), 989.4 TFLOPS (H100)
     r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 256, 192, 192), 64, 256, "f16mma")
@@ -153,7 +160,7 @@ def test_float_conv_folding_rule():
     assert tail3.issued_macs / tail3.useful_macs == pytest.approx(32 / 27 * (386 / 384) ** 2)
     assert tail3.issued_macs <= 1.3 * tail3.useful_macs and tail3.epilogue == tail9.epilogue == "f16"
     # unfolded, CARN's tail would be faster by the roofline (its input dominates the bytes) but
-    # issues 8 / 3 x the useful MACs: recorded beside the chosen plan, not taken
+    # computes 8 / 3 x the useful MACs: recorded beside the chosen plan, not taken
     over = tail3.report()["over_limit"]
     assert over["folding"] == "none" and over["issued_over_useful"] == pytest.approx(8 / 3, abs=1e-4)
     assert over["A100_us"] < tail3.roofline()["A100_us"] and over["H100_us"] < tail3.roofline()["H100_us"]
