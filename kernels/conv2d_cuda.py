@@ -58,6 +58,13 @@ or ``m16n8k8`` (one), fp32 accumulators and a float32 NHWC output of ``sum x16 *
 may have ``kernel_w`` columns other than its ``kernel`` rows (a K x 1 kernel for a folded tail);
 :func:`f16_pack_compute` is the elementwise kernel that rounds, pads and packs fp32 activations.
 
+Epilogues (:data:`EPILOGUES`, the ``epilogue`` argument of the tensor-core kernels, their twins
+and :func:`emulate_mma`): each accumulator is transformed at its one store. "f16" (f16mma) stores
+the fp32 sum rounded to fp16; "dequant" / "dequant_ws" (s4mma, s8mma) take per-sample scale and
+zero-point operands, per-output-channel weight sums and scales, and a per-pixel int32 window term
+(read only by "dequant_ws"), and store ``fp16(fp32(acc + ws - u0 * sum_w) * (s * w_scale))``
+(:func:`dequant_epilogue_reference`): fp16 NHWC, half the bytes of the raw sums.
+
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
 layouts, plain TIR, built for LLVM) and :func:`emulate_mma` (the mma kernels' own staging,

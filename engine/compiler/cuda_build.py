@@ -22,7 +22,10 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
      ``s8mma`` (u8 x s8, ``mma.sync ... .u8.s8``), ``s4mma`` (u4 x s4, ``mma.sync ... .u4.s4``)
      or ``dp4a`` (``dp4a.u32.s32``) on the weights ``w - c``, giving raw int32 sums;
-  3. Relax ops for the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
+  3. the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``: for s4mma /
+     s8mma inside the kernel at its store, written as fp16 NHWC (``"dequant"``, ``"dequant_ws"``
+     with a shift; one rounding to fp16 after the exact fp32 math), then widened to fp32 NCHW by
+     a Relax op; for dp4a (and with ``fuse_epilogue=False``) as Relax ops on the int32 sums.
 
   FuseOps merges the injective ops of 1 and 3 into one kernel each; the conv kernel itself is
   marked opaque so nothing is fused into its hand-written schedule.
@@ -36,10 +39,11 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   just not integer); no bundled model has one.
 * **Full-precision convs** (``act_bits`` 32) become an fp16 pack kernel, the ``f16mma`` kernel
   (fp16 operands, fp32 sums; weights rounded and packed at compile time) and NHWC -> NCHW; the
-  bias add stays in the graph. Few output channels fold kernel taps into the GEMM N dimension
-  (:func:`float_conv_plan`, :class:`FloatConvPlan`: the least folding within :data:`FOLD_LIMIT`
-  issued / useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16
-  products (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
+  bias add stays in the graph; the kernel stores its sums in fp16 except for the split head. Few
+  output channels fold kernel taps into the GEMM N dimension (:func:`float_conv_plan`,
+  :class:`FloatConvPlan`: the folding of least roofline time within :data:`FOLD_LIMIT` issued /
+  useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16 products
+  (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
   in ``f16_fallback``.
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
