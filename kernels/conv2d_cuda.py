@@ -58,6 +58,13 @@ or ``m16n8k8`` (one), fp32 accumulators and a float32 NHWC output of ``sum x16 *
 may have ``kernel_w`` columns other than its ``kernel`` rows (a K x 1 kernel for a folded tail);
 :func:`f16_pack_compute` is the elementwise kernel that rounds, pads and packs fp32 activations.
 
+Epilogues (:data:`EPILOGUES`, the ``epilogue`` argument of the tensor-core kernels, their twins
+and :func:`emulate_mma`): each accumulator is transformed at its one store. "f16" (f16mma) stores
+the fp32 sum rounded to fp16; "dequant" / "dequant_ws" (s4mma, s8mma) take per-sample scale and
+zero-point operands, per-output-channel weight sums and scales, and a per-pixel int32 window term
+(read only by "dequant_ws"), and store ``fp16(fp32(acc + ws - u0 * sum_w) * (s * w_scale))``
+(:func:`dequant_epilogue_reference`): fp16 NHWC, half the bytes of the raw sums.
+
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
 layouts, plain TIR, built for LLVM) and :func:`emulate_mma` (the mma kernels' own staging,
@@ -138,9 +145,59 @@ MMA_BITS = {"s4mma": 4, "s8mma": 8, "f16mma": 16}
 FLOAT_VARIANTS = ("f16mma",)
 
 
-def out_dtype(variant: str) -> str:
-    """Element type of a variant's output: fp32 sums for the float variants, int32 otherwise."""
+#: epilogues of the tensor-core kernels, applied to the accumulators before the one store:
+#: None, the raw sums (int32 / fp32); "f16", the fp32 sums rounded to fp16 (f16mma);
+#: "dequant", the integer sums dequantized in fp32 and rounded to fp16 (s4mma / s8mma, see
+#: :func:`dequant_epilogue_reference`); "dequant_ws", the same with per-pixel int32 terms added
+#: to the sums first (a weight shift's ``c * window sum``)
+EPILOGUES = (None, "f16", "dequant", "dequant_ws")
+#: the integer epilogues: ``main(A, W, RS, RZ, CS, CW, WS, conv)``
+DEQUANT_EPILOGUES = ("dequant", "dequant_ws")
+
+
+def window_term_shape(shape: Conv2dCudaShape, epilogue: str | None) -> tuple[int, int, int]:
+    """Shape of an integer epilogue's WS operand: ``[N][H][W]`` for "dequant_ws", a one-element
+    placeholder (not read) for "dequant"."""
+    return (shape.batch, shape.height, shape.width) if epilogue == "dequant_ws" else (1, 1, 1)
+
+
+def out_dtype(variant: str, epilogue: str | None = None) -> str:
+    """Element type of a variant's output: fp32 sums for the float variants, int32 otherwise;
+    fp16 with an epilogue."""
+    _check_epilogue(variant, epilogue)
+    if epilogue is not None:
+        return "float16"
     return "float32" if variant in FLOAT_VARIANTS else "int32"
+
+
+def _check_epilogue(variant: str, epilogue: str | None) -> None:
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if epilogue == "f16" and variant not in FLOAT_VARIANTS:
+        raise ValueError(f"the f16 epilogue is for float variants, not {variant}")
+    if epilogue in DEQUANT_EPILOGUES and (variant in FLOAT_VARIANTS or variant not in MMA_BITS):
+        raise ValueError(f"the dequant epilogue is for the integer tensor-core variants, not {variant}")
+
+
+def dequant_epilogue_reference(
+    acc: np.ndarray,
+    row_scale: np.ndarray,
+    row_zero: np.ndarray,
+    col_sum: np.ndarray,
+    col_scale: np.ndarray,
+    window: np.ndarray | None = None,
+) -> np.ndarray:
+    """What the "dequant" epilogue writes for NHWC int32 sums ``acc[n][h][w][o]``:
+    ``fp16(fp32(acc + window[n,h,w] - row_zero[n] * col_sum[o]) * fp32(row_scale[n] * col_scale[o]))``
+    ("dequant_ws"; no window term for "dequant"), the integer terms in int32 and the scale product
+    in fp32, the graph epilogue's order, rounded once to fp16 (round to nearest even)."""
+    n, o = acc.shape[0], acc.shape[3]
+    total = acc.astype(np.int64) - (np.asarray(row_zero, np.int64).reshape(n, 1, 1, 1) * np.asarray(col_sum, np.int64))
+    if window is not None:
+        total = total + np.asarray(window, np.int64).reshape(n, acc.shape[1], acc.shape[2], 1)
+    total = total.astype(np.int32).astype(np.float32)
+    scale = np.asarray(row_scale, np.float32).reshape(n, 1, 1, 1) * np.asarray(col_scale, np.float32).reshape(o)
+    return (total * scale).astype(np.float16)
 
 
 @dataclass(frozen=True)
@@ -798,10 +855,15 @@ def _stage_dst(cfg, idx):
     return (idx // cfg.kw) * cfg.stride + idx % cfg.kw
 
 
-def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
+def _mma_compute(
+    shape: Conv2dCudaShape, variant: str, act_signed: bool, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The twin of a tensor-core variant ``main(A, W, conv)``: the same packed words, elements
     unpacked with shifts (fp16 halves reinterpreted and widened to fp32: the products of two
-    halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators)."""
+    halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators).
+    With ``epilogue`` "f16" the sums are rounded to fp16; with "dequant" / "dequant_ws" it is
+    ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`)."""
+    _check_epilogue(variant, epilogue)
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
     mask, sign = (1 << bits) - 1, 1 << (bits - 1)
@@ -826,8 +888,29 @@ def _mma_compute(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.
             element(A[n, h + kh, w + kw, cw], ci, act_signed) * element(Wt[o, kh * s.kw_taps + kw, cw], ci, True),
             axis=[kh, kw, cw, ci],
         ),
-        name="conv",
+        name="conv" if epilogue is None else "acc",
     )
+    if epilogue == "f16":
+        out = te.compute(s.out_shape(variant), lambda *i: out(*i).astype("float16"), name="conv")
+        return te.create_prim_func([A, Wt, out])
+    if epilogue in DEQUANT_EPILOGUES:
+        acc = out
+        RS = te.placeholder((s.batch,), "float32", name="RS")
+        RZ = te.placeholder((s.batch,), "int32", name="RZ")
+        CS = te.placeholder((s.out_ch,), "int32", name="CS")
+        CW = te.placeholder((s.out_ch,), "float32", name="CW")
+        WS = te.placeholder(window_term_shape(s, epilogue), "int32", name="WS")
+
+        def total(n, h, w, o):
+            v = acc[n, h, w, o] - RZ[n] * CS[o]
+            return v + WS[n, h, w] if epilogue == "dequant_ws" else v
+
+        out = te.compute(
+            s.out_shape(variant),
+            lambda n, h, w, o: (total(n, h, w, o).astype("float32") * (RS[n] * CW[o])).astype("float16"),
+            name="conv",
+        )
+        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, out])
     return te.create_prim_func([A, Wt, out])
 
 
@@ -871,35 +954,47 @@ def f16_pack_compute(
     return te.create_prim_func([X, out])
 
 
-def conv2d_f16_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_f16_compute(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The f16 twin ``main(A, W, conv)``: the same packed fp16 pairs, fp32 products and sums."""
-    return _mma_compute(shape, "f16mma", act_signed)
+    return _mma_compute(shape, "f16mma", act_signed, epilogue)
 
 
-def conv2d_s4_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_s4_compute(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The s4 twin ``main(A, W, conv)``: the same packed words, nibbles unpacked with shifts."""
-    return _mma_compute(shape, "s4mma", act_signed)
+    return _mma_compute(shape, "s4mma", act_signed, epilogue)
 
 
-def conv2d_s8_compute(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_s8_compute(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The s8 twin ``main(A, W, conv)``: the same packed words, bytes unpacked with shifts."""
-    return _mma_compute(shape, "s8mma", act_signed)
+    return _mma_compute(shape, "s8mma", act_signed, epilogue)
 
 
-def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm.tirx.PrimFunc:
+def _mma_primfunc(
+    shape: Conv2dCudaShape, variant: str, act_signed: bool, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """A CUDA implicit-GEMM conv on tensor cores. Per mma step the block's threads copy the A and
     B tiles of the *next* step from global memory into registers, run the current step's mmas on
     fragments read from one shared-memory buffer, then store the registers into the other buffer
     and synchronise: global loads overlap the mmas, one barrier a step. The index math is
     :func:`_a_src` / :func:`_b_src` / :func:`_stage_dst` (staging), :func:`_a_frag` /
-    :func:`_b_frag` (fragments) and :func:`_c_index` (output)."""
+    :func:`_b_frag` (fragments) and :func:`_c_index` (output). ``epilogue`` (:data:`EPILOGUES`)
+    is applied to each accumulator at its store: "dequant" / "dequant_ws" take five more buffers
+    (per-sample scale and zero point, per-output-channel weight sum and scale, per-pixel window
+    term) and write fp16."""
+    _check_epilogue(variant, epilogue)
     s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
     gm, gn = _grid(s, cfg)
     blocks, warps, threads, bg = gm * gn, cfg.warps, cfg.threads, cfg.bg
     a_total, b_total, na, nb = cfg.bm * cfg.kw, cfg.bn * cfg.kw, cfg.a_loads, cfg.b_loads
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
-    acc_ty = out_dtype(variant)
+    acc_ty, store_ty = out_dtype(variant), out_dtype(variant, epilogue)
     if cfg.bits == 16:
         a_ty, b_ty = "fp16", "fp16"
     elif cfg.bits == 4:
@@ -909,109 +1004,249 @@ def _mma_primfunc(shape: Conv2dCudaShape, variant: str, act_signed: bool) -> tvm
     mma_shape = cfg.mma_shape
     a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
 
-    @T.prim_func(s_tir=True)
-    def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, acc_ty)):
-        T.func_attr({"tirx.noalias": True})
-        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-            for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                for lane in T.thread_binding(32, thread="threadIdx.x"):
-                    with T.sblock("block_tile"):
-                        T.reads(A[:, :, :, :], W[:, :, :])
-                        T.writes(conv[:, :, :, :])
-                        a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
-                        b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
-                        acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
-                        af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
-                        bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
-                        a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
-                        b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
-                        m0 = _block_m0(s, cfg, bx)
-                        o0 = _block_o0(s, cfg, bx)
-                        for i in T.unroll(mt * nt * 4):
-                            acc[i] = T.cast(0, acc_ty)
-                        for i in T.unroll(na):  # step 0 -> buffer 0
-                            if i * threads + ty * 32 + lane < a_total:
-                                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
-                                    _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
-                                ]
-                        for i in T.unroll(nb):
-                            if i * threads + ty * 32 + lane < b_total:
-                                b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
-                                    _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
-                                ]
-                        T.tvm_storage_sync("shared")
-                        for ks in range(ksteps):
-                            if ks + 1 < ksteps:  # the next step's tiles: global -> registers
-                                for i in T.unroll(na):
-                                    if i * threads + ty * 32 + lane < a_total:
-                                        a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
-                                for i in T.unroll(nb):
-                                    if i * threads + ty * 32 + lane < b_total:
-                                        b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
-                            for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
-                                af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
-                            for br in T.unroll(nt * rb):
-                                bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
-                            for mi in T.unroll(mt):
-                                for ni in T.unroll(nt):
-                                    T.evaluate(
-                                        T.ptx_legacy.mma(
-                                            mma_shape,
-                                            "row",
-                                            "col",
-                                            a_ty,
-                                            b_ty,
-                                            "fp32" if acc_ty == "float32" else "int32",
-                                            af.data,
-                                            mi * ra,
-                                            bf.data,
-                                            ni * rb,
-                                            acc.data,
-                                            (mi * nt + ni) * 4,
-                                            False,
-                                            dtype=acc_ty,
-                                        )
-                                    )
-                            if ks + 1 < ksteps:  # registers -> the other buffer
-                                for i in T.unroll(na):
-                                    if i * threads + ty * 32 + lane < a_total:
-                                        a_sh[((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
-                                            a_next[i]
-                                        )
-                                for i in T.unroll(nb):
-                                    if i * threads + ty * 32 + lane < b_total:
-                                        b_sh[((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = (
-                                            b_next[i]
-                                        )
+    def _store(v, idx, eps=None):
+        """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o)."""
+        if epilogue is None:
+            return v
+        if epilogue == "f16":
+            return T.cast(v, "float16")
+        rs, rz, cs, cw, ws = eps
+        n, o = idx[0], idx[3]
+        total = v - rz[n] * cs[o]
+        if epilogue == "dequant_ws":
+            total = total + ws[idx[0], idx[1], idx[2]]
+        return T.cast(T.cast(total, "float32") * (rs[n] * cw[o]), "float16")
+
+    ws_shape = window_term_shape(s, epilogue)
+    if epilogue in DEQUANT_EPILOGUES:
+
+        @T.prim_func(s_tir=True)
+        def main(
+            A: T.Buffer(a_shape, "uint32"),
+            W: T.Buffer(w_shape, "uint32"),
+            RS: T.Buffer((s.batch,), "float32"),
+            RZ: T.Buffer((s.batch,), "int32"),
+            CS: T.Buffer((s.out_ch,), "int32"),
+            CW: T.Buffer((s.out_ch,), "float32"),
+            WS: T.Buffer(ws_shape, "int32"),
+            conv: T.Buffer(o_shape, store_ty),
+        ):
+            T.func_attr({"tirx.noalias": True})
+
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("block_tile"):
+                            T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :])
+                            T.writes(conv[:, :, :, :])
+                            a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
+                            b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
+                            acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
+                            af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
+                            bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
+                            a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
+                            b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
+                            m0 = _block_m0(s, cfg, bx)
+                            o0 = _block_o0(s, cfg, bx)
+                            for i in T.unroll(mt * nt * 4):
+                                acc[i] = T.cast(0, acc_ty)
+                            for i in T.unroll(na):  # step 0 -> buffer 0
+                                if i * threads + ty * 32 + lane < a_total:
+                                    a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
+                                        _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                                    ]
+                            for i in T.unroll(nb):
+                                if i * threads + ty * 32 + lane < b_total:
+                                    b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
+                                        _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
+                                    ]
                             T.tvm_storage_sync("shared")
-                        for cr in T.unroll(mt * nt * 4):
-                            conv[
-                                _c_index(
-                                    s,
-                                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                                    lane,
-                                    cr % 4,
+                            for ks in range(ksteps):
+                                if ks + 1 < ksteps:  # the next step's tiles: global -> registers
+                                    for i in T.unroll(na):
+                                        if i * threads + ty * 32 + lane < a_total:
+                                            a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                                    for i in T.unroll(nb):
+                                        if i * threads + ty * 32 + lane < b_total:
+                                            b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
+                                for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
+                                    af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
+                                for br in T.unroll(nt * rb):
+                                    bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
+                                for mi in T.unroll(mt):
+                                    for ni in T.unroll(nt):
+                                        T.evaluate(
+                                            T.ptx_legacy.mma(
+                                                mma_shape,
+                                                "row",
+                                                "col",
+                                                a_ty,
+                                                b_ty,
+                                                "fp32" if acc_ty == "float32" else "int32",
+                                                af.data,
+                                                mi * ra,
+                                                bf.data,
+                                                ni * rb,
+                                                acc.data,
+                                                (mi * nt + ni) * 4,
+                                                False,
+                                                dtype=acc_ty,
+                                            )
+                                        )
+                                if ks + 1 < ksteps:  # registers -> the other buffer
+                                    for i in T.unroll(na):
+                                        if i * threads + ty * 32 + lane < a_total:
+                                            a_sh[
+                                                ((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
+                                            ] = a_next[i]
+                                    for i in T.unroll(nb):
+                                        if i * threads + ty * 32 + lane < b_total:
+                                            b_sh[
+                                                ((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
+                                            ] = b_next[i]
+                                T.tvm_storage_sync("shared")
+                            for cr in T.unroll(mt * nt * 4):
+                                conv[
+                                    _c_index(
+                                        s,
+                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                        lane,
+                                        cr % 4,
+                                    )
+                                ] = _store(
+                                    acc[cr],
+                                    _c_index(
+                                        s,
+                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                        lane,
+                                        cr % 4,
+                                    ),
+                                    (RS, RZ, CS, CW, WS),
                                 )
-                            ] = acc[cr]
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, store_ty)):
+            T.func_attr({"tirx.noalias": True})
+
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("block_tile"):
+                            T.reads(A[:, :, :, :], W[:, :, :])
+                            T.writes(conv[:, :, :, :])
+                            a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
+                            b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
+                            acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
+                            af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
+                            bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
+                            a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
+                            b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
+                            m0 = _block_m0(s, cfg, bx)
+                            o0 = _block_o0(s, cfg, bx)
+                            for i in T.unroll(mt * nt * 4):
+                                acc[i] = T.cast(0, acc_ty)
+                            for i in T.unroll(na):  # step 0 -> buffer 0
+                                if i * threads + ty * 32 + lane < a_total:
+                                    a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
+                                        _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                                    ]
+                            for i in T.unroll(nb):
+                                if i * threads + ty * 32 + lane < b_total:
+                                    b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
+                                        _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
+                                    ]
+                            T.tvm_storage_sync("shared")
+                            for ks in range(ksteps):
+                                if ks + 1 < ksteps:  # the next step's tiles: global -> registers
+                                    for i in T.unroll(na):
+                                        if i * threads + ty * 32 + lane < a_total:
+                                            a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                                    for i in T.unroll(nb):
+                                        if i * threads + ty * 32 + lane < b_total:
+                                            b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
+                                for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
+                                    af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
+                                for br in T.unroll(nt * rb):
+                                    bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
+                                for mi in T.unroll(mt):
+                                    for ni in T.unroll(nt):
+                                        T.evaluate(
+                                            T.ptx_legacy.mma(
+                                                mma_shape,
+                                                "row",
+                                                "col",
+                                                a_ty,
+                                                b_ty,
+                                                "fp32" if acc_ty == "float32" else "int32",
+                                                af.data,
+                                                mi * ra,
+                                                bf.data,
+                                                ni * rb,
+                                                acc.data,
+                                                (mi * nt + ni) * 4,
+                                                False,
+                                                dtype=acc_ty,
+                                            )
+                                        )
+                                if ks + 1 < ksteps:  # registers -> the other buffer
+                                    for i in T.unroll(na):
+                                        if i * threads + ty * 32 + lane < a_total:
+                                            a_sh[
+                                                ((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
+                                            ] = a_next[i]
+                                    for i in T.unroll(nb):
+                                        if i * threads + ty * 32 + lane < b_total:
+                                            b_sh[
+                                                ((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
+                                            ] = b_next[i]
+                                T.tvm_storage_sync("shared")
+                            for cr in T.unroll(mt * nt * 4):
+                                conv[
+                                    _c_index(
+                                        s,
+                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                        lane,
+                                        cr % 4,
+                                    )
+                                ] = _store(
+                                    acc[cr],
+                                    _c_index(
+                                        s,
+                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                                        lane,
+                                        cr % 4,
+                                    ),
+                                )
 
     return main.with_attr("global_symbol", f"conv2d_{variant}")
 
 
-def conv2d_s4mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_s4mma_primfunc(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The CUDA s4 implicit-GEMM conv ``conv2d_s4mma(A, W, conv)`` (u4/s4 x s4, ``m16n8k64``/``k32``)."""
-    return _mma_primfunc(shape, "s4mma", act_signed)
+    return _mma_primfunc(shape, "s4mma", act_signed, epilogue)
 
 
-def conv2d_s8mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_s8mma_primfunc(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The CUDA s8 implicit-GEMM conv ``conv2d_s8mma(A, W, conv)`` (u8/s8 x s8, ``m16n8k32``/``k16``)."""
-    return _mma_primfunc(shape, "s8mma", act_signed)
+    return _mma_primfunc(shape, "s8mma", act_signed, epilogue)
 
 
-def conv2d_f16mma_primfunc(shape: Conv2dCudaShape, act_signed: bool = False) -> tvm.tirx.PrimFunc:
+def conv2d_f16mma_primfunc(
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+) -> tvm.tirx.PrimFunc:
     """The CUDA fp16 implicit-GEMM conv ``conv2d_f16mma(A, W, conv)`` (f16 x f16 -> f32,
     ``m16n8k16``/``k8``); ``act_signed`` has no meaning for float operands."""
-    return _mma_primfunc(shape, "f16mma", act_signed)
+    return _mma_primfunc(shape, "f16mma", act_signed, epilogue)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1044,7 +1279,13 @@ def _mma_reference(a_regs: np.ndarray, b_regs: np.ndarray, chunks: int, act_sign
 
 
 def emulate_mma(
-    shape: Conv2dCudaShape, a_words: np.ndarray, w_words: np.ndarray, act_signed: bool = False, variant: str = "s4mma"
+    shape: Conv2dCudaShape,
+    a_words: np.ndarray,
+    w_words: np.ndarray,
+    act_signed: bool = False,
+    variant: str = "s4mma",
+    epilogue: str | None = None,
+    epilogue_args: tuple[np.ndarray, ...] = (),
 ) -> np.ndarray:
     """Replay the tensor-core kernel ``variant`` in numpy, block by block: the same staging into
     two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
@@ -1052,13 +1293,16 @@ def emulate_mma(
     output writes (``_c_index``), the mma itself per the PTX ISA (:func:`_mma_reference`).
     Returns the NHWC int64 output (float32 for "f16mma": each mma's sum added to fp32
     accumulators). This checks the kernel's address math on a CPU; what it cannot check is the
-    hardware's agreement with our reading of the ISA, or the barriers."""
+    hardware's agreement with our reading of the ISA, or the barriers. ``epilogue`` replays the
+    kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS),
+    with the element (n, o) that :func:`_c_index` gives it: fp16 output."""
+    _check_epilogue(variant, epilogue)
     cfg = mma_config(shape, variant)
     gm, gn = _grid(shape, cfg)
     lane, tid = np.arange(32), np.arange(cfg.threads)
     a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
     acc_kind = np.float32 if variant in FLOAT_VARIANTS else np.int64
-    out = np.zeros(shape.out_shape(variant), acc_kind)
+    out = np.zeros(shape.out_shape(variant), acc_kind if epilogue is None else np.float32)
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
     for bx in range(gm * gn):
         m0, o0 = _block_m0(shape, cfg, bx), _block_o0(shape, cfg, bx)
@@ -1101,8 +1345,27 @@ def emulate_mma(
                 for ni in range(cfg.nt):
                     for r in range(4):
                         m, o = m0 + wm * 16 * cfg.mt + 16 * mi, o0 + wn * 8 * cfg.nt + 8 * ni
-                        out[_c_index(shape, m, o, lane, r)] = acc[ty, mi, ni, :, r]
-    return out
+                        out[_c_index(shape, m, o, lane, r)] = _emulate_store(
+                            acc[ty, mi, ni, :, r], _c_index(shape, m, o, lane, r), epilogue, epilogue_args
+                        )
+    return out if epilogue is None else out.astype(np.float16)
+
+
+def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndarray, ...]) -> np.ndarray:
+    """What the kernel stores for accumulators ``v`` of output elements ``idx`` (float32 values,
+    exactly representable: fp16 after the epilogue)."""
+    if epilogue is None:
+        return v
+    if epilogue == "f16":
+        return v.astype(np.float32).astype(np.float16).astype(np.float32)
+    rs, rz, cs, cw, ws = args
+    n, o = idx[0], idx[3]
+    total = v.astype(np.int64) - np.asarray(rz, np.int64)[n] * np.asarray(cs, np.int64)[o]
+    if epilogue == "dequant_ws":
+        total = total + np.asarray(ws, np.int64)[idx[0], idx[1], idx[2]]
+    total = total.astype(np.int32)
+    scale = np.asarray(rs, np.float32)[n] * np.asarray(cw, np.float32)[o]
+    return (total.astype(np.float32) * scale).astype(np.float16).astype(np.float32)
 
 
 def emulate_s4mma(

@@ -576,3 +576,72 @@ def test_cuda_build_emits_f16_mma(name):
         y = k(k.pack_activations(x), k.pack_weights(w))
         bound = f16_reference(np.abs(x), np.abs(w))
         assert np.all(np.abs(k.unpack_output(y) - f16_reference(x, w)) <= 1e-5 * bound + 1e-30)
+
+
+def dequant_reference(acc_nchw, rs, rz, cs, cw, ws) -> np.ndarray:
+    """The integer epilogue written out: NHWC fp16 of
+    ``fp32(acc + ws[n,h,w] - rz[n] * cs[o]) * fp32(rs[n] * cw[o])`` from NCHW int64 sums."""
+    acc = np.asarray(acc_nchw, np.int64).transpose(0, 2, 3, 1)
+    if ws.size > 1:
+        acc = acc + ws.astype(np.int64)[..., None]
+    n, o = acc.shape[0], acc.shape[3]
+    total = (acc - rz.astype(np.int64)[:, None, None, None] * cs.astype(np.int64)[None, None, None, :]).astype(
+        np.float32
+    )
+    scale = rs.astype(np.float32).reshape(n, 1, 1, 1) * cw.astype(np.float32).reshape(1, 1, 1, o)
+    return (total * scale).astype(np.float16)
+
+
+def epilogue_operands(shape, w, window, seed=1):
+    """Per-sample scales / zero points, per-channel weight sums / scales, all distinct, and the
+    per-pixel window term (``window``) or its one-element placeholder."""
+    rng = np.random.default_rng(seed)
+    rs = rng.uniform(1e-3, 2e-2, shape.batch).astype(np.float32)
+    rz = rng.integers(0, 9, shape.batch).astype(np.int32)
+    cs = np.asarray(w, np.int64).reshape(shape.out_ch, -1).sum(axis=1).astype(np.int32)
+    cw = rng.uniform(1e-3, 2e-2, shape.out_ch).astype(np.float32)
+    ws = rng.integers(-300, 300, (shape.batch, shape.height, shape.width) if window else (1, 1, 1))
+    return rs, rz, cs, cw, ws.astype(np.int32)
+
+
+@pytest.mark.parametrize("variant, epilogue", [("s4mma", "dequant"), ("s8mma", "dequant"), ("s8mma", "dequant_ws")])
+def test_dequant_epilogue_replay_and_twin_match_reference(variant, epilogue):
+    """The integer epilogues (scale per sample and per output channel, zero-point term, the
+    per-pixel window term of "dequant_ws", fp16 store): the numpy replay of the kernel and the
+    LLVM twin against the epilogue written out on torch's integer conv; a replay whose epilogue
+    takes the channel scale of the wrong channel (o + 1), or the window term of the wrong pixel,
+    differs, so a wrong mapping is caught."""
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)
+    x, w, pad = operands(shape, variant, False)
+    a, wp = pack(variant, x, w, pad, False)
+    ops = epilogue_operands(shape, w, epilogue == "dequant_ws")
+    want = dequant_reference(reference_conv(x, w, pad), *ops)
+    assert np.abs(want.astype(np.float32)).max() > 1.0  # values well inside fp16, not all zero
+    replay = cc.emulate_mma(shape, a, wp, False, variant, epilogue, ops)
+    assert replay.dtype == np.float16 and np.array_equal(replay, want)
+    twin = build_kernel(
+        "dequant_twin", cc.COMPUTES[variant](shape, False, epilogue=epilogue), 7, target={"kind": "llvm"}
+    )
+    got = twin(a, wp, *ops)
+    got = got.numpy() if hasattr(got, "numpy") else got
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    rs, rz, cs, cw, ws = ops
+    wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (rs, rz, cs, np.roll(cw, -1), ws))
+    assert not np.array_equal(wrong, want)
+    if epilogue == "dequant_ws":  # the window term of the wrong pixel (w + 1)
+        wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (rs, rz, cs, cw, np.roll(ws, -1, axis=2)))
+        assert not np.array_equal(wrong, want)
+
+
+@needs_nvcc
+def test_dequant_epilogue_builds_for_cuda():
+    """The s8mma kernel with its "dequant_ws" epilogue through nvcc: int8 mma in the PTX and fp16
+    stores of the output (``st.global.b16`` / ``.u16``), no 32-bit output stores left."""
+    shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)
+    exe = cuda_toolchain.build_cuda(cc.conv2d_s8mma_primfunc(shape, epilogue="dequant_ws"), "sm_80")
+    ptx = cuda_toolchain.device_code(exe)
+    assert re.search(r"mma\.sync\.aligned\.m16n8k\d+\.row\.col\.s32\.u8\.s8\.s32", ptx)
+    assert re.search(r"cvt\.rn\.f16\.f32", ptx)
+    assert re.search(r"st\.global\.(?:b16|u16)", ptx)

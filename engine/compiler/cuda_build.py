@@ -22,7 +22,10 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   2. ``R.call_tir`` of a hand-scheduled kernel of :mod:`refqsr_engine.kernels.conv2d_cuda`:
      ``s8mma`` (u8 x s8, ``mma.sync ... .u8.s8``), ``s4mma`` (u4 x s4, ``mma.sync ... .u4.s4``)
      or ``dp4a`` (``dp4a.u32.s32``) on the weights ``w - c``, giving raw int32 sums;
-  3. Relax ops for the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``.
+  3. the epilogue ``y = float(acc + c * wsum - u0[n] * sum_w[o]) * (s[n] * ws[o])``: for s4mma /
+     s8mma inside the kernel at its store, written as fp16 NHWC (``"dequant"``, ``"dequant_ws"``
+     with a shift; one rounding to fp16 after the exact fp32 math), then widened to fp32 NCHW by
+     a Relax op; for dp4a (and with ``fuse_epilogue=False``) as Relax ops on the int32 sums.
 
   FuseOps merges the injective ops of 1 and 3 into one kernel each; the conv kernel itself is
   marked opaque so nothing is fused into its hand-written schedule.
@@ -36,10 +39,11 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   just not integer); no bundled model has one.
 * **Full-precision convs** (``act_bits`` 32) become an fp16 pack kernel, the ``f16mma`` kernel
   (fp16 operands, fp32 sums; weights rounded and packed at compile time) and NHWC -> NCHW; the
-  bias add stays in the graph. Few output channels fold kernel taps into the GEMM N dimension
-  (:func:`float_conv_plan`, :class:`FloatConvPlan`: the least folding within :data:`FOLD_LIMIT`
-  issued / useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16
-  products (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
+  bias add stays in the graph; the kernel stores its sums in fp16 except for the split head. Few
+  output channels fold kernel taps into the GEMM N dimension (:func:`float_conv_plan`,
+  :class:`FloatConvPlan`: the folding of least roofline time within :data:`FOLD_LIMIT` issued /
+  useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16 products
+  (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
   in ``f16_fallback``.
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
@@ -199,22 +203,35 @@ DATASHEET_PEAKS = {
 
 
 def conv_roofline(
-    shape: cc.Conv2dCudaShape, in_ch: int, out_ch: int, variant: str, useful_macs: int | None = None
+    shape: cc.Conv2dCudaShape,
+    in_ch: int,
+    out_ch: int,
+    variant: str,
+    useful_macs: int | None = None,
+    epilogue: str | None = None,
 ) -> dict[str, Any]:
     """One conv kernel against the datasheet peaks: useful MACs (the real channels; given as
     ``useful_macs`` for a folded float conv, whose kernel problem is not the conv's), issued MACs
     (the padded problem the kernel computes), the bytes it must move at least (packed activations
-    with their border, packed weights, int32 / fp32 output, each once) and, per GPU, the lower
-    bound on its time in microseconds: max(issued / peak MACs, bytes / bandwidth)."""
+    with their border, packed weights, the output in the kernel's store type -- int32 / fp32 sums,
+    fp16 with an ``epilogue`` -- and the "dequant" epilogue's per-sample and per-channel operands,
+    each once) and, per GPU, the lower bound on its time in microseconds: max(issued / peak MACs,
+    bytes / bandwidth)."""
     taps = shape.taps
     bits = cc.MMA_BITS.get(variant, 8)
     hp, wp = shape.padded_hw
     useful = shape.pixels * out_ch * in_ch * taps if useful_macs is None else int(useful_macs)
     issued = shape.pixels * shape.out_ch * shape.in_ch * taps
+    out_bytes = np.dtype(cc.out_dtype(variant, epilogue)).itemsize
     moved = (shape.batch * hp * wp * shape.in_ch + shape.out_ch * taps * shape.in_ch) * bits // 8
-    moved += shape.pixels * shape.out_ch * 4
+    moved += shape.pixels * shape.out_ch * out_bytes
+    if epilogue in cc.DEQUANT_EPILOGUES:  # RS, RZ per sample, CS, CW per output channel: 4 bytes each
+        moved += 8 * (shape.batch + shape.out_ch)
+    if epilogue == "dequant_ws":  # the int32 window term per output pixel
+        moved += shape.pixels * 4
     out: dict[str, Any] = {
         "variant": variant,
+        "epilogue": epilogue,
         "useful_macs": useful,
         "issued_macs": issued,
         "issued_over_useful": round(issued / useful, 4),
@@ -225,6 +242,30 @@ def conv_roofline(
         compute = issued / peak[variant] * 1e6 if variant in peak else None
         out[f"{gpu}_us"] = round(max(memory, compute or 0.0), 3)
         out[f"{gpu}_bound"] = "memory" if compute is None or memory >= compute else "compute"
+    return out
+
+
+def with_glue(
+    roof: dict[str, Any],
+    shape: cc.Conv2dCudaShape,
+    variant: str,
+    in_elems: int,
+    out_elems: int,
+    epilogue: str | None = None,
+) -> dict[str, Any]:
+    """``roof`` plus the elementwise kernels around the conv kernel (``glue_bytes``, and per GPU
+    ``<gpu>_glue_us`` = bytes / bandwidth): the pack reads the fp32 NCHW input (``in_elems``) and
+    writes the packed operand; after the kernel its output (int32 / fp32, fp16 with an epilogue)
+    is read and the conv's fp32 NCHW output (``out_elems``) written, each tensor once. Where FuseOps
+    merges these with the bias, activation or the next pack the graph moves less; a bound on the
+    glue of this conv as the rewrite emits it, not on what the fused graph runs."""
+    bits = cc.MMA_BITS.get(variant, 8)
+    hp, wp = shape.padded_hw
+    glue = in_elems * 4 + shape.batch * hp * wp * shape.in_ch * bits // 8
+    glue += shape.pixels * shape.out_ch * np.dtype(cc.out_dtype(variant, epilogue)).itemsize + out_elems * 4
+    out = dict(roof, glue_bytes=int(glue))
+    for gpu, peak in DATASHEET_PEAKS.items():
+        out[f"{gpu}_glue_us"] = round(glue / peak["bytes"] * 1e6, 3)
     return out
 
 
@@ -286,6 +327,21 @@ class FloatConvPlan:
     width: int
     folding: str = "none"
     split: int = 1  # fp16 pieces per operand product (:data:`~...kernels.conv2d_cuda.SPLIT_PARTS`)
+    # a faster plan over FOLD_LIMIT, not taken: its folding, issued / useful MACs and bounds
+    over_limit: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def epilogue(self) -> str | None:
+        """The kernel stores its fp32 sums rounded to fp16 ("f16": half the output bytes, which
+        dominate these memory-bound convs; a folded plan's partial sums are summed in fp32 by the
+        shift-add), except a split conv (the RGB head), whose output keeps fp32 for the first
+        quantizer (:data:`SPLIT_MAX_CHANNELS`)."""
+        return "f16" if self.split == 1 else None
+
+    def roofline(self) -> dict[str, Any]:
+        """:func:`conv_roofline` of the kernel problem, against the conv's useful MACs."""
+        s = self.shape
+        return conv_roofline(s, s.in_ch, s.out_ch, "f16mma", self.useful_macs, self.epilogue)
 
     @property
     def taps_folded(self) -> int:
@@ -334,11 +390,13 @@ class FloatConvPlan:
         return {
             "variant": "f16mma",
             "folding": self.folding,
+            "epilogue": self.epilogue,
             "split": self.split,
             "kernel_problem": [self.shape.in_ch, self.shape.out_ch, self.shape.kernel, self.shape.kw_taps],
             "useful_macs": self.useful_macs,
             "issued_macs": self.issued_macs,
             "issued_over_useful": round(self.issued_macs / self.useful_macs, 4),
+            **({"over_limit": self.over_limit} if self.over_limit else {}),
         }
 
 
@@ -349,14 +407,22 @@ class FloatConvPlan:
 SPLIT_MAX_CHANNELS = 5
 
 
+def _roofline_us(r: dict[str, Any]) -> float:
+    """The ranking of a roofline: its bounds summed over the datasheet GPUs."""
+    return sum(r[f"{gpu}_us"] for gpu in DATASHEET_PEAKS)
+
+
 def float_conv_plan(
     batch: int, in_ch: int, out_ch: int, kernel: int, height: int, width: int
 ) -> tuple[FloatConvPlan | None, str | None]:
-    """(plan, why none): the least folding (:data:`FOLDINGS`) whose issued MACs are at most
-    :data:`FOLD_LIMIT` x the useful ones, else the one that issues the fewest (a 3-channel input
-    padded to 8 is over the limit whatever the folding); None with the reason when no f16mma
-    layout takes the conv. Convs of at most :data:`SPLIT_MAX_CHANNELS` input channels run split
-    in three (x_hi w_hi + x_lo w_hi + x_hi w_lo)."""
+    """(plan, why none): among the foldings (:data:`FOLDINGS`) whose issued MACs are at most
+    :data:`FOLD_LIMIT` x the useful ones, the one of least roofline time (:meth:`FloatConvPlan.roofline`,
+    summed over the datasheet GPUs; folded partial sums written in fp16); when none is within the
+    limit (a 3-channel input padded to 16 is over it whatever the folding), the least time of
+    all. A faster plan over the limit is not taken (the limit bounds the wasted tensor-core work)
+    but recorded in the chosen plan's report as ``over_limit``. None with the reason when no
+    f16mma layout takes the conv. Convs of at most :data:`SPLIT_MAX_CHANNELS` input channels run
+    split in three (x_hi w_hi + x_lo w_hi + x_hi w_lo)."""
     fits, why = [], None
     split = 3 if in_ch <= SPLIT_MAX_CHANNELS else 1
     for folding in FOLDINGS if kernel > 1 else ("none",):
@@ -366,20 +432,28 @@ def float_conv_plan(
         except ValueError as err:
             why = why or str(err)
             continue
-        if plan.issued_macs <= FOLD_LIMIT * plan.useful_macs:
-            return plan, None
-        fits.append(plan)
+        fits.append((plan, _roofline_us(plan.roofline())))
     if not fits:
         return None, why
-    return min(fits, key=lambda p: p.issued_macs), None
+    within = [f for f in fits if f[0].issued_macs <= FOLD_LIMIT * f[0].useful_macs]
+    chosen, t_chosen = min(within or fits, key=lambda f: f[1])
+    fastest, t_fastest = min(fits, key=lambda f: f[1])
+    if t_fastest < t_chosen:
+        r = fastest.roofline()
+        over = {"folding": fastest.folding, "issued_over_useful": r["issued_over_useful"]}
+        over.update({f"{gpu}_us": r[f"{gpu}_us"] for gpu in DATASHEET_PEAKS})
+        chosen = dataclasses.replace(chosen, over_limit=over)
+    return chosen, None
 
 
-def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
-    return cc.PRIMFUNCS[variant](shape, False).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
+def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.tirx.PrimFunc:
+    kw = {"epilogue": epilogue} if epilogue else {}
+    return cc.PRIMFUNCS[variant](shape, False, **kw).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
 
 
-def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
-    return cc.COMPUTES[variant](shape, False)
+def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.tirx.PrimFunc:
+    kw = {"epilogue": epilogue} if epilogue else {}
+    return cc.COMPUTES[variant](shape, False, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,11 +463,19 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str) -> tvm.tirx.PrimFunc:
 @mutator
 class _CudaRewriter(PyExprMutator):
     def __init__(
-        self, mod: tvm.IRModule, table: Sequence[dict], twin: bool, result: CudaConvResult, arch: str, f16: bool = True
+        self,
+        mod: tvm.IRModule,
+        table: Sequence[dict],
+        twin: bool,
+        result: CudaConvResult,
+        arch: str,
+        f16: bool = True,
+        fuse_epilogue: bool = True,
     ):
         super().__init__(mod)
         self.arch = arch
         self.f16 = f16
+        self.fuse_epilogue = fuse_epilogue
         self.table = list(table)
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
@@ -462,10 +544,18 @@ class _CudaRewriter(PyExprMutator):
         s4 = self._per_sample(s, n, "float32", quant.attrs.axis)
         z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
         packed, wsum = self._pack_activations(x, s4, z4, plan, variant, shift)
-        out = relax.TensorType(plan.shape.out_shape(variant), "int32")
-        acc = self.builder_.emit(
-            relax.call_tir(self._kernel(plan.shape, variant), [packed, self._weights(plan, variant, shift)], out)
-        )
+        weights = self._weights(plan, variant, shift)
+        # the dequantize epilogue runs in the kernel (fp16 NHWC out); a weight shift's term
+        # c * (window sum of u) comes in per pixel
+        epilogue = None
+        if self.fuse_epilogue and variant in cc.MMA_BITS:
+            epilogue = "dequant_ws" if shift else "dequant"
+        out = relax.TensorType(plan.shape.out_shape(variant), cc.out_dtype(variant, epilogue))
+        if epilogue:
+            args = [packed, weights, *self._epilogue_operands(s4, z4, plan, shift, wsum)]
+            acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant, epilogue), args, out))
+        else:
+            acc = self.builder_.emit(relax.call_tir(self._kernel(plan.shape, variant), [packed, weights], out))
         report.variant = variant
         report.shape = (
             n,
@@ -478,10 +568,40 @@ class _CudaRewriter(PyExprMutator):
             *plan.pads,
         )
         self.result.weight_shifts[report.index] = shift
-        self.result.roofline[report.index] = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant)
+        roof = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=epilogue)
+        x_elems = int(np.prod([int(v) for v in x.ty.shape]))
+        out_elems = n * plan.out_ch * plan.shape.height * plan.shape.width
+        self.result.roofline[report.index] = with_glue(roof, plan.shape, variant, x_elems, out_elems, epilogue)
         if plan.im2col:
             self.result.im2col[report.index] = list(plan.im2col)
+        if epilogue:
+            return self._fused_output(acc, plan)
         return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
+
+    def _epilogue_operands(self, s4, z4, plan: _ConvPlan, shift: int, wsum) -> list[relax.Expr]:
+        """RS, RZ ([N]: the activation scale and the grid's zero ``u0 = z + offset`` per sample),
+        CS, CW ([O]: the sum of each output channel's unshifted integer weights, its scale), WS
+        (``[N][H][W]``: ``shift * wsum``; a one-element zero without a shift): the operands of the
+        kernel's integer epilogue, the terms of :meth:`_epilogue`."""
+        op, emit, n, o = relax.op, self.builder_.emit, plan.shape.batch, plan.shape.out_ch
+        rs = emit(op.broadcast_to(emit(op.reshape(s4, [-1])), [n]))
+        u0 = emit(op.astype(op.add(z4, relax.const(float(plan.offset), "float32")), "int32"))
+        rz = emit(op.broadcast_to(emit(op.reshape(u0, [-1])), [n]))
+        cs = relax.const(plan.w_int.reshape(o, -1).sum(axis=1).astype(np.int32))
+        if shift:
+            h, w = plan.shape.height, plan.shape.width
+            ws = emit(op.reshape(op.multiply(wsum, relax.const(shift, "int32")), [n, h, w]))
+        else:
+            ws = relax.const(np.zeros((1, 1, 1), np.int32))
+        return [rs, rz, cs, relax.const(plan.w_scale.astype(np.float32)), ws]
+
+    def _fused_output(self, y16, plan: _ConvPlan) -> relax.Expr:
+        """The fp16 NHWC output of a "dequant" kernel as the graph's fp32 NCHW tensor."""
+        op = relax.op
+        y = op.permute_dims(op.astype(y16, "float32"), [0, 3, 1, 2])
+        if plan.shape.out_ch != plan.out_ch:
+            y = op.strided_slice(y, axes=[1], begin=[0], end=[plan.out_ch])
+        return self.builder_.emit(y)
 
     # -- full-precision convs: fp16 tensor cores ----------------------------------------------
     def _float_plan(self, call: relax.Call) -> tuple[FloatConvPlan, np.ndarray] | str:
@@ -529,16 +649,18 @@ class _CudaRewriter(PyExprMutator):
             self.kernels[key] = self.builder_.add_func(prim, name)
         packed = emit(relax.call_tir(self.kernels[key], [x], relax.TensorType(s.act_shape("f16mma"), "uint32")))
         weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
-        part = emit(
-            relax.call_tir(
-                self._kernel(s, "f16mma"), [packed, weights], relax.TensorType(s.out_shape("f16mma"), "float32")
-            )
-        )
+        out_ty = relax.TensorType(s.out_shape("f16mma"), cc.out_dtype("f16mma", plan.epilogue))
+        part = emit(relax.call_tir(self._kernel(s, "f16mma", plan.epilogue), [packed, weights], out_ty))
+        if plan.epilogue:  # fp16 sums (partial sums: added in fp32 by the shift-add)
+            part = emit(op.astype(part, "float32"))
         y = self._unfold(part, plan)
         report.variant = "f16mma"
         report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
         self.result.float_plans[report.index] = plan.report()
-        self.result.roofline[report.index] = conv_roofline(s, s.in_ch, s.out_ch, "f16mma", plan.useful_macs)
+        out_elems = n * plan.out_ch * plan.height * plan.width
+        self.result.roofline[report.index] = with_glue(
+            plan.roofline(), s, "f16mma", n * c * h * wd, out_elems, plan.epilogue
+        )
         return emit(op.permute_dims(y, [0, 3, 1, 2]))
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
@@ -561,12 +683,13 @@ class _CudaRewriter(PyExprMutator):
                 total = tap if total is None else op.add(total, tap)
         return self.builder_.emit(total)
 
-    def _kernel(self, shape: cc.Conv2dCudaShape, variant: str) -> tvm.ir.GlobalVar:
-        key = (shape, variant)  # convs that differ only in their weights share code
+    def _kernel(self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.ir.GlobalVar:
+        key = (shape, variant, epilogue)  # convs that differ only in their weights share code
         if key not in self.kernels:
             prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
             name = f"{prefix}_{variant}_{len(self.kernels)}"
-            prim = self.make_kernel(shape, variant).with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
+            prim = self.make_kernel(shape, variant, epilogue)
+            prim = prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
             self.kernels[key] = self.builder_.add_func(prim, name)
         return self.kernels[key]
 
@@ -694,13 +817,17 @@ def rewrite_qdq_convs_cuda(
     func_name: str = "main",
     arch: str = "sm_80",
     f16: bool = True,
+    fuse_epilogue: bool = True,
 ) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
     quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue, and
     (``f16``) every full-precision conv by an f16mma kernel; ``arch`` decides which tensor cores
-    the kernels may use."""
+    the kernels may use. With ``fuse_epilogue`` the s4mma / s8mma kernels of unshifted weights
+    dequantize in their store and write fp16 (``"dequant"``, ``"dequant_ws"`` with a weight
+    shift); without, int32 sums and the
+    epilogue as Relax ops (exact fp32)."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16)
+    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue)
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func
@@ -932,16 +1059,26 @@ def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | Non
     }
 
 
-def build_graph_twin(model: onnx.ModelProto, batch: int, target: Any = None, arch: str = "sm_80", f16: bool = True):
+def build_graph_twin(
+    model: onnx.ModelProto,
+    batch: int,
+    target: Any = None,
+    arch: str = "sm_80",
+    f16: bool = True,
+    fuse_epilogue: bool = True,
+):
     """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
     built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
-    graph's math, runnable without a GPU (``f16=False``: the full-precision convs left fp32).
+    graph's math, runnable without a GPU (``f16=False``: the full-precision convs left fp32;
+    ``fuse_epilogue=False``: int32 sums and the fp32 Relax epilogue).
     Returns ``(executable, CudaConvResult)``."""
     from .build import cpu_pipeline
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _, _ = import_graph_cuda(model, batch)
-    mod, result = rewrite_qdq_convs_cuda(mod, graph_metadata(model)["convs"], twin=True, arch=arch, f16=f16)
+    mod, result = rewrite_qdq_convs_cuda(
+        mod, graph_metadata(model)["convs"], twin=True, arch=arch, f16=f16, fuse_epilogue=fuse_epilogue
+    )
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
 
