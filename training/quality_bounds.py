@@ -56,6 +56,11 @@ WHY_NOT: dict[str, str] = {
         "high-contrast siblings halved its high-contrast gap (0.66 to 0.33 dB), and a range calibration "
         "costs 4-bit models more than it gains. Longer training on that set has not been run."
     ),
+    "srresnet_ddtb_refqsr43": (
+        "Trained 150 steps from srresnet_ddtb4 on a 2-core CPU, its crop validation still rising (+0.08 dB over "
+        "the last 25 steps); its 3-bit query ranges start from DDTB-4's, which already clip high-contrast edges. "
+        "It needs a longer run."
+    ),
     "srresnet_ddtb_refqsr84": (
         "Its reference and query ranges were learned on soft photos and clip high-contrast edges; range "
         "calibration costs its paths 0.4-0.8 dB, and quantization-aware training on the training set with "
