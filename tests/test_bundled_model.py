@@ -118,12 +118,16 @@ def test_bundle_runs_models_at_their_own_bits(tmp_path):
 def _pytorch_noise_floor(pytorch, x: np.ndarray, want8: np.ndarray) -> tuple[float, int]:
     """PyTorch against itself with the input moved by 1e-6 (under a thousandth of one 8-bit level,
     the size of float reordering): the share of 8-bit pixels within one level, and the largest
-    difference. Values on a rounding tie of a 4-bit grid (one step is 1/15 of a layer's range), or
-    an arg-max tie of the shared flow, move some output pixels by a few levels with no error
-    anywhere; how many depends on the trained ranges, so the compiled engine is held to this."""
-    noisy = x + 1e-6 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-    diff = np.abs(sr_to_uint8(pytorch(noisy).image).astype(int) - want8)
-    return float(np.mean(diff <= 1)), int(diff.max())
+    difference, the worst of three draws of the noise. Values on a rounding tie of a 4-bit grid (one
+    step is 1/15 of a layer's range; 1/7 at 3 bits), or an arg-max tie of the shared flow, move some
+    output pixels by a few levels with no error anywhere; how many depends on the trained ranges,
+    so the compiled engine is held to this."""
+    share, largest = 1.0, 0
+    for seed in range(3):
+        noisy = x + 1e-6 * np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+        diff = np.abs(sr_to_uint8(pytorch(noisy).image).astype(int) - want8)
+        share, largest = min(share, float(np.mean(diff <= 1))), max(largest, int(diff.max()))
+    return share, largest
 
 
 def compiled_and_pytorch(

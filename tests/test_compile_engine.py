@@ -138,11 +138,15 @@ def test_artifact_refuses_other_target(compiled):
 
 
 def test_compile_cli_rejects_bad_options(tmp_path):
+    from refqsr_engine.engine.models_list import model_row
+    from refqsr_engine.engine.models_store import DEFAULT_ALIAS
+
     runner = CliRunner()
+    trained = model_row(DEFAULT_ALIAS)["bits"]  # the default model's bits, from its card
     for args, message in (
         (["--patch", "20"], "multiple of 3"),
         (["--model", str(tmp_path / "missing.pt")], "neither a bundled model"),
-        (["--bits", "4"], "trained for 8-4 bits"),  # the default model is DDTB-RefQSR 8-4
+        (["--bits", "8" if trained != "8" else "4"], f"trained for {trained} bits"),
     ):
         result = runner.invoke(main, ["compile", *args, "-o", str(tmp_path / "out")])
         assert result.exit_code == 2, result.output
