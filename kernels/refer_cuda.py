@@ -97,16 +97,20 @@ def _has_block(sch: tvm.s_tir.Schedule, name: str) -> bool:
     return True
 
 
+def _into_argmax(sch: tvm.s_tir.Schedule, producer: str, argmax: str) -> None:
+    """Compute each value of ``producer`` in a register inside the innermost loop of the arg-max
+    block that reads it, so the values are never stored."""
+    block = sch.get_sblock(producer)
+    sch.compute_at(block, sch.get_loops(sch.get_sblock(argmax))[-1], preserve_unit_loops=True)
+    sch.set_scope(block, 0, "local")
+
+
 def schedule_refer_cuda(func: tvm.tirx.PrimFunc, bind: bool = True) -> tvm.s_tir.Schedule:
     """Thread-per-output GPU schedule of any :func:`~.refer_kernels.refer_compute` stage; the
     matcher's costs live in registers inside its arg-max loop (see the module docstring)."""
     sch = tvm.s_tir.Schedule(func)
     if _has_block(sch, "cost"):
-        cost = sch.get_sblock("cost")
-        lane = sch.get_sblock("lane_best")
-        rjb = sch.get_loops(lane)[-1]
-        sch.compute_at(cost, rjb, preserve_unit_loops=True)
-        sch.set_scope(cost, 0, "local")
+        _into_argmax(sch, "cost", "lane_best")
     _bind_root_blocks(sch, bind, nested=("cost",))
     return sch
 
@@ -115,11 +119,7 @@ def schedule_cluster_cuda(func: tvm.tirx.PrimFunc, bind: bool = True) -> tvm.s_t
     """Thread-per-output GPU schedule of :func:`~.cluster_kernels.cluster_compute`: one thread per
     patch computes its row of M element by element inside the arg-max over j."""
     sch = tvm.s_tir.Schedule(func)
-    m = sch.get_sblock("M")
-    ref = sch.get_sblock("ref")
-    j = sch.get_loops(ref)[-1]
-    sch.compute_at(m, j, preserve_unit_loops=True)
-    sch.set_scope(m, 0, "local")
+    _into_argmax(sch, "M", "ref")
     _bind_root_blocks(sch, bind, nested=("M",))
     return sch
 
