@@ -12,8 +12,15 @@ the graph's useful MACs (every conv, real channels) at the dense fp16 tensor-cor
 network run in fp16 could do on the same GPU whatever its kernels. The "+glue" column adds the
 elementwise kernels around each conv kernel as the rewrite emits them (the pack reading the fp32
 input and writing the packed operand, the kernel's output read back and the fp32 NCHW output
-written: ``glue_bytes`` at the memory bandwidth); the RefER warps are not counted. All are bounds
-computed from shapes, not measurements (no GPU here).
+written: ``glue_bytes`` at the memory bandwidth); the RefER warps are not counted.
+
+Two more columns put the compute-only bound in context. "fp16 layers": the same convs as a
+layer-by-layer fp16 framework runs them (each conv's fp16 input, weights and output moved once,
+max of its fp16 MAC time and its memory time): a like-for-like bound for PyTorch fp16. "float
+floor": that sum over the full-precision convs alone, which the engine runs in fp16 too: no
+schedule that runs one layer per kernel can go below it, whatever its integer convs do. The H100
+has no int4 tensor cores: a build with ``s4mma`` kernels (sm_80/86/89) has no H100 figure (use
+``--arch sm_90``). All are bounds computed from shapes, not measurements.
 """
 
 from __future__ import annotations
@@ -29,26 +36,35 @@ GPUS = ("A100", "H100")
 
 def graph_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per graph of a CUDA artifact's manifest: convs, useful MACs per patch, and per GPU
-    the summed conv roofline and the fp16 bound per patch (microseconds)."""
+    (microseconds per patch) the summed conv roofline, the glue, the fp16 bound, the fp16
+    layer-by-layer bound and the float floor; None where the figure does not apply (an int4
+    kernel on a GPU without int4 tensor cores) or the manifest predates it."""
     from ..engine.compiler.cuda_build import DATASHEET_PEAKS
 
     batch = int(manifest["batch"])
     rows = []
     for name, graph in manifest["graphs"].items():
-        roof = graph["roofline"]
-        useful = sum(r["useful_macs"] for r in roof.values())
+        roof = graph["roofline"].values()
+        useful = sum(r["useful_macs"] for r in roof)
         row: dict[str, Any] = {
             "graph": name,
             "convs": len(roof),
             "f16mma": graph.get("f16mma_convs", 0),
             "useful_gmacs_per_patch": useful / batch / 1e9,
         }
+
+        def per_patch(key: str, rows=roof) -> float | None:
+            values = [r.get(key) for r in rows]
+            return None if None in values else sum(values) / batch
+
         for gpu in GPUS:
-            row[f"{gpu}_us"] = sum(r[f"{gpu}_us"] for r in roof.values()) / batch
-            # manifests written before the glue count lack it: None
-            glue = [r.get(f"{gpu}_glue_us") for r in roof.values()]
-            row[f"{gpu}_glue_us"] = None if None in glue else sum(glue) / batch
+            native = all(r["variant"] in DATASHEET_PEAKS[gpu] or r["variant"] == "dp4a" for r in roof)
+            row[f"{gpu}_us"] = per_patch(f"{gpu}_us") if native else None
+            row[f"{gpu}_glue_us"] = per_patch(f"{gpu}_glue_us") if native else None
             row[f"{gpu}_fp16_us"] = useful / DATASHEET_PEAKS[gpu]["f16mma"] * 1e6 / batch
+            row[f"{gpu}_fp16_layers_us"] = per_patch(f"{gpu}_fp16_layer_us")
+            floats = [r for r in roof if r["variant"] == "f16mma"]
+            row[f"{gpu}_float_floor_us"] = per_patch(f"{gpu}_fp16_layer_us", floats)
         rows.append(row)
     return rows
 
@@ -81,17 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = man.get("model", {}).get("name", args.model)
     print(f"{model}, {man['target']['arch']}, patch {man['patch']}, batch {man['batch']}: microseconds per patch")
-    head = f"{'graph':<11}{'convs':>6}{'f16mma':>7}{'GMAC':>8}"
+    cols = ("convs", "+glue", "fp16 bound", "fp16 layers", "float floor")
+    keys = ("_us", "_glue_us", "_fp16_us", "_fp16_layers_us", "_float_floor_us")
     for gpu in GPUS:
-        head += f"{gpu + ' convs':>12}{gpu + ' +glue':>12}{gpu + ' fp16':>11}"
-    print(head)
-    for r in rows:
-        line = f"{r['graph']:<11}{r['convs']:>6}{r['f16mma']:>7}{r['useful_gmacs_per_patch']:>8.3f}"
-        for gpu in GPUS:
-            glue = r[gpu + "_glue_us"]
-            total = f"{r[gpu + '_us'] + glue:>12.2f}" if glue is not None else f"{'-':>12}"
-            line += f"{r[gpu + '_us']:>12.2f}{total}{r[gpu + '_fp16_us']:>11.2f}"
-        print(line)
+        print(f"{gpu:<11}{'convs':>6}{'f16mma':>7}{'GMAC':>8}" + "".join(f"{c:>13}" for c in cols))
+        for r in rows:
+            line = f"{r['graph']:<11}{r['convs']:>6}{r['f16mma']:>7}{r['useful_gmacs_per_patch']:>8.3f}"
+            for key in keys:
+                v = r[gpu + key]
+                if v is not None and key == "_glue_us":
+                    v += r[gpu + "_us"]
+                line += f"{'-':>13}" if v is None else f"{v:>13.2f}"
+            print(line)
     return 0
 
 

@@ -143,6 +143,44 @@ def test_conv_roofline_against_hand_counts():
     assert r["bytes"] == moved - 16 * 192 * 192 * 256 * 2 and r["H100_bound"] == "compute"
 
 
+def test_fp16_layer_bound_and_graph_sums():
+    """A conv as PyTorch fp16 runs it layer by layer: fp16 input, weights and output once, against
+    its useful MACs at the fp16 peak; ``cuda_roofline`` sums it per patch, the float floor over the
+    f16mma convs only, and gives no H100 figure for a build with int4 kernels."""
+    from refqsr_engine.benchmarks.cuda_roofline import graph_rows
+
+    # CARN's 1x1 cascade conv 256 -> 64 at 96 x 96, batch 16: memory-bound on both GPUs
+    r = cb.with_fp16_layer({"useful_macs": 16 * 96 * 96 * 64 * 256}, 16 * 256 * 96 * 96, 16 * 64 * 96 * 96, 64 * 256)
+    moved = 2 * (16 * 256 * 96 * 96 + 16 * 64 * 96 * 96 + 64 * 256)
+    assert r["fp16_layer_bytes"] == moved
+    assert r["H100_fp16_layer_us"] == pytest.approx(moved / 3.35e12 * 1e6, abs=1e-3)
+    # the upsampler conv 64 -> 256 at 192 x 192: bound by its MACs on the H100
+    macs = 16 * 192 * 192 * 256 * 64 * 9
+    r = cb.with_fp16_layer({"useful_macs": macs}, 16 * 64 * 192 * 192, 16 * 256 * 192 * 192, 256 * 64 * 9)
+    assert r["H100_fp16_layer_us"] == pytest.approx(macs / 494.7e12 * 1e6, abs=1e-3)
+
+    def row(variant, a100, h100):
+        return {
+            "variant": variant,
+            "useful_macs": 2e9,
+            "A100_us": a100,
+            "H100_us": h100,
+            "A100_glue_us": 1.0,
+            "H100_glue_us": 1.0,
+            "A100_fp16_layer_us": 3.0,
+            "H100_fp16_layer_us": 2.0,
+        }
+
+    graphs = {"g": {"roofline": {"0": row("f16mma", 4.0, 2.0), "1": row("s8mma", 2.0, 1.0)}, "f16mma_convs": 1}}
+    (g,) = graph_rows({"batch": 2, "graphs": graphs})
+    assert (g["A100_us"], g["H100_us"], g["H100_glue_us"]) == (3.0, 1.5, 1.0)
+    assert (g["A100_fp16_layers_us"], g["H100_float_floor_us"]) == (3.0, 1.0)
+    assert g["H100_fp16_us"] == pytest.approx(4e9 / 494.7e12 * 1e6 / 2)
+    graphs["g"]["roofline"]["1"]["variant"] = "s4mma"  # an sm_80 build: no int4 tensor cores on the H100
+    (g,) = graph_rows({"batch": 2, "graphs": graphs})
+    assert g["H100_us"] is None and g["H100_glue_us"] is None and g["A100_us"] == 3.0
+
+
 def test_float_conv_folding_rule():
     """The folding of least roofline time within 1.3x issued / useful MACs: SRResNet's 9 x 9 tail (64 -> 3 at 384 x
     384) folds the kernel columns (N = 27 -> 32, output rows 8 wider); CARN's 3 x 3 tail needs rows

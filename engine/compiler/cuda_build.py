@@ -269,6 +269,20 @@ def with_glue(
     return out
 
 
+def with_fp16_layer(roof: dict[str, Any], in_elems: int, out_elems: int, weight_elems: int) -> dict[str, Any]:
+    """``roof`` plus the same conv as a layer-by-layer fp16 framework runs it (PyTorch fp16 on
+    tensor cores): its fp16 input, weights and output each moved once (``fp16_layer_bytes``) and,
+    per GPU, ``<gpu>_fp16_layer_us`` = max(useful MACs / fp16 peak, bytes / bandwidth). Summed over
+    a graph it is a like-for-like bound beside the compute-only one (useful MACs at the fp16 peak),
+    which no kernel whose operands come from and go to memory can reach where bytes bind."""
+    moved = 2 * (int(in_elems) + int(out_elems) + int(weight_elems))
+    out = dict(roof, fp16_layer_bytes=moved)
+    for gpu, peak in DATASHEET_PEAKS.items():
+        t = max(roof["useful_macs"] / peak["f16mma"], moved / peak["bytes"]) * 1e6
+        out[f"{gpu}_fp16_layer_us"] = round(t, 3)
+    return out
+
+
 @dataclass(frozen=True)
 class _ConvPlan:
     """One quantized conv as the rewrite sees it (after im2col and channel padding, if any)."""
@@ -571,7 +585,9 @@ class _CudaRewriter(PyExprMutator):
         roof = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=epilogue)
         x_elems = int(np.prod([int(v) for v in x.ty.shape]))
         out_elems = n * plan.out_ch * plan.shape.height * plan.shape.width
-        self.result.roofline[report.index] = with_glue(roof, plan.shape, variant, x_elems, out_elems, epilogue)
+        roof = with_glue(roof, plan.shape, variant, x_elems, out_elems, epilogue)
+        weight_elems = plan.out_ch * plan.in_ch * plan.shape.taps
+        self.result.roofline[report.index] = with_fp16_layer(roof, x_elems, out_elems, weight_elems)
         if plan.im2col:
             self.result.im2col[report.index] = list(plan.im2col)
         if epilogue:
@@ -658,9 +674,8 @@ class _CudaRewriter(PyExprMutator):
         report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
         self.result.float_plans[report.index] = plan.report()
         out_elems = n * plan.out_ch * plan.height * plan.width
-        self.result.roofline[report.index] = with_glue(
-            plan.roofline(), s, "f16mma", n * c * h * wd, out_elems, plan.epilogue
-        )
+        roof = with_glue(plan.roofline(), s, "f16mma", n * c * h * wd, out_elems, plan.epilogue)
+        self.result.roofline[report.index] = with_fp16_layer(roof, n * c * h * wd, out_elems, w.size)
         return emit(op.permute_dims(y, [0, 3, 1, 2]))
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
