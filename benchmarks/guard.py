@@ -181,7 +181,7 @@ def judge(measured: dict[str, dict[str, Any]], floors: dict[str, float], toleran
 def _details(m: dict[str, Any]) -> str:
     parts = []
     for k, v in m.items():
-        if k in ("ratio", "kernels") or v in ("", None):
+        if k in ("ratio", "kernels", "skipped") or v in ("", None):
             continue
         if k == "psnr_y":
             parts.append(f"PSNR-Y {v:.2f} dB")
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in floors and "ratio" in m:
             verdict = f"floor {floors[name]:.2f}x: {verdict}"
         ratio = f"{m['ratio']:5.2f}x" if "ratio" in m else "      "
-        print(f"  {name:<20} {ratio}  ({_details(m)})  {verdict}".rstrip())
+        details = _details(m)
+        print(f"  {name:<20} {ratio}  {f'({details})  ' if details else ''}{verdict}".rstrip())
     if note:
         print(f"  {note}")
     if args.update:

@@ -51,10 +51,6 @@ def check_name(peer: str) -> str:
     return f"peer_{peer}"
 
 
-def sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def prepare_graphs(patch: int) -> dict[str, str]:
     """The three ONNX graphs of the FP SRResNet (exported and quantized once, cached)."""
     from .configs import fp_source, prepare_onnx, prepare_ort_static
@@ -89,16 +85,12 @@ def kernels(runner: Any) -> str:
     if hasattr(runner, "conv_primitives"):
         return ", ".join(f"{n} {k}" for k, n in runner.conv_primitives().items())
     if getattr(runner, "optimized_ops", None):
+        from .configs import INTEGER_OPS
+
         ops = runner.optimized_ops
-        ints = {k: v for k, v in ops.items() if k in _integer_ops()}
+        ints = {k: v for k, v in ops.items() if k in INTEGER_OPS}
         return ", ".join(f"{n} {k}" for k, n in ints.items()) or f"no integer ops, {ops.get('Conv', 0)} Conv"
     return ""
-
-
-def _integer_ops() -> tuple[str, ...]:
-    from .configs import INTEGER_OPS
-
-    return INTEGER_OPS
 
 
 def network_seconds(seconds: dict[str, float]) -> float:
@@ -186,6 +178,7 @@ def peers_check(
     {skipped}); ``engine_network`` holds the engine's own times and PSNR-Y."""
     import torch
 
+    from ..engine.artifact import sha256_file
     from ..engine.upscale import DEFAULT_BATCH, DEFAULT_PATCH, UpscaleOptions, compiled_engine
     from ..pipeline.patchwise import run_patchwise
     from ..pipeline.tiling import extract_patches, make_grid
@@ -201,16 +194,16 @@ def peers_check(
     batches = [x[i : i + batch] for i in range(0, len(x), batch)]
     graphs = prepare_graphs(patch)
 
-    scratch = tempfile.mkdtemp(prefix="guard-peers-")
     runners: dict[str, Any] = {}
     out: dict[str, dict[str, Any]] = {}
-    for peer in PEERS:
-        say(f"peers: preparing {peer}")
-        runner = make_runner(peer, graphs, threads, batch, patch, scratch)
-        if isinstance(runner, str):
-            out[check_name(peer)] = {"skipped": runner}
-        else:
-            runners[peer] = runner
+    with tempfile.TemporaryDirectory(prefix="guard-peers-") as scratch:  # ORT's optimized graphs, read at load
+        for peer in PEERS:
+            say(f"peers: preparing {peer}")
+            runner = make_runner(peer, graphs, threads, batch, patch, scratch)
+            if isinstance(runner, str):
+                out[check_name(peer)] = {"skipped": runner}
+            else:
+                runners[peer] = runner
 
     stages: dict[str, float] = {}
 
@@ -252,6 +245,7 @@ def peers_check(
             "kernels": kernels(runner),
         }
 
+    out = {"engine_network": out["engine_network"], **{check_name(p): out[check_name(p)] for p in PEERS}}
     if quality_dir is None:
         return out
     cache = QualityCache(bench_cache() / QUALITY_CACHE)
