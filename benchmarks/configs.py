@@ -372,14 +372,19 @@ def prepare_onnx(model_path: str, patch: int) -> dict[str, Any]:
     }
 
 
-def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
+def prepare_ort_static(fp_onnx: str, patch: int, split: bool = False) -> dict[str, Any]:
     """ONNX Runtime's static int8 quantization of an FP ``sr.onnx`` (QDQ format, u8 activations,
-    per-channel s8 weights, min/max ranges from patches of the calibration photo); cached."""
+    per-channel s8 weights, min/max ranges from patches of the calibration photo); cached.
+
+    ``split``: only the residual blocks' convs are quantized, as the engine does
+    (:func:`.qdq_split.body_conv_nodes`; head, body-end conv, upsampler, tail and the skip paths
+    stay fp32, :func:`.qdq_split.float_outside`); else every op ORT quantizes by default."""
     from importlib import metadata
 
     from ..engine.artifact import cache_key, sha256_file
 
-    key = cache_key(fp_onnx_sha256=sha256_file(fp_onnx), patch=patch, ort=metadata.version("onnxruntime"), recipe=1)
+    parts = {"fp_onnx_sha256": sha256_file(fp_onnx), "patch": patch, "ort": metadata.version("onnxruntime")}
+    key = cache_key(**parts, recipe=1) if not split else cache_key(**parts, recipe=1, split="body-convs-1")
     path = bench_cache() / "onnx-int8" / key / "sr_int8.onnx"
     exported_now = not path.is_file()
     t = time.perf_counter()
@@ -402,6 +407,11 @@ def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
         tmp.mkdir(parents=True, exist_ok=True)
         pre = tmp / "pre.onnx"
         quant_pre_process(fp_onnx, str(pre), skip_symbolic_shape=True)
+        nodes = None
+        if split:
+            from .qdq_split import body_conv_nodes
+
+            nodes = body_conv_nodes(onnx.load(str(pre), load_external_data=False))
         quantize_static(
             str(pre),
             str(tmp / path.name),
@@ -410,7 +420,14 @@ def prepare_ort_static(fp_onnx: str, patch: int) -> dict[str, Any]:
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
         )
+        if split:
+            from .qdq_split import float_outside
+
+            graph = onnx.load(str(tmp / path.name))
+            float_outside(graph, nodes)
+            onnx.save(graph, str(tmp / path.name))
         path.parent.mkdir(parents=True, exist_ok=True)
         (tmp / path.name).replace(path)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -495,6 +512,7 @@ class OrtRunner:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimized_path:
             so.optimized_model_filepath = optimized_path
+            so.log_severity_level = 3  # not the warning that the saved graph is for this CPU: it is only counted
         self.session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.optimized_ops: dict[str, int] = {}
