@@ -1018,6 +1018,93 @@ def _mma_primfunc(
         return T.cast(T.cast(total, "float32") * (rs[n] * cw[o]), "float16")
 
     ws_shape = window_term_shape(s, epilogue)
+
+    @T.macro
+    def tile(A, W, conv, eps, bx, ty, lane):
+        # one block's tile: double-buffered staging, the mma steps and the stored outputs
+        a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
+        b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
+        acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
+        af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
+        bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
+        a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
+        b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
+        m0 = _block_m0(s, cfg, bx)
+        o0 = _block_o0(s, cfg, bx)
+        for i in T.unroll(mt * nt * 4):
+            acc[i] = T.cast(0, acc_ty)
+        for i in T.unroll(na):  # step 0 -> buffer 0
+            if i * threads + ty * 32 + lane < a_total:
+                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
+                    _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                ]
+        for i in T.unroll(nb):
+            if i * threads + ty * 32 + lane < b_total:
+                b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
+                    _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
+                ]
+        T.tvm_storage_sync("shared")
+        for ks in range(ksteps):
+            if ks + 1 < ksteps:  # the next step's tiles: global -> registers
+                for i in T.unroll(na):
+                    if i * threads + ty * 32 + lane < a_total:
+                        a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                for i in T.unroll(nb):
+                    if i * threads + ty * 32 + lane < b_total:
+                        b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
+            for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
+                af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
+            for br in T.unroll(nt * rb):
+                bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
+            for mi in T.unroll(mt):
+                for ni in T.unroll(nt):
+                    T.evaluate(
+                        T.ptx_legacy.mma(
+                            mma_shape,
+                            "row",
+                            "col",
+                            a_ty,
+                            b_ty,
+                            "fp32" if acc_ty == "float32" else "int32",
+                            af.data,
+                            mi * ra,
+                            bf.data,
+                            ni * rb,
+                            acc.data,
+                            (mi * nt + ni) * 4,
+                            False,
+                            dtype=acc_ty,
+                        )
+                    )
+            if ks + 1 < ksteps:  # registers -> the other buffer
+                for i in T.unroll(na):
+                    if i * threads + ty * 32 + lane < a_total:
+                        a_sh[((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = a_next[i]
+                for i in T.unroll(nb):
+                    if i * threads + ty * 32 + lane < b_total:
+                        b_sh[((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = b_next[i]
+            T.tvm_storage_sync("shared")
+        for cr in T.unroll(mt * nt * 4):
+            conv[
+                _c_index(
+                    s,
+                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                    lane,
+                    cr % 4,
+                )
+            ] = _store(
+                acc[cr],
+                _c_index(
+                    s,
+                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
+                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
+                    lane,
+                    cr % 4,
+                ),
+                eps,
+            )
+
     if epilogue in DEQUANT_EPILOGUES:
 
         @T.prim_func(s_tir=True)
@@ -1039,92 +1126,7 @@ def _mma_primfunc(
                         with T.sblock("block_tile"):
                             T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :])
                             T.writes(conv[:, :, :, :])
-                            a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
-                            b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
-                            acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
-                            af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
-                            bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
-                            a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
-                            b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
-                            m0 = _block_m0(s, cfg, bx)
-                            o0 = _block_o0(s, cfg, bx)
-                            for i in T.unroll(mt * nt * 4):
-                                acc[i] = T.cast(0, acc_ty)
-                            for i in T.unroll(na):  # step 0 -> buffer 0
-                                if i * threads + ty * 32 + lane < a_total:
-                                    a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
-                                        _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
-                                    ]
-                            for i in T.unroll(nb):
-                                if i * threads + ty * 32 + lane < b_total:
-                                    b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
-                                        _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
-                                    ]
-                            T.tvm_storage_sync("shared")
-                            for ks in range(ksteps):
-                                if ks + 1 < ksteps:  # the next step's tiles: global -> registers
-                                    for i in T.unroll(na):
-                                        if i * threads + ty * 32 + lane < a_total:
-                                            a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
-                                    for i in T.unroll(nb):
-                                        if i * threads + ty * 32 + lane < b_total:
-                                            b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
-                                for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
-                                    af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
-                                for br in T.unroll(nt * rb):
-                                    bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
-                                for mi in T.unroll(mt):
-                                    for ni in T.unroll(nt):
-                                        T.evaluate(
-                                            T.ptx_legacy.mma(
-                                                mma_shape,
-                                                "row",
-                                                "col",
-                                                a_ty,
-                                                b_ty,
-                                                "fp32" if acc_ty == "float32" else "int32",
-                                                af.data,
-                                                mi * ra,
-                                                bf.data,
-                                                ni * rb,
-                                                acc.data,
-                                                (mi * nt + ni) * 4,
-                                                False,
-                                                dtype=acc_ty,
-                                            )
-                                        )
-                                if ks + 1 < ksteps:  # registers -> the other buffer
-                                    for i in T.unroll(na):
-                                        if i * threads + ty * 32 + lane < a_total:
-                                            a_sh[
-                                                ((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
-                                            ] = a_next[i]
-                                    for i in T.unroll(nb):
-                                        if i * threads + ty * 32 + lane < b_total:
-                                            b_sh[
-                                                ((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
-                                            ] = b_next[i]
-                                T.tvm_storage_sync("shared")
-                            for cr in T.unroll(mt * nt * 4):
-                                conv[
-                                    _c_index(
-                                        s,
-                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                                        lane,
-                                        cr % 4,
-                                    )
-                                ] = _store(
-                                    acc[cr],
-                                    _c_index(
-                                        s,
-                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                                        lane,
-                                        cr % 4,
-                                    ),
-                                    (RS, RZ, CS, CW, WS),
-                                )
+                            tile(A, W, conv, (RS, RZ, CS, CW, WS), bx, ty, lane)
 
     else:
 
@@ -1138,91 +1140,7 @@ def _mma_primfunc(
                         with T.sblock("block_tile"):
                             T.reads(A[:, :, :, :], W[:, :, :])
                             T.writes(conv[:, :, :, :])
-                            a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
-                            b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
-                            acc = T.sblock_alloc_buffer((mt * nt * 4,), acc_ty, scope="local")
-                            af = T.sblock_alloc_buffer((mt * ra,), "uint32", scope="local")
-                            bf = T.sblock_alloc_buffer((nt * rb,), "uint32", scope="local")
-                            a_next = T.sblock_alloc_buffer((na,), "uint32", scope="local")
-                            b_next = T.sblock_alloc_buffer((nb,), "uint32", scope="local")
-                            m0 = _block_m0(s, cfg, bx)
-                            o0 = _block_o0(s, cfg, bx)
-                            for i in T.unroll(mt * nt * 4):
-                                acc[i] = T.cast(0, acc_ty)
-                            for i in T.unroll(na):  # step 0 -> buffer 0
-                                if i * threads + ty * 32 + lane < a_total:
-                                    a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
-                                        _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
-                                    ]
-                            for i in T.unroll(nb):
-                                if i * threads + ty * 32 + lane < b_total:
-                                    b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
-                                        _b_src(s, cfg, o0, 0, i * threads + ty * 32 + lane)
-                                    ]
-                            T.tvm_storage_sync("shared")
-                            for ks in range(ksteps):
-                                if ks + 1 < ksteps:  # the next step's tiles: global -> registers
-                                    for i in T.unroll(na):
-                                        if i * threads + ty * 32 + lane < a_total:
-                                            a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
-                                    for i in T.unroll(nb):
-                                        if i * threads + ty * 32 + lane < b_total:
-                                            b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
-                                for ar in T.unroll(mt * ra):  # fragments of this step: shared -> registers
-                                    af[ar] = a_sh[(ks % 2) * a_buf + _a_frag(cfg, ty // bg, ar // ra, lane, ar % ra)]
-                                for br in T.unroll(nt * rb):
-                                    bf[br] = b_sh[(ks % 2) * b_buf + _b_frag(cfg, ty % bg, br // rb, lane, br % rb)]
-                                for mi in T.unroll(mt):
-                                    for ni in T.unroll(nt):
-                                        T.evaluate(
-                                            T.ptx_legacy.mma(
-                                                mma_shape,
-                                                "row",
-                                                "col",
-                                                a_ty,
-                                                b_ty,
-                                                "fp32" if acc_ty == "float32" else "int32",
-                                                af.data,
-                                                mi * ra,
-                                                bf.data,
-                                                ni * rb,
-                                                acc.data,
-                                                (mi * nt + ni) * 4,
-                                                False,
-                                                dtype=acc_ty,
-                                            )
-                                        )
-                                if ks + 1 < ksteps:  # registers -> the other buffer
-                                    for i in T.unroll(na):
-                                        if i * threads + ty * 32 + lane < a_total:
-                                            a_sh[
-                                                ((ks + 1) % 2) * a_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
-                                            ] = a_next[i]
-                                    for i in T.unroll(nb):
-                                        if i * threads + ty * 32 + lane < b_total:
-                                            b_sh[
-                                                ((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)
-                                            ] = b_next[i]
-                                T.tvm_storage_sync("shared")
-                            for cr in T.unroll(mt * nt * 4):
-                                conv[
-                                    _c_index(
-                                        s,
-                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                                        lane,
-                                        cr % 4,
-                                    )
-                                ] = _store(
-                                    acc[cr],
-                                    _c_index(
-                                        s,
-                                        m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                                        o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                                        lane,
-                                        cr % 4,
-                                    ),
-                                )
+                            tile(A, W, conv, None, bx, ty, lane)
 
     return main.with_attr("global_symbol", f"conv2d_{variant}")
 
