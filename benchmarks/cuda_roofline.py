@@ -9,10 +9,11 @@ from datasheet peaks: max(issued MACs / tensor-core peak, bytes / bandwidth), in
 int8 / int4, full-precision convs on fp16 tensor cores) is summed and divided by the batch: the
 conv kernels' bound per patch on an A100 SXM4 and an H100 SXM5. Beside it, PyTorch fp16's bound:
 the graph's useful MACs (every conv, real channels) at the dense fp16 tensor-core peak, the best a
-network run in fp16 could do on the same GPU whatever its kernels. The "+glue" column adds the
-elementwise kernels around each conv kernel as the rewrite emits them (the pack reading the fp32
-input and writing the packed operand, the kernel's output read back and the fp32 NCHW output
-written: ``glue_bytes`` at the memory bandwidth); the RefER warps are not counted.
+network run in fp16 could do on the same GPU whatever its kernels. The "+others" column adds
+every other kernel the compiled graph runs (packs, epilogues, shift-adds, DDTB's bound
+computations, concatenations, pixel shuffles, RefER warps: the manifest's ``kernel_traffic``,
+counted on the lowered graph, each kernel's tensors read or written once, at the memory
+bandwidth).
 
 Two more columns put the compute-only bound in context. "fp16 layers": the same convs as a
 layer-by-layer fp16 framework runs them (each conv's fp16 input, weights and output moved once,
@@ -36,7 +37,7 @@ GPUS = ("A100", "H100")
 
 def graph_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per graph of a CUDA artifact's manifest: convs, useful MACs per patch, and per GPU
-    (microseconds per patch) the summed conv roofline, the glue, the fp16 bound, the fp16
+    (microseconds per patch) the summed conv roofline, the other kernels, the fp16 bound, the fp16
     layer-by-layer bound and the float floor; None where the figure does not apply (an int4
     kernel on a GPU without int4 tensor cores) or the manifest predates it."""
     from ..engine.compiler.cuda_build import DATASHEET_PEAKS
@@ -60,7 +61,8 @@ def graph_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         for gpu in GPUS:
             native = all(r["variant"] in DATASHEET_PEAKS[gpu] or r["variant"] == "dp4a" for r in roof)
             row[f"{gpu}_us"] = per_patch(f"{gpu}_us") if native else None
-            row[f"{gpu}_glue_us"] = per_patch(f"{gpu}_glue_us") if native else None
+            traffic = graph.get("kernel_traffic")
+            row[f"{gpu}_others_us"] = traffic[f"{gpu}_other_us"] if traffic and native else None
             row[f"{gpu}_fp16_us"] = useful / DATASHEET_PEAKS[gpu]["f16mma"] * 1e6 / batch
             row[f"{gpu}_fp16_layers_us"] = per_patch(f"{gpu}_fp16_layer_us")
             floats = [r for r in roof if r["variant"] == "f16mma"]
@@ -97,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model = man.get("model", {}).get("name", args.model)
     print(f"{model}, {man['target']['arch']}, patch {man['patch']}, batch {man['batch']}: microseconds per patch")
-    cols = ("convs", "+glue", "fp16 bound", "fp16 layers", "float floor")
-    keys = ("_us", "_glue_us", "_fp16_us", "_fp16_layers_us", "_float_floor_us")
+    cols = ("convs", "+others", "fp16 bound", "fp16 layers", "float floor")
+    keys = ("_us", "_others_us", "_fp16_us", "_fp16_layers_us", "_float_floor_us")
     for gpu in GPUS:
         print(f"{gpu:<11}{'convs':>6}{'f16mma':>7}{'GMAC':>8}" + "".join(f"{c:>13}" for c in cols))
         for r in rows:
             line = f"{r['graph']:<11}{r['convs']:>6}{r['f16mma']:>7}{r['useful_gmacs_per_patch']:>8.3f}"
             for key in keys:
                 v = r[gpu + key]
-                if v is not None and key == "_glue_us":
+                if v is not None and key == "_others_us":
                     v += r[gpu + "_us"]
                 line += f"{'-':>13}" if v is None else f"{v:>13.2f}"
             print(line)

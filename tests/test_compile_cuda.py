@@ -123,13 +123,6 @@ def test_conv_roofline_against_hand_counts():
     assert r["bytes"] == 9_834_496 // 2 + 36_864 // 2 + 37_748_736 // 2 + 8 * (16 + 64)
     r2 = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 64, 96, 96), 64, 64, "s4mma", epilogue="dequant_ws")
     assert r2["bytes"] == r["bytes"] + 16 * 96 * 96 * 4 and r2["epilogue"] == "dequant_ws"
-    # the elementwise kernels around it: the pack reads the fp32 input (16 x 64 x 96 x 96) and writes
-    # the nibbles with their border, the fp16 output is read back and the fp32 NCHW output written
-    g = cb.with_glue(
-        r, cc.Conv2dCudaShape(16, 64, 64, 96, 96), "s4mma", 16 * 64 * 96 * 96, 16 * 64 * 96 * 96, "dequant"
-    )
-    glue = 37_748_736 + 9_834_496 // 2 + 37_748_736 // 2 + 37_748_736
-    assert g["glue_bytes"] == glue and g["H100_glue_us"] == pytest.approx(glue / 3.35e12 * 1e6, abs=1e-3)
     # fp16 upsampler conv 64 -> 256 at 192 x 192: fp16 activations and weights, fp32 output;
     # datasheet dense fp16: 312 TFLOPS (A100), 989.4 TFLOPS (H100)
     r = cb.conv_roofline(cc.Conv2dCudaShape(16, 64, 256, 192, 192), 64, 256, "f16mma")
@@ -165,20 +158,58 @@ def test_fp16_layer_bound_and_graph_sums():
             "useful_macs": 2e9,
             "A100_us": a100,
             "H100_us": h100,
-            "A100_glue_us": 1.0,
-            "H100_glue_us": 1.0,
             "A100_fp16_layer_us": 3.0,
             "H100_fp16_layer_us": 2.0,
         }
 
-    graphs = {"g": {"roofline": {"0": row("f16mma", 4.0, 2.0), "1": row("s8mma", 2.0, 1.0)}, "f16mma_convs": 1}}
+    traffic = {"A100_other_us": 5.0, "H100_other_us": 3.0}
+    graphs = {
+        "g": {
+            "roofline": {"0": row("f16mma", 4.0, 2.0), "1": row("s8mma", 2.0, 1.0)},
+            "f16mma_convs": 1,
+            "kernel_traffic": traffic,
+        }
+    }
     (g,) = graph_rows({"batch": 2, "graphs": graphs})
-    assert (g["A100_us"], g["H100_us"], g["H100_glue_us"]) == (3.0, 1.5, 1.0)
+    assert (g["A100_us"], g["H100_us"], g["H100_others_us"]) == (3.0, 1.5, 3.0)
     assert (g["A100_fp16_layers_us"], g["H100_float_floor_us"]) == (3.0, 1.0)
     assert g["H100_fp16_us"] == pytest.approx(4e9 / 494.7e12 * 1e6 / 2)
     graphs["g"]["roofline"]["1"]["variant"] = "s4mma"  # an sm_80 build: no int4 tensor cores on the H100
     (g,) = graph_rows({"batch": 2, "graphs": graphs})
-    assert g["H100_us"] is None and g["H100_glue_us"] is None and g["A100_us"] == 3.0
+    assert g["H100_us"] is None and g["H100_others_us"] is None and g["A100_us"] == 3.0
+
+
+def test_kernel_traffic_counts_the_lowered_calls():
+    """Each PrimFunc call of the lowered graph moves its tensor arguments once: a conv kernel
+    (by name) and two other kernels, counted against the shapes written out by hand."""
+    from tvm import relax, te
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, 6, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            t = bb.emit_te(lambda a: te.compute((2, 6, 6, 8), lambda n, h, w, c: a[n, c, h, w]), x)
+            y = bb.emit(
+                relax.call_tir(
+                    bb.add_func(
+                        te.create_prim_func([te.placeholder((2, 6, 6, 8)), te.compute((2, 6, 6, 4), lambda *i: 0.0)]),
+                        "qconv_s8mma_0",
+                    ),
+                    [t],
+                    relax.TensorType((2, 6, 6, 4), "float32"),
+                )
+            )
+            z = bb.emit_te(lambda a: te.compute((2, 4), lambda n, c: a[n, 0, 0, c] * 2.0), y)
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    lowered = relax.transform.CallTIRRewrite()(bb.get())
+    tr = cb.kernel_traffic(lowered, batch=2)
+    conv = (2 * 6 * 6 * 8 + 2 * 6 * 6 * 4) * 4
+    other = (2 * 8 * 6 * 6 + 2 * 6 * 6 * 8) * 4 + (2 * 6 * 6 * 4 + 2 * 4) * 4
+    assert (tr["conv_kernels"], tr["other_kernels"]) == (1, 2)
+    assert (tr["conv_bytes_per_patch"], tr["other_bytes_per_patch"]) == (conv // 2, other // 2)
+    assert tr["H100_other_us"] == pytest.approx(other / 2 / 3.35e12 * 1e6, abs=1e-3)
+    assert tr["other_top"][0]["bytes_per_patch"] == (2 * 8 * 6 * 6 + 2 * 6 * 6 * 8) * 4 // 2
 
 
 def test_float_conv_folding_rule():
@@ -457,6 +488,12 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
             assert r["A100_us"] > 0 and r["H100_us"] > 0
             if graph["variants"][int(i)] != "f16mma":
                 assert 1.0 <= r["issued_over_useful"] <= 1.2
+        # the lowered graph's conv kernel calls move what the per-conv bounds say they must
+        # (two counts: the calls' tensor arguments against the shape formulas)
+        traffic = graph["kernel_traffic"]
+        assert traffic["conv_kernels"] == len(roof) and traffic["other_kernels"] > 0
+        conv_bytes = sum(r["bytes"] for r in roof.values()) / man["batch"]
+        assert traffic["conv_bytes_per_patch"] == pytest.approx(conv_bytes, rel=1e-2)
         assert graph["f16_fallback"] == {} and graph["f16mma_convs"] == graph["act_bits"].count(32)
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
         splits = []

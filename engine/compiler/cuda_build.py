@@ -245,30 +245,6 @@ def conv_roofline(
     return out
 
 
-def with_glue(
-    roof: dict[str, Any],
-    shape: cc.Conv2dCudaShape,
-    variant: str,
-    in_elems: int,
-    out_elems: int,
-    epilogue: str | None = None,
-) -> dict[str, Any]:
-    """``roof`` plus the elementwise kernels around the conv kernel (``glue_bytes``, and per GPU
-    ``<gpu>_glue_us`` = bytes / bandwidth): the pack reads the fp32 NCHW input (``in_elems``) and
-    writes the packed operand; after the kernel its output (int32 / fp32, fp16 with an epilogue)
-    is read and the conv's fp32 NCHW output (``out_elems``) written, each tensor once. Where FuseOps
-    merges these with the bias, activation or the next pack the graph moves less; a bound on the
-    glue of this conv as the rewrite emits it, not on what the fused graph runs."""
-    bits = cc.MMA_BITS.get(variant, 8)
-    hp, wp = shape.padded_hw
-    glue = in_elems * 4 + shape.batch * hp * wp * shape.in_ch * bits // 8
-    glue += shape.pixels * shape.out_ch * np.dtype(cc.out_dtype(variant, epilogue)).itemsize + out_elems * 4
-    out = dict(roof, glue_bytes=int(glue))
-    for gpu, peak in DATASHEET_PEAKS.items():
-        out[f"{gpu}_glue_us"] = round(glue / peak["bytes"] * 1e6, 3)
-    return out
-
-
 def with_fp16_layer(roof: dict[str, Any], in_elems: int, out_elems: int, weight_elems: int) -> dict[str, Any]:
     """``roof`` plus the same conv as a layer-by-layer fp16 framework runs it (PyTorch fp16 on
     tensor cores): its fp16 input, weights and output each moved once (``fp16_layer_bytes``) and,
@@ -585,7 +561,6 @@ class _CudaRewriter(PyExprMutator):
         roof = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=epilogue)
         x_elems = int(np.prod([int(v) for v in x.ty.shape]))
         out_elems = n * plan.out_ch * plan.shape.height * plan.shape.width
-        roof = with_glue(roof, plan.shape, variant, x_elems, out_elems, epilogue)
         weight_elems = plan.out_ch * plan.in_ch * plan.shape.taps
         self.result.roofline[report.index] = with_fp16_layer(roof, x_elems, out_elems, weight_elems)
         if plan.im2col:
@@ -674,8 +649,7 @@ class _CudaRewriter(PyExprMutator):
         report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
         self.result.float_plans[report.index] = plan.report()
         out_elems = n * plan.out_ch * plan.height * plan.width
-        roof = with_glue(plan.roofline(), s, "f16mma", n * c * h * wd, out_elems, plan.epilogue)
-        self.result.roofline[report.index] = with_fp16_layer(roof, n * c * h * wd, out_elems, w.size)
+        self.result.roofline[report.index] = with_fp16_layer(plan.roofline(), n * c * h * wd, out_elems, w.size)
         return emit(op.permute_dims(y, [0, 3, 1, 2]))
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
@@ -855,8 +829,53 @@ def rewrite_qdq_convs_cuda(
 # build
 
 
-def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The CUDA default pipeline's pieces, minus FoldConstant (see the module docstring)."""
+#: the kernels of the rewritten convs (everything else a graph runs is "other")
+_CONV_FUNC = re.compile(r"^(?:qconv_(?:dp4a|s4mma|s8mma)|fconv_f16mma)_\d+$")
+
+
+def _tensor_bytes(ty: Any) -> int:
+    return int(np.prod([int(v) for v in ty.shape])) * tvm.DataType(ty.dtype).bits // 8
+
+
+def kernel_traffic(mod: tvm.IRModule, batch: int, top: int = 5) -> dict[str, Any]:
+    """What the compiled graph's kernels move, from its lowered ``main`` (destination-passing
+    calls of PrimFuncs, the output the last argument): per kernel call its tensor arguments'
+    bytes, each read or written once. Totals for the conv kernels and for all other kernels (the
+    packs, epilogues, shift-adds, DDTB's bound computations, concatenations, pixel shuffles,
+    RefER warps), per patch, and per GPU the other kernels' time at the datasheet bandwidth
+    (``<gpu>_other_us``): a lower bound on what the kernels between the convs cost, counted on the
+    graph that runs rather than estimated per conv; ``top``: the other kernels moving the most."""
+    calls: list[tuple[str, int]] = []
+    main = mod["main"]
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            v = binding.value
+            if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar)):
+                continue
+            if not isinstance(mod[v.op], tvm.tirx.PrimFunc):
+                continue
+            moved = sum(_tensor_bytes(a.ty) for a in v.args if isinstance(getattr(a, "ty", None), relax.TensorType))
+            calls.append((v.op.name_hint, moved))
+    conv = [c for c in calls if _CONV_FUNC.match(c[0])]
+    other = [c for c in calls if not _CONV_FUNC.match(c[0])]
+    other_bytes = sum(b for _, b in other)
+    out: dict[str, Any] = {
+        "conv_kernels": len(conv),
+        "other_kernels": len(other),
+        "conv_bytes_per_patch": sum(b for _, b in conv) // batch,
+        "other_bytes_per_patch": other_bytes // batch,
+        "other_top": [
+            {"kernel": k, "bytes_per_patch": b // batch} for k, b in sorted(other, key=lambda c: -c[1])[:top]
+        ],
+    }
+    for gpu, peak in DATASHEET_PEAKS.items():
+        out[f"{gpu}_other_us"] = round(other_bytes / batch / peak["bytes"] * 1e6, 3)
+    return out
+
+
+def cuda_pipeline(target: tvm.target.Target, traffic: list | None = None, batch: int = 1) -> tvm.transform.Pass:
+    """The CUDA default pipeline's pieces, minus FoldConstant (see the module docstring); with
+    ``traffic`` (a list) :func:`kernel_traffic` of the lowered graph is appended to it."""
     from tvm.relax.backend.cuda import pipeline as cuda
 
     @tvm.transform.module_pass(opt_level=0, name="RefQSRCudaPipeline")
@@ -864,13 +883,12 @@ def cuda_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         with target:
             # LegalizeOps, AnnotateTIROpPattern, FuseOps, FuseTIR, dlight's default GPU rules
             legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "FoldConstant"]
-            seq = tvm.transform.Sequential(
-                cuda.library_dispatch_passes(target)
-                + legalize
-                + cuda.dataflow_lower_passes(target)
-                + cuda.finalize_passes(target)
-            )
-            return seq(mod)
+            lowered = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target) + legalize + cuda.dataflow_lower_passes(target)
+            )(mod)
+            if traffic is not None:
+                traffic.append(kernel_traffic(lowered, batch))
+            return tvm.transform.Sequential(cuda.finalize_passes(target))(lowered)
 
     return _pipeline
 
@@ -983,6 +1001,7 @@ class CudaGraphBuild:
     seconds: dict[str, float] = field(default_factory=dict)
     sass: dict[str, dict[str, int]] | None = None  # kernel -> SASS opcode counts; None: no cuobjdump
     refer_warps: int = 0  # RefER warps (or shared-matching warps) run by the GPU-scheduled kernels
+    traffic: dict[str, Any] | None = None  # kernel_traffic of the lowered graph
 
     def report(self) -> dict[str, Any]:
         convs = self.result.convs
@@ -1000,6 +1019,7 @@ class CudaGraphBuild:
             "im2col": {str(i): v for i, v in self.result.im2col.items()},
             "dp4a_why": {str(i): why for i, why in self.result.no_mma_reasons.items()},
             "roofline": {str(i): r for i, r in self.result.roofline.items()},
+            "kernel_traffic": self.traffic,
             "f16mma": {str(i): p for i, p in self.result.float_plans.items()},
             "f16_fallback": {str(i): why for i, why in self.result.f16_fallback.items()},
             "refer_warps": self.refer_warps,
@@ -1021,8 +1041,9 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"], arch=arch)
     t2 = time.perf_counter()
     compiled: list = []
+    traffic: list = []
     with target, _cuda_compile_hook(arch, compiled):
-        exe = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+        exe = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target, traffic, batch))
     t3 = time.perf_counter()
     # TVM silently keeps a source-only module when its CUDA runtime is missing: then the hook
     # never ran and there is no device code
@@ -1045,6 +1066,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
             sass.update(counts)
     built = CudaGraphBuild(name, exe, shapes, outputs, result, count_integer_instructions(ptx), binary, times, sass)
     built.refer_warps = warps
+    built.traffic = traffic[0] if traffic else None
     return built
 
 
