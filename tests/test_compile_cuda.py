@@ -349,6 +349,45 @@ def test_folded_tail_replay_and_twin_graph_match_reference(k, h, w, folding):
     assert out.shape == want.shape and np.all(np.abs(out - want) <= tol)
 
 
+def test_rewritten_conv_output_fuses_with_what_follows():
+    """The rewrite leaves no alias of a replaced conv's output (``y = lv``): FuseOps does not fuse
+    across one, so the widening of the kernel's fp16 NHWC output to fp32 NCHW would run as a
+    kernel of its own. After fusion: the pack, the conv kernel and one kernel for the widening,
+    the bias add and the ReLU."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((1, 16, 12, 12), "float32"))
+    w = np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=[1] * 4))
+            y = bb.emit(relax.op.add(y, relax.const(np.ones((1, 16, 1, 1), np.float32))))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "body"}], twin=True)
+    assert result.convs[0].variant == "f16mma"
+    bindings = [b for block in mod["main"].body.blocks for b in block.bindings]
+    assert not any(isinstance(b.value, relax.Var) for b in bindings)
+    fused = tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )(mod)
+    calls = [
+        b.value.args[0].name_hint
+        for block in fused["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"
+    ]
+    assert len(calls) == 3 and calls[1].startswith("fconv_f16mma")
+    assert all(op in calls[2] for op in ("cast", "transpose", "add", "relu"))
+
+
 def test_ptx_instruction_count():
     ptx = (
         "dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"

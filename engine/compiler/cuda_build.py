@@ -822,6 +822,10 @@ def rewrite_qdq_convs_cuda(
     out[func_name] = new_func
     if len(result.convs) != len(conv_table):
         raise RefQSRError(f"the graph has {len(result.convs)} convs, its refqsr.convs metadata {len(conv_table)}")
+    # the mutator binds each replaced conv's var to the new expression's var (``y = lv``): such
+    # aliases stop FuseOps at the conv's output, so the widening to fp32 NCHW and the bias add,
+    # activation and next pack would run as two kernels with a full fp32 tensor between them
+    out = relax.transform.CanonicalizeBindings()(out)
     return relax.transform.DeadCodeElimination([func_name])(out), result
 
 
