@@ -388,6 +388,38 @@ def test_rewritten_conv_output_fuses_with_what_follows():
     assert all(op in calls[2] for op in ("cast", "transpose", "add", "relu"))
 
 
+def test_nested_concats_flatten():
+    """CARN's cascade: each concatenation extends the previous one. Flattened, every concat reads
+    the parts (no concat of a concat) and the outputs equal numpy's concatenations."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((1, 2, 3, 3)).astype(np.float32) for _ in range(4)]
+    bb = relax.BlockBuilder()
+    xs = [relax.Var(f"x{i}", relax.TensorType((1, 2, 3, 3), "float32")) for i in range(4)]
+    with bb.function("main", xs):
+        with bb.dataflow():
+            c1 = bb.emit(relax.op.concat([xs[0], xs[1]], axis=1))
+            c2 = bb.emit(relax.op.concat([c1, xs[2]], axis=1))
+            c3 = bb.emit(relax.op.concat([c2, xs[3]], axis=1))
+            out = bb.emit_output(relax.Tuple([relax.op.nn.relu(c1), relax.op.nn.relu(c2), relax.op.nn.relu(c3)]))
+        bb.emit_func_output(out)
+    mod = cb.flatten_concats(bb.get())
+    concats = [
+        b.value
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.concat"
+    ]
+    assert sorted(len(c.args[0].fields) for c in concats) == [2, 3, 4]
+    tgt = tvm.target.Target({"kind": "llvm"})
+    exe = tvm.compile(mod, target=tgt)
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](*[tvm.runtime.tensor(p) for p in parts])
+    for k, y in zip((2, 3, 4), got):
+        np.testing.assert_array_equal(y.numpy(), np.maximum(np.concatenate(parts[:k], axis=1), 0))
+
+
 def test_ptx_instruction_count():
     ptx = (
         "dp4a.u32.s32 %r1, %r2, %r3, %r4;\n dp4a.s32.s32 %r1, %r2, %r3, %r4;\n"

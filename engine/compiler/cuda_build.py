@@ -786,6 +786,42 @@ class _CudaRewriter(PyExprMutator):
         return self.builder_.emit(relax.op.reshape(value, [size, 1, 1, 1]))
 
 
+@mutator
+class _ConcatFlattener(PyExprMutator):
+    """``concat((concat((a, b)), c))`` -> ``concat((a, b, c))`` (same axis). CARN's cascade
+    concatenates each block's output onto the previous concatenation; flattened, an inner
+    concatenation read only by its pack fuses into that pack and is never written as an fp32
+    tensor (what the outer one needs it reads from the parts)."""
+
+    def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
+        call = super().visit_call_(call)
+        if _op_name(call) != "relax.concat" or not isinstance(call.args[0], relax.Tuple):
+            return call
+        axis, parts, changed = int(call.attrs.axis), [], False
+        for field_ in call.args[0].fields:
+            inner = self.lookup_binding(field_) if isinstance(field_, relax.Var) else None
+            if (
+                isinstance(inner, relax.Call)
+                and _op_name(inner) == "relax.concat"
+                and isinstance(inner.args[0], relax.Tuple)
+                and int(inner.attrs.axis) == axis
+            ):
+                parts.extend(inner.args[0].fields)
+                changed = True
+            else:
+                parts.append(field_)
+        return relax.op.concat(parts, axis) if changed else call
+
+
+def flatten_concats(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    """:class:`_ConcatFlattener` over ``mod[func_name]``, the concatenations left unread removed."""
+    flattener = _ConcatFlattener(mod)
+    new_func = flattener.visit_expr(mod[func_name])
+    out = flattener.builder_.get()
+    out[func_name] = new_func
+    return relax.transform.DeadCodeElimination([func_name])(out)
+
+
 @dataclass
 class CudaConvResult(QDQConvResult):
     """The per-conv report plus why quantized convs stayed float (conv index -> reason)."""
@@ -826,7 +862,8 @@ def rewrite_qdq_convs_cuda(
     # aliases stop FuseOps at the conv's output, so the widening to fp32 NCHW and the bias add,
     # activation and next pack would run as two kernels with a full fp32 tensor between them
     out = relax.transform.CanonicalizeBindings()(out)
-    return relax.transform.DeadCodeElimination([func_name])(out), result
+    out = relax.transform.DeadCodeElimination([func_name])(out)
+    return flatten_concats(out, func_name), result
 
 
 # ----------------------------------------------------------------------------------------------
