@@ -109,3 +109,18 @@ def torch_paths(model, refs: np.ndarray, queries: np.ndarray) -> tuple[np.ndarra
         hr, feats = model.reference_forward(torch.from_numpy(refs))
         query = model.query_forward(torch.from_numpy(queries), list(feats), hard=True)
     return hr.numpy(), [f.numpy() for f in feats], query.numpy()
+
+
+def fuse_ops(mod):
+    """``mod`` through the build pipelines' legalize and fusion steps (LegalizeOps,
+    AnnotateTIROpPattern, FuseOps, FuseTIR), in the current target context."""
+    import tvm
+    from tvm import relax
+
+    passes = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    return tvm.transform.Sequential(passes)(mod)

@@ -20,6 +20,7 @@ from compile_helpers import (
     assert_images_match,
     close_patches,
     compile_saved,
+    fuse_ops,
     psnr,
     small_refqsr,
     torch_paths,
@@ -132,14 +133,7 @@ def test_cascade_fusion_conv_is_scheduled_and_matches_torch():
     mod = bb.get()
     tgt = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2})
     with tgt:
-        fused = tvm.transform.Sequential(
-            [
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-            ]
-        )(mod)
+        fused = fuse_ops(mod)
         scheduled = cpu_schedule_pass(2, 8)(fused)
     convs = [
         f.script()

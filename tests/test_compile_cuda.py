@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from compile_helpers import PATCH, psnr, small_refqsr
+from compile_helpers import PATCH, fuse_ops, psnr, small_refqsr
 from refqsr_engine.engine.artifact import load_artifact
 from refqsr_engine.engine.compiler import cuda_build as cb
 from refqsr_engine.engine.compiler.compile_model import compile_model
@@ -354,7 +354,6 @@ def test_rewritten_conv_output_fuses_with_what_follows():
     across one, so the widening of the kernel's fp16 NHWC output to fp32 NCHW would run as a
     kernel of its own. After fusion: the pack, the conv kernel and one kernel for the widening,
     the bias add and the ReLU."""
-    import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -370,14 +369,7 @@ def test_rewritten_conv_output_fuses_with_what_follows():
     assert result.convs[0].variant == "f16mma"
     bindings = [b for block in mod["main"].body.blocks for b in block.bindings]
     assert not any(isinstance(b.value, relax.Var) for b in bindings)
-    fused = tvm.transform.Sequential(
-        [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-    )(mod)
+    fused = fuse_ops(mod)
     calls = [
         b.value.args[0].name_hint
         for block in fused["main"].body.blocks

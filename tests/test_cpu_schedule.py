@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from compile_helpers import fuse_ops
 from refqsr_engine.engine.compiler.build import cpu_pipeline
 from refqsr_engine.engine.compiler.cpu_schedule import ConvTile, conv_tile, cpu_schedule_pass, vector_lanes
 from refqsr_engine.engine.compiler.options import CompileOptions, host_mcpu
@@ -149,14 +150,7 @@ def test_default_mcpu_is_the_host_and_the_baseline_stays():
 def _scheduled_primfuncs(mod: tvm.IRModule, tgt: tvm.target.Target) -> list:
     """The PrimFuncs of ``mod`` after the pipeline's legalize + fuse steps and our CPU schedule."""
     with tgt:
-        fused = tvm.transform.Sequential(
-            [
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-            ]
-        )(mod)
+        fused = fuse_ops(mod)
         scheduled = cpu_schedule_pass(2, 8)(fused)
     return [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
 
