@@ -847,10 +847,10 @@ def rewrite_qdq_convs_cuda(
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
     quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue, and
     (``f16``) every full-precision conv by an f16mma kernel; ``arch`` decides which tensor cores
-    the kernels may use. With ``fuse_epilogue`` the s4mma / s8mma kernels of unshifted weights
-    dequantize in their store and write fp16 (``"dequant"``, ``"dequant_ws"`` with a weight
-    shift); without, int32 sums and the
-    epilogue as Relax ops (exact fp32)."""
+    the kernels may use. With ``fuse_epilogue`` the s4mma / s8mma kernels dequantize in their
+    store and write fp16 (``"dequant"``, ``"dequant_ws"`` with a weight shift); without, int32
+    sums and the epilogue as Relax ops (exact fp32). The result has no var-to-var aliases (FuseOps
+    does not fuse across one) and no concatenation of a concatenation (:func:`flatten_concats`)."""
     result = CudaConvResult()
     rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue)
     new_func = rewriter.visit_expr(mod[func_name])
@@ -862,16 +862,17 @@ def rewrite_qdq_convs_cuda(
     # aliases stop FuseOps at the conv's output, so the widening to fp32 NCHW and the bias add,
     # activation and next pack would run as two kernels with a full fp32 tensor between them
     out = relax.transform.CanonicalizeBindings()(out)
-    out = relax.transform.DeadCodeElimination([func_name])(out)
-    return flatten_concats(out, func_name), result
+    return flatten_concats(out, func_name), result  # its dead-code pass drops the rewrite's leftovers too
 
 
 # ----------------------------------------------------------------------------------------------
 # build
 
 
-#: the kernels of the rewritten convs (everything else a graph runs is "other")
-_CONV_FUNC = re.compile(r"^(?:qconv_(?:dp4a|s4mma|s8mma)|fconv_f16mma)_\d+$")
+#: the PrimFuncs of the rewritten convs, as :meth:`_CudaRewriter._kernel` names them (everything
+#: else a graph runs is "other")
+_CONV_NAME = r"(?:qconv_(?:dp4a|s4mma|s8mma)|fconv_f16mma)_\d+"
+_CONV_FUNC = re.compile(f"^{_CONV_NAME}$")
 
 
 def _tensor_bytes(ty: Any) -> int:
@@ -1112,7 +1113,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
 
 
 #: the SASS kernels of the integer convs: TVM names a PrimFunc's kernel ``<symbol>_kernel``
-_CONV_KERNEL = re.compile(r"^(?:qconv_(?:dp4a|s4mma|s8mma)|fconv_f16mma)_\d+_kernel$")
+_CONV_KERNEL = re.compile(f"^{_CONV_NAME}_kernel$")
 
 
 def sass_summary(sass: dict[str, dict[str, int]] | None) -> dict[str, Any] | None:
