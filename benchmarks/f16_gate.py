@@ -4,7 +4,8 @@ the CPU through the LLVM twins (no GPU needed).
     python -m refqsr_engine.benchmarks.f16_gate                     # default model, 4 val images, 48 x 48 LR
     python -m refqsr_engine.benchmarks.f16_gate --val data/sr/val --limit 4 --patch 48
     python -m refqsr_engine.benchmarks.f16_gate --compare epilogue  # fused fp16 epilogues vs fp32 ones
-    python -m refqsr_engine.benchmarks.f16_gate --compare all       # both changes against fp32
+    python -m refqsr_engine.benchmarks.f16_gate --compare storage   # fp16 activations between kernels vs fp32
+    python -m refqsr_engine.benchmarks.f16_gate --compare all       # all three changes against fp32
 
 The model's reference graph (a whole 4x SR network: the graph that upscales reference patches) is
 exported at ``--patch`` and rewritten for CUDA twice (:func:`~..engine.compiler.cuda_build.build_graph_twin`):
@@ -16,8 +17,11 @@ mean drop of at most 0.01 dB.
 
 With ``--compare epilogue`` both builds have the float convs on f16mma, and what differs is the
 integer convs' epilogue: dequantized in the s4mma / s8mma kernel and stored in fp16 (the
-default) against int32 sums dequantized in fp32 by Relax ops; ``--compare all`` sets the CUDA
-graph as compiled (f16mma, fused epilogues) against fp32 float convs and fp32 epilogues. Same gate.
+default) against int32 sums dequantized in fp32 by Relax ops. With ``--compare storage`` both
+have f16mma and fused epilogues, and what differs is the activations the kernels pass each other:
+stored in fp16 (the default, :mod:`~..engine.compiler.half_storage`) against fp32.
+``--compare all`` sets the CUDA graph as compiled (f16mma, fused epilogues, fp16 storage) against
+fp32 float convs, fp32 epilogues and fp32 storage. Same gate.
 """
 
 from __future__ import annotations
@@ -39,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=4)
     ap.add_argument("--patch", type=int, default=48)
     ap.add_argument("--arch", default="sm_80")
-    ap.add_argument("--compare", choices=["f16", "epilogue", "all"], default="f16")
+    ap.add_argument("--compare", choices=["f16", "epilogue", "storage", "all"], default="f16")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    # (key, f16, fuse_epilogue) of the baseline and the candidate build
+    # (key, f16, fuse_epilogue, half_storage) of the baseline and the candidate build
     builds = {
-        "f16": (("fp32", False, False), ("f16mma", True, False)),
-        "epilogue": (("fp32_epilogue", True, False), ("fp16_epilogue", True, True)),
-        "all": (("fp32", False, False), ("f16mma_fused", True, True)),
+        "f16": (("fp32", False, False, False), ("f16mma", True, False, False)),
+        "epilogue": (("fp32_epilogue", True, False, False), ("fp16_epilogue", True, True, False)),
+        "storage": (("fp32_storage", True, True, False), ("fp16_storage", True, True, True)),
+        "all": (("fp32", False, False, False), ("f16mma_fused_half", True, True, True)),
     }[args.compare]
 
     import onnx
@@ -78,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, dict[str, float]] = {}
     seconds = {}
     plans = {}
-    for key, f16, fuse in builds:
+    half = 0
+    for key, f16, fuse, store in builds:
         t = time.perf_counter()
-        exe, result = build_graph_twin(graph, len(pairs), arch=args.arch, f16=f16, fuse_epilogue=fuse)
+        exe, result = build_graph_twin(
+            graph, len(pairs), arch=args.arch, f16=f16, fuse_epilogue=fuse, half_storage=store
+        )
         y = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(lr))
         sr = (y if hasattr(y, "numpy") else y[0]).numpy()
         seconds[key] = round(time.perf_counter() - t, 1)
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if f16:
             plans = {str(i): v["folding"] for i, v in result.float_plans.items()}
         fused = sum(r.get("epilogue") in ("dequant", "dequant_ws") for r in result.roofline.values())
+        half = result.half_tensors
     base, cand = builds[0][0], builds[1][0]
     mean = {k: float(np.mean(list(v.values()))) for k, v in out.items()}
     drop = mean[base] - mean[cand]
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "passes": drop <= GATE_DB,
         "f16mma_convs": len(plans),
         "fused_epilogues": fused,
+        "half_tensors": half,
         "seconds": seconds,
     }
     if args.json:
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  mean PSNR-Y {base} {mean[base]:.4f} dB, {cand} {mean[cand]:.4f} dB: drop {drop:.4f} dB "
             f"(gate {GATE_DB} dB: {'pass' if report['passes'] else 'FAIL'}); {len(plans)} float convs on f16mma, "
-            f"{fused} integer convs with the fused epilogue"
+            f"{fused} integer convs with the fused epilogue, {half} activations stored in fp16"
         )
     return 0 if report["passes"] else 1
 

@@ -558,6 +558,8 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
         conv_bytes = sum(r["bytes"] for r in roof.values()) / man["batch"]
         assert traffic["conv_bytes_per_patch"] == pytest.approx(conv_bytes, rel=1e-2)
         assert graph["f16_fallback"] == {} and graph["f16mma_convs"] == graph["act_bits"].count(32)
+        # the SR graphs' kernels pass activations in fp16; the ClustBlock's logits stay exact
+        assert (graph["half_tensors"] > 0) == (graph_name != "clustblock")
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
         splits = []
         for i, plan in graph["f16mma"].items():
@@ -651,7 +653,8 @@ def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name
 
     graphs = exported(bits, scheme)
     model = onnx.load(str(graphs[name]))
-    exe, result = cb.build_graph_twin(model, BATCH, arch=arch)
+    exe, result = cb.build_graph_twin(model, BATCH, arch=arch, half_storage=cb.stores_half(name))
+    assert (result.half_tensors > 0) == (name != "clustblock")
     variants = {c.variant for c in result.convs}
     assert ("s4mma" if bits == (4, 3) and arch == "sm_80" else "s8mma") in variants
     assert arch == "sm_80" or "s4mma" not in variants

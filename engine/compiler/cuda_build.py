@@ -45,6 +45,10 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   useful MACs, a shift-add after the kernel), and the RGB head runs split in three fp16 products
   (fp32-grade). A conv no f16mma layout takes stays on dlight's fp32 schedule, the reason
   in ``f16_fallback``.
+* **fp16 activations between kernels** (:mod:`.half_storage`): in the SR graphs every feature
+  map that FuseOps would write in fp32 for several kernels (a block's output read by its residual
+  add, the next pack, DDTB's mean and a concatenation) is stored in fp16 and widened in each
+  reader; the ops compute in fp32 as before. Not in the ClustBlock (:func:`stores_half`).
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
   for the arch (:func:`build_cluster_library_cuda`; ``"device": "device"`` in the manifest).
@@ -83,6 +87,7 @@ from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
 from ...kernels.qconv_fused import grid_offset, grid_range
+from .half_storage import store_half
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
@@ -833,6 +838,7 @@ class CudaConvResult(QDQConvResult):
     roofline: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> conv_roofline(...)
     float_plans: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> FloatConvPlan.report()
     f16_fallback: dict[int, str] = field(default_factory=dict)  # full-precision conv index -> why not f16mma
+    half_tensors: int = 0  # activations the kernels pass each other in fp16 (:func:`.half_storage.store_half`)
 
 
 def rewrite_qdq_convs_cuda(
@@ -843,6 +849,7 @@ def rewrite_qdq_convs_cuda(
     arch: str = "sm_80",
     f16: bool = True,
     fuse_epilogue: bool = True,
+    half_storage: bool = True,
 ) -> tuple[tvm.IRModule, CudaConvResult]:
     """Replace every QDQ conv of ``mod[func_name]`` that a CUDA kernel can compute exactly by
     quantize/pack ops, the kernel (its LLVM twin with ``twin``) and the dequantize epilogue, and
@@ -850,7 +857,9 @@ def rewrite_qdq_convs_cuda(
     the kernels may use. With ``fuse_epilogue`` the s4mma / s8mma kernels dequantize in their
     store and write fp16 (``"dequant"``, ``"dequant_ws"`` with a weight shift); without, int32
     sums and the epilogue as Relax ops (exact fp32). The result has no var-to-var aliases (FuseOps
-    does not fuse across one) and no concatenation of a concatenation (:func:`flatten_concats`)."""
+    does not fuse across one) and no concatenation of a concatenation (:func:`flatten_concats`);
+    with ``half_storage`` the float activations passed between kernels are stored in fp16
+    (:func:`.half_storage.store_half`)."""
     result = CudaConvResult()
     rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue)
     new_func = rewriter.visit_expr(mod[func_name])
@@ -862,7 +871,10 @@ def rewrite_qdq_convs_cuda(
     # aliases stop FuseOps at the conv's output, so the widening to fp32 NCHW and the bias add,
     # activation and next pack would run as two kernels with a full fp32 tensor between them
     out = relax.transform.CanonicalizeBindings()(out)
-    return flatten_concats(out, func_name), result  # its dead-code pass drops the rewrite's leftovers too
+    out = flatten_concats(out, func_name)  # its dead-code pass drops the rewrite's leftovers too
+    if half_storage:
+        out, result.half_tensors = store_half(out, func_name)
+    return out, result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1065,10 +1077,20 @@ class CudaGraphBuild:
             "f16mma": {str(i): p for i, p in self.result.float_plans.items()},
             "f16_fallback": {str(i): why for i, why in self.result.f16_fallback.items()},
             "refer_warps": self.refer_warps,
+            "half_tensors": self.result.half_tensors,
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+
+def stores_half(graph_name: str) -> bool:
+    """Whether the graph's kernels pass activations in fp16 (:func:`.half_storage.store_half`):
+    the SR graphs, whose fp16 storage is gated on PSNR-Y (``benchmarks.f16_gate --compare
+    storage``); not the ClustBlock, whose logits pick each patch's reference by arg-max and stay
+    as the CPU engine computes them (an fp16 input moves values across the 8-bit quantizer's
+    rounding ties)."""
+    return graph_name != "clustblock"
 
 
 def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = "sm_80") -> CudaGraphBuild:
@@ -1080,7 +1102,7 @@ def build_graph_cuda(model: onnx.ModelProto, name: str, batch: int, arch: str = 
     meta = graph_metadata(model)
     mod, shapes, warps = import_graph_cuda(model, batch, target)
     t1 = time.perf_counter()
-    mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"], arch=arch)
+    mod, result = rewrite_qdq_convs_cuda(mod, meta["convs"], arch=arch, half_storage=stores_half(name))
     t2 = time.perf_counter()
     compiled: list = []
     traffic: list = []
@@ -1145,18 +1167,26 @@ def build_graph_twin(
     arch: str = "sm_80",
     f16: bool = True,
     fuse_epilogue: bool = True,
+    half_storage: bool = True,
 ):
     """The CUDA rewrite of ``model`` with the kernels' LLVM twins in place of the CUDA kernels,
     built for the CPU with the LLVM path's pipeline (:func:`.build.cpu_pipeline`): the CUDA
     graph's math, runnable without a GPU (``f16=False``: the full-precision convs left fp32;
-    ``fuse_epilogue=False``: int32 sums and the fp32 Relax epilogue).
+    ``fuse_epilogue=False``: int32 sums and the fp32 Relax epilogue; ``half_storage=False``: the
+    activations between kernels kept fp32).
     Returns ``(executable, CudaConvResult)``."""
     from .build import cpu_pipeline
 
     tgt = tvm.target.Target(target or {"kind": "llvm", "mcpu": "core-avx2", "num-cores": os.cpu_count() or 1})
     mod, _, _ = import_graph_cuda(model, batch)
     mod, result = rewrite_qdq_convs_cuda(
-        mod, graph_metadata(model)["convs"], twin=True, arch=arch, f16=f16, fuse_epilogue=fuse_epilogue
+        mod,
+        graph_metadata(model)["convs"],
+        twin=True,
+        arch=arch,
+        f16=f16,
+        fuse_epilogue=fuse_epilogue,
+        half_storage=half_storage,
     )
     return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt)), result
 
