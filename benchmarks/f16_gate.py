@@ -19,7 +19,8 @@ With ``--compare epilogue`` both builds have the float convs on f16mma, and what
 integer convs' epilogue: dequantized in the s4mma / s8mma kernel and stored in fp16 (the
 default) against int32 sums dequantized in fp32 by Relax ops. With ``--compare storage`` both
 have f16mma and fused epilogues, and what differs is the activations the kernels pass each other:
-stored in fp16 (the default, :mod:`~..engine.compiler.half_storage`) against fp32.
+in fp16 (the default, :mod:`~..engine.compiler.half_storage`, with each conv's bias add and ReLU
+in its kernel's epilogue where nothing else reads its output) against fp32.
 ``--compare all`` sets the CUDA graph as compiled (f16mma, fused epilogues, fp16 storage) against
 fp32 float convs, fp32 epilogues and fp32 storage. Same gate.
 """
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.compiler.cuda_build import build_graph_twin
     from ..engine.models_store import resolve_model
     from ..export.onnx_export import export_refqsr, export_sr
+    from ..kernels.conv2d_cuda import DEQUANT_EPILOGUES
     from ..metrics.quality import psnr_y, sr_to_uint8
     from ..models.checkpoint import load_model
     from ..models.refqsr import RefQSR
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         out[key] = {q.name: psnr_y(sr_to_uint8(s), q.hr, shave=SCALE) for q, s in zip(pairs, sr)}
         if f16:
             plans = {str(i): v["folding"] for i, v in result.float_plans.items()}
-        fused = sum(r.get("epilogue") in ("dequant", "dequant_ws") for r in result.roofline.values())
+        fused = sum(r.get("epilogue") in DEQUANT_EPILOGUES for r in result.roofline.values())
         half = result.half_tensors
     base, cand = builds[0][0], builds[1][0]
     mean = {k: float(np.mean(list(v.values()))) for k, v in out.items()}

@@ -63,7 +63,10 @@ and :func:`emulate_mma`): each accumulator is transformed at its one store. "f16
 the fp32 sum rounded to fp16; "dequant" / "dequant_ws" (s4mma, s8mma) take per-sample scale and
 zero-point operands, per-output-channel weight sums and scales, and a per-pixel int32 window term
 (read only by "dequant_ws"), and store ``fp16(fp32(acc + ws - u0 * sum_w) * (s * w_scale))``
-(:func:`dequant_epilogue_reference`): fp16 NHWC, half the bytes of the raw sums.
+(:func:`dequant_epilogue_reference`): fp16 NHWC, half the bytes of the raw sums. Each has a
+"_relu" form ("f16_relu", "dequant_relu", "dequant_ws_relu") with one more operand, a per-output-
+channel fp32 bias added to the fp32 value before a ReLU and the one rounding to fp16: the conv's
+own bias add and activation, so its output needs no kernel of its own before the next readers.
 
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
@@ -150,15 +153,30 @@ FLOAT_VARIANTS = ("f16mma",)
 #: "dequant", the integer sums dequantized in fp32 and rounded to fp16 (s4mma / s8mma, see
 #: :func:`dequant_epilogue_reference`); "dequant_ws", the same with per-pixel int32 terms added
 #: to the sums first (a weight shift's ``c * window sum``)
-EPILOGUES = (None, "f16", "dequant", "dequant_ws")
-#: the integer epilogues: ``main(A, W, RS, RZ, CS, CW, WS, conv)``
-DEQUANT_EPILOGUES = ("dequant", "dequant_ws")
+EPILOGUES = (None, "f16", "dequant", "dequant_ws", "f16_relu", "dequant_relu", "dequant_ws_relu")
+#: the integer epilogues: ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (a bias ``B`` before ``conv``
+#: in the "_relu" forms)
+DEQUANT_EPILOGUES = ("dequant", "dequant_ws", "dequant_relu", "dequant_ws_relu")
+#: the epilogues that add a per-output-channel bias ``B`` and apply a ReLU before the fp16 store
+RELU_EPILOGUES = ("f16_relu", "dequant_relu", "dequant_ws_relu")
+
+
+def base_epilogue(epilogue: str | None) -> str | None:
+    """The epilogue without its bias-and-ReLU step: "dequant_ws_relu" -> "dequant_ws"."""
+    return epilogue[: -len("_relu")] if epilogue in RELU_EPILOGUES else epilogue
+
+
+def with_relu(epilogue: str) -> str:
+    """The bias-and-ReLU form of an epilogue: "dequant" -> "dequant_relu"."""
+    if epilogue not in ("f16", "dequant", "dequant_ws"):
+        raise ValueError(f"no bias-and-ReLU form of the epilogue {epilogue!r}")
+    return f"{epilogue}_relu"
 
 
 def window_term_shape(shape: Conv2dCudaShape, epilogue: str | None) -> tuple[int, int, int]:
     """Shape of an integer epilogue's WS operand: ``[N][H][W]`` for "dequant_ws", a one-element
     placeholder (not read) for "dequant"."""
-    return (shape.batch, shape.height, shape.width) if epilogue == "dequant_ws" else (1, 1, 1)
+    return (shape.batch, shape.height, shape.width) if base_epilogue(epilogue) == "dequant_ws" else (1, 1, 1)
 
 
 def out_dtype(variant: str, epilogue: str | None = None) -> str:
@@ -173,7 +191,7 @@ def out_dtype(variant: str, epilogue: str | None = None) -> str:
 def _check_epilogue(variant: str, epilogue: str | None) -> None:
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if epilogue == "f16" and variant not in FLOAT_VARIANTS:
+    if base_epilogue(epilogue) == "f16" and variant not in FLOAT_VARIANTS:
         raise ValueError(f"the f16 epilogue is for float variants, not {variant}")
     if epilogue in DEQUANT_EPILOGUES and (variant in FLOAT_VARIANTS or variant not in MMA_BITS):
         raise ValueError(f"the dequant epilogue is for the integer tensor-core variants, not {variant}")
@@ -186,18 +204,23 @@ def dequant_epilogue_reference(
     col_sum: np.ndarray,
     col_scale: np.ndarray,
     window: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """What the "dequant" epilogue writes for NHWC int32 sums ``acc[n][h][w][o]``:
     ``fp16(fp32(acc + window[n,h,w] - row_zero[n] * col_sum[o]) * fp32(row_scale[n] * col_scale[o]))``
     ("dequant_ws"; no window term for "dequant"), the integer terms in int32 and the scale product
-    in fp32, the graph epilogue's order, rounded once to fp16 (round to nearest even)."""
+    in fp32, the graph epilogue's order, rounded once to fp16 (round to nearest even). With
+    ``bias`` ("_relu" forms) ``fp16(max(y + bias[o], 0))`` for that fp32 ``y``."""
     n, o = acc.shape[0], acc.shape[3]
     total = acc.astype(np.int64) - (np.asarray(row_zero, np.int64).reshape(n, 1, 1, 1) * np.asarray(col_sum, np.int64))
     if window is not None:
         total = total + np.asarray(window, np.int64).reshape(n, acc.shape[1], acc.shape[2], 1)
     total = total.astype(np.int32).astype(np.float32)
     scale = np.asarray(row_scale, np.float32).reshape(n, 1, 1, 1) * np.asarray(col_scale, np.float32).reshape(o)
-    return (total * scale).astype(np.float16)
+    y = total * scale
+    if bias is not None:
+        y = np.maximum(y + np.asarray(bias, np.float32).reshape(o), np.float32(0))
+    return y.astype(np.float16)
 
 
 @dataclass(frozen=True)
@@ -862,7 +885,8 @@ def _mma_compute(
     unpacked with shifts (fp16 halves reinterpreted and widened to fp32: the products of two
     halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators).
     With ``epilogue`` "f16" the sums are rounded to fp16; with "dequant" / "dequant_ws" it is
-    ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`)."""
+    ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`); a "_relu"
+    form takes a bias ``B`` before ``conv``."""
     _check_epilogue(variant, epilogue)
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
@@ -890,9 +914,16 @@ def _mma_compute(
         ),
         name="conv" if epilogue is None else "acc",
     )
-    if epilogue == "f16":
-        out = te.compute(s.out_shape(variant), lambda *i: out(*i).astype("float16"), name="conv")
-        return te.create_prim_func([A, Wt, out])
+    relu = epilogue in RELU_EPILOGUES
+    B = te.placeholder((s.out_ch,), "float32", name="B")
+
+    def finish(v, o):  # the fp32 value of output channel o -> what is stored
+        return (te.max(v + B[o], tvm.tirx.const(0.0, "float32")) if relu else v).astype("float16")
+
+    if base_epilogue(epilogue) == "f16":
+        acc = out
+        out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], o), name="conv")
+        return te.create_prim_func([A, Wt, *([B] if relu else []), out])
     if epilogue in DEQUANT_EPILOGUES:
         acc = out
         RS = te.placeholder((s.batch,), "float32", name="RS")
@@ -903,14 +934,14 @@ def _mma_compute(
 
         def total(n, h, w, o):
             v = acc[n, h, w, o] - RZ[n] * CS[o]
-            return v + WS[n, h, w] if epilogue == "dequant_ws" else v
+            return v + WS[n, h, w] if base_epilogue(epilogue) == "dequant_ws" else v
 
         out = te.compute(
             s.out_shape(variant),
-            lambda n, h, w, o: (total(n, h, w, o).astype("float32") * (RS[n] * CW[o])).astype("float16"),
+            lambda n, h, w, o: finish(total(n, h, w, o).astype("float32") * (RS[n] * CW[o]), o),
             name="conv",
         )
-        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, out])
+        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, *([B] if relu else []), out])
     return te.create_prim_func([A, Wt, out])
 
 
@@ -986,7 +1017,7 @@ def _mma_primfunc(
     :func:`_b_frag` (fragments) and :func:`_c_index` (output). ``epilogue`` (:data:`EPILOGUES`)
     is applied to each accumulator at its store: "dequant" / "dequant_ws" take five more buffers
     (per-sample scale and zero point, per-output-channel weight sum and scale, per-pixel window
-    term) and write fp16."""
+    term) and write fp16; a "_relu" form takes the bias ``B`` before ``conv``."""
     _check_epilogue(variant, epilogue)
     s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
@@ -1004,18 +1035,26 @@ def _mma_primfunc(
     mma_shape = cfg.mma_shape
     a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
 
+    relu = epilogue in RELU_EPILOGUES
+
     def _store(v, idx, eps=None):
-        """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o)."""
+        """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o);
+        ``eps``: the epilogue's operands (the bias last in a "_relu" form)."""
         if epilogue is None:
             return v
-        if epilogue == "f16":
-            return T.cast(v, "float16")
-        rs, rz, cs, cw, ws = eps
-        n, o = idx[0], idx[3]
-        total = v - rz[n] * cs[o]
-        if epilogue == "dequant_ws":
-            total = total + ws[idx[0], idx[1], idx[2]]
-        return T.cast(T.cast(total, "float32") * (rs[n] * cw[o]), "float16")
+        o = idx[3]
+        if base_epilogue(epilogue) == "f16":
+            y = v
+        else:
+            rs, rz, cs, cw, ws = eps[:5]
+            n = idx[0]
+            total = v - rz[n] * cs[o]
+            if base_epilogue(epilogue) == "dequant_ws":
+                total = total + ws[idx[0], idx[1], idx[2]]
+            y = T.cast(total, "float32") * (rs[n] * cw[o])
+        if relu:
+            y = T.max(y + eps[-1][o], T.float32(0.0))
+        return T.cast(y, "float16")
 
     ws_shape = window_term_shape(s, epilogue)
 
@@ -1105,7 +1144,31 @@ def _mma_primfunc(
                 eps,
             )
 
-    if epilogue in DEQUANT_EPILOGUES:
+    if epilogue in DEQUANT_EPILOGUES and relu:
+
+        @T.prim_func(s_tir=True)
+        def main(
+            A: T.Buffer(a_shape, "uint32"),
+            W: T.Buffer(w_shape, "uint32"),
+            RS: T.Buffer((s.batch,), "float32"),
+            RZ: T.Buffer((s.batch,), "int32"),
+            CS: T.Buffer((s.out_ch,), "int32"),
+            CW: T.Buffer((s.out_ch,), "float32"),
+            WS: T.Buffer(ws_shape, "int32"),
+            B: T.Buffer((s.out_ch,), "float32"),
+            conv: T.Buffer(o_shape, store_ty),
+        ):
+            T.func_attr({"tirx.noalias": True})
+
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("block_tile"):
+                            T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :], B[:])
+                            T.writes(conv[:, :, :, :])
+                            tile(A, W, conv, (RS, RZ, CS, CW, WS, B), bx, ty, lane)
+
+    elif epilogue in DEQUANT_EPILOGUES:
 
         @T.prim_func(s_tir=True)
         def main(
@@ -1127,6 +1190,25 @@ def _mma_primfunc(
                             T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :])
                             T.writes(conv[:, :, :, :])
                             tile(A, W, conv, (RS, RZ, CS, CW, WS), bx, ty, lane)
+
+    elif relu:
+
+        @T.prim_func(s_tir=True)
+        def main(
+            A: T.Buffer(a_shape, "uint32"),
+            W: T.Buffer(w_shape, "uint32"),
+            B: T.Buffer((s.out_ch,), "float32"),
+            conv: T.Buffer(o_shape, store_ty),
+        ):
+            T.func_attr({"tirx.noalias": True})
+
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("block_tile"):
+                            T.reads(A[:, :, :, :], W[:, :, :], B[:])
+                            T.writes(conv[:, :, :, :])
+                            tile(A, W, conv, (B,), bx, ty, lane)
 
     else:
 
@@ -1212,7 +1294,8 @@ def emulate_mma(
     Returns the NHWC int64 output (float32 for "f16mma": each mma's sum added to fp32
     accumulators). This checks the kernel's address math on a CPU; what it cannot check is the
     hardware's agreement with our reading of the ISA, or the barriers. ``epilogue`` replays the
-    kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS),
+    kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS,
+    and the bias last in a "_relu" form),
     with the element (n, o) that :func:`_c_index` gives it: fp16 output."""
     _check_epilogue(variant, epilogue)
     cfg = mma_config(shape, variant)
@@ -1271,19 +1354,25 @@ def emulate_mma(
 
 def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndarray, ...]) -> np.ndarray:
     """What the kernel stores for accumulators ``v`` of output elements ``idx`` (float32 values,
-    exactly representable: fp16 after the epilogue)."""
+    exactly representable: fp16 after the epilogue); ``args``: the epilogue's operands (the bias
+    last in a "_relu" form)."""
     if epilogue is None:
         return v
-    if epilogue == "f16":
-        return v.astype(np.float32).astype(np.float16).astype(np.float32)
-    rs, rz, cs, cw, ws = args
-    n, o = idx[0], idx[3]
-    total = v.astype(np.int64) - np.asarray(rz, np.int64)[n] * np.asarray(cs, np.int64)[o]
-    if epilogue == "dequant_ws":
-        total = total + np.asarray(ws, np.int64)[idx[0], idx[1], idx[2]]
-    total = total.astype(np.int32)
-    scale = np.asarray(rs, np.float32)[n] * np.asarray(cw, np.float32)[o]
-    return (total.astype(np.float32) * scale).astype(np.float16).astype(np.float32)
+    o = idx[3]
+    if base_epilogue(epilogue) == "f16":
+        y = v.astype(np.float32)
+    else:
+        rs, rz, cs, cw, ws = args[:5]
+        n = idx[0]
+        total = v.astype(np.int64) - np.asarray(rz, np.int64)[n] * np.asarray(cs, np.int64)[o]
+        if base_epilogue(epilogue) == "dequant_ws":
+            total = total + np.asarray(ws, np.int64)[idx[0], idx[1], idx[2]]
+        total = total.astype(np.int32)
+        scale = np.asarray(rs, np.float32)[n] * np.asarray(cw, np.float32)[o]
+        y = total.astype(np.float32) * scale
+    if epilogue in RELU_EPILOGUES:
+        y = np.maximum(y + np.asarray(args[-1], np.float32)[o], np.float32(0))
+    return y.astype(np.float16).astype(np.float32)
 
 
 def emulate_s4mma(

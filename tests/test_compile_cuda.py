@@ -353,7 +353,7 @@ def test_rewritten_conv_output_fuses_with_what_follows():
     """The rewrite leaves no alias of a replaced conv's output (``y = lv``): FuseOps does not fuse
     across one, so the widening of the kernel's fp16 NHWC output to fp32 NCHW would run as a
     kernel of its own. After fusion: the pack, the conv kernel and one kernel for the widening,
-    the bias add and the ReLU."""
+    the bias add and the activation (a tanh: a ReLU would run in the kernel's epilogue)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -363,21 +363,74 @@ def test_rewritten_conv_output_fuses_with_what_follows():
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=[1] * 4))
             y = bb.emit(relax.op.add(y, relax.const(np.ones((1, 16, 1, 1), np.float32))))
-            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+            out = bb.emit_output(bb.emit(relax.op.tanh(y)))
         bb.emit_func_output(out)
     mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "body"}], twin=True)
-    assert result.convs[0].variant == "f16mma"
+    assert result.convs[0].variant == "f16mma" and result.relu_folded == []
     bindings = [b for block in mod["main"].body.blocks for b in block.bindings]
     assert not any(isinstance(b.value, relax.Var) for b in bindings)
-    fused = fuse_ops(mod)
-    calls = [
+    calls = _call_tir_names(fuse_ops(mod))
+    assert len(calls) == 3 and calls[1].startswith("fconv_f16mma")
+    assert all(op in calls[2] for op in ("cast", "transpose", "add", "tanh"))
+
+
+def _call_tir_names(mod) -> list[str]:
+    from tvm import relax
+
+    return [
         b.value.args[0].name_hint
-        for block in fused["main"].body.blocks
+        for block in mod["main"].body.blocks
         for b in block.bindings
         if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"
     ]
-    assert len(calls) == 3 and calls[1].startswith("fconv_f16mma")
-    assert all(op in calls[2] for op in ("cast", "transpose", "add", "relu"))
+
+
+def test_bias_relu_folds_into_the_conv_kernel():
+    """``relu(conv(x) + b)`` read by two kernels (a residual add and a mean): the bias add and
+    ReLU run in the f16mma kernel's store ("f16_relu", one rounding to fp16 after them), and both
+    readers widen the kernel's fp16 NHWC output themselves, so no other kernel writes a
+    feature map. The outputs against a float64 numpy conv of the fp16-rounded operands."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    w = (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    b = rng.uniform(-0.5, 0.5, (1, 16, 1, 1)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=[1] * 4))
+            r = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(y, relax.const(b)))))
+            res = bb.emit_output(relax.op.add(r, xv))
+            mean = bb.emit_output(relax.op.mean(r, axis=[2, 3], keepdims=False))  # as DDTB's bounds
+        bb.emit_func_output(relax.Tuple([res, mean]))
+    mod, result = cb.rewrite_qdq_convs_cuda(bb.get(), [{"act_bits": 32, "module": "body"}], twin=True)
+    assert result.relu_folded == [0] and result.roofline[0]["epilogue"] == "f16_relu"
+    assert result.half_tensors == 1  # r: a widening of the kernel's output, read twice
+    calls = _call_tir_names(fuse_ops(mod))
+    # the pack, the conv, the residual add and the mean (of the NHWC output, over its axes 1, 2)
+    assert len(calls) == 4 and calls[1].startswith("fconv_f16mma") and "mean_of_half" in calls, calls
+    exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    got_res, got_mean = (t.numpy() for t in relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)))
+    r_got = got_res - x
+    x16 = x.astype(np.float16).astype(np.float64)
+    w16 = w.astype(np.float16).astype(np.float64)
+    xp = np.pad(x16, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = sum(
+        np.einsum("nchw,oc->nohw", xp[:, :, i : i + 12, j : j + 12], w16[:, :, i, j])
+        for i in range(3)
+        for j in range(3)
+    )
+    want = np.maximum(conv + b, 0)
+    assert 0.1 < np.mean(want == 0) < 0.9
+    np.testing.assert_allclose(r_got, want, rtol=2e-3, atol=2e-3)
+    # the kernel's fp16 output is what the readers see: r is fp16-representable (an fp32 bias add
+    # after an fp16 store would not be), and the mean is over exactly those values
+    r16 = (got_res - x).astype(np.float16)
+    assert np.mean(np.abs(r_got - r16.astype(np.float32)) <= 1e-6 * np.abs(r_got).max()) > 0.99
+    np.testing.assert_allclose(got_mean, want.mean(axis=(2, 3)), rtol=2e-3, atol=2e-3)
 
 
 def test_nested_concats_flatten():

@@ -635,6 +635,76 @@ def test_dequant_epilogue_replay_and_twin_match_reference(variant, epilogue):
         assert not np.array_equal(wrong, want)
 
 
+def relu_bias(shape, seed=2) -> np.ndarray:
+    """A per-output-channel bias on both sides of zero, so the ReLU clips part of every channel."""
+    return np.random.default_rng(seed).uniform(-0.5, 0.5, shape.out_ch).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "variant, epilogue", [("s4mma", "dequant_relu"), ("s8mma", "dequant_relu"), ("s8mma", "dequant_ws_relu")]
+)
+def test_dequant_relu_epilogue_replay_and_twin_match_reference(variant, epilogue):
+    """The integer epilogues' bias-and-ReLU forms: ``fp16(max(y + b[o], 0))`` of the dequantized
+    fp32 ``y``, written out on torch's integer conv, against the numpy replay and the LLVM twin;
+    the bias of the wrong channel (o + 1) is caught."""
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)
+    x, w, pad = operands(shape, variant, False)
+    a, wp = pack(variant, x, w, pad, False)
+    ops = epilogue_operands(shape, w, epilogue == "dequant_ws_relu")
+    bias = relu_bias(shape)
+    y = dequant_reference(reference_conv(x, w, pad), *ops).astype(np.float32)  # fp16 of y: same sign
+    want = cc.dequant_epilogue_reference(
+        reference_conv(x, w, pad).transpose(0, 2, 3, 1), *ops[:4], ops[4] if ops[4].size > 1 else None, bias
+    )
+    assert 0.05 < np.mean(want == 0) < 0.95 and np.abs(y).max() > 1.0  # the ReLU clips some, not all
+    replay = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, bias))
+    assert replay.dtype == np.float16 and np.array_equal(replay, want)
+    twin = build_kernel("relu_twin", cc.COMPUTES[variant](shape, False, epilogue=epilogue), 8, target={"kind": "llvm"})
+    got = twin(a, wp, *ops, bias)
+    got = got.numpy() if hasattr(got, "numpy") else got
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, np.roll(bias, -1)))
+    assert not np.array_equal(wrong, want)
+
+
+def test_f16_relu_epilogue_replay_and_twin_match_reference():
+    """f16mma's "f16_relu": ``fp16(max(sum + b[o], 0))`` of the fp32 sums, the twin exactly (same
+    loop order as the numpy reference) and the replay within its fp32 summation-order bound."""
+    s = F16_SHAPES["k16"]
+    x, w = float_operands(s, seed=4)
+    a, wp = cc.pack_activations_f16(x, s.kernel, s.kernel_w), cc.pack_weights_f16(w)
+    bias = relu_bias(s) * 8
+    acc = f16_reference(x, w).transpose(0, 2, 3, 1)
+    want = np.maximum(acc + bias, np.float32(0)).astype(np.float16)
+    assert 0.05 < np.mean(want == 0) < 0.95
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    twin = build_kernel(
+        "f16_relu_twin", cc.COMPUTES["f16mma"](s, False, epilogue="f16_relu"), 3, target={"kind": "llvm"}
+    )
+    got = twin(a, wp, bias)
+    got = got.numpy() if hasattr(got, "numpy") else got
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    replay = cc.emulate_mma(s, a, wp, False, "f16mma", "f16_relu", (bias,))
+    bound = f16_reference(np.abs(x), np.abs(w)).transpose(0, 2, 3, 1)
+    close = np.abs(replay.astype(np.float32) - want.astype(np.float32)) <= 1e-5 * bound + 2e-3 * np.abs(want)
+    assert replay.dtype == np.float16 and close.all()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("variant, epilogue", [("s8mma", "dequant_ws_relu"), ("f16mma", "f16_relu")])
+def test_relu_epilogues_build_for_cuda(variant, epilogue):
+    """The bias-and-ReLU stores through nvcc: the mma, a max against zero and fp16 stores."""
+    shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)
+    builder = cc.conv2d_s8mma_primfunc if variant == "s8mma" else cc.conv2d_f16mma_primfunc
+    ptx = cuda_toolchain.device_code(cuda_toolchain.build_cuda(builder(shape, epilogue=epilogue), "sm_80"))
+    assert re.search(r"mma\.sync\.aligned\.m16n8k\d+\.row\.col", ptx)
+    # nvcc may flush an fp32 denormal in the max: it rounds to an fp16 zero in the store either way
+    assert re.search(r"max\.(?:ftz\.)?f32", ptx) and re.search(r"st\.global\.(?:b16|u16)", ptx)
+
+
 @needs_nvcc
 def test_dequant_epilogue_builds_for_cuda():
     """The s8mma kernel with its "dequant_ws" epilogue through nvcc: int8 mma in the PTX and fp16

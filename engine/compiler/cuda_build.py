@@ -48,7 +48,11 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
 * **fp16 activations between kernels** (:mod:`.half_storage`): in the SR graphs every feature
   map that FuseOps would write in fp32 for several kernels (a block's output read by its residual
   add, the next pack, DDTB's mean and a concatenation) is stored in fp16 and widened in each
-  reader; the ops compute in fp32 as before. Not in the ClustBlock (:func:`stores_half`).
+  reader; the ops compute in fp32 as before. A conv whose output only a bias add and a ReLU
+  read runs them in its kernel's epilogue (the "_relu" forms of
+  :data:`~refqsr_engine.kernels.conv2d_cuda.EPILOGUES`: one fp16 rounding after them), and the
+  readers of that ReLU widen the kernel's fp16 NHWC output themselves. Neither in the
+  ClustBlock (:func:`stores_half`).
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
   for the arch (:func:`build_cluster_library_cuda`; ``"device": "device"`` in the manifest).
@@ -87,6 +91,7 @@ from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
 from ...kernels.qconv_fused import grid_offset, grid_range
+from .half_storage import reader_counts as _reader_counts
 from .half_storage import store_half
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
@@ -232,8 +237,10 @@ def conv_roofline(
     moved += shape.pixels * shape.out_ch * out_bytes
     if epilogue in cc.DEQUANT_EPILOGUES:  # RS, RZ per sample, CS, CW per output channel: 4 bytes each
         moved += 8 * (shape.batch + shape.out_ch)
-    if epilogue == "dequant_ws":  # the int32 window term per output pixel
+    if cc.base_epilogue(epilogue) == "dequant_ws":  # the int32 window term per output pixel
         moved += shape.pixels * 4
+    if epilogue in cc.RELU_EPILOGUES:  # the fp32 bias per output channel
+        moved += shape.out_ch * 4
     out: dict[str, Any] = {
         "variant": variant,
         "epilogue": epilogue,
@@ -455,6 +462,40 @@ def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None =
 # the rewrite
 
 
+@dataclass
+class _FoldableOutput:
+    """A conv kernel whose fp16 NHWC output the graph widens to fp32 NCHW unchanged (no channel
+    slice), with what it takes to call it again with the bias-and-ReLU form of its epilogue."""
+
+    index: int
+    shape: cc.Conv2dCudaShape
+    variant: str
+    epilogue: str
+    args: list
+    roofline: Any  # epilogue -> the conv's roofline entry
+
+
+def _bias_vector(expr: relax.Expr, bindings: dict, out_ch: int) -> np.ndarray | None:
+    """The per-output-channel bias of ``add(conv, expr)``: a constant, or a reshape of one, whose
+    values vary along the channel axis of NCHW only; None otherwise."""
+    if isinstance(expr, relax.Var):
+        expr = bindings.get(expr, expr)
+    if isinstance(expr, relax.Call) and _op_name(expr) == "relax.reshape":
+        inner = expr.args[0]
+        inner = bindings.get(inner, inner) if isinstance(inner, relax.Var) else inner
+        shape = [int(v) for v in expr.ty.shape]
+        expr = inner
+    elif isinstance(expr, tvm.ir.GenericConst):
+        shape = [int(v) for v in expr.ty.shape]
+    else:
+        return None
+    if not isinstance(expr, tvm.ir.GenericConst) or expr.ty.dtype != "float32":
+        return None
+    if shape not in ([1, out_ch, 1, 1], [out_ch, 1, 1]):
+        return None
+    return expr.value.numpy().astype(np.float32).reshape(out_ch)
+
+
 @mutator
 class _CudaRewriter(PyExprMutator):
     def __init__(
@@ -466,8 +507,11 @@ class _CudaRewriter(PyExprMutator):
         arch: str,
         f16: bool = True,
         fuse_epilogue: bool = True,
+        fold_relu: bool = True,
     ):
         super().__init__(mod)
+        self.fold_relu = fold_relu and fuse_epilogue  # the bias-and-ReLU forms are the fused epilogues'
+
         self.arch = arch
         self.f16 = f16
         self.fuse_epilogue = fuse_epilogue
@@ -475,9 +519,19 @@ class _CudaRewriter(PyExprMutator):
         self.make_kernel = _twin_kernel if twin else _cuda_kernel
         self.result = result
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        # for folding a conv's bias add and ReLU into its kernel: the input graph's bindings and
+        # readers, and the rewritten convs' output vars
+        func = mod["main"]
+        self.old_bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        self.old_readers = _reader_counts(func)
+        self.foldable: dict[relax.Var, _FoldableOutput] = {}
 
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
+        old = call
         call = super().visit_call_(call)
+        if _op_name(call) == "relax.nn.relu" and self.fold_relu:
+            folded = self._fold_bias_relu(old, call)
+            return call if folded is None else folded
         if _op_name(call) != "relax.nn.conv2d":
             return call
         report, matched = classify_conv(call, self.table, self.result, self.lookup_binding)
@@ -571,7 +625,22 @@ class _CudaRewriter(PyExprMutator):
         if plan.im2col:
             self.result.im2col[report.index] = list(plan.im2col)
         if epilogue:
-            return self._fused_output(acc, plan)
+            y = self._fused_output(acc, plan)
+            if plan.shape.out_ch == plan.out_ch:
+                self.foldable[y] = _FoldableOutput(
+                    report.index,
+                    plan.shape,
+                    variant,
+                    epilogue,
+                    list(args),
+                    lambda e: with_fp16_layer(
+                        conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=e),
+                        x_elems,
+                        out_elems,
+                        weight_elems,
+                    ),
+                )
+            return y
         return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
 
     def _epilogue_operands(self, s4, z4, plan: _ConvPlan, shift: int, wsum) -> list[relax.Expr]:
@@ -655,7 +724,22 @@ class _CudaRewriter(PyExprMutator):
         self.result.float_plans[report.index] = plan.report()
         out_elems = n * plan.out_ch * plan.height * plan.width
         self.result.roofline[report.index] = with_fp16_layer(plan.roofline(), n * c * h * wd, out_elems, w.size)
-        return emit(op.permute_dims(y, [0, 3, 1, 2]))
+        out = emit(op.permute_dims(y, [0, 3, 1, 2]))
+        if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
+            self.foldable[out] = _FoldableOutput(
+                report.index,
+                s,
+                "f16mma",
+                plan.epilogue,
+                [packed, weights],
+                lambda e: with_fp16_layer(
+                    conv_roofline(s, s.in_ch, s.out_ch, "f16mma", plan.useful_macs, e),
+                    n * c * h * wd,
+                    out_elems,
+                    w.size,
+                ),
+            )
+        return out
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
         """NHWC ``[N][H][W][O]`` conv output from the kernel's partial sums (see :class:`FloatConvPlan`):
@@ -676,6 +760,39 @@ class _CudaRewriter(PyExprMutator):
                 )
                 total = tap if total is None else op.add(total, tap)
         return self.builder_.emit(total)
+
+    def _fold_bias_relu(self, old: relax.Call, new: relax.Call) -> relax.Expr | None:
+        """``relu(add(y, bias))`` of a rewritten conv's output ``y`` read by nothing else -> the
+        same kernel with the bias-and-ReLU epilogue (:data:`~...kernels.conv2d_cuda.RELU_EPILOGUES`),
+        widened to fp32 NCHW: one rounding to fp16 after the fp32 bias add and ReLU, and no kernel
+        between the conv and its readers. None when the pattern does not match."""
+        old_add = old.args[0]
+        old_sum = self.old_bindings.get(old_add) if isinstance(old_add, relax.Var) else None
+        if not (isinstance(old_sum, relax.Call) and _op_name(old_sum) == "relax.add"):
+            return None
+        if self.old_readers.get(old_add, 0) != 1:
+            return None
+        new_sum = self.lookup_binding(new.args[0]) if isinstance(new.args[0], relax.Var) else None
+        if not (isinstance(new_sum, relax.Call) and _op_name(new_sum) == "relax.add"):
+            return None
+        for k in (0, 1):
+            conv_old, conv_new = old_sum.args[k], new_sum.args[k]
+            while isinstance(conv_new, relax.Var) and isinstance(self.lookup_binding(conv_new), relax.Var):
+                conv_new = self.lookup_binding(conv_new)  # the alias the mutator binds a replaced conv to
+            found = self.foldable.get(conv_new) if isinstance(conv_new, relax.Var) else None
+            if found is None or self.old_readers.get(conv_old, 0) != 1:
+                continue
+            bias = _bias_vector(old_sum.args[1 - k], self.old_bindings, found.shape.out_ch)
+            if bias is None:
+                continue
+            epilogue = cc.with_relu(found.epilogue)
+            out_ty = relax.TensorType(found.shape.out_shape(found.variant), cc.out_dtype(found.variant, epilogue))
+            kernel = self._kernel(found.shape, found.variant, epilogue)
+            acc = self.builder_.emit(relax.call_tir(kernel, [*found.args, relax.const(bias)], out_ty))
+            self.result.roofline[found.index] = found.roofline(epilogue)
+            self.result.relu_folded.append(found.index)
+            return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
+        return None
 
     def _kernel(self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.ir.GlobalVar:
         key = (shape, variant, epilogue)  # convs that differ only in their weights share code
@@ -839,6 +956,7 @@ class CudaConvResult(QDQConvResult):
     float_plans: dict[int, dict[str, Any]] = field(default_factory=dict)  # conv index -> FloatConvPlan.report()
     f16_fallback: dict[int, str] = field(default_factory=dict)  # full-precision conv index -> why not f16mma
     half_tensors: int = 0  # activations the kernels pass each other in fp16 (:func:`.half_storage.store_half`)
+    relu_folded: list[int] = field(default_factory=list)  # conv indices whose bias add and ReLU run in the kernel
 
 
 def rewrite_qdq_convs_cuda(
@@ -859,9 +977,10 @@ def rewrite_qdq_convs_cuda(
     sums and the epilogue as Relax ops (exact fp32). The result has no var-to-var aliases (FuseOps
     does not fuse across one) and no concatenation of a concatenation (:func:`flatten_concats`);
     with ``half_storage`` the float activations passed between kernels are stored in fp16
-    (:func:`.half_storage.store_half`)."""
+    (:func:`.half_storage.store_half`), and a conv's bias add and ReLU run in its fused epilogue
+    where nothing else reads its output (one fp16 rounding after them)."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue)
+    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue, fold_relu=half_storage)
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func

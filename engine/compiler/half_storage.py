@@ -8,7 +8,9 @@ block's pack and bound computation and a concatenation. Those reads and writes a
 bytes the graph moves besides the convs'.
 
 :func:`store_half` rounds each such tensor to fp16 where it is made and widens it back to fp32
-at every reader, so the arithmetic of every op stays fp32 and only the stored tensor is fp16
+at every reader (where the tensor is itself only a widening of a kernel's fp16 output -- a conv
+whose bias add and ReLU run in its epilogue -- every reader widens that output instead,
+exactly), so the arithmetic of every op stays fp32 and only the stored tensor is fp16
 (half the bytes; a relative rounding of at most 2**-11). A tensor is stored in fp16 when it is a
 dataflow value of the graph (not an output: the runtime reads outputs as fp32), a feature map
 (``[N][C][H][W]`` with H, W > 1; a per-sample scale or zero point keeps fp32), read by two or
@@ -57,6 +59,11 @@ def mean_of_half(x: te.Tensor, axes: list[int] | None, keepdims: bool) -> te.Ten
     return te.compute(shape, lambda *i: summed(*i) / tvm.tirx.const(float(count), "float32"), name="T_divide")
 
 
+def reader_counts(func: relax.Function) -> dict[relax.Var, int]:
+    """Var -> how many bindings (and the function's result) read it."""
+    return {v: len(r) for v, r in _readers(func).items()}
+
+
 def _readers(func: relax.Function) -> dict[relax.Var, list[relax.Expr]]:
     """Var -> the binding values (and the function's result) that read it."""
     readers: dict[relax.Var, list[relax.Expr]] = {}
@@ -100,12 +107,42 @@ def half_candidates(mod: tvm.IRModule, func_name: str = "main") -> set[relax.Var
     return chosen
 
 
+def fp16_view(var: relax.Var, bindings: dict) -> tuple[relax.Var, list[int]] | None:
+    """(src, perm) when ``var`` is an fp32 widening of the 4-D fp16 tensor ``src``, permuted so
+    that axis i is src's axis ``perm[i]`` (casts to fp32 and ``permute_dims`` only, as the conv
+    rewrite widens a kernel's fp16 NHWC output); None otherwise."""
+    perm, expr = [0, 1, 2, 3], var
+    while True:
+        if isinstance(expr, relax.Var):
+            ty = expr.ty
+            if expr is not var and isinstance(ty, relax.TensorType) and ty.dtype == "float16" and ty.ndim == 4:
+                return expr, perm
+            if expr not in bindings:
+                return None
+            expr = bindings[expr]
+        elif isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.astype":
+            inner = expr.args[0]
+            if expr.attrs.dtype != "float32" or inner.ty.dtype not in ("float16", "float32"):
+                return None
+            expr = inner
+        elif isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.permute_dims":
+            axes = [0, 1, 2, 3] if expr.attrs.axes is None else [int(a) for a in expr.attrs.axes]
+            perm = [axes[p] for p in perm]
+            expr = expr.args[0]
+        else:
+            return None
+
+
 @mutator
 class _HalfStorage(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, chosen: set[relax.Var]):
+    def __init__(self, mod: tvm.IRModule, chosen: set[relax.Var], func_name: str):
         super().__init__(mod)
         self.chosen = chosen
-        self.half: dict[relax.Var, relax.Var] = {}  # new fp32 var -> its fp16 copy
+        func = mod[func_name]
+        self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        # new fp32 var -> (its fp16 source, the permutation that gives the fp32 var from it): a
+        # copy made at the binding (identity), or a kernel's own fp16 output the var only widens
+        self.half: dict[relax.Var, tuple[relax.Var, list[int]]] = {}
 
     def _current(self, var: relax.Var) -> relax.Var:
         remapped = self.get_var_remap(var)
@@ -115,7 +152,16 @@ class _HalfStorage(PyExprMutator):
         super().visit_var_binding_(binding)
         if binding.var in self.chosen:
             new = self._current(binding.var)
-            self.half[new] = self.builder_.emit(relax.op.astype(new, "float16"))
+            view = fp16_view(binding.var, self.bindings)
+            if view is not None:  # exact: every reader widens the kernel's fp16 output itself
+                self.half[new] = (self._current(view[0]), view[1])
+            else:
+                self.half[new] = (self.builder_.emit(relax.op.astype(new, "float16")), [0, 1, 2, 3])
+
+    def _widened(self, var: relax.Var) -> relax.Expr:
+        src, perm = self.half[var]
+        wide = relax.op.astype(src, "float32")
+        return wide if perm == [0, 1, 2, 3] else relax.op.permute_dims(wide, perm)
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102 - visitor hook
         arg = call.args[0] if call.args else None
@@ -127,15 +173,19 @@ class _HalfStorage(PyExprMutator):
         ):
             # a legalized mean (a sum, then the division) is "out-elementwise fusable", which takes
             # no cast before it: this one reads the fp16 copy itself and sums in fp32
-            axes = None if call.attrs.axis is None else [int(a) for a in call.attrs.axis]
+            axes = [0, 1, 2, 3] if call.attrs.axis is None else [int(a) % 4 for a in call.attrs.axis]
             keepdims = bool(call.attrs.keepdims)
-            return self.builder_.call_te(mean_of_half, self.half[self._current(arg)], axes, keepdims)
+            src, perm = self.half[self._current(arg)]
+            kept = [perm[a] for a in range(4) if a not in axes]
+            if keepdims or kept == sorted(kept):  # the source's axis order gives the mean's
+                mean = self.builder_.call_te(mean_of_half, src, [perm[a] for a in axes], keepdims)
+                return relax.op.permute_dims(mean, perm) if keepdims and perm != [0, 1, 2, 3] else mean
         return super().visit_call_(call)
 
     def visit_dataflow_var_(self, var: relax.DataflowVar) -> relax.Expr:  # noqa: D102 - visitor hook
         new = self._current(var)
-        if new in self.half:  # a reader: widen the fp16 copy in its own binding (fused into the reader)
-            return self.builder_.emit(relax.op.astype(self.half[new], "float32"))
+        if new in self.half:  # a reader: widen the fp16 tensor in its own binding (fused into the reader)
+            return self.builder_.emit(self._widened(new))
         return new
 
 
@@ -145,8 +195,8 @@ def store_half(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule
     chosen = half_candidates(mod, func_name)
     if not chosen:
         return mod, 0
-    mutator_ = _HalfStorage(mod.clone(), chosen)  # the builder's module is updated in place
+    mutator_ = _HalfStorage(mod.clone(), chosen, func_name)  # the builder's module is updated in place
     new_func = mutator_.visit_expr(mod[func_name])
     out = mutator_.builder_.get()
     out[func_name] = new_func
-    return out, len(chosen)
+    return relax.transform.DeadCodeElimination([func_name])(out), len(chosen)  # the unread views
