@@ -67,6 +67,9 @@ zero-point operands, per-output-channel weight sums and scales, and a per-pixel 
 "_relu" form ("f16_relu", "dequant_relu", "dequant_ws_relu") with one more operand, a per-output-
 channel fp32 bias added to the fp32 value before a ReLU and the one rounding to fp16: the conv's
 own bias add and activation, so its output needs no kernel of its own before the next readers.
+The integer ones also have a "_res_relu" form ("dequant_res_relu", "dequant_ws_res_relu") that
+adds an fp16 NHWC residual of the output's shape after the bias, before the ReLU: a residual
+block's ``relu(conv + b + x)``.
 
 Without a GPU nothing here runs on CUDA: the kernels are built with nvcc through
 :mod:`.cuda_toolchain` and checked by their PTX and SASS, while the twins (the same packed
@@ -153,24 +156,47 @@ FLOAT_VARIANTS = ("f16mma",)
 #: "dequant", the integer sums dequantized in fp32 and rounded to fp16 (s4mma / s8mma, see
 #: :func:`dequant_epilogue_reference`); "dequant_ws", the same with per-pixel int32 terms added
 #: to the sums first (a weight shift's ``c * window sum``)
-EPILOGUES = (None, "f16", "dequant", "dequant_ws", "f16_relu", "dequant_relu", "dequant_ws_relu")
+EPILOGUES = (
+    None,
+    "f16",
+    "dequant",
+    "dequant_ws",
+    "f16_relu",
+    "dequant_relu",
+    "dequant_ws_relu",
+    "dequant_res_relu",
+    "dequant_ws_res_relu",
+)
 #: the integer epilogues: ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (a bias ``B`` before ``conv``
-#: in the "_relu" forms)
-DEQUANT_EPILOGUES = ("dequant", "dequant_ws", "dequant_relu", "dequant_ws_relu")
+#: in the "_relu" forms, and a residual ``R`` after it in the "_res_relu" forms)
+DEQUANT_EPILOGUES = (
+    "dequant",
+    "dequant_ws",
+    "dequant_relu",
+    "dequant_ws_relu",
+    "dequant_res_relu",
+    "dequant_ws_res_relu",
+)
 #: the epilogues that add a per-output-channel bias ``B`` and apply a ReLU before the fp16 store
-RELU_EPILOGUES = ("f16_relu", "dequant_relu", "dequant_ws_relu")
+RELU_EPILOGUES = ("f16_relu", "dequant_relu", "dequant_ws_relu", "dequant_res_relu", "dequant_ws_res_relu")
+#: the epilogues that also add an fp16 NHWC residual ``R`` (after the bias, before the ReLU)
+RESIDUAL_EPILOGUES = ("dequant_res_relu", "dequant_ws_res_relu")
 
 
 def base_epilogue(epilogue: str | None) -> str | None:
-    """The epilogue without its bias-and-ReLU step: "dequant_ws_relu" -> "dequant_ws"."""
-    return epilogue[: -len("_relu")] if epilogue in RELU_EPILOGUES else epilogue
+    """The epilogue without its bias, residual and ReLU steps: "dequant_ws_res_relu" -> "dequant_ws"."""
+    for suffix in ("_res_relu", "_relu"):
+        if epilogue in RELU_EPILOGUES and epilogue.endswith(suffix):
+            return epilogue[: -len(suffix)]
+    return epilogue
 
 
-def with_relu(epilogue: str) -> str:
-    """The bias-and-ReLU form of an epilogue: "dequant" -> "dequant_relu"."""
-    if epilogue not in ("f16", "dequant", "dequant_ws"):
-        raise ValueError(f"no bias-and-ReLU form of the epilogue {epilogue!r}")
-    return f"{epilogue}_relu"
+def with_relu(epilogue: str, residual: bool = False) -> str:
+    """The bias-and-ReLU form of an epilogue: "dequant" -> "dequant_relu" ("dequant_res_relu"
+    with a ``residual``, integer epilogues only)."""
+    if epilogue not in (("dequant", "dequant_ws") if residual else ("f16", "dequant", "dequant_ws")):
+        raise ValueError(f"no {'residual ' if residual else ''}bias-and-ReLU form of the epilogue {epilogue!r}")
+    return f"{epilogue}_res_relu" if residual else f"{epilogue}_relu"
 
 
 def window_term_shape(shape: Conv2dCudaShape, epilogue: str | None) -> tuple[int, int, int]:
@@ -205,12 +231,14 @@ def dequant_epilogue_reference(
     col_scale: np.ndarray,
     window: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
 ) -> np.ndarray:
     """What the "dequant" epilogue writes for NHWC int32 sums ``acc[n][h][w][o]``:
     ``fp16(fp32(acc + window[n,h,w] - row_zero[n] * col_sum[o]) * fp32(row_scale[n] * col_scale[o]))``
     ("dequant_ws"; no window term for "dequant"), the integer terms in int32 and the scale product
     in fp32, the graph epilogue's order, rounded once to fp16 (round to nearest even). With
-    ``bias`` ("_relu" forms) ``fp16(max(y + bias[o], 0))`` for that fp32 ``y``."""
+    ``bias`` ("_relu" forms) ``fp16(max(y + bias[o], 0))`` for that fp32 ``y``, with ``residual``
+    (NHWC fp16, "_res_relu") ``fp16(max(y + bias[o] + residual, 0))``."""
     n, o = acc.shape[0], acc.shape[3]
     total = acc.astype(np.int64) - (np.asarray(row_zero, np.int64).reshape(n, 1, 1, 1) * np.asarray(col_sum, np.int64))
     if window is not None:
@@ -219,7 +247,10 @@ def dequant_epilogue_reference(
     scale = np.asarray(row_scale, np.float32).reshape(n, 1, 1, 1) * np.asarray(col_scale, np.float32).reshape(o)
     y = total * scale
     if bias is not None:
-        y = np.maximum(y + np.asarray(bias, np.float32).reshape(o), np.float32(0))
+        y = y + np.asarray(bias, np.float32).reshape(o)
+        if residual is not None:
+            y = y + np.asarray(residual, np.float16).astype(np.float32)
+        y = np.maximum(y, np.float32(0))
     return y.astype(np.float16)
 
 
@@ -886,7 +917,7 @@ def _mma_compute(
     halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators).
     With ``epilogue`` "f16" the sums are rounded to fp16; with "dequant" / "dequant_ws" it is
     ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`); a "_relu"
-    form takes a bias ``B`` before ``conv``."""
+    form takes a bias ``B`` before ``conv``, a "_res_relu" form ``B`` and a residual ``R``."""
     _check_epilogue(variant, epilogue)
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
@@ -914,15 +945,21 @@ def _mma_compute(
         ),
         name="conv" if epilogue is None else "acc",
     )
-    relu = epilogue in RELU_EPILOGUES
+    relu, res = epilogue in RELU_EPILOGUES, epilogue in RESIDUAL_EPILOGUES
     B = te.placeholder((s.out_ch,), "float32", name="B")
+    R = te.placeholder(s.out_shape(variant), "float16", name="R")
 
-    def finish(v, o):  # the fp32 value of output channel o -> what is stored
-        return (te.max(v + B[o], tvm.tirx.const(0.0, "float32")) if relu else v).astype("float16")
+    def finish(v, n, h, w, o):  # the fp32 value of output element (n, h, w, o) -> what is stored
+        if relu:
+            v = v + B[o]
+            if res:
+                v = v + R[n, h, w, o].astype("float32")
+            v = te.max(v, tvm.tirx.const(0.0, "float32"))
+        return v.astype("float16")
 
     if base_epilogue(epilogue) == "f16":
         acc = out
-        out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], o), name="conv")
+        out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], n, h, w, o), name="conv")
         return te.create_prim_func([A, Wt, *([B] if relu else []), out])
     if epilogue in DEQUANT_EPILOGUES:
         acc = out
@@ -938,10 +975,11 @@ def _mma_compute(
 
         out = te.compute(
             s.out_shape(variant),
-            lambda n, h, w, o: finish(total(n, h, w, o).astype("float32") * (RS[n] * CW[o]), o),
+            lambda n, h, w, o: finish(total(n, h, w, o).astype("float32") * (RS[n] * CW[o]), n, h, w, o),
             name="conv",
         )
-        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, *([B] if relu else []), out])
+        extra = [B] if relu else []
+        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, *extra, *([R] if res else []), out])
     return te.create_prim_func([A, Wt, out])
 
 
@@ -1035,11 +1073,11 @@ def _mma_primfunc(
     mma_shape = cfg.mma_shape
     a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
 
-    relu = epilogue in RELU_EPILOGUES
+    relu, res = epilogue in RELU_EPILOGUES, epilogue in RESIDUAL_EPILOGUES
 
     def _store(v, idx, eps=None):
         """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o);
-        ``eps``: the epilogue's operands (the bias last in a "_relu" form)."""
+        ``eps``: the epilogue's operands (then the bias, then the residual)."""
         if epilogue is None:
             return v
         o = idx[3]
@@ -1053,7 +1091,10 @@ def _mma_primfunc(
                 total = total + ws[idx[0], idx[1], idx[2]]
             y = T.cast(total, "float32") * (rs[n] * cw[o])
         if relu:
-            y = T.max(y + eps[-1][o], T.float32(0.0))
+            y = y + eps[5 if len(eps) > 2 else 0][o]
+            if res:
+                y = y + T.cast(eps[6][idx[0], idx[1], idx[2], o], "float32")
+            y = T.max(y, T.float32(0.0))
         return T.cast(y, "float16")
 
     ws_shape = window_term_shape(s, epilogue)
@@ -1144,7 +1185,34 @@ def _mma_primfunc(
                 eps,
             )
 
-    if epilogue in DEQUANT_EPILOGUES and relu:
+    if res:
+
+        @T.prim_func(s_tir=True)
+        def main(
+            A: T.Buffer(a_shape, "uint32"),
+            W: T.Buffer(w_shape, "uint32"),
+            RS: T.Buffer((s.batch,), "float32"),
+            RZ: T.Buffer((s.batch,), "int32"),
+            CS: T.Buffer((s.out_ch,), "int32"),
+            CW: T.Buffer((s.out_ch,), "float32"),
+            WS: T.Buffer(ws_shape, "int32"),
+            B: T.Buffer((s.out_ch,), "float32"),
+            R: T.Buffer(o_shape, "float16"),
+            conv: T.Buffer(o_shape, store_ty),
+        ):
+            T.func_attr({"tirx.noalias": True})
+
+            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("block_tile"):
+                            T.reads(
+                                A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :], B[:], R[:, :, :, :]
+                            )
+                            T.writes(conv[:, :, :, :])
+                            tile(A, W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
+
+    elif epilogue in DEQUANT_EPILOGUES and relu:
 
         @T.prim_func(s_tir=True)
         def main(
@@ -1295,7 +1363,7 @@ def emulate_mma(
     accumulators). This checks the kernel's address math on a CPU; what it cannot check is the
     hardware's agreement with our reading of the ISA, or the barriers. ``epilogue`` replays the
     kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS,
-    and the bias last in a "_relu" form),
+    then the bias of a "_relu" form and the residual of a "_res_relu" form),
     with the element (n, o) that :func:`_c_index` gives it: fp16 output."""
     _check_epilogue(variant, epilogue)
     cfg = mma_config(shape, variant)
@@ -1354,8 +1422,8 @@ def emulate_mma(
 
 def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndarray, ...]) -> np.ndarray:
     """What the kernel stores for accumulators ``v`` of output elements ``idx`` (float32 values,
-    exactly representable: fp16 after the epilogue); ``args``: the epilogue's operands (the bias
-    last in a "_relu" form)."""
+    exactly representable: fp16 after the epilogue); ``args``: the epilogue's operands (then the
+    bias of a "_relu" form, then the residual of a "_res_relu" form)."""
     if epilogue is None:
         return v
     o = idx[3]
@@ -1371,7 +1439,10 @@ def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndar
         scale = np.asarray(rs, np.float32)[n] * np.asarray(cw, np.float32)[o]
         y = total.astype(np.float32) * scale
     if epilogue in RELU_EPILOGUES:
-        y = np.maximum(y + np.asarray(args[-1], np.float32)[o], np.float32(0))
+        y = y + np.asarray(args[5 if len(args) > 2 else 0], np.float32)[o]
+        if epilogue in RESIDUAL_EPILOGUES:
+            y = y + np.asarray(args[6], np.float16)[idx[0], idx[1], idx[2], o].astype(np.float32)
+        y = np.maximum(y, np.float32(0))
     return y.astype(np.float16).astype(np.float32)
 
 

@@ -58,11 +58,11 @@ def exported(tmp_path_factory):
 
     cache = {}
 
-    def get(bits, scheme="pams"):
-        if (bits, scheme) not in cache:
-            model = small_refqsr(scheme, *bits)
-            cache[bits, scheme] = export_refqsr(model, tmp_path_factory.mktemp("onnx"), PATCH)
-        return cache[bits, scheme]
+    def get(bits, scheme="pams", arch="srresnet"):
+        if (bits, scheme, arch) not in cache:
+            model = small_refqsr(scheme, *bits, arch=arch)
+            cache[bits, scheme, arch] = export_refqsr(model, tmp_path_factory.mktemp("onnx"), PATCH)
+        return cache[bits, scheme, arch]
 
     return get
 
@@ -611,8 +611,12 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
         conv_bytes = sum(r["bytes"] for r in roof.values()) / man["batch"]
         assert traffic["conv_bytes_per_patch"] == pytest.approx(conv_bytes, rel=1e-2)
         assert graph["f16_fallback"] == {} and graph["f16mma_convs"] == graph["act_bits"].count(32)
-        # the SR graphs' kernels pass activations in fp16; the ClustBlock's logits stay exact
+        # the SR graphs' kernels pass activations in fp16 and run bias + ReLU in their epilogues
+        # where they can; the ClustBlock's logits stay exact
         assert (graph["half_tensors"] > 0) == (graph_name != "clustblock")
+        assert graph_name != "clustblock" or graph["relu_epilogues"] == []
+        for i, r in roof.items():
+            assert (r["epilogue"] in cc.RELU_EPILOGUES) == (int(i) in graph["relu_epilogues"])
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
         splits = []
         for i, plan in graph["f16mma"].items():
@@ -670,12 +674,14 @@ def test_bundled_model_sass_has_tensor_cores_and_no_spills(bundled):
 #: "valid" padding, the stride-3 3-channel conv as an im2col 1x1 conv (27 -> 32 channels) and the
 #: 1x1 FC on dp4a; 4-3 query: s4 tensor cores on 3/4-bit grids of int8 containers (offset 4/8)
 #: and the RefER warps as the (CPU-scheduled) RefER kernels, and the same on sm_90 with s8 tensor cores; DDTB 8-4
-#: reference: asymmetric 8-bit weights beyond s8 (weight shift)
+#: reference: asymmetric 8-bit weights beyond s8 (weight shift); DDTB 8-4 CARN reference: the
+#: bias-and-ReLU epilogues and the residual blocks' relu(conv + b + x) in the integer kernels
 TWIN_CASES = [
-    ("pams", (8, 4), "clustblock", "sm_80"),
-    ("pams", (4, 3), "query", "sm_80"),
-    ("pams", (4, 3), "query", "sm_90"),
-    ("ddtb", (8, 4), "reference", "sm_80"),
+    ("pams", (8, 4), "clustblock", "sm_80", "srresnet"),
+    ("pams", (4, 3), "query", "sm_80", "srresnet"),
+    ("pams", (4, 3), "query", "sm_90", "srresnet"),
+    ("ddtb", (8, 4), "reference", "sm_80", "srresnet"),
+    ("ddtb", (8, 4), "reference", "sm_90", "carn"),
 ]
 
 
@@ -698,16 +704,21 @@ def _feeds(graphs, name):
 
 
 @pytest.mark.parametrize(
-    "scheme, bits, name, arch", TWIN_CASES, ids=[f"{sc}-{b[0]}-{b[1]}-{n}-{a}" for sc, b, n, a in TWIN_CASES]
+    "scheme, bits, name, arch, net",
+    TWIN_CASES,
+    ids=[f"{net}-{sc}-{b[0]}-{b[1]}-{n}-{a}" for sc, b, n, a, net in TWIN_CASES],
 )
-def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name, arch):
+def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name, arch, net):
     import tvm
     from tvm import relax
 
-    graphs = exported(bits, scheme)
+    graphs = exported(bits, scheme, net)
     model = onnx.load(str(graphs[name]))
     exe, result = cb.build_graph_twin(model, BATCH, arch=arch, half_storage=cb.stores_half(name))
     assert (result.half_tensors > 0) == (name != "clustblock")
+    epilogues = {r["epilogue"] for r in result.roofline.values()}
+    if net == "carn":  # every residual block but the first reads its input in the integer kernel
+        assert {"dequant_ws_res_relu", "dequant_ws_relu", "f16_relu"} <= epilogues, epilogues
     variants = {c.variant for c in result.convs}
     assert ("s4mma" if bits == (4, 3) and arch == "sm_80" else "s8mma") in variants
     assert arch == "sm_80" or "s4mma" not in variants

@@ -640,33 +640,50 @@ def relu_bias(shape, seed=2) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-0.5, 0.5, shape.out_ch).astype(np.float32)
 
 
-@pytest.mark.parametrize(
-    "variant, epilogue", [("s4mma", "dequant_relu"), ("s8mma", "dequant_relu"), ("s8mma", "dequant_ws_relu")]
-)
+RELU_CASES = [
+    ("s4mma", "dequant_relu"),
+    ("s8mma", "dequant_relu"),
+    ("s8mma", "dequant_ws_relu"),
+    ("s4mma", "dequant_res_relu"),
+    ("s8mma", "dequant_ws_res_relu"),
+]
+
+
+@pytest.mark.parametrize("variant, epilogue", RELU_CASES)
 def test_dequant_relu_epilogue_replay_and_twin_match_reference(variant, epilogue):
-    """The integer epilogues' bias-and-ReLU forms: ``fp16(max(y + b[o], 0))`` of the dequantized
-    fp32 ``y``, written out on torch's integer conv, against the numpy replay and the LLVM twin;
-    the bias of the wrong channel (o + 1) is caught."""
+    """The integer epilogues' bias-and-ReLU forms: ``fp16(max(y + b[o] (+ r), 0))`` of the
+    dequantized fp32 ``y`` (and an fp16 NHWC residual ``r`` in the "_res_relu" forms), written
+    out on torch's integer conv, against the numpy replay and the LLVM twin; the bias of the
+    wrong channel (o + 1), or the residual of the wrong pixel, is caught."""
     from refqsr_engine.kernels.tir_build import build_kernel
 
     shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)
     x, w, pad = operands(shape, variant, False)
     a, wp = pack(variant, x, w, pad, False)
-    ops = epilogue_operands(shape, w, epilogue == "dequant_ws_relu")
+    ops = epilogue_operands(shape, w, cc.base_epilogue(epilogue) == "dequant_ws")
     bias = relu_bias(shape)
+    res = epilogue in cc.RESIDUAL_EPILOGUES
+    r = np.random.default_rng(3).uniform(-1, 1, shape.out_shape(variant)).astype(np.float16)
+    extra = (bias, r) if res else (bias,)
     y = dequant_reference(reference_conv(x, w, pad), *ops).astype(np.float32)  # fp16 of y: same sign
     want = cc.dequant_epilogue_reference(
-        reference_conv(x, w, pad).transpose(0, 2, 3, 1), *ops[:4], ops[4] if ops[4].size > 1 else None, bias
+        reference_conv(x, w, pad).transpose(0, 2, 3, 1), *ops[:4], ops[4] if ops[4].size > 1 else None, *extra
     )
     assert 0.05 < np.mean(want == 0) < 0.95 and np.abs(y).max() > 1.0  # the ReLU clips some, not all
-    replay = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, bias))
+    replay = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, *extra))
     assert replay.dtype == np.float16 and np.array_equal(replay, want)
-    twin = build_kernel("relu_twin", cc.COMPUTES[variant](shape, False, epilogue=epilogue), 8, target={"kind": "llvm"})
-    got = twin(a, wp, *ops, bias)
+    n_args = 9 if res else 8
+    twin = build_kernel(
+        "relu_twin", cc.COMPUTES[variant](shape, False, epilogue=epilogue), n_args, target={"kind": "llvm"}
+    )
+    got = twin(a, wp, *ops, *extra)
     got = got.numpy() if hasattr(got, "numpy") else got
     assert got.dtype == np.float16 and np.array_equal(got, want)
-    wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, np.roll(bias, -1)))
+    wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, np.roll(bias, -1), *extra[1:]))
     assert not np.array_equal(wrong, want)
+    if res:  # the residual of the wrong pixel (w + 1)
+        wrong = cc.emulate_mma(shape, a, wp, False, variant, epilogue, (*ops, bias, np.roll(r, -1, axis=2)))
+        assert not np.array_equal(wrong, want)
 
 
 def test_f16_relu_epilogue_replay_and_twin_match_reference():
@@ -694,7 +711,9 @@ def test_f16_relu_epilogue_replay_and_twin_match_reference():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("variant, epilogue", [("s8mma", "dequant_ws_relu"), ("f16mma", "f16_relu")])
+@pytest.mark.parametrize(
+    "variant, epilogue", [("s8mma", "dequant_ws_relu"), ("s8mma", "dequant_ws_res_relu"), ("f16mma", "f16_relu")]
+)
 def test_relu_epilogues_build_for_cuda(variant, epilogue):
     """The bias-and-ReLU stores through nvcc: the mma, a max against zero and fp16 stores."""
     shape = cc.Conv2dCudaShape(2, 32, 16, 4, 8)

@@ -51,8 +51,9 @@ How this differs from the LLVM path (:mod:`.build`, :mod:`.qdq_conv`):
   reader; the ops compute in fp32 as before. A conv whose output only a bias add and a ReLU
   read runs them in its kernel's epilogue (the "_relu" forms of
   :data:`~refqsr_engine.kernels.conv2d_cuda.EPILOGUES`: one fp16 rounding after them), and the
-  readers of that ReLU widen the kernel's fp16 NHWC output themselves. Neither in the
-  ClustBlock (:func:`stores_half`).
+  readers of that ReLU widen the kernel's fp16 NHWC output themselves; an integer conv's
+  ``relu(conv + b + x)`` with ``x`` a kernel's fp16 NHWC output takes the "_res_relu" form and
+  reads ``x`` in its store. None of this in the ClustBlock (:func:`stores_half`).
 * The ClustBlock clustering kernel runs on the device: its GPU schedule
   (:func:`~refqsr_engine.kernels.refer_cuda.cluster_primfunc_cuda`) is built into ``cluster.so``
   for the arch (:func:`build_cluster_library_cuda`; ``"device": "device"`` in the manifest).
@@ -91,8 +92,8 @@ from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
 from ...kernels.qconv_fused import grid_offset, grid_range
+from .half_storage import fp16_view, store_half
 from .half_storage import reader_counts as _reader_counts
-from .half_storage import store_half
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
@@ -241,6 +242,8 @@ def conv_roofline(
         moved += shape.pixels * 4
     if epilogue in cc.RELU_EPILOGUES:  # the fp32 bias per output channel
         moved += shape.out_ch * 4
+    if epilogue in cc.RESIDUAL_EPILOGUES:  # the fp16 residual, one per output element
+        moved += shape.pixels * shape.out_ch * 2
     out: dict[str, Any] = {
         "variant": variant,
         "epilogue": epilogue,
@@ -765,34 +768,75 @@ class _CudaRewriter(PyExprMutator):
         """``relu(add(y, bias))`` of a rewritten conv's output ``y`` read by nothing else -> the
         same kernel with the bias-and-ReLU epilogue (:data:`~...kernels.conv2d_cuda.RELU_EPILOGUES`),
         widened to fp32 NCHW: one rounding to fp16 after the fp32 bias add and ReLU, and no kernel
-        between the conv and its readers. None when the pattern does not match."""
+        between the conv and its readers. An integer conv's ``relu(add(add(y, bias), x))`` with
+        ``x`` a widening of an fp16 NHWC kernel output of y's shape (a residual block whose input
+        another kernel wrote) takes the "_res_relu" form, ``x`` read in the epilogue. None when
+        neither pattern matches."""
         old_add = old.args[0]
         old_sum = self.old_bindings.get(old_add) if isinstance(old_add, relax.Var) else None
         if not (isinstance(old_sum, relax.Call) and _op_name(old_sum) == "relax.add"):
             return None
         if self.old_readers.get(old_add, 0) != 1:
             return None
-        new_sum = self.lookup_binding(new.args[0]) if isinstance(new.args[0], relax.Var) else None
+        new_sum = self._bound(new.args[0])
         if not (isinstance(new_sum, relax.Call) and _op_name(new_sum) == "relax.add"):
             return None
         for k in (0, 1):
-            conv_old, conv_new = old_sum.args[k], new_sum.args[k]
-            while isinstance(conv_new, relax.Var) and isinstance(self.lookup_binding(conv_new), relax.Var):
-                conv_new = self.lookup_binding(conv_new)  # the alias the mutator binds a replaced conv to
-            found = self.foldable.get(conv_new) if isinstance(conv_new, relax.Var) else None
-            if found is None or self.old_readers.get(conv_old, 0) != 1:
+            found = self._conv_plus_bias(old_sum, new_sum, k)
+            if found is not None:  # relu(conv + bias)
+                conv, bias = found
+                return self._refold(conv, cc.with_relu(conv.epilogue), [relax.const(bias)])
+            inner_old, inner_new = old_sum.args[k], self._bound(new_sum.args[k])
+            inner = self.old_bindings.get(inner_old) if isinstance(inner_old, relax.Var) else None
+            if not (isinstance(inner, relax.Call) and _op_name(inner) == "relax.add"):
                 continue
-            bias = _bias_vector(old_sum.args[1 - k], self.old_bindings, found.shape.out_ch)
-            if bias is None:
+            if self.old_readers.get(inner_old, 0) != 1 or not isinstance(inner_new, relax.Call):
                 continue
-            epilogue = cc.with_relu(found.epilogue)
-            out_ty = relax.TensorType(found.shape.out_shape(found.variant), cc.out_dtype(found.variant, epilogue))
-            kernel = self._kernel(found.shape, found.variant, epilogue)
-            acc = self.builder_.emit(relax.call_tir(kernel, [*found.args, relax.const(bias)], out_ty))
-            self.result.roofline[found.index] = found.roofline(epilogue)
-            self.result.relu_folded.append(found.index)
-            return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
+            for j in (0, 1):  # relu((conv + bias) + x)
+                found = self._conv_plus_bias(inner, inner_new, j)
+                if found is None or found[0].variant not in ("s4mma", "s8mma"):
+                    continue
+                conv, bias = found
+                x = new_sum.args[1 - k]
+                view = fp16_view(x, self._bound) if isinstance(x, relax.Var) else None
+                out_shape = tuple(conv.shape.out_shape(conv.variant))
+                if view is None or view[1] != [0, 3, 1, 2] or tuple(int(d) for d in view[0].ty.shape) != out_shape:
+                    continue
+                epilogue = cc.with_relu(conv.epilogue, residual=True)
+                return self._refold(conv, epilogue, [relax.const(bias), view[0]])
         return None
+
+    def _bound(self, expr: relax.Expr) -> relax.Expr | None:
+        """The value bound to a var of the new function, through the aliases the mutator leaves."""
+        while isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if value is None:
+                return None
+            if not isinstance(value, relax.Var):
+                return value
+            expr = value
+        return expr
+
+    def _conv_plus_bias(self, old_sum: relax.Call, new_sum: relax.Call, k: int):
+        """(the foldable conv, its bias) when operand ``k`` of ``add`` is a rewritten conv's
+        output read only by it and the other operand a per-channel constant; else None."""
+        conv_old, conv_new = old_sum.args[k], new_sum.args[k]
+        while isinstance(conv_new, relax.Var) and isinstance(self.lookup_binding(conv_new), relax.Var):
+            conv_new = self.lookup_binding(conv_new)  # the alias the mutator binds a replaced conv to
+        found = self.foldable.get(conv_new) if isinstance(conv_new, relax.Var) else None
+        if found is None or self.old_readers.get(conv_old, 0) != 1:
+            return None
+        bias = _bias_vector(old_sum.args[1 - k], self.old_bindings, found.shape.out_ch)
+        return None if bias is None else (found, bias)
+
+    def _refold(self, conv: _FoldableOutput, epilogue: str, extra: list) -> relax.Expr:
+        """The conv's kernel again with ``epilogue`` and its ``extra`` operands, widened to NCHW fp32."""
+        out_ty = relax.TensorType(conv.shape.out_shape(conv.variant), cc.out_dtype(conv.variant, epilogue))
+        kernel = self._kernel(conv.shape, conv.variant, epilogue)
+        acc = self.builder_.emit(relax.call_tir(kernel, [*conv.args, *extra], out_ty))
+        self.result.roofline[conv.index] = conv.roofline(epilogue)
+        self.result.relu_folded.append(conv.index)
+        return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
 
     def _kernel(self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.ir.GlobalVar:
         key = (shape, variant, epilogue)  # convs that differ only in their weights share code
@@ -1197,6 +1241,7 @@ class CudaGraphBuild:
             "f16_fallback": {str(i): why for i, why in self.result.f16_fallback.items()},
             "refer_warps": self.refer_warps,
             "half_tensors": self.result.half_tensors,
+            "relu_epilogues": sorted(self.result.relu_folded),
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},

@@ -25,6 +25,8 @@ measured by ``python -m refqsr_engine.benchmarks.f16_gate --compare storage``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -107,19 +109,20 @@ def half_candidates(mod: tvm.IRModule, func_name: str = "main") -> set[relax.Var
     return chosen
 
 
-def fp16_view(var: relax.Var, bindings: dict) -> tuple[relax.Var, list[int]] | None:
+def fp16_view(var: relax.Var, lookup: Callable[[relax.Var], relax.Expr | None]) -> tuple[relax.Var, list[int]] | None:
     """(src, perm) when ``var`` is an fp32 widening of the 4-D fp16 tensor ``src``, permuted so
     that axis i is src's axis ``perm[i]`` (casts to fp32 and ``permute_dims`` only, as the conv
-    rewrite widens a kernel's fp16 NHWC output); None otherwise."""
+    rewrite widens a kernel's fp16 NHWC output); None otherwise. ``lookup``: a var's bound value."""
     perm, expr = [0, 1, 2, 3], var
     while True:
         if isinstance(expr, relax.Var):
             ty = expr.ty
             if expr is not var and isinstance(ty, relax.TensorType) and ty.dtype == "float16" and ty.ndim == 4:
                 return expr, perm
-            if expr not in bindings:
+            value = lookup(expr)
+            if value is None:
                 return None
-            expr = bindings[expr]
+            expr = value
         elif isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.astype":
             inner = expr.args[0]
             if expr.attrs.dtype != "float32" or inner.ty.dtype not in ("float16", "float32"):
@@ -152,7 +155,7 @@ class _HalfStorage(PyExprMutator):
         super().visit_var_binding_(binding)
         if binding.var in self.chosen:
             new = self._current(binding.var)
-            view = fp16_view(binding.var, self.bindings)
+            view = fp16_view(binding.var, self.bindings.get)
             if view is not None:  # exact: every reader widens the kernel's fp16 output itself
                 self.half[new] = (self._current(view[0]), view[1])
             else:
