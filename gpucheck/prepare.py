@@ -8,7 +8,9 @@
    and the CPU kernels' outputs, which must come back bit for bit.
 3. TVM's runtime libraries (``libtvm_runtime``, its CUDA module, the CUDA runtime they link) and
    the cp312 ``apache-tvm-ffi`` wheel.
-4. Packed into one xz archive; the working tree plus the archive must fit the carry limit.
+4. Packed into one xz archive; the working tree plus the archive must fit the carry limit. When
+   they do not, DDTB-4 is left out (``left_out`` in the description) and the default model alone
+   is checked; a bundle that does not fit even so is refused.
 5. Static checks: the integer instructions each graph's device code uses, no local-memory spills
    in the standalone kernels' PTX, and a runtime-only load of the bundle in a fresh process with a
    libcuda stub (no TVM package, no PyTorch imported).
@@ -35,7 +37,8 @@ from refqsr_engine.engine.models_store import DEFAULT_ALIAS
 from .bundle import BUNDLE, CARRY_LIMIT, DESCRIPTION, CheckError
 
 REPO = Path(__file__).resolve().parents[1]
-# the engine's default model and the int4 tensor-core DDTB-4 (the bundle names them for run)
+# the engine's default model and the int4 tensor-core DDTB-4 (the bundle names them for run);
+# the ones after the first are left out, last first, when the carry limit does not hold them
 MODELS = {"default": DEFAULT_ALIAS, "ddtb4": "srresnet_ddtb4"}
 PATCH, BATCH = 96, 16
 CUDART = "libcudart.so.13"
@@ -335,6 +338,33 @@ def static_load_check(unpacked: Path, work: Path) -> dict[str, Any]:
     return result
 
 
+def pack_within_limit(
+    stage: Path, archive: Path, tree: int, models: dict[str, Any], say, limit: int = CARRY_LIMIT
+) -> dict[str, str]:
+    """Pack ``stage`` into the xz ``archive``; while the tree plus the archive exceed ``limit``,
+    drop the last optional model (every key of ``models`` after the first) from
+    ``stage/artifacts`` and from ``models``, and pack again. Returns the models left out, each
+    with the reason; the caller refuses a bundle that still does not fit."""
+    left_out: dict[str, str] = {}
+    while True:
+        with tarfile.open(archive, "w:xz", preset=6) as tar:
+            for item in sorted(stage.iterdir()):
+                tar.add(item, arcname=item.name)
+        size = archive.stat().st_size
+        optional = list(models)[1:]
+        if tree + size <= limit or not optional:
+            return left_out
+        key = optional[-1]
+        mib = 1 << 20
+        left_out[key] = (
+            f"{models[key]['model']}: the tree ({tree / mib:.1f} MiB) plus the bundle with it "
+            f"({size / mib:.1f} MiB) exceed the {limit / mib:.0f} MiB carry limit"
+        )
+        say(f"leaving out {key}: {left_out[key]}")
+        shutil.rmtree(stage / "artifacts" / key)
+        del models[key]
+
+
 def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
     def say(msg: str) -> None:
         print(f"gpucheck: {msg}", file=sys.stderr, flush=True)
@@ -354,14 +384,15 @@ def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
         say("runtime-only load of the bundle (libcuda stub)")
         static = static_load_check(stage, Path(tmp_name))
         say("packing")
-        with tarfile.open(out / BUNDLE, "w:xz", preset=6) as tar:
-            for item in sorted(stage.iterdir()):
-                tar.add(item, arcname=item.name)
+        tree = tree_bytes()
+        left_out = pack_within_limit(stage, out / BUNDLE, tree, compiled, say)
+        device_code = {k: v for k, v in device_code.items() if k in compiled}
         sizes = {str(p.relative_to(stage)): p.stat().st_size for p in sorted(stage.rglob("*")) if p.is_file()}
-    tree, bundle = tree_bytes(), (out / BUNDLE).stat().st_size
+    bundle = (out / BUNDLE).stat().st_size
     description = {
         "arch": arch,
         "models": compiled,
+        "left_out": left_out,
         "kernels": kernels,
         "device_kernels": device_kernels,
         "versions": versions,

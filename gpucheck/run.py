@@ -334,7 +334,10 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
         memory.used()
 
     runs = 5 if quick else 20
-    report: dict[str, Any] = {"environment": environment(), "bundle": {"arch": description["arch"]}}
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "bundle": {"arch": description["arch"], "left_out": description.get("left_out", {})},
+    }
     report["kernels"] = check_kernels(unpacked / "kernels") + check_device_kernels(unpacked / "device_kernels")
     report["graphs"], report["latency"], report["profile"] = {}, {"engine": {}}, {}
     engines = {}
@@ -439,6 +442,8 @@ def markdown(r: dict[str, Any]) -> str:
     for key, g in r["graphs"].items():
         for graph, checks in g["checks"].items():
             lines.append(f"| {key} ({g['model']}) | {graph} | {json.dumps(checks)} | {g['pass']} |")
+    for key, why in r["bundle"].get("left_out", {}).items():
+        lines.append(f"| {key} | - | left out of the bundle: {why} | - |")
     lines += ["", "## End to end (`upscale --artifact`, default model)", ""]
     lines += ["| image | PSNR vs PyTorch (dB) | patches | median ms | p90 ms |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, e in r["end_to_end"].items():

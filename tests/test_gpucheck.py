@@ -118,12 +118,42 @@ def test_run_refuses_without_a_gpu_in_one_line(tmp_path):
     assert "no CUDA GPU" in proc.stderr and not (tmp_path / "out").exists()
 
 
+def test_packing_leaves_out_optional_models_over_the_carry_limit(tmp_path):
+    """Over the limit the last optional model's artifact goes, and the archive is packed again;
+    the first model is never dropped. Sizes against incompressible random files."""
+    import tarfile
+
+    from gpucheck.prepare import pack_within_limit
+
+    rng = np.random.default_rng(0)
+    stage = tmp_path / "stage"
+    for key, size in (("default", 50_000), ("ddtb4", 200_000)):
+        (stage / "artifacts" / key).mkdir(parents=True)
+        (stage / "artifacts" / key / "graph.so").write_bytes(rng.bytes(size))
+    (stage / "lib").mkdir()
+    (stage / "lib" / "runtime.so").write_bytes(rng.bytes(30_000))
+    models = {"default": {"model": "a"}, "ddtb4": {"model": "b"}}
+    said = []
+    left = pack_within_limit(stage, tmp_path / "b.tar.xz", 10_000, models, said.append, limit=150_000)
+    assert list(left) == ["ddtb4"] and "b:" in left["ddtb4"] and list(models) == ["default"] and len(said) == 1
+    with tarfile.open(tmp_path / "b.tar.xz") as tar:
+        names = set(tar.getnames())
+    assert "artifacts/default/graph.so" in names and not any(n.startswith("artifacts/ddtb4") for n in names)
+    assert 10_000 + (tmp_path / "b.tar.xz").stat().st_size <= 150_000
+    # within the limit nothing is left out; over it with no optional model left, the caller refuses
+    models = {"default": {"model": "a"}}
+    assert pack_within_limit(stage, tmp_path / "c.tar.xz", 0, models, said.append, limit=1 << 30) == {}
+    assert pack_within_limit(stage, tmp_path / "d.tar.xz", 0, models, said.append, limit=1_000) == {}
+    assert list(models) == ["default"]
+
+
 @pytest.mark.slow
 def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
     from gpucheck.prepare import prepare
 
     desc = prepare(tmp_path / "bundle")
-    assert desc["carry_bytes"] <= desc["carry_limit"]
+    assert desc["carry_bytes"] <= desc["carry_limit"] and "default" in desc["models"]
+    assert set(desc["models"]) | set(desc["left_out"]) == {"default", "ddtb4"}
     assert desc["static_load"]["modules"] == [] and "no CUDA device" in desc["static_load"]["device"]
     assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
     assert {k["name"] for k in desc["kernels"]} == {f"{v}_{s}" for v in ("dp4a", "s8mma", "s4mma") for s in "us"}

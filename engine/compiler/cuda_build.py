@@ -77,7 +77,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,7 +475,7 @@ class _FoldableOutput:
     variant: str
     epilogue: str
     args: list
-    roofline: Any  # epilogue -> the conv's roofline entry
+    roofline: Callable[[str], dict[str, Any]]  # epilogue -> the conv's roofline entry
 
 
 def _bias_vector(expr: relax.Expr, bindings: dict, out_ch: int) -> np.ndarray | None:
@@ -511,10 +511,10 @@ class _CudaRewriter(PyExprMutator):
         f16: bool = True,
         fuse_epilogue: bool = True,
         fold_relu: bool = True,
+        func_name: str = "main",
     ):
         super().__init__(mod)
         self.fold_relu = fold_relu and fuse_epilogue  # the bias-and-ReLU forms are the fused epilogues'
-
         self.arch = arch
         self.f16 = f16
         self.fuse_epilogue = fuse_epilogue
@@ -524,7 +524,7 @@ class _CudaRewriter(PyExprMutator):
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
         # for folding a conv's bias add and ReLU into its kernel: the input graph's bindings and
         # readers, and the rewritten convs' output vars
-        func = mod["main"]
+        func = mod[func_name]
         self.old_bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         self.old_readers = _reader_counts(func)
         self.foldable: dict[relax.Var, _FoldableOutput] = {}
@@ -806,23 +806,21 @@ class _CudaRewriter(PyExprMutator):
                 return self._refold(conv, epilogue, [relax.const(bias), view[0]])
         return None
 
-    def _bound(self, expr: relax.Expr) -> relax.Expr | None:
-        """The value bound to a var of the new function, through the aliases the mutator leaves."""
-        while isinstance(expr, relax.Var):
-            value = self.lookup_binding(expr)
-            if value is None:
-                return None
-            if not isinstance(value, relax.Var):
-                return value
-            expr = value
+    def _unalias(self, expr: relax.Expr) -> relax.Expr:
+        """A var of the new function past the aliases (``y = lv``) the mutator binds replaced convs to."""
+        while isinstance(expr, relax.Var) and isinstance(self.lookup_binding(expr), relax.Var):
+            expr = self.lookup_binding(expr)
         return expr
+
+    def _bound(self, expr: relax.Expr) -> relax.Expr | None:
+        """The value bound to a var of the new function, past its aliases."""
+        expr = self._unalias(expr)
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
 
     def _conv_plus_bias(self, old_sum: relax.Call, new_sum: relax.Call, k: int):
         """(the foldable conv, its bias) when operand ``k`` of ``add`` is a rewritten conv's
         output read only by it and the other operand a per-channel constant; else None."""
-        conv_old, conv_new = old_sum.args[k], new_sum.args[k]
-        while isinstance(conv_new, relax.Var) and isinstance(self.lookup_binding(conv_new), relax.Var):
-            conv_new = self.lookup_binding(conv_new)  # the alias the mutator binds a replaced conv to
+        conv_old, conv_new = old_sum.args[k], self._unalias(new_sum.args[k])
         found = self.foldable.get(conv_new) if isinstance(conv_new, relax.Var) else None
         if found is None or self.old_readers.get(conv_old, 0) != 1:
             return None
@@ -1024,7 +1022,9 @@ def rewrite_qdq_convs_cuda(
     (:func:`.half_storage.store_half`), and a conv's bias add and ReLU run in its fused epilogue
     where nothing else reads its output (one fp16 rounding after them)."""
     result = CudaConvResult()
-    rewriter = _CudaRewriter(mod, conv_table, twin, result, arch, f16, fuse_epilogue, fold_relu=half_storage)
+    rewriter = _CudaRewriter(
+        mod, conv_table, twin, result, arch, f16, fuse_epilogue, fold_relu=half_storage, func_name=func_name
+    )
     new_func = rewriter.visit_expr(mod[func_name])
     out = rewriter.builder_.get()
     out[func_name] = new_func
