@@ -1077,7 +1077,7 @@ def _mma_primfunc(
 
     def _store(v, idx, eps=None):
         """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o);
-        ``eps``: the epilogue's operands (then the bias, then the residual)."""
+        ``eps``: every epilogue operand, RS, RZ, CS, CW, WS, B, R (each form reads its own)."""
         if epilogue is None:
             return v
         o = idx[3]
@@ -1091,7 +1091,7 @@ def _mma_primfunc(
                 total = total + ws[idx[0], idx[1], idx[2]]
             y = T.cast(total, "float32") * (rs[n] * cw[o])
         if relu:
-            y = y + eps[5 if len(eps) > 2 else 0][o]
+            y = y + eps[5][o]
             if res:
                 y = y + T.cast(eps[6][idx[0], idx[1], idx[2], o], "float32")
             y = T.max(y, T.float32(0.0))
@@ -1185,113 +1185,40 @@ def _mma_primfunc(
                 eps,
             )
 
-    if res:
+    # one signature with every epilogue operand; the kernel keeps the ones its epilogue reads
+    # (the block reads only those, so the others are unused parameters and are dropped)
+    kept = {"A", "W", "conv"}
+    kept |= {"RS", "RZ", "CS", "CW", "WS"} if epilogue in DEQUANT_EPILOGUES else set()
+    kept |= {"B"} if relu else set()
+    kept |= {"R"} if res else set()
 
-        @T.prim_func(s_tir=True)
-        def main(
-            A: T.Buffer(a_shape, "uint32"),
-            W: T.Buffer(w_shape, "uint32"),
-            RS: T.Buffer((s.batch,), "float32"),
-            RZ: T.Buffer((s.batch,), "int32"),
-            CS: T.Buffer((s.out_ch,), "int32"),
-            CW: T.Buffer((s.out_ch,), "float32"),
-            WS: T.Buffer(ws_shape, "int32"),
-            B: T.Buffer((s.out_ch,), "float32"),
-            R: T.Buffer(o_shape, "float16"),
-            conv: T.Buffer(o_shape, store_ty),
-        ):
-            T.func_attr({"tirx.noalias": True})
+    def whole(*buffers):  # the read regions of the kept buffers, each buffer in full
+        return [b[tuple(slice(None) for _ in b.shape)] for b in buffers if b.name in kept]
 
-            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("block_tile"):
-                            T.reads(
-                                A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :], B[:], R[:, :, :, :]
-                            )
-                            T.writes(conv[:, :, :, :])
-                            tile(A, W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
+    @T.prim_func(s_tir=True)
+    def main(
+        A: T.Buffer(a_shape, "uint32"),
+        W: T.Buffer(w_shape, "uint32"),
+        RS: T.Buffer((s.batch,), "float32"),
+        RZ: T.Buffer((s.batch,), "int32"),
+        CS: T.Buffer((s.out_ch,), "int32"),
+        CW: T.Buffer((s.out_ch,), "float32"),
+        WS: T.Buffer(ws_shape, "int32"),
+        B: T.Buffer((s.out_ch,), "float32"),
+        R: T.Buffer(o_shape, "float16"),
+        conv: T.Buffer(o_shape, store_ty),
+    ):
+        T.func_attr({"tirx.noalias": True})
 
-    elif epilogue in DEQUANT_EPILOGUES and relu:
+        for bx in T.thread_binding(blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    with T.sblock("block_tile"):
+                        T.reads(whole(A, W, RS, RZ, CS, CW, WS, B, R))
+                        T.writes(conv[:, :, :, :])
+                        tile(A, W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
 
-        @T.prim_func(s_tir=True)
-        def main(
-            A: T.Buffer(a_shape, "uint32"),
-            W: T.Buffer(w_shape, "uint32"),
-            RS: T.Buffer((s.batch,), "float32"),
-            RZ: T.Buffer((s.batch,), "int32"),
-            CS: T.Buffer((s.out_ch,), "int32"),
-            CW: T.Buffer((s.out_ch,), "float32"),
-            WS: T.Buffer(ws_shape, "int32"),
-            B: T.Buffer((s.out_ch,), "float32"),
-            conv: T.Buffer(o_shape, store_ty),
-        ):
-            T.func_attr({"tirx.noalias": True})
-
-            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("block_tile"):
-                            T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :], B[:])
-                            T.writes(conv[:, :, :, :])
-                            tile(A, W, conv, (RS, RZ, CS, CW, WS, B), bx, ty, lane)
-
-    elif epilogue in DEQUANT_EPILOGUES:
-
-        @T.prim_func(s_tir=True)
-        def main(
-            A: T.Buffer(a_shape, "uint32"),
-            W: T.Buffer(w_shape, "uint32"),
-            RS: T.Buffer((s.batch,), "float32"),
-            RZ: T.Buffer((s.batch,), "int32"),
-            CS: T.Buffer((s.out_ch,), "int32"),
-            CW: T.Buffer((s.out_ch,), "float32"),
-            WS: T.Buffer(ws_shape, "int32"),
-            conv: T.Buffer(o_shape, store_ty),
-        ):
-            T.func_attr({"tirx.noalias": True})
-
-            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("block_tile"):
-                            T.reads(A[:, :, :, :], W[:, :, :], RS[:], RZ[:], CS[:], CW[:], WS[:, :, :])
-                            T.writes(conv[:, :, :, :])
-                            tile(A, W, conv, (RS, RZ, CS, CW, WS), bx, ty, lane)
-
-    elif relu:
-
-        @T.prim_func(s_tir=True)
-        def main(
-            A: T.Buffer(a_shape, "uint32"),
-            W: T.Buffer(w_shape, "uint32"),
-            B: T.Buffer((s.out_ch,), "float32"),
-            conv: T.Buffer(o_shape, store_ty),
-        ):
-            T.func_attr({"tirx.noalias": True})
-
-            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("block_tile"):
-                            T.reads(A[:, :, :, :], W[:, :, :], B[:])
-                            T.writes(conv[:, :, :, :])
-                            tile(A, W, conv, (B,), bx, ty, lane)
-
-    else:
-
-        @T.prim_func(s_tir=True)
-        def main(A: T.Buffer(a_shape, "uint32"), W: T.Buffer(w_shape, "uint32"), conv: T.Buffer(o_shape, store_ty)):
-            T.func_attr({"tirx.noalias": True})
-
-            for bx in T.thread_binding(blocks, thread="blockIdx.x"):
-                for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                    for lane in T.thread_binding(32, thread="threadIdx.x"):
-                        with T.sblock("block_tile"):
-                            T.reads(A[:, :, :, :], W[:, :, :])
-                            T.writes(conv[:, :, :, :])
-                            tile(A, W, conv, None, bx, ty, lane)
-
+    main = tvm.tirx.PrimFunc([p for p in main.params if p.name in kept], main.body, main.ret_type, main.attrs)
     return main.with_attr("global_symbol", f"conv2d_{variant}")
 
 
