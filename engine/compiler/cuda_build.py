@@ -92,12 +92,12 @@ from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
 from ...kernels.qconv_fused import grid_offset, grid_range
-from .half_storage import fp16_view, store_half
+from .half_storage import OPAQUE as _OPAQUE
+from .half_storage import bound_values, fp16_view, store_half
 from .half_storage import reader_counts as _reader_counts
 from .qdq_conv import ConvReport, QDQConvResult, _const, _op_name, classify_conv
 from .relax_import import graph_metadata, static_input_shapes
 
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 _S4_RANGE, _S8_RANGE = (-8, 7), (-128, 127)
 INT32_MAX = 2**31 - 1
 
@@ -525,7 +525,7 @@ class _CudaRewriter(PyExprMutator):
         # for folding a conv's bias add and ReLU into its kernel: the input graph's bindings and
         # readers, and the rewritten convs' output vars
         func = mod[func_name]
-        self.old_bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        self.old_bindings = bound_values(func)
         self.old_readers = _reader_counts(func)
         self.foldable: dict[relax.Var, _FoldableOutput] = {}
 
@@ -620,29 +620,21 @@ class _CudaRewriter(PyExprMutator):
             *plan.pads,
         )
         self.result.weight_shifts[report.index] = shift
-        roof = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=epilogue)
         x_elems = int(np.prod([int(v) for v in x.ty.shape]))
         out_elems = n * plan.out_ch * plan.shape.height * plan.shape.width
         weight_elems = plan.out_ch * plan.in_ch * plan.shape.taps
-        self.result.roofline[report.index] = with_fp16_layer(roof, x_elems, out_elems, weight_elems)
+
+        def roofline(e: str | None) -> dict[str, Any]:  # this conv's entry with epilogue e
+            roof = conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=e)
+            return with_fp16_layer(roof, x_elems, out_elems, weight_elems)
+
+        self.result.roofline[report.index] = roofline(epilogue)
         if plan.im2col:
             self.result.im2col[report.index] = list(plan.im2col)
         if epilogue:
             y = self._fused_output(acc, plan)
             if plan.shape.out_ch == plan.out_ch:
-                self.foldable[y] = _FoldableOutput(
-                    report.index,
-                    plan.shape,
-                    variant,
-                    epilogue,
-                    list(args),
-                    lambda e: with_fp16_layer(
-                        conv_roofline(plan.shape, plan.in_ch, plan.out_ch, variant, epilogue=e),
-                        x_elems,
-                        out_elems,
-                        weight_elems,
-                    ),
-                )
+                self.foldable[y] = _FoldableOutput(report.index, plan.shape, variant, epilogue, list(args), roofline)
             return y
         return self._epilogue(acc, s4, z4, plan, variant, shift, wsum)
 
@@ -726,22 +718,15 @@ class _CudaRewriter(PyExprMutator):
         report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
         self.result.float_plans[report.index] = plan.report()
         out_elems = n * plan.out_ch * plan.height * plan.width
-        self.result.roofline[report.index] = with_fp16_layer(plan.roofline(), n * c * h * wd, out_elems, w.size)
+
+        def roofline(e: str | None) -> dict[str, Any]:  # this conv's entry with epilogue e
+            roof = conv_roofline(s, s.in_ch, s.out_ch, "f16mma", plan.useful_macs, e)
+            return with_fp16_layer(roof, n * c * h * wd, out_elems, w.size)
+
+        self.result.roofline[report.index] = roofline(plan.epilogue)  # = plan.roofline() + the fp16 layer
         out = emit(op.permute_dims(y, [0, 3, 1, 2]))
         if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
-            self.foldable[out] = _FoldableOutput(
-                report.index,
-                s,
-                "f16mma",
-                plan.epilogue,
-                [packed, weights],
-                lambda e: with_fp16_layer(
-                    conv_roofline(s, s.in_ch, s.out_ch, "f16mma", plan.useful_macs, e),
-                    n * c * h * wd,
-                    out_elems,
-                    w.size,
-                ),
-            )
+            self.foldable[out] = _FoldableOutput(report.index, s, "f16mma", plan.epilogue, [packed, weights], roofline)
         return out
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:

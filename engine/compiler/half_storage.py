@@ -31,7 +31,7 @@ import tvm
 from tvm import relax, te
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-_OPAQUE = 8  # relax OpPatternKind.kOpaque
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 
 
 def mean_of_half(x: te.Tensor, axes: list[int] | None, keepdims: bool) -> te.Tensor:
@@ -59,6 +59,11 @@ def mean_of_half(x: te.Tensor, axes: list[int] | None, keepdims: bool) -> te.Ten
 
     summed = te.compute(shape, total, name="x_red")
     return te.compute(shape, lambda *i: summed(*i) / tvm.tirx.const(float(count), "float32"), name="T_divide")
+
+
+def bound_values(func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    """Var -> the value of its binding, over the function's blocks."""
+    return {b.var: b.value for block in func.body.blocks for b in block.bindings}
 
 
 def reader_counts(func: relax.Function) -> dict[relax.Var, int]:
@@ -89,7 +94,7 @@ def _fuses_a_cast(mod: tvm.IRModule, reader: relax.Expr) -> bool:
     if not isinstance(callee, tvm.tirx.PrimFunc):
         return False
     pattern = callee.attrs.get("op_pattern") if callee.attrs else None
-    return pattern is None or int(pattern) != _OPAQUE
+    return pattern is None or int(pattern) != OPAQUE
 
 
 def half_candidates(mod: tvm.IRModule, func_name: str = "main") -> set[relax.Var]:
@@ -141,8 +146,7 @@ class _HalfStorage(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, chosen: set[relax.Var], func_name: str):
         super().__init__(mod)
         self.chosen = chosen
-        func = mod[func_name]
-        self.bindings = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        self.bindings = bound_values(mod[func_name])
         # new fp32 var -> (its fp16 source, the permutation that gives the fp32 var from it): a
         # copy made at the binding (identity), or a kernel's own fp16 output the var only widens
         self.half: dict[relax.Var, tuple[relax.Var, list[int]]] = {}

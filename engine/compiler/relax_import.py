@@ -14,6 +14,7 @@ from tvm import relax
 from ...errors import RefQSRError
 from ...kernels.refer_kernels import backward_warp_primfunc, refer_pipeline_primfunc, shared_flow_primfunc
 from ...kernels.tir_build import as_target
+from .half_storage import OPAQUE as _OPAQUE
 from .onnx_prep import prepare_onnx
 from .refer_fuse import OP, SHARED_FLOW_OP, WARP_OP, fuse_refer_warps
 
@@ -50,9 +51,6 @@ def static_input_shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[in
             raise RefQSRError(f"input {inp.name} has an unknown non-batch dimension: {dims}")
         shapes[inp.name] = dims
     return shapes
-
-
-_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves such a call_tir alone
 
 
 def _refer_primfunc(stage: str, target: tvm.target.Target, shape: tuple[int, ...], **kw) -> tvm.tirx.PrimFunc:
