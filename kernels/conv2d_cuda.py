@@ -106,6 +106,7 @@ __all__ = [
     "Conv2dCudaShape",
     "CudaConvKernel",
     "COMPUTES",
+    "MAX_PARTS",
     "MMA_BITS",
     "PRIMFUNCS",
     "build_conv2d_cuda",
@@ -149,6 +150,8 @@ VARIANTS = ("dp4a", "s4mma", "s8mma", "f16mma")
 MMA_BITS = {"s4mma": 4, "s8mma": 8, "f16mma": 16}
 #: the tensor-core variants on float operands (fp16 halves, fp32 sums); the others are integer
 FLOAT_VARIANTS = ("f16mma",)
+#: the most input parts an f16mma 1x1 kernel reads in place (CARN's cascade concatenates four)
+MAX_PARTS = 4
 
 
 #: epilogues of the tensor-core kernels, applied to the accumulators before the one store:
@@ -265,6 +268,9 @@ class Conv2dCudaShape:
     width: int
     kernel: int = 3
     kernel_w: int = 0  # kernel columns when they differ from the rows (the tensor-core variants); 0: square
+    # tensors whose channel concatenation is the input (f16mma 1x1 only): each fp16 NHWC
+    # ``part_shape``, read in place by the kernel instead of one packed operand
+    parts: int = 1
 
     def __post_init__(self):
         for name in ("batch", "in_ch", "out_ch", "height", "width"):
@@ -274,6 +280,10 @@ class Conv2dCudaShape:
             raise ValueError(f"kernel must be odd and >= 1, got {self.kernel}")
         if self.kernel_w < 0 or (self.kernel_w and self.kernel_w % 2 == 0):
             raise ValueError(f"kernel_w must be odd (or 0: square), got {self.kernel_w}")
+        if not 1 <= self.parts <= MAX_PARTS:
+            raise ValueError(f"parts must be 1..{MAX_PARTS}, got {self.parts}")
+        if self.parts > 1 and (self.taps != 1 or self.in_ch % self.parts):
+            raise ValueError(f"{self.parts} input parts need a 1x1 kernel and in_ch % parts == 0")
 
     @property
     def kw_taps(self) -> int:
@@ -312,6 +322,22 @@ class Conv2dCudaShape:
                 )
             if self.pixels % 16:
                 raise ValueError(f"{variant} needs N*H*W % 16 == 0 (16-pixel MMA rows), got {self.pixels}")
+        if self.parts > 1 and (variant != "f16mma" or self.part_ch % mma_chunk_channels(variant)):
+            raise ValueError(
+                f"input parts need f16mma and whole K chunks a part, got {variant} with {self.part_ch} channels a part"
+            )
+
+    @property
+    def part_ch(self) -> int:
+        """Channels of one input part."""
+        return self.in_ch // self.parts
+
+    @property
+    def part_shape(self) -> tuple[int, int, int, int]:
+        """fp16 NHWC shape of one input part: its channel ``c`` is the concatenation's channel
+        ``p * part_ch + c`` of part ``p``; a pair of halves read as one word is the packed operand's
+        word (:func:`pack_halves`)."""
+        return (self.batch, self.height, self.width, self.part_ch)
 
     def act_shape(self, variant: str) -> tuple[int, ...]:
         hp, wp = self.padded_hw
@@ -896,6 +922,32 @@ def _a_src(shape, cfg, m0, ks, idx):
     return n, h + kh, w + kw, cb * 4 + k % 4
 
 
+def _a_part(shape, index):
+    """(part, index into that part's words) of word ``index`` = (n, y, x, word) of the
+    concatenated operand of an input split in ``shape.parts`` (word ``w`` of a pixel is word
+    ``w % (part_ch / 2)`` of part ``w // (part_ch / 2)``)."""
+    n, y, x, word = index
+    per_part = shape.part_ch // 2
+    return word // per_part, (n, y, x, word % per_part)
+
+
+def _a_load(shape, srcs, index):
+    """The kernel's load of activation word ``index`` (:func:`_a_src`) from ``srcs``: the packed
+    operand, or for split inputs the fp16 parts, a pair of halves read as one 32-bit word from
+    the part :func:`_a_part` names (a K chunk lies in one part: the branch is uniform per step)."""
+    if shape.parts == 1:
+        return srcs[0][index]
+    part, (n, y, x, word) = _a_part(shape, index)
+
+    def pair(p):
+        return T.reinterpret("uint32", srcs[p][n, y, x, T.Ramp(2 * word, 1, 2)])
+
+    value = pair(shape.parts - 1)
+    for p in range(shape.parts - 2, -1, -1):
+        value = T.if_then_else(part == p, pair(p), value)
+    return value
+
+
 def _b_src(shape, cfg, o0, ks, idx):
     """Index into the weight words of word ``idx`` of the B stage of step ``ks``, for the block
     whose output channels start at ``o0``."""
@@ -923,7 +975,10 @@ def _mma_compute(
     per_word = 32 // bits
     mask, sign = (1 << bits) - 1, 1 << (bits - 1)
     s.check(variant)
-    A = te.placeholder(s.act_shape(variant), "uint32", name="A")
+    if s.parts == 1:
+        acts = [te.placeholder(s.act_shape(variant), "uint32", name="A")]
+    else:
+        acts = [te.placeholder(s.part_shape, "float16", name=f"A{p or ''}") for p in range(s.parts)]
     Wt = te.placeholder(s.weight_shape(variant), "uint32", name="W")
     kh = te.reduce_axis((0, s.kernel), "kh")
     kw = te.reduce_axis((0, s.kw_taps), "kw")
@@ -937,10 +992,19 @@ def _mma_compute(
         v = v.astype("int32")
         return v - ((v & sign) << 1) if signed else v
 
+    def activation(n, y, x, cw, ci):  # element ci of word cw of pixel (y, x) of the operand
+        if s.parts == 1:
+            return element(acts[0][n, y, x, cw], ci, act_signed)
+        c = 2 * cw + ci  # a 1x1 conv of concatenated fp16 parts (y, x: the pixel itself)
+        value = acts[-1][n, y, x, c % s.part_ch]
+        for p in range(s.parts - 2, -1, -1):
+            value = tvm.tirx.if_then_else(c // s.part_ch == p, acts[p][n, y, x, c % s.part_ch], value)
+        return value.astype("float32")
+
     out = te.compute(
         s.out_shape(variant),
         lambda n, h, w, o: te.sum(
-            element(A[n, h + kh, w + kw, cw], ci, act_signed) * element(Wt[o, kh * s.kw_taps + kw, cw], ci, True),
+            activation(n, h + kh, w + kw, cw, ci) * element(Wt[o, kh * s.kw_taps + kw, cw], ci, True),
             axis=[kh, kw, cw, ci],
         ),
         name="conv" if epilogue is None else "acc",
@@ -960,7 +1024,7 @@ def _mma_compute(
     if base_epilogue(epilogue) == "f16":
         acc = out
         out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], n, h, w, o), name="conv")
-        return te.create_prim_func([A, Wt, *([B] if relu else []), out])
+        return te.create_prim_func([*acts, Wt, *([B] if relu else []), out])
     if epilogue in DEQUANT_EPILOGUES:
         acc = out
         RS = te.placeholder((s.batch,), "float32", name="RS")
@@ -979,8 +1043,8 @@ def _mma_compute(
             name="conv",
         )
         extra = [B] if relu else []
-        return te.create_prim_func([A, Wt, RS, RZ, CS, CW, WS, *extra, *([R] if res else []), out])
-    return te.create_prim_func([A, Wt, out])
+        return te.create_prim_func([*acts, Wt, RS, RZ, CS, CW, WS, *extra, *([R] if res else []), out])
+    return te.create_prim_func([*acts, Wt, out])
 
 
 #: the parts of x that the channel blocks of a split f16mma operand hold: hi = fp16(x), lo =
@@ -1071,7 +1135,9 @@ def _mma_primfunc(
     else:
         a_ty, b_ty = ("int8" if act_signed else "uint8"), "int8"
     mma_shape = cfg.mma_shape
-    a_shape, w_shape, o_shape = s.act_shape(variant), s.weight_shape(variant), s.out_shape(variant)
+    w_shape, o_shape = s.weight_shape(variant), s.out_shape(variant)
+    # the activation operand: packed words, or the fp16 parts A, A1, .. of a split input
+    a_shape, a_dtype = (s.act_shape(variant), "uint32") if s.parts == 1 else (s.part_shape, "float16")
 
     relu, res = epilogue in RELU_EPILOGUES, epilogue in RESIDUAL_EPILOGUES
 
@@ -1100,7 +1166,7 @@ def _mma_primfunc(
     ws_shape = window_term_shape(s, epilogue)
 
     @T.macro
-    def tile(A, W, conv, eps, bx, ty, lane):
+    def tile(srcs, W, conv, eps, bx, ty, lane):
         # one block's tile: double-buffered staging, the mma steps and the stored outputs
         a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
         b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
@@ -1115,9 +1181,9 @@ def _mma_primfunc(
             acc[i] = T.cast(0, acc_ty)
         for i in T.unroll(na):  # step 0 -> buffer 0
             if i * threads + ty * 32 + lane < a_total:
-                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = A[
-                    _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
-                ]
+                a_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = _a_load(
+                    s, srcs, _a_src(s, cfg, m0, 0, i * threads + ty * 32 + lane)
+                )
         for i in T.unroll(nb):
             if i * threads + ty * 32 + lane < b_total:
                 b_sh[_stage_dst(cfg, i * threads + ty * 32 + lane)] = W[
@@ -1128,7 +1194,7 @@ def _mma_primfunc(
             if ks + 1 < ksteps:  # the next step's tiles: global -> registers
                 for i in T.unroll(na):
                     if i * threads + ty * 32 + lane < a_total:
-                        a_next[i] = A[_a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane)]
+                        a_next[i] = _a_load(s, srcs, _a_src(s, cfg, m0, ks + 1, i * threads + ty * 32 + lane))
                 for i in T.unroll(nb):
                     if i * threads + ty * 32 + lane < b_total:
                         b_next[i] = W[_b_src(s, cfg, o0, ks + 1, i * threads + ty * 32 + lane)]
@@ -1187,7 +1253,7 @@ def _mma_primfunc(
 
     # one signature with every epilogue operand; the kernel keeps the ones its epilogue reads
     # (the block reads only those, so the others are unused parameters and are dropped)
-    kept = {"A", "W", "conv"}
+    kept = {"A", "W", "conv", *(f"A{p}" for p in range(1, s.parts))}
     kept |= {"RS", "RZ", "CS", "CW", "WS"} if epilogue in DEQUANT_EPILOGUES else set()
     kept |= {"B"} if relu else set()
     kept |= {"R"} if res else set()
@@ -1197,7 +1263,10 @@ def _mma_primfunc(
 
     @T.prim_func(s_tir=True)
     def main(
-        A: T.Buffer(a_shape, "uint32"),
+        A: T.Buffer(a_shape, a_dtype),
+        A1: T.Buffer(a_shape, a_dtype),
+        A2: T.Buffer(a_shape, a_dtype),
+        A3: T.Buffer(a_shape, a_dtype),
         W: T.Buffer(w_shape, "uint32"),
         RS: T.Buffer((s.batch,), "float32"),
         RZ: T.Buffer((s.batch,), "int32"),
@@ -1214,9 +1283,9 @@ def _mma_primfunc(
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
                     with T.sblock("block_tile"):
-                        T.reads(whole(A, W, RS, RZ, CS, CW, WS, B, R))
+                        T.reads(whole(A, A1, A2, A3, W, RS, RZ, CS, CW, WS, B, R))
                         T.writes(conv[:, :, :, :])
-                        tile(A, W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
+                        tile((A, A1, A2, A3), W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
 
     main = tvm.tirx.PrimFunc([p for p in main.params if p.name in kept], main.body, main.ret_type, main.attrs)
     return main.with_attr("global_symbol", f"conv2d_{variant}")
@@ -1291,12 +1360,17 @@ def emulate_mma(
     hardware's agreement with our reading of the ISA, or the barriers. ``epilogue`` replays the
     kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS,
     then the bias of a "_relu" form and the residual of a "_res_relu" form),
-    with the element (n, o) that :func:`_c_index` gives it: fp16 output."""
+    with the element (n, o) that :func:`_c_index` gives it: fp16 output. For a shape of
+    ``parts`` > 1, ``a_words`` is the list of fp16 NHWC parts (:attr:`Conv2dCudaShape.part_shape`)."""
     _check_epilogue(variant, epilogue)
     cfg = mma_config(shape, variant)
     gm, gn = _grid(shape, cfg)
     lane, tid = np.arange(32), np.arange(cfg.threads)
-    a_words, w_words = np.asarray(a_words, np.uint32), np.asarray(w_words, np.uint32)
+    if shape.parts == 1:
+        a_words = np.asarray(a_words, np.uint32)
+    else:  # the fp16 parts, each pair of halves read as one word, as the kernel does
+        a_words = [np.ascontiguousarray(p, np.float16).view(np.uint32) for p in a_words]
+    w_words = np.asarray(w_words, np.uint32)
     acc_kind = np.float32 if variant in FLOAT_VARIANTS else np.int64
     out = np.zeros(shape.out_shape(variant), acc_kind if epilogue is None else np.float32)
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
@@ -1309,7 +1383,9 @@ def emulate_mma(
             for i in range(cfg.a_loads):
                 idx = i * cfg.threads + tid
                 idx = idx[idx < cfg.bm * cfg.kw]
-                a_sh[(ks % 2) * a_buf + _stage_dst(cfg, idx)] = a_words[_a_src(shape, cfg, m0, ks, idx)]
+                a_sh[(ks % 2) * a_buf + _stage_dst(cfg, idx)] = _gather_words(
+                    shape, a_words, _a_src(shape, cfg, m0, ks, idx)
+                )
             for i in range(cfg.b_loads):
                 idx = i * cfg.threads + tid
                 idx = idx[idx < cfg.bn * cfg.kw]
@@ -1345,6 +1421,20 @@ def emulate_mma(
                             acc[ty, mi, ni, :, r], _c_index(shape, m, o, lane, r), epilogue, epilogue_args
                         )
     return out if epilogue is None else out.astype(np.float16)
+
+
+def _gather_words(shape: Conv2dCudaShape, a_words, index) -> np.ndarray:
+    """The replay of :func:`_a_load`: the words at ``index`` of the packed operand, or of the
+    parts (a list of word views) that :func:`_a_part` names."""
+    if shape.parts == 1:
+        return a_words[index]
+    part, inner = _a_part(shape, index)
+    part = np.broadcast_to(part, np.broadcast(*inner).shape)
+    words = np.zeros(part.shape, np.uint32)
+    for p, source in enumerate(a_words):
+        taken = part == p
+        words[taken] = source[tuple(np.broadcast_to(i, part.shape)[taken] for i in inner)]
+    return words
 
 
 def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndarray, ...]) -> np.ndarray:

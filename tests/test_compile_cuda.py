@@ -433,6 +433,62 @@ def test_bias_relu_folds_into_the_conv_kernel():
     np.testing.assert_allclose(got_mean, want.mean(axis=(2, 3)), rtol=2e-3, atol=2e-3)
 
 
+def test_one_by_one_conv_reads_concatenated_parts_in_place():
+    """CARN's cascade: a 1x1 conv of ``concat((a, concat((b, c))))`` where a and b are ReLU'd
+    conv outputs (fp16 NHWC kernel outputs) and c is not. The kernel reads a and b in place and
+    c from one fp16 NHWC copy: no kernel concatenates or packs. The output against a float64
+    numpy computation with the same fp16 roundings."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 16, 8, 8)).astype(np.float32)
+    wa, wb = ((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32) for _ in range(2))
+    ba, bb_ = (rng.uniform(-0.3, 0.3, (1, 16, 1, 1)).astype(np.float32) for _ in range(2))
+    w1 = (rng.standard_normal((8, 48, 1, 1)) / 7).astype(np.float32)
+    builder = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+    op = relax.op
+    with builder.function("main", [xv]):
+        with builder.dataflow():
+            emit = builder.emit
+            a = emit(
+                op.nn.relu(emit(op.add(emit(op.nn.conv2d(xv, relax.const(wa), padding=[1] * 4)), relax.const(ba))))
+            )
+            b = emit(
+                op.nn.relu(emit(op.add(emit(op.nn.conv2d(xv, relax.const(wb), padding=[1] * 4)), relax.const(bb_))))
+            )
+            c = emit(op.add(xv, relax.const(np.float32(1))))
+            cat = emit(op.concat([a, emit(op.concat([b, c], axis=1))], axis=1))
+            y = builder.emit_output(emit(op.nn.conv2d(cat, relax.const(w1))))
+        builder.emit_func_output(y)
+    table = [{"act_bits": 32, "module": "body"}] * 3
+    mod, result = cb.rewrite_qdq_convs_cuda(builder.get(), table, twin=True)
+    assert result.input_parts == {2: {"parts": 3, "in_place": 2}} and sorted(result.relu_folded) == [0, 1]
+    calls = _call_tir_names(fuse_ops(mod))
+    assert not any("concatenate" in c for c in calls), calls
+    assert sum("f16pack" in c for c in calls) <= 2, calls  # x, for the two 3x3 convs: nothing packs cat
+    assert sum(c.startswith("fconv_f16mma") for c in calls) == 3
+    exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    def f16(v):
+        return np.asarray(v, np.float32).astype(np.float16).astype(np.float64)
+
+    xp = np.pad(f16(x), ((0, 0), (0, 0), (1, 1), (1, 1)))
+
+    def conv3(w):
+        return sum(
+            np.einsum("nchw,oc->nohw", xp[:, :, i : i + 8, j : j + 8], f16(w)[:, :, i, j])
+            for i in range(3)
+            for j in range(3)
+        )
+
+    parts = [f16(np.maximum(conv3(wa) + ba, 0)), f16(np.maximum(conv3(wb) + bb_, 0)), f16(x + np.float32(1))]
+    want = np.einsum("nchw,oc->nohw", np.concatenate(parts, axis=1), f16(w1)[:, :, 0, 0])
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
 def test_nested_concats_flatten():
     """CARN's cascade: each concatenation extends the previous one. Flattened, every concat reads
     the parts (no concat of a concat) and the outputs equal numpy's concatenations."""

@@ -710,6 +710,86 @@ def test_f16_relu_epilogue_replay_and_twin_match_reference():
     assert replay.dtype == np.float16 and close.all()
 
 
+def split_operands(shape, seed=0):
+    """Random fp16 NHWC parts of ``shape`` and OIHW weights; the NCHW fp32 concatenation of the parts."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal(shape.part_shape).astype(np.float16) for _ in range(shape.parts)]
+    w = rng.standard_normal((shape.out_ch, shape.in_ch, 1, 1)).astype(np.float32)
+    return parts, w, np.concatenate(parts, axis=3).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("parts, part_ch", [(2, 64), (3, 16), (4, 8)])
+def test_f16mma_input_parts_replay_and_twin_match_reference(parts, part_ch):
+    """A 1x1 f16mma conv reading its input as fp16 NHWC parts in place (each pair of halves one
+    word): the replay of the kernel's loads against the numpy fp16 conv of the concatenation
+    (within the fp32 summation-order bound) and, word for word, against the replay of the packed
+    concatenation; the LLVM twin equal to the reference exactly (same loop order)."""
+    s = cc.Conv2dCudaShape(2, parts * part_ch, 16, 4, 8, kernel=1, parts=parts)
+    ps, w, x = split_operands(s, seed=parts)
+    wp = cc.pack_weights_f16(w)
+    want = f16_reference(x, w)
+    bound = f16_reference(np.abs(x), np.abs(w))
+    got = cc.unpack_output(cc.emulate_mma(s, ps, wp, False, "f16mma"), "f16mma")
+    assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-30)
+    packed = cc.Conv2dCudaShape(2, parts * part_ch, 16, 4, 8, kernel=1)
+    np.testing.assert_array_equal(
+        got, cc.unpack_output(cc.emulate_f16mma(packed, cc.pack_activations_f16(x, 1), wp), "f16mma")
+    )
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    twin = build_kernel("parts_twin", cc.COMPUTES["f16mma"](s, False), parts + 1, target={"kind": "llvm"})
+    out = twin(*ps, wp)
+    out = out.numpy() if hasattr(out, "numpy") else out
+    np.testing.assert_array_equal(cc.unpack_output(out, "f16mma"), want)
+
+
+def test_f16mma_input_parts_replay_detects_a_wrong_part_mapping(monkeypatch):
+    """Negative controls: the parts passed in another order, and the kernel's part index off by
+    one (each word read from the next part), must each move the replay far from the reference."""
+    s = cc.Conv2dCudaShape(2, 96, 16, 4, 8, kernel=1, parts=3)
+    ps, w, x = split_operands(s, seed=5)
+    wp = cc.pack_weights_f16(w)
+    want = f16_reference(x, w)
+    swapped = cc.unpack_output(cc.emulate_mma(s, [ps[1], ps[0], ps[2]], wp, False, "f16mma"), "f16mma")
+    assert np.abs(swapped - want).max() > 0.1
+
+    right = cc._a_part
+
+    def next_part(shape, index):
+        part, inner = right(shape, index)
+        return (part + 1) % shape.parts, inner
+
+    monkeypatch.setattr(cc, "_a_part", next_part)
+    got = cc.unpack_output(cc.emulate_mma(s, ps, wp, False, "f16mma"), "f16mma")
+    assert np.abs(got - want).max() > 0.1
+
+
+def test_input_parts_shape_checks():
+    with pytest.raises(ValueError, match="1x1"):
+        cc.Conv2dCudaShape(2, 128, 16, 4, 8, kernel=3, parts=2)
+    with pytest.raises(ValueError, match="parts must be"):
+        cc.Conv2dCudaShape(2, 128, 16, 4, 8, kernel=1, parts=cc.MAX_PARTS + 1)
+    with pytest.raises(ValueError, match="f16mma"):
+        cc.Conv2dCudaShape(2, 128, 16, 4, 8, kernel=1, parts=2).check("s8mma")
+    with pytest.raises(ValueError, match="whole K chunks"):
+        cc.Conv2dCudaShape(2, 24, 16, 4, 8, kernel=1, parts=2).check("f16mma")  # 12 channels a part
+
+
+@needs_nvcc
+def test_f16mma_input_parts_build_for_cuda():
+    """The split-input kernel through nvcc: fp16 parts as parameters, each pair of halves loaded
+    as one 32-bit word (no 16-bit global loads), the f16 mma, no local memory."""
+    s = cc.Conv2dCudaShape(2, 128, 16, 4, 8, kernel=1, parts=2)
+    exe = cuda_toolchain.build_cuda(cc.conv2d_f16mma_primfunc(s, epilogue="f16_relu"), "sm_80")
+    source = cuda_toolchain.build_info(exe).source
+    assert "half* __restrict__ A_ptr, half* __restrict__ A1_ptr" in source
+    ptx = cuda_toolchain.device_code(exe)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert re.search(r"ld\.global(?:\.nc)?\.(?:u32|b32)", ptx)
+    assert not re.search(r"ld\.global(?:\.nc)?\.(?:u16|b16)", ptx)
+    assert "ld.local" not in ptx and "st.local" not in ptx
+
+
 @needs_nvcc
 @pytest.mark.parametrize(
     "variant, epilogue", [("s8mma", "dequant_ws_relu"), ("s8mma", "dequant_ws_res_relu"), ("f16mma", "f16_relu")]

@@ -528,6 +528,7 @@ class _CudaRewriter(PyExprMutator):
         self.old_bindings = bound_values(func)
         self.old_readers = _reader_counts(func)
         self.foldable: dict[relax.Var, _FoldableOutput] = {}
+        self.part_copies: dict[relax.Expr, relax.Var] = {}  # concatenated tensor -> its fp16 NHWC copy
 
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         old = call
@@ -702,15 +703,15 @@ class _CudaRewriter(PyExprMutator):
         if (h + pads[0] + pads[2], wd + pads[1] + pads[3]) != s.padded_hw:
             self.result.f16_fallback[report.index] = f"padding {pads} does not give the padded input {s.padded_hw}"
             return call
-        key = ("pack", n, c, h, wd, pads, s.in_ch, plan.split)
-        if key not in self.kernels:
-            name = f"f16pack_{len(self.kernels)}"
-            prim = cc.f16_pack_compute(n, c, h, wd, pads, s.in_ch, plan.split).with_attr("global_symbol", name)
-            self.kernels[key] = self.builder_.add_func(prim, name)
-        packed = emit(relax.call_tir(self.kernels[key], [x], relax.TensorType(s.act_shape("f16mma"), "uint32")))
+        split = self._input_parts(x, plan) if not any(pads) else None
+        if split is not None:  # a 1x1 conv of a concatenation: the kernel reads the parts in place
+            kernel_shape, operands = split
+        else:
+            kernel_shape, operands = s, [self._f16_pack(x, plan, pads)]
         weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
         out_ty = relax.TensorType(s.out_shape("f16mma"), cc.out_dtype("f16mma", plan.epilogue))
-        part = emit(relax.call_tir(self._kernel(s, "f16mma", plan.epilogue), [packed, weights], out_ty))
+        kernel = self._kernel(kernel_shape, "f16mma", plan.epilogue)
+        part = emit(relax.call_tir(kernel, [*operands, weights], out_ty))
         if plan.epilogue:  # fp16 sums (partial sums: added in fp32 by the shift-add)
             part = emit(op.astype(part, "float32"))
         y = self._unfold(part, plan)
@@ -726,8 +727,76 @@ class _CudaRewriter(PyExprMutator):
         self.result.roofline[report.index] = roofline(plan.epilogue)  # = plan.roofline() + the fp16 layer
         out = emit(op.permute_dims(y, [0, 3, 1, 2]))
         if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
-            self.foldable[out] = _FoldableOutput(report.index, s, "f16mma", plan.epilogue, [packed, weights], roofline)
+            args = [*operands, weights]
+            self.foldable[out] = _FoldableOutput(report.index, kernel_shape, "f16mma", plan.epilogue, args, roofline)
+        if split is not None:
+            in_place = sum(not self._is_part_copy(v) for v in operands)
+            self.result.input_parts[report.index] = {"parts": len(operands), "in_place": in_place}
         return out
+
+    def _f16_pack(self, x: relax.Expr, plan: FloatConvPlan, pads: tuple[int, ...]) -> relax.Expr:
+        """The f16mma operand of NCHW fp32 ``x``: one kernel converts, pads and packs it."""
+        s = plan.shape
+        n, c, h, wd = (int(v) for v in x.ty.shape)
+        key = ("pack", n, c, h, wd, pads, s.in_ch, plan.split)
+        if key not in self.kernels:
+            name = f"f16pack_{len(self.kernels)}"
+            prim = cc.f16_pack_compute(n, c, h, wd, pads, s.in_ch, plan.split).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder_.add_func(prim, name)
+        return self.builder_.emit(
+            relax.call_tir(self.kernels[key], [x], relax.TensorType(s.act_shape("f16mma"), "uint32"))
+        )
+
+    def _concat_leaves(self, x: relax.Expr) -> list[relax.Expr]:
+        """The tensors whose channel concatenation ``x`` is, through nested concatenations."""
+        value = self._bound(x)
+        if (
+            isinstance(value, relax.Call)
+            and _op_name(value) == "relax.concat"
+            and isinstance(value.args[0], relax.Tuple)
+            and int(value.attrs.axis) == 1
+        ):
+            return [leaf for field_ in value.args[0].fields for leaf in self._concat_leaves(field_)]
+        return [x]
+
+    def _input_parts(self, x: relax.Expr, plan: FloatConvPlan) -> tuple[cc.Conv2dCudaShape, list] | None:
+        """(kernel shape, fp16 NHWC parts) when ``x`` of a 1x1 conv is a channel concatenation of
+        2 to :data:`~...kernels.conv2d_cuda.MAX_PARTS` tensors of equal, whole-chunk widths: each
+        part an fp16 NHWC kernel output that ``x`` only widens (read in place, no copy), or else
+        the part rounded to fp16 NHWC (the rounding the pack does; FuseOps places it). The
+        concatenation is then never packed: the kernel reads each K chunk from its part."""
+        if plan.kernel != 1 or plan.split != 1 or plan.folding != "none":
+            return None
+        leaves = self._concat_leaves(x)
+        if not 2 <= len(leaves) <= cc.MAX_PARTS or len({int(v.ty.shape[1]) for v in leaves}) != 1:
+            return None
+        shape = dataclasses.replace(plan.shape, parts=len(leaves))
+        try:
+            shape.check("f16mma")
+        except ValueError:
+            return None
+        if shape.in_ch != sum(int(v.ty.shape[1]) for v in leaves):
+            return None
+        parts = []
+        for leaf in leaves:
+            view = fp16_view(leaf, self._bound) if isinstance(leaf, relax.Var) else None
+            if (
+                view is not None
+                and view[1] == [0, 3, 1, 2]
+                and tuple(int(d) for d in view[0].ty.shape) == shape.part_shape
+            ):
+                parts.append(view[0])
+            else:  # one copy a tensor, whichever convs read it
+                if leaf not in self.part_copies:
+                    copy = relax.op.astype(relax.op.permute_dims(leaf, [0, 2, 3, 1]), "float16")
+                    self.part_copies[leaf] = self.builder_.emit(copy)
+                parts.append(self.part_copies[leaf])
+        return shape, parts
+
+    def _is_part_copy(self, part: relax.Expr) -> bool:
+        """Whether an input part is a rounded copy (:meth:`_input_parts`), not a kernel's output."""
+        value = self._bound(part)
+        return isinstance(value, relax.Call) and _op_name(value) == "relax.astype"
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
         """NHWC ``[N][H][W][O]`` conv output from the kernel's partial sums (see :class:`FloatConvPlan`):
@@ -984,6 +1053,9 @@ class CudaConvResult(QDQConvResult):
     f16_fallback: dict[int, str] = field(default_factory=dict)  # full-precision conv index -> why not f16mma
     half_tensors: int = 0  # activations the kernels pass each other in fp16 (:func:`.half_storage.store_half`)
     relu_folded: list[int] = field(default_factory=list)  # conv indices whose bias add and ReLU run in the kernel
+    # 1x1 conv index -> {"parts": tensors whose concatenation it reads in place, "in_place": how
+    # many of them are kernel outputs read without a copy}
+    input_parts: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 def rewrite_qdq_convs_cuda(
@@ -1227,6 +1299,7 @@ class CudaGraphBuild:
             "refer_warps": self.refer_warps,
             "half_tensors": self.result.half_tensors,
             "relu_epilogues": sorted(self.result.relu_folded),
+            "input_parts": {str(i): v for i, v in sorted(self.result.input_parts.items())},
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
