@@ -911,6 +911,53 @@ def _c_index(shape, m0, o0, lane, reg):
     return n, h, w, o0 + 2 * (lane % 4) + reg % 2
 
 
+def shuffle_out_shape(shape: Conv2dCudaShape, pad: int) -> tuple[int, int, int, int]:
+    """The words a pixel-shuffle store writes: the next conv's packed fp16 operand
+    ``[N][2H + 2*pad][2W + 2*pad][out_ch / 8]`` (``out_ch / 4`` channels after the shuffle)."""
+    return (shape.batch, 2 * shape.height + 2 * pad, 2 * shape.width + 2 * pad, shape.out_ch // 8)
+
+
+def shuffle_channel_order(out_ch: int) -> np.ndarray:
+    """The conv's output channel each kernel channel computes under a pixel-shuffle store: kernel
+    channel ``o = s*C + c`` (``C = out_ch / 4``, sub-pixel ``s = 2*dy + dx``) is the conv's channel
+    ``4*c + s`` (PixelShuffle / DepthToSpace CRD order). Two neighbouring kernel channels are then
+    neighbouring channels of one output pixel: a lane's accumulator pair is one 32-bit word."""
+    o = np.arange(out_ch)
+    return (o % (out_ch // 4)) * 4 + o // (out_ch // 4)
+
+
+def _shuffle_index(shape, pad, idx):
+    """Word (n, Y, X, word) that output element ``idx`` = (n, h, w, o) (kernel channel order,
+    :func:`shuffle_channel_order`) goes to, in half ``o % 2`` of the word."""
+    n, h, w, o = idx
+    quarter = shape.out_ch // 4
+    sub, c = o // quarter, o % quarter
+    return n, 2 * h + sub // 2 + pad, 2 * w + sub % 2 + pad, c // 2
+
+
+def _shuffle_border(shape, pad, dst, j, select):
+    """((y check, x check), where): the word ``where`` next to the word ``dst`` that a
+    pixel-shuffle store writes, neighbour ``j`` (0..7 of the 8 around it), is a border word (the
+    next conv's zero padding, pad 1) that this store also zeroes when both checks hold: each
+    border word is written once, by the store of the interior pixel nearest to it. ``select``:
+    ``T.Select`` in the kernel, ``np.where`` in the replay."""
+    n, y, x, word = dst
+    k = j + j // 4  # 0..8 without the centre
+    dy, dx = k // 3 - 1, k % 3 - 1
+    last_y, last_x = 2 * shape.height + pad - 1, 2 * shape.width + pad - 1
+    y_at = select(dy < 0, pad, select(dy > 0, last_y, y))
+    x_at = select(dx < 0, pad, select(dx > 0, last_x, x))
+    return (y == y_at, x == x_at), (n, y + dy, x + dx, word)
+
+
+def _acc_index(shape, cfg, m0, o0, ty, lane, cr):
+    """Output element of accumulator ``cr`` of warp ``ty``'s ``mt x nt`` tiles in the block at
+    (``m0``, ``o0``): tile (cr // (4*nt), cr // 4 % nt), register cr % 4 (:func:`_c_index`)."""
+    m = m0 + (ty // cfg.bg) * 16 * cfg.mt + 16 * (cr // (4 * cfg.nt))
+    o = o0 + (ty % cfg.bg) * 8 * cfg.nt + 8 * (cr // 4 % cfg.nt)
+    return _c_index(shape, m, o, lane, cr % 4)
+
+
 def _a_src(shape, cfg, m0, ks, idx):
     """Index into the activation words of word ``idx`` (row ``idx // kw``, word ``idx % kw``) of
     the A stage of step ``ks``, for the block whose pixels start at ``m0``. Word ``k`` of a row
@@ -962,15 +1009,22 @@ def _stage_dst(cfg, idx):
 
 
 def _mma_compute(
-    shape: Conv2dCudaShape, variant: str, act_signed: bool, epilogue: str | None = None
+    shape: Conv2dCudaShape,
+    variant: str,
+    act_signed: bool,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """The twin of a tensor-core variant ``main(A, W, conv)``: the same packed words, elements
     unpacked with shifts (fp16 halves reinterpreted and widened to fp32: the products of two
     halves are exact in fp32, the sums are fp32, as the tensor cores' ``.f32`` accumulators).
     With ``epilogue`` "f16" the sums are rounded to fp16; with "dequant" / "dequant_ws" it is
     ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`); a "_relu"
-    form takes a bias ``B`` before ``conv``, a "_res_relu" form ``B`` and a residual ``R``."""
+    form takes a bias ``B`` before ``conv``, a "_res_relu" form ``B`` and a residual ``R``. With
+    ``shuffle_pad`` the fp16 values go to the words a pixel-shuffle store writes
+    (:func:`conv2d_f16mma_primfunc`), the border words 0."""
     _check_epilogue(variant, epilogue)
+    _check_shuffle(shape, variant, epilogue, shuffle_pad)
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
     mask, sign = (1 << bits) - 1, 1 << (bits - 1)
@@ -1021,6 +1075,22 @@ def _mma_compute(
             v = te.max(v, tvm.tirx.const(0.0, "float32"))
         return v.astype("float16")
 
+    if base_epilogue(epilogue) == "f16" and shuffle_pad is not None:
+        acc, pad, quarter = out, shuffle_pad, s.out_ch // 4
+
+        def half_bits(n, h, w, o):
+            return tvm.tirx.reinterpret("uint16", finish(acc[n, h, w, o], n, h, w, o)).astype("uint32")
+
+        def word(n, y, x, cw):  # word cw of pixel (y, x) of the padded, shuffled map
+            inside = tvm.tirx.all(y >= pad, y < 2 * s.height + pad, x >= pad, x < 2 * s.width + pad)
+            yy = te.min(te.max(y - pad, 0), 2 * s.height - 1)
+            xx = te.min(te.max(x - pad, 0), 2 * s.width - 1)
+            o = ((yy % 2) * 2 + xx % 2) * quarter + 2 * cw
+            value = half_bits(n, yy // 2, xx // 2, o) | (half_bits(n, yy // 2, xx // 2, o + 1) << 16)
+            return tvm.tirx.if_then_else(inside, value, tvm.tirx.const(0, "uint32"))
+
+        out = te.compute(shuffle_out_shape(s, pad), word, name="conv")
+        return te.create_prim_func([*acts, Wt, *([B] if relu else []), out])
     if base_epilogue(epilogue) == "f16":
         acc = out
         out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], n, h, w, o), name="conv")
@@ -1088,10 +1158,10 @@ def f16_pack_compute(
 
 
 def conv2d_f16_compute(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, shuffle_pad: int | None = None
 ) -> tvm.tirx.PrimFunc:
     """The f16 twin ``main(A, W, conv)``: the same packed fp16 pairs, fp32 products and sums."""
-    return _mma_compute(shape, "f16mma", act_signed, epilogue)
+    return _mma_compute(shape, "f16mma", act_signed, epilogue, shuffle_pad)
 
 
 def conv2d_s4_compute(
@@ -1108,8 +1178,39 @@ def conv2d_s8_compute(
     return _mma_compute(shape, "s8mma", act_signed, epilogue)
 
 
+def _check_shuffle(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None) -> None:
+    if pad is None:
+        return
+    if variant != "f16mma" or base_epilogue(epilogue) != "f16" or pad != 1 or shape.out_ch % 8:
+        raise ValueError(
+            "a pixel-shuffle store needs f16mma, an fp16 epilogue, pad 1 and out_ch % 8 == 0, "
+            f"got {variant}, {epilogue}, pad {pad}, {shape.out_ch} channels"
+        )
+
+
+def _pair_word(lo, hi):
+    """Two fp16 values as one word, ``lo`` in bits 0..15 (:func:`pack_halves`)."""
+    return T.bitwise_or(
+        T.Cast("uint32", T.reinterpret("uint16", lo)),
+        T.shift_left(T.Cast("uint32", T.reinterpret("uint16", hi)), T.uint32(16)),
+    )
+
+
+def _border_if(shape, pad, dst, j):
+    (y_check, x_check), _ = _shuffle_border(shape, pad, dst, j, T.Select)
+    return T.And(y_check, x_check)
+
+
+def _border_at(shape, pad, dst, j):
+    return _shuffle_border(shape, pad, dst, j, T.Select)[1]
+
+
 def _mma_primfunc(
-    shape: Conv2dCudaShape, variant: str, act_signed: bool, epilogue: str | None = None
+    shape: Conv2dCudaShape,
+    variant: str,
+    act_signed: bool,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """A CUDA implicit-GEMM conv on tensor cores. Per mma step the block's threads copy the A and
     B tiles of the *next* step from global memory into registers, run the current step's mmas on
@@ -1121,6 +1222,7 @@ def _mma_primfunc(
     (per-sample scale and zero point, per-output-channel weight sum and scale, per-pixel window
     term) and write fp16; a "_relu" form takes the bias ``B`` before ``conv``."""
     _check_epilogue(variant, epilogue)
+    _check_shuffle(shape, variant, epilogue, shuffle_pad)
     s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
     gm, gn = _grid(s, cfg)
@@ -1138,6 +1240,9 @@ def _mma_primfunc(
     w_shape, o_shape = s.weight_shape(variant), s.out_shape(variant)
     # the activation operand: packed words, or the fp16 parts A, A1, .. of a split input
     a_shape, a_dtype = (s.act_shape(variant), "uint32") if s.parts == 1 else (s.part_shape, "float16")
+    # the output: NHWC elements, or with a pixel-shuffle store the next conv's packed words
+    shuffle = shuffle_pad is not None
+    c_shape, c_dtype = (shuffle_out_shape(s, shuffle_pad), "uint32") if shuffle else (o_shape, store_ty)
 
     relu, res = epilogue in RELU_EPILOGUES, epilogue in RESIDUAL_EPILOGUES
 
@@ -1230,26 +1335,29 @@ def _mma_primfunc(
                     if i * threads + ty * 32 + lane < b_total:
                         b_sh[((ks + 1) % 2) * b_buf + _stage_dst(cfg, i * threads + ty * 32 + lane)] = b_next[i]
             T.tvm_storage_sync("shared")
-        for cr in T.unroll(mt * nt * 4):
-            conv[
-                _c_index(
-                    s,
-                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                    lane,
-                    cr % 4,
+        if shuffle:  # accumulator pairs (columns 2t, 2t+1: neighbouring channels) as words
+            for cp in T.unroll(mt * nt * 2):
+                conv[_shuffle_index(s, shuffle_pad, _acc_index(s, cfg, m0, o0, ty, lane, 2 * cp))] = _pair_word(
+                    _store(acc[2 * cp], _acc_index(s, cfg, m0, o0, ty, lane, 2 * cp), eps),
+                    _store(acc[2 * cp + 1], _acc_index(s, cfg, m0, o0, ty, lane, 2 * cp + 1), eps),
                 )
-            ] = _store(
-                acc[cr],
-                _c_index(
-                    s,
-                    m0 + (ty // bg) * 16 * mt + 16 * (cr // (4 * nt)),
-                    o0 + (ty % bg) * 8 * nt + 8 * (cr // 4 % nt),
-                    lane,
-                    cr % 4,
-                ),
-                eps,
-            )
+                for j in T.unroll(8):  # the border words next to it that it owns: zero
+                    if _border_if(
+                        s, shuffle_pad, _shuffle_index(s, shuffle_pad, _acc_index(s, cfg, m0, o0, ty, lane, 2 * cp)), j
+                    ):
+                        conv[
+                            _border_at(
+                                s,
+                                shuffle_pad,
+                                _shuffle_index(s, shuffle_pad, _acc_index(s, cfg, m0, o0, ty, lane, 2 * cp)),
+                                j,
+                            )
+                        ] = T.uint32(0)
+        else:
+            for cr in T.unroll(mt * nt * 4):
+                conv[_acc_index(s, cfg, m0, o0, ty, lane, cr)] = _store(
+                    acc[cr], _acc_index(s, cfg, m0, o0, ty, lane, cr), eps
+                )
 
     # one signature with every epilogue operand; the kernel keeps the ones its epilogue reads
     # (the block reads only those, so the others are unused parameters and are dropped)
@@ -1275,7 +1383,7 @@ def _mma_primfunc(
         WS: T.Buffer(ws_shape, "int32"),
         B: T.Buffer((s.out_ch,), "float32"),
         R: T.Buffer(o_shape, "float16"),
-        conv: T.Buffer(o_shape, store_ty),
+        conv: T.Buffer(c_shape, c_dtype),
     ):
         T.func_attr({"tirx.noalias": True})
 
@@ -1306,11 +1414,13 @@ def conv2d_s8mma_primfunc(
 
 
 def conv2d_f16mma_primfunc(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, shuffle_pad: int | None = None
 ) -> tvm.tirx.PrimFunc:
     """The CUDA fp16 implicit-GEMM conv ``conv2d_f16mma(A, W, conv)`` (f16 x f16 -> f32,
-    ``m16n8k16``/``k8``); ``act_signed`` has no meaning for float operands."""
-    return _mma_primfunc(shape, "f16mma", act_signed, epilogue)
+    ``m16n8k16``/``k8``); ``act_signed`` has no meaning for float operands. With ``shuffle_pad``
+    the output is pixel-shuffled (x2, channels in :func:`shuffle_channel_order`) into the next
+    conv's packed operand with a zero border of that width (:func:`shuffle_out_shape`)."""
+    return _mma_primfunc(shape, "f16mma", act_signed, epilogue, shuffle_pad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1350,6 +1460,7 @@ def emulate_mma(
     variant: str = "s4mma",
     epilogue: str | None = None,
     epilogue_args: tuple[np.ndarray, ...] = (),
+    shuffle_pad: int | None = None,
 ) -> np.ndarray:
     """Replay the tensor-core kernel ``variant`` in numpy, block by block: the same staging into
     two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
@@ -1361,8 +1472,12 @@ def emulate_mma(
     kernel's store of each accumulator (``epilogue_args``: the integer epilogue's RS, RZ, CS, CW, WS,
     then the bias of a "_relu" form and the residual of a "_res_relu" form),
     with the element (n, o) that :func:`_c_index` gives it: fp16 output. For a shape of
-    ``parts`` > 1, ``a_words`` is the list of fp16 NHWC parts (:attr:`Conv2dCudaShape.part_shape`)."""
+    ``parts`` > 1, ``a_words`` is the list of fp16 NHWC parts (:attr:`Conv2dCudaShape.part_shape`).
+    With ``shuffle_pad`` it replays the pixel-shuffle store (:func:`_shuffle_index`, the border
+    words of :func:`_shuffle_border`) and returns the words written, 0xFFFF in any half no store
+    reached."""
     _check_epilogue(variant, epilogue)
+    _check_shuffle(shape, variant, epilogue, shuffle_pad)
     cfg = mma_config(shape, variant)
     gm, gn = _grid(shape, cfg)
     lane, tid = np.arange(32), np.arange(cfg.threads)
@@ -1373,6 +1488,8 @@ def emulate_mma(
     w_words = np.asarray(w_words, np.uint32)
     acc_kind = np.float32 if variant in FLOAT_VARIANTS else np.int64
     out = np.zeros(shape.out_shape(variant), acc_kind if epilogue is None else np.float32)
+    if shuffle_pad is not None:  # fp16 bits of the shuffled map, 0xFFFF until a store reaches them
+        halves = np.full((*shuffle_out_shape(shape, shuffle_pad)[:3], shape.out_ch // 4), 0xFFFF, np.uint16)
     a_buf, b_buf = cfg.bm * cfg.stride, cfg.bn * cfg.stride
     for bx in range(gm * gn):
         m0, o0 = _block_m0(shape, cfg, bx), _block_o0(shape, cfg, bx)
@@ -1417,9 +1534,21 @@ def emulate_mma(
                 for ni in range(cfg.nt):
                     for r in range(4):
                         m, o = m0 + wm * 16 * cfg.mt + 16 * mi, o0 + wn * 8 * cfg.nt + 8 * ni
-                        out[_c_index(shape, m, o, lane, r)] = _emulate_store(
+                        value = _emulate_store(
                             acc[ty, mi, ni, :, r], _c_index(shape, m, o, lane, r), epilogue, epilogue_args
                         )
+                        if shuffle_pad is None:
+                            out[_c_index(shape, m, o, lane, r)] = value
+                            continue
+                        dst = _shuffle_index(shape, shuffle_pad, _c_index(shape, m, o, lane, r))
+                        halves[(*dst[:3], 2 * dst[3] + r % 2)] = value.astype(np.float16).view(np.uint16)
+                        for j in range(8 if r % 2 == 0 else 0):  # a pair's store zeroes its border words
+                            (y_check, x_check), at = _shuffle_border(shape, shuffle_pad, dst, j, np.where)
+                            hit = y_check & x_check
+                            for half in (0, 1):
+                                halves[tuple(a[hit] for a in at[:3]) + (2 * at[3][hit] + half,)] = 0
+    if shuffle_pad is not None:
+        return halves.view(np.uint32)
     return out if epilogue is None else out.astype(np.float16)
 
 

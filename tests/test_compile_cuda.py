@@ -433,6 +433,43 @@ def test_bias_relu_folds_into_the_conv_kernel():
     np.testing.assert_allclose(got_mean, want.mean(axis=(2, 3)), rtol=2e-3, atol=2e-3)
 
 
+def _emit_relu_conv(builder, x, w: np.ndarray, b: np.ndarray):
+    """Emit ``relu(conv3x3(x, w) + b)`` (padding 1) into ``builder``'s dataflow block."""
+    from tvm import relax
+
+    op, emit = relax.op, builder.emit
+    return emit(op.nn.relu(emit(op.add(emit(op.nn.conv2d(x, relax.const(w), padding=[1] * 4)), relax.const(b)))))
+
+
+def _one_input_graph(shape: tuple[int, ...], body):
+    """An IRModule whose ``main(x)`` (fp32 ``shape``) returns ``body(builder, x)``'s output var."""
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(shape, "float32"))
+    with builder.function("main", [xv]):
+        with builder.dataflow():
+            out = builder.emit_output(body(builder, xv))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def _f16(v) -> np.ndarray:
+    """Rounded to fp16 (numpy, round to nearest even), as float64."""
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float64)
+
+
+def _conv3_f64(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A float64 3x3 conv (padding 1) of fp16-rounded operands."""
+    h, wd = v.shape[2:]
+    vp = np.pad(_f16(v), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    return sum(
+        np.einsum("nchw,oc->nohw", vp[:, :, i : i + h, j : j + wd], _f16(w)[:, :, i, j])
+        for i in range(3)
+        for j in range(3)
+    )
+
+
 def test_one_by_one_conv_reads_concatenated_parts_in_place():
     """CARN's cascade: a 1x1 conv of ``concat((a, concat((b, c))))`` where a and b are ReLU'd
     conv outputs (fp16 NHWC kernel outputs) and c is not. The kernel reads a and b in place and
@@ -446,24 +483,17 @@ def test_one_by_one_conv_reads_concatenated_parts_in_place():
     wa, wb = ((rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32) for _ in range(2))
     ba, bb_ = (rng.uniform(-0.3, 0.3, (1, 16, 1, 1)).astype(np.float32) for _ in range(2))
     w1 = (rng.standard_normal((8, 48, 1, 1)) / 7).astype(np.float32)
-    builder = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
     op = relax.op
-    with builder.function("main", [xv]):
-        with builder.dataflow():
-            emit = builder.emit
-            a = emit(
-                op.nn.relu(emit(op.add(emit(op.nn.conv2d(xv, relax.const(wa), padding=[1] * 4)), relax.const(ba))))
-            )
-            b = emit(
-                op.nn.relu(emit(op.add(emit(op.nn.conv2d(xv, relax.const(wb), padding=[1] * 4)), relax.const(bb_))))
-            )
-            c = emit(op.add(xv, relax.const(np.float32(1))))
-            cat = emit(op.concat([a, emit(op.concat([b, c], axis=1))], axis=1))
-            y = builder.emit_output(emit(op.nn.conv2d(cat, relax.const(w1))))
-        builder.emit_func_output(y)
+
+    def body(builder, xv):
+        emit = builder.emit
+        a, b = _emit_relu_conv(builder, xv, wa, ba), _emit_relu_conv(builder, xv, wb, bb_)
+        c = emit(op.add(xv, relax.const(np.float32(1))))
+        cat = emit(op.concat([a, emit(op.concat([b, c], axis=1))], axis=1))
+        return emit(op.nn.conv2d(cat, relax.const(w1)))
+
     table = [{"act_bits": 32, "module": "body"}] * 3
-    mod, result = cb.rewrite_qdq_convs_cuda(builder.get(), table, twin=True)
+    mod, result = cb.rewrite_qdq_convs_cuda(_one_input_graph(x.shape, body), table, twin=True)
     assert result.input_parts == {2: {"parts": 3, "in_place": 2}} and sorted(result.relu_folded) == [0, 1]
     calls = _call_tir_names(fuse_ops(mod))
     assert not any("concatenate" in c for c in calls), calls
@@ -472,20 +502,44 @@ def test_one_by_one_conv_reads_concatenated_parts_in_place():
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
-    def f16(v):
-        return np.asarray(v, np.float32).astype(np.float16).astype(np.float64)
+    parts = [_f16(np.maximum(_conv3_f64(x, w) + b, 0)) for w, b in ((wa, ba), (wb, bb_))] + [_f16(x + np.float32(1))]
+    want = np.einsum("nchw,oc->nohw", np.concatenate(parts, axis=1), _f16(w1)[:, :, 0, 0])
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
-    xp = np.pad(f16(x), ((0, 0), (0, 0), (1, 1), (1, 1)))
 
-    def conv3(w):
-        return sum(
-            np.einsum("nchw,oc->nohw", xp[:, :, i : i + 8, j : j + 8], f16(w)[:, :, i, j])
-            for i in range(3)
-            for j in range(3)
-        )
+def test_pixel_shuffle_is_stored_by_the_producing_kernel():
+    """An upsampler: ``relu(conv(x) + b)`` (16 -> 64 channels), the x2 pixel shuffle as ONNX
+    exports it (reshape, permute, reshape) and a 3x3 conv of the result. The first kernel
+    stores its output shuffled into the second conv's padded, packed operand: no kernel runs
+    between the two convs. The output against a float64 numpy computation with torch's
+    pixel_shuffle and the same fp16 roundings."""
+    import tvm
+    from tvm import relax
 
-    parts = [f16(np.maximum(conv3(wa) + ba, 0)), f16(np.maximum(conv3(wb) + bb_, 0)), f16(x + np.float32(1))]
-    want = np.einsum("nchw,oc->nohw", np.concatenate(parts, axis=1), f16(w1)[:, :, 0, 0])
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 16, 6, 8)).astype(np.float32)
+    w1 = (rng.standard_normal((64, 16, 3, 3)) / 12).astype(np.float32)
+    b1 = rng.uniform(-0.3, 0.3, (1, 64, 1, 1)).astype(np.float32)
+    w2 = (rng.standard_normal((8, 16, 3, 3)) / 12).astype(np.float32)
+    op = relax.op
+
+    def body(builder, xv):
+        emit = builder.emit
+        y = emit(op.reshape(_emit_relu_conv(builder, xv, w1, b1), [1, 16, 2, 2, 6, 8]))
+        y = emit(op.reshape(emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3])), [1, 16, 12, 16]))
+        return emit(op.nn.conv2d(y, relax.const(w2), padding=[1] * 4))
+
+    table = [{"act_bits": 32, "module": "body"}] * 2
+    mod, result = cb.rewrite_qdq_convs_cuda(_one_input_graph(x.shape, body), table, twin=True)
+    assert result.shuffle_stores == [0] and result.relu_folded == [0]
+    calls = _call_tir_names(fuse_ops(mod))
+    assert calls[1].startswith("fconv_f16mma") and calls[2].startswith("fconv_f16mma"), calls
+    exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    y = torch.nn.functional.pixel_shuffle(torch.from_numpy(_f16(np.maximum(_conv3_f64(x, w1) + b1, 0))), 2).numpy()
+    want = _conv3_f64(y, w2)
+    assert want.shape == got.shape == (1, 8, 12, 16)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
@@ -673,6 +727,14 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
         assert graph_name != "clustblock" or graph["relu_epilogues"] == []
         for i, r in roof.items():
             assert (r["epilogue"] in cc.RELU_EPILOGUES) == (int(i) in graph["relu_epilogues"])
+        # CARN: the cascade's twelve 1x1 convs read their concatenations' parts in place, and the
+        # upsampler's two convs store their outputs pixel-shuffled into the next convs' operands
+        carn = name.startswith("carn") and graph_name != "clustblock"
+        ones = [i for i, p in graph["f16mma"].items() if p["kernel_problem"][2:] == [1, 1] and p["folding"] == "none"]
+        assert sorted(graph["input_parts"], key=int) == (sorted(ones, key=int) if carn else [])
+        assert all(2 <= p["parts"] <= 4 and 0 <= p["in_place"] <= p["parts"] for p in graph["input_parts"].values())
+        assert len(graph["shuffle_stores"]) == (2 if carn else 0)
+        assert not carn or not any("concatenate" in k["kernel"] for k in traffic["other_top"])
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
         splits = []
         for i, plan in graph["f16mma"].items():

@@ -790,6 +790,79 @@ def test_f16mma_input_parts_build_for_cuda():
     assert "ld.local" not in ptx and "st.local" not in ptx
 
 
+def shuffle_case(seed=0):
+    """A 3x3 f16mma conv (16 -> 32 channels, 4 x 6) with a bias both ways of zero, and the packed
+    operand of the next 3x3 conv that a "f16_relu" pixel-shuffle store must write: numpy's fp16
+    conv + bias, ReLU, fp16, torch's pixel_shuffle, then the fp16 pack with its zero border."""
+    import torch
+
+    s = cc.Conv2dCudaShape(2, 16, 32, 4, 6)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 16, 4, 6)).astype(np.float32)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 6).astype(np.float32)
+    b = rng.uniform(-0.3, 0.3, 32).astype(np.float32)
+    y = np.maximum(f16_reference(x, w) + b[None, :, None, None], np.float32(0)).astype(np.float16)
+    shuffled = torch.nn.functional.pixel_shuffle(torch.from_numpy(y.astype(np.float32)), 2).numpy()
+    return s, x, w, b, cc.pack_activations_f16(shuffled, 3)
+
+
+def test_f16mma_shuffle_store_replay_and_twin_match_reference():
+    """The pixel-shuffle store (kernel channels in :func:`shuffle_channel_order`, accumulator pairs
+    stored as words at the shuffled pixels, the border zeroed by the nearest interior stores):
+    the LLVM twin equals the reference words exactly; the replay writes every word once it is
+    reached (no 0xFFFF left), zeros on the border, and values within the fp32 summation-order
+    bound of the reference."""
+    s, x, w, b, want = shuffle_case()
+    order = cc.shuffle_channel_order(32)
+    assert sorted(order) == list(range(32)) and list(order[:3]) == [0, 4, 8]
+    a, wp = cc.pack_activations_f16(x, 3), cc.pack_weights_f16(w[order])
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    func = cc.COMPUTES["f16mma"](s, False, epilogue="f16_relu", shuffle_pad=1)
+    twin = build_kernel("shuffle_twin", func, 3, target={"kind": "llvm"})
+    got = twin(a, wp, b[order])
+    got = got.numpy() if hasattr(got, "numpy") else got
+    assert got.shape == cc.shuffle_out_shape(s, 1) == want.shape == (2, 10, 14, 4)
+    np.testing.assert_array_equal(got, want)
+    replay = cc.emulate_mma(s, a, wp, False, "f16mma", "f16_relu", (b[order],), shuffle_pad=1)
+    halves = replay.view(np.uint16)
+    assert not (halves == 0xFFFF).any()
+    assert not replay[:, [0, -1]].any() and not replay[:, :, [0, -1]].any()
+    values, expected = replay.view(np.float16).astype(np.float32), want.view(np.float16).astype(np.float32)
+    assert np.all(np.abs(values - expected) <= 2e-3 * np.abs(expected) + 1e-4)
+    assert 0.05 < np.mean(expected[:, 1:-1, 1:-1] == 0) < 0.95
+
+
+def test_f16mma_shuffle_store_replay_detects_wrong_mappings(monkeypatch):
+    """Negative controls: weights in the conv's own channel order (no permutation), and a store
+    that zeroes no border word, must each be caught."""
+    s, x, w, b, want = shuffle_case(seed=2)
+    a = cc.pack_activations_f16(x, 3)
+    unpermuted = cc.emulate_mma(s, a, cc.pack_weights_f16(w), False, "f16mma", "f16_relu", (b,), shuffle_pad=1)
+    diff = unpermuted.view(np.float16).astype(np.float32) - want.view(np.float16).astype(np.float32)
+    assert np.abs(diff).max() > 0.1
+    order = cc.shuffle_channel_order(32)
+    right = cc._shuffle_border
+    monkeypatch.setattr(cc, "_shuffle_border", lambda *args: ((False, False), right(*args)[1]))
+    replay = cc.emulate_mma(s, a, cc.pack_weights_f16(w[order]), False, "f16mma", "f16_relu", (b[order],), 1)
+    assert (replay.view(np.uint16) == 0xFFFF).any()
+
+
+@needs_nvcc
+def test_f16mma_shuffle_store_builds_for_cuda():
+    """The pixel-shuffle store through nvcc: the f16 mma, 32-bit word stores only (each lane's
+    accumulator pair one word), no local memory."""
+    s = cc.Conv2dCudaShape(2, 16, 32, 4, 6)
+    ptx = cuda_toolchain.device_code(
+        cuda_toolchain.build_cuda(cc.conv2d_f16mma_primfunc(s, epilogue="f16_relu", shuffle_pad=1), "sm_80")
+    )
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert set(re.findall(r"st\.global\.[a-z0-9.]+", ptx)) == {"st.global.u32"}
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    with pytest.raises(ValueError, match="pixel-shuffle"):
+        cc.conv2d_f16mma_primfunc(s, epilogue="f16_relu", shuffle_pad=2)
+
+
 @needs_nvcc
 @pytest.mark.parametrize(
     "variant, epilogue", [("s8mma", "dequant_ws_relu"), ("s8mma", "dequant_ws_res_relu"), ("f16mma", "f16_relu")]

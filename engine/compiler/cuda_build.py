@@ -451,14 +451,22 @@ def float_conv_plan(
     return chosen, None
 
 
-def _cuda_kernel(shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.tirx.PrimFunc:
-    kw = {"epilogue": epilogue} if epilogue else {}
-    return cc.PRIMFUNCS[variant](shape, False, **kw).with_attr("tirx.is_scheduled", True)  # dlight must not touch it
+def _kernel_options(epilogue: str | None, shuffle_pad: int | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"epilogue": epilogue} if epilogue else {}
+    return {**options, "shuffle_pad": shuffle_pad} if shuffle_pad is not None else options
 
 
-def _twin_kernel(shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.tirx.PrimFunc:
-    kw = {"epilogue": epilogue} if epilogue else {}
-    return cc.COMPUTES[variant](shape, False, **kw)
+def _cuda_kernel(
+    shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
+) -> tvm.tirx.PrimFunc:
+    func = cc.PRIMFUNCS[variant](shape, False, **_kernel_options(epilogue, shuffle_pad))
+    return func.with_attr("tirx.is_scheduled", True)  # dlight must not touch it
+
+
+def _twin_kernel(
+    shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
+) -> tvm.tirx.PrimFunc:
+    return cc.COMPUTES[variant](shape, False, **_kernel_options(epilogue, shuffle_pad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +537,9 @@ class _CudaRewriter(PyExprMutator):
         self.old_readers = _reader_counts(func)
         self.foldable: dict[relax.Var, _FoldableOutput] = {}
         self.part_copies: dict[relax.Expr, relax.Var] = {}  # concatenated tensor -> its fp16 NHWC copy
+        # an f16mma kernel's fp16 NHWC output -> (the conv, the kernel's epilogue, its operands
+        # after the weights): what it takes to call the kernel again with another store
+        self.kernel_outputs: dict[relax.Var, tuple[_FoldableOutput, str, list]] = {}
 
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         old = call
@@ -706,8 +717,9 @@ class _CudaRewriter(PyExprMutator):
         split = self._input_parts(x, plan) if not any(pads) else None
         if split is not None:  # a 1x1 conv of a concatenation: the kernel reads the parts in place
             kernel_shape, operands = split
-        else:
-            kernel_shape, operands = s, [self._f16_pack(x, plan, pads)]
+        else:  # the operand written by the kernel that makes x (a pixel shuffle), or a pack
+            operand = self._shuffled_operand(x, plan, pads)
+            kernel_shape, operands = s, [self._f16_pack(x, plan, pads) if operand is None else operand]
         weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
         out_ty = relax.TensorType(s.out_shape("f16mma"), cc.out_dtype("f16mma", plan.epilogue))
         kernel = self._kernel(kernel_shape, "f16mma", plan.epilogue)
@@ -729,10 +741,60 @@ class _CudaRewriter(PyExprMutator):
         if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
             args = [*operands, weights]
             self.foldable[out] = _FoldableOutput(report.index, kernel_shape, "f16mma", plan.epilogue, args, roofline)
+            self.kernel_outputs[part] = (self.foldable[out], plan.epilogue, [])
         if split is not None:
             in_place = sum(not self._is_part_copy(v) for v in operands)
             self.result.input_parts[report.index] = {"parts": len(operands), "in_place": in_place}
         return out
+
+    def _pixel_shuffle_source(self, x: relax.Expr) -> relax.Expr | None:
+        """``v`` when ``x`` is the x2 pixel shuffle of NCHW ``v`` (``reshape`` to [N, C, 2, 2, H, W],
+        ``permute_dims`` [0, 1, 4, 2, 5, 3], ``reshape`` to [N, C, 2H, 2W]: DepthToSpace CRD, as
+        PixelShuffle exports); None otherwise."""
+        outer = self._bound(x)
+        if not (isinstance(outer, relax.Call) and _op_name(outer) == "relax.reshape"):
+            return None
+        middle = self._bound(outer.args[0])
+        if not (isinstance(middle, relax.Call) and _op_name(middle) == "relax.permute_dims"):
+            return None
+        if middle.attrs.axes is None or [int(a) for a in middle.attrs.axes] != [0, 1, 4, 2, 5, 3]:
+            return None
+        inner = self._bound(middle.args[0])
+        if not (isinstance(inner, relax.Call) and _op_name(inner) == "relax.reshape"):
+            return None
+        v = inner.args[0]
+        if not isinstance(v.ty, relax.TensorType) or v.ty.ndim != 4:
+            return None
+        n, c4, h, w = (int(d) for d in v.ty.shape)
+        shapes = [int(d) for d in inner.ty.shape], [int(d) for d in outer.ty.shape]
+        if c4 % 4 or shapes != ([n, c4 // 4, 2, 2, h, w], [n, c4 // 4, 2 * h, 2 * w]):
+            return None
+        return v
+
+    def _shuffled_operand(self, x: relax.Expr, plan: FloatConvPlan, pads: tuple[int, ...]) -> relax.Expr | None:
+        """The f16mma operand of ``x``, written by the kernel that makes it, when ``x`` is the x2
+        pixel shuffle of an f16mma kernel's fp16 output that the graph only widens: that kernel
+        again, its output channels permuted (:func:`~...kernels.conv2d_cuda.shuffle_channel_order`)
+        so that it stores the shuffled map straight into this conv's padded, packed operand
+        (border zeroed) -- no kernel between the two convs. None when the pattern does not hold."""
+        v = self._pixel_shuffle_source(x)
+        if v is None or plan.split != 1 or set(pads) != {1} or not isinstance(v, relax.Var):
+            return None
+        view = fp16_view(v, self._bound)
+        made = self.kernel_outputs.get(view[0]) if view is not None and view[1] == [0, 3, 1, 2] else None
+        if made is None:
+            return None
+        conv, epilogue, extra = made
+        out_shape = cc.shuffle_out_shape(conv.shape, 1)
+        if plan.shape.act_shape("f16mma") != out_shape or plan.shape.in_ch * 4 != conv.shape.out_ch:
+            return None
+        order = cc.shuffle_channel_order(conv.shape.out_ch)
+        weights = relax.const(conv.args[-1].value.numpy()[order])
+        permuted = [relax.const(b.value.numpy()[order]) for b in extra]  # the bias of "f16_relu"
+        kernel = self._kernel(conv.shape, "f16mma", epilogue, shuffle_pad=1)
+        operand = relax.call_tir(kernel, [*conv.args[:-1], weights, *permuted], relax.TensorType(out_shape, "uint32"))
+        self.result.shuffle_stores.append(conv.index)
+        return self.builder_.emit(operand)
 
     def _f16_pack(self, x: relax.Expr, plan: FloatConvPlan, pads: tuple[int, ...]) -> relax.Expr:
         """The f16mma operand of NCHW fp32 ``x``: one kernel converts, pads and packs it."""
@@ -886,16 +948,19 @@ class _CudaRewriter(PyExprMutator):
         out_ty = relax.TensorType(conv.shape.out_shape(conv.variant), cc.out_dtype(conv.variant, epilogue))
         kernel = self._kernel(conv.shape, conv.variant, epilogue)
         acc = self.builder_.emit(relax.call_tir(kernel, [*conv.args, *extra], out_ty))
+        self.kernel_outputs[acc] = (conv, epilogue, extra)
         self.result.roofline[conv.index] = conv.roofline(epilogue)
         self.result.relu_folded.append(conv.index)
         return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
 
-    def _kernel(self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None) -> tvm.ir.GlobalVar:
-        key = (shape, variant, epilogue)  # convs that differ only in their weights share code
+    def _kernel(
+        self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
+    ) -> tvm.ir.GlobalVar:
+        key = (shape, variant, epilogue, shuffle_pad)  # convs that differ only in their weights share code
         if key not in self.kernels:
             prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
             name = f"{prefix}_{variant}_{len(self.kernels)}"
-            prim = self.make_kernel(shape, variant, epilogue)
+            prim = self.make_kernel(shape, variant, epilogue, shuffle_pad)
             prim = prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
             self.kernels[key] = self.builder_.add_func(prim, name)
         return self.kernels[key]
@@ -1056,6 +1121,8 @@ class CudaConvResult(QDQConvResult):
     # 1x1 conv index -> {"parts": tensors whose concatenation it reads in place, "in_place": how
     # many of them are kernel outputs read without a copy}
     input_parts: dict[int, dict[str, int]] = field(default_factory=dict)
+    # conv indices whose kernel stores its output pixel-shuffled into the next conv's operand
+    shuffle_stores: list[int] = field(default_factory=list)
 
 
 def rewrite_qdq_convs_cuda(
@@ -1300,6 +1367,7 @@ class CudaGraphBuild:
             "half_tensors": self.result.half_tensors,
             "relu_epilogues": sorted(self.result.relu_folded),
             "input_parts": {str(i): v for i, v in sorted(self.result.input_parts.items())},
+            "shuffle_stores": sorted(self.result.shuffle_stores),
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
