@@ -5,7 +5,9 @@
    worst-case operands, their expected outputs (the numpy/PyTorch reference) and the map from the
    kernels' packed output layout to NCHW, so the host checks them bit for bit without TVM; and the
    GPU schedules of the RefER kernels and the clustering kernel (``device_kernels/``) with inputs
-   and the CPU kernels' outputs, which must come back bit for bit.
+   and the CPU kernels' outputs, which must come back bit for bit; and the f16mma kernels'
+   stores that read concatenated parts in place and write pixel-shuffled operands
+   (``float_kernels/``), checked within fp32 summation order against numpy.
 3. TVM's runtime libraries (``libtvm_runtime``, its CUDA module, the CUDA runtime they link) and
    the cp312 ``apache-tvm-ffi`` wheel.
 4. Packed into one xz archive; the working tree plus the archive must fit the carry limit. When
@@ -146,6 +148,91 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
             raise CheckError(f"kernel {name}: local-memory instructions in its SASS ({sass})")
         rows.append({"name": name, "lib": lib.name, "variant": variant, "signed": signed, "ptx": ptx, "sass": sass})
     return rows
+
+
+#: the f16mma kernels' standalone problems: a 1x1 conv reading three fp16 parts in place, and an
+#: upsampler conv storing its output pixel-shuffled into the next conv's padded operand
+FLOAT_CASES = {
+    "f16mma_parts": ({"batch": 2, "in_ch": 192, "out_ch": 64, "height": 8, "width": 8, "kernel": 1, "parts": 3}, None),
+    "f16mma_shuffle": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 8}, 1),
+}
+
+
+def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[dict[str, Any]]:
+    """The f16mma kernels with the "f16_relu" store (:data:`FLOAT_CASES`), their operands and the
+    expected fp16 outputs from a numpy fp16-in, fp32-sum conv (PyTorch's pixel_shuffle and the
+    fp16 pack for the shuffled store, its border zero). ``calls.json`` says what to call with
+    what. ``kind`` "llvm" builds the kernels' LLVM twins instead (tests/test_gpucheck.py)."""
+    import torch
+    from refqsr_engine.kernels import conv2d_cuda as cc
+    from refqsr_engine.kernels import cuda_toolchain
+
+    into.mkdir(parents=True)
+    rng = np.random.default_rng(13)
+    arrays, calls, funcs = {}, [], {}
+    for name, (dims, pad) in FLOAT_CASES.items():
+        s = cc.Conv2dCudaShape(**dims)
+        x = rng.standard_normal((s.batch, s.in_ch, s.height, s.width)).astype(np.float16).astype(np.float32)
+        w = (rng.standard_normal((s.out_ch, s.in_ch, s.kernel, s.kernel)) / np.sqrt(s.in_ch * s.taps)).astype(
+            np.float32
+        )
+        b = rng.uniform(-0.3, 0.3, s.out_ch).astype(np.float32)
+        x16, w16 = x.astype(np.float64), w.astype(np.float16).astype(np.float64)
+        xp = np.pad(x16, ((0, 0), (0, 0), (s.pad, s.pad), (s.pad, s.pad)))
+        conv = sum(
+            np.einsum("nchw,oc->nohw", xp[:, :, i : i + s.height, j : j + s.width], w16[:, :, i, j])
+            for i in range(s.kernel)
+            for j in range(s.kernel)
+        )
+        y = np.maximum(conv + b[None, :, None, None], 0).astype(np.float16)  # NCHW
+        if pad is None:
+            inputs = {
+                f"{name}_a{p}": np.ascontiguousarray(np.split(x, s.parts, 1)[p].transpose(0, 2, 3, 1)).astype(
+                    np.float16
+                )
+                for p in range(s.parts)
+            }
+            order = np.arange(s.out_ch)
+            want = np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+        else:
+            inputs = {f"{name}_a": cc.pack_activations_f16(x, s.kernel)}
+            order = cc.shuffle_channel_order(s.out_ch)
+            shuffled = torch.nn.functional.pixel_shuffle(torch.from_numpy(y.astype(np.float32)), 2).numpy()
+            want = cc.pack_activations_f16(shuffled, 3).view(np.float16)
+        arrays.update(inputs)
+        arrays[f"{name}_w"], arrays[f"{name}_b"] = cc.pack_weights_f16(w[order]), b[order]
+        arrays[f"{name}_want"] = want
+        out_dtype = "float16" if pad is None else "uint32"
+        out_shape = s.out_shape("f16mma") if pad is None else cc.shuffle_out_shape(s, pad)
+        calls.append(
+            {
+                "function": name,
+                "inputs": [*inputs, f"{name}_w", f"{name}_b"],
+                "output": f"{name}_want",
+                "out_shape": list(out_shape),
+                "out_dtype": out_dtype,
+            }
+        )
+        build = cc.conv2d_f16mma_primfunc if kind == "cuda" else cc.conv2d_f16_compute
+        funcs[name] = build(s, epilogue="f16_relu", shuffle_pad=pad).with_attr("global_symbol", name)
+    np.savez(into / "float_kernels.npz", **arrays)
+    (into / "calls.json").write_text(json.dumps(calls, indent=1))
+    say(f"building the f16mma kernels for {arch if kind == 'cuda' else kind}")
+    import tvm
+
+    if kind != "cuda":
+        from refqsr_engine.kernels.tir_build import as_target
+
+        tvm.compile(tvm.IRModule(funcs), target=as_target(None)).export_library(str(into / "float_kernels.so"))
+        return [{"function": name} for name in funcs]
+    exe = cuda_toolchain.build_cuda(tvm.IRModule(funcs), arch)
+    exe.export_library(str(into / "float_kernels.so"))
+    ptx = cuda_toolchain.device_code(exe, sass=False)
+    counts = instruction_counts(ptx, PTX_OPS)
+    missing = [f for f in funcs if not re.search(rf"\.entry\s+{f}_kernel\w*\(", ptx)]
+    if missing or counts["local_memory"] or counts["mma_f16"] < len(funcs):
+        raise CheckError(f"f16mma kernels: missing {missing}, PTX counts {counts}")
+    return [{"function": name} for name in funcs] + [{"ptx": counts}]
 
 
 #: the RefER and clustering kernels' standalone problem: odd channel count, 11 x 13 pooled cells
@@ -378,6 +465,7 @@ def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
         compiled = compile_models(stage / "artifacts", arch, say)
         kernels = build_kernels(stage / "kernels", arch, say)
         device_kernels = build_device_kernels(stage / "device_kernels", arch, say)
+        float_kernels = build_float_kernels(stage / "float_kernels", arch, say)
         versions = runtime_files(stage / "lib", stage / "wheels")
         (stage / "versions.json").write_text(json.dumps(versions))
         device_code = device_code_checks(stage / "artifacts")
@@ -395,6 +483,7 @@ def prepare(out: Path, arch: str = "sm_90") -> dict[str, Any]:
         "left_out": left_out,
         "kernels": kernels,
         "device_kernels": device_kernels,
+        "float_kernels": float_kernels,
         "versions": versions,
         "device_code": device_code,
         "static_load": static,

@@ -127,6 +127,37 @@ def check_device_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any
     return rows
 
 
+#: the f16mma kernels' tolerance against numpy's fp16 conv: the same fp32 products summed in
+#: another order can move a sum across one fp16 rounding step (2**-11 relative) and a little more
+FLOAT_RTOL, FLOAT_ATOL = 2e-3, 1e-4
+
+
+def check_float_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]]:
+    """The f16mma kernels' stores (``calls.json``), outputs poisoned with fp16 NaNs first: every
+    half written, and each within :data:`FLOAT_RTOL` / :data:`FLOAT_ATOL` of numpy's fp16 conv
+    (the shuffled store's border words exactly 0)?"""
+    from refqsr_engine.engine import tvm_runtime as rt
+
+    if not (folder / "calls.json").is_file():
+        return []
+    dev = rt.device(kind)
+    data = np.load(folder / "float_kernels.npz")
+    lib = rt.load_module(folder / "float_kernels.so")
+    rows = []
+    for call in json.loads((folder / "calls.json").read_text()):
+        inputs = [rt.to_device(data[name], dev) for name in call["inputs"]]
+        halves = np.full(call["out_shape"], 0xFFFFFFFF if call["out_dtype"] == "uint32" else 0xFFFF)
+        poison = halves.astype(np.uint32 if call["out_dtype"] == "uint32" else np.uint16)
+        out = rt.to_device(poison.view(call["out_dtype"]), dev)
+        lib[call["function"]](*inputs, out)
+        got = rt.to_numpy(out).view(np.float16).astype(np.float32)
+        want = data[call["output"]].view(np.float16).astype(np.float32)
+        close = np.abs(got - want) <= FLOAT_RTOL * np.abs(want) + FLOAT_ATOL  # NaN: not close
+        wrong = int(got.size - close.sum())
+        rows.append({"kernel": call["function"], "elements": int(want.size), "wrong": wrong, "within": wrong == 0})
+    return rows
+
+
 def check_graphs(engine: Any, model: Any, device: Any, batch: int) -> dict[str, Any]:
     """Every graph of ``engine`` (a CompiledModel) against the PyTorch ``model`` on ``device``,
     on the same photo patches: HR PSNR, feature and logit differences, the reference assignment."""
@@ -339,6 +370,7 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
         "bundle": {"arch": description["arch"], "left_out": description.get("left_out", {})},
     }
     report["kernels"] = check_kernels(unpacked / "kernels") + check_device_kernels(unpacked / "device_kernels")
+    report["float_kernels"] = check_float_kernels(unpacked / "float_kernels")
     report["graphs"], report["latency"], report["profile"] = {}, {"engine": {}}, {}
     engines = {}
     models = {key: m["model"] for key, m in description["models"].items()}  # as prepare compiled them
@@ -359,6 +391,7 @@ def run(bundle_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
     report["peak_device_memory_mib"] = round((memory.peak - memory.base) / 2**20, 1)
     report["pass"] = (
         all(k["bit_exact"] for k in report["kernels"])
+        and all(k["within"] for k in report["float_kernels"])
         and all(g["pass"] for g in report["graphs"].values())
         and all(e["psnr_vs_pytorch_db"] >= PSNR_BAR for e in report["end_to_end"].values())
     )
@@ -433,6 +466,14 @@ def markdown(r: dict[str, Any]) -> str:
         "| kernel | elements | wrong | bit-exact |",
         "| --- | ---: | ---: | --- |",
         *(f"| {k['kernel']} | {k['elements']} | {k['wrong']} | {k['bit_exact']} |" for k in r["kernels"]),
+        "",
+        "## f16mma kernels (parts read in place, pixel-shuffled stores; poisoned outputs)",
+        "",
+        f"Against numpy's fp16 conv within {FLOAT_RTOL:g} relative + {FLOAT_ATOL:g}; every half written.",
+        "",
+        "| kernel | elements | wrong | within |",
+        "| --- | ---: | ---: | --- |",
+        *(f"| {k['kernel']} | {k['elements']} | {k['wrong']} | {k['within']} |" for k in r.get("float_kernels", [])),
         "",
         "## Graphs against PyTorch on the same GPU (TF32 off)",
         "",

@@ -157,6 +157,7 @@ def test_prepare_fits_the_carry_limit_and_loads_without_tvm(tmp_path):
     assert desc["static_load"]["modules"] == [] and "no CUDA device" in desc["static_load"]["device"]
     assert all(sum(c.values()) > 0 for art in desc["device_code"].values() for c in art.values())
     assert {k["name"] for k in desc["kernels"]} == {f"{v}_{s}" for v in ("dp4a", "s8mma", "s4mma") for s in "us"}
+    assert [k["function"] for k in desc["float_kernels"][:-1]] == ["f16mma_parts", "f16mma_shuffle"]
     functions = {"refer_pipeline", "refer_shared_flow", "refer_warp", "cluster_1024"}
     assert {k["function"] for k in desc["device_kernels"][:-1]} == functions
     assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["bundle_sha256"] == desc["bundle_sha256"]
@@ -181,3 +182,29 @@ def test_device_kernel_check_on_the_cpu_and_the_cuda_build(tmp_path):
     assert bad["refer_shared_flow:s_flow"] == 1 and bad["refer_pipeline:flow"] == 0
     rows = build_device_kernels(tmp_path / "cuda", "sm_90", lambda msg: None)
     assert all(r["kernels"] >= 1 for r in rows[:-1]) and rows[-1]["ptx"]["fma_f32"] > 0
+
+
+def test_float_kernel_check_on_the_cpu_and_the_cuda_build(tmp_path):
+    """The f16mma part of the check: its bundle built with the kernels' LLVM twins, checked by
+    the run's code (every case within the bound of numpy's fp16 conv; a changed expected half and
+    an unwritten border word are caught); the CUDA library builds with both kernels on f16 mma."""
+    from refqsr_engine.kernels import cuda_toolchain
+
+    from gpucheck.prepare import FLOAT_CASES, build_float_kernels
+
+    folder = tmp_path / "cpu"
+    build_float_kernels(folder, "sm_90", lambda msg: None, kind="llvm")
+    rows = gpurun.check_float_kernels(folder, kind="cpu")
+    assert [r["kernel"] for r in rows] == list(FLOAT_CASES) and all(r["within"] for r in rows), rows
+    data = dict(np.load(folder / "float_kernels.npz"))
+    parts = data["f16mma_parts_want"].copy()
+    parts.flat[7] = np.float16(parts.flat[7] + 0.25)
+    shuffled = data["f16mma_shuffle_want"].copy()
+    assert not shuffled[:, 0].view(np.uint32).any()  # the border the kernel must write: zero
+    shuffled[0, 0, 3, 5] = np.float16(1.0)
+    np.savez(folder / "float_kernels.npz", **{**data, "f16mma_parts_want": parts, "f16mma_shuffle_want": shuffled})
+    bad = {r["kernel"]: r["wrong"] for r in gpurun.check_float_kernels(folder, kind="cpu")}
+    assert bad == {"f16mma_parts": 1, "f16mma_shuffle": 1}
+    if cuda_toolchain.nvcc_available():
+        rows = build_float_kernels(tmp_path / "cuda", "sm_90", lambda msg: None)
+        assert rows[-1]["ptx"]["mma_f16"] >= 2 and rows[-1]["ptx"]["local_memory"] == 0
