@@ -507,12 +507,41 @@ def test_one_by_one_conv_reads_concatenated_parts_in_place():
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
-def test_pixel_shuffle_is_stored_by_the_producing_kernel():
-    """An upsampler: ``relu(conv(x) + b)`` (16 -> 64 channels), the x2 pixel shuffle as ONNX
-    exports it (reshape, permute, reshape) and a 3x3 conv of the result. The first kernel
-    stores its output shuffled into the second conv's padded, packed operand: no kernel runs
-    between the two convs. The output against a float64 numpy computation with torch's
-    pixel_shuffle and the same fp16 roundings."""
+def test_concatenation_of_parts_narrower_than_a_chunk_is_packed():
+    """A 1x1 conv of three 12-channel tensors (36 channels, padded to 40 for the K chunks, as
+    ELAN-light's 60-channel thirds): no in-place parts (a part must fill whole chunks), the
+    concatenation packed as before, and the output against float64 numpy."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 12, 4, 8)).astype(np.float32)
+    w = (rng.standard_normal((16, 36, 1, 1)) / 6).astype(np.float32)
+    op = relax.op
+
+    def body(builder, xv):
+        emit = builder.emit
+        parts = [xv, emit(op.add(xv, relax.const(np.float32(1)))), emit(op.multiply(xv, relax.const(np.float32(2))))]
+        return emit(op.nn.conv2d(emit(op.concat(parts, axis=1)), relax.const(w)))
+
+    mod, result = cb.rewrite_qdq_convs_cuda(
+        _one_input_graph(x.shape, body), [{"act_bits": 32, "module": "body"}], twin=True
+    )
+    assert result.input_parts == {} and result.convs[0].variant == "f16mma"
+    exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    cat = np.concatenate([x, x + np.float32(1), x * np.float32(2)], axis=1)
+    want = np.einsum("nchw,oc->nohw", _f16(cat), _f16(w)[:, :, 0, 0])
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_pixel_shuffle_is_stored_by_the_producing_kernel(relu):
+    """An upsampler: ``relu(conv(x) + b)`` (16 -> 64 channels; or the conv alone), the x2 pixel
+    shuffle as ONNX exports it (reshape, permute, reshape) and a 3x3 conv of the result. The
+    first kernel stores its output shuffled into the second conv's padded, packed operand: no
+    kernel runs between the two convs. The output against a float64 numpy computation with
+    torch's pixel_shuffle and the same fp16 roundings."""
     import tvm
     from tvm import relax
 
@@ -525,19 +554,21 @@ def test_pixel_shuffle_is_stored_by_the_producing_kernel():
 
     def body(builder, xv):
         emit = builder.emit
-        y = emit(op.reshape(_emit_relu_conv(builder, xv, w1, b1), [1, 16, 2, 2, 6, 8]))
+        y = _emit_relu_conv(builder, xv, w1, b1) if relu else emit(op.nn.conv2d(xv, relax.const(w1), padding=[1] * 4))
+        y = emit(op.reshape(y, [1, 16, 2, 2, 6, 8]))
         y = emit(op.reshape(emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3])), [1, 16, 12, 16]))
         return emit(op.nn.conv2d(y, relax.const(w2), padding=[1] * 4))
 
     table = [{"act_bits": 32, "module": "body"}] * 2
     mod, result = cb.rewrite_qdq_convs_cuda(_one_input_graph(x.shape, body), table, twin=True)
-    assert result.shuffle_stores == [0] and result.relu_folded == [0]
+    assert result.shuffle_stores == [0] and result.relu_folded == ([0] if relu else [])
     calls = _call_tir_names(fuse_ops(mod))
     assert calls[1].startswith("fconv_f16mma") and calls[2].startswith("fconv_f16mma"), calls
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
-    y = torch.nn.functional.pixel_shuffle(torch.from_numpy(_f16(np.maximum(_conv3_f64(x, w1) + b1, 0))), 2).numpy()
+    first = np.maximum(_conv3_f64(x, w1) + b1, 0) if relu else _conv3_f64(x, w1)
+    y = torch.nn.functional.pixel_shuffle(torch.from_numpy(_f16(first)), 2).numpy()
     want = _conv3_f64(y, w2)
     assert want.shape == got.shape == (1, 8, 12, 16)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)

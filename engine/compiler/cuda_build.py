@@ -723,9 +723,8 @@ class _CudaRewriter(PyExprMutator):
         weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
         out_ty = relax.TensorType(s.out_shape("f16mma"), cc.out_dtype("f16mma", plan.epilogue))
         kernel = self._kernel(kernel_shape, "f16mma", plan.epilogue)
-        part = emit(relax.call_tir(kernel, [*operands, weights], out_ty))
-        if plan.epilogue:  # fp16 sums (partial sums: added in fp32 by the shift-add)
-            part = emit(op.astype(part, "float32"))
+        acc = emit(relax.call_tir(kernel, [*operands, weights], out_ty))
+        part = emit(op.astype(acc, "float32")) if plan.epilogue else acc  # fp16 sums (a fold's: summed in fp32)
         y = self._unfold(part, plan)
         report.variant = "f16mma"
         report.shape = (n, c, plan.out_ch, plan.height, plan.width, plan.kernel, 1, *pads)
@@ -741,7 +740,7 @@ class _CudaRewriter(PyExprMutator):
         if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
             args = [*operands, weights]
             self.foldable[out] = _FoldableOutput(report.index, kernel_shape, "f16mma", plan.epilogue, args, roofline)
-            self.kernel_outputs[part] = (self.foldable[out], plan.epilogue, [])
+            self.kernel_outputs[acc] = (self.foldable[out], plan.epilogue, [])
         if split is not None:
             in_place = sum(not self._is_part_copy(v) for v in operands)
             self.result.input_parts[report.index] = {"parts": len(operands), "in_place": in_place}
@@ -830,14 +829,13 @@ class _CudaRewriter(PyExprMutator):
         if plan.kernel != 1 or plan.split != 1 or plan.folding != "none":
             return None
         leaves = self._concat_leaves(x)
-        if not 2 <= len(leaves) <= cc.MAX_PARTS or len({int(v.ty.shape[1]) for v in leaves}) != 1:
-            return None
-        shape = dataclasses.replace(plan.shape, parts=len(leaves))
+        widths = {int(v.ty.shape[1]) for v in leaves}
+        if not 2 <= len(leaves) <= cc.MAX_PARTS or len(widths) != 1 or plan.shape.in_ch != len(leaves) * min(widths):
+            return None  # parts of unequal widths, or channels padded up to a K chunk
         try:
+            shape = dataclasses.replace(plan.shape, parts=len(leaves))
             shape.check("f16mma")
-        except ValueError:
-            return None
-        if shape.in_ch != sum(int(v.ty.shape[1]) for v in leaves):
+        except ValueError:  # a part of less than a K chunk
             return None
         parts = []
         for leaf in leaves:
