@@ -104,19 +104,27 @@ def check_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
+def _library_calls(folder: Path, library: str, kind: str):
+    """For each call ``calls.json`` lists: (the call, its inputs on the device, the arrays, the
+    library ``library``.so, the device). Nothing when the folder has no calls."""
+    from refqsr_engine.engine import tvm_runtime as rt
+
+    if not (folder / "calls.json").is_file():
+        return
+    dev = rt.device(kind)
+    data = np.load(folder / f"{library}.npz")
+    lib = rt.load_module(folder / f"{library}.so")
+    for call in json.loads((folder / "calls.json").read_text()):
+        yield call, [rt.to_device(data[name], dev) for name in call["inputs"]], data, lib, dev
+
+
 def check_device_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]]:
     """The RefER and clustering kernels' GPU schedules (``calls.json``: function, input and
     expected-output arrays), outputs poisoned first: each output bit for bit as the CPU kernel's?"""
     from refqsr_engine.engine import tvm_runtime as rt
 
-    if not (folder / "calls.json").is_file():
-        return []
-    dev = rt.device(kind)
-    data = np.load(folder / "device_kernels.npz")
-    lib = rt.load_module(folder / "device_kernels.so")
     rows = []
-    for call in json.loads((folder / "calls.json").read_text()):
-        inputs = [rt.to_device(data[name], dev) for name in call["inputs"]]
+    for call, inputs, data, lib, dev in _library_calls(folder, "device_kernels", kind):
         wants = [data[name] for name in call["outputs"]]  # float32 / int32: compared as 32-bit words
         outs = [rt.to_device(np.full(w.shape, 0x7F7F7F7F, np.int32).view(w.dtype), dev) for w in wants]
         lib[call["function"]](*inputs, *outs)
@@ -138,14 +146,8 @@ def check_float_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]
     (the shuffled store's border words exactly 0)?"""
     from refqsr_engine.engine import tvm_runtime as rt
 
-    if not (folder / "calls.json").is_file():
-        return []
-    dev = rt.device(kind)
-    data = np.load(folder / "float_kernels.npz")
-    lib = rt.load_module(folder / "float_kernels.so")
     rows = []
-    for call in json.loads((folder / "calls.json").read_text()):
-        inputs = [rt.to_device(data[name], dev) for name in call["inputs"]]
+    for call, inputs, data, lib, dev in _library_calls(folder, "float_kernels", kind):
         halves = np.full(call["out_shape"], 0xFFFFFFFF if call["out_dtype"] == "uint32" else 0xFFFF)
         poison = halves.astype(np.uint32 if call["out_dtype"] == "uint32" else np.uint16)
         out = rt.to_device(poison.view(call["out_dtype"]), dev)
