@@ -978,6 +978,15 @@ def _a_part(shape, index):
     return word // per_part, (n, y, x, word % per_part)
 
 
+def _from_part(part, values: list):
+    """``values[part]`` for a ``part`` known only at run time: nested ``if_then_else``, so only
+    the chosen value is loaded."""
+    value = values[-1]
+    for p in range(len(values) - 2, -1, -1):
+        value = tvm.tirx.if_then_else(part == p, values[p], value)
+    return value
+
+
 def _a_load(shape, srcs, index):
     """The kernel's load of activation word ``index`` (:func:`_a_src`) from ``srcs``: the packed
     operand, or for split inputs the fp16 parts, a pair of halves read as one 32-bit word from
@@ -986,13 +995,8 @@ def _a_load(shape, srcs, index):
         return srcs[0][index]
     part, (n, y, x, word) = _a_part(shape, index)
 
-    def pair(p):
-        return T.reinterpret("uint32", srcs[p][n, y, x, T.Ramp(2 * word, 1, 2)])
-
-    value = pair(shape.parts - 1)
-    for p in range(shape.parts - 2, -1, -1):
-        value = T.if_then_else(part == p, pair(p), value)
-    return value
+    pairs = [T.reinterpret("uint32", srcs[p][n, y, x, T.Ramp(2 * word, 1, 2)]) for p in range(shape.parts)]
+    return _from_part(part, pairs)
 
 
 def _b_src(shape, cfg, o0, ks, idx):
@@ -1050,10 +1054,7 @@ def _mma_compute(
         if s.parts == 1:
             return element(acts[0][n, y, x, cw], ci, act_signed)
         c = 2 * cw + ci  # a 1x1 conv of concatenated fp16 parts (y, x: the pixel itself)
-        value = acts[-1][n, y, x, c % s.part_ch]
-        for p in range(s.parts - 2, -1, -1):
-            value = tvm.tirx.if_then_else(c // s.part_ch == p, acts[p][n, y, x, c % s.part_ch], value)
-        return value.astype("float32")
+        return _from_part(c // s.part_ch, [a[n, y, x, c % s.part_ch] for a in acts]).astype("float32")
 
     out = te.compute(
         s.out_shape(variant),
@@ -1584,8 +1585,8 @@ def _emulate_store(v: np.ndarray, idx, epilogue: str | None, args: tuple[np.ndar
         total = total.astype(np.int32)
         scale = np.asarray(rs, np.float32)[n] * np.asarray(cw, np.float32)[o]
         y = total.astype(np.float32) * scale
-    if epilogue in RELU_EPILOGUES:
-        y = y + np.asarray(args[5 if len(args) > 2 else 0], np.float32)[o]
+    if epilogue in RELU_EPILOGUES:  # the bias follows the integer epilogue's five operands
+        y = y + np.asarray(args[0 if base_epilogue(epilogue) == "f16" else 5], np.float32)[o]
         if epilogue in RESIDUAL_EPILOGUES:
             y = y + np.asarray(args[6], np.float16)[idx[0], idx[1], idx[2], o].astype(np.float32)
         y = np.maximum(y, np.float32(0))
