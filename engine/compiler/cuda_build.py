@@ -537,9 +537,9 @@ class _CudaRewriter(PyExprMutator):
         self.old_readers = _reader_counts(func)
         self.foldable: dict[relax.Var, _FoldableOutput] = {}
         self.part_copies: dict[relax.Expr, relax.Var] = {}  # concatenated tensor -> its fp16 NHWC copy
-        # an f16mma kernel's fp16 NHWC output -> (the conv, the kernel's epilogue, its operands
-        # after the weights): what it takes to call the kernel again with another store
-        self.kernel_outputs: dict[relax.Var, tuple[_FoldableOutput, str, list]] = {}
+        # a conv kernel's fp16 NHWC output -> the conv as that kernel runs it (its epilogue and
+        # every operand): what it takes to call the kernel again with another store
+        self.kernel_outputs: dict[relax.Var, _FoldableOutput] = {}
 
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         old = call
@@ -714,7 +714,7 @@ class _CudaRewriter(PyExprMutator):
         if (h + pads[0] + pads[2], wd + pads[1] + pads[3]) != s.padded_hw:
             self.result.f16_fallback[report.index] = f"padding {pads} does not give the padded input {s.padded_hw}"
             return call
-        split = self._input_parts(x, plan) if not any(pads) else None
+        split = self._input_parts(x, plan, report.index) if not any(pads) else None
         if split is not None:  # a 1x1 conv of a concatenation: the kernel reads the parts in place
             kernel_shape, operands = split
         else:  # the operand written by the kernel that makes x (a pixel shuffle), or a pack
@@ -740,10 +740,7 @@ class _CudaRewriter(PyExprMutator):
         if plan.folding == "none" and plan.epilogue == "f16" and s.out_ch == plan.out_ch:
             args = [*operands, weights]
             self.foldable[out] = _FoldableOutput(report.index, kernel_shape, "f16mma", plan.epilogue, args, roofline)
-            self.kernel_outputs[acc] = (self.foldable[out], plan.epilogue, [])
-        if split is not None:
-            in_place = sum(not self._is_part_copy(v) for v in operands)
-            self.result.input_parts[report.index] = {"parts": len(operands), "in_place": in_place}
+            self.kernel_outputs[acc] = self.foldable[out]
         return out
 
     def _pixel_shuffle_source(self, x: relax.Expr) -> relax.Expr | None:
@@ -777,21 +774,20 @@ class _CudaRewriter(PyExprMutator):
         so that it stores the shuffled map straight into this conv's padded, packed operand
         (border zeroed) -- no kernel between the two convs. None when the pattern does not hold."""
         v = self._pixel_shuffle_source(x)
-        if v is None or plan.split != 1 or set(pads) != {1} or not isinstance(v, relax.Var):
+        if v is None or plan.split != 1 or set(pads) != {1}:
             return None
-        view = fp16_view(v, self._bound)
-        made = self.kernel_outputs.get(view[0]) if view is not None and view[1] == [0, 3, 1, 2] else None
-        if made is None:
+        src = self._nhwc_half(v)
+        conv = None if src is None else self.kernel_outputs.get(src)
+        if conv is None or conv.variant != "f16mma":  # the integer kernels have no shuffled store
             return None
-        conv, epilogue, extra = made
         out_shape = cc.shuffle_out_shape(conv.shape, 1)
         if plan.shape.act_shape("f16mma") != out_shape or plan.shape.in_ch * 4 != conv.shape.out_ch:
             return None
         order = cc.shuffle_channel_order(conv.shape.out_ch)
-        weights = relax.const(conv.args[-1].value.numpy()[order])
-        permuted = [relax.const(b.value.numpy()[order]) for b in extra]  # the bias of "f16_relu"
-        kernel = self._kernel(conv.shape, "f16mma", epilogue, shuffle_pad=1)
-        operand = relax.call_tir(kernel, [*conv.args[:-1], weights, *permuted], relax.TensorType(out_shape, "uint32"))
+        acts = conv.shape.parts  # the operands before the weights; after them, the bias of "f16_relu"
+        permuted = [relax.const(c.value.numpy()[order]) for c in conv.args[acts:]]  # weights, bias
+        kernel = self._kernel(conv.shape, "f16mma", conv.epilogue, shuffle_pad=1)
+        operand = relax.call_tir(kernel, [*conv.args[:acts], *permuted], relax.TensorType(out_shape, "uint32"))
         self.result.shuffle_stores.append(conv.index)
         return self.builder_.emit(operand)
 
@@ -820,12 +816,13 @@ class _CudaRewriter(PyExprMutator):
             return [leaf for field_ in value.args[0].fields for leaf in self._concat_leaves(field_)]
         return [x]
 
-    def _input_parts(self, x: relax.Expr, plan: FloatConvPlan) -> tuple[cc.Conv2dCudaShape, list] | None:
-        """(kernel shape, fp16 NHWC parts) when ``x`` of a 1x1 conv is a channel concatenation of
-        2 to :data:`~...kernels.conv2d_cuda.MAX_PARTS` tensors of equal, whole-chunk widths: each
-        part an fp16 NHWC kernel output that ``x`` only widens (read in place, no copy), or else
-        the part rounded to fp16 NHWC (the rounding the pack does; FuseOps places it). The
-        concatenation is then never packed: the kernel reads each K chunk from its part."""
+    def _input_parts(self, x: relax.Expr, plan: FloatConvPlan, index: int) -> tuple[cc.Conv2dCudaShape, list] | None:
+        """(kernel shape, fp16 NHWC parts) when ``x`` of 1x1 conv ``index`` is a channel
+        concatenation of 2 to :data:`~...kernels.conv2d_cuda.MAX_PARTS` tensors of equal,
+        whole-chunk widths: each part an fp16 NHWC kernel output that ``x`` only widens (read in
+        place, no copy), or else the part rounded to fp16 NHWC (the rounding the pack does;
+        FuseOps places it), recorded in ``input_parts``. The concatenation is then never packed:
+        the kernel reads each K chunk from its part."""
         if plan.kernel != 1 or plan.split != 1 or plan.folding != "none":
             return None
         leaves = self._concat_leaves(x)
@@ -837,26 +834,28 @@ class _CudaRewriter(PyExprMutator):
             shape.check("f16mma")
         except ValueError:  # a part of less than a K chunk
             return None
-        parts = []
+        parts, in_place = [], 0
         for leaf in leaves:
-            view = fp16_view(leaf, self._bound) if isinstance(leaf, relax.Var) else None
-            if (
-                view is not None
-                and view[1] == [0, 3, 1, 2]
-                and tuple(int(d) for d in view[0].ty.shape) == shape.part_shape
-            ):
-                parts.append(view[0])
+            src = self._nhwc_half(leaf, shape.part_shape)
+            if src is not None:
+                parts.append(src)
+                in_place += 1
             else:  # one copy a tensor, whichever convs read it
                 if leaf not in self.part_copies:
                     copy = relax.op.astype(relax.op.permute_dims(leaf, [0, 2, 3, 1]), "float16")
                     self.part_copies[leaf] = self.builder_.emit(copy)
                 parts.append(self.part_copies[leaf])
+        self.result.input_parts[index] = {"parts": len(parts), "in_place": in_place}
         return shape, parts
 
-    def _is_part_copy(self, part: relax.Expr) -> bool:
-        """Whether an input part is a rounded copy (:meth:`_input_parts`), not a kernel's output."""
-        value = self._bound(part)
-        return isinstance(value, relax.Call) and _op_name(value) == "relax.astype"
+    def _nhwc_half(self, x: relax.Expr, shape: tuple[int, ...] | None = None) -> relax.Var | None:
+        """The fp16 NHWC tensor (of ``shape``, when given) that NCHW fp32 ``x`` only widens and
+        permutes (:func:`~.half_storage.fp16_view`), as the rewrite exposes a kernel's output; None
+        when ``x`` is anything else."""
+        view = fp16_view(x, self._bound) if isinstance(x, relax.Var) else None
+        if view is None or view[1] != [0, 3, 1, 2]:
+            return None
+        return view[0] if shape is None or tuple(int(d) for d in view[0].ty.shape) == tuple(shape) else None
 
     def _unfold(self, part: relax.Expr, plan: FloatConvPlan) -> relax.Expr:
         """NHWC ``[N][H][W][O]`` conv output from the kernel's partial sums (see :class:`FloatConvPlan`):
@@ -911,13 +910,11 @@ class _CudaRewriter(PyExprMutator):
                 if found is None or found[0].variant not in ("s4mma", "s8mma"):
                     continue
                 conv, bias = found
-                x = new_sum.args[1 - k]
-                view = fp16_view(x, self._bound) if isinstance(x, relax.Var) else None
-                out_shape = tuple(conv.shape.out_shape(conv.variant))
-                if view is None or view[1] != [0, 3, 1, 2] or tuple(int(d) for d in view[0].ty.shape) != out_shape:
+                residual = self._nhwc_half(new_sum.args[1 - k], conv.shape.out_shape(conv.variant))
+                if residual is None:
                     continue
                 epilogue = cc.with_relu(conv.epilogue, residual=True)
-                return self._refold(conv, epilogue, [relax.const(bias), view[0]])
+                return self._refold(conv, epilogue, [relax.const(bias), residual])
         return None
 
     def _unalias(self, expr: relax.Expr) -> relax.Expr:
@@ -946,7 +943,7 @@ class _CudaRewriter(PyExprMutator):
         out_ty = relax.TensorType(conv.shape.out_shape(conv.variant), cc.out_dtype(conv.variant, epilogue))
         kernel = self._kernel(conv.shape, conv.variant, epilogue)
         acc = self.builder_.emit(relax.call_tir(kernel, [*conv.args, *extra], out_ty))
-        self.kernel_outputs[acc] = (conv, epilogue, extra)
+        self.kernel_outputs[acc] = dataclasses.replace(conv, epilogue=epilogue, args=[*conv.args, *extra])
         self.result.roofline[conv.index] = conv.roofline(epilogue)
         self.result.relu_folded.append(conv.index)
         return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
