@@ -148,8 +148,8 @@ def check_float_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]
 
     rows = []
     for call, inputs, data, lib, dev in _library_calls(folder, "float_kernels", kind):
-        halves = np.full(call["out_shape"], 0xFFFFFFFF if call["out_dtype"] == "uint32" else 0xFFFF)
-        poison = halves.astype(np.uint32 if call["out_dtype"] == "uint32" else np.uint16)
+        word = np.uint32 if call["out_dtype"] == "uint32" else np.uint16
+        poison = np.full(call["out_shape"], np.iinfo(word).max, word)  # every bit set: fp16 NaNs
         out = rt.to_device(poison.view(call["out_dtype"]), dev)
         lib[call["function"]](*inputs, out)
         got = rt.to_numpy(out).view(np.float16).astype(np.float32)

@@ -415,15 +415,7 @@ def test_bias_relu_folds_into_the_conv_kernel():
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got_res, got_mean = (t.numpy() for t in relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)))
     r_got = got_res - x
-    x16 = x.astype(np.float16).astype(np.float64)
-    w16 = w.astype(np.float16).astype(np.float64)
-    xp = np.pad(x16, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    conv = sum(
-        np.einsum("nchw,oc->nohw", xp[:, :, i : i + 12, j : j + 12], w16[:, :, i, j])
-        for i in range(3)
-        for j in range(3)
-    )
-    want = np.maximum(conv + b, 0)
+    want = np.maximum(_f16_conv(x, w) + b, 0)
     assert 0.1 < np.mean(want == 0) < 0.9
     np.testing.assert_allclose(r_got, want, rtol=2e-3, atol=2e-3)
     # the kernel's fp16 output is what the readers see: r is fp16-representable (an fp32 bias add
@@ -452,22 +444,6 @@ def _one_input_graph(shape: tuple[int, ...], body):
             out = builder.emit_output(body(builder, xv))
         builder.emit_func_output(out)
     return builder.get()
-
-
-def _f16(v) -> np.ndarray:
-    """Rounded to fp16 (numpy, round to nearest even), as float64."""
-    return np.asarray(v, np.float32).astype(np.float16).astype(np.float64)
-
-
-def _conv3_f64(v: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """A float64 3x3 conv (padding 1) of fp16-rounded operands."""
-    h, wd = v.shape[2:]
-    vp = np.pad(_f16(v), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    return sum(
-        np.einsum("nchw,oc->nohw", vp[:, :, i : i + h, j : j + wd], _f16(w)[:, :, i, j])
-        for i in range(3)
-        for j in range(3)
-    )
 
 
 def test_one_by_one_conv_reads_concatenated_parts_in_place():
@@ -502,8 +478,8 @@ def test_one_by_one_conv_reads_concatenated_parts_in_place():
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
-    parts = [_f16(np.maximum(_conv3_f64(x, w) + b, 0)) for w, b in ((wa, ba), (wb, bb_))] + [_f16(x + np.float32(1))]
-    want = np.einsum("nchw,oc->nohw", np.concatenate(parts, axis=1), _f16(w1)[:, :, 0, 0])
+    parts = [np.maximum(_f16_conv(x, w) + b, 0) for w, b in ((wa, ba), (wb, bb_))] + [x + np.float32(1)]
+    want = _f16_conv(np.concatenate(parts, axis=1), w1)  # each part rounded to fp16, as the kernels store it
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
@@ -531,7 +507,7 @@ def test_concatenation_of_parts_narrower_than_a_chunk_is_packed():
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     cat = np.concatenate([x, x + np.float32(1), x * np.float32(2)], axis=1)
-    want = np.einsum("nchw,oc->nohw", _f16(cat), _f16(w)[:, :, 0, 0])
+    want = _f16_conv(cat, w)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
@@ -567,9 +543,8 @@ def test_pixel_shuffle_is_stored_by_the_producing_kernel(relu):
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     got = relax.VirtualMachine(exe, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
-    first = np.maximum(_conv3_f64(x, w1) + b1, 0) if relu else _conv3_f64(x, w1)
-    y = torch.nn.functional.pixel_shuffle(torch.from_numpy(_f16(first)), 2).numpy()
-    want = _conv3_f64(y, w2)
+    first = np.maximum(_f16_conv(x, w1) + b1, 0) if relu else _f16_conv(x, w1)
+    want = _f16_conv(torch.nn.functional.pixel_shuffle(torch.from_numpy(first), 2).numpy(), w2)
     assert want.shape == got.shape == (1, 8, 12, 16)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
