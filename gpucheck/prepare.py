@@ -155,13 +155,16 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
 FLOAT_CASES = {
     "f16mma_parts": ({"batch": 2, "in_ch": 192, "out_ch": 64, "height": 8, "width": 8, "kernel": 1, "parts": 3}, None),
     "f16mma_shuffle": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 8}, 1),
+    # the store that also writes per-tile channel sums (DDTB's gate means): pad "sums"
+    "f16mma_sums": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 16}, "sums"),
 }
 
 
 def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[dict[str, Any]]:
     """The f16mma kernels with the "f16_relu" store (:data:`FLOAT_CASES`), their operands and the
     expected fp16 outputs from a numpy fp16-in, fp32-sum conv (PyTorch's pixel_shuffle and the
-    fp16 pack for the shuffled store, its border zero). ``calls.json`` says what to call with
+    fp16 pack for the shuffled store, its border zero; float64 sums of the outputs per block tile
+    for the tile-sums store). ``calls.json`` says what to call with
     what. ``kind`` "llvm" builds the kernels' LLVM twins instead (tests/test_gpucheck.py)."""
     import torch
     from refqsr_engine.kernels import conv2d_cuda as cc
@@ -185,7 +188,13 @@ def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[
             for j in range(s.kernel)
         )
         y = np.maximum(conv + b[None, :, None, None], 0).astype(np.float16)  # NCHW
-        if pad is None:
+        sums = pad == "sums"
+        pad = None if sums else pad
+        if sums:
+            inputs = {f"{name}_a": cc.pack_activations_f16(x, s.kernel)}
+            order = np.arange(s.out_ch)
+            want = np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+        elif pad is None:
             inputs = {
                 f"{name}_a{p}": np.ascontiguousarray(np.split(x, s.parts, 1)[p].transpose(0, 2, 3, 1)).astype(
                     np.float16
@@ -204,17 +213,22 @@ def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[
         arrays[f"{name}_want"] = want
         out_dtype = "float16" if pad is None else "uint32"
         out_shape = s.out_shape("f16mma") if pad is None else cc.shuffle_out_shape(s, pad)
-        calls.append(
-            {
-                "function": name,
-                "inputs": [*inputs, f"{name}_w", f"{name}_b"],
-                "output": f"{name}_want",
-                "out_shape": list(out_shape),
-                "out_dtype": out_dtype,
-            }
-        )
+        call = {
+            "function": name,
+            "inputs": [*inputs, f"{name}_w", f"{name}_b"],
+            "output": f"{name}_want",
+            "out_shape": list(out_shape),
+            "out_dtype": out_dtype,
+        }
+        if sums:  # float64 sums of the expected fp16 outputs over each block tile's pixels
+            bm = cc.mma_config(s, "f16mma").bm
+            arrays[f"{name}_sums_want"] = want.astype(np.float64).reshape(-1, bm, s.out_ch).sum(axis=1)
+            arrays[f"{name}_sums_scale"] = np.abs(want.astype(np.float64)).reshape(-1, bm, s.out_ch).sum(axis=1)
+            call["sums"] = f"{name}_sums"
+        calls.append(call)
         build = cc.conv2d_f16mma_primfunc if kind == "cuda" else cc.conv2d_f16_compute
-        funcs[name] = build(s, epilogue="f16_relu", shuffle_pad=pad).with_attr("global_symbol", name)
+        options = {"tile_sums": True} if sums else {"shuffle_pad": pad}
+        funcs[name] = build(s, epilogue="f16_relu", **options).with_attr("global_symbol", name)
     np.savez(into / "float_kernels.npz", **arrays)
     (into / "calls.json").write_text(json.dumps(calls, indent=1))
     say(f"building the f16mma kernels for {arch if kind == 'cuda' else kind}")

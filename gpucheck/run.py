@@ -151,11 +151,20 @@ def check_float_kernels(folder: Path, kind: str = "cuda") -> list[dict[str, Any]
         word = np.uint32 if call["out_dtype"] == "uint32" else np.uint16
         poison = np.full(call["out_shape"], np.iinfo(word).max, word)  # every bit set: fp16 NaNs
         out = rt.to_device(poison.view(call["out_dtype"]), dev)
-        lib[call["function"]](*inputs, out)
+        sums = call.get("sums")
+        if sums:  # a second output: per-tile channel sums, poisoned with fp32 NaNs
+            sums_out = rt.to_device(np.full(data[f"{sums}_want"].shape, np.nan, np.float32), dev)
+            lib[call["function"]](*inputs, out, sums_out)
+        else:
+            lib[call["function"]](*inputs, out)
         got = rt.to_numpy(out).view(np.float16).astype(np.float32)
         want = data[call["output"]].view(np.float16).astype(np.float32)
         close = np.abs(got - want) <= FLOAT_RTOL * np.abs(want) + FLOAT_ATOL  # NaN: not close
         wrong = int(got.size - close.sum())
+        if sums:  # fp32 sums of the fp16 outputs: the outputs' bound, summed
+            bound = FLOAT_RTOL * data[f"{sums}_scale"] + FLOAT_ATOL * (want.size // data[f"{sums}_want"].size)
+            got_sums = rt.to_numpy(sums_out)
+            wrong += int(got_sums.size - (np.abs(got_sums - data[f"{sums}_want"]) <= bound).sum())
         rows.append({"kernel": call["function"], "elements": int(want.size), "wrong": wrong, "within": wrong == 0})
     return rows
 

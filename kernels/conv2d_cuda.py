@@ -958,6 +958,29 @@ def _acc_index(shape, cfg, m0, o0, ty, lane, cr):
     return _c_index(shape, m, o, lane, cr % 4)
 
 
+def tile_sums_shape(shape: Conv2dCudaShape, variant: str) -> tuple[int, int]:
+    """``[pixel tiles][out_ch]``: what a kernel with ``tile_sums`` also writes, the fp32 sum of
+    its stored (fp16) outputs over each block tile's ``bm`` pixels, per output channel."""
+    return shape.pixels // mma_config(shape, variant).bm, shape.out_ch
+
+
+def _sum_slot(cfg, ty, lane, c):
+    """(row slot, column of the block tile) of a thread's column sum ``c`` (0 .. 2*nt - 1: the
+    accumulator column ``2*(lane%4) + c%2`` of its 8-channel tile ``c//2``) in the block's
+    reduction buffer: one row slot per pixel row ``lane//4`` of each warp along the pixels."""
+    slot = (ty // cfg.bg) * 8 + lane // 4
+    return slot, (ty % cfg.bg) * 8 * cfg.nt + 8 * (c // 2) + 2 * (lane % 4) + c % 2
+
+
+def _check_tile_sums(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None, sums: bool) -> None:
+    if not sums:
+        return
+    if epilogue is None or pad is not None:
+        raise ValueError("tile sums need an fp16 store (an epilogue) without a pixel-shuffle store")
+    if (shape.height * shape.width) % mma_config(shape, variant).bm:
+        raise ValueError("tile sums need whole block tiles per sample")
+
+
 def _a_src(shape, cfg, m0, ks, idx):
     """Index into the activation words of word ``idx`` (row ``idx // kw``, word ``idx % kw``) of
     the A stage of step ``ks``, for the block whose pixels start at ``m0``. Word ``k`` of a row
@@ -1018,6 +1041,7 @@ def _mma_compute(
     act_signed: bool,
     epilogue: str | None = None,
     shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """The twin of a tensor-core variant ``main(A, W, conv)``: the same packed words, elements
     unpacked with shifts (fp16 halves reinterpreted and widened to fp32: the products of two
@@ -1026,9 +1050,11 @@ def _mma_compute(
     ``main(A, W, RS, RZ, CS, CW, WS, conv)`` (:func:`dequant_epilogue_reference`); a "_relu"
     form takes a bias ``B`` before ``conv``, a "_res_relu" form ``B`` and a residual ``R``. With
     ``shuffle_pad`` the fp16 values go to the words a pixel-shuffle store writes
-    (:func:`conv2d_f16mma_primfunc`), the border words 0."""
+    (:func:`conv2d_f16mma_primfunc`), the border words 0. With ``tile_sums`` it also returns
+    ``S``, the per-channel fp32 sums of the stored values over each block tile's pixels."""
     _check_epilogue(variant, epilogue)
     _check_shuffle(shape, variant, epilogue, shuffle_pad)
+    _check_tile_sums(shape, variant, epilogue, shuffle_pad, tile_sums)
     s, bits = shape, MMA_BITS[variant]
     per_word = 32 // bits
     mask, sign = (1 << bits) - 1, 1 << (bits - 1)
@@ -1092,10 +1118,23 @@ def _mma_compute(
 
         out = te.compute(shuffle_out_shape(s, pad), word, name="conv")
         return te.create_prim_func([*acts, Wt, *([B] if relu else []), out])
+
+    def with_sums(out):  # [conv] or [conv, S]
+        if not tile_sums:
+            return [out]
+        bm = mma_config(s, variant).bm
+        r = te.reduce_axis((0, bm), "r")
+        sums = te.compute(
+            tile_sums_shape(s, variant),
+            lambda t, o: te.sum(out[(*_pixel(s, t * bm + r), o)].astype("float32"), axis=r),
+            name="S",
+        )
+        return [out, sums]
+
     if base_epilogue(epilogue) == "f16":
         acc = out
         out = te.compute(s.out_shape(variant), lambda n, h, w, o: finish(acc[n, h, w, o], n, h, w, o), name="conv")
-        return te.create_prim_func([*acts, Wt, *([B] if relu else []), out])
+        return te.create_prim_func([*acts, Wt, *([B] if relu else []), *with_sums(out)])
     if epilogue in DEQUANT_EPILOGUES:
         acc = out
         RS = te.placeholder((s.batch,), "float32", name="RS")
@@ -1114,7 +1153,7 @@ def _mma_compute(
             name="conv",
         )
         extra = [B] if relu else []
-        return te.create_prim_func([*acts, Wt, RS, RZ, CS, CW, WS, *extra, *([R] if res else []), out])
+        return te.create_prim_func([*acts, Wt, RS, RZ, CS, CW, WS, *extra, *([R] if res else []), *with_sums(out)])
     return te.create_prim_func([*acts, Wt, out])
 
 
@@ -1159,24 +1198,28 @@ def f16_pack_compute(
 
 
 def conv2d_f16_compute(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, shuffle_pad: int | None = None
+    shape: Conv2dCudaShape,
+    act_signed: bool = False,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """The f16 twin ``main(A, W, conv)``: the same packed fp16 pairs, fp32 products and sums."""
-    return _mma_compute(shape, "f16mma", act_signed, epilogue, shuffle_pad)
+    return _mma_compute(shape, "f16mma", act_signed, epilogue, shuffle_pad, tile_sums)
 
 
 def conv2d_s4_compute(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, tile_sums: bool = False
 ) -> tvm.tirx.PrimFunc:
     """The s4 twin ``main(A, W, conv)``: the same packed words, nibbles unpacked with shifts."""
-    return _mma_compute(shape, "s4mma", act_signed, epilogue)
+    return _mma_compute(shape, "s4mma", act_signed, epilogue, tile_sums=tile_sums)
 
 
 def conv2d_s8_compute(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, tile_sums: bool = False
 ) -> tvm.tirx.PrimFunc:
     """The s8 twin ``main(A, W, conv)``: the same packed words, bytes unpacked with shifts."""
-    return _mma_compute(shape, "s8mma", act_signed, epilogue)
+    return _mma_compute(shape, "s8mma", act_signed, epilogue, tile_sums=tile_sums)
 
 
 def _check_shuffle(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None) -> None:
@@ -1212,6 +1255,7 @@ def _mma_primfunc(
     act_signed: bool,
     epilogue: str | None = None,
     shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """A CUDA implicit-GEMM conv on tensor cores. Per mma step the block's threads copy the A and
     B tiles of the *next* step from global memory into registers, run the current step's mmas on
@@ -1221,9 +1265,14 @@ def _mma_primfunc(
     :func:`_b_frag` (fragments) and :func:`_c_index` (output). ``epilogue`` (:data:`EPILOGUES`)
     is applied to each accumulator at its store: "dequant" / "dequant_ws" take five more buffers
     (per-sample scale and zero point, per-output-channel weight sum and scale, per-pixel window
-    term) and write fp16; a "_relu" form takes the bias ``B`` before ``conv``."""
+    term) and write fp16; a "_relu" form takes the bias ``B`` before ``conv``. With ``tile_sums``
+    the kernel also writes ``S`` after ``conv`` (:func:`tile_sums_shape`): each block sums its
+    stored outputs per channel, per thread over its rows, then over the threads' row slots in
+    shared memory (:func:`_sum_slot`) in a fixed order -- a statistic of the output (a mean)
+    without reading it again."""
     _check_epilogue(variant, epilogue)
     _check_shuffle(shape, variant, epilogue, shuffle_pad)
+    _check_tile_sums(shape, variant, epilogue, shuffle_pad, tile_sums)
     s, cfg = shape, mma_config(shape, variant)
     mt, nt, ra, rb, ksteps = cfg.mt, cfg.nt, cfg.a_regs, cfg.b_regs, cfg.ksteps
     gm, gn = _grid(s, cfg)
@@ -1246,6 +1295,8 @@ def _mma_primfunc(
     c_shape, c_dtype = (shuffle_out_shape(s, shuffle_pad), "uint32") if shuffle else (o_shape, store_ty)
 
     relu, res = epilogue in RELU_EPILOGUES, epilogue in RESIDUAL_EPILOGUES
+    s_shape = tile_sums_shape(s, variant) if tile_sums else (1, 1)
+    slots, bn, gn_ = cfg.bp * 8, cfg.bn, gn
 
     def _store(v, idx, eps=None):
         """The stored value of accumulator ``v`` of output element ``idx`` = (n, h, w, o);
@@ -1272,7 +1323,29 @@ def _mma_primfunc(
     ws_shape = window_term_shape(s, epilogue)
 
     @T.macro
-    def tile(srcs, W, conv, eps, bx, ty, lane):
+    def store_with_sums(conv, S, eps, bx, ty, lane, acc, m0, o0):
+        # the outputs, then their per-channel sums over the block tile's pixels
+        stored = T.sblock_alloc_buffer((mt * nt * 4,), "float16", scope="local")
+        csum = T.sblock_alloc_buffer((nt * 2,), "float32", scope="local")
+        red = T.sblock_alloc_buffer((slots * bn,), "float32", scope="shared")
+        for cr in T.unroll(mt * nt * 4):
+            stored[cr] = _store(acc[cr], _acc_index(s, cfg, m0, o0, ty, lane, cr), eps)
+            conv[_acc_index(s, cfg, m0, o0, ty, lane, cr)] = stored[cr]
+        for c in T.unroll(nt * 2):
+            csum[c] = T.float32(0.0)
+        for cr in T.unroll(mt * nt * 4):  # column (cr // 4 % nt, cr % 2): rows in cr order
+            csum[cr // 4 % nt * 2 + cr % 2] = csum[cr // 4 % nt * 2 + cr % 2] + T.cast(stored[cr], "float32")
+        for c in T.unroll(nt * 2):
+            red[_sum_slot(cfg, ty, lane, c)[0] * bn + _sum_slot(cfg, ty, lane, c)[1]] = csum[c]
+        T.tvm_storage_sync("shared")
+        if ty * 32 + lane < bn:
+            csum[0] = T.float32(0.0)
+            for r in T.unroll(slots):
+                csum[0] = csum[0] + red[r * bn + ty * 32 + lane]
+            S[bx // gn_, o0 + ty * 32 + lane] = csum[0]
+
+    @T.macro
+    def tile(srcs, W, conv, S, eps, bx, ty, lane):
         # one block's tile: double-buffered staging, the mma steps and the stored outputs
         a_sh = T.sblock_alloc_buffer((2 * a_buf,), "uint32", scope="shared")
         b_sh = T.sblock_alloc_buffer((2 * b_buf,), "uint32", scope="shared")
@@ -1354,6 +1427,8 @@ def _mma_primfunc(
                                 j,
                             )
                         ] = T.uint32(0)
+        elif tile_sums:
+            store_with_sums(conv, S, eps, bx, ty, lane, acc, m0, o0)
         else:
             for cr in T.unroll(mt * nt * 4):
                 conv[_acc_index(s, cfg, m0, o0, ty, lane, cr)] = _store(
@@ -1362,7 +1437,7 @@ def _mma_primfunc(
 
     # one signature with every epilogue operand; the kernel keeps the ones its epilogue reads
     # (the block reads only those, so the others are unused parameters and are dropped)
-    kept = {"A", "W", "conv", *(f"A{p}" for p in range(1, s.parts))}
+    kept = {"A", "W", "conv", *(f"A{p}" for p in range(1, s.parts)), *(["S"] if tile_sums else [])}
     kept |= {"RS", "RZ", "CS", "CW", "WS"} if epilogue in DEQUANT_EPILOGUES else set()
     kept |= {"B"} if relu else set()
     kept |= {"R"} if res else set()
@@ -1385,6 +1460,7 @@ def _mma_primfunc(
         B: T.Buffer((s.out_ch,), "float32"),
         R: T.Buffer(o_shape, "float16"),
         conv: T.Buffer(c_shape, c_dtype),
+        S: T.Buffer(s_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
 
@@ -1393,35 +1469,39 @@ def _mma_primfunc(
                 for lane in T.thread_binding(32, thread="threadIdx.x"):
                     with T.sblock("block_tile"):
                         T.reads(whole(A, A1, A2, A3, W, RS, RZ, CS, CW, WS, B, R))
-                        T.writes(conv[:, :, :, :])
-                        tile((A, A1, A2, A3), W, conv, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
+                        T.writes(whole(conv, S))
+                        tile((A, A1, A2, A3), W, conv, S, (RS, RZ, CS, CW, WS, B, R), bx, ty, lane)
 
     main = tvm.tirx.PrimFunc([p for p in main.params if p.name in kept], main.body, main.ret_type, main.attrs)
     return main.with_attr("global_symbol", f"conv2d_{variant}")
 
 
 def conv2d_s4mma_primfunc(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, tile_sums: bool = False
 ) -> tvm.tirx.PrimFunc:
     """The CUDA s4 implicit-GEMM conv ``conv2d_s4mma(A, W, conv)`` (u4/s4 x s4, ``m16n8k64``/``k32``)."""
-    return _mma_primfunc(shape, "s4mma", act_signed, epilogue)
+    return _mma_primfunc(shape, "s4mma", act_signed, epilogue, tile_sums=tile_sums)
 
 
 def conv2d_s8mma_primfunc(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None
+    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, tile_sums: bool = False
 ) -> tvm.tirx.PrimFunc:
     """The CUDA s8 implicit-GEMM conv ``conv2d_s8mma(A, W, conv)`` (u8/s8 x s8, ``m16n8k32``/``k16``)."""
-    return _mma_primfunc(shape, "s8mma", act_signed, epilogue)
+    return _mma_primfunc(shape, "s8mma", act_signed, epilogue, tile_sums=tile_sums)
 
 
 def conv2d_f16mma_primfunc(
-    shape: Conv2dCudaShape, act_signed: bool = False, epilogue: str | None = None, shuffle_pad: int | None = None
+    shape: Conv2dCudaShape,
+    act_signed: bool = False,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """The CUDA fp16 implicit-GEMM conv ``conv2d_f16mma(A, W, conv)`` (f16 x f16 -> f32,
     ``m16n8k16``/``k8``); ``act_signed`` has no meaning for float operands. With ``shuffle_pad``
     the output is pixel-shuffled (x2, channels in :func:`shuffle_channel_order`) into the next
     conv's packed operand with a zero border of that width (:func:`shuffle_out_shape`)."""
-    return _mma_primfunc(shape, "f16mma", act_signed, epilogue, shuffle_pad)
+    return _mma_primfunc(shape, "f16mma", act_signed, epilogue, shuffle_pad, tile_sums)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1462,7 +1542,8 @@ def emulate_mma(
     epilogue: str | None = None,
     epilogue_args: tuple[np.ndarray, ...] = (),
     shuffle_pad: int | None = None,
-) -> np.ndarray:
+    tile_sums: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Replay the tensor-core kernel ``variant`` in numpy, block by block: the same staging into
     two shared-memory buffers (``_a_src``, ``_b_src``, ``_stage_dst``; every thread's copies,
     the guarded last pass included), the same fragment reads (``_a_frag``, ``_b_frag``) and
@@ -1476,10 +1557,13 @@ def emulate_mma(
     ``parts`` > 1, ``a_words`` is the list of fp16 NHWC parts (:attr:`Conv2dCudaShape.part_shape`).
     With ``shuffle_pad`` it replays the pixel-shuffle store (:func:`_shuffle_index`, the border
     words of :func:`_shuffle_border`) and returns the words written, 0xFFFF in any half no store
-    reached."""
+    reached. With ``tile_sums`` it returns ``(output, S)``, the block sums reduced as the kernel
+    does (:func:`_sum_slot`: fp32, per thread in accumulator order, then over the row slots)."""
     _check_epilogue(variant, epilogue)
     _check_shuffle(shape, variant, epilogue, shuffle_pad)
+    _check_tile_sums(shape, variant, epilogue, shuffle_pad, tile_sums)
     cfg = mma_config(shape, variant)
+    sums = np.zeros(tile_sums_shape(shape, variant), np.float32) if tile_sums else None
     gm, gn = _grid(shape, cfg)
     lane, tid = np.arange(32), np.arange(cfg.threads)
     if shape.parts == 1:
@@ -1529,8 +1613,10 @@ def emulate_mma(
                     for ni in range(cfg.nt):
                         d = _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
                         acc[ty, mi, ni] += d.astype(acc_kind)
+        red = np.zeros((cfg.bp * 8, cfg.bn), np.float32)  # the block's reduction buffer
         for ty in range(cfg.warps):
             wm, wn = ty // cfg.bg, ty % cfg.bg
+            csum = np.zeros((2 * cfg.nt, 32), np.float32)
             for mi in range(cfg.mt):
                 for ni in range(cfg.nt):
                     for r in range(4):
@@ -1540,6 +1626,7 @@ def emulate_mma(
                         )
                         if shuffle_pad is None:
                             out[_c_index(shape, m, o, lane, r)] = value
+                            csum[2 * ni + r % 2] += value.astype(np.float32)
                             continue
                         dst = _shuffle_index(shape, shuffle_pad, _c_index(shape, m, o, lane, r))
                         halves[(*dst[:3], 2 * dst[3] + r % 2)] = value.astype(np.float16).view(np.uint16)
@@ -1548,6 +1635,16 @@ def emulate_mma(
                             hit = y_check & x_check
                             for half in (0, 1):
                                 halves[tuple(a[hit] for a in at[:3]) + (2 * at[3][hit] + half,)] = 0
+            for c in range(2 * cfg.nt):
+                slot, col = _sum_slot(cfg, ty, lane, c)
+                red[slot, col] = csum[c]
+        if tile_sums:
+            total = np.zeros(cfg.bn, np.float32)
+            for r in range(cfg.bp * 8):
+                total += red[r]
+            sums[bx // gn, o0 : o0 + cfg.bn] = total
+    if tile_sums:
+        return out.astype(np.float16), sums
     if shuffle_pad is not None:
         return halves.view(np.uint32)
     return out if epilogue is None else out.astype(np.float16)

@@ -740,6 +740,10 @@ def test_bundled_model_convs_are_all_tensor_core(bundled):
         assert sorted(graph["input_parts"], key=int) == (sorted(ones, key=int) if carn else [])
         assert all(2 <= p["parts"] <= 4 and 0 <= p["in_place"] <= p["parts"] for p in graph["input_parts"].values())
         assert len(graph["shuffle_stores"]) == (2 if carn else 0)
+        # DDTB's gate means of conv outputs come from the producing kernels' tile sums
+        # (CARN's: SRResNet's means read PReLU outputs, which no kernel stores)
+        assert not (carn and "ddtb" in name) or graph["tile_sum_means"] >= len(graph["tile_sums"]) > 0
+        assert all(roof[str(i)]["tile_sums"][1] % 8 == 0 for i in graph["tile_sums"])  # counted in its bytes
         assert not carn or not any("concatenate" in k["kernel"] for k in traffic["other_top"])
         assert sorted(graph["f16mma"], key=int) == [str(i) for i, a in enumerate(graph["act_bits"]) if a == 32]
         splits = []
@@ -847,6 +851,8 @@ def test_rewritten_graph_on_llvm_equals_onnxruntime(exported, scheme, bits, name
     assert ("s4mma" if bits == (4, 3) and arch == "sm_80" else "s8mma") in variants
     assert arch == "sm_80" or "s4mma" not in variants
     assert not result.float_reasons  # every quantized conv is an integer conv
+    if scheme == "ddtb" and net == "carn" and name != "clustblock":  # gate means from the kernels' tile sums
+        assert result.tile_sum_means > 0 and result.tile_sums
     # every full-precision conv on fp16 tensor cores (their fp16 rounding is within the 50 dB below)
     assert not result.f16_fallback
     assert all((c.variant == "f16mma") == (c.act_bits == 32) for c in result.convs)

@@ -202,9 +202,12 @@ def test_float_kernel_check_on_the_cpu_and_the_cuda_build(tmp_path):
     shuffled = data["f16mma_shuffle_want"].copy()
     assert not shuffled[:, 0].view(np.uint32).any()  # the border the kernel must write: zero
     shuffled[0, 0, 3, 5] = np.float16(1.0)
-    np.savez(folder / "float_kernels.npz", **{**data, "f16mma_parts_want": parts, "f16mma_shuffle_want": shuffled})
+    sums = data["f16mma_sums_sums_want"].copy()
+    sums[1, 2] += 0.5  # a tile's sum off by half a unit
+    changed = {"f16mma_parts_want": parts, "f16mma_shuffle_want": shuffled, "f16mma_sums_sums_want": sums}
+    np.savez(folder / "float_kernels.npz", **{**data, **changed})
     bad = {r["kernel"]: r["wrong"] for r in gpurun.check_float_kernels(folder, kind="cpu")}
-    assert bad == {"f16mma_parts": 1, "f16mma_shuffle": 1}
+    assert bad == {"f16mma_parts": 1, "f16mma_shuffle": 1, "f16mma_sums": 1}
     if cuda_toolchain.nvcc_available():
         rows = build_float_kernels(tmp_path / "cuda", "sm_90", lambda msg: None)
-        assert rows[-1]["ptx"]["mma_f16"] >= 2 and rows[-1]["ptx"]["local_memory"] == 0
+        assert rows[-1]["ptx"]["mma_f16"] >= 3 and rows[-1]["ptx"]["local_memory"] == 0

@@ -887,3 +887,110 @@ def test_dequant_epilogue_builds_for_cuda():
     assert re.search(r"mma\.sync\.aligned\.m16n8k\d+\.row\.col\.s32\.u8\.s8\.s32", ptx)
     assert re.search(r"cvt\.rn\.f16\.f32", ptx)
     assert re.search(r"st\.global\.(?:b16|u16)", ptx)
+
+
+# ----------------------------------------------------------------------------------------------
+# tile sums: per-channel sums of the stored outputs over each block tile (a mean without a re-read)
+
+TILE_SUM_CASES = {
+    "s8mma": (cc.Conv2dCudaShape(2, 32, 64, 16, 8), "dequant_relu"),  # 2 pixel tiles a sample
+    "f16mma": (cc.Conv2dCudaShape(2, 16, 256, 4, 8), "f16_relu"),  # 2 channel tiles a block row
+}
+
+
+def tile_sums_case(variant):
+    """(shape, epilogue, packed operands, epilogue operands, the stored output by an independent
+    reference): a conv with a bias-and-ReLU store."""
+    shape, epilogue = TILE_SUM_CASES[variant]
+    if variant == "f16mma":
+        x, w = float_operands(shape, seed=5)
+        a, wp = cc.pack_activations_f16(x, shape.kernel), cc.pack_weights_f16(w)
+        bias = relu_bias(shape) * 4
+        want = np.maximum(f16_reference(x, w).transpose(0, 2, 3, 1) + bias, np.float32(0)).astype(np.float16)
+        return shape, epilogue, a, wp, (bias,), want
+    x, w, pad = operands(shape, variant, False)
+    a, wp = pack(variant, x, w, pad, False)
+    ops = (*epilogue_operands(shape, w, False), relu_bias(shape))
+    acc = reference_conv(x, w, pad).transpose(0, 2, 3, 1)
+    want = cc.dequant_epilogue_reference(acc, *ops[:4], None, ops[5])
+    return shape, epilogue, a, wp, ops, want
+
+
+def block_sums(y, shape, variant) -> np.ndarray:
+    """float64 sums of NHWC ``y`` over each block tile's pixels (consecutive n, h, w), per channel."""
+    bm = cc.mma_config(shape, variant).bm
+    return y.astype(np.float64).reshape(-1, bm, shape.out_ch).sum(axis=1)
+
+
+@pytest.mark.parametrize("variant", list(TILE_SUM_CASES))
+def test_tile_sums_replay_and_twin_match_reference(variant):
+    """With ``tile_sums`` the kernel also writes the fp32 per-channel sums of its stored fp16
+    outputs over each block tile: the replay (the kernel's own reduction order) and the LLVM twin
+    against float64 sums of the independently computed output, within fp32 rounding."""
+    from refqsr_engine.kernels.tir_build import build_kernel
+
+    shape, epilogue, a, wp, ops, want = tile_sums_case(variant)
+    assert 0.05 < np.mean(want == 0) < 0.95  # the ReLU clips some outputs, not all
+    ref = block_sums(want, shape, variant)
+    scale = block_sums(np.abs(want), shape, variant) + 1e-3
+    out, sums = cc.emulate_mma(shape, a, wp, False, variant, epilogue, ops, tile_sums=True)
+    assert sums.shape == cc.tile_sums_shape(shape, variant) and sums.dtype == np.float32
+    if variant == "f16mma":  # the replay sums in another order than the reference: a few fp16 ulps
+        assert np.abs(out.astype(np.float32) - want.astype(np.float32)).max() <= 2e-3 * np.abs(want).max()
+    else:
+        assert np.array_equal(out, want)
+    assert np.all(np.abs(sums - block_sums(out, shape, variant)) <= 1e-6 * scale)
+    assert np.all(np.abs(sums - ref) <= 2e-3 * scale)
+    twin = build_kernel(
+        "sums_twin",
+        cc.COMPUTES[variant](shape, False, epilogue=epilogue, tile_sums=True),
+        2 + len(ops),
+        target={"kind": "llvm"},
+    )
+    got, got_sums = twin(a, wp, *ops)
+    got, got_sums = (v.numpy() if hasattr(v, "numpy") else v for v in (got, got_sums))
+    assert np.all(np.abs(got_sums - block_sums(got, shape, variant)) <= 1e-6 * scale)
+    assert np.all(np.abs(got_sums - ref) <= 2e-3 * scale)
+
+
+def test_tile_sums_replay_detects_a_wrong_slot_mapping(monkeypatch):
+    """The reduction's index math (:func:`_sum_slot`, shared by the kernel and its replay): two
+    neighbouring columns exchanged, or two threads' row slots written to one, must each move the
+    sums away from the reference."""
+    shape, epilogue, a, wp, ops, want = tile_sums_case("s8mma")
+    ref = block_sums(want, shape, "s8mma")
+    right = cc._sum_slot
+    wrong = {
+        "columns": lambda cfg, ty, lane, c: (right(cfg, ty, lane, c)[0], right(cfg, ty, lane, c ^ 1)[1]),
+        "slots": lambda cfg, ty, lane, c: (right(cfg, ty, lane, c)[0] // 2 * 2, right(cfg, ty, lane, c)[1]),
+    }
+    for name, slot in wrong.items():
+        monkeypatch.setattr(cc, "_sum_slot", slot)
+        _, sums = cc.emulate_mma(shape, a, wp, False, "s8mma", epilogue, ops, tile_sums=True)
+        monkeypatch.setattr(cc, "_sum_slot", right)
+        assert np.abs(sums - ref).max() > 0.1, name
+
+
+def test_tile_sums_checks():
+    shape, epilogue = TILE_SUM_CASES["s8mma"]
+    with pytest.raises(ValueError, match="fp16 store"):
+        cc.conv2d_s8mma_primfunc(shape, tile_sums=True)
+    with pytest.raises(ValueError, match="whole block tiles"):
+        cc.conv2d_s8mma_primfunc(cc.Conv2dCudaShape(2, 32, 64, 4, 8), epilogue=epilogue, tile_sums=True)
+    with pytest.raises(ValueError, match="pixel-shuffle"):
+        cc.conv2d_f16mma_primfunc(cc.Conv2dCudaShape(2, 16, 32, 4, 6), epilogue="f16", shuffle_pad=1, tile_sums=True)
+
+
+@needs_sass
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tile_sums_kernel_sass(arch):
+    """The production s8 conv with tile sums through nvcc and ptxas: IMMA as without them, the
+    reduction through shared memory (two barriers more than the step loop's), no local memory."""
+    shape = cc.Conv2dCudaShape(1, 64, 64, 96, 96)
+    exe = cuda_toolchain.build_cuda(cc.conv2d_s8mma_primfunc(shape, epilogue="dequant_relu", tile_sums=True), arch)
+    sass = cuda_toolchain.sass_counts(cuda_toolchain.build_info(exe).binary)
+    (counts,) = sass.values()
+    assert counts["LDL"] == 0 and counts["STL"] == 0 and counts["local_bytes"] == 0
+    assert counts["IMMA"] > 0 and counts["HMMA"] == 0 and counts["BAR"] > 0
+    ptx = cuda_toolchain.device_code(exe)
+    assert re.search(r"st\.shared\.f32", ptx) and re.search(r"ld\.shared\.f32", ptx)

@@ -92,6 +92,7 @@ from ...errors import RefQSRError
 from ...kernels import conv2d_cuda as cc
 from ...kernels import cuda_toolchain
 from ...kernels.qconv_fused import grid_offset, grid_range
+from .cuda_means import SumsKernel, means_from_tile_sums
 from .half_storage import OPAQUE as _OPAQUE
 from .half_storage import bound_values, fp16_view, store_half
 from .half_storage import reader_counts as _reader_counts
@@ -252,12 +253,23 @@ def conv_roofline(
         "issued_over_useful": round(issued / useful, 4),
         "bytes": moved,
     }
+    return _timed(out)
+
+
+def _timed(roof: dict[str, Any]) -> dict[str, Any]:
+    """``roof`` with, per GPU, ``<gpu>_us`` = max(issued MACs / peak, bytes / bandwidth) and what binds."""
+    out = dict(roof)
     for gpu, peak in DATASHEET_PEAKS.items():
-        memory = moved / peak["bytes"] * 1e6
-        compute = issued / peak[variant] * 1e6 if variant in peak else None
+        memory = roof["bytes"] / peak["bytes"] * 1e6
+        compute = roof["issued_macs"] / peak[roof["variant"]] * 1e6 if roof["variant"] in peak else None
         out[f"{gpu}_us"] = round(max(memory, compute or 0.0), 3)
         out[f"{gpu}_bound"] = "memory" if compute is None or memory >= compute else "compute"
     return out
+
+
+def with_tile_sums(roof: dict[str, Any], sums_shape: Sequence[int]) -> dict[str, Any]:
+    """``roof`` of a kernel that also writes its fp32 tile sums (:func:`.cuda_means.means_from_tile_sums`)."""
+    return _timed(dict(roof, bytes=roof["bytes"] + 4 * int(np.prod(sums_shape)), tile_sums=list(sums_shape)))
 
 
 def with_fp16_layer(roof: dict[str, Any], in_elems: int, out_elems: int, weight_elems: int) -> dict[str, Any]:
@@ -451,22 +463,31 @@ def float_conv_plan(
     return chosen, None
 
 
-def _kernel_options(epilogue: str | None, shuffle_pad: int | None) -> dict[str, Any]:
+def _kernel_options(epilogue: str | None, shuffle_pad: int | None, tile_sums: bool = False) -> dict[str, Any]:
     options: dict[str, Any] = {"epilogue": epilogue} if epilogue else {}
-    return {**options, "shuffle_pad": shuffle_pad} if shuffle_pad is not None else options
+    options = {**options, "shuffle_pad": shuffle_pad} if shuffle_pad is not None else options
+    return {**options, "tile_sums": True} if tile_sums else options
 
 
 def _cuda_kernel(
-    shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
+    shape: cc.Conv2dCudaShape,
+    variant: str,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    func = cc.PRIMFUNCS[variant](shape, False, **_kernel_options(epilogue, shuffle_pad))
+    func = cc.PRIMFUNCS[variant](shape, False, **_kernel_options(epilogue, shuffle_pad, tile_sums))
     return func.with_attr("tirx.is_scheduled", True)  # dlight must not touch it
 
 
 def _twin_kernel(
-    shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
+    shape: cc.Conv2dCudaShape,
+    variant: str,
+    epilogue: str | None = None,
+    shuffle_pad: int | None = None,
+    tile_sums: bool = False,
 ) -> tvm.tirx.PrimFunc:
-    return cc.COMPUTES[variant](shape, False, **_kernel_options(epilogue, shuffle_pad))
+    return cc.COMPUTES[variant](shape, False, **_kernel_options(epilogue, shuffle_pad, tile_sums))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +561,9 @@ class _CudaRewriter(PyExprMutator):
         # a conv kernel's fp16 NHWC output -> the conv as that kernel runs it (its epilogue and
         # every operand): what it takes to call the kernel again with another store
         self.kernel_outputs: dict[relax.Var, _FoldableOutput] = {}
+        # each conv's packed weights constant, conv index, kernel shape and variant
+        self.weights: list[tuple[relax.Constant, int, cc.Conv2dCudaShape, str]] = []
+        self.sums_made = 0
 
     def visit_call_(self, call: relax.Call):  # noqa: D102 - visitor hook
         old = call
@@ -609,6 +633,7 @@ class _CudaRewriter(PyExprMutator):
         z4 = self._per_sample(z, n, "float32", quant.attrs.axis)
         packed, wsum = self._pack_activations(x, s4, z4, plan, variant, shift)
         weights = self._weights(plan, variant, shift)
+        self.weights.append((weights, report.index, plan.shape, variant))
         # the dequantize epilogue runs in the kernel (fp16 NHWC out); a weight shift's term
         # c * (window sum of u) comes in per pixel
         epilogue = None
@@ -721,6 +746,7 @@ class _CudaRewriter(PyExprMutator):
             operand = self._shuffled_operand(x, plan, pads)
             kernel_shape, operands = s, [self._f16_pack(x, plan, pads) if operand is None else operand]
         weights = relax.const(cc.pack_weights_f16(plan.weights(w)))
+        self.weights.append((weights, report.index, kernel_shape, "f16mma"))
         out_ty = relax.TensorType(s.out_shape("f16mma"), cc.out_dtype("f16mma", plan.epilogue))
         kernel = self._kernel(kernel_shape, "f16mma", plan.epilogue)
         acc = emit(relax.call_tir(kernel, [*operands, weights], out_ty))
@@ -948,6 +974,31 @@ class _CudaRewriter(PyExprMutator):
         self.result.relu_folded.append(conv.index)
         return relax.op.permute_dims(relax.op.astype(acc, "float32"), [0, 3, 1, 2])
 
+    def sums_kernel(self, gv: tvm.ir.GlobalVar) -> SumsKernel | None:
+        """The tile-sums form of conv kernel ``gv`` (:func:`.cuda_means.means_from_tile_sums`), or
+        None: a pack, a pixel-shuffle store, int32 sums, or block tiles that straddle samples."""
+        found = [key for key, k in self.kernels.items() if k.same_as(gv) and isinstance(key[0], cc.Conv2dCudaShape)]
+        if not found:
+            return None
+        shape, variant, epilogue, shuffle_pad = found[0]
+        if shuffle_pad is not None or epilogue is None or variant not in cc.MMA_BITS:
+            return None
+        if (shape.height * shape.width) % cc.mma_config(shape, variant).bm:
+            return None
+        prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
+        name = f"{prefix}_{variant}_{len(self.kernels) + self.sums_made}"
+        self.sums_made += 1
+        prim = self.make_kernel(shape, variant, epilogue, None, tile_sums=True)
+        prim = prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
+        return SumsKernel(name, prim, cc.tile_sums_shape(shape, variant))
+
+    def owner(self, args: Sequence[relax.Expr]) -> tuple[int, cc.Conv2dCudaShape, str]:
+        """(conv index, kernel shape, variant) of a kernel call with operands ``args``, by its weights."""
+        for weights, index, shape, variant in self.weights:
+            if any(weights.same_as(a) for a in args):
+                return index, shape, variant
+        raise RefQSRError("a conv kernel call whose weights no conv of the rewrite owns")
+
     def _kernel(
         self, shape: cc.Conv2dCudaShape, variant: str, epilogue: str | None = None, shuffle_pad: int | None = None
     ) -> tvm.ir.GlobalVar:
@@ -1118,6 +1169,9 @@ class CudaConvResult(QDQConvResult):
     input_parts: dict[int, dict[str, int]] = field(default_factory=dict)
     # conv indices whose kernel stores its output pixel-shuffled into the next conv's operand
     shuffle_stores: list[int] = field(default_factory=list)
+    # conv indices whose kernel also writes the tile sums that DDTB's means of its output read
+    tile_sums: list[int] = field(default_factory=list)
+    tile_sum_means: int = 0  # the spatial means taken from tile sums (no mean kernel)
 
 
 def rewrite_qdq_convs_cuda(
@@ -1154,6 +1208,13 @@ def rewrite_qdq_convs_cuda(
     # activation and next pack would run as two kernels with a full fp32 tensor between them
     out = relax.transform.CanonicalizeBindings()(out)
     out = flatten_concats(out, func_name)  # its dead-code pass drops the rewrite's leftovers too
+    if half_storage and fuse_epilogue:
+        out, sums = means_from_tile_sums(out, rewriter.sums_kernel, func_name)
+        result.tile_sum_means = sums.means
+        for args in sums.calls:
+            index, shape, variant = rewriter.owner(args)
+            result.tile_sums.append(index)
+            result.roofline[index] = with_tile_sums(result.roofline[index], cc.tile_sums_shape(shape, variant))
     if half_storage:
         out, result.half_tensors = store_half(out, func_name)
     return out, result
@@ -1363,6 +1424,8 @@ class CudaGraphBuild:
             "relu_epilogues": sorted(self.result.relu_folded),
             "input_parts": {str(i): v for i, v in sorted(self.result.input_parts.items())},
             "shuffle_stores": sorted(self.result.shuffle_stores),
+            "tile_sums": sorted(self.result.tile_sums),
+            "tile_sum_means": self.result.tile_sum_means,
             "device_code": self.device_code,
             "sass": sass_summary(self.sass),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
