@@ -152,11 +152,11 @@ def build_kernels(into: Path, arch: str, say) -> list[dict[str, Any]]:
 
 #: the f16mma kernels' standalone problems: a 1x1 conv reading three fp16 parts in place, and an
 #: upsampler conv storing its output pixel-shuffled into the next conv's padded operand
-FLOAT_CASES = {
-    "f16mma_parts": ({"batch": 2, "in_ch": 192, "out_ch": 64, "height": 8, "width": 8, "kernel": 1, "parts": 3}, None),
-    "f16mma_shuffle": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 8}, 1),
-    # the store that also writes per-tile channel sums (DDTB's gate means): pad "sums"
-    "f16mma_sums": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 16}, "sums"),
+FLOAT_CASES = {  # name -> (shape, the kernel's store options)
+    "f16mma_parts": ({"batch": 2, "in_ch": 192, "out_ch": 64, "height": 8, "width": 8, "kernel": 1, "parts": 3}, {}),
+    "f16mma_shuffle": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 8}, {"shuffle_pad": 1}),
+    # the store that also writes per-tile channel sums (DDTB's gate means)
+    "f16mma_sums": ({"batch": 2, "in_ch": 64, "out_ch": 64, "height": 8, "width": 16}, {"tile_sums": True}),
 }
 
 
@@ -173,7 +173,8 @@ def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[
     into.mkdir(parents=True)
     rng = np.random.default_rng(13)
     arrays, calls, funcs = {}, [], {}
-    for name, (dims, pad) in FLOAT_CASES.items():
+    for name, (dims, options) in FLOAT_CASES.items():
+        pad, sums = options.get("shuffle_pad"), options.get("tile_sums", False)
         s = cc.Conv2dCudaShape(**dims)
         x = rng.standard_normal((s.batch, s.in_ch, s.height, s.width)).astype(np.float16).astype(np.float32)
         w = (rng.standard_normal((s.out_ch, s.in_ch, s.kernel, s.kernel)) / np.sqrt(s.in_ch * s.taps)).astype(
@@ -188,23 +189,19 @@ def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[
             for j in range(s.kernel)
         )
         y = np.maximum(conv + b[None, :, None, None], 0).astype(np.float16)  # NCHW
-        sums = pad == "sums"
-        pad = None if sums else pad
-        if sums:
-            inputs = {f"{name}_a": cc.pack_activations_f16(x, s.kernel)}
-            order = np.arange(s.out_ch)
-            want = np.ascontiguousarray(y.transpose(0, 2, 3, 1))
-        elif pad is None:
+        if s.parts > 1:  # fp16 NHWC parts of the concatenated input, read in place
             inputs = {
                 f"{name}_a{p}": np.ascontiguousarray(np.split(x, s.parts, 1)[p].transpose(0, 2, 3, 1)).astype(
                     np.float16
                 )
                 for p in range(s.parts)
             }
+        else:
+            inputs = {f"{name}_a": cc.pack_activations_f16(x, s.kernel)}
+        if pad is None:
             order = np.arange(s.out_ch)
             want = np.ascontiguousarray(y.transpose(0, 2, 3, 1))
         else:
-            inputs = {f"{name}_a": cc.pack_activations_f16(x, s.kernel)}
             order = cc.shuffle_channel_order(s.out_ch)
             shuffled = torch.nn.functional.pixel_shuffle(torch.from_numpy(y.astype(np.float32)), 2).numpy()
             want = cc.pack_activations_f16(shuffled, 3).view(np.float16)
@@ -221,13 +218,11 @@ def build_float_kernels(into: Path, arch: str, say, kind: str = "cuda") -> list[
             "out_dtype": out_dtype,
         }
         if sums:  # float64 sums of the expected fp16 outputs over each block tile's pixels
-            bm = cc.mma_config(s, "f16mma").bm
-            arrays[f"{name}_sums_want"] = want.astype(np.float64).reshape(-1, bm, s.out_ch).sum(axis=1)
-            arrays[f"{name}_sums_scale"] = np.abs(want.astype(np.float64)).reshape(-1, bm, s.out_ch).sum(axis=1)
+            tiles = want.astype(np.float64).reshape(-1, cc.mma_config(s, "f16mma").bm, s.out_ch)
+            arrays[f"{name}_sums_want"], arrays[f"{name}_sums_scale"] = tiles.sum(axis=1), np.abs(tiles).sum(axis=1)
             call["sums"] = f"{name}_sums"
         calls.append(call)
         build = cc.conv2d_f16mma_primfunc if kind == "cuda" else cc.conv2d_f16_compute
-        options = {"tile_sums": True} if sums else {"shuffle_pad": pad}
         funcs[name] = build(s, epilogue="f16_relu", **options).with_attr("global_symbol", name)
     np.savez(into / "float_kernels.npz", **arrays)
     (into / "calls.json").write_text(json.dumps(calls, indent=1))

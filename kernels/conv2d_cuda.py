@@ -972,13 +972,21 @@ def _sum_slot(cfg, ty, lane, c):
     return slot, (ty % cfg.bg) * 8 * cfg.nt + 8 * (c // 2) + 2 * (lane % 4) + c % 2
 
 
-def _check_tile_sums(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None, sums: bool) -> None:
-    if not sums:
-        return
+def tile_sums_why_not(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None) -> str | None:
+    """Why the kernel ``variant`` of ``shape`` with this store cannot write tile sums; None if it can."""
+    if variant not in MMA_BITS:
+        return "tile sums need a tensor-core kernel"
     if epilogue is None or pad is not None:
-        raise ValueError("tile sums need an fp16 store (an epilogue) without a pixel-shuffle store")
+        return "tile sums need an fp16 store (an epilogue) without a pixel-shuffle store"
     if (shape.height * shape.width) % mma_config(shape, variant).bm:
-        raise ValueError("tile sums need whole block tiles per sample")
+        return "tile sums need whole block tiles per sample"
+    return None
+
+
+def _check_tile_sums(shape: Conv2dCudaShape, variant: str, epilogue: str | None, pad: int | None, sums: bool) -> None:
+    why = tile_sums_why_not(shape, variant, epilogue, pad) if sums else None
+    if why:
+        raise ValueError(why)
 
 
 def _a_src(shape, cfg, m0, ks, idx):
@@ -1613,10 +1621,10 @@ def emulate_mma(
                     for ni in range(cfg.nt):
                         d = _mma_reference(af[mi], bf[ni], cfg.chunks_per_mma, act_signed, cfg.bits)
                         acc[ty, mi, ni] += d.astype(acc_kind)
-        red = np.zeros((cfg.bp * 8, cfg.bn), np.float32)  # the block's reduction buffer
+        red = np.zeros((cfg.bp * 8, cfg.bn), np.float32) if tile_sums else None  # the block's reduction buffer
         for ty in range(cfg.warps):
             wm, wn = ty // cfg.bg, ty % cfg.bg
-            csum = np.zeros((2 * cfg.nt, 32), np.float32)
+            csum = np.zeros((2 * cfg.nt, 32), np.float32) if tile_sums else None
             for mi in range(cfg.mt):
                 for ni in range(cfg.nt):
                     for r in range(4):
@@ -1626,7 +1634,8 @@ def emulate_mma(
                         )
                         if shuffle_pad is None:
                             out[_c_index(shape, m, o, lane, r)] = value
-                            csum[2 * ni + r % 2] += value.astype(np.float32)
+                            if tile_sums:
+                                csum[2 * ni + r % 2] += value.astype(np.float32)
                             continue
                         dst = _shuffle_index(shape, shuffle_pad, _c_index(shape, m, o, lane, r))
                         halves[(*dst[:3], 2 * dst[3] + r % 2)] = value.astype(np.float16).view(np.uint16)
@@ -1635,7 +1644,7 @@ def emulate_mma(
                             hit = y_check & x_check
                             for half in (0, 1):
                                 halves[tuple(a[hit] for a in at[:3]) + (2 * at[3][hit] + half,)] = 0
-            for c in range(2 * cfg.nt):
+            for c in range(2 * cfg.nt if tile_sums else 0):
                 slot, col = _sum_slot(cfg, ty, lane, c)
                 red[slot, col] = csum[c]
         if tile_sums:

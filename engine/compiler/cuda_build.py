@@ -978,18 +978,11 @@ class _CudaRewriter(PyExprMutator):
         """The tile-sums form of conv kernel ``gv`` (:func:`.cuda_means.means_from_tile_sums`), or
         None: a pack, a pixel-shuffle store, int32 sums, or block tiles that straddle samples."""
         found = [key for key, k in self.kernels.items() if k.same_as(gv) and isinstance(key[0], cc.Conv2dCudaShape)]
-        if not found:
+        if not found or cc.tile_sums_why_not(*found[0]):
             return None
-        shape, variant, epilogue, shuffle_pad = found[0]
-        if shuffle_pad is not None or epilogue is None or variant not in cc.MMA_BITS:
-            return None
-        if (shape.height * shape.width) % cc.mma_config(shape, variant).bm:
-            return None
-        prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
-        name = f"{prefix}_{variant}_{len(self.kernels) + self.sums_made}"
+        shape, variant, epilogue, _ = found[0]
+        name, prim = self._named(len(self.kernels) + self.sums_made, shape, variant, epilogue, None, tile_sums=True)
         self.sums_made += 1
-        prim = self.make_kernel(shape, variant, epilogue, None, tile_sums=True)
-        prim = prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
         return SumsKernel(name, prim, cc.tile_sums_shape(shape, variant))
 
     def owner(self, args: Sequence[relax.Expr]) -> tuple[int, cc.Conv2dCudaShape, str]:
@@ -1004,12 +997,24 @@ class _CudaRewriter(PyExprMutator):
     ) -> tvm.ir.GlobalVar:
         key = (shape, variant, epilogue, shuffle_pad)  # convs that differ only in their weights share code
         if key not in self.kernels:
-            prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
-            name = f"{prefix}_{variant}_{len(self.kernels)}"
-            prim = self.make_kernel(shape, variant, epilogue, shuffle_pad)
-            prim = prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
+            name, prim = self._named(len(self.kernels), shape, variant, epilogue, shuffle_pad)
             self.kernels[key] = self.builder_.add_func(prim, name)
         return self.kernels[key]
+
+    def _named(
+        self,
+        number: int,
+        shape: cc.Conv2dCudaShape,
+        variant: str,
+        epilogue: str | None,
+        shuffle_pad: int | None,
+        tile_sums: bool = False,
+    ) -> tuple[str, tvm.tirx.PrimFunc]:
+        """(name, PrimFunc) of conv kernel ``number``, named as :data:`_CONV_NAME` expects, opaque to FuseOps."""
+        prefix = "fconv" if variant in cc.FLOAT_VARIANTS else "qconv"
+        name = f"{prefix}_{variant}_{number}"
+        prim = self.make_kernel(shape, variant, epilogue, shuffle_pad, tile_sums=tile_sums)
+        return name, prim.with_attr("global_symbol", name).with_attr("op_pattern", _OPAQUE)
 
     def _pack_activations(self, x, s4, z4, plan: _ConvPlan, variant: str, shift: int):
         """(packed activations, window sums of u or None): the kernel's operand, and for a

@@ -74,16 +74,15 @@ class _TileSumMeans(PyExprMutator):
         values = bound_values(mod[func_name])
         self.made: dict[tvm.ir.GlobalVar, tuple[tvm.ir.GlobalVar, SumsKernel] | None] = {}
         self.factory = factory
-        self.outputs: dict[relax.Var, SumsKernel] = {}  # kernel output -> the kernel's sums form
+        self.outputs: set[relax.Var] = set()  # the kernel outputs whose kernel writes tile sums too
         self.means: dict[relax.Var, relax.Var] = {}  # mean -> the kernel output it averages
         for var, value in values.items():
             src = _spatial_mean_of(value, values.get)
             if src is None or not isinstance(src, relax.DataflowVar) or not isinstance(var, relax.DataflowVar):
                 continue
             gv = _call_tir_target(values.get(src))
-            found = None if gv is None else self._sums_form(gv)
-            if found is not None:
-                self.outputs[src] = found[1]
+            if gv is not None and self._sums_form(gv) is not None:
+                self.outputs.add(src)
                 self.means[var] = src
         self.sums: dict[relax.Var, relax.Var] = {}  # kernel output -> its tile sums in the new graph
         self.replaced: list[list[relax.Expr]] = []  # the operands of each kernel call given tile sums
